@@ -1,0 +1,28 @@
+# Two commands do all set-up: `make run` and `make test`. Both first bring .venv up to date (seconds when nothing changed).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export RANKLOOP_VENV := $(VENV)
+
+.PHONY: venv run test test-fast lint bench clean
+
+venv:
+	@bash deploy/bootstrap.sh
+
+run: venv
+	$(BIN)/rankloop model import --if-empty
+	$(BIN)/rankloop up
+
+test: venv
+	$(BIN)/python -m pytest -ra
+
+test-fast: venv
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+bench: venv
+	$(BIN)/python bench/chat_throughput.py
+
+clean:
+	rm -rf $(VENV) var

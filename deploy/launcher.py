@@ -1,0 +1,68 @@
+"""Run the processes of the single-machine stack as children and stop each one's whole process tree.
+
+vLLM's engine and worker processes can outlive a parent that was sent SIGTERM, so every child gets a
+session of its own and is stopped as a process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from deploy.redis_server import _die_with_parent
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+
+
+def _start_session_and_die_with_parent() -> None:
+    os.setsid()
+    _die_with_parent()
+
+
+class Launcher:
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        process = subprocess.Popen(argv, env=env, preexec_fn=_start_session_and_die_with_parent)  # noqa: PLW1509
+        child = Child(name, process)
+        self.children.append(child)
+        return child
+
+    def rankloop(self, name: str, *args: str, env: dict[str, str] | None = None) -> Child:
+        return self.start(name, [sys.executable, "-m", "rankloop", *args], env)
+
+    def wait_any(self) -> Child:
+        """Block until one child exits; return it."""
+        while True:
+            for child in self.children:
+                if child.process.poll() is not None:
+                    return child
+            time.sleep(0.5)
+
+    def stop_all(self, grace_s: float = 20.0) -> None:
+        for child in reversed(self.children):
+            _signal_group(child.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(child.process, signal.SIGKILL)  # the group may hold engine processes still
+            child.process.wait()
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,129 @@
+"""Policy versions on disk: one folder per version, each written under a temporary name and renamed in one step.
+
+Layout of the store root::
+
+    v0001/            config.json, model.safetensors, tokenizer files, card.json
+    CURRENT           the version served by default (one line)
+    REFERENCE         the SFT reference version (one line)
+
+A reader never sees a half-written version: a folder exists under its final name only once complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+REQUIRED_FILES = ("config.json", "tokenizer_config.json", "card.json")
+
+
+class StoreError(RuntimeError):
+    """A store operation that cannot proceed, phrased for the operator."""
+
+
+@dataclass
+class Card:
+    """What a version is and how it was made; stored as card.json beside the weights."""
+
+    version: str
+    parent: str | None
+    made_by: str
+    created: float = field(default_factory=time.time)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, folder: Path) -> Card:
+        return cls(**json.loads((folder / "card.json").read_text()))
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def versions(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
+        return sorted(found, key=lambda name: int(name[1:]))
+
+    def is_empty(self) -> bool:
+        return not self.versions()
+
+    def path(self, version: str) -> Path:
+        folder = self.root / version
+        if not VERSION_RE.match(version) or not folder.is_dir():
+            known = ", ".join(self.versions()) or "none"
+            raise StoreError(f"no policy version {version!r} in {self.root} (known: {known})")
+        return folder
+
+    def card(self, version: str) -> Card:
+        return Card.read(self.path(version))
+
+    def next_version(self) -> str:
+        existing = self.versions()
+        return version_name(int(existing[-1][1:]) + 1 if existing else 1)
+
+    def _pointer(self, name: str) -> str | None:
+        file = self.root / name
+        return file.read_text().strip() if file.is_file() else None
+
+    def current(self) -> str | None:
+        return self._pointer("CURRENT")
+
+    def reference(self) -> str | None:
+        return self._pointer("REFERENCE")
+
+    def set_current(self, version: str) -> None:
+        self.path(version)
+        _write_atomic(self.root / "CURRENT", version + "\n")
+
+    def set_reference(self, version: str) -> None:
+        self.path(version)
+        _write_atomic(self.root / "REFERENCE", version + "\n")
+
+    @contextmanager
+    def new_version(self, card: Card) -> Iterator[Path]:
+        """Yield a temporary folder to fill; on success it becomes ``card.version`` in one rename."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / card.version
+        if final.exists():
+            raise StoreError(f"version {card.version} already exists in {self.root}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{card.version}-", dir=self.root))
+        try:
+            yield tmp
+            (tmp / "card.json").write_text(card.to_json())
+            missing = [name for name in REQUIRED_FILES if not (tmp / name).is_file()]
+            if missing or not any(tmp.glob("*.safetensors")):
+                raise StoreError(f"refusing to publish {card.version}: missing {missing or ['*.safetensors']}")
+            tmp.chmod(0o755)  # mkdtemp makes it private; versions are read by other processes
+            os.rename(tmp, final)  # atomic on one filesystem; fails rather than overwrite
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, card: Card, fill: Callable[[Path], None]) -> Path:
+        with self.new_version(card) as tmp:
+            fill(tmp)
+        return self.root / card.version

@@ -1,0 +1,150 @@
+"""The one settings object every rankloop process builds at start-up.
+
+Sources, highest priority first: keyword arguments, ``RANKLOOP_*`` environment variables (``REDIS_URL`` too),
+the TOML file named by ``RANKLOOP_CONFIG`` (or ``./rankloop.toml`` when present), the defaults below.
+Unknown keys are errors in every source, environment included: a misspelt variable silently ignored is a
+setting the operator believes is in force and is not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "RANKLOOP_"
+# Variables with the prefix that steer the tooling rather than a process.
+_NOT_SETTINGS = {"RANKLOOP_CONFIG", "RANKLOOP_VENV"}
+
+
+class SettingsError(ValueError):
+    """A configuration problem, phrased for the operator."""
+
+
+def config_file() -> Path | None:
+    named = os.environ.get("RANKLOOP_CONFIG")
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise SettingsError(f"RANKLOOP_CONFIG={named}: no such file")
+        return path
+    local = Path("rankloop.toml")
+    return local if local.is_file() else None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    # -- storage --------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("var"), description="Root of the model store and the embedded Redis data.")
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("redis_url", "RANKLOOP_REDIS_URL", "REDIS_URL"),
+        description="Use this Redis server; unset: start the embedded one.",
+    )
+    redis_port: int = Field(6390, ge=1, le=65535, description="Port of the embedded Redis server.")
+
+    # -- HTTP server ----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP server.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
+
+    # -- generation -----------------------------------------------------------------------------
+    default_n: int = Field(4, ge=1, le=9, description="Candidates per prompt when a request gives no `n`.")
+    default_max_tokens: int = Field(256, ge=1, description="Answer length limit when a request gives none.")
+    max_tokens_limit: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
+    comparison_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long a comparison stays rankable.")
+
+    # -- engine ---------------------------------------------------------------------------------
+    policy_version: str | None = Field(None, description="Serve this version; unset: the store's current.")
+    engine: Literal["vllm", "fake"] = Field("vllm", description="`fake` echoes prompts: for UI and API tests.")
+    max_model_len: int = Field(2048, ge=64, description="Context length (prompt + answer) of the engine.")
+    enforce_eager: bool | None = Field(
+        None, description="Skip graph compilation; unset: eager on CPU (fast start), compiled on GPU."
+    )
+    cpu_threads: str = Field(
+        "all", description="CPU cores for the engine's OpenMP threads: `all`, or a list such as `0-1`."
+    )
+    cpu_kv_cache_gib: int = Field(2, ge=1, description="KV-cache size on CPU, GiB.")
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="Share of GPU memory for vLLM.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value or None
+
+    @field_validator("cpu_threads")
+    @classmethod
+    def _cpu_list(cls, value: str) -> str:
+        if value != "all" and not all(part.replace("-", "").isdigit() for part in value.split(",")):
+            raise ValueError("must be `all` or a CPU list such as `0-1` or `0,2`")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if self.max_tokens_limit >= self.max_model_len:
+            raise ValueError("max_tokens_limit must be below max_model_len to leave room for the prompt")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = config_file()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    @property
+    def effective_redis_url(self) -> str:
+        """The configured server, or the embedded one `rankloop up` / `rankloop redis` starts."""
+        return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_dir / "redis"
+
+
+def unknown_env_keys(environ: dict[str, str] | os._Environ[str]) -> list[str]:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    return sorted(
+        key for key in environ if key.startswith(ENV_PREFIX) and key not in known and key not in _NOT_SETTINGS
+    )
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate the settings; raise SettingsError naming every bad key."""
+    unknown = unknown_env_keys(os.environ)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) in the environment: {', '.join(unknown)}")
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,3 @@
+from rankloop.cli import app
+
+app(prog_name="rankloop")

@@ -1,0 +1,154 @@
+"""The `rankloop` command: every process of the stack and the operator's tools."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from deploy.model_store import ModelStore, StoreError
+from deploy.redis_server import EmbeddedRedis, RedisDataError
+from deploy.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(help="Train a chat model from its users' rankings.", no_args_is_help=True, add_completion=False)
+model_app = typer.Typer(help="The model store: import models as policy versions.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@app.command()
+def serve() -> None:
+    """Run the HTTP server and the vLLM engine (needs a Redis server: `rankloop redis` or REDIS_URL)."""
+    from serve.main import run
+
+    settings = _settings()
+    try:
+        run(settings)
+    except StoreError as exc:
+        raise _fail(str(exc)) from exc
+
+
+@app.command()
+def redis() -> None:
+    """Run the embedded Redis server in the foreground until interrupted."""
+    settings = _settings()
+    if settings.redis_url:
+        raise _fail(f"REDIS_URL is set ({settings.redis_url}): that server is used, none is started")
+    server = EmbeddedRedis(settings.redis_dir, settings.redis_port)
+    try:
+        server.start()
+    except RedisDataError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"redis ready at {server.url} (data in {server.data_dir}); Ctrl-C stops it")
+    _wait_for_signal()
+    server.stop()
+
+
+@app.command()
+def up() -> None:
+    """Start the whole stack on this machine: embedded Redis (unless REDIS_URL), the server, later the learner."""
+    from deploy.launcher import Launcher
+
+    settings = _settings()
+    store = ModelStore(settings.store_dir)
+    if store.is_empty():
+        model_import(source=None, if_empty=True)
+    server = None
+    if not settings.redis_url:
+        server = EmbeddedRedis(settings.redis_dir, settings.redis_port)
+        try:
+            server.start()
+        except RedisDataError as exc:
+            raise _fail(str(exc)) from exc
+        console.print(f"redis ready at {server.url}")
+    launcher = Launcher()
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the stack on SIGTERM exactly as on Ctrl-C
+    try:
+        launcher.rankloop("serve", "serve")
+        console.print(f"serving on http://{settings.host}:{settings.port} once the engine is ready; Ctrl-C stops")
+        ended = launcher.wait_any()
+        code = ended.process.returncode
+        console.print(f"[red]{ended.name} exited with {code}; stopping the stack[/]")
+        raise typer.Exit(code or 1)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        launcher.stop_all()
+        if server is not None:
+            server.stop()
+
+
+@model_app.command("import")
+def model_import(
+    source: Annotated[
+        Path | None, typer.Option("--from", help="A local Hugging Face folder or .gguf file (default: SmolLM2-135M).")
+    ] = None,
+    if_empty: Annotated[bool, typer.Option("--if-empty", help="Do nothing when the store has a version.")] = False,
+) -> None:
+    """Convert a model into the next policy version (the first one also becomes the SFT reference)."""
+    from deploy.model_import import import_model
+
+    settings = _settings()
+    store = ModelStore(settings.store_dir)
+    if if_empty and not store.is_empty():
+        console.print(f"model store {store.root} has {', '.join(store.versions())}: nothing to import")
+        return
+    try:
+        import_model(store, source, console)
+    except (StoreError, OSError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List the versions in the model store."""
+    settings = _settings()
+    store = ModelStore(settings.store_dir)
+    current, reference = store.current(), store.reference()
+    for version in store.versions():
+        card = store.card(version)
+        marks = [m for m, on in (("current", version == current), ("reference", version == reference)) if on]
+        print(f"{version}\t{card.made_by}\t{','.join(marks)}")
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Print the settings in force (after environment variables and the config file)."""
+    settings = _settings()
+    for name, value in settings.model_dump().items():
+        print(f"{name} = {value!r}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait_for_signal() -> None:
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    signal.sigwait(signals)
+
+
+def main() -> None:
+    app(prog_name="rankloop")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

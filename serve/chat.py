@@ -1,0 +1,234 @@
+"""The chat-completions service: validate against the engine's limits, generate K candidates, keep the comparison.
+
+Routes stay thin; everything a test wants to drive lives here, behind the small `Engine` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from deploy.settings import Settings
+from feedback.comparisons import Comparison, ComparisonStore, StoredCandidate
+from serve.engine import Candidate, Engine, GenerationRequest
+from serve.errors import ApiError
+from serve.metrics import ServeMetrics
+from serve.protocol import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+)
+
+log = logging.getLogger(__name__)
+MODEL_NAME = "rankloop"
+REDIS_RETRY_AFTER_S = "5"
+
+
+@dataclass
+class Prepared:
+    request: ChatCompletionRequest
+    generation: GenerationRequest
+    messages: list[dict[str, str]]
+    policy_version: str
+    started: float
+
+
+class ChatService:
+    def __init__(
+        self, engine: Engine, comparisons: ComparisonStore, settings: Settings, metrics: ServeMetrics,
+        policy_version: str,
+    ) -> None:  # fmt: skip
+        self.engine = engine
+        self.comparisons = comparisons
+        self.settings = settings
+        self.metrics = metrics
+        self.policy_version = policy_version
+        metrics.served_version.set(int(policy_version.lstrip("v") or 0))
+
+    # -- validation ---------------------------------------------------------------------------------
+    def prepare(self, request: ChatCompletionRequest) -> Prepared:
+        """Check the request against the model and limits; raise ApiError naming the field at fault."""
+        if request.model not in (None, MODEL_NAME, self.policy_version):
+            raise ApiError(
+                404, f"model '{request.model}' is not served here; use '{MODEL_NAME}'", "model", "model_not_found"
+            )
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        prompt_ids = self._tokenize(messages)
+        context = self.engine.max_model_len
+        if len(prompt_ids) >= context:
+            raise ApiError(
+                400, f"the prompt is {len(prompt_ids)} tokens; the context holds {context}: shorten the messages",
+                "messages", "context_length_exceeded",
+            )  # fmt: skip
+        room = context - len(prompt_ids)
+        max_tokens = request.requested_max_tokens()
+        if max_tokens is None:
+            max_tokens = min(self.settings.default_max_tokens, room)
+        elif max_tokens > self.settings.max_tokens_limit:
+            raise ApiError(
+                400, f"max_tokens is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}",
+                "max_tokens", "invalid_value",
+            )  # fmt: skip
+        elif max_tokens > room:
+            raise ApiError(
+                400, f"the prompt is {len(prompt_ids)} tokens, so max_tokens can be at most {room} "
+                f"(context {context}); it is {max_tokens}", "max_tokens", "context_length_exceeded",
+            )  # fmt: skip
+        generation = GenerationRequest(
+            request_id=f"chatcmpl-{uuid.uuid4().hex}",
+            prompt_token_ids=prompt_ids,
+            n=request.n or self.settings.default_n,
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=request.stop_list(),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+        )
+        return Prepared(request, generation, messages, self.policy_version, time.monotonic())
+
+    def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        # Render to text, then encode: the return type of tokenize=True differs across transformers versions.
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids: list[int] = tokenizer(str(text), add_special_tokens=False)["input_ids"]
+        return ids
+
+    # -- generation ---------------------------------------------------------------------------------
+    async def _run(self, prepared: Prepared) -> AsyncIterator[tuple[Candidate, str, str | None]]:
+        """Yield (candidate, new text, finish reason) as tokens arrive; abort the engine request on cancel."""
+        gen = prepared.generation
+        candidates = {i: Candidate(i) for i in range(gen.n)}
+        first = True
+        self.metrics.in_flight.inc()
+        try:
+            async with aclosing(self.engine.generate(gen)) as steps:
+                async for deltas in steps:
+                    if first and deltas:
+                        self.metrics.first_token.observe(time.monotonic() - prepared.started)
+                        first = False
+                    for delta in deltas:
+                        candidates[delta.index].add(delta)
+                        yield candidates[delta.index], delta.text, delta.finish_reason
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away: stop spending compute on answers nobody will read.
+            await asyncio.shield(self.engine.abort(gen.request_id))
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        prepared = self.prepare(request)
+        candidates: dict[int, Candidate] = {}
+        async for candidate, _, _ in self._run(prepared):
+            candidates[candidate.index] = candidate
+        ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(prepared.generation.n)]
+        await self._finish(prepared, ordered)
+        return ChatCompletionResponse(
+            id=prepared.generation.request_id,
+            created=int(time.time()),
+            model=MODEL_NAME,
+            choices=[
+                Choice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=_reason(c))
+                for c in ordered
+            ],
+            usage=self._usage(prepared, ordered),
+            policy_version=prepared.policy_version,
+        )
+
+    async def stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+        """Validate now (errors become HTTP 4xx), then return the SSE body as an async iterator."""
+        prepared = self.prepare(request)
+        return self._sse(prepared)
+
+    async def _sse(self, prepared: Prepared) -> AsyncIterator[str]:
+        gen = prepared.generation
+        created = int(time.time())
+
+        def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+            body = ChatCompletionChunk(
+                id=gen.request_id, created=created, model=MODEL_NAME, choices=choices, usage=usage,
+                policy_version=prepared.policy_version,
+            )  # fmt: skip
+            return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
+
+        for i in range(gen.n):
+            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        candidates: dict[int, Candidate] = {}
+        async for candidate, text, reason in self._run(prepared):
+            candidates[candidate.index] = candidate
+            if text:
+                yield chunk([ChunkChoice(index=candidate.index, delta=Delta(content=text))])
+            if reason is not None:
+                yield chunk([ChunkChoice(index=candidate.index, delta=Delta(), finish_reason=_reason(candidate))])
+        ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(gen.n)]
+        try:
+            await self._finish(prepared, ordered)
+        except ApiError as exc:
+            yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n"
+        options = prepared.request.stream_options
+        if options is not None and options.include_usage:
+            yield chunk([], self._usage(prepared, ordered))
+        yield "data: [DONE]\n\n"
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def _usage(self, prepared: Prepared, candidates: list[Candidate]) -> Usage:
+        prompt = len(prepared.generation.prompt_token_ids)
+        completion = sum(len(c.token_ids) for c in candidates)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def _finish(self, prepared: Prepared, candidates: list[Candidate]) -> None:
+        self.metrics.prompt_tokens.inc(len(prepared.generation.prompt_token_ids))
+        self.metrics.completion_tokens.inc(sum(len(c.token_ids) for c in candidates))
+        self.metrics.latency.labels("chat").observe(time.monotonic() - prepared.started)
+        if prepared.generation.n >= 2:
+            await self._store(prepared, candidates)
+
+    async def _store(self, prepared: Prepared, candidates: list[Candidate]) -> None:
+        gen = prepared.generation
+        comparison = Comparison(
+            id=gen.request_id,
+            messages=prepared.messages,
+            prompt_token_ids=gen.prompt_token_ids,
+            candidates=[
+                StoredCandidate(
+                    index=c.index, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
+                    finish_reason=c.finish_reason,
+                )
+                for c in candidates
+            ],  # fmt: skip
+            policy_version=prepared.policy_version,
+            created=time.time(),
+            sampling={
+                "temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens,
+                "seed": gen.seed, "n": gen.n,
+            },  # fmt: skip
+        )
+        try:
+            await self.comparisons.put(comparison)
+        except RedisError as exc:
+            log.error("could not store comparison %s: %s", gen.request_id, exc)
+            raise ApiError(
+                503, "the answers could not be stored for ranking (Redis unavailable); retry shortly",
+                code="redis_unavailable", headers={"Retry-After": REDIS_RETRY_AFTER_S},
+            ) from exc  # fmt: skip
+        self.metrics.comparisons.inc()
+
+
+def _reason(candidate: Candidate) -> str | None:
+    reason = candidate.finish_reason
+    return reason if reason in ("stop", "length", "abort") else ("stop" if reason else None)

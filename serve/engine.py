@@ -1,0 +1,73 @@
+"""The small interface the HTTP service needs from an inference engine, and the types that cross it.
+
+The service owns nothing of the engine's internals: it hands over prompt token ids and sampling
+parameters and receives, per step, the new tokens of each candidate that advanced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class CandidateDelta:
+    """What one candidate gained in one engine step; ``finish_reason`` is set on its last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Candidate:
+    """A whole answer, assembled from its deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, delta: CandidateDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+
+
+class Engine(Protocol):
+    """What serve/ needs of an engine. `swap` arrives with hot-swapping."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_model_len: int
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[list[CandidateDelta]]:
+        """Yield, per engine step, the deltas of the candidates that advanced. Cancelling it aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def healthy(self) -> bool: ...
+
+    async def shutdown(self) -> None: ...

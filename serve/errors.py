@@ -1,0 +1,58 @@
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``, with the field named."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from serve.protocol import ErrorBody, ErrorResponse
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+
+_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:  # fmt: skip
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    # pydantic names the union branch that failed ("str", "list[TextPart]"); the user wants the field.
+    return ".".join(p for p in parts if not p.startswith(("list[", "str", "function-")))
+
+
+async def api_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+
+async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0]
+    param = _field(tuple(first["loc"])) or None
+    if first["type"] == "json_invalid":
+        return error_response(400, f"the body is not valid JSON: {first['msg']}", None, "invalid_json")
+    if first["type"] == "extra_forbidden":
+        return error_response(400, f"unknown field '{param}'", param, "unknown_field")
+    if first["type"] == "missing" and param is None:
+        return error_response(400, "the body must be a JSON object", None, "missing_body")
+    message = "; ".join(f"{_field(tuple(e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5])
+    return error_response(400, message, param, "invalid_value")

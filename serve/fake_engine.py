@@ -1,0 +1,59 @@
+"""A deterministic engine without a model, for unit tests and for trying the API without weights.
+
+Candidate i answers with a fixed sentence that names i and echoes the user's last words, one token per step,
+so that streaming, `n`, `max_tokens` and the stored token ids all behave as with a real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from transformers import PreTrainedTokenizerBase
+
+from serve.engine import CandidateDelta, GenerationRequest
+
+
+class FakeEngine:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_model_len: int = 2048, step_s: float = 0.0) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.step_s = step_s
+        self.aborted: list[str] = []
+        self.requests: list[GenerationRequest] = []
+        self.alive = True
+
+    def answer(self, index: int, request: GenerationRequest) -> list[int]:
+        prompt_tail = self.tokenizer.decode(request.prompt_token_ids[-6:], skip_special_tokens=True)
+        text = f"answer {index}: you said {prompt_tail.strip()}"
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[CandidateDelta]]:
+        self.requests.append(request)
+        answers = [self.answer(i, request) for i in range(request.n)]
+        steps = max(len(a) for a in answers)
+        try:
+            for step in range(min(steps, request.max_tokens)):
+                deltas = []
+                for i, ids in enumerate(answers):
+                    if step >= len(ids):
+                        continue
+                    last = step == len(ids) - 1 or step == request.max_tokens - 1
+                    reason = None if not last else ("stop" if step == len(ids) - 1 else "length")
+                    text = self.tokenizer.decode(ids[: step + 1]) [len(self.tokenizer.decode(ids[:step])):]
+                    deltas.append(CandidateDelta(i, text, [ids[step]], [-0.5], reason))
+                await asyncio.sleep(self.step_s)
+                yield deltas
+        except (asyncio.CancelledError, GeneratorExit):
+            self.aborted.append(request.request_id)
+            raise
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def healthy(self) -> bool:
+        return self.alive
+
+    async def shutdown(self) -> None:
+        self.alive = False

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the HTTP server, in a registry of its own so that each app (and test) starts at zero."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "rankloop_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.prompt_tokens = Counter("rankloop_prompt_tokens", "Prompt tokens processed", registry=self.registry)
+        self.completion_tokens = Counter(
+            "rankloop_completion_tokens", "Tokens generated, all candidates", registry=self.registry
+        )
+        self.latency = Histogram(
+            "rankloop_request_latency_seconds", "Time from request to last token", ["route"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
+        )  # fmt: skip
+        self.first_token = Histogram(
+            "rankloop_time_to_first_token_seconds", "Time from request to the first token", registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+        )  # fmt: skip
+        self.comparisons = Counter("rankloop_comparisons_stored", "Comparisons written", registry=self.registry)
+        self.in_flight = Gauge("rankloop_requests_in_flight", "Generations running", registry=self.registry)
+        self.served_version = Gauge(
+            "rankloop_policy_version", "Served policy version number", registry=self.registry
+        )

@@ -1,0 +1,56 @@
+"""HTTP routes: a few lines each over the services held in app.state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from serve.chat import MODEL_NAME, ChatService
+from serve.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
+
+router = APIRouter()
+
+
+def _chat(request: Request) -> ChatService:
+    service: ChatService = request.app.state.chat
+    return service
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
+    service = _chat(request)
+    if body.stream:
+        return StreamingResponse(await service.stream(body), media_type="text/event-stream")
+    return await service.complete(body)
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> ModelList:
+    service = _chat(request)
+    card = ModelCard(id=MODEL_NAME, created=request.app.state.started, policy_version=service.policy_version)
+    return ModelList(data=[card])
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    service = _chat(request)
+    engine_ok = await service.engine.healthy()
+    try:
+        redis_ok = bool(await service.comparisons.redis.ping())
+    except Exception:  # any failure to reach Redis is "down" for the operator
+        redis_ok = False
+    body: dict[str, Any] = {
+        "status": "ok" if engine_ok and redis_ok else "degraded",
+        "engine": "ok" if engine_ok else "down",
+        "redis": "ok" if redis_ok else "down",
+        "policy_version": service.policy_version,
+    }
+    return JSONResponse(body, status_code=200 if engine_ok and redis_ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

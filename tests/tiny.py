@@ -1,0 +1,30 @@
+"""Tiny stand-ins built in memory: a byte-level BPE tokenizer with a ChatML template, and a 2-layer llama."""
+
+from __future__ import annotations
+
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "answer you said hello world what is the capital of france paris",
+    "write a short poem about the sea and the sky",
+    "0 1 2 3 4 5 6 7 8 9 : ? ! . ,",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        CORPUS * 4, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token="<|im_start|>", unk_token="<|endoftext|>",
+    )  # fmt: skip
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
