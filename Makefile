@@ -9,7 +9,6 @@ venv:
 	@bash deploy/bootstrap.sh
 
 run: venv
-	$(BIN)/rankloop model import --if-empty
 	$(BIN)/rankloop up
 
 test: venv

@@ -98,6 +98,7 @@ class ChatService:
             stop=request.stop_list(),
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
+            ignore_eos=request.ignore_eos,
         )
         return Prepared(request, generation, messages, self.policy_version, time.monotonic())
 
@@ -134,8 +135,9 @@ class ChatService:
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         prepared = self.prepare(request)
         candidates: dict[int, Candidate] = {}
-        async for candidate, _, _ in self._run(prepared):
-            candidates[candidate.index] = candidate
+        async with aclosing(self._run(prepared)) as run:
+            async for candidate, _, _ in run:
+                candidates[candidate.index] = candidate
         ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(prepared.generation.n)]
         await self._finish(prepared, ordered)
         return ChatCompletionResponse(
@@ -169,12 +171,16 @@ class ChatService:
         for i in range(gen.n):
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
         candidates: dict[int, Candidate] = {}
-        async for candidate, text, reason in self._run(prepared):
-            candidates[candidate.index] = candidate
-            if text:
-                yield chunk([ChunkChoice(index=candidate.index, delta=Delta(content=text))])
-            if reason is not None:
-                yield chunk([ChunkChoice(index=candidate.index, delta=Delta(), finish_reason=_reason(candidate))])
+        # aclosing: when the client leaves, closing this generator must reach _run's abort at once, not at GC.
+        async with aclosing(self._run(prepared)) as run:
+            async for candidate, text, reason in run:
+                candidates[candidate.index] = candidate
+                if text:
+                    yield chunk([ChunkChoice(index=candidate.index, delta=Delta(content=text))])
+                if reason is not None:
+                    yield chunk(
+                        [ChunkChoice(index=candidate.index, delta=Delta(), finish_reason=_reason(candidate))]
+                    )
         ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(gen.n)]
         try:
             await self._finish(prepared, ordered)

@@ -25,6 +25,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    def unfinished(self) -> int:
+        """Requests the engine is still working on (running or queued)."""
+        ...
 
     async def healthy(self) -> bool: ...
 

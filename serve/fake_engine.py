@@ -22,10 +22,14 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.requests: list[GenerationRequest] = []
         self.alive = True
+        self.running = 0
 
     def answer(self, index: int, request: GenerationRequest) -> list[int]:
-        prompt_tail = self.tokenizer.decode(request.prompt_token_ids[-6:], skip_special_tokens=True)
-        text = f"answer {index}: you said {prompt_tail.strip()}"
+        # The rendered prompt ends "...<user turn>\n<assistant header>\n": echo the user's turn.
+        lines = self.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=True).splitlines()
+        turns = [line.strip() for line in lines if line.strip()]
+        said = turns[-2] if len(turns) >= 2 else turns[-1]
+        text = f"answer {index}: you said {said}"
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
@@ -33,6 +37,7 @@ class FakeEngine:
         self.requests.append(request)
         answers = [self.answer(i, request) for i in range(request.n)]
         steps = max(len(a) for a in answers)
+        self.running += 1
         try:
             for step in range(min(steps, request.max_tokens)):
                 deltas = []
@@ -41,13 +46,18 @@ class FakeEngine:
                         continue
                     last = step == len(ids) - 1 or step == request.max_tokens - 1
                     reason = None if not last else ("stop" if step == len(ids) - 1 else "length")
-                    text = self.tokenizer.decode(ids[: step + 1]) [len(self.tokenizer.decode(ids[:step])):]
+                    text = self.tokenizer.decode(ids[: step + 1])[len(self.tokenizer.decode(ids[:step])) :]
                     deltas.append(CandidateDelta(i, text, [ids[step]], [-0.5], reason))
                 await asyncio.sleep(self.step_s)
                 yield deltas
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request.request_id)
             raise
+        finally:
+            self.running -= 1
+
+    def unfinished(self) -> int:
+        return self.running
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

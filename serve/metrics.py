@@ -25,6 +25,9 @@ class ServeMetrics:
         )  # fmt: skip
         self.comparisons = Counter("rankloop_comparisons_stored", "Comparisons written", registry=self.registry)
         self.in_flight = Gauge("rankloop_requests_in_flight", "Generations running", registry=self.registry)
+        self.engine_unfinished = Gauge(
+            "rankloop_engine_unfinished_requests", "Requests the engine is running or queueing", registry=self.registry
+        )
         self.served_version = Gauge(
             "rankloop_policy_version", "Served policy version number", registry=self.registry
         )

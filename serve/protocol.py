@@ -45,6 +45,7 @@ class ChatCompletionRequest(_Strict):
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens tokens even past EOS")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)

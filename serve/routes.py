@@ -53,4 +53,6 @@ async def healthz(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    state = request.app.state
+    state.metrics.engine_unfinished.set(_chat(request).engine.unfinished())  # read at scrape time
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

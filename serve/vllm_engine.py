@@ -75,6 +75,7 @@ class VllmEngine:
             stop=request.stop or None,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
+            ignore_eos=request.ignore_eos,
             logprobs=0,  # the sampled token's log-probability only: PPO needs it, the top-k it does not
             output_kind=RequestOutputKind.DELTA,
         )
@@ -84,6 +85,9 @@ class VllmEngine:
 
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
+
+    def unfinished(self) -> int:
+        return int(self.llm.output_processor.get_num_unfinished_requests())
 
     async def healthy(self) -> bool:
         try:

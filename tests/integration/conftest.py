@@ -1,0 +1,82 @@
+"""The real stack: v0001 converted from the bundled GGUF, a real Redis server, `rankloop serve` with vLLM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deploy.model_store import ModelStore
+from deploy.redis_server import EmbeddedRedis
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+# Converting the GGUF takes ~40 s: keep the result between runs (var/ is ignored by git).
+TEST_DATA = Path(os.environ.get("RANKLOOP_TEST_DATA", REPO / "var" / "test-data"))
+ENGINE_START_S = 300
+
+
+@dataclass
+class Stack:
+    base_url: str
+    redis: EmbeddedRedis
+    store: ModelStore
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="session")
+def real_store() -> ModelStore:
+    store = ModelStore(TEST_DATA / "models")
+    if store.current() is None:
+        from deploy.model_import import import_model
+
+        import_model(store)
+    return store
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"rankloop serve exited with {process.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"rankloop serve not ready within {timeout_s} s")
+
+
+@pytest.fixture(scope="session")
+def stack(real_store: ModelStore, redis_server: EmbeddedRedis) -> Iterator[Stack]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "RANKLOOP_DATA_DIR": str(TEST_DATA),
+        "RANKLOOP_PORT": str(port),
+        "REDIS_URL": redis_server.url,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rankloop", "serve"], env=env, start_new_session=True, cwd=REPO
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process, ENGINE_START_S)
+        yield Stack(url, redis_server, real_store, process)
+    finally:
+        # The engine core is a child of the server: stop the whole group.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
