@@ -12,6 +12,8 @@ run: venv
 	$(BIN)/rankloop up
 
 test: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -ra
 
 test-fast: venv

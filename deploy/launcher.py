@@ -6,6 +6,7 @@ session of its own and is stopped as a process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ class Launcher:
         self.children: list[Child] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
-        process = subprocess.Popen(argv, env=env, preexec_fn=_start_session_and_die_with_parent)  # noqa: PLW1509
+        process = subprocess.Popen(argv, env=env, preexec_fn=_start_session_and_die_with_parent)
         child = Child(name, process)
         self.children.append(child)
         return child
@@ -53,16 +54,12 @@ class Launcher:
             _signal_group(child.process, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for child in reversed(self.children):
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             _signal_group(child.process, signal.SIGKILL)  # the group may hold engine processes still
             child.process.wait()
 
 
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass

@@ -74,5 +74,7 @@ def import_model(store: ModelStore, source: Path | None = None, console: Console
     if first:
         store.set_reference(card.version)
         store.set_current(card.version)
-    console.print(f"[green]✓[/] {card.version} written to {store.root / card.version} in {time.monotonic() - started:.1f} s")
+    console.print(
+        f"[green]✓[/] {card.version} written to {store.root / card.version} in {time.monotonic() - started:.1f} s"
+    )
     return card.version

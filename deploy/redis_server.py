@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 _PR_SET_PDEATHSIG = 1
 _MARKER = "rankloop-redis-version"
@@ -104,7 +106,7 @@ class EmbeddedRedis:
         check_data_dir(self.data_dir, server_version(self.executable))
         if self._ping():
             raise RedisDataError(f"port {self.port} already answers Redis: another server is running there")
-        self.process = subprocess.Popen(self.command(), preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self.process = subprocess.Popen(self.command(), preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -118,7 +120,9 @@ class EmbeddedRedis:
 
     def _ping(self) -> bool:
         try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.2).ping())
+            # No retries: redis-py retries with backoff by default, which turns each probe into seconds.
+            client = redis.Redis(port=self.port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+            return bool(client.ping())
         except redis.exceptions.RedisError:
             return False
 

@@ -44,9 +44,7 @@ class ComparisonStore:
     async def put(self, comparison: Comparison) -> None:
         # NX: an id is never reused, so an existing key means a bug, and overwriting it would change
         # what users already ranked.
-        written = await self.redis.set(
-            self.key(comparison.id), comparison.model_dump_json(), ex=self.ttl_s, nx=True
-        )
+        written = await self.redis.set(self.key(comparison.id), comparison.model_dump_json(), ex=self.ttl_s, nx=True)
         if not written:
             raise KeyError(f"comparison {comparison.id} already exists")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -98,7 +97,8 @@ def up() -> None:
 @model_app.command("import")
 def model_import(
     source: Annotated[
-        Path | None, typer.Option("--from", help="A local Hugging Face folder or .gguf file (default: SmolLM2-135M).")
+        Path | None,
+        typer.Option("--from", help="A local Hugging Face folder or .gguf file (default: SmolLM2-135M)."),
     ] = None,
     if_empty: Annotated[bool, typer.Option("--if-empty", help="Do nothing when the store has a version.")] = False,
 ) -> None:
@@ -148,7 +148,3 @@ def _wait_for_signal() -> None:
 
 def main() -> None:
     app(prog_name="rankloop")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

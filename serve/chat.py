@@ -10,7 +10,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -29,6 +29,7 @@ from serve.protocol import (
     Choice,
     ChunkChoice,
     Delta,
+    FinishReason,
     Usage,
 )
 
@@ -63,7 +64,10 @@ class ChatService:
         """Check the request against the model and limits; raise ApiError naming the field at fault."""
         if request.model not in (None, MODEL_NAME, self.policy_version):
             raise ApiError(
-                404, f"model '{request.model}' is not served here; use '{MODEL_NAME}'", "model", "model_not_found"
+                404,
+                f"model '{request.model}' is not served here; use '{MODEL_NAME}'",
+                "model",
+                "model_not_found",
             )
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_ids = self._tokenize(messages)
@@ -110,7 +114,7 @@ class ChatService:
         return ids
 
     # -- generation ---------------------------------------------------------------------------------
-    async def _run(self, prepared: Prepared) -> AsyncIterator[tuple[Candidate, str, str | None]]:
+    async def _run(self, prepared: Prepared) -> AsyncGenerator[tuple[Candidate, str, str | None], None]:
         """Yield (candidate, new text, finish reason) as tokens arrive; abort the engine request on cancel."""
         gen = prepared.generation
         candidates = {i: Candidate(i) for i in range(gen.n)}
@@ -152,12 +156,12 @@ class ChatService:
             policy_version=prepared.policy_version,
         )
 
-    async def stream(self, request: ChatCompletionRequest) -> AsyncIterator[str]:
+    async def stream(self, request: ChatCompletionRequest) -> AsyncGenerator[str, None]:
         """Validate now (errors become HTTP 4xx), then return the SSE body as an async iterator."""
         prepared = self.prepare(request)
         return self._sse(prepared)
 
-    async def _sse(self, prepared: Prepared) -> AsyncIterator[str]:
+    async def _sse(self, prepared: Prepared) -> AsyncGenerator[str, None]:
         gen = prepared.generation
         created = int(time.time())
 
@@ -178,9 +182,7 @@ class ChatService:
                 if text:
                     yield chunk([ChunkChoice(index=candidate.index, delta=Delta(content=text))])
                 if reason is not None:
-                    yield chunk(
-                        [ChunkChoice(index=candidate.index, delta=Delta(), finish_reason=_reason(candidate))]
-                    )
+                    yield chunk([ChunkChoice(index=candidate.index, delta=Delta(), finish_reason=_reason(candidate))])
         ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(gen.n)]
         try:
             await self._finish(prepared, ordered)
@@ -212,17 +214,23 @@ class ChatService:
             prompt_token_ids=gen.prompt_token_ids,
             candidates=[
                 StoredCandidate(
-                    index=c.index, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
+                    index=c.index,
+                    text=c.text,
+                    token_ids=c.token_ids,
+                    logprobs=c.logprobs,
                     finish_reason=c.finish_reason,
                 )
                 for c in candidates
-            ],  # fmt: skip
+            ],
             policy_version=prepared.policy_version,
             created=time.time(),
             sampling={
-                "temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens,
-                "seed": gen.seed, "n": gen.n,
-            },  # fmt: skip
+                "temperature": gen.temperature,
+                "top_p": gen.top_p,
+                "max_tokens": gen.max_tokens,
+                "seed": gen.seed,
+                "n": gen.n,
+            },
         )
         try:
             await self.comparisons.put(comparison)
@@ -235,6 +243,8 @@ class ChatService:
         self.metrics.comparisons.inc()
 
 
-def _reason(candidate: Candidate) -> str | None:
+def _reason(candidate: Candidate) -> FinishReason | None:
     reason = candidate.finish_reason
-    return reason if reason in ("stop", "length", "abort") else ("stop" if reason else None)
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "abort" if reason == "abort" else "stop"

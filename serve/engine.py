@@ -6,7 +6,7 @@ parameters and receives, per step, the new tokens of each candidate that advance
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -63,7 +63,7 @@ class Engine(Protocol):
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[list[CandidateDelta]]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[list[CandidateDelta], None]:
         """Yield, per engine step, the deltas of the candidates that advanced. Cancelling it aborts the request."""
         ...
 

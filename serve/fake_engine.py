@@ -7,7 +7,7 @@ so that streaming, `n`, `max_tokens` and the stored token ids all behave as with
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from transformers import PreTrainedTokenizerBase
 
@@ -26,14 +26,14 @@ class FakeEngine:
 
     def answer(self, index: int, request: GenerationRequest) -> list[int]:
         # The rendered prompt ends "...<user turn>\n<assistant header>\n": echo the user's turn.
-        lines = self.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=True).splitlines()
+        lines = str(self.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=True)).splitlines()
         turns = [line.strip() for line in lines if line.strip()]
         said = turns[-2] if len(turns) >= 2 else turns[-1]
         text = f"answer {index}: you said {said}"
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[CandidateDelta]]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[list[CandidateDelta], None]:
         self.requests.append(request)
         answers = [self.answer(i, request) for i in range(request.n)]
         steps = max(len(a) for a in answers)
@@ -46,7 +46,7 @@ class FakeEngine:
                         continue
                     last = step == len(ids) - 1 or step == request.max_tokens - 1
                     reason = None if not last else ("stop" if step == len(ids) - 1 else "length")
-                    text = self.tokenizer.decode(ids[: step + 1])[len(self.tokenizer.decode(ids[:step])) :]
+                    text = str(self.tokenizer.decode(ids[: step + 1]))[len(str(self.tokenizer.decode(ids[:step]))) :]
                     deltas.append(CandidateDelta(i, text, [ids[step]], [-0.5], reason))
                 await asyncio.sleep(self.step_s)
                 yield deltas

@@ -9,7 +9,10 @@ class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "rankloop_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+            "rankloop_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
         )
         self.prompt_tokens = Counter("rankloop_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.completion_tokens = Counter(
@@ -26,8 +29,8 @@ class ServeMetrics:
         self.comparisons = Counter("rankloop_comparisons_stored", "Comparisons written", registry=self.registry)
         self.in_flight = Gauge("rankloop_requests_in_flight", "Generations running", registry=self.registry)
         self.engine_unfinished = Gauge(
-            "rankloop_engine_unfinished_requests", "Requests the engine is running or queueing", registry=self.registry
+            "rankloop_engine_unfinished_requests",
+            "Requests the engine is running or queueing",
+            registry=self.registry,
         )
-        self.served_version = Gauge(
-            "rankloop_policy_version", "Served policy version number", registry=self.registry
-        )
+        self.served_version = Gauge("rankloop_policy_version", "Served policy version number", registry=self.registry)

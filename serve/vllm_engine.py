@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,17 @@ class VllmEngine:
             disable_log_stats=True,
             enable_prefix_caching=True,
         )
-        log.info("starting vLLM on %s (%s) with %s", "GPU" if gpu else "CPU", "eager" if eager else "compiled", model_dir)
+        log.info(
+            "starting vLLM on %s (%s) with %s",
+            "GPU" if gpu else "CPU",
+            "eager" if eager else "compiled",
+            model_dir,
+        )
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         return cls(llm, tokenizer, settings.max_model_len)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[CandidateDelta]]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[list[CandidateDelta], None]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind

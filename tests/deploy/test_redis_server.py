@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from deploy.redis_server import EmbeddedRedis, RedisDataError, check_data_dir
 from tests.conftest import free_port
@@ -61,4 +63,4 @@ def test_dies_with_its_parent(tmp_path: Path) -> None:
             break
         time.sleep(0.1)
     with pytest.raises(redis.exceptions.ConnectionError):
-        redis.Redis(port=port, socket_connect_timeout=0.5).ping()
+        redis.Redis(port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)).ping()

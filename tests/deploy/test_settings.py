@@ -47,9 +47,7 @@ def test_inconsistent_limits_are_refused() -> None:
         load_settings(max_model_len=512, max_tokens_limit=512, default_max_tokens=128)
 
 
-def test_toml_file_is_read_and_its_unknown_keys_refused(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_toml_file_is_read_and_its_unknown_keys_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = tmp_path / "rankloop.toml"
     config.write_text('port = 8123\ndata_dir = "/srv/rankloop"\n')
     monkeypatch.setenv("RANKLOOP_CONFIG", str(config))

@@ -65,9 +65,7 @@ def stack(real_store: ModelStore, redis_server: EmbeddedRedis) -> Iterator[Stack
         "RANKLOOP_PORT": str(port),
         "REDIS_URL": redis_server.url,
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "rankloop", "serve"], env=env, start_new_session=True, cwd=REPO
-    )
+    process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, start_new_session=True, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, process, ENGINE_START_S)

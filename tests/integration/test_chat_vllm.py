@@ -29,7 +29,11 @@ def _comparison(stack: Stack, comparison_id: str) -> dict:  # type: ignore[type-
 
 def test_four_candidates_stored_as_a_comparison(stack: Stack) -> None:
     response = _client(stack).chat.completions.create(
-        model="rankloop", messages=QUESTION, n=4, max_tokens=32, temperature=0.8  # type: ignore[arg-type]
+        model="rankloop",
+        messages=QUESTION,
+        n=4,
+        max_tokens=32,
+        temperature=0.8,  # type: ignore[arg-type]
     )
     answers = [c.message.content or "" for c in response.choices]
     assert len(answers) == 4 and all(a.strip() for a in answers)
@@ -47,7 +51,11 @@ def test_four_candidates_stored_as_a_comparison(stack: Stack) -> None:
 
 def test_streaming_returns_every_choice(stack: Stack) -> None:
     stream = _client(stack).chat.completions.create(
-        model="rankloop", messages=QUESTION, n=4, max_tokens=24, stream=True  # type: ignore[arg-type]
+        model="rankloop",
+        messages=QUESTION,
+        n=4,
+        max_tokens=24,
+        stream=True,  # type: ignore[arg-type]
     )
     texts: dict[int, str] = {}
     finished: dict[int, str] = {}
@@ -72,7 +80,7 @@ def test_disconnect_mid_stream_aborts_the_generation(stack: Stack) -> None:
                 running = httpx.get(f"{stack.base_url}/metrics").text
                 assert re.search(r"^rankloop_engine_unfinished_requests 2\.0$", running, re.M), "engine idle"
                 break  # leaving the loop closes the response: the client is gone
-    # 2 × 1000 tokens would take well over 10 s here; an aborted request leaves the engine at once.
+    # 2 x 1000 tokens would take well over 10 s here; an aborted request leaves the engine at once.
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         metrics = httpx.get(f"{stack.base_url}/metrics").text

@@ -15,7 +15,12 @@ from serve.fake_engine import FakeEngine
 from serve.metrics import ServeMetrics
 from serve.protocol import ChatCompletionRequest
 
-ASK = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 32, "temperature": 0.7, "seed": 5}
+ASK = {
+    "messages": [{"role": "user", "content": "hello world"}],
+    "max_tokens": 32,
+    "temperature": 0.7,
+    "seed": 5,
+}
 
 
 async def test_response_has_the_openai_shape_plus_policy_version(client: httpx.AsyncClient) -> None:
@@ -42,7 +47,15 @@ async def test_comparison_is_stored_with_exact_fields(
     ttl = await redis.ttl(key)
     assert 7 * 24 * 3600 - 5 <= ttl <= 7 * 24 * 3600
     stored = json.loads(await redis.get(key))
-    assert set(stored) == {"id", "messages", "prompt_token_ids", "candidates", "policy_version", "created", "sampling"}
+    assert set(stored) == {
+        "id",
+        "messages",
+        "prompt_token_ids",
+        "candidates",
+        "policy_version",
+        "created",
+        "sampling",
+    }
     assert stored["id"] == body["id"]
     assert stored["messages"] == [{"role": "user", "content": "hello world"}]
     assert stored["prompt_token_ids"] == engine.requests[0].prompt_token_ids
@@ -112,7 +125,12 @@ async def test_redis_down_is_503_with_retry_after(engine: FakeEngine) -> None:
         assert response.json()["error"]["code"] == "redis_unavailable"
         health = await http.get("/healthz")
         assert health.status_code == 503
-        assert health.json() == {"status": "degraded", "engine": "ok", "redis": "down", "policy_version": "v0001"}
+        assert health.json() == {
+            "status": "degraded",
+            "engine": "ok",
+            "redis": "down",
+            "policy_version": "v0001",
+        }
 
 
 async def test_client_leaving_mid_stream_aborts_the_generation(tokenizer: Any, redis: Redis) -> None:
@@ -143,7 +161,7 @@ async def test_models_healthz_and_metrics(client: httpx.AsyncClient) -> None:
     assert 'rankloop_requests_total{route="/v1/chat/completions",status="400"} 1.0' in text
     assert "rankloop_comparisons_stored_total 1.0" in text
     assert "rankloop_engine_unfinished_requests 0.0" in text
-    assert "rankloop_request_latency_seconds_count{route=\"chat\"} 1.0" in text
+    assert 'rankloop_request_latency_seconds_count{route="chat"} 1.0' in text
 
 
 async def test_unknown_route_is_a_json_404(client: httpx.AsyncClient) -> None:
@@ -153,5 +171,7 @@ async def test_unknown_route_is_a_json_404(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize("content", [[{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]])
 async def test_content_parts_are_joined(client: httpx.AsyncClient, content: list[dict[str, str]]) -> None:
-    body = (await client.post("/v1/chat/completions", json={**ASK, "messages": [{"role": "user", "content": content}]})).json()
+    body = (
+        await client.post("/v1/chat/completions", json={**ASK, "messages": [{"role": "user", "content": content}]})
+    ).json()
     assert body["choices"][0]["message"]["content"] == "answer 0: you said hello world"

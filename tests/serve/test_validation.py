@@ -24,9 +24,17 @@ async def _error(client: httpx.AsyncClient, body: Any, status: int = 400) -> dic
         ({}, "messages", "Field required"),
         ({"messages": "hello"}, "messages", "valid list"),
         ({"messages": [{"content": "hi"}]}, "messages.0.role", "Field required"),
-        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "'system', 'user' or 'assistant'"),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "messages.0.role",
+            "'system', 'user' or 'assistant'",
+        ),
         ({"messages": [{"role": "user", "content": 7}]}, "messages.0.content", "valid string"),
-        ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "last message must have role 'user'"),
+        (
+            {"messages": [{"role": "assistant", "content": "hi"}]},
+            "messages",
+            "last message must have role 'user'",
+        ),
         ({"messages": [{"role": "user", "content": "  "}]}, "messages", "empty"),
         ({"messages": HELLO, "n": 0}, "n", "greater than or equal to 1"),
         ({"messages": HELLO, "n": 10}, "n", "less than or equal to 9"),
@@ -36,9 +44,7 @@ async def _error(client: httpx.AsyncClient, body: Any, status: int = 400) -> dic
         ({"messages": HELLO, "max_token": 5}, "max_token", "unknown field 'max_token'"),
     ],
 )
-async def test_bad_fields_are_named(
-    client: httpx.AsyncClient, body: dict[str, Any], param: str, fragment: str
-) -> None:
+async def test_bad_fields_are_named(client: httpx.AsyncClient, body: dict[str, Any], param: str, fragment: str) -> None:
     error = await _error(client, body)
     assert error["param"] == param
     assert fragment in error["message"]
