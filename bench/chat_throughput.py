@@ -1,0 +1,232 @@
+"""Chat throughput: rankloop's endpoint against plain vLLM's OpenAI server, and HF `generate` as the naive baseline.
+
+Workload: the first turn of the 80 MT-bench questions, n=4 candidates, max_tokens=64, temperature 0.8,
+8 concurrent clients. Both servers run the same model folder with the same engine flags, one after the other
+in this one run (two cores cannot host both at once without each slowing the other). Figures go to BENCHMARKS.md.
+
+    .venv/bin/python bench/chat_throughput.py [--rounds 1] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.report import write_section  # noqa: E402
+from deploy.model_store import ModelStore  # noqa: E402
+from deploy.redis_server import EmbeddedRedis  # noqa: E402
+
+MT_BENCH = REPO.parent / "shared" / "data" / "mt-bench-questions.jsonl"
+N, MAX_TOKENS, TEMPERATURE, CLIENTS = 4, 64, 0.8, 8
+ENGINE_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float
+    completion_tokens: int
+    latencies: list[float]
+
+    @property
+    def tok_s(self) -> float:
+        return self.completion_tokens / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def prompts() -> list[str]:
+    rows = [json.loads(line) for line in MT_BENCH.read_text().splitlines() if line.strip()]
+    return [row["turns"][0] for row in rows]
+
+
+async def _load(base_url: str, model: str, questions: list[str]) -> Result:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for q in questions:
+        queue.put_nowait(q)
+    latencies: list[float] = []
+    tokens = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while not queue.empty():
+            question = queue.get_nowait()
+            body = {
+                "model": model, "messages": [{"role": "user", "content": question}], "n": N,
+                "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
+            }  # fmt: skip
+            started = time.perf_counter()
+            response = await http.post(f"{base_url}/v1/chat/completions", json=body)
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+            tokens += response.json()["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(CLIENTS)))
+        return Result("", time.perf_counter() - started, tokens, latencies)
+
+
+def _wait(url: str, process: subprocess.Popen[bytes], path: str) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < 600:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def run_server(name: str, argv: list[str], env: dict[str, str], url: str, ready: str, model: str) -> Result:
+    log = open(Path(tempfile.gettempdir()) / f"bench-{name}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True)
+    try:
+        ready_s = _wait(url, process, ready)
+        print(f"{name}: ready in {ready_s:.0f} s; warming up", flush=True)
+        asyncio.run(_load(url, model, prompts()[:CLIENTS]))
+        result = asyncio.run(_load(url, model, prompts()))
+        result.name = name
+        print(f"{name}: {result.tok_s:.1f} tok/s, p95 {result.pct(0.95):.2f} s", flush=True)
+        return result
+    finally:
+        _stop(process)
+
+
+def plain_vllm(model_dir: Path, port: int) -> Result:
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", "rankloop", "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
+        "--enable-prefix-caching", "--disable-log-stats", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    return run_server("plain vLLM", argv, ENGINE_ENV, f"http://127.0.0.1:{port}", "/health", "rankloop")
+
+
+def rankloop(data_dir: Path, port: int, redis_url: str) -> Result:
+    env = {**ENGINE_ENV, "RANKLOOP_DATA_DIR": str(data_dir), "RANKLOOP_PORT": str(port), "REDIS_URL": redis_url}
+    argv = [sys.executable, "-m", "rankloop", "serve"]
+    return run_server("rankloop", argv, env, f"http://127.0.0.1:{port}", "/healthz", "rankloop")
+
+
+def hf_generate(model_dir: Path) -> Result:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # fp32: on this CPU bf16 matmuls are slower than fp32 in eager PyTorch.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    latencies: list[float] = []
+    tokens = 0
+    started = time.perf_counter()
+    for question in prompts():
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                **ids, do_sample=True, temperature=TEMPERATURE, max_new_tokens=MAX_TOKENS, num_return_sequences=N,
+                pad_token_id=pad,
+            )  # fmt: skip
+        latencies.append(time.perf_counter() - t0)
+        tokens += int((out[:, ids["input_ids"].shape[1] :] != pad).sum())  # answers that ended early are padded
+    result = Result("HF generate (sequential, fp32)", time.perf_counter() - started, tokens, latencies)
+    print(f"HF: {result.tok_s:.1f} tok/s", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=1, help="alternate plain vLLM and rankloop this many times")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
+    args = parser.parse_args()
+    if not MT_BENCH.is_file():
+        sys.exit(f"skipped: {MT_BENCH} is absent")
+    store = ModelStore(args.data_dir / "models")
+    if store.current() is None:
+        from deploy.model_import import import_model
+
+        import_model(store)
+    model_dir = store.path(store.current() or "v0001")
+
+    results: list[Result] = []
+    with EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-redis-")), 6395) as redis_server:
+        for _ in range(args.rounds):
+            results.append(plain_vllm(model_dir, 8101))
+            results.append(rankloop(args.data_dir, 8102, redis_server.url))
+    hf = None if args.no_hf else hf_generate(model_dir)
+    write_section("chat_throughput", render(results, hf, args))
+
+
+def render(results: list[Result], hf: Result | None, args: argparse.Namespace) -> str:
+    def agg(name: str) -> tuple[float, float, float]:
+        rows = [r for r in results if r.name == name]
+        return (statistics.mean(r.tok_s for r in rows), statistics.mean(r.pct(0.5) for r in rows),
+                statistics.mean(r.pct(0.95) for r in rows))  # fmt: skip
+
+    base, ours = agg("plain vLLM"), agg("rankloop")
+    lines = [
+        "## Chat endpoint throughput (issue 2)",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU "
+        f"({platform.platform()}); rounds: {args.rounds}",
+        "- Command: `.venv/bin/python bench/chat_throughput.py" + (" --no-hf" if args.no_hf else "") + "`",
+        f"- Workload: 80 MT-bench first turns, n={N}, max_tokens={MAX_TOKENS}, temperature {TEMPERATURE}, "
+        f"{CLIENTS} concurrent clients, non-streaming; one warm-up pass of {CLIENTS} requests per server.",
+        "- Engine: vLLM 0.32.0 CPU, eager (`--enforce-eager`), bf16, max_model_len 2048, prefix caching, both cores "
+        "bound (`VLLM_CPU_OMP_THREADS_BIND=0-1`), 2 GiB KV cache. Eager because compiled mode recompiles on every "
+        "start on this machine (110-156 s to ready against ~41 s); a server that restarts for every policy "
+        "version must come back fast.",
+        "",
+        "| server | completion tok/s | p50 latency (s) | p95 latency (s) |",
+        "|---|---|---|---|",
+        f"| plain vLLM OpenAI server | {base[0]:.1f} | {base[1]:.2f} | {base[2]:.2f} |",
+        f"| rankloop (stores each comparison in Redis) | {ours[0]:.1f} | {ours[1]:.2f} | {ours[2]:.2f} |",
+    ]
+    if hf is not None:
+        lines.append(f"| {hf.name} | {hf.tok_s:.1f} | {hf.pct(0.5):.2f} | {hf.pct(0.95):.2f} |")
+    lines += [
+        "",
+        f"Ratios rankloop / plain vLLM: throughput **{ours[0] / base[0]:.3f}x** (target >= 0.95), "
+        f"p95 latency **{ours[2] / base[2]:.3f}x** (target <= 1.1)."
+        + (f" rankloop / HF generate throughput: {ours[0] / hf.tok_s:.2f}x." if hf else ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deploy.model_import import bundled_gguf, import_model
+from deploy.model_store import ModelStore, StoreError
+from tests.tiny import tiny_llama_folder
+
+QUIET = Console(quiet=True)
+
+
+def test_a_local_folder_becomes_v0001_current_and_reference(tmp_path: Path) -> None:
+    source = tiny_llama_folder(tmp_path / "src")
+    store = ModelStore(tmp_path / "store")
+    assert import_model(store, source, QUIET) == "v0001"
+    assert (store.current(), store.reference()) == ("v0001", "v0001")
+    card = store.card("v0001")
+    assert card.made_by == "import" and card.details == {"source": str(source), "roles": ["sft_reference"]}
+    folder = store.path("v0001")
+    # The weights round-trip exactly, and the tokenizer keeps its chat template.
+    original = AutoModelForCausalLM.from_pretrained(source)
+    imported = load_file(str(folder / "model.safetensors"))
+    for name, tensor in original.state_dict().items():
+        if name in imported:
+            assert torch.equal(imported[name].to(tensor.dtype), tensor), name
+    assert AutoTokenizer.from_pretrained(folder).chat_template
+
+
+def test_a_second_import_is_v0002_and_leaves_the_pointers(tmp_path: Path) -> None:
+    source = tiny_llama_folder(tmp_path / "src")
+    store = ModelStore(tmp_path / "store")
+    import_model(store, source, QUIET)
+    assert import_model(store, source, QUIET) == "v0002"
+    assert (store.current(), store.reference()) == ("v0001", "v0001")
+    assert store.card("v0002").details["roles"] == []
+
+
+def test_a_model_without_chat_template_is_refused(tmp_path: Path) -> None:
+    source = tiny_llama_folder(tmp_path / "src", with_chat_template=False)
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(StoreError, match="no chat template"):
+        import_model(store, source, QUIET)
+    assert store.versions() == []
+
+
+def test_a_folder_without_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="neither a .gguf file nor a folder with config.json"):
+        import_model(ModelStore(tmp_path / "store"), tmp_path, QUIET)
+
+
+def test_the_bundled_gguf_is_found_without_importing_its_package() -> None:
+    path = bundled_gguf()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 90_000_000
