@@ -48,7 +48,7 @@ def test_a_model_without_chat_template_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_folder_without_config_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="neither a .gguf file nor a folder with config.json"):
+    with pytest.raises(StoreError, match=r"neither a \.gguf file nor a folder with config\.json"):
         import_model(ModelStore(tmp_path / "store"), tmp_path, QUIET)
 
 
