@@ -103,6 +103,7 @@ class ChatService:
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             ignore_eos=request.ignore_eos,
+            stream=request.stream,
         )
         return Prepared(request, generation, messages, self.policy_version, time.monotonic())
 

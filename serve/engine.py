@@ -26,6 +26,7 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    stream: bool = True  # False: the engine may deliver each candidate whole, once, when it is done
 
 
 @dataclass(frozen=True)
