@@ -35,5 +35,5 @@ import json, sys
 reply = json.load(sys.stdin)
 answers = [c["message"]["content"] for c in reply["choices"]]
 assert len(answers) == 4 and all(a.strip() for a in answers), answers
-print(f"smoke: {reply[\"id\"]} from {reply[\"policy_version\"]}: 4 answers, e.g. {answers[0]!r}")
+print("smoke: %s from %s: 4 answers, e.g. %r" % (reply["id"], reply["policy_version"], answers[0]))
 '
