@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.report import write_section  # noqa: E402
+from deploy.launcher import stop_group  # noqa: E402
 from deploy.model_store import ModelStore  # noqa: E402
 from deploy.redis_server import EmbeddedRedis  # noqa: E402
 
@@ -99,15 +99,6 @@ def _wait(url: str, process: subprocess.Popen[bytes], path: str) -> float:
     raise TimeoutError(url)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 def run_server(name: str, argv: list[str], env: dict[str, str], url: str, ready: str, model: str) -> Result:
     log = open(Path(tempfile.gettempdir()) / f"bench-{name}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True)
@@ -120,7 +111,7 @@ def run_server(name: str, argv: list[str], env: dict[str, str], url: str, ready:
         print(f"{name}: {result.tok_s:.1f} tok/s, p95 {result.pct(0.95):.2f} s", flush=True)
         return result
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 def plain_vllm(model_dir: Path, port: int) -> Result:

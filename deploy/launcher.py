@@ -63,3 +63,12 @@ class Launcher:
 def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, sig)
+
+
+def stop_group(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
+    """SIGTERM a child's process group, then SIGKILL what is left after the grace period."""
+    _signal_group(process, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    _signal_group(process, signal.SIGKILL)  # the engine core may outlive its parent
+    process.wait()

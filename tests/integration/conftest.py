@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from deploy.launcher import stop_group
 from deploy.model_store import ModelStore
 from deploy.redis_server import EmbeddedRedis
 from tests.conftest import free_port
@@ -71,10 +71,4 @@ def stack(real_store: ModelStore, redis_server: EmbeddedRedis) -> Iterator[Stack
         _wait_ready(url, process, ENGINE_START_S)
         yield Stack(url, redis_server, real_store, process)
     finally:
-        # The engine core is a child of the server: stop the whole group.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_group(process)  # the engine core is a child of the server: stop the whole group
