@@ -24,6 +24,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/chat_throughput.py
+	$(BIN)/python bench/feedback_ingest.py
 
 clean:
 	rm -rf $(VENV) var

@@ -4,7 +4,7 @@ Workload: the first turn of the 80 MT-bench questions, n=4 candidates, max_token
 8 concurrent clients. Both servers run the same model folder with the same engine flags, one after the other
 in this one run (two cores cannot host both at once without each slowing the other). Figures go to BENCHMARKS.md.
 
-    .venv/bin/python bench/chat_throughput.py [--rounds 1] [--no-hf]
+    .venv/bin/python bench/chat_throughput.py [--rounds 2] [--hf-prompts 16]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def prompts() -> list[str]:
     return [row["turns"][0] for row in rows]
 
 
-async def _load(base_url: str, model: str, questions: list[str]) -> Result:
+async def _load(base_url: str, model: str, questions: list[str], extra: dict[str, object] | None = None) -> Result:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for q in questions:
         queue.put_nowait(q)
@@ -71,7 +71,7 @@ async def _load(base_url: str, model: str, questions: list[str]) -> Result:
             question = queue.get_nowait()
             body = {
                 "model": model, "messages": [{"role": "user", "content": question}], "n": N,
-                "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE,
+                "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, **(extra or {}),
             }  # fmt: skip
             started = time.perf_counter()
             response = await http.post(f"{base_url}/v1/chat/completions", json=body)
@@ -99,37 +99,51 @@ def _wait(url: str, process: subprocess.Popen[bytes], path: str) -> float:
     raise TimeoutError(url)
 
 
-def run_server(name: str, argv: list[str], env: dict[str, str], url: str, ready: str, model: str) -> Result:
-    log = open(Path(tempfile.gettempdir()) / f"bench-{name}.log", "wb")  # noqa: SIM115
+Pass = tuple[str, dict[str, object]]  # (name in the table, extra request fields)
+
+
+def run_server(argv: list[str], env: dict[str, str], url: str, ready: str, passes: list[Pass]) -> list[Result]:
+    """Start one server, warm it up, then run each pass of the workload against it in turn."""
+    name = passes[0][0]
+    log = open(Path(tempfile.gettempdir()) / f"bench-{name.split()[0]}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True)
     try:
         ready_s = _wait(url, process, ready)
         print(f"{name}: ready in {ready_s:.0f} s; warming up", flush=True)
-        asyncio.run(_load(url, model, prompts()[:CLIENTS]))
-        result = asyncio.run(_load(url, model, prompts()))
-        result.name = name
-        print(f"{name}: {result.tok_s:.1f} tok/s, p95 {result.pct(0.95):.2f} s", flush=True)
-        return result
+        asyncio.run(_load(url, "rankloop", prompts()[:CLIENTS]))
+        results = []
+        for pass_name, extra in passes:
+            result = asyncio.run(_load(url, "rankloop", prompts(), extra))
+            result.name = pass_name
+            print(f"{pass_name}: {result.tok_s:.1f} tok/s, p95 {result.pct(0.95):.2f} s", flush=True)
+            results.append(result)
+        return results
     finally:
         stop_group(process)
 
 
-def plain_vllm(model_dir: Path, port: int) -> Result:
+PLAIN, PLAIN_LOGPROBS, RANKLOOP = "plain vLLM", "plain vLLM + logprobs", "rankloop"
+
+
+def plain_vllm(model_dir: Path, port: int) -> list[Result]:
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "rankloop", "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
         "--enable-prefix-caching", "--disable-log-stats", "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    return run_server("plain vLLM", argv, ENGINE_ENV, f"http://127.0.0.1:{port}", "/health", "rankloop")
+    # The second pass asks for what rankloop always computes: the sampled token's log-probability.
+    passes: list[Pass] = [(PLAIN, {}), (PLAIN_LOGPROBS, {"logprobs": True, "top_logprobs": 0})]
+    return run_server(argv, ENGINE_ENV, f"http://127.0.0.1:{port}", "/health", passes)
 
 
-def rankloop(data_dir: Path, port: int, redis_url: str) -> Result:
+def rankloop(data_dir: Path, port: int, redis_url: str) -> list[Result]:
     env = {**ENGINE_ENV, "RANKLOOP_DATA_DIR": str(data_dir), "RANKLOOP_PORT": str(port), "REDIS_URL": redis_url}
     argv = [sys.executable, "-m", "rankloop", "serve"]
-    return run_server("rankloop", argv, env, f"http://127.0.0.1:{port}", "/healthz", "rankloop")
+    return run_server(argv, env, f"http://127.0.0.1:{port}", "/healthz", [(RANKLOOP, {})])
 
 
-def hf_generate(model_dir: Path) -> Result:
+def hf_generate(model_dir: Path, count: int) -> Result:
+    """Sequential `generate` over the first `count` prompts: a rate, so a subset keeps the run short."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,7 +155,7 @@ def hf_generate(model_dir: Path) -> Result:
     latencies: list[float] = []
     tokens = 0
     started = time.perf_counter()
-    for question in prompts():
+    for question in prompts()[:count]:
         text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                              add_generation_prompt=True)  # fmt: skip
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
@@ -160,8 +174,8 @@ def hf_generate(model_dir: Path) -> Result:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=1, help="alternate plain vLLM and rankloop this many times")
-    parser.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    parser.add_argument("--rounds", type=int, default=2, help="alternate plain vLLM and rankloop this many times")
+    parser.add_argument("--hf-prompts", type=int, default=16, help="prompts for the HF generate baseline (0: skip)")
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
     args = parser.parse_args()
     if not MT_BENCH.is_file():
@@ -175,10 +189,15 @@ def main() -> None:
 
     results: list[Result] = []
     with EmbeddedRedis(Path(tempfile.mkdtemp(prefix="bench-redis-")), 6395) as redis_server:
-        for _ in range(args.rounds):
-            results.append(plain_vllm(model_dir, 8101))
-            results.append(rankloop(args.data_dir, 8102, redis_server.url))
-    hf = None if args.no_hf else hf_generate(model_dir)
+        for round_ in range(args.rounds):
+            # Alternate which server goes first, so that a drift of the machine does not favour either.
+            first_plain = round_ % 2 == 0
+            if first_plain:
+                results += plain_vllm(model_dir, 8101)
+            results += rankloop(args.data_dir, 8102, redis_server.url)
+            if not first_plain:
+                results += plain_vllm(model_dir, 8101)
+    hf = None if args.hf_prompts == 0 else hf_generate(model_dir, args.hf_prompts)
     write_section("chat_throughput", render(results, hf, args))
 
 
@@ -188,31 +207,42 @@ def render(results: list[Result], hf: Result | None, args: argparse.Namespace) -
         return (statistics.mean(r.tok_s for r in rows), statistics.mean(r.pct(0.5) for r in rows),
                 statistics.mean(r.pct(0.95) for r in rows))  # fmt: skip
 
-    base, ours = agg("plain vLLM"), agg("rankloop")
+    def row(label: str, figures: tuple[float, float, float]) -> str:
+        return f"| {label} | {figures[0]:.1f} | {figures[1]:.2f} | {figures[2]:.2f} |"
+
+    base, base_lp, ours = agg(PLAIN), agg(PLAIN_LOGPROBS), agg(RANKLOOP)
+    command = "`.venv/bin/python bench/chat_throughput.py --rounds " + f"{args.rounds} --hf-prompts {args.hf_prompts}`"
     lines = [
         "## Chat endpoint throughput (issue 2)",
         "",
         f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU "
-        f"({platform.platform()}); rounds: {args.rounds}",
-        "- Command: `.venv/bin/python bench/chat_throughput.py" + (" --no-hf" if args.no_hf else "") + "`",
+        f"({platform.platform()}); figures are means over {args.rounds} round(s); the server that goes first "
+        "alternates from round to round.",
+        f"- Command: {command} (`make bench`).",
         f"- Workload: 80 MT-bench first turns, n={N}, max_tokens={MAX_TOKENS}, temperature {TEMPERATURE}, "
-        f"{CLIENTS} concurrent clients, non-streaming; one warm-up pass of {CLIENTS} requests per server.",
-        "- Engine: vLLM 0.32.0 CPU, eager (`--enforce-eager`), bf16, max_model_len 2048, prefix caching, both cores "
-        "bound (`VLLM_CPU_OMP_THREADS_BIND=0-1`), 2 GiB KV cache. Eager because compiled mode recompiles on every "
-        "start on this machine (110-156 s to ready against ~41 s); a server that restarts for every policy "
-        "version must come back fast.",
+        f"{CLIENTS} concurrent clients, non-streaming; one warm-up pass of {CLIENTS} requests per server start.",
+        "- Engine: vLLM 0.32.0 CPU, eager (`--enforce-eager`), bf16, max_model_len 2048, prefix caching, all cores "
+        "bound (`VLLM_CPU_OMP_THREADS_BIND`), 2 GiB KV cache. Eager because compiled mode recompiles on every "
+        "start on this machine (110-156 s to ready against ~50 s); a server that restarts must come back fast.",
+        "- rankloop always asks the engine for the sampled token's log-probability (stored with each comparison for "
+        "PPO); `plain vLLM + logprobs` is the same plain server asked for the same "
+        "(`logprobs: true, top_logprobs: 0`).",
         "",
         "| server | completion tok/s | p50 latency (s) | p95 latency (s) |",
         "|---|---|---|---|",
-        f"| plain vLLM OpenAI server | {base[0]:.1f} | {base[1]:.2f} | {base[2]:.2f} |",
-        f"| rankloop (stores each comparison in Redis) | {ours[0]:.1f} | {ours[1]:.2f} | {ours[2]:.2f} |",
+        row("plain vLLM OpenAI server", base),
+        row("plain vLLM OpenAI server + logprobs", base_lp),
+        row("rankloop (logprobs, comparison stored in Redis)", ours),
     ]
     if hf is not None:
-        lines.append(f"| {hf.name} | {hf.tok_s:.1f} | {hf.pct(0.5):.2f} | {hf.pct(0.95):.2f} |")
+        lines.append(f"| {hf.name}, first {args.hf_prompts} prompts | {hf.tok_s:.1f} | {hf.pct(0.5):.2f} | "
+                     f"{hf.pct(0.95):.2f} |")  # fmt: skip
     lines += [
         "",
-        f"Ratios rankloop / plain vLLM: throughput **{ours[0] / base[0]:.3f}x** (target >= 0.95), "
-        f"p95 latency **{ours[2] / base[2]:.3f}x** (target <= 1.1)."
+        f"Ratios rankloop / plain vLLM: throughput **{ours[0] / base[0]:.3f}x**, "
+        f"p95 latency **{ours[2] / base[2]:.3f}x**."
+        f" Against plain vLLM doing the same work (+ logprobs): throughput **{ours[0] / base_lp[0]:.3f}x**, "
+        f"p95 latency **{ours[2] / base_lp[2]:.3f}x**. Targets: throughput >= 0.95x, p95 <= 1.1x."
         + (f" rankloop / HF generate throughput: {ours[0] / hf.tok_s:.2f}x." if hf else ""),
         "",
     ]

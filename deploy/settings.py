@@ -56,12 +56,23 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP server.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
+    access_log: bool = Field(False, description="Log a line per HTTP request (costly at thousands per second).")
 
     # -- generation -----------------------------------------------------------------------------
     default_n: int = Field(4, ge=1, le=9, description="Candidates per prompt when a request gives no `n`.")
     default_max_tokens: int = Field(256, ge=1, description="Answer length limit when a request gives none.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
     comparison_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long a comparison stays rankable.")
+
+    # -- feedback -------------------------------------------------------------------------------
+    idempotency_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, description="How long a ranking or demonstration is remembered to recognise retries."
+    )
+    feedback_batch: int = Field(256, ge=1, le=10_000, description="Events the consumer moves per batch.")
+    feedback_claim_idle_ms: int = Field(
+        60_000, ge=0, description="Take over events a dead consumer left unacknowledged this long."
+    )
+    feedback_consumer: str | None = Field(None, description="Consumer name in the group; unset: host-pid.")
 
     # -- engine ---------------------------------------------------------------------------------
     policy_version: str | None = Field(None, description="Serve this version; unset: the store's current.")
@@ -125,6 +136,11 @@ class Settings(BaseSettings):
     @property
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
+
+    @property
+    def dataset_path(self) -> Path:
+        """The durable feedback dataset (SQLite) the learner trains on."""
+        return self.data_dir / "feedback.sqlite3"
 
 
 def unknown_env_keys(environ: dict[str, str] | os._Environ[str]) -> list[str]:

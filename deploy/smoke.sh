@@ -37,3 +37,19 @@ answers = [c["message"]["content"] for c in reply["choices"]]
 assert len(answers) == 4 and all(a.strip() for a in answers), answers
 print("smoke: %s from %s: 4 answers, e.g. %r" % (reply["id"], reply["policy_version"], answers[0]))
 '
+
+# Rank the answers; the consumer `make run` started must move the ranking into the dataset.
+id=$(echo "$reply" | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+accepted=$(curl -sf "$url/v1/feedback" -H 'content-type: application/json' \
+  -d "{\"comparison_id\": \"$id\", \"ranking\": [2, [0, 3], 1], \"user\": \"smoke\"}")
+echo "smoke: ranking accepted: $accepted"
+for _ in $(seq 1 30); do
+  rankings=$(.venv/bin/rankloop feedback stats --json | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["dataset"]["ranking"])')
+  if [ "$rankings" -ge 1 ]; then
+    echo "smoke: the dataset holds $rankings ranking(s)"
+    exit 0
+  fi
+  sleep 1
+done
+echo "smoke: the ranking did not reach the dataset" >&2
+exit 1

@@ -12,19 +12,25 @@ from rich.console import Console
 from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError
 from deploy.settings import Settings, SettingsError, load_settings
+from feedback.cli import app as feedback_app
 
 app = typer.Typer(help="Train a chat model from its users' rankings.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="The model store: import models as policy versions.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(feedback_app, name="feedback")
 console = Console(stderr=True)
 
 
-def _settings() -> Settings:
+def settings_or_exit() -> Settings:
+    """The process's settings, or exit with code 2 and the problem named."""
     try:
         return load_settings()
     except SettingsError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
+
+
+_settings = settings_or_exit
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -62,7 +68,7 @@ def redis() -> None:
 
 @app.command()
 def up() -> None:
-    """Start the whole stack on this machine: embedded Redis (unless REDIS_URL), the server, later the learner."""
+    """Start the whole stack here: embedded Redis (unless REDIS_URL), the server, the feedback consumer."""
     from deploy.launcher import Launcher
 
     settings = _settings()
@@ -81,6 +87,7 @@ def up() -> None:
     signal.signal(signal.SIGTERM, _interrupt)  # stop the stack on SIGTERM exactly as on Ctrl-C
     try:
         launcher.rankloop("serve", "serve")
+        launcher.rankloop("feedback consumer", "feedback", "consume")
         console.print(f"serving on http://{settings.host}:{settings.port} once the engine is ready; Ctrl-C stops")
         ended = launcher.wait_any()
         code = ended.process.returncode

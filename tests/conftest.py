@@ -5,10 +5,14 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 
 from deploy.redis_server import EmbeddedRedis
+from deploy.settings import load_settings
+from serve.app import create_app
+from serve.fake_engine import FakeEngine
 from tests.tiny import tiny_tokenizer
 
 # A developer's own RANKLOOP_* variables must not leak into the tests' settings.
@@ -24,6 +28,11 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +55,17 @@ async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
 @pytest.fixture(scope="session")
 def tokenizer():  # type: ignore[no-untyped-def]
     return tiny_tokenizer()
+
+
+@pytest.fixture
+def engine(tokenizer) -> FakeEngine:  # type: ignore[no-untyped-def]
+    return FakeEngine(tokenizer, max_model_len=256)
+
+
+@pytest.fixture
+async def client(engine: FakeEngine, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    settings = load_settings(max_model_len=256, max_tokens_limit=128, default_max_tokens=64, max_body_bytes=4096)
+    app = create_app(settings, engine, redis, "v0001")
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield http

@@ -1,0 +1,197 @@
+"""Feedback ingestion: rankings/s through `POST /v1/feedback` against a bare FastAPI endpoint that only validates.
+
+Both servers run the same uvicorn configuration (one process, uvloop, httptools, no access log); the load comes
+from `wrk` in its own process (`apt-get install wrk`), 1 thread, 32 connections, every request a new ranking of
+one of the seeded comparisons. rankloop's server runs with the fake engine (generation is not measured here) on
+the embedded Redis server with AOF as in production. Afterwards the consumer drains the stream into a fresh
+dataset, and the dataset's count is compared with the rankings the server accepted. Figures go to BENCHMARKS.md.
+
+    .venv/bin/python bench/feedback_ingest.py [--seconds 20] [--connections 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.report import write_section  # noqa: E402
+from deploy.launcher import stop_group  # noqa: E402
+from deploy.model_store import ModelStore  # noqa: E402
+from deploy.redis_server import EmbeddedRedis  # noqa: E402
+
+COMPARISONS = 1000
+
+
+@dataclass
+class WrkResult:
+    name: str
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # non-2xx responses and socket errors
+
+
+def parse_wrk(name: str, output: str) -> WrkResult:
+    def latency(label: str) -> float:
+        match = re.search(rf"^\s*{label}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M)
+        assert match, output
+        value, unit = float(match[1]), match[2]
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    requests = int(re.search(r"(\d+) requests in", output)[1])  # type: ignore[index]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])  # type: ignore[index]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    errors = (int(non2xx[1]) if non2xx else 0) + (sum(int(g) for g in sockets.groups()) if sockets else 0)
+    return WrkResult(name, requests, rps, latency("50"), latency("99"), errors)
+
+
+def wrk(name: str, url: str, seconds: int, connections: int, prefix: str) -> WrkResult:
+    env = {**os.environ, "BENCH_COMPARISONS": str(COMPARISONS), "BENCH_PREFIX": prefix}
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(REPO / "bench/feedback.lua"), url]
+    output = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+    result = parse_wrk(name, output)
+    print(f"{name}: {result.rps:.0f} req/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+          f"{result.errors} errors", flush=True)  # fmt: skip
+    return result
+
+
+def start(argv: list[str], env: dict[str, str], url: str, log_name: str) -> subprocess.Popen[bytes]:
+    log = open(Path(tempfile.gettempdir()) / log_name, "wb")  # noqa: SIM115
+    process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True)
+    for _ in range(120):
+        if process.poll() is not None:
+            raise RuntimeError(f"{argv} exited with {process.returncode}; see {log.name}")
+        try:
+            httpx.get(url + "/docs", timeout=1)
+            return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+async def seed(redis_url: str, prefix: str) -> None:
+    """Comparisons of realistic size: 4 candidates of 64 tokens with their log-probabilities."""
+    from redis.asyncio import Redis
+
+    from feedback.comparisons import Comparison, ComparisonStore, StoredCandidate
+
+    client = Redis.from_url(redis_url)
+    store = ComparisonStore(client, 3600)
+    for i in range(COMPARISONS):
+        candidates = [
+            StoredCandidate(index=k, text="word " * 64, token_ids=list(range(64)), logprobs=[-1.25] * 64,
+                            finish_reason="length")
+            for k in range(4)
+        ]  # fmt: skip
+        await store.put(Comparison(
+            id=f"{prefix}-{i}", messages=[{"role": "user", "content": "Write a haiku about rain."}],
+            prompt_token_ids=list(range(20)), candidates=candidates, policy_version="v0001", created=time.time(),
+        ))  # fmt: skip
+    await client.aclose()
+
+
+def accepted_rankings(url: str) -> int:
+    metrics = httpx.get(url + "/metrics").text
+    match = re.search(r'^rankloop_feedback_events_total\{kind="ranking",outcome="new"\} ([\d.e+]+)$', metrics, re.M)
+    return int(float(match[1])) if match else 0
+
+
+def drain(redis_url: str, path: Path) -> int:
+    from redis import Redis
+
+    from feedback.consumer import FeedbackConsumer
+    from feedback.dataset import Dataset
+
+    with Dataset(path) as dataset:
+        FeedbackConsumer(Redis.from_url(redis_url), dataset, "bench", batch=1000).drain()
+        return dataset.count("ranking")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("this benchmark needs wrk: apt-get install wrk")
+    if ModelStore(args.data_dir / "models").current() is None:
+        from deploy.model_import import import_model
+
+        import_model(ModelStore(args.data_dir / "models"))  # the fake engine still needs the tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-feedback-"))
+    with EmbeddedRedis(work / "redis", 6397) as redis_server:
+        prefix = f"chatcmpl-bench{int(time.time())}"
+        asyncio.run(seed(redis_server.url, prefix))
+        bare = start([sys.executable, "-m", "bench.bare_feedback", "8105"], {"PYTHONPATH": str(REPO)},
+                     "http://127.0.0.1:8105", "bench-bare.log")  # fmt: skip
+        try:
+            base = wrk(
+                "bare FastAPI (validation only)", "http://127.0.0.1:8105", args.seconds, args.connections, prefix
+            )
+        finally:
+            stop_group(bare)
+        env = {"RANKLOOP_DATA_DIR": str(args.data_dir), "RANKLOOP_PORT": "8106", "RANKLOOP_ENGINE": "fake",
+               "REDIS_URL": redis_server.url}  # fmt: skip
+        url = "http://127.0.0.1:8106"
+        server = start([sys.executable, "-m", "rankloop", "serve"], env, url, "bench-feedback.log")
+        try:
+            ours = wrk("rankloop /v1/feedback", url, args.seconds, args.connections, prefix)
+            accepted = accepted_rankings(url)
+        finally:
+            stop_group(server)
+        stored = drain(redis_server.url, work / "feedback.sqlite3")
+    print(f"accepted {accepted}, in the dataset {stored}")
+    write_section("feedback_ingest", render(base, ours, accepted, stored, args))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def render(base: WrkResult, ours: WrkResult, accepted: int, stored: int, args: argparse.Namespace) -> str:
+    def row(r: WrkResult) -> str:
+        return f"| {r.name} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.requests} | {r.errors} |"
+
+    return "\n".join([
+        "## Feedback ingestion (issue 3)",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU "
+        f"({platform.platform()}).",
+        f"- Command: `.venv/bin/python bench/feedback_ingest.py --seconds {args.seconds} --connections "
+        f"{args.connections}`.",
+        f"- Load: wrk (1 thread, {args.connections} connections, {args.seconds} s, its own process), every request "
+        f"a new ranking of one of {COMPARISONS} seeded comparisons (4 candidates of 64 tokens). Both servers: one "
+        "uvicorn process, uvloop, httptools, no access log, on the same 2 cores as wrk and Redis.",
+        "- rankloop: look up the comparison, build the self-contained event, one Lua append (claims + XADD) on the "
+        "embedded Redis with AOF everysec.",
+        "",
+        "| server | requests/s | p50 (ms) | p99 (ms) | requests | errors |",
+        "|---|---|---|---|---|---|",
+        row(base),
+        row(ours),
+        "",
+        f"Ratio rankloop / bare endpoint: **{ours.rps / base.rps:.2f}x** (target >= 0.5x); targets >= 2,000 "
+        f"rankings/s and p99 <= 50 ms. Accepted rankings (server counter): {accepted}; in the dataset after the "
+        f"consumer drained the stream: {stored} ({'all present' if stored == accepted else 'MISMATCH'}).",
+        "",
+    ])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""`rankloop feedback …`: move events into the dataset, look at the pipeline, export the data."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from redis import Redis
+from rich.console import Console
+
+from deploy.settings import Settings
+from feedback.consumer import FeedbackConsumer, default_consumer_name
+from feedback.dataset import Dataset
+from feedback.export import Format, preference_rows, sft_row, write_rows
+from feedback.status import stream_status
+
+app = typer.Typer(help="The feedback pipeline: rankings and demonstrations.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    from rankloop.cli import settings_or_exit
+
+    return settings_or_exit()
+
+
+def _consumer(settings: Settings) -> tuple[FeedbackConsumer, Dataset]:
+    dataset = Dataset(settings.dataset_path)
+    redis = Redis.from_url(settings.effective_redis_url)
+    name = settings.feedback_consumer or default_consumer_name()
+    consumer = FeedbackConsumer(
+        redis, dataset, name, batch=settings.feedback_batch, claim_idle_ms=settings.feedback_claim_idle_ms
+    )
+    return consumer, dataset
+
+
+@app.command()
+def consume(once: Annotated[bool, typer.Option("--once", help="Store what is there now, then exit.")] = False) -> None:
+    """Move accepted feedback from Redis into the dataset (the learner does this itself when it runs)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    consumer, dataset = _consumer(settings)
+    if once:
+        handled = consumer.drain()
+        console.print(f"{handled} events handled, {consumer.stored} new in {settings.dataset_path}")
+        return
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"consumer {consumer.name} writing to {settings.dataset_path}; Ctrl-C stops")
+    consumer.run(stop, on_batch=lambda n: console.print(f"{n} events stored, {dataset.count()} in the dataset"))
+
+
+@app.command()
+def stats(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
+    """Counts in the dataset by kind, and the stream's length, pending entries and lag."""
+    settings = _settings()
+    dataset = Dataset(settings.dataset_path)
+    stream = stream_status(Redis.from_url(settings.effective_redis_url))
+    figures = {"dataset": {"ranking": 0, "demonstration": 0, **dataset.counts()}, "stream": asdict(stream)}
+    if as_json:
+        print(json.dumps(figures))
+        return
+    print(f"dataset   {settings.dataset_path}")
+    for kind, count in figures["dataset"].items():
+        print(f"  {kind + 's':<16}{count}")
+    print("stream")
+    print(f"  {'length':<16}{stream.length}\n  {'pending':<16}{stream.pending}\n  {'lag':<16}{stream.lag}")
+    print(f"  {'consumers':<16}{stream.consumers}")
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="File to write.")],
+    kind: Annotated[str, typer.Option(help="`rankings` (preference pairs) or `demonstrations` (SFT).")] = "rankings",
+    fmt: Annotated[str, typer.Option("--format", help="`jsonl` or `parquet`.")] = "jsonl",
+) -> None:
+    """Write rankings as (prompt, chosen, rejected, rank_group) pairs, or demonstrations as SFT messages."""
+    if kind not in ("rankings", "demonstrations"):
+        raise typer.BadParameter("use `rankings` or `demonstrations`", param_hint="--kind")
+    if fmt not in ("jsonl", "parquet"):
+        raise typer.BadParameter("use `jsonl` or `parquet`", param_hint="--format")
+    dataset = Dataset(_settings().dataset_path)
+    if kind == "rankings":
+        rows = (row for event in dataset.events("ranking") for row in preference_rows(event))
+    else:
+        rows = (sft_row(event) for event in dataset.events("demonstration"))
+    fmt_: Format = "jsonl" if fmt == "jsonl" else "parquet"
+    count = write_rows(rows, out, fmt_)
+    console.print(f"{count} rows written to {out}")

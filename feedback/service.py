@@ -1,0 +1,133 @@
+"""Feedback intake: turn a ranking or a demonstration into one self-contained event on the stream.
+
+Claims decide retries and conflicts (see feedback.stream):
+- a ranking always claims (comparison, user): the same user ranking the same comparison again with the same
+  order is a retry, with another order a conflict (409);
+- a demonstration claims a digest of its content, so only an exact resubmission is a retry;
+- an `idempotency_key` adds a claim of its own, so a client can make any retry safe.
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis.exceptions import RedisError
+
+from feedback.comparisons import Comparison, ComparisonStore
+from feedback.models import (
+    Accepted,
+    DemonstrationEvent,
+    DemonstrationRequest,
+    FeedbackRequest,
+    RankingEvent,
+    fingerprint,
+)
+from feedback.ranking import RankingError, pairs, to_tiers
+from feedback.stream import Appended, FeedbackStream
+from serve.errors import ApiError
+from serve.metrics import ServeMetrics
+
+REDIS_RETRY_AFTER_S = "5"
+
+
+class FeedbackService:
+    def __init__(
+        self, comparisons: ComparisonStore, stream: FeedbackStream, claim_ttl_s: int, metrics: ServeMetrics
+    ) -> None:
+        self.comparisons = comparisons
+        self.stream = stream
+        self.claim_ttl_s = claim_ttl_s
+        self.metrics = metrics
+
+    async def rank(self, request: FeedbackRequest) -> Accepted:
+        try:
+            comparison = await self.comparisons.get(request.comparison_id)
+            if comparison is None:
+                raise _unknown(request.comparison_id)
+            try:
+                tiers = to_tiers(request.ranking, len(comparison.candidates))
+            except RankingError as exc:
+                raise ApiError(400, str(exc), "ranking", "invalid_ranking") from exc
+            event = _ranking_event(comparison, tiers, request.user)
+            digest = fingerprint(request.comparison_id, [sorted(tier) for tier in tiers], request.user)
+            claims = [self.stream.claim_key("ranked", request.comparison_id, request.user or "")]
+            appended = await self._append("ranking", event.model_dump_json(), digest, claims, request.idempotency_key)
+            self.metrics.feedback.labels("ranking", appended.outcome).inc()
+        except RedisError as exc:
+            raise _redis_down() from exc
+        if appended.outcome == "conflict":
+            raise _conflict(appended, request.idempotency_key)
+        return Accepted(
+            id=appended.event_id, duplicate=appended.outcome == "duplicate", kind="ranking",
+            comparison_id=request.comparison_id, pairs=len(pairs(tiers)),
+        )  # fmt: skip
+
+    async def demonstrate(self, request: DemonstrationRequest) -> Accepted:
+        try:
+            event = await self._demonstration_event(request)
+            digest = fingerprint(event.messages, event.answer, event.user)
+            claims = [self.stream.claim_key("demo", digest)]
+            data = event.model_dump_json()
+            appended = await self._append("demonstration", data, digest, claims, request.idempotency_key)
+            self.metrics.feedback.labels("demonstration", appended.outcome).inc()
+        except RedisError as exc:
+            raise _redis_down() from exc
+        if appended.outcome == "conflict":
+            raise _conflict(appended, request.idempotency_key)
+        return Accepted(
+            id=appended.event_id, duplicate=appended.outcome == "duplicate", kind="demonstration",
+            comparison_id=request.comparison_id,
+        )  # fmt: skip
+
+    async def _append(self, kind: str, data: str, digest: str, claims: list[str], key: str | None) -> Appended:
+        if key is not None:
+            # The client's key is checked first: reusing it for another body is the client's error to hear about.
+            claims = [self.stream.claim_key("key", key), *claims]
+        return await self.stream.append(kind, data, digest, claims, self.claim_ttl_s)
+
+    async def _demonstration_event(self, request: DemonstrationRequest) -> DemonstrationEvent:
+        if request.comparison_id is not None:
+            comparison = await self.comparisons.get(request.comparison_id)
+            if comparison is None:
+                raise _unknown(request.comparison_id)
+            messages, version = comparison.messages, comparison.policy_version
+        else:
+            assert request.messages is not None  # the model validator allows exactly one of the two
+            messages, version = [{"role": m.role, "content": m.text()} for m in request.messages], None
+        return DemonstrationEvent(
+            messages=messages, answer=request.answer, user=request.user, comparison_id=request.comparison_id,
+            policy_version=version, created=time.time(),
+        )  # fmt: skip
+
+
+def _ranking_event(comparison: Comparison, tiers: list[list[int]], user: str | None) -> RankingEvent:
+    return RankingEvent(
+        comparison_id=comparison.id, messages=comparison.messages, prompt_token_ids=comparison.prompt_token_ids,
+        candidates=comparison.candidates, policy_version=comparison.policy_version, sampling=comparison.sampling,
+        ranking=tiers, user=user, created=time.time(), comparison_created=comparison.created,
+    )  # fmt: skip
+
+
+def _unknown(comparison_id: str) -> ApiError:
+    return ApiError(
+        404, f"comparison '{comparison_id}' is unknown or has expired; rank the `id` of a recent chat completion "
+        "that had n >= 2", "comparison_id", "comparison_not_found",
+    )  # fmt: skip
+
+
+def _conflict(appended: Appended, key: str | None) -> ApiError:
+    if key is not None and appended.claim.endswith(":key:" + key):
+        message = f"idempotency_key '{key}' was already used for a different submission (event {appended.event_id})"
+        return ApiError(409, message, "idempotency_key", "idempotency_key_reused")
+    message = (
+        f"this user already ranked this comparison differently (event {appended.event_id}); "
+        "a ranking cannot be changed once accepted"
+    )
+    return ApiError(409, message, "ranking", "already_ranked")
+
+
+def _redis_down() -> ApiError:
+    return ApiError(
+        503, "feedback could not be stored (Redis unavailable); nothing was recorded, retry shortly",
+        code="redis_unavailable", headers={"Retry-After": REDIS_RETRY_AFTER_S},
+    )  # fmt: skip

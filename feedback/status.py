@@ -1,0 +1,40 @@
+"""Where the feedback pipeline stands: stream length, pending and lag of the learner's group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis import Redis
+
+from feedback.consumer import GROUP
+from feedback.stream import STREAM_KEY, as_text
+
+
+@dataclass(frozen=True)
+class StreamStatus:
+    length: int  # entries in the stream (acknowledged ones are trimmed as the consumer goes)
+    pending: int  # delivered to a consumer, not yet acknowledged
+    lag: int  # appended, not yet delivered to any consumer
+    consumers: int
+    group_exists: bool
+
+
+def stream_status(redis: Redis, stream: str = STREAM_KEY, group: str = GROUP) -> StreamStatus:
+    length = int(redis.xlen(stream))
+    groups = {as_text(g["name"]): g for g in redis.xinfo_groups(stream)} if redis.exists(stream) else {}
+    info = groups.get(group)
+    if info is None:
+        return StreamStatus(length, 0, length, 0, False)
+    lag = info.get("lag")
+    if lag is None:  # Redis 6.2 has no `lag` field (7.0 does, and sends None when it cannot tell): count
+        lag = _count_after(redis, stream, as_text(info["last-delivered-id"]))
+    return StreamStatus(length, int(info["pending"]), int(lag), int(info["consumers"]), True)
+
+
+def _count_after(redis: Redis, stream: str, last_id: str, page: int = 1000) -> int:
+    count, start = 0, "(" + last_id
+    while entries := redis.xrange(stream, min=start, max="+", count=page):
+        count += len(entries)
+        last: bytes | str = entries[-1][0]  # type: ignore[assignment]  # an entry id is never None
+        start = "(" + as_text(last)
+    return count

@@ -1,0 +1,127 @@
+"""The consumer against a real Redis server: every event into the dataset once, the stream trimmed safely."""
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from deploy.redis_server import EmbeddedRedis
+from feedback.consumer import GROUP, FeedbackConsumer, split_autoclaim
+from feedback.dataset import Dataset
+from feedback.status import stream_status
+from feedback.stream import STREAM_KEY
+from tests.feedback.helpers import append_events
+
+
+@pytest.fixture
+def sync_redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Iterator[Dataset]:
+    data = Dataset(tmp_path / "feedback.sqlite3")
+    yield data
+    data.close()
+
+
+def test_autoclaim_reply_of_redis_6_and_7() -> None:
+    # As redis-py hands them over: Redis 6.2 [cursor, entries]; 7.x [cursor, entries, deleted ids].
+    six = split_autoclaim([b"0-0", [(b"1-0", {b"kind": b"ranking"})]])
+    seven = split_autoclaim([b"5-0", [(b"1-0", {b"kind": b"ranking"})], [b"2-0"]])
+    assert (six.cursor, six.entries, six.deleted) == ("0-0", [("1-0", {"kind": "ranking"})], [])
+    assert (seven.cursor, seven.entries, seven.deleted) == ("5-0", [("1-0", {"kind": "ranking"})], ["2-0"])
+
+
+def test_drain_stores_every_event_once_and_trims(
+    redis_server: EmbeddedRedis, sync_redis: Redis, dataset: Dataset
+) -> None:
+    ids = append_events(redis_server.url, 25)
+    consumer = FeedbackConsumer(sync_redis, dataset, "c1", batch=10)
+    assert consumer.drain() == 25
+    assert dataset.ids() == ids and consumer.stored == 25
+    status = stream_status(sync_redis)
+    assert (status.pending, status.lag) == (0, 0)
+    # Trimmed below the last delivered entry, which MINID keeps.
+    assert status.length == 1
+    assert dataset.counts() == {"demonstration": 25}
+
+
+def test_a_redelivered_batch_is_not_counted_twice(dataset: Dataset) -> None:
+    rows = [("1-0", "demonstration", '{"answer": "a"}'), ("1-1", "demonstration", '{"answer": "b"}')]
+    assert dataset.insert(rows) == 2
+    assert dataset.insert(rows) == 0
+    assert dataset.count() == 2
+
+
+def test_ordering_is_numeric_not_textual(dataset: Dataset) -> None:
+    dataset.insert([("10-0", "ranking", "{}"), ("9-5", "ranking", "{}"), ("9-10", "ranking", "{}")])
+    assert dataset.ids() == ["9-5", "9-10", "10-0"]
+
+
+def test_a_dead_consumers_pending_events_are_claimed(
+    redis_server: EmbeddedRedis, sync_redis: Redis, dataset: Dataset
+) -> None:
+    ids = append_events(redis_server.url, 12)
+    FeedbackConsumer(sync_redis, dataset, "dead").ensure_group()
+    sync_redis.xreadgroup(GROUP, "dead", {STREAM_KEY: ">"}, count=5)  # delivered, never stored: it died
+    assert stream_status(sync_redis).pending == 5
+    patient = FeedbackConsumer(sync_redis, dataset, "patient", claim_idle_ms=3_600_000)
+    assert patient.drain() == 7  # too recent to claim: only the 7 never delivered
+    assert stream_status(sync_redis).pending == 5
+    assert sync_redis.xlen(STREAM_KEY) >= 5  # trimming kept everything from the oldest pending entry on
+    heir = FeedbackConsumer(sync_redis, dataset, "heir", claim_idle_ms=0)
+    assert heir.drain() == 5
+    assert dataset.ids() == ids
+    assert stream_status(sync_redis).pending == 0
+
+
+def test_own_pending_events_come_first_after_a_restart(
+    redis_server: EmbeddedRedis, sync_redis: Redis, dataset: Dataset
+) -> None:
+    ids = append_events(redis_server.url, 6)
+    FeedbackConsumer(sync_redis, dataset, "me").ensure_group()
+    sync_redis.xreadgroup(GROUP, "me", {STREAM_KEY: ">"}, count=4)
+    restarted = FeedbackConsumer(sync_redis, dataset, "me", claim_idle_ms=3_600_000)
+    assert restarted.recover() == 4  # its own pending entries, however recent
+    assert dataset.ids() == ids[:4]
+
+
+def test_status_counts_lag_and_pending(redis_server: EmbeddedRedis, sync_redis: Redis, dataset: Dataset) -> None:
+    append_events(redis_server.url, 9)
+    assert stream_status(sync_redis).group_exists is False
+    FeedbackConsumer(sync_redis, dataset, "x").ensure_group()
+    sync_redis.xreadgroup(GROUP, "x", {STREAM_KEY: ">"}, count=3)
+    status = stream_status(sync_redis)
+    assert (status.length, status.pending, status.lag, status.consumers) == (9, 3, 6, 1)
+
+
+def test_run_follows_new_events_until_stopped(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    stop = threading.Event()
+    batches: list[int] = []
+    path = tmp_path / "followed.sqlite3"
+
+    def follow() -> None:
+        with Dataset(path) as own:  # SQLite connections belong to the thread that made them
+            FeedbackConsumer(Redis.from_url(redis_server.url), own, "follower").run(stop, 100, batches.append)
+
+    Redis.from_url(redis_server.url).flushdb()
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        ids = append_events(redis_server.url, 7) + append_events(redis_server.url, 5, start=7)
+        deadline = time.monotonic() + 10
+        while sum(batches) < 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive()
+    with Dataset(path) as seen:
+        assert seen.ids() == ids
