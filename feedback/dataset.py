@@ -97,5 +97,6 @@ class Dataset:
 def _row(event_id: str, kind: str, data: str) -> tuple[object, ...]:
     ms, _, seq = event_id.partition("-")
     fields = json.loads(data)
-    return (event_id, int(ms), int(seq), kind, fields.get("comparison_id"), fields.get("user"),
-            fields.get("policy_version"), data)  # fmt: skip
+    about = fields.get("comparison") or fields  # a ranking carries its comparison; a demonstration names it
+    return (event_id, int(ms), int(seq), kind, about.get("id", fields.get("comparison_id")), fields.get("user"),
+            about.get("policy_version"), data)  # fmt: skip

@@ -20,17 +20,17 @@ Format = Literal["jsonl", "parquet"]
 
 
 def preference_rows(event: StoredEvent) -> Iterator[dict[str, Any]]:
-    data = event.data
-    texts = {c["index"]: c["text"] for c in data["candidates"]}
+    data, comparison = event.data, event.data["comparison"]
+    texts = {c["index"]: c["text"] for c in comparison["candidates"]}
     for chosen, rejected in pairs(data["ranking"]):
         yield {
-            "prompt": data["messages"],
+            "prompt": comparison["messages"],
             "chosen": [{"role": "assistant", "content": texts[chosen]}],
             "rejected": [{"role": "assistant", "content": texts[rejected]}],
             "rank_group": event.id,
             "chosen_index": chosen,
             "rejected_index": rejected,
-            "policy_version": data["policy_version"],
+            "policy_version": comparison["policy_version"],
         }
 
 

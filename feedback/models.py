@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from feedback.comparisons import StoredCandidate
+from feedback.comparisons import Comparison
 from feedback.ranking import Tiers
 from serve.protocol import ChatMessage
 
@@ -70,19 +70,16 @@ class Accepted(BaseModel):
 
 
 class RankingEvent(BaseModel):
-    """Everything the learner needs, so it never reads the comparison (which expires) again."""
+    """Everything the learner needs, so it never reads the comparison (which expires) again.
+
+    The server writes `comparison` as stored in Redis, verbatim (feedback.stream embeds it).
+    """
 
     kind: Literal["ranking"] = "ranking"
-    comparison_id: str
-    messages: list[dict[str, Any]]
-    prompt_token_ids: list[int]
-    candidates: list[StoredCandidate]
-    policy_version: str
-    sampling: dict[str, Any]
     ranking: Tiers
     user: str | None
     created: float = Field(description="unix time the ranking was accepted")
-    comparison_created: float
+    comparison: Comparison
 
 
 class DemonstrationEvent(BaseModel):

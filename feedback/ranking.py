@@ -16,11 +16,12 @@ class RankingError(ValueError):
     """A ranking that cannot be used; the message says what to fix."""
 
 
-def to_tiers(ranking: RankingInput, k: int) -> Tiers:
+def to_tiers(ranking: RankingInput, k: int | None) -> Tiers:
     """Normalise a ranking of `k` candidates into tiers (best first), checking every index.
 
-    Raises RankingError for an empty tier, an index outside 0..k-1, an index given twice, or fewer than
-    2 candidates ranked (a single candidate orders nothing).
+    Raises RankingError for an empty tier, an index outside 0..k-1 (only below 0 when `k` is None: the caller
+    checks the upper bound where the comparison is), an index given twice, or fewer than 2 candidates ranked
+    (a single candidate orders nothing).
     """
     tiers: Tiers = []
     seen: set[int] = set()
@@ -29,8 +30,8 @@ def to_tiers(ranking: RankingInput, k: int) -> Tiers:
         if not tier:
             raise RankingError(f"ranking[{position}] is an empty list; give at least one candidate index")
         for index in tier:
-            if not 0 <= index < k:
-                raise RankingError(f"candidate index {index} is out of range: this comparison has {k} (0..{k - 1})")
+            if index < 0 or (k is not None and index >= k):
+                raise RankingError(out_of_range(index, k))
             if index in seen:
                 raise RankingError(f"candidate index {index} appears more than once in the ranking")
             seen.add(index)
@@ -38,6 +39,12 @@ def to_tiers(ranking: RankingInput, k: int) -> Tiers:
     if len(seen) < 2:
         raise RankingError(f"rank at least 2 candidates; {len(seen)} given")
     return tiers
+
+
+def out_of_range(index: int, k: int | None) -> str:
+    if k is None:
+        return f"candidate index {index} is out of range: indices start at 0"
+    return f"candidate index {index} is out of range: this comparison has {k} (0..{k - 1})"
 
 
 def pairs(tiers: Tiers) -> list[tuple[int, int]]:

@@ -9,20 +9,14 @@ Claims decide retries and conflicts (see feedback.stream):
 
 from __future__ import annotations
 
+import json
 import time
 
 from redis.exceptions import RedisError
 
-from feedback.comparisons import Comparison, ComparisonStore
-from feedback.models import (
-    Accepted,
-    DemonstrationEvent,
-    DemonstrationRequest,
-    FeedbackRequest,
-    RankingEvent,
-    fingerprint,
-)
-from feedback.ranking import RankingError, pairs, to_tiers
+from feedback.comparisons import ComparisonStore
+from feedback.models import Accepted, DemonstrationEvent, DemonstrationRequest, FeedbackRequest, fingerprint
+from feedback.ranking import RankingError, out_of_range, pairs, to_tiers
 from feedback.stream import Appended, FeedbackStream
 from serve.errors import ApiError
 from serve.metrics import ServeMetrics
@@ -41,22 +35,19 @@ class FeedbackService:
 
     async def rank(self, request: FeedbackRequest) -> Accepted:
         try:
-            comparison = await self.comparisons.get(request.comparison_id)
-            if comparison is None:
-                raise _unknown(request.comparison_id)
-            try:
-                tiers = to_tiers(request.ranking, len(comparison.candidates))
-            except RankingError as exc:
-                raise ApiError(400, str(exc), "ranking", "invalid_ranking") from exc
-            event = _ranking_event(comparison, tiers, request.user)
-            digest = fingerprint(request.comparison_id, [sorted(tier) for tier in tiers], request.user)
-            claims = [self.stream.claim_key("ranked", request.comparison_id, request.user or "")]
-            appended = await self._append("ranking", event.model_dump_json(), digest, claims, request.idempotency_key)
-            self.metrics.feedback.labels("ranking", appended.outcome).inc()
-        except RedisError as exc:
-            raise _redis_down() from exc
-        if appended.outcome == "conflict":
-            raise _conflict(appended, request.idempotency_key)
+            tiers = to_tiers(request.ranking, k=None)  # the upper bound is checked beside the comparison, in Redis
+        except RankingError as exc:
+            raise ApiError(400, str(exc), "ranking", "invalid_ranking") from exc
+        top = max(index for tier in tiers for index in tier)
+        head = json.dumps({"kind": "ranking", "ranking": tiers, "user": request.user, "created": time.time()})
+        digest = fingerprint(request.comparison_id, [sorted(tier) for tier in tiers], request.user)
+        claims = [self.stream.claim_key("ranked", request.comparison_id, request.user or "")]
+        embed = self.comparisons.key(request.comparison_id)
+        appended = await self._append("ranking", head[:-1] + ', "comparison": ', digest, claims, request, embed, top)
+        if appended.outcome == "missing":
+            raise _unknown(request.comparison_id)
+        if appended.outcome == "out_of_range":
+            raise ApiError(400, out_of_range(top, int(appended.detail)), "ranking", "invalid_ranking")
         return Accepted(
             id=appended.event_id, duplicate=appended.outcome == "duplicate", kind="ranking",
             comparison_id=request.comparison_id, pairs=len(pairs(tiers)),
@@ -65,25 +56,32 @@ class FeedbackService:
     async def demonstrate(self, request: DemonstrationRequest) -> Accepted:
         try:
             event = await self._demonstration_event(request)
-            digest = fingerprint(event.messages, event.answer, event.user)
-            claims = [self.stream.claim_key("demo", digest)]
-            data = event.model_dump_json()
-            appended = await self._append("demonstration", data, digest, claims, request.idempotency_key)
-            self.metrics.feedback.labels("demonstration", appended.outcome).inc()
         except RedisError as exc:
             raise _redis_down() from exc
-        if appended.outcome == "conflict":
-            raise _conflict(appended, request.idempotency_key)
+        digest = fingerprint(event.messages, event.answer, event.user)
+        claims = [self.stream.claim_key("demo", digest)]
+        appended = await self._append("demonstration", event.model_dump_json(), digest, claims, request)
         return Accepted(
             id=appended.event_id, duplicate=appended.outcome == "duplicate", kind="demonstration",
             comparison_id=request.comparison_id,
         )  # fmt: skip
 
-    async def _append(self, kind: str, data: str, digest: str, claims: list[str], key: str | None) -> Appended:
+    async def _append(
+        self, kind: str, data: str, digest: str, claims: list[str], request: FeedbackRequest | DemonstrationRequest,
+        embed: str | None = None, top: int = -1,
+    ) -> Appended:  # fmt: skip
+        key = request.idempotency_key
         if key is not None:
             # The client's key is checked first: reusing it for another body is the client's error to hear about.
             claims = [self.stream.claim_key("key", key), *claims]
-        return await self.stream.append(kind, data, digest, claims, self.claim_ttl_s)
+        try:
+            appended = await self.stream.append(kind, data, digest, claims, self.claim_ttl_s, embed, top)
+        except RedisError as exc:
+            raise _redis_down() from exc
+        self.metrics.feedback.labels(kind, appended.outcome).inc()
+        if appended.outcome == "conflict":
+            raise _conflict(appended, key)
+        return appended
 
     async def _demonstration_event(self, request: DemonstrationRequest) -> DemonstrationEvent:
         if request.comparison_id is not None:
@@ -100,14 +98,6 @@ class FeedbackService:
         )  # fmt: skip
 
 
-def _ranking_event(comparison: Comparison, tiers: list[list[int]], user: str | None) -> RankingEvent:
-    return RankingEvent(
-        comparison_id=comparison.id, messages=comparison.messages, prompt_token_ids=comparison.prompt_token_ids,
-        candidates=comparison.candidates, policy_version=comparison.policy_version, sampling=comparison.sampling,
-        ranking=tiers, user=user, created=time.time(), comparison_created=comparison.created,
-    )  # fmt: skip
-
-
 def _unknown(comparison_id: str) -> ApiError:
     return ApiError(
         404, f"comparison '{comparison_id}' is unknown or has expired; rank the `id` of a recent chat completion "
@@ -116,7 +106,7 @@ def _unknown(comparison_id: str) -> ApiError:
 
 
 def _conflict(appended: Appended, key: str | None) -> ApiError:
-    if key is not None and appended.claim.endswith(":key:" + key):
+    if key is not None and appended.detail.endswith(":key:" + key):
         message = f"idempotency_key '{key}' was already used for a different submission (event {appended.event_id})"
         return ApiError(409, message, "idempotency_key", "idempotency_key_reused")
     message = (

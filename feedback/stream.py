@@ -1,24 +1,36 @@
 """The feedback stream: one atomic append per event, recognising retries by their claim keys.
 
-An event is appended by a Lua script, so the check of its claim keys, the XADD and the writing of the keys
-happen as one step: a crash or a dropped connection leaves either all of them or none.
+An event is appended by a Lua script, so the check of its claim keys, the lookup of the comparison it ranks, the
+XADD and the writing of the keys happen as one step: a crash or a dropped connection leaves all of them or none.
+
+Appends made while batches are on the wire wait and go together in the next pipeline (each still its own atomic
+script): on a busy server one round trip to Redis carries many rankings instead of one. A few pipelines may be on
+the wire at once, so that this process works on new requests while Redis runs the scripts of earlier ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 STREAM_KEY = "rankloop:feedback"
 CLAIM_PREFIX = "rankloop:claim:"
 
-# KEYS[1]: the stream; KEYS[2..]: claim keys. ARGV: ttl seconds, fingerprint, kind, event JSON.
-# A claim key holds "<event id> <fingerprint>". Any key already held decides the outcome: the same
-# fingerprint means a retry (answer with the original id), another one a conflict.
+# KEYS[1]: the stream; KEYS[2 .. 1+n]: claim keys (n = ARGV[5]); KEYS[2+n], when present: the comparison to embed
+# (a hash, see feedback.comparisons).
+# ARGV: ttl seconds, fingerprint, kind, event JSON (or its head, to which the comparison and "}" are added),
+# n, the largest candidate index the event names.
+# A claim key holds "<event id> <fingerprint>". A key already held decides: the same fingerprint means a retry
+# (answer with the original id), another one a conflict. Claims are checked before the comparison, so a retry
+# still gets its original id after the comparison expired.
 APPEND_LUA = """
-for i = 2, #KEYS do
+local nclaims = tonumber(ARGV[5])
+for i = 2, 1 + nclaims do
   local held = redis.call('GET', KEYS[i])
   if held then
     local sep = string.find(held, ' ', 1, true)
@@ -27,39 +39,107 @@ for i = 2, #KEYS do
     return {string.sub(held, 1, sep - 1), status, KEYS[i]}
   end
 end
-local id = redis.call('XADD', KEYS[1], '*', 'kind', ARGV[3], 'data', ARGV[4])
-for i = 2, #KEYS do
+local data = ARGV[4]
+if #KEYS > 1 + nclaims then
+  local found = redis.call('HMGET', KEYS[#KEYS], 'k', 'json')
+  if not found[2] then return {'', 'missing', ''} end
+  if tonumber(ARGV[6]) >= tonumber(found[1]) then return {'', 'out_of_range', found[1]} end
+  data = data .. found[2] .. '}'
+end
+local id = redis.call('XADD', KEYS[1], '*', 'kind', ARGV[3], 'data', data)
+for i = 2, 1 + nclaims do
   redis.call('SET', KEYS[i], id .. ' ' .. ARGV[2], 'EX', ARGV[1])
 end
 return {id, 'new', ''}
 """
+MAX_IN_FLIGHT = 4
+APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
 
-Outcome = Literal["new", "duplicate", "conflict"]
+Outcome = Literal["new", "duplicate", "conflict", "missing", "out_of_range"]
 
 
 @dataclass(frozen=True)
 class Appended:
-    event_id: str
+    event_id: str  # empty when nothing was appended and no earlier event decided (missing, out_of_range)
     outcome: Outcome
-    claim: str  # the key that decided a duplicate or conflict; empty for a new event
+    detail: str  # the claim key behind a duplicate or conflict; the candidate count behind out_of_range
+
+
+@dataclass
+class _Call:
+    keys: list[str]
+    args: list[str | int]
+    done: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class FeedbackStream:
     def __init__(self, redis: Redis, stream_key: str = STREAM_KEY) -> None:
         self.redis = redis
         self.stream_key = stream_key
-        self._append = redis.register_script(APPEND_LUA)
+        self._waiting: list[_Call] = []
+        self._senders: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def claim_key(*parts: str) -> str:
         return CLAIM_PREFIX + ":".join(parts)
 
-    async def append(self, kind: str, data: str, fingerprint: str, claims: list[str], ttl_s: int) -> Appended:
-        """Append one event unless a claim key already holds one; see APPEND_LUA."""
-        reply = await self._append(keys=[self.stream_key, *claims], args=[ttl_s, fingerprint, kind, data])
-        event_id, outcome, claim = (as_text(part) for part in reply)
-        assert outcome in ("new", "duplicate", "conflict"), outcome
-        return Appended(event_id, outcome, claim)  # type: ignore[arg-type]
+    async def append(
+        self, kind: str, data: str, fingerprint: str, claims: list[str], ttl_s: int,
+        embed: str | None = None, max_index: int = -1,
+    ) -> Appended:  # fmt: skip
+        """Append one event unless a claim key already holds one; see APPEND_LUA.
+
+        With `embed` (a comparison key), `data` is the head of a JSON object: the comparison is added as its last
+        value, after checking that it exists and has more than `max_index` candidates.
+        """
+        keys = [self.stream_key, *claims, *([embed] if embed else [])]
+        call = _Call(keys, [ttl_s, fingerprint, kind, data, len(claims), max_index])
+        self._waiting.append(call)
+        if len(self._senders) < MAX_IN_FLIGHT:
+            sender = asyncio.create_task(self._send())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        reply = await call.done
+        event_id, outcome, detail = (as_text(part) for part in reply)
+        return Appended(event_id, outcome, detail)  # type: ignore[arg-type]
+
+    async def _send(self) -> None:
+        """Send everything waiting as one pipeline, again until nothing waits; resolve each caller's future."""
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                replies = await self._evalsha(batch)
+            except Exception as exc:  # the connection failed: every caller in the batch hears it
+                replies = [exc] * len(batch)
+            for call, reply in zip(batch, replies, strict=True):
+                if call.done.done():  # the caller went away (client disconnected)
+                    continue
+                if isinstance(reply, BaseException):
+                    call.done.set_exception(reply)
+                else:
+                    call.done.set_result(reply)
+
+    async def _evalsha(self, batch: list[_Call]) -> list[Any]:
+        replies: list[Any]
+        if len(batch) == 1:  # a pipeline of one costs more than the plain command
+            call = batch[0]
+            try:
+                replies = [await self.redis.evalsha(APPEND_SHA, len(call.keys), *call.keys, *call.args)]
+            except NoScriptError as exc:
+                replies = [exc]
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for call in batch:
+                pipe.execute_command("EVALSHA", APPEND_SHA, len(call.keys), *call.keys, *call.args)
+            replies = await pipe.execute(raise_on_error=False)
+        if any(isinstance(r, NoScriptError) for r in replies):
+            # Redis restarted (scripts are not persisted): load the script and run those calls again. A call
+            # refused with NOSCRIPT did nothing, so running it again cannot append twice.
+            await self.redis.script_load(APPEND_LUA)
+            again = [c for c, r in zip(batch, replies, strict=True) if isinstance(r, NoScriptError)]
+            retried = iter(await self._evalsha(again))
+            replies = [next(retried) if isinstance(r, NoScriptError) else r for r in replies]
+        return replies
 
 
 def as_text(value: bytes | str) -> str:

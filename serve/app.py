@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from deploy.settings import Settings
 from feedback.comparisons import ComparisonStore
+from feedback.routes import fast_routes
 from feedback.routes import router as feedback_router
 from feedback.service import FeedbackService
 from feedback.stream import FeedbackStream
@@ -31,6 +32,7 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, policy_version:
     app.state.feedback = FeedbackService(comparisons, FeedbackStream(redis), settings.idempotency_ttl_s, metrics)
     app.include_router(router)
     app.include_router(feedback_router)
+    app.router.routes[0:0] = fast_routes
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 

@@ -8,6 +8,7 @@ import httpx
 from redis.asyncio import Redis
 
 from deploy.settings import load_settings
+from feedback.models import RankingEvent
 from serve.app import create_app
 from serve.fake_engine import FakeEngine
 
@@ -38,13 +39,15 @@ async def test_a_ranking_becomes_one_self_contained_event(client: httpx.AsyncCli
     # 2 beats 0 and 3 (2 pairs), 0 and 3 tie (none), both beat 1 (2), 2 beats 1 (1): 5 pairs.
     assert body == {"id": body["id"], "duplicate": False, "kind": "ranking", "comparison_id": served["id"], "pairs": 5}
     [event] = await stream_events(redis)
+    assert set(event) == {"id", "kind", "ranking", "user", "created", "comparison"}
     assert event["id"] == body["id"] and event["kind"] == "ranking"
     assert event["ranking"] == [[2], [0, 3], [1]] and event["user"] == "ann"
-    assert event["messages"] == ASK["messages"] and event["policy_version"] == "v0001"
-    stored = json.loads(await redis.get(f"rankloop:comparison:{served['id']}"))
-    assert event["candidates"] == stored["candidates"]  # texts, token ids, logprobs: all carried along
-    assert event["prompt_token_ids"] == stored["prompt_token_ids"]
-    assert [c["text"] for c in event["candidates"]] == [c["message"]["content"] for c in served["choices"]]
+    # The comparison travels whole: prompt, candidate texts, token ids, logprobs, policy version.
+    assert event["comparison"] == json.loads(await redis.hget(f"rankloop:comparison:{served['id']}", "json"))
+    assert event["comparison"]["messages"] == ASK["messages"] and event["comparison"]["policy_version"] == "v0001"
+    texts = [c["text"] for c in event["comparison"]["candidates"]]
+    assert texts == [c["message"]["content"] for c in served["choices"]]
+    RankingEvent.model_validate(event, strict=False)  # the learner's model of it reads it back
 
 
 async def test_a_retry_returns_the_original_event(client: httpx.AsyncClient, redis: Redis) -> None:
@@ -110,7 +113,7 @@ async def test_bad_rankings_are_refused_by_name_and_nothing_is_written(client: h
         ({"comparison_id": cid, "ranking": [1, [True]]}, 400, "ranking", "entry 1 holds true"),
         ({"comparison_id": cid, "ranking": [1.0, 0]}, 400, "ranking", "entry 0 holds 1.0"),
         ({"comparison_id": cid, "ranking": [[0, [1]], 2]}, 400, "ranking", "entry 0 holds [1]"),
-        ({"comparison_id": cid, "ranking": "0,1"}, 400, "ranking", "valid list"),
+        ({"comparison_id": cid, "ranking": "0,1"}, 400, "ranking", "valid array"),
         ({"comparison_id": cid}, 400, "ranking", "Field required"),
         ({"comparison_id": cid, "ranking": [0, 1], "score": 3}, 400, "score", "unknown field 'score'"),
         ({"comparison_id": "a b", "ranking": [0, 1]}, 400, "comparison_id", "should match pattern"),

@@ -11,8 +11,10 @@ from feedback.export import preference_rows, sft_row, write_rows
 PROMPT = [{"role": "user", "content": "Pick a fruit."}]
 RANKING = StoredEvent(
     "5-1", "ranking", {
-        "messages": PROMPT, "policy_version": "v0002", "ranking": [[2], [0, 1]],
-        "candidates": [{"index": i, "text": t} for i, t in enumerate(["pear", "fig", "apple"])],
+        "ranking": [[2], [0, 1]], "comparison": {
+            "messages": PROMPT, "policy_version": "v0002",
+            "candidates": [{"index": i, "text": t} for i, t in enumerate(["pear", "fig", "apple"])],
+        },
     },
 )  # fmt: skip
 

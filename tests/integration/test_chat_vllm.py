@@ -21,7 +21,7 @@ def _client(stack: Stack) -> OpenAI:
 
 
 def _comparison(stack: Stack, comparison_id: str) -> dict:  # type: ignore[type-arg]
-    raw = redis.Redis.from_url(stack.redis.url).get(f"rankloop:comparison:{comparison_id}")
+    raw = redis.Redis.from_url(stack.redis.url).hget(f"rankloop:comparison:{comparison_id}", "json")
     assert raw is not None, "comparison not stored"
     stored: dict = json.loads(raw)  # type: ignore[type-arg]
     return stored

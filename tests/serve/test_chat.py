@@ -46,7 +46,7 @@ async def test_comparison_is_stored_with_exact_fields(
     assert await redis.keys("rankloop:comparison:*") == [key.encode()]
     ttl = await redis.ttl(key)
     assert 7 * 24 * 3600 - 5 <= ttl <= 7 * 24 * 3600
-    stored = json.loads(await redis.get(key))
+    stored = json.loads(await redis.hget(key, "json"))
     assert set(stored) == {
         "id",
         "messages",
@@ -108,7 +108,7 @@ async def test_stream_carries_every_choice_and_matches_the_stored_comparison(
     assert texts == {i: f"answer {i}: you said hello world" for i in range(3)}
     assert finished == {0: "stop", 1: "stop", 2: "stop"}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] > 0
-    stored = json.loads(await redis.get(f"rankloop:comparison:{chunks[0]['id']}"))
+    stored = json.loads(await redis.hget(f"rankloop:comparison:{chunks[0]['id']}", "json"))
     assert [c["text"] for c in stored["candidates"]] == [texts[i] for i in range(3)]
 
 
