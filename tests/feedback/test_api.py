@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from deploy.settings import load_settings
@@ -91,9 +92,12 @@ async def test_an_idempotency_key_reused_for_another_body_is_refused(client: htt
     assert await redis.xlen(STREAM) == 1
 
 
-async def test_concurrent_duplicates_make_exactly_one_event(client: httpx.AsyncClient, redis: Redis) -> None:
+@pytest.mark.parametrize("key", [None, "retry-7"])
+async def test_concurrent_duplicates_make_exactly_one_event(
+    client: httpx.AsyncClient, redis: Redis, key: str | None
+) -> None:
     served = await comparison(client)
-    ranking = {"comparison_id": served["id"], "ranking": [2, 0, 1, 3], "user": "eve"}
+    ranking = {"comparison_id": served["id"], "ranking": [2, 0, 1, 3], "user": "eve", "idempotency_key": key}
     responses = await asyncio.gather(*(client.post("/v1/feedback", json=ranking) for _ in range(40)))
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 39 + [201]
@@ -123,6 +127,10 @@ async def test_bad_rankings_are_refused_by_name_and_nothing_is_written(client: h
         assert response.status_code == status, body
         error = response.json()["error"]
         assert error["param"] == param and message in error["message"], (body, error)
+    garbled = await client.post(
+        "/v1/feedback", content=b'{"comparison_id": ', headers={"content-type": "application/json"}
+    )
+    assert garbled.status_code == 400 and garbled.json()["error"]["code"] == "invalid_json"
     oversized = await client.post("/v1/feedback", json={"comparison_id": cid, "ranking": [0, 1], "user": "x" * 5000})
     assert oversized.status_code == 413
     assert await redis.exists(STREAM) == 0
@@ -181,3 +189,10 @@ async def test_bad_demonstrations_are_refused(client: httpx.AsyncClient, redis: 
         assert response.status_code == status, body
         assert message in response.json()["error"]["message"], (body, response.json())
     assert await redis.exists(STREAM) == 0
+
+
+async def test_the_api_schema_documents_the_feedback_bodies(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    body = paths["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"comparison_id", "ranking", "user", "idempotency_key"}
+    assert "/v1/demonstrations" in paths
