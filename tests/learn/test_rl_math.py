@@ -1,0 +1,206 @@
+"""The RLHF math on numbers worked out by hand (in the comments), plus properties on random data."""
+
+import math
+
+import pytest
+import torch
+
+from learn.rl_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    gae,
+    kl_penalty_rewards,
+    kwise_ranking_loss,
+    masked_mean,
+    masked_var,
+    pack_rankings,
+    pairwise_accuracy,
+    ranking_pairs,
+    token_logprobs,
+    whiten,
+)
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def i(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+# -- K-wise ranking loss ----------------------------------------------------------------------------------------
+
+
+def test_k3_loss_from_literal_scores() -> None:
+    # Scores 2, 1, 0 ranked in that order: pairs (0,1) diff 1, (0,2) diff 2, (1,2) diff 1.
+    # -log sigmoid(1) = log(1 + e^-1) = 0.3132617; -log sigmoid(2) = log(1 + e^-2) = 0.1269280.
+    # Loss = (0.3132617 * 2 + 0.1269280) / 3 = 0.2511505.
+    loss = kwise_ranking_loss(t(2.0, 1.0, 0.0), i(0, 0, 0), i(0, 1, 2))
+    assert loss.item() == pytest.approx(0.2511505, abs=1e-7)
+
+
+def test_ties_form_no_pair() -> None:
+    # Answer 0 beats 1 and 2, which tie: pairs (0,1) diff 1 and (0,2) diff 0.5, no (1,2).
+    # (log(1 + e^-1) + log(1 + e^-0.5)) / 2 = (0.3132617 + 0.4740770) / 2 = 0.3936693.
+    winners, losers, _ = ranking_pairs(i(0, 0, 0), i(0, 1, 1))
+    assert list(zip(winners.tolist(), losers.tolist(), strict=True)) == [(0, 1), (0, 2)]
+    assert kwise_ranking_loss(t(1.0, 0.0, 0.5), i(0, 0, 0), i(0, 1, 1)).item() == pytest.approx(0.3936693, abs=1e-7)
+
+
+def test_prompts_with_different_k_weigh_the_same() -> None:
+    # Prompt 0 (K=2): equal scores, loss log 2 = 0.6931472 over its 1 pair. Prompt 1 (K=3): 0.2511505 as above.
+    # The mean over prompts, not over the 4 pairs: (0.6931472 + 0.2511505) / 2 = 0.4721489.
+    scores, groups, ranks = t(0.0, 0.0, 2.0, 1.0, 0.0), i(0, 0, 1, 1, 1), i(0, 1, 0, 1, 2)
+    assert kwise_ranking_loss(scores, groups, ranks).item() == pytest.approx(0.4721489, abs=1e-7)
+
+
+def test_margin_and_unranked_answers() -> None:
+    # Answer 2 unranked (-1): only the pair (0,1), diff 1, margin 1: -log sigmoid(0) = log 2.
+    loss = kwise_ranking_loss(t(1.0, 0.0, 5.0), i(0, 0, 0), i(0, 1, -1), margin=1.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-9)
+
+
+def test_kwise_equals_the_mean_of_explicit_pairwise_losses_and_gradients() -> None:
+    generator = torch.Generator().manual_seed(0)
+    groups, ranks = i(0, 0, 0, 0, 1, 1, 1, 2, 2), i(0, 1, 2, 3, 1, 0, 1, 2, 0)
+    scores = torch.randn(9, generator=generator, dtype=torch.float64, requires_grad=True)
+    kwise = kwise_ranking_loss(scores, groups, ranks)
+    (grad_kwise,) = torch.autograd.grad(kwise, scores)
+
+    explicit = []
+    for g in range(3):
+        members = [n for n in range(9) if groups[n] == g]
+        pair_losses = [
+            -torch.nn.functional.logsigmoid(scores[a] - scores[b])
+            for a in members for b in members if ranks[a] < ranks[b]
+        ]  # fmt: skip
+        explicit.append(torch.stack(pair_losses).mean())
+    pairwise = torch.stack(explicit).mean()
+    (grad_pairwise,) = torch.autograd.grad(pairwise, scores)
+    assert kwise.item() == pytest.approx(pairwise.item(), abs=1e-12)
+    assert torch.allclose(grad_kwise, grad_pairwise, atol=1e-12)
+
+
+def test_pack_rankings_offsets_prompts_of_different_k() -> None:
+    # Prompt 0: K=2, 1 beats 0. Prompt 1: K=3, 2 beats 0, 1 unranked.
+    groups, ranks = pack_rankings([(2, [[1], [0]]), (3, [[2], [0]])])
+    assert groups.tolist() == [0, 0, 1, 1, 1]
+    assert ranks.tolist() == [1, 0, 1, -1, 0]
+
+
+def test_pairwise_accuracy() -> None:
+    # Ranks 0, 2, 1: pairs (0,1): 2 > 1 right; (0,2): 2 > 0 right; (2,1): 0 > 1 wrong. 2 of 3.
+    assert pairwise_accuracy(t(2.0, 1.0, 0.0), i(0, 0, 0), i(0, 2, 1)).item() == pytest.approx(2 / 3)
+
+
+# -- statistics -------------------------------------------------------------------------------------------------
+
+
+def test_masked_mean_and_var_ignore_padding() -> None:
+    values, mask = t(1.0, 3.0, 100.0), t(1.0, 1.0, 0.0)
+    assert masked_mean(values, mask).item() == 2.0
+    assert masked_var(values, mask).item() == pytest.approx(2.0)  # ((1-2)^2 + (3-2)^2) / (2 - 1)
+    assert masked_var(values, mask, unbiased=False).item() == pytest.approx(1.0)
+
+
+def test_whiten() -> None:
+    # Mean 2.5; unbiased variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3; std 1.2909944.
+    # (1 - 2.5) / 1.2909944 = -1.1618950; (2 - 2.5) / 1.2909944 = -0.3872983.
+    out = whiten(t(1.0, 2.0, 3.0, 4.0), t(1.0, 1.0, 1.0, 1.0))
+    assert out.tolist() == pytest.approx([-1.1618950, -0.3872983, 0.3872983, 1.1618950], abs=1e-6)
+
+
+# -- rewards and advantages -------------------------------------------------------------------------------------
+
+
+def test_kl_penalty_rewards_put_the_score_on_the_last_real_token() -> None:
+    # KL per token: -1 - (-1.5) = 0.5, 0, -3 - (-2) = -1; beta 0.1: rewards -0.05, 0, +0.1; score 2 on the last.
+    logprobs, ref = t(-1.0, -2.0, -3.0).unsqueeze(0), t(-1.5, -2.0, -2.0).unsqueeze(0)
+    rewards, kl = kl_penalty_rewards(logprobs, ref, torch.ones(1, 3, dtype=torch.float64), t(2.0), beta=0.1)
+    assert kl.tolist() == [[0.5, 0.0, -1.0]]
+    assert rewards.tolist()[0] == pytest.approx([-0.05, 0.0, 2.1])
+
+
+def test_truncated_answers_and_padding() -> None:
+    # Row 0: cut by the length limit, penalty -1: last reward 0 + 2 - 1 = 1. Row 1: two real tokens, score 2 at t=1.
+    logprobs = torch.zeros(2, 3, dtype=torch.float64)
+    mask = t(1, 1, 1, 1, 1, 0).view(2, 3)
+    rewards, _ = kl_penalty_rewards(logprobs, logprobs, mask, t(2.0, 2.0), beta=0.1,
+                                    truncated=torch.tensor([True, False]), truncation_penalty=-1.0)  # fmt: skip
+    assert rewards.tolist() == [[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]]
+
+
+def test_gae_with_gamma_and_lambda_one_on_a_three_step_reward() -> None:
+    # Rewards 0, 0, 1; values 0.5, 0.6, 0.7; V after the end 0.
+    # deltas: t2 = 1 + 0 - 0.7 = 0.3; t1 = 0 + 0.7 - 0.6 = 0.1; t0 = 0 + 0.6 - 0.5 = 0.1.
+    # A2 = 0.3; A1 = 0.1 + 0.3 = 0.4; A0 = 0.1 + 0.4 = 0.5. Returns = A + V = 1, 1, 1 (the reward still to come).
+    advantages, returns = gae(t(0, 0, 1).unsqueeze(0), t(0.5, 0.6, 0.7).unsqueeze(0), torch.ones(1, 3), 1.0, 1.0)
+    assert advantages.tolist()[0] == pytest.approx([0.5, 0.4, 0.3])
+    assert returns.tolist()[0] == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_gae_discounted() -> None:
+    # gamma 0.9, lambda 0.5 (gamma * lambda = 0.45), same rewards and values.
+    # deltas: t2 = 1 - 0.7 = 0.3; t1 = 0.9 * 0.7 - 0.6 = 0.03; t0 = 0.9 * 0.6 - 0.5 = 0.04.
+    # A2 = 0.3; A1 = 0.03 + 0.45 * 0.3 = 0.165; A0 = 0.04 + 0.45 * 0.165 = 0.11425.
+    advantages, _ = gae(t(0, 0, 1).unsqueeze(0), t(0.5, 0.6, 0.7).unsqueeze(0), torch.ones(1, 3), 0.9, 0.5)
+    assert advantages.tolist()[0] == pytest.approx([0.11425, 0.165, 0.3])
+
+
+def test_gae_stops_at_the_end_of_each_answer() -> None:
+    # Mask 1, 1, 0: the padded step's reward 5 and value 9 must not leak in.
+    # t1: 1 + 0 - 0.5 = 0.5; t0: 0 + 0.5 - 0.5 + 0.5 = 0.5; t2: 0.
+    advantages, _ = gae(t(0, 1, 5).unsqueeze(0), t(0.5, 0.5, 9).unsqueeze(0), t(1, 1, 0).unsqueeze(0), 1.0, 1.0)
+    assert advantages.tolist()[0] == pytest.approx([0.5, 0.5, 0.0])
+
+
+# -- losses -----------------------------------------------------------------------------------------------------
+
+
+def test_clipped_policy_loss() -> None:
+    # clip 0.2. Token 0: ratio 1.5, A = +1: max(-1.5, -1.2) = -1.2 (clipped).
+    # Token 1: ratio 0.5, A = +1: max(-0.5, -0.8) = -0.5 (unclipped). Token 2: ratio 0.5, A = -1: max(0.5, 0.8) = 0.8
+    # (clipped). Loss (-1.2 - 0.5 + 0.8) / 3 = -0.3; clip fraction 2/3.
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    new = t(math.log(1.5), math.log(0.5), math.log(0.5)).unsqueeze(0)
+    out = clipped_policy_loss(new, old, t(1.0, 1.0, -1.0).unsqueeze(0), torch.ones(1, 3), clip=0.2)
+    assert out.loss.item() == pytest.approx(-0.3)
+    assert out.clip_fraction.item() == pytest.approx(2 / 3)
+    # approx KL: 0.5 * mean(log(1.5)^2, log(0.5)^2, log(0.5)^2) = 0.5 * (0.1644 + 0.4805 + 0.4805) / 3 = 0.1875.
+    assert out.approx_kl.item() == pytest.approx(0.1875, abs=1e-4)
+
+
+def test_clipped_value_loss() -> None:
+    # V = 1, V_old = 0, R = 2, clip 0.2: clipped V = 0.2. Errors (1-2)^2 = 1, (0.2-2)^2 = 3.24; 0.5 * 3.24 = 1.62.
+    loss, fraction = clipped_value_loss(t(1.0).view(1, 1), t(0.0).view(1, 1), t(2.0).view(1, 1), torch.ones(1, 1), 0.2)
+    assert loss.item() == pytest.approx(1.62)
+    assert fraction.item() == 1.0
+
+
+def test_entropy_and_token_logprobs_of_a_uniform_distribution() -> None:
+    logits = torch.zeros(1, 2, 4)  # uniform over 4 tokens: entropy log 4 = 1.3862944, log p = -log 4
+    assert entropy_from_logits(logits, torch.ones(1, 2)).item() == pytest.approx(1.3862944, abs=1e-6)
+    assert token_logprobs(logits, i(3, 0).view(1, 2)).tolist()[0] == pytest.approx([-1.3862944] * 2, abs=1e-6)
+
+
+# -- KL controllers ---------------------------------------------------------------------------------------------
+
+
+def test_adaptive_kl_controller_moves_beta_with_clipped_error() -> None:
+    # target 6, horizon 10000, 256 steps. KL 9: error 9/6 - 1 = 0.5, clipped to 0.2:
+    # beta 0.1 * (1 + 0.2 * 256 / 10000) = 0.1 * 1.00512 = 0.100512. KL 3: error -0.5 -> -0.2: 0.100512 * 0.99488.
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    assert controller.update(9.0, 256) == pytest.approx(0.100512)
+    assert controller.update(3.0, 256) == pytest.approx(0.100512 * 0.99488)
+    # KL 6.6: error 0.1, inside the clip: * (1 + 0.1 * 256 / 10000).
+    before = controller.value
+    assert controller.update(6.6, 256) == pytest.approx(before * 1.00256)
+
+
+def test_fixed_kl_controller_stays() -> None:
+    controller = FixedKLController(0.05)
+    assert controller.update(100.0, 256) == 0.05
