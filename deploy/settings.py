@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     )
     feedback_consumer: str | None = Field(None, description="Consumer name in the group; unset: host-pid.")
 
+    # -- learner --------------------------------------------------------------------------------
+    learn_threads: int | None = Field(
+        None, ge=1, description="CPU threads for training; unset: PyTorch's default (all cores)."
+    )
+
     # -- engine ---------------------------------------------------------------------------------
     policy_version: str | None = Field(None, description="Serve this version; unset: the store's current.")
     engine: Literal["vllm", "fake"] = Field("vllm", description="`fake` echoes prompts: for UI and API tests.")

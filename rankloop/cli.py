@@ -13,11 +13,13 @@ from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError
 from deploy.settings import Settings, SettingsError, load_settings
 from feedback.cli import app as feedback_app
+from learn.cli import app as learn_app
 
 app = typer.Typer(help="Train a chat model from its users' rankings.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="The model store: import models as policy versions.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(feedback_app, name="feedback")
+app.add_typer(learn_app, name="learn")
 console = Console(stderr=True)
 
 
