@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-VERSION_RE = re.compile(r"^v(\d{4,})$")
 REQUIRED_FILES = ("config.json", "tokenizer_config.json", "card.json")
 
 
@@ -49,10 +48,6 @@ class Card:
         return cls(**json.loads((folder / "card.json").read_text()))
 
 
-def version_name(number: int) -> str:
-    return f"v{number:04d}"
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -60,23 +55,28 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    """Versions `<prefix>0001`, `<prefix>0002`…: policies are `v…` in data_dir/models, reward models `r…` in
+    data_dir/reward_models."""
+
+    def __init__(self, root: Path, prefix: str = "v") -> None:
         self.root = root
+        self.prefix = prefix
+        self._pattern = re.compile(rf"^{re.escape(prefix)}(\d{{4,}})$")
 
     def versions(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        found = [p.name for p in self.root.iterdir() if p.is_dir() and VERSION_RE.match(p.name)]
-        return sorted(found, key=lambda name: int(name[1:]))
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and self._pattern.match(p.name)]
+        return sorted(found, key=lambda name: int(name[len(self.prefix) :]))
 
     def is_empty(self) -> bool:
         return not self.versions()
 
     def path(self, version: str) -> Path:
         folder = self.root / version
-        if not VERSION_RE.match(version) or not folder.is_dir():
+        if not self._pattern.match(version) or not folder.is_dir():
             known = ", ".join(self.versions()) or "none"
-            raise StoreError(f"no policy version {version!r} in {self.root} (known: {known})")
+            raise StoreError(f"no version {version!r} in {self.root} (known: {known})")
         return folder
 
     def card(self, version: str) -> Card:
@@ -84,7 +84,8 @@ class ModelStore:
 
     def next_version(self) -> str:
         existing = self.versions()
-        return version_name(int(existing[-1][1:]) + 1 if existing else 1)
+        number = int(existing[-1][len(self.prefix) :]) + 1 if existing else 1
+        return f"{self.prefix}{number:04d}"
 
     def _pointer(self, name: str) -> str | None:
         file = self.root / name

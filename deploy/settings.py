@@ -143,6 +143,10 @@ class Settings(BaseSettings):
         return self.data_dir / "redis"
 
     @property
+    def reward_store_dir(self) -> Path:
+        return self.data_dir / "reward_models"
+
+    @property
     def dataset_path(self) -> Path:
         """The durable feedback dataset (SQLite) the learner trains on."""
         return self.data_dir / "feedback.sqlite3"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.console import Console
 from deploy.model_store import ModelStore, StoreError
 from deploy.settings import Settings
 from learn.data import DataError, Demonstration, demonstrations_from_rows, read_jsonl, read_texts
+
+if TYPE_CHECKING:
+    from learn.rm_data import RankedGroup
 
 app = typer.Typer(help="Train: SFT on demonstrations, the reward model on rankings.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -101,3 +104,99 @@ def sft(
                     metrics=str(metrics))  # fmt: skip
     save_policy(model, tokenizer, store, card)
     console.print(f"wrote {version} (loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}); metrics in {metrics}")
+
+
+def load_groups(source: str, settings: Settings, tokenizer: Any, max_len: int, after: str | None,
+                limit: int | None, skip: int) -> list[RankedGroup]:  # fmt: skip
+    """`feedback` (ranking events, those after event `after` when given) or an HH-RLHF pairwise file."""
+    from learn.rm_data import group_from_event, hh_groups
+
+    if source == FEEDBACK:
+        from feedback.dataset import Dataset
+
+        with Dataset(settings.dataset_path) as dataset:
+            events = [e for e in dataset.events("ranking") if after is None or _later(e.id, after)]
+        groups = [group_from_event(e.id, e.data, max_len) for e in events]
+        return [g for g in groups if g is not None][skip:][:limit]
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"--data {source}: no such file (or use `{FEEDBACK}` for the feedback dataset)")
+    return list(hh_groups(path, tokenizer, max_len, limit, skip))
+
+
+def _later(event_id: str, than: str) -> bool:
+    return _event_order(event_id) > _event_order(than)
+
+
+@app.command()
+def rm(
+    data: Annotated[
+        str, typer.Option(help="`feedback` (users' rankings) or an HH-RLHF chosen/rejected JSONL(.gz).")
+    ] = FEEDBACK,
+    resume_from: Annotated[
+        str | None, typer.Option("--from", help="Continue this reward model (rNNNN) on new data.")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Policy whose backbone starts a new reward model (default: the SFT reference).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-5 full, 1e-4 LoRA).")] = None,
+    batch_prompts: Annotated[int, typer.Option(min=1, help="Whole prompts (all their answers) per step.")] = 4,
+    max_len: Annotated[
+        int, typer.Option(min=16, help="Tokens per answer with its prompt (the prompt is cut first).")
+    ] = 512,
+    held_out: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of prompts kept for evaluation.")] = 0.1,
+    lora: Annotated[bool, typer.Option("--lora/--full")] = False,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many prompts.")] = None,
+    skip: Annotated[
+        int, typer.Option(min=0, help="Skip this many prompts first (e.g. to hold a file's tail out).")
+    ] = 0,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+) -> None:
+    """Train the reward model on rankings (K-wise, whole prompts per batch) into a new version rNNNN."""
+    from learn.loop import LoopConfig
+    from learn.reward_model import load_reward_model, reference_offset, save_reward_model, train_reward_model
+    from learn.rm_data import split
+    from learn.sft import LoraOptions, run_card
+    from learn.trainlog import MetricsLog
+
+    settings = _settings()
+    policies, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
+    try:
+        parent: str | None
+        if resume_from is not None:
+            folder, parent = rewards.path(resume_from), resume_from
+            after = rewards.card(resume_from).details.get("last_event_id")
+        else:
+            parent = base or policies.reference()
+            if parent is None:
+                raise StoreError("the model store is empty: run `rankloop model import` first")
+            folder, after = policies.path(parent), None
+        model, tokenizer = load_reward_model(folder, LoraOptions() if lora else None)
+        groups = load_groups(data, settings, tokenizer, max_len, after, limit, skip)
+    except (StoreError, DataError, OSError) as exc:
+        raise _fail(str(exc)) from exc
+    train, evaluation_set = split(groups, held_out)
+    if not train:
+        raise _fail(f"{data} holds no new ranked prompts to train on" + (f" after {after}" if after else ""))
+    config = LoopConfig(epochs=epochs, batch_size=batch_prompts, lr=lr or (1e-4 if lora else 1e-5),
+                        max_steps=max_steps)  # fmt: skip
+    version = rewards.next_version()
+    metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
+    console.print(f"reward model {version}: {len(train)} prompts to train on, {len(evaluation_set)} held out, "
+                  f"from {parent}")  # fmt: skip
+    with MetricsLog(metrics) as log:
+        result, evaluation = train_reward_model(model, tokenizer, train, evaluation_set, config, log)
+    offset, basis = reference_offset(model, train, int(tokenizer.pad_token_id), policies.reference())
+    last_event = max((g.event_id for g in groups if g.event_id), key=_event_order, default=after)
+    card = run_card(version, parent, "reward_model", config, result, data=data, prompts=len(train),
+                    held_out_prompts=len(evaluation_set), lora=lora, metrics=str(metrics), eval=vars(evaluation),
+                    offset=offset, offset_basis=basis, last_event_id=last_event)  # fmt: skip
+    save_reward_model(model, tokenizer, rewards, card, offset, basis)
+    console.print(f"wrote {version}: held-out accuracy {evaluation.accuracy:.3f} over {evaluation.groups} prompts, "
+                  f"loss {evaluation.loss:.3f}; offset {offset:.3f} ({basis})")  # fmt: skip
+
+
+def _event_order(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq)

@@ -47,6 +47,6 @@ def test_pointers_name_existing_versions_only(tmp_path: Path) -> None:
     store.set_current("v0001")
     store.set_reference("v0001")
     assert (store.current(), store.reference()) == ("v0001", "v0001")
-    with pytest.raises(StoreError, match="no policy version 'v0007'"):
+    with pytest.raises(StoreError, match="no version 'v0007'"):
         store.set_current("v0007")
     assert store.current() == "v0001"

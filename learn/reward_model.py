@@ -1,0 +1,179 @@
+"""The reward model: the policy's backbone with a scalar head, scoring an answer at its last real token.
+
+Training takes whole prompts per batch: each of a prompt's K answers goes through the model once per step and all
+C(K,2) pairs are formed from the K scores (learn.rl_math.kwise_ranking_loss), where a pairwise trainer would run
+2·C(K,2) forwards. The reward is normalised so that the reference policy's answers score 0 on average
+(InstructGPT); the offset is stored with the model and subtracted by `RewardScorer`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from deploy.model_store import Card, ModelStore
+from learn.loop import LoopConfig, LoopResult, run_loop
+from learn.rl_math import kwise_ranking_loss, pack_rankings, pairwise_accuracy
+from learn.rm_data import RankedGroup
+from learn.sft import LoraOptions, training_dtype
+from learn.trainlog import MetricsLog
+
+NORM_FILE = "reward_norm.json"
+
+
+def load_reward_model(folder: Path, lora: LoraOptions | None = None) -> tuple[Any, Any]:
+    """A scalar-head model on `folder` (a policy: new random head; a reward model: its trained head)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model: Any = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=training_dtype())
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules="all-linear",
+                            task_type="SEQ_CLS")  # fmt: skip
+        model = get_peft_model(model, config)
+    return model, tokenizer
+
+
+def _parts(model: Any) -> tuple[Any, Any]:
+    """(backbone, head) of a sequence-classification model, under a LoRA wrapper or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.score
+
+
+def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int) -> Tensor:
+    """(N,) raw scores, each read at its sequence's last token (right padding, so no pad token confusion)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    backbone, head = _parts(model)
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    last = mask.sum(dim=1) - 1
+    scores: Tensor = head(hidden[torch.arange(len(sequences)), last]).squeeze(-1).float()
+    return scores
+
+
+def group_loss(model: Any, groups: Sequence[RankedGroup], pad_id: int,
+               margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """K-wise loss over whole prompts; returns (loss, accuracy, scores)."""
+    sequences = [answer for g in groups for answer in g.answers]
+    scores = score_ids(model, sequences, pad_id)
+    packed_groups, ranks = pack_rankings([(len(g.answers), g.tiers) for g in groups])
+    loss = kwise_ranking_loss(scores, packed_groups, ranks, margin)
+    return loss, pairwise_accuracy(scores.detach(), packed_groups, ranks), scores.detach()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    accuracy: float
+    loss: float
+    mean: float
+    std: float
+    groups: int
+
+    def figures(self, prefix: str = "eval_") -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) for k, v in vars(self).items()}
+
+
+@torch.no_grad()
+def evaluate(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int = 8) -> Evaluation:
+    """Pairwise accuracy (over all pairs), mean K-wise loss (over prompts), and the scores' mean and std."""
+    model.eval()
+    correct = pairs = 0.0
+    losses: list[float] = []
+    all_scores: list[Tensor] = []
+    for start in range(0, len(groups), batch):
+        chunk = groups[start : start + batch]
+        loss, accuracy, scores = group_loss(model, chunk, pad_id)
+        n_pairs = sum(_pair_count(g.tiers) for g in chunk)
+        if n_pairs:
+            correct += float(accuracy) * n_pairs
+            pairs += n_pairs
+        losses += [float(loss)] * len(chunk)
+        all_scores.append(scores)
+    scores = torch.cat(all_scores) if all_scores else torch.zeros(0)
+    return Evaluation(correct / pairs if pairs else float("nan"), sum(losses) / max(1, len(losses)),
+                      float(scores.mean()) if scores.numel() else 0.0,
+                      float(scores.std()) if scores.numel() > 1 else 0.0, len(groups))  # fmt: skip
+
+
+def _pair_count(tiers: list[list[int]]) -> int:
+    sizes = [len(t) for t in tiers]
+    return sum(sizes[i] * sum(sizes[i + 1 :]) for i in range(len(sizes)))
+
+
+@torch.no_grad()
+def reference_offset(model: Any, groups: Sequence[RankedGroup], pad_id: int, reference: str | None,
+                     batch: int = 16) -> tuple[float, str]:  # fmt: skip
+    """Mean raw score of the reference policy's answers (all answers when none of them are the reference's)."""
+    own = [g for g in groups if reference is not None and g.policy_version == reference]
+    chosen, basis = (own, "reference answers") if own else (list(groups), "all answers")
+    sequences = [a for g in chosen for a in g.answers]
+    if not sequences:
+        return 0.0, "none"
+    scores = torch.cat([score_ids(model, sequences[i : i + batch], pad_id) for i in range(0, len(sequences), batch)])
+    return float(scores.mean()), basis
+
+
+def write_norm(folder: Path, offset: float, basis: str) -> None:
+    (folder / NORM_FILE).write_text(json.dumps({"offset": offset, "basis": basis}))
+
+
+class RewardScorer:
+    """A saved reward model, scoring (prompt + answer) token ids with the normalisation applied."""
+
+    def __init__(self, folder: Path) -> None:
+        self.model, self.tokenizer = load_reward_model(folder)
+        self.model.eval()
+        norm = folder / NORM_FILE
+        self.offset = float(json.loads(norm.read_text())["offset"]) if norm.is_file() else 0.0
+
+    @torch.no_grad()
+    def __call__(self, sequences: Sequence[list[int]]) -> Tensor:
+        return score_ids(self.model, sequences, int(self.tokenizer.pad_token_id)) - self.offset
+
+
+def train_reward_model(
+    model: Any, tokenizer: Any, train: Sequence[RankedGroup], held_out: Sequence[RankedGroup], config: LoopConfig,
+    log: MetricsLog, checkpoint: Path | None = None, show_progress: bool = True,
+) -> tuple[LoopResult, Evaluation]:  # fmt: skip
+    """Train on whole prompts (`config.batch_size` prompts per step), then evaluate on the held-out prompts."""
+    if not train:
+        raise ValueError("no ranked prompts to train on")
+    pad = int(tokenizer.pad_token_id)
+
+    def step(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
+        loss, accuracy, scores = group_loss(model, [train[i] for i in indices], pad)
+        return loss, {"accuracy": float(accuracy), "score_mean": float(scores.mean()),
+                      "score_std": float(scores.std()) if scores.numel() > 1 else 0.0}  # fmt: skip
+
+    result = run_loop(model, len(train), step, config, log, "reward model", checkpoint, show_progress)
+    evaluation = evaluate(model, held_out, pad) if held_out else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
+    log.write(result.steps, **evaluation.figures())
+    return result, evaluation
+
+
+def save_reward_model(model: Any, tokenizer: Any, store: ModelStore, card: Card, offset: float, basis: str) -> Path:
+    """Write the model (LoRA merged in, in its training precision so scores round-trip exactly) and its offset."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        write_norm(folder, offset, basis)
+
+    return store.publish(card, fill)

@@ -1,0 +1,162 @@
+"""The reward model on the tiny random llama: it learns, its K-wise batch equals the pairwise computation, it
+round-trips through the store exactly, and it trains from the feedback dataset incrementally."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deploy.model_store import Card, ModelStore
+from feedback.dataset import Dataset
+from learn.loop import LoopConfig
+from learn.reward_model import (
+    RewardScorer,
+    group_loss,
+    load_reward_model,
+    reference_offset,
+    save_reward_model,
+    score_ids,
+    train_reward_model,
+)
+from learn.rm_data import RankedGroup, parse_hh, prompt_key, split
+from learn.trainlog import MetricsLog
+from rankloop.cli import app
+
+# Token ids of the tiny vocabulary used as answer endings: the preference is "ends with GOOD > MID > BAD".
+GOOD, MID, BAD = 300, 200, 100
+
+
+def separable_groups(n: int, seed: int = 0) -> list[RankedGroup]:
+    rng = random.Random(seed)
+    groups = []
+    for p in range(n):
+        prompt = [rng.randrange(10, 90) for _ in range(rng.randrange(3, 8))]
+        endings = [GOOD, MID, BAD]
+        rng.shuffle(endings)
+        answers = [prompt + [rng.randrange(10, 90) for _ in range(rng.randrange(1, 5))] + [end] for end in endings]
+        order = sorted(range(3), key=lambda i: [GOOD, MID, BAD].index(endings[i]))
+        groups.append(RankedGroup(f"p{p:03d}", answers, [[i] for i in order], "v0001"))
+    return groups
+
+
+def test_hh_dialogues_become_messages() -> None:
+    text = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: bye"
+    assert parse_hh(text) == [
+        {"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"},
+    ]  # fmt: skip
+
+
+def test_the_split_is_by_prompt_and_stable() -> None:
+    groups = [
+        RankedGroup(prompt_key([{"role": "user", "content": str(i)}]), [[1], [2]], [[0], [1]]) for i in range(400)
+    ]
+    train, held = split(groups, 0.25)
+    assert 60 < len(held) < 140 and len(train) + len(held) == 400
+    assert split(groups[:200], 0.25)[1] == [g for g in held if g in groups[:200]]  # a prompt keeps its side
+
+
+def test_learns_a_separable_preference_to_full_held_out_accuracy(tiny_store: ModelStore) -> None:
+    torch.manual_seed(0)
+    model, tokenizer = load_reward_model(tiny_store.path("v0001"))
+    groups = separable_groups(60)
+    train, held = groups[:48], groups[48:]
+    config = LoopConfig(epochs=6, batch_size=4, lr=2e-3)
+    result, evaluation = train_reward_model(model, tokenizer, train, held, config, MetricsLog(None),
+                                            show_progress=False)  # fmt: skip
+    assert result.steps == 72
+    assert evaluation.accuracy == 1.0 and evaluation.groups == 12
+
+
+def test_kwise_batch_gives_the_loss_and_gradients_of_explicit_pairs(tiny_store: ModelStore) -> None:
+    model, tokenizer = load_reward_model(tiny_store.path("v0001"))
+    model.float()
+    pad = int(tokenizer.pad_token_id)
+    groups = separable_groups(3, seed=1)
+    groups[1] = RankedGroup(groups[1].prompt_key, groups[1].answers, [[0], [1, 2]])  # a tie: 2 pairs, not 3
+    loss, _, _ = group_loss(model, groups, pad)
+    kwise_grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+
+    per_prompt = []
+    for g in groups:  # the way a pairwise trainer does it: two forwards per pair
+        tier = {i: t for t, members in enumerate(g.tiers) for i in members}
+
+        def score(i: int, g: RankedGroup = g) -> torch.Tensor:
+            return score_ids(model, [g.answers[i]], pad)
+
+        pair_losses = [
+            -torch.nn.functional.logsigmoid(score(w) - score(lo))
+            for w in tier for lo in tier if tier[w] < tier[lo]
+        ]  # fmt: skip
+        per_prompt.append(torch.cat(pair_losses).mean())
+    explicit = torch.stack(per_prompt).mean()
+    explicit_grads = torch.autograd.grad(explicit, [p for p in model.parameters() if p.requires_grad])
+    assert loss.item() == pytest.approx(explicit.item(), abs=1e-5)
+    for a, b in zip(kwise_grads, explicit_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_save_and_load_round_trip_scores_exactly_with_the_offset(tiny_store: ModelStore, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, tokenizer = load_reward_model(tiny_store.path("v0001"))
+    groups = separable_groups(8)
+    train_reward_model(model, tokenizer, groups, [], LoopConfig(batch_size=4, lr=1e-3), MetricsLog(None),
+                       show_progress=False)  # fmt: skip
+    pad = int(tokenizer.pad_token_id)
+    offset, basis = reference_offset(model, groups, pad, "v0001")
+    assert basis == "reference answers"
+    rewards = ModelStore(tmp_path / "rewards", prefix="r")
+    folder = save_reward_model(model, tokenizer, rewards, Card("r0001", "v0001", "reward_model"), offset, basis)
+    sequences = [a for g in groups for a in g.answers]
+    with torch.no_grad():
+        before = score_ids(model, sequences, pad)
+    scorer = RewardScorer(folder)
+    after = scorer(sequences)
+    assert torch.equal(after, before - offset)
+    assert float(after.mean()) == pytest.approx(0.0, abs=1e-5)  # the reference's answers average 0
+    assert rewards.versions() == ["r0001"]
+
+
+def _ranking_event(i: int, rng: random.Random) -> tuple[str, str, str]:
+    prompt = [rng.randrange(10, 90) for _ in range(4)]
+    endings = [GOOD, BAD]
+    rng.shuffle(endings)
+    candidates = [{"index": k, "text": "", "token_ids": [rng.randrange(10, 90), end], "logprobs": [-1.0, -1.0],
+                   "finish_reason": "stop"} for k, end in enumerate(endings)]  # fmt: skip
+    comparison = {"id": f"c{i}", "messages": [{"role": "user", "content": f"q{i}"}], "prompt_token_ids": prompt,
+                  "candidates": candidates, "policy_version": "v0001", "created": 0.0, "sampling": {}}  # fmt: skip
+    ranking = [[endings.index(GOOD)], [endings.index(BAD)]]
+    data = {"kind": "ranking", "ranking": ranking, "user": None, "created": 0.0, "comparison": comparison}
+    return f"{1000 + i}-0", "ranking", json.dumps(data)
+
+
+def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
+    tiny_store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = tiny_store.root.parent
+    monkeypatch.setenv("RANKLOOP_DATA_DIR", str(data_dir))
+    rng = random.Random(3)
+    with Dataset(data_dir / "feedback.sqlite3") as dataset:
+        dataset.insert([_ranking_event(i, rng) for i in range(30)])
+    runner = CliRunner()
+    first = runner.invoke(app, ["learn", "rm", "--held-out", "0.2", "--lr", "1e-3", "--epochs", "2"])
+    assert first.exit_code == 0, first.output
+    rewards = ModelStore(data_dir / "reward_models", prefix="r")
+    card = rewards.card("r0001")
+    assert card.parent == "v0001" and card.details["last_event_id"] == "1029-0"
+    assert card.details["prompts"] + card.details["held_out_prompts"] == 30
+    assert card.details["offset_basis"] == "reference answers"
+    lines = [json.loads(line) for line in Path(card.details["metrics"]).read_text().splitlines()]
+    assert "eval_accuracy" in lines[-1] and "accuracy" in lines[0]
+
+    nothing_new = runner.invoke(app, ["learn", "rm", "--from", "r0001"])
+    assert nothing_new.exit_code == 1 and "no new ranked prompts" in " ".join(nothing_new.output.split())
+    with Dataset(data_dir / "feedback.sqlite3") as dataset:
+        dataset.insert([_ranking_event(i, rng) for i in range(30, 45)])
+    again = runner.invoke(app, ["learn", "rm", "--from", "r0001", "--held-out", "0"])
+    assert again.exit_code == 0, again.output
+    second = rewards.card("r0002")
+    assert (second.parent, second.details["prompts"], second.details["last_event_id"]) == ("r0001", 15, "1044-0")
