@@ -25,6 +25,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/chat_throughput.py
 	$(BIN)/python bench/feedback_ingest.py
+	$(BIN)/python bench/rm_speed.py
 
 clean:
 	rm -rf $(VENV) var

@@ -1,0 +1,139 @@
+"""Reward-model training speed: rankloop's K-wise trainer against TRL's RewardTrainer on the same K=4 groups.
+
+SmolLM2-135M (v0001), fp32, 2 threads, answers cut to 256 tokens. The groups: Alpaca seed instructions, each with
+4 answers (its own output and three others', in a fixed order). TRL trains on the C(4,2) = 6 pairs of each group
+(2 forwards per pair); rankloop on the groups (4 forwards give the 6 pairs). Same prompts per step: 2 groups for
+rankloop, their 12 pairs for TRL. The first step of each is warm-up. TRL runs in its own environment
+(bench/trl_env.sh), started from here. Figures go to BENCHMARKS.md.
+
+    .venv/bin/python bench/rm_speed.py [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from bench.report import write_section  # noqa: E402
+from deploy.model_store import ModelStore  # noqa: E402
+from learn.reward_model import group_loss, load_reward_model  # noqa: E402
+from learn.rm_data import RankedGroup, encode_pair, prompt_key  # noqa: E402
+
+SEEDS = REPO.parent / "shared" / "data" / "alpaca-seed-tasks.jsonl"
+K, GROUPS_PER_STEP, THREADS, MAX_LEN = 4, 2, 2, 256
+
+
+def groups_and_pairs(tokenizer: object, count: int) -> tuple[list[RankedGroup], list[dict[str, object]]]:
+    tasks = [json.loads(line) for line in SEEDS.read_text().splitlines() if line.strip()]
+    outputs = [t["instances"][0]["output"][:400] for t in tasks]
+    groups, pairs = [], []
+    for n in range(count):
+        messages = [{"role": "user", "content": tasks[n]["instruction"]}]
+        answers = [outputs[(n + j * 7) % len(outputs)] for j in range(K)]
+        groups.append(RankedGroup(prompt_key(messages), [encode_pair(tokenizer, messages, a, MAX_LEN) for a in answers],
+                                  [[j] for j in range(K)]))  # fmt: skip
+        for better, worse in combinations(range(K), 2):
+            pairs.append({"prompt": messages, "chosen": [{"role": "assistant", "content": answers[better]}],
+                          "rejected": [{"role": "assistant", "content": answers[worse]}]})  # fmt: skip
+    return groups, pairs
+
+
+def rankloop_speed(model_dir: Path, groups: list[RankedGroup], steps: int) -> dict[str, float]:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    model, tokenizer = load_reward_model(model_dir)
+    model.float().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    pad = int(tokenizer.pad_token_id)
+    durations = []
+    for step in range(steps):
+        batch = groups[step * GROUPS_PER_STEP : (step + 1) * GROUPS_PER_STEP]
+        started = time.perf_counter()
+        loss, _, _ = group_loss(model, batch, pad)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        durations.append(time.perf_counter() - started)
+    timed = durations[1:]
+    pairs = len(timed) * GROUPS_PER_STEP * K * (K - 1) // 2
+    return {"pairs_per_s": pairs / sum(timed), "steps_timed": len(timed), "pairs_timed": pairs, "seconds": sum(timed)}
+
+
+def trl_speed(model_dir: Path, pairs: list[dict[str, object]], steps: int) -> dict[str, Any]:
+    python = subprocess.run(["bash", str(REPO / "bench/trl_env.sh")], capture_output=True, text=True, check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as out:
+        out.writelines(json.dumps(p) + "\n" for p in pairs)
+    argv = [python.stdout.strip(), str(REPO / "bench/trl_reward_speed.py"), str(model_dir), out.name,
+            "--batch-pairs", str(GROUPS_PER_STEP * K * (K - 1) // 2), "--steps", str(steps), "--threads", str(THREADS),
+            "--max-length", str(MAX_LEN)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
+    args = parser.parse_args()
+    if not SEEDS.is_file():
+        sys.exit(f"skipped: {SEEDS} is absent")
+    store = ModelStore(args.data_dir / "models")
+    if store.current() is None:
+        from deploy.model_import import import_model
+
+        import_model(store)
+    model_dir = store.path(store.reference() or "v0001")
+    _, tokenizer = load_reward_model(model_dir)
+    groups, pairs = groups_and_pairs(tokenizer, args.steps * GROUPS_PER_STEP)
+    ours = rankloop_speed(model_dir, groups, args.steps)
+    print(f"rankloop: {ours['pairs_per_s']:.2f} pairs/s", flush=True)
+    theirs = trl_speed(model_dir, pairs, args.steps)
+    print(f"TRL: {theirs['pairs_per_s']:.2f} pairs/s", flush=True)
+    lengths = [len(a) for g in groups for a in g.answers]
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        return f"| {name} | {r['pairs_per_s']:.2f} | {r['steps_timed']:.0f} | {r['seconds']:.1f} |"
+
+    write_section("rm_speed", "\n".join([
+        "## Reward-model training speed (issue 4)",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; "
+        f"{THREADS} threads each; torch {torch.__version__}; TRL {theirs['trl']} with transformers "
+        f"{theirs['transformers']} in its own environment, rankloop with transformers {transformers.__version__}.",
+        f"- Command: `.venv/bin/python bench/rm_speed.py --steps {args.steps}`.",
+        f"- SmolLM2-135M (v0001) with a scalar head, fp32, AdamW, no gradient checkpointing; {len(groups)} Alpaca seed "
+        f"instructions with K={K} answers each (prompt + answer {min(lengths)}-{max(lengths)} tokens, cut at "
+        f"{MAX_LEN}); {GROUPS_PER_STEP} prompts per step: rankloop scores their {GROUPS_PER_STEP * K} answers once, "
+        f"TRL's RewardTrainer gets their {GROUPS_PER_STEP * K * (K - 1) // 2} pairs. First step of each is warm-up.",
+        "",
+        "| trainer | pairs/s | timed steps | seconds |",
+        "|---|---|---|---|",
+        row("TRL RewardTrainer (pairs)", theirs),
+        row("rankloop K-wise (whole prompts)", ours),
+        "",
+        f"Ratio rankloop / TRL: **{ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x** pairs per second "
+        "(target >= 2.5x; the forward count alone gives 3x at K=4).",
+        "",
+    ]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
