@@ -1,0 +1,72 @@
+"""TRL's RewardTrainer trained on HH-RLHF pairs, then pairwise accuracy on held-out pairs: the baseline side of
+bench/rm_accuracy.py. Runs in the separate TRL environment (bench/trl_env.sh):
+
+    python bench/trl_reward_accuracy.py MODEL_DIR TRAIN.jsonl EVAL.jsonl --lr 2e-5 --batch 8 --max-length 1024
+
+Rows are conversational `{"prompt", "chosen", "rejected"}`. Prints one JSON line: {"accuracy", "pairs", "seconds"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers
+import trl
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from trl import RewardConfig, RewardTrainer
+
+
+def read(path: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def score(model: object, tokenizer: object, messages: list[dict[str, str]]) -> float:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt", return_dict=True)  # type: ignore[attr-defined]
+    return float(model(**ids).logits[0, 0])  # type: ignore[operator]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("train")
+    parser.add_argument("eval")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=1024)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    config = RewardConfig(
+        output_dir="/tmp/trl-reward-accuracy", per_device_train_batch_size=args.batch, num_train_epochs=1,
+        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=False,
+        report_to="none", logging_steps=10, save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    started = time.perf_counter()
+    RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(args.train)),
+                  processing_class=tokenizer).train()  # fmt: skip
+    model.eval()
+    rows = read(args.eval)
+    right = sum(
+        score(model, tokenizer, row["prompt"] + row["chosen"])
+        > score(model, tokenizer, row["prompt"] + row["rejected"])  # type: ignore[operator]
+        for row in rows
+    )
+    seconds = time.perf_counter() - started  # training and scoring the held-out pairs, as on rankloop's side
+    print(json.dumps({"accuracy": right / len(rows), "pairs": len(rows), "seconds": seconds, "trl": trl.__version__,
+                      "transformers": transformers.__version__}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
