@@ -1,0 +1,98 @@
+"""What operators do with versions: check a folder, register the store's versions, promote and roll back.
+
+A folder is checked before it can become current, because the engine's weight reload from a bad folder kills the
+engine: the files must be there, and every tensor must have the name and shape the serving architecture expects
+(read from the safetensors headers, without loading the weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deploy.model_store import ModelStore, StoreError
+from deploy.registry import Registry, RegistryError
+
+REQUIRED = ("config.json", "tokenizer_config.json")
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                shapes[name] = tuple(weights.get_slice(name).get_shape())
+    return shapes
+
+
+def check_folder(folder: Path, like: Path | None) -> None:
+    """Raise RegistryError unless `folder` is a complete model whose tensors match those of `like`."""
+    missing = [name for name in REQUIRED if not (folder / name).is_file()]
+    if missing:
+        raise RegistryError(f"{folder} lacks {', '.join(missing)}")
+    try:
+        json.loads((folder / "config.json").read_text())
+        shapes = tensor_shapes(folder)
+    except Exception as exc:  # any unreadable file: the folder is unusable
+        raise RegistryError(f"{folder} is not a readable model: {exc}") from exc
+    if not shapes:
+        raise RegistryError(f"{folder} has no weights (*.safetensors)")
+    if like is None:
+        return
+    expected = tensor_shapes(like)
+    wrong = sorted(n for n in expected if shapes.get(n) != expected[n] and not n.endswith("lm_head.weight"))
+    extra = sorted(set(shapes) - set(expected))
+    if wrong or extra:
+        names = ", ".join((wrong + extra)[:5])
+        raise RegistryError(f"{folder} does not fit the served architecture: tensors {names} are missing, extra or "
+                            "of another shape")  # fmt: skip
+
+
+def sync_store(registry: Registry, store: ModelStore) -> list[str]:
+    """Register the store's versions the registry lacks; with no current version yet, make the store's current.
+
+    Returns the versions newly registered.
+    """
+    added = []
+    for version in store.versions():
+        card = store.card(version)
+        if registry.register(version, card.parent, card.made_by, card.created, card.details):
+            added.append(version)
+    current, _ = registry.current()
+    if current is None and store.current() is not None:
+        registry.switch(str(store.current()), None, "init", "rankloop", "first start: the model store's current")
+    return added
+
+
+def promote(registry: Registry, store: ModelStore, target: str, who: str, why: str,
+            expected: str | None = None, action: str = "promote") -> int:  # fmt: skip
+    """Check `target`'s folder against the current version's, then switch to it; return the new epoch."""
+    current, _ = registry.current()
+    expect = expected if expected is not None else current
+    if target == current:
+        raise RegistryError(f"{target} is already the current version")
+    try:
+        folder = store.path(target)
+        like = store.path(current) if current else None
+    except StoreError as exc:
+        raise RegistryError(str(exc)) from exc
+    try:
+        check_folder(folder, like)
+    except RegistryError as exc:
+        registry.mark_failed(target, str(exc))
+        raise
+    return registry.switch(target, expect, action, who, why)
+
+
+def rollback(registry: Registry, store: ModelStore, who: str, why: str, target: str | None = None) -> tuple[str, int]:
+    """Go back to `target`, or to the version that was current before the current one; return (version, epoch)."""
+    current, _ = registry.current()
+    if current is None:
+        raise RegistryError("there is no current version to roll back from")
+    previous = target or registry.previous_of(current)
+    if previous is None:
+        raise RegistryError(f"{current} has no previous version to roll back to; name one")
+    return previous, promote(registry, store, previous, who, why, expected=current, action="rollback")

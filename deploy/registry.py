@@ -1,0 +1,162 @@
+"""The policy registry in Redis: which versions exist, their state, which one is current, and every change.
+
+Keys (prefix `rankloop:registry:`):
+- `version:<v>`: a hash per version: state (ready, current, retired, failed), parent, made_by, created, card, error;
+- `versions`: an ordered set of the versions (score: the version number);
+- `current`: the current version; `epoch`: a counter bumped by every change of `current`;
+- `events`: a stream of changes (epoch, action, version, previous, who, why, time).
+
+Promote and rollback are one compare-and-set script: it checks the expected current version and the target's
+state, then retires the old version, moves the pointer, bumps the epoch and appends the event, atomically.
+Replicas follow the events stream rather than pub/sub (which loses what is sent while a subscriber is away).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+
+PREFIX = "rankloop:registry:"
+VERSIONS, CURRENT, EPOCH, EVENTS = (PREFIX + name for name in ("versions", "current", "epoch", "events"))
+STATES = ("ready", "current", "retired", "failed")
+
+# KEYS: current, epoch, events, target hash, prefix of version hashes (as KEYS[5], used to name the old one).
+# ARGV: expected current ('' for none), target version, action, who, why, time.
+SWITCH_LUA = """
+local current = redis.call('GET', KEYS[1]) or ''
+if current ~= ARGV[1] then return {'conflict', current} end
+local state = redis.call('HGET', KEYS[4], 'state')
+if not state then return {'unknown', ''} end
+if state ~= 'ready' and state ~= 'retired' then return {'not_ready', state} end
+if current ~= '' then redis.call('HSET', KEYS[5] .. current, 'state', 'retired') end
+redis.call('HSET', KEYS[4], 'state', 'current')
+redis.call('SET', KEYS[1], ARGV[2])
+local epoch = redis.call('INCR', KEYS[2])
+local id = redis.call('XADD', KEYS[3], '*', 'epoch', epoch, 'action', ARGV[3], 'version', ARGV[2],
+  'previous', current, 'who', ARGV[4], 'why', ARGV[5], 'time', ARGV[6])
+return {'ok', tostring(epoch), id}
+"""
+
+
+# KEYS: the version hash, the ordered set. ARGV: version, score, then field/value pairs. Atomic: never half a version.
+REGISTER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+
+class RegistryError(RuntimeError):
+    """A registry operation refused; the message says why and what to do."""
+
+
+class Conflict(RegistryError):
+    """The current version is not the one the caller expected: someone else changed it first."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    state: str
+    parent: str | None
+    made_by: str
+    created: float
+    card: dict[str, Any]
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str
+    epoch: int
+    action: str
+    version: str
+    previous: str | None
+    who: str
+    why: str
+    time: float
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Registry:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._switch = redis.register_script(SWITCH_LUA)
+        self._register = redis.register_script(REGISTER_LUA)
+
+    @staticmethod
+    def _key(version: str) -> str:
+        return f"{PREFIX}version:{version}"
+
+    def register(self, version: str, parent: str | None, made_by: str, created: float, card: dict[str, Any]) -> bool:
+        """Add a version as `ready`; False (and no change) when it is already registered."""
+        fields: dict[str, str] = {"state": "ready", "parent": parent or "", "made_by": made_by,
+                                  "created": repr(created), "card": json.dumps(card), "error": ""}  # fmt: skip
+        number = int("".join(c for c in version if c.isdigit()) or 0)
+        pairs: list[str] = [item for field in fields.items() for item in field]
+        return bool(self._register(keys=[self._key(version), VERSIONS], args=[version, number, *pairs]))
+
+    def show(self, version: str) -> VersionInfo:
+        raw = {_text(k): _text(v) for k, v in self.redis.hgetall(self._key(version)).items()}
+        if not raw:
+            raise RegistryError(f"version {version} is not registered (see `rankloop versions`)")
+        return VersionInfo(version, raw["state"], raw.get("parent") or None, raw.get("made_by", ""),
+                           float(raw.get("created", 0)), json.loads(raw.get("card") or "{}"),
+                           raw.get("error") or None)  # fmt: skip
+
+    def versions(self) -> list[VersionInfo]:
+        return [self.show(_text(v)) for v in self.redis.zrange(VERSIONS, 0, -1)]
+
+    def current(self) -> tuple[str | None, int]:
+        """(current version, epoch), read together."""
+        current, epoch = self.redis.mget(CURRENT, EPOCH)
+        return (_text(current) if current else None), int(epoch or 0)
+
+    def switch(self, target: str, expected: str | None, action: str, who: str, why: str) -> int:
+        """Make `target` current if `expected` still is; return the new epoch. Raises Conflict or RegistryError."""
+        reply = self._switch(
+            keys=[CURRENT, EPOCH, EVENTS, self._key(target), f"{PREFIX}version:"],
+            args=[expected or "", target, action, who, why, time.time()],
+        )
+        status, detail = _text(reply[0]), _text(reply[1])
+        if status == "conflict":
+            raise Conflict(f"the current version is {detail or 'none'}, not {expected or 'none'}: someone changed it "
+                           "first; look at `rankloop versions` and try again")  # fmt: skip
+        if status == "unknown":
+            raise RegistryError(f"version {target} is not registered (see `rankloop versions`)")
+        if status == "not_ready":
+            raise RegistryError(f"version {target} is {detail}, not ready: it cannot be made current")
+        return int(detail)
+
+    def mark_failed(self, version: str, error: str) -> None:
+        self.redis.hset(self._key(version), mapping={"state": "failed", "error": error[:2000]})
+
+    def events(self, after: str = "-", count: int = 100) -> list[Event]:
+        start = after if after == "-" else f"({after}"
+        return [_event(i, f) for i, f in self._range(start, count)]
+
+    def _range(self, start: str = "-", count: int | None = None) -> list[tuple[Any, Any]]:
+        entries: Any = self.redis.xrange(EVENTS, min=start, max="+", count=count)
+        return list(entries or [])
+
+    def previous_of(self, version: str) -> str | None:
+        """The version that was current before `version` last became current."""
+        for event_id, fields in reversed(self._range()):
+            event = _event(event_id, fields)
+            if event.version == version:
+                return event.previous
+        return None
+
+
+def _event(event_id: Any, fields: dict[Any, Any]) -> Event:
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    return Event(_text(event_id), int(f["epoch"]), f["action"], f["version"], f["previous"] or None, f["who"],
+                 f["why"], float(f["time"]))  # fmt: skip

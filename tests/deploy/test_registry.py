@@ -1,0 +1,127 @@
+"""The policy registry on a real Redis server: sync with the store, promote, races, rollback, refusals."""
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from deploy.model_import import import_model
+from deploy.model_store import Card, ModelStore
+from deploy.promotion import check_folder, promote, rollback, sync_store
+from deploy.redis_server import EmbeddedRedis
+from deploy.registry import Conflict, Registry, RegistryError
+from tests.tiny import tiny_llama_folder
+
+
+@pytest.fixture
+def registry(redis_server: EmbeddedRedis) -> Iterator[Registry]:
+    client = Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield Registry(client)
+    client.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    """v0001 (current), v0002 (a copy, as a trained version would be), v0003 (weights of another shape)."""
+    store = ModelStore(tmp_path / "models")
+    import_model(store, tiny_llama_folder(tmp_path / "tiny"))
+    store.publish(Card("v0002", "v0001", "sft"), lambda f: _copy(store.path("v0001"), f))
+    other = tiny_llama_folder(tmp_path / "other")
+    cfg = (other / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 32')
+    (other / "config.json").write_text(cfg)
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    store.publish(Card("v0003", "v0001", "sft"), lambda f: _copy(other, f))
+    return store
+
+
+def _copy(source: Path, target: Path) -> None:
+    for file in source.iterdir():
+        if file.name != "card.json":
+            shutil.copy(file, target / file.name)
+
+
+def test_sync_registers_the_store_and_its_current_version(registry: Registry, store: ModelStore) -> None:
+    assert sync_store(registry, store) == ["v0001", "v0002", "v0003"]
+    assert sync_store(registry, store) == []  # idempotent
+    assert registry.current() == ("v0001", 1)
+    assert [(v.version, v.state, v.parent) for v in registry.versions()] == [
+        ("v0001", "current", None), ("v0002", "ready", "v0001"), ("v0003", "ready", "v0001"),
+    ]  # fmt: skip
+    [event] = registry.events()
+    assert (event.epoch, event.action, event.version, event.previous) == (1, "init", "v0001", None)
+
+
+def test_promote_then_rollback(registry: Registry, store: ModelStore) -> None:
+    sync_store(registry, store)
+    assert promote(registry, store, "v0002", "ann", "better on evals") == 2
+    assert registry.current() == ("v0002", 2)
+    assert registry.show("v0001").state == "retired" and registry.show("v0002").state == "current"
+    assert rollback(registry, store, "bob", "users complain") == ("v0001", 3)
+    assert registry.current() == ("v0001", 3)
+    events = registry.events()
+    assert [(e.action, e.version, e.previous, e.who, e.why) for e in events[1:]] == [
+        ("promote", "v0002", "v0001", "ann", "better on evals"),
+        ("rollback", "v0001", "v0002", "bob", "users complain"),
+    ]  # fmt: skip
+    assert registry.events(after=events[1].id) == events[2:]
+
+
+def test_racing_promotes_one_wins_one_conflicts(registry: Registry, store: ModelStore) -> None:
+    sync_store(registry, store)
+    registry.register("v0009", "v0001", "sft", 0.0, {})  # a second ready target (the switch itself checks no folder)
+    outcomes: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def operator(target: str) -> None:
+        barrier.wait()
+        try:
+            registry.switch(target, "v0001", "promote", target, "race")
+            outcomes.append("won")
+        except Conflict as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=operator, args=(v,)) for v in ("v0002", "v0009")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes)[-1] == "won" and "someone changed it first" in sorted(outcomes)[0]
+    assert registry.current()[1] == 2 and len(registry.events()) == 2
+
+
+def test_a_corrupt_folder_is_refused_and_marked_failed(registry: Registry, store: ModelStore) -> None:
+    sync_store(registry, store)
+    with pytest.raises(RegistryError, match="does not fit the served architecture"):
+        promote(registry, store, "v0003", "ann", "oops")
+    assert registry.current() == ("v0001", 1)
+    failed = registry.show("v0003")
+    assert failed.state == "failed" and "another shape" in (failed.error or "")
+    with pytest.raises(RegistryError, match="v0003 is failed, not ready"):
+        registry.switch("v0003", "v0001", "promote", "ann", "again")
+
+
+def test_check_folder_names_what_is_missing(store: ModelStore, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(store.path("v0002"), broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RegistryError, match="not a readable model"):
+        check_folder(broken, store.path("v0001"))
+    (broken / "tokenizer_config.json").unlink()
+    with pytest.raises(RegistryError, match=r"lacks tokenizer_config\.json"):
+        check_folder(broken, None)
+
+
+def test_refusals_say_why(registry: Registry, store: ModelStore) -> None:
+    sync_store(registry, store)
+    with pytest.raises(RegistryError, match="v0001 is already the current version"):
+        promote(registry, store, "v0001", "ann", "")
+    with pytest.raises(RegistryError, match="no version 'v0042'"):
+        promote(registry, store, "v0042", "ann", "")
+    with pytest.raises(RegistryError, match="has no previous version"):
+        rollback(registry, store, "ann", "")
