@@ -12,6 +12,9 @@ from rich.console import Console
 from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError
 from deploy.settings import Settings, SettingsError, load_settings
+from deploy.versions_cli import promote as promote_command
+from deploy.versions_cli import rollback as rollback_command
+from deploy.versions_cli import versions_app
 from feedback.cli import app as feedback_app
 from learn.cli import app as learn_app
 
@@ -20,6 +23,9 @@ model_app = typer.Typer(help="The model store: import models as policy versions.
 app.add_typer(model_app, name="model")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(learn_app, name="learn")
+app.add_typer(versions_app, name="versions")
+app.command("promote")(promote_command)
+app.command("rollback")(rollback_command)
 console = Console(stderr=True)
 
 

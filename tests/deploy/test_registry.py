@@ -125,3 +125,28 @@ def test_refusals_say_why(registry: Registry, store: ModelStore) -> None:
         promote(registry, store, "v0042", "ann", "")
     with pytest.raises(RegistryError, match="has no previous version"):
         rollback(registry, store, "ann", "")
+
+
+def test_operator_commands(
+    registry: Registry, store: ModelStore, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from rankloop.cli import app
+
+    monkeypatch.setenv("RANKLOOP_DATA_DIR", str(store.root.parent))
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+    listed = runner.invoke(app, ["versions"])
+    assert listed.exit_code == 0, listed.output
+    assert "current v0001, epoch 1" in listed.output and "v0003" in listed.output
+    promoted = runner.invoke(app, ["promote", "v0002", "--reason", "evals"])
+    assert promoted.exit_code == 0 and "v0002 is current (epoch 2)" in promoted.output
+    shown = runner.invoke(app, ["versions", "show", "v0002"])
+    assert '"state": "current"' in shown.output and '"parent": "v0001"' in shown.output
+    refused = runner.invoke(app, ["promote", "v0003"])
+    assert refused.exit_code == 1 and "does not fit the served architecture" in " ".join(refused.output.split())
+    back = runner.invoke(app, ["rollback", "--reason", "complaints"])
+    assert back.exit_code == 0 and "v0001 is current again (epoch 3)" in back.output
+    assert registry.events()[-1].why == "complaints"

@@ -1,0 +1,100 @@
+"""`rankloop versions|promote|rollback`: the operator's view of policy versions and the decision of which is served."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import time
+from typing import Annotated
+
+import typer
+from redis import Redis
+from rich.console import Console
+from rich.table import Table
+
+from deploy.model_store import ModelStore
+from deploy.promotion import promote as promote_version
+from deploy.promotion import rollback as rollback_version
+from deploy.promotion import sync_store
+from deploy.registry import Registry, RegistryError
+
+versions_app = typer.Typer(help="Policy versions: list them, show one.", invoke_without_command=True)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _open() -> tuple[Registry, ModelStore]:
+    from rankloop.cli import settings_or_exit
+
+    settings = settings_or_exit()
+    registry = Registry(Redis.from_url(settings.effective_redis_url))
+    store = ModelStore(settings.store_dir)
+    sync_store(registry, store)  # versions written by the learner or imported appear here
+    return registry, store
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    errors.print(f"[red]error:[/] {exc}")
+    return typer.Exit(1)
+
+
+def _figures(card: dict[str, object]) -> str:
+    evaluation = card.get("eval")
+    if isinstance(evaluation, dict):
+        return ", ".join(f"{k} {v:.3g}" for k, v in evaluation.items() if isinstance(v, int | float))
+    return ""
+
+
+@versions_app.callback()
+def versions(ctx: typer.Context) -> None:
+    """List the versions: state, parent, how made, when, eval figures; the current one marked."""
+    if ctx.invoked_subcommand is not None:
+        return
+    registry, _ = _open()
+    current, epoch = registry.current()
+    table = Table(title=f"policy versions (current {current or 'none'}, epoch {epoch})")
+    for column in ("version", "state", "parent", "made by", "created", "eval"):
+        table.add_column(column)
+    for info in registry.versions():
+        mark = "[bold green]" if info.version == current else ""
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created)) if info.created else ""
+        table.add_row(f"{mark}{info.version}", info.state, info.parent or "", info.made_by, created,
+                      _figures(info.card))  # fmt: skip
+    console.print(table)
+
+
+@versions_app.command("show")
+def show(version: str) -> None:
+    """Everything the registry knows of one version, as JSON."""
+    registry, _ = _open()
+    try:
+        info = registry.show(version)
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    print(json.dumps(vars(info), indent=2, default=str))
+
+
+def promote(
+    version: str,
+    reason: Annotated[str, typer.Option(help="Why; kept in the events stream.")] = "",
+) -> None:
+    """Make VERSION the one users talk to (servers follow within a second)."""
+    registry, store = _open()
+    try:
+        epoch = promote_version(registry, store, version, getpass.getuser(), reason)
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    console.print(f"{version} is current (epoch {epoch})")
+
+
+def rollback(
+    version: Annotated[str | None, typer.Argument(help="Version to go back to (default: the previous one).")] = None,
+    reason: Annotated[str, typer.Option(help="Why; kept in the events stream.")] = "",
+) -> None:
+    """Go back to the previous current version, or to VERSION."""
+    registry, store = _open()
+    try:
+        target, epoch = rollback_version(registry, store, getpass.getuser(), reason, version)
+    except RegistryError as exc:
+        raise _fail(exc) from exc
+    console.print(f"{target} is current again (epoch {epoch})")
