@@ -20,15 +20,19 @@ from serve.errors import ApiError, api_error_handler, error_response, validation
 from serve.limits import BodySizeLimit
 from serve.metrics import RequestCounter, ServeMetrics
 from serve.routes import router
+from serve.swap import ServedVersion
 
 
-def create_app(settings: Settings, engine: Engine, redis: Redis, policy_version: str) -> FastAPI:
+def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedVersion | str) -> FastAPI:
+    """The HTTP app over a ready engine; `served` is the version the engine holds (a name: epoch 0)."""
     app = FastAPI(title="rankloop", version="0.1.0")
     metrics = ServeMetrics()
     app.state.metrics = metrics
     app.state.started = int(time.time())
     comparisons = ComparisonStore(redis, settings.comparison_ttl_s)
-    app.state.chat = ChatService(engine, comparisons, settings, metrics, policy_version)
+    served = ServedVersion(served) if isinstance(served, str) else served
+    app.state.served = served
+    app.state.chat = ChatService(engine, comparisons, settings, metrics, served)
     app.state.feedback = FeedbackService(comparisons, FeedbackStream(redis), settings.idempotency_ttl_s, metrics)
     app.include_router(router)
     app.include_router(feedback_router)

@@ -32,6 +32,7 @@ from serve.protocol import (
     FinishReason,
     Usage,
 )
+from serve.swap import ServedVersion
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "rankloop"
@@ -50,14 +51,18 @@ class Prepared:
 class ChatService:
     def __init__(
         self, engine: Engine, comparisons: ComparisonStore, settings: Settings, metrics: ServeMetrics,
-        policy_version: str,
+        served: ServedVersion,
     ) -> None:  # fmt: skip
         self.engine = engine
         self.comparisons = comparisons
         self.settings = settings
         self.metrics = metrics
-        self.policy_version = policy_version
-        metrics.served_version.set(int(policy_version.lstrip("v") or 0))
+        self.served = served
+        metrics.served_version.set(int(served.version.lstrip("v") or 0))
+
+    @property
+    def policy_version(self) -> str:
+        return self.served.version
 
     # -- validation ---------------------------------------------------------------------------------
     def prepare(self, request: ChatCompletionRequest) -> Prepared:
@@ -105,7 +110,8 @@ class ChatService:
             ignore_eos=request.ignore_eos,
             stream=request.stream,
         )
-        return Prepared(request, generation, messages, self.policy_version, time.monotonic())
+        # The version is fixed when generation starts (ServedVersion.use), not here: a swap may come in between.
+        return Prepared(request, generation, messages, "", time.monotonic())
 
     def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -140,7 +146,8 @@ class ChatService:
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         prepared = self.prepare(request)
         candidates: dict[int, Candidate] = {}
-        async with aclosing(self._run(prepared)) as run:
+        async with self.served.use() as version, aclosing(self._run(prepared)) as run:
+            prepared.policy_version = version
             async for candidate, _, _ in run:
                 candidates[candidate.index] = candidate
         ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(prepared.generation.n)]
@@ -163,6 +170,12 @@ class ChatService:
         return self._sse(prepared)
 
     async def _sse(self, prepared: Prepared) -> AsyncGenerator[str, None]:
+        async with self.served.use() as version, aclosing(self._sse_lines(prepared)) as lines:
+            prepared.policy_version = version
+            async for line in lines:
+                yield line
+
+    async def _sse_lines(self, prepared: Prepared) -> AsyncGenerator[str, None]:
         gen = prepared.generation
         created = int(time.time())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
@@ -59,7 +60,7 @@ class Candidate:
 
 
 class Engine(Protocol):
-    """What serve/ needs of an engine. `swap` arrives with hot-swapping."""
+    """What serve/ needs of an engine."""
 
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
@@ -75,5 +76,9 @@ class Engine(Protocol):
         ...
 
     async def healthy(self) -> bool: ...
+
+    async def load_weights(self, folder: Path) -> None:
+        """Replace the weights with those in `folder` (checked beforehand); called with no generation running."""
+        ...
 
     async def shutdown(self) -> None: ...

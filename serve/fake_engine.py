@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
@@ -23,13 +24,16 @@ class FakeEngine:
         self.requests: list[GenerationRequest] = []
         self.alive = True
         self.running = 0
+        self.weights: str | None = None  # the folder name last loaded; answers name it, to tell versions apart
+        self.load_s = 0.0
 
     def answer(self, index: int, request: GenerationRequest) -> list[int]:
         # The rendered prompt ends "...<user turn>\n<assistant header>\n": echo the user's turn.
         lines = str(self.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=True)).splitlines()
         turns = [line.strip() for line in lines if line.strip()]
         said = turns[-2] if len(turns) >= 2 else turns[-1]
-        text = f"answer {index}: you said {said}"
+        source = f" from {self.weights}" if self.weights else ""
+        text = f"answer {index}{source}: you said {said}"
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
@@ -64,6 +68,14 @@ class FakeEngine:
 
     async def healthy(self) -> bool:
         return self.alive
+
+    async def load_weights(self, folder: Path) -> None:
+        if self.running:
+            raise RuntimeError("weights loaded while a generation was running")  # the swap protocol forbids it
+        await asyncio.sleep(self.load_s)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}/config.json")
+        self.weights = folder.name
 
     async def shutdown(self) -> None:
         self.alive = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 
@@ -11,9 +12,13 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from deploy.model_store import ModelStore, StoreError
+from deploy.promotion import sync_store
+from deploy.registry import Registry
 from deploy.settings import Settings
 from serve.app import create_app
 from serve.engine import Engine
+from serve.follower import RegistryFollower
+from serve.swap import ServedVersion
 
 log = logging.getLogger("rankloop.serve")
 
@@ -39,23 +44,50 @@ def uvicorn_config(app: FastAPI, host: str, port: int, access_log: bool = False)
     )  # fmt: skip
 
 
-async def _serve(settings: Settings) -> None:
-    store = ModelStore(settings.store_dir)
-    version = settings.policy_version or store.current()
+def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int]:
+    """(version, epoch) to start on: the setting's version when pinned, else the registry's current version."""
+    if settings.policy_version is not None:
+        return settings.policy_version, 0
+    from redis import Redis as SyncRedis
+    from redis.exceptions import RedisError
+
+    try:
+        registry = Registry(SyncRedis.from_url(settings.effective_redis_url))
+        sync_store(registry, store)
+        current, epoch = registry.current()
+        if current is not None:
+            return current, epoch
+    except RedisError as exc:  # the follower catches up once Redis is back
+        log.warning("registry unavailable (%s): starting on the model store's current version", exc)
+    version = store.current()
     if version is None:
         raise StoreError(f"the model store {store.root} is empty: run `rankloop model import` first")
+    return version, 0
+
+
+async def _serve(settings: Settings) -> None:
+    store = ModelStore(settings.store_dir)
+    version, epoch = _starting_version(settings, store)
     engine = _build_engine(settings, version, store)
     redis = Redis.from_url(settings.effective_redis_url)
-    app = create_app(settings, engine, redis, version)
+    served = ServedVersion(version, epoch)
+    app = create_app(settings, engine, redis, served)
+    follower = None
+    if settings.policy_version is None:
+        follower = asyncio.create_task(RegistryFollower(redis, served, engine, store, app.state.metrics).run())
+    else:
+        log.info("policy version pinned to %s by the settings: promotions are not followed", version)
     # Move everything loaded so far (tokenizer, engine client, libraries) out of the collector's sight: full
     # collections otherwise walk it all and stall every request for a quarter of a second at high rates.
     gc.collect()
     gc.freeze()
     config = uvicorn_config(app, settings.host, settings.port, settings.access_log)
     try:
-        log.info("policy %s ready; listening on http://%s:%d", version, settings.host, settings.port)
+        log.info("policy %s (epoch %d) ready; listening on http://%s:%d", version, epoch, settings.host, settings.port)
         await uvicorn.Server(config).serve()
     finally:
+        if follower is not None:
+            follower.cancel()
         await engine.shutdown()
         await redis.aclose()
 

@@ -38,6 +38,11 @@ class ServeMetrics:
             "rankloop_feedback_events", "Feedback submissions by kind and outcome (new, duplicate, conflict)",
             ["kind", "outcome"], registry=self.registry,
         )  # fmt: skip
+        self.swap_seconds = Histogram(
+            "rankloop_swap_seconds", "Hot-swap phases: drain (answers in flight finish) and load (new weights)",
+            ["phase"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=self.registry,
+        )  # fmt: skip
+        self.swap_failures = Counter("rankloop_swap_failures", "Swaps refused or failed", registry=self.registry)
         self.served_version = Gauge("rankloop_policy_version", "Served policy version number", registry=self.registry)
 
 

@@ -47,6 +47,8 @@ async def healthz(request: Request) -> JSONResponse:
         "engine": "ok" if engine_ok else "down",
         "redis": "ok" if redis_ok else "down",
         "policy_version": service.policy_version,
+        "epoch": service.served.epoch,
+        "swap_error": service.served.last_error,
     }
     return JSONResponse(body, status_code=200 if engine_ok and redis_ok else 503)
 

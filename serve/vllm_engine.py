@@ -103,6 +103,16 @@ class VllmEngine:
             return False
         return True
 
+    async def load_weights(self, folder: Path) -> None:
+        # mode="wait": anything still in the engine finishes first (never "keep": it would mix weights inside an
+        # answer); the server's gate has drained its own requests already.
+        await self.llm.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+            await self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+        finally:
+            await self.llm.resume_generation()
+
     async def shutdown(self) -> None:
         self.llm.shutdown()
 

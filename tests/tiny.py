@@ -7,6 +7,8 @@ from pathlib import Path
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
 
+from deploy.model_store import ModelStore
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -50,3 +52,28 @@ def tiny_llama_folder(folder: Path, with_chat_template: bool = True) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_versions_store(root: Path) -> ModelStore:
+    """A store with v0001 (current), v0002 (a copy, as a trained version would be) and v0003 (another shape)."""
+    import shutil
+
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from deploy.model_import import import_model
+    from deploy.model_store import Card
+
+    def copy(source: Path, target: Path) -> None:
+        for file in source.iterdir():
+            if file.name != "card.json":
+                shutil.copy(file, target / file.name)
+
+    store = ModelStore(root / "models")
+    import_model(store, tiny_llama_folder(root / "tiny"))
+    store.publish(Card("v0002", "v0001", "sft"), lambda f: copy(store.path("v0001"), f))
+    other = tiny_llama_folder(root / "other")
+    config = (other / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 32')
+    (other / "config.json").write_text(config)
+    LlamaForCausalLM(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    store.publish(Card("v0003", "v0001", "sft"), lambda f: copy(other, f))
+    return store

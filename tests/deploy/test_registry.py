@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from deploy.model_import import import_model
-from deploy.model_store import Card, ModelStore
+from deploy.model_store import ModelStore
 from deploy.promotion import check_folder, promote, rollback, sync_store
 from deploy.redis_server import EmbeddedRedis
 from deploy.registry import Conflict, Registry, RegistryError
-from tests.tiny import tiny_llama_folder
+from tests.tiny import tiny_versions_store
 
 
 @pytest.fixture
@@ -26,24 +25,7 @@ def registry(redis_server: EmbeddedRedis) -> Iterator[Registry]:
 
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
-    """v0001 (current), v0002 (a copy, as a trained version would be), v0003 (weights of another shape)."""
-    store = ModelStore(tmp_path / "models")
-    import_model(store, tiny_llama_folder(tmp_path / "tiny"))
-    store.publish(Card("v0002", "v0001", "sft"), lambda f: _copy(store.path("v0001"), f))
-    other = tiny_llama_folder(tmp_path / "other")
-    cfg = (other / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 32')
-    (other / "config.json").write_text(cfg)
-    from transformers import AutoConfig, LlamaForCausalLM
-
-    LlamaForCausalLM(AutoConfig.from_pretrained(other)).save_pretrained(other)
-    store.publish(Card("v0003", "v0001", "sft"), lambda f: _copy(other, f))
-    return store
-
-
-def _copy(source: Path, target: Path) -> None:
-    for file in source.iterdir():
-        if file.name != "card.json":
-            shutil.copy(file, target / file.name)
+    return tiny_versions_store(tmp_path)
 
 
 def test_sync_registers_the_store_and_its_current_version(registry: Registry, store: ModelStore) -> None:

@@ -14,6 +14,7 @@ from serve.chat import ChatService
 from serve.fake_engine import FakeEngine
 from serve.metrics import ServeMetrics
 from serve.protocol import ChatCompletionRequest
+from serve.swap import ServedVersion
 
 ASK = {
     "messages": [{"role": "user", "content": "hello world"}],
@@ -135,7 +136,7 @@ async def test_redis_down_is_503_with_retry_after(engine: FakeEngine) -> None:
 
 async def test_client_leaving_mid_stream_aborts_the_generation(tokenizer: Any, redis: Redis) -> None:
     engine = FakeEngine(tokenizer, step_s=0.05)
-    service = ChatService(engine, ComparisonStore(redis, 60), load_settings(), ServeMetrics(), "v0001")
+    service = ChatService(engine, ComparisonStore(redis, 60), load_settings(), ServeMetrics(), ServedVersion("v0001"))
     request = ChatCompletionRequest.model_validate({**ASK, "n": 2, "stream": True})
     body = await service.stream(request)
     first = [await anext(body) for _ in range(3)]  # role chunks, then the first token

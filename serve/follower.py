@@ -1,0 +1,97 @@
+"""Follow the registry: when the current version changes, hot-swap it into this server.
+
+On start it reads the current version, the epoch and the events stream's last id in one transaction, then blocks
+on XREAD from that id: an event appended while this replica was away (or restarting) is still read, which pub/sub
+would have lost. Events for an epoch it already serves are ignored; several queued events lead to one swap, to the
+newest current version. A folder that fails the check never reaches the engine (a bad reload kills vLLM's engine):
+the server keeps the old version and the registry marks the target `failed` with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from deploy.model_store import ModelStore
+from deploy.promotion import check_folder
+from deploy.registry import CURRENT, EPOCH, EVENTS, PREFIX
+from serve.engine import Engine
+from serve.metrics import ServeMetrics
+from serve.swap import ServedVersion
+
+log = logging.getLogger(__name__)
+RETRY_S = 1.0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RegistryFollower:
+    def __init__(self, redis: Redis, served: ServedVersion, engine: Engine, store: ModelStore,
+                 metrics: ServeMetrics) -> None:  # fmt: skip
+        self.redis, self.served, self.engine, self.store, self.metrics = redis, served, engine, store, metrics
+
+    async def state(self) -> tuple[str | None, int, str]:
+        """(current version, epoch, last event id), read in one transaction."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(CURRENT)
+            pipe.get(EPOCH)
+            pipe.xrevrange(EVENTS, count=1)
+            current, epoch, last = await pipe.execute()
+        return (_text(current) if current else None), int(epoch or 0), (_text(last[0][0]) if last else "0-0")
+
+    async def run(self, block_ms: int = 1000) -> None:
+        """Follow until cancelled; reconnect after Redis errors, re-reading the state so nothing is missed."""
+        while True:
+            try:
+                current, epoch, last_id = await self.state()
+                await self.catch_up(current, epoch)
+                while True:
+                    reply: Any = await self.redis.xread({EVENTS: last_id}, block=block_ms, count=100)
+                    if not reply:
+                        continue
+                    last_id = _text(reply[0][1][-1][0])
+                    current, epoch, _ = await self.state()
+                    await self.catch_up(current, epoch)
+            except RedisError as exc:
+                log.warning("registry unavailable (%s); retrying in %.0f s", exc, RETRY_S)
+                await asyncio.sleep(RETRY_S)
+
+    async def catch_up(self, current: str | None, epoch: int) -> None:
+        """Swap to `current` if the registry's epoch is newer than the one served."""
+        if current is None or epoch <= self.served.epoch:
+            return
+        if current == self.served.version:
+            self.served.epoch = epoch  # e.g. a rollback to what this replica never left
+            return
+        await self.swap(current, epoch)
+
+    async def swap(self, version: str, epoch: int) -> None:
+        try:
+            folder = self.store.path(version)
+            # Reading the headers is file I/O: off the event loop, so answers keep flowing meanwhile.
+            await asyncio.to_thread(check_folder, folder, self.store.path(self.served.version))
+            times = await self.served.swap(version, epoch, lambda: self.engine.load_weights(folder))
+        except Exception as exc:  # any failure: keep serving the old version, say so everywhere
+            await self._failed(version, epoch, exc)
+            return
+        self.metrics.swap_seconds.labels("drain").observe(times.drain_s)
+        self.metrics.swap_seconds.labels("load").observe(times.load_s)
+        self.metrics.served_version.set(int(version.lstrip("v") or 0))
+        log.info("now serving %s (epoch %d): drain %.3f s, load %.3f s", version, epoch, times.drain_s, times.load_s)
+
+    async def _failed(self, version: str, epoch: int, exc: Exception) -> None:
+        message = f"swap to {version} failed: {exc}"
+        log.error("%s; still serving %s", message, self.served.version)
+        self.served.last_error = message
+        self.served.epoch = epoch  # do not retry the same decision forever; a new promote or rollback moves on
+        self.metrics.swap_failures.inc()
+        try:
+            await self.redis.hset(f"{PREFIX}version:{version}", mapping={"state": "failed", "error": message[:2000]})
+        except RedisError:
+            log.exception("could not mark %s failed in the registry", version)

@@ -1,0 +1,186 @@
+"""Hot-swap over the fake engine and a real Redis registry: no failed or mixed answer, catch-up, refusals."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+
+from deploy.model_store import ModelStore
+from deploy.promotion import promote, rollback, sync_store
+from deploy.redis_server import EmbeddedRedis
+from deploy.registry import Registry
+from deploy.settings import load_settings
+from serve.app import create_app
+from serve.fake_engine import FakeEngine
+from serve.follower import RegistryFollower
+from serve.swap import ServedVersion
+from tests.tiny import tiny_versions_store
+
+ASK = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 32, "n": 2}
+
+
+class Replica:
+    """One server: the app over a fake engine, its follower running."""
+
+    def __init__(self, redis: Redis, store: ModelStore, tokenizer: Any) -> None:
+        self.engine = FakeEngine(tokenizer, max_model_len=256, step_s=0.01)
+        self.engine.load_s = 0.05
+        current, epoch = Registry(SyncRedis.from_url(_url(redis))).current()
+        assert current is not None
+        self.served = ServedVersion(current, epoch)
+        settings = load_settings(max_model_len=256, max_tokens_limit=128, default_max_tokens=64)
+        self.app = create_app(settings, self.engine, redis, self.served)
+        self.follower = RegistryFollower(redis, self.served, self.engine, store, self.app.state.metrics)
+        self.task = asyncio.create_task(self.follower.run(block_ms=50))
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://t")
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await self.http.aclose()
+
+
+def _url(redis: Redis) -> str:
+    kwargs = redis.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/0"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    return tiny_versions_store(tmp_path)
+
+
+@pytest.fixture
+def registry(redis: Redis, redis_server: EmbeddedRedis, store: ModelStore) -> Registry:
+    registry = Registry(SyncRedis.from_url(redis_server.url))
+    sync_store(registry, store)
+    return registry
+
+
+@pytest.fixture
+async def replica(redis: Redis, store: ModelStore, registry: Registry, tokenizer: Any) -> AsyncIterator[Replica]:
+    server = Replica(redis, store, tokenizer)
+    yield server
+    await server.close()
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def made_by(body: dict[str, Any]) -> set[str]:
+    """The versions whose weights wrote the answers (the fake engine names the folder it loaded)."""
+    texts = [c["message"]["content"] for c in body["choices"]]
+    return {"v0002" if " from v0002" in t else "v0001" for t in texts}
+
+
+async def test_a_promotion_is_served_within_a_second(replica: Replica, registry: Registry, store: ModelStore) -> None:
+    assert (await replica.http.post("/v1/chat/completions", json=ASK)).json()["policy_version"] == "v0001"
+    promote(registry, store, "v0002", "ann", "")
+    await until(lambda: replica.served.version == "v0002", timeout=1.0)
+    body = (await replica.http.post("/v1/chat/completions", json=ASK)).json()
+    assert body["policy_version"] == "v0002" and made_by(body) == {"v0002"}
+    health = (await replica.http.get("/healthz")).json()
+    assert (health["policy_version"], health["epoch"], health["swap_error"]) == ("v0002", 2, None)
+    metrics = (await replica.http.get("/metrics")).text
+    assert 'rankloop_swap_seconds_count{phase="load"} 1.0' in metrics
+
+
+async def test_cycles_under_load_fail_nothing_and_never_mix(
+    replica: Replica, registry: Registry, store: ModelStore
+) -> None:
+    results: list[dict[str, Any]] = []
+    failures: list[int] = []
+    stop = asyncio.Event()
+
+    async def client(stream: bool) -> None:
+        while not stop.is_set():
+            if stream:
+                async with replica.http.stream("POST", "/v1/chat/completions", json={**ASK, "stream": True}) as r:
+                    lines = [json.loads(x[6:]) for x in [line async for line in r.aiter_lines()]
+                             if x.startswith("data: {")]  # fmt: skip
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                        continue
+                texts = ["", ""]
+                for chunk in lines:
+                    for choice in chunk["choices"]:
+                        texts[choice["index"]] += choice["delta"].get("content") or ""
+                body = {"policy_version": lines[0]["policy_version"],
+                        "choices": [{"message": {"content": t}} for t in texts]}  # fmt: skip
+            else:
+                response = await replica.http.post("/v1/chat/completions", json=ASK)
+                if response.status_code != 200:
+                    failures.append(response.status_code)
+                    continue
+                body = response.json()
+            results.append(body)
+
+    clients = [asyncio.create_task(client(stream=i % 2 == 0)) for i in range(8)]
+    for _ in range(5):
+        promote(registry, store, "v0002", "ops", "cycle")
+        await until(lambda: replica.served.version == "v0002")
+        await asyncio.sleep(0.1)
+        rollback(registry, store, "ops", "cycle")
+        await until(lambda: replica.served.version == "v0001")
+        await asyncio.sleep(0.1)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failures == []
+    assert len(results) > 40
+    versions = {body["policy_version"] for body in results}
+    assert versions == {"v0001", "v0002"}
+    for body in results:  # every answer written by the weights of the version it reports, never a mix
+        assert made_by(body) == {body["policy_version"]}
+
+
+async def test_a_replica_away_during_promotions_catches_up_to_the_latest_in_one_swap(
+    redis: Redis, registry: Registry, store: ModelStore, tokenizer: Any
+) -> None:
+    # While the replica is down: v0002, back to v0001, v0002 again (epochs 2, 3, 4).
+    promote(registry, store, "v0002", "ann", "one")
+    rollback(registry, store, "ann", "two")
+    promote(registry, store, "v0002", "ann", "three")
+    server = Replica(redis, store, tokenizer)
+    server.served.version, server.served.epoch = "v0001", 1  # what it served before it went away
+    try:
+        await until(lambda: server.served.version == "v0002")
+        assert server.served.epoch == 4
+        metrics = (await server.http.get("/metrics")).text
+        assert 'rankloop_swap_seconds_count{phase="load"} 1.0' in metrics  # one swap, straight to the latest
+    finally:
+        await server.close()
+
+
+async def test_a_corrupt_version_never_reaches_the_engine(
+    replica: Replica, registry: Registry, store: ModelStore
+) -> None:
+    registry.switch("v0003", "v0001", "promote", "ann", "skipping the check")  # bypasses promote()'s check
+    await until(lambda: replica.served.epoch == 2)
+    assert replica.served.version == "v0001" and replica.engine.weights is None
+    health = (await replica.http.get("/healthz")).json()
+    assert "does not fit the served architecture" in health["swap_error"]
+    assert registry.show("v0003").state == "failed"
+    response = await replica.http.post("/v1/chat/completions", json=ASK)
+    assert response.status_code == 200 and response.json()["policy_version"] == "v0001"
+    assert "rankloop_swap_failures_total 1.0" in (await replica.http.get("/metrics")).text
+
+
+async def test_two_replicas_follow_one_promotion(
+    redis: Redis, registry: Registry, store: ModelStore, tokenizer: Any
+) -> None:
+    first, second = Replica(redis, store, tokenizer), Replica(redis, store, tokenizer)
+    try:
+        promote(registry, store, "v0002", "ann", "")
+        await until(lambda: first.served.version == second.served.version == "v0002", timeout=1.0)
+    finally:
+        await first.close()
+        await second.close()
