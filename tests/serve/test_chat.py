@@ -131,6 +131,8 @@ async def test_redis_down_is_503_with_retry_after(engine: FakeEngine) -> None:
             "engine": "ok",
             "redis": "down",
             "policy_version": "v0001",
+            "epoch": 0,
+            "swap_error": None,
         }
 
 
@@ -153,7 +155,7 @@ async def test_models_healthz_and_metrics(client: httpx.AsyncClient) -> None:
     assert models["object"] == "list"
     assert [(m["id"], m["policy_version"]) for m in models["data"]] == [("rankloop", "v0001")]
     assert (await client.get("/healthz")).json() == {
-        "status": "ok", "engine": "ok", "redis": "ok", "policy_version": "v0001",
+        "status": "ok", "engine": "ok", "redis": "ok", "policy_version": "v0001", "epoch": 0, "swap_error": None,
     }  # fmt: skip
     await client.post("/v1/chat/completions", json={**ASK, "n": 2})
     await client.post("/v1/chat/completions", json={**ASK, "n": 10})
