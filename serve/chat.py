@@ -96,10 +96,16 @@ class ChatService:
                 400, f"the prompt is {len(prompt_ids)} tokens, so max_tokens can be at most {room} "
                 f"(context {context}); it is {max_tokens}", "max_tokens", "context_length_exceeded",
             )  # fmt: skip
+        n = request.n or self.settings.default_n
+        if request.temperature == 0 and n > 1:
+            raise ApiError(
+                400, f"temperature 0 (greedy) makes all {n} candidates the same answer; ask for n=1, or for "
+                "temperature > 0 to get candidates worth ranking", "temperature", "invalid_value",
+            )  # fmt: skip
         generation = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             prompt_token_ids=prompt_ids,
-            n=request.n or self.settings.default_n,
+            n=n,
             max_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,

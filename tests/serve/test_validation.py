@@ -37,6 +37,8 @@ async def _error(client: httpx.AsyncClient, body: Any, status: int = 400) -> dic
         ),
         ({"messages": [{"role": "user", "content": "  "}]}, "messages", "empty"),
         ({"messages": HELLO, "n": 0}, "n", "greater than or equal to 1"),
+        ({"messages": HELLO, "temperature": 0}, "temperature", "temperature 0 (greedy) makes all 4 candidates"),
+        ({"messages": HELLO, "temperature": 0, "n": 2}, "temperature", "ask for n=1"),
         ({"messages": HELLO, "n": 10}, "n", "less than or equal to 9"),
         ({"messages": HELLO, "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({"messages": HELLO, "temperature": 3}, "temperature", "less than or equal to 2"),
