@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from redis import Redis
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
@@ -29,7 +30,12 @@ def _open() -> tuple[Registry, ModelStore]:
     settings = settings_or_exit()
     registry = Registry(Redis.from_url(settings.effective_redis_url))
     store = ModelStore(settings.store_dir)
-    sync_store(registry, store)  # versions written by the learner or imported appear here
+    try:
+        sync_store(registry, store)  # versions written by the learner or imported appear here
+    except RedisError as exc:
+        errors.print(f"[red]error:[/] the registry's Redis at {settings.effective_redis_url} is not reachable ({exc}); "
+                     "start the stack (`make run`) or set REDIS_URL")  # fmt: skip
+        raise typer.Exit(1) from exc
     return registry, store
 
 

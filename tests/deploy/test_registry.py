@@ -132,3 +132,6 @@ def test_operator_commands(
     back = runner.invoke(app, ["rollback", "--reason", "complaints"])
     assert back.exit_code == 0 and "v0001 is current again (epoch 3)" in back.output
     assert registry.events()[-1].why == "complaints"
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    down = runner.invoke(app, ["versions"])
+    assert down.exit_code == 1 and "is not reachable" in " ".join(down.output.split())
