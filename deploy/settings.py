@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP server.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the admin API (/admin/); unset: the admin API is disabled."
+    )
     access_log: bool = Field(False, description="Log a line per HTTP request (costly at thousands per second).")
 
     # -- generation -----------------------------------------------------------------------------

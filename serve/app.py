@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from redis.asyncio import Redis
 
+from deploy.admin import Admin
+from deploy.admin import router as admin_router
+from deploy.model_store import ModelStore
 from deploy.settings import Settings
 from feedback.comparisons import ComparisonStore
 from feedback.routes import fast_routes
@@ -21,6 +25,8 @@ from serve.limits import BodySizeLimit
 from serve.metrics import RequestCounter, ServeMetrics
 from serve.routes import router
 from serve.swap import ServedVersion
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedVersion | str) -> FastAPI:
@@ -36,6 +42,13 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     app.state.feedback = FeedbackService(comparisons, FeedbackStream(redis), settings.idempotency_ttl_s, metrics)
     app.include_router(router)
     app.include_router(feedback_router)
+    app.include_router(admin_router)
+    app.state.admin = None
+    if settings.admin_token is not None and settings.admin_token.get_secret_value():
+        store = ModelStore(settings.store_dir)
+        app.state.admin = Admin(settings.effective_redis_url, store, settings.admin_token.get_secret_value())
+    else:
+        log.warning("admin API disabled: no RANKLOOP_ADMIN_TOKEN configured (there is no default token)")
     app.router.routes[0:0] = fast_routes
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

@@ -1,0 +1,109 @@
+"""The admin HTTP API under /admin/: list and show versions, promote, roll back, read the events.
+
+Protected by a bearer token from the settings (`RANKLOOP_ADMIN_TOKEN`): no token sent -> 401, a wrong one -> 403.
+There is no default token: without one configured the admin routes answer 404 saying how to enable them, and the
+server says so at start-up. The chat and feedback routes never need the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import asdict
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from redis import Redis
+
+from deploy.model_store import ModelStore
+from deploy.promotion import promote, rollback, sync_store
+from deploy.registry import Registry, RegistryError
+from serve.errors import ApiError
+
+bearer = HTTPBearer(auto_error=False)
+
+
+class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str = Field(min_length=1, max_length=64)
+    reason: str = Field("", max_length=2000)
+    who: str = Field("admin-api", min_length=1, max_length=256)
+    expected: str | None = Field(None, description="Refuse unless this is still the current version.")
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = Field(None, max_length=64, description="Default: the previous current version.")
+    reason: str = Field("", max_length=2000)
+    who: str = Field("admin-api", min_length=1, max_length=256)
+
+
+class Admin:
+    def __init__(self, redis_url: str, store: ModelStore, token: str) -> None:
+        self.registry = Registry(Redis.from_url(redis_url))
+        self.store = store
+        self.token = token
+
+    def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        if credentials is None:
+            raise ApiError(401, "the admin API needs `Authorization: Bearer <token>`", code="unauthorized",
+                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        if not secrets.compare_digest(credentials.credentials.encode(), self.token.encode()):
+            raise ApiError(403, "wrong admin token", code="forbidden")
+
+
+def _admin(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Admin:
+    admin: Admin | None = request.app.state.admin
+    if admin is None:
+        raise ApiError(404, "the admin API is disabled: set RANKLOOP_ADMIN_TOKEN to enable it", code="not_found")
+    admin.check(credentials)
+    return admin
+
+
+async def _call(admin: Admin, fn: Any, *args: Any) -> Any:
+    """Registry calls are short blocking Redis round trips: run them off the event loop."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except RegistryError as exc:
+        status = 409 if "someone changed it first" in str(exc) else 400
+        raise ApiError(status, str(exc), code="conflict" if status == 409 else "refused") from exc
+
+
+AdminDep = Annotated[Admin, Depends(_admin)]
+router = APIRouter(prefix="/admin")
+
+
+@router.get("/versions")
+async def versions(admin: AdminDep) -> dict[str, Any]:
+    await _call(admin, sync_store, admin.registry, admin.store)
+    current, epoch = await _call(admin, admin.registry.current)
+    listed = await _call(admin, admin.registry.versions)
+    return {"current": current, "epoch": epoch, "versions": [asdict(v) for v in listed]}
+
+
+@router.get("/versions/{version}")
+async def show(version: str, admin: AdminDep) -> dict[str, Any]:
+    info = await _call(admin, admin.registry.show, version)
+    return asdict(info)
+
+
+@router.post("/promote")
+async def promote_route(body: PromoteBody, admin: AdminDep) -> dict[str, Any]:
+    await _call(admin, sync_store, admin.registry, admin.store)
+    epoch = await _call(admin, promote, admin.registry, admin.store, body.version, body.who, body.reason,
+                        body.expected)  # fmt: skip
+    return {"current": body.version, "epoch": epoch}
+
+
+@router.post("/rollback")
+async def rollback_route(body: RollbackBody, admin: AdminDep) -> dict[str, Any]:
+    version, epoch = await _call(admin, rollback, admin.registry, admin.store, body.who, body.reason, body.version)
+    return {"current": version, "epoch": epoch}
+
+
+@router.get("/events")
+async def events(admin: AdminDep, after: str = "-", count: int = 100) -> dict[str, Any]:
+    listed = await _call(admin, admin.registry.events, after, min(max(count, 1), 1000))
+    return {"events": [asdict(e) for e in listed]}

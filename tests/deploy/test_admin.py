@@ -1,0 +1,77 @@
+"""The admin HTTP API: bearer token (401 without, 403 wrong), list, promote, conflicts, rollback, events."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from deploy.redis_server import EmbeddedRedis
+from deploy.settings import load_settings
+from serve.app import create_app
+from serve.fake_engine import FakeEngine
+from tests.tiny import tiny_versions_store
+
+TOKEN = "s3cret-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _app(tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any, token: str | None) -> Any:
+    store = tiny_versions_store(tmp_path)
+    settings = load_settings(max_model_len=256, max_tokens_limit=128, default_max_tokens=64, redis_url=redis_server.url,
+                             data_dir=store.root.parent, admin_token=token)  # fmt: skip
+    return create_app(settings, FakeEngine(tokenizer, 256), redis, "v0001")
+
+
+@pytest.fixture
+async def admin(
+    tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = _app(tmp_path, redis, redis_server, tokenizer, TOKEN)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        yield http
+
+
+async def test_the_token_is_required_and_checked(admin: httpx.AsyncClient) -> None:
+    missing = await admin.get("/admin/versions")
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    wrong = await admin.get("/admin/versions", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 403 and wrong.json()["error"]["message"] == "wrong admin token"
+    chat = await admin.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200  # users never need the token
+
+
+async def test_list_promote_conflict_rollback_and_events(admin: httpx.AsyncClient) -> None:
+    listed = (await admin.get("/admin/versions", headers=AUTH)).json()
+    assert (listed["current"], listed["epoch"]) == ("v0001", 1)
+    assert [v["state"] for v in listed["versions"]] == ["current", "ready", "ready"]
+    promoted = await admin.post(
+        "/admin/promote", headers=AUTH, json={"version": "v0002", "reason": "evals", "who": "ann"}
+    )
+    assert promoted.json() == {"current": "v0002", "epoch": 2}
+    stale = await admin.post("/admin/promote", headers=AUTH, json={"version": "v0001", "expected": "v0001"})
+    assert stale.status_code == 409 and "someone changed it first" in stale.json()["error"]["message"]
+    refused = await admin.post("/admin/promote", headers=AUTH, json={"version": "v0003"})
+    assert refused.status_code == 400 and "does not fit" in refused.json()["error"]["message"]
+    back = await admin.post("/admin/rollback", headers=AUTH, json={"reason": "complaints"})
+    assert back.json() == {"current": "v0001", "epoch": 3}
+    shown = (await admin.get("/admin/versions/v0003", headers=AUTH)).json()
+    assert shown["state"] == "failed"
+    events = (await admin.get("/admin/events", headers=AUTH)).json()["events"]
+    assert [(e["action"], e["version"], e["who"]) for e in events] == [
+        ("init", "v0001", "rankloop"), ("promote", "v0002", "ann"), ("rollback", "v0001", "admin-api"),
+    ]  # fmt: skip
+    later = (await admin.get(f"/admin/events?after={events[1]['id']}", headers=AUTH)).json()["events"]
+    assert [e["epoch"] for e in later] == [3]
+
+
+async def test_without_a_token_the_admin_api_is_off(
+    tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _app(tmp_path, redis, redis_server, tokenizer, None)
+    assert "admin API disabled" in caplog.text
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        response = await http.get("/admin/versions", headers=AUTH)
+    assert response.status_code == 404 and "set RANKLOOP_ADMIN_TOKEN" in response.json()["error"]["message"]
