@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -50,6 +51,8 @@ async def healthz(request: Request) -> JSONResponse:
         "epoch": service.served.epoch,
         "swap_error": service.served.last_error,
     }
+    if service.served.last_swap is not None:
+        body["last_swap"] = asdict(service.served.last_swap)
     return JSONResponse(body, status_code=200 if engine_ok and redis_ok else 503)
 
 

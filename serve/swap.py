@@ -27,6 +27,7 @@ class ServedVersion:
         self.version = version
         self.epoch = epoch  # the registry epoch this version was served for
         self.last_error: str | None = None  # the last swap that failed, for /healthz
+        self.last_swap: SwapTimes | None = None
         self.in_flight = 0
         self._open = asyncio.Event()
         self._open.set()
@@ -64,4 +65,5 @@ class ServedVersion:
             finally:
                 self._open.set()
             done = time.monotonic()
-            return SwapTimes(drained - started, done - drained, done - started)
+            self.last_swap = SwapTimes(drained - started, done - drained, done - started)
+            return self.last_swap
