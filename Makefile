@@ -26,6 +26,7 @@ bench: venv
 	$(BIN)/python bench/chat_throughput.py
 	$(BIN)/python bench/feedback_ingest.py
 	$(BIN)/python bench/rm_speed.py
+	$(BIN)/python bench/swap_latency.py
 
 clean:
 	rm -rf $(VENV) var

@@ -158,3 +158,70 @@ def test_cycles_under_load_fail_nothing_and_never_mix(swap_stack: tuple[str, Reg
     wrong = [(v, t) for v, t in answers if (v == "v0002") != (t == "")]
     assert wrong == [], wrong[:3]
     assert sum(v == "v0002" for v, _ in answers) > 10 and sum(v == "v0001" for v, _ in answers) > 10
+
+
+def test_a_corrupt_version_never_reaches_the_engine(swap_stack: tuple[str, Registry, ModelStore]) -> None:
+    url, registry, store = swap_stack
+    if registry.current()[0] != "v0001":
+        rollback(registry, store, "test", "", "v0001")
+        _wait_for(url, "v0001")
+
+    def corrupt(folder: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        for file in store.path("v0001").iterdir():
+            if file.suffix != ".safetensors" and file.name != "card.json":
+                shutil.copy(file, folder / file.name)
+        save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, folder / "model.safetensors")
+
+    store.publish(Card("v0003", "v0001", "test"), corrupt)
+    sync_store(registry, store)
+    registry.switch("v0003", "v0001", "promote", "test", "bypassing the check")  # as a buggy operator tool might
+    deadline = time.monotonic() + 30
+    while (health := httpx.get(f"{url}/healthz", timeout=5).json())["swap_error"] is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "does not fit the served architecture" in health["swap_error"]
+    assert (health["status"], health["policy_version"]) == ("ok", "v0001")
+    assert registry.show("v0003").state == "failed"
+    version, text = _ask(url)
+    assert version == "v0001" and text.strip()  # the engine is alive and still on v0001
+    registry.switch("v0001", "v0003", "rollback", "test", "restore")
+
+
+def test_a_second_server_follows_and_catches_up_after_a_restart(swap_stack: tuple[str, Registry, ModelStore]) -> None:
+    url, registry, store = swap_stack
+    data = store.root.parent
+    redis_url = registry.redis.connection_pool.connection_kwargs
+    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data),
+           "REDIS_URL": f"redis://{redis_url['host']}:{redis_url['port']}/0"}  # fmt: skip
+
+    def start() -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env={**env, "RANKLOOP_PORT": str(port)},
+                                   start_new_session=True, cwd=REPO)  # fmt: skip
+        second = f"http://127.0.0.1:{port}"
+        _wait_ready(second, process, ENGINE_START_S)
+        return second, process
+
+    current = registry.current()[0]
+    second, process = start()
+    try:
+        assert httpx.get(f"{second}/healthz").json()["policy_version"] == current
+        target = "v0002" if current == "v0001" else "v0001"
+        promote(registry, store, target, "test", "both follow")
+        _wait_for(url, target)
+        _wait_for(second, target)
+    finally:
+        stop_group(process)
+    rollback(registry, store, "test", "while the second is down")
+    promote(registry, store, target, "test", "again while it is down")
+    latest = registry.current()
+    second, process = start()  # a restart serves the registry's current version at once
+    try:
+        health = httpx.get(f"{second}/healthz").json()
+        assert (health["policy_version"], health["epoch"]) == latest
+        assert _ask(second)[0] == latest[0]
+    finally:
+        stop_group(process)
