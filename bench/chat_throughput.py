@@ -27,9 +27,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import bench_store, wait_healthy  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from deploy.launcher import stop_group  # noqa: E402
-from deploy.model_store import ModelStore  # noqa: E402
 from deploy.redis_server import EmbeddedRedis  # noqa: E402
 
 MT_BENCH = REPO.parent / "shared" / "data" / "mt-bench-questions.jsonl"
@@ -85,20 +85,6 @@ async def _load(base_url: str, model: str, questions: list[str], extra: dict[str
         return Result("", time.perf_counter() - started, tokens, latencies)
 
 
-def _wait(url: str, process: subprocess.Popen[bytes], path: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < 600:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)
-
-
 Pass = tuple[str, dict[str, object]]  # (name in the table, extra request fields)
 
 
@@ -108,7 +94,7 @@ def run_server(argv: list[str], env: dict[str, str], url: str, ready: str, passe
     log = open(Path(tempfile.gettempdir()) / f"bench-{name.split()[0]}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True)
     try:
-        ready_s = _wait(url, process, ready)
+        ready_s = wait_healthy(url, process, ready)
         print(f"{name}: ready in {ready_s:.0f} s; warming up", flush=True)
         asyncio.run(_load(url, "rankloop", prompts()[:CLIENTS]))
         results = []
@@ -180,11 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     if not MT_BENCH.is_file():
         sys.exit(f"skipped: {MT_BENCH} is absent")
-    store = ModelStore(args.data_dir / "models")
-    if store.current() is None:
-        from deploy.model_import import import_model
-
-        import_model(store)
+    store = bench_store(args.data_dir)
     model_dir = store.path(store.current() or "v0001")
 
     results: list[Result] = []

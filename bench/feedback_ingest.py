@@ -30,9 +30,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import bench_store  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from deploy.launcher import stop_group  # noqa: E402
-from deploy.model_store import ModelStore  # noqa: E402
 from deploy.redis_server import EmbeddedRedis  # noqa: E402
 
 COMPARISONS = 1000
@@ -143,10 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("this benchmark needs wrk: apt-get install wrk")
-    if ModelStore(args.data_dir / "models").current() is None:
-        from deploy.model_import import import_model
-
-        import_model(ModelStore(args.data_dir / "models"))  # the fake engine still needs the tokenizer
+    bench_store(args.data_dir)  # the fake engine still needs v0001's tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench-feedback-"))
     bare_url, ours_url = "http://127.0.0.1:8105", "http://127.0.0.1:8106"

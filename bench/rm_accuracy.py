@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,8 +25,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.common import bench_store, run_in_trl_env  # noqa: E402
 from bench.report import write_section  # noqa: E402
-from deploy.model_store import ModelStore  # noqa: E402
 from learn.loop import LoopConfig  # noqa: E402
 from learn.reward_model import load_reward_model, train_reward_model  # noqa: E402
 from learn.rm_data import hh_groups, parse_hh  # noqa: E402
@@ -83,19 +82,13 @@ def _row_after(n_train: int) -> int:
 
 
 def theirs(model_dir: Path, n_train: int, n_eval: int) -> dict[str, Any]:
-    python = subprocess.run(["bash", str(REPO / "bench/trl_env.sh")], capture_output=True, text=True, check=True)
     work = Path(tempfile.mkdtemp(prefix="rm-accuracy-"))
     for name, rows in (("train", conversational(HH, 0, n_train)),
                        ("eval", conversational(HH, _row_after(n_train), n_eval))):  # fmt: skip
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = [python.stdout.strip(), str(REPO / "bench/trl_reward_accuracy.py"), str(model_dir),
-            str(work / "train.jsonl"), str(work / "eval.jsonl"), "--lr", str(LR), "--batch", str(BATCH),
-            "--threads", str(THREADS), "--max-length", str(MAX_LEN)]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return run_in_trl_env("trl_reward_accuracy.py", str(model_dir), str(work / "train.jsonl"), str(work / "eval.jsonl"),
+                          "--lr", str(LR), "--batch", str(BATCH), "--threads", str(THREADS), "--max-length",
+                          str(MAX_LEN))  # fmt: skip
 
 
 def main() -> None:
@@ -107,11 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     if not HH.is_file():
         sys.exit(f"skipped: {HH} is absent")
-    store = ModelStore(args.data_dir / "models")
-    if store.current() is None:
-        from deploy.model_import import import_model
-
-        import_model(store)
+    store = bench_store(args.data_dir)
     model_dir = store.path(store.reference() or "v0001")
     log = args.data_dir / "runs" / "bench-rm-accuracy.jsonl"
     mine = ours(model_dir, args.train, args.eval, log)

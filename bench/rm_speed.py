@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +28,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from bench.common import bench_store, run_in_trl_env  # noqa: E402
 from bench.report import write_section  # noqa: E402
-from deploy.model_store import ModelStore  # noqa: E402
 from learn.reward_model import group_loss, load_reward_model  # noqa: E402
 from learn.rm_data import RankedGroup, encode_pair, prompt_key  # noqa: E402
 
@@ -75,17 +74,11 @@ def rankloop_speed(model_dir: Path, groups: list[RankedGroup], steps: int) -> di
 
 
 def trl_speed(model_dir: Path, pairs: list[dict[str, object]], steps: int) -> dict[str, Any]:
-    python = subprocess.run(["bash", str(REPO / "bench/trl_env.sh")], capture_output=True, text=True, check=True)
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as out:
         out.writelines(json.dumps(p) + "\n" for p in pairs)
-    argv = [python.stdout.strip(), str(REPO / "bench/trl_reward_speed.py"), str(model_dir), out.name,
-            "--batch-pairs", str(GROUPS_PER_STEP * K * (K - 1) // 2), "--steps", str(steps), "--threads", str(THREADS),
-            "--max-length", str(MAX_LEN)]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return run_in_trl_env("trl_reward_speed.py", str(model_dir), out.name, "--batch-pairs",
+                          str(GROUPS_PER_STEP * K * (K - 1) // 2), "--steps", str(steps), "--threads", str(THREADS),
+                          "--max-length", str(MAX_LEN))  # fmt: skip
 
 
 def main() -> None:
@@ -95,11 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     if not SEEDS.is_file():
         sys.exit(f"skipped: {SEEDS} is absent")
-    store = ModelStore(args.data_dir / "models")
-    if store.current() is None:
-        from deploy.model_import import import_model
-
-        import_model(store)
+    store = bench_store(args.data_dir)
     model_dir = store.path(store.reference() or "v0001")
     _, tokenizer = load_reward_model(model_dir)
     groups, pairs = groups_and_pairs(tokenizer, args.steps * GROUPS_PER_STEP)

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from redis import Redis  # noqa: E402
 
+from bench.common import bench_store, wait_healthy  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from deploy.launcher import stop_group  # noqa: E402
 from deploy.model_store import Card, ModelStore  # noqa: E402
@@ -41,19 +42,6 @@ from deploy.registry import Registry  # noqa: E402
 PROBE = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "n": 1}
 LOAD = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse."}], "max_tokens": 64,
         "n": 4, "temperature": 0.8}  # fmt: skip
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    for _ in range(600):
-        if process.poll() is not None:
-            raise RuntimeError("the server exited")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)
 
 
 def one_swap(url: str, registry: Registry, store: ModelStore, target: str) -> dict[str, float]:
@@ -122,11 +110,7 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
     args = parser.parse_args()
-    source = ModelStore(args.data_dir / "models")
-    if source.current() is None:
-        from deploy.model_import import import_model
-
-        import_model(source)
+    source = bench_store(args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     store = ModelStore(work / "models")
     shutil.copytree(source.path("v0001"), work / "models" / "v0001")
@@ -149,7 +133,7 @@ def main() -> None:
         process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, stdout=log, stderr=log,
                                    start_new_session=True)  # fmt: skip
         try:
-            wait_ready(url, process)
+            wait_healthy(url, process)
             idle = series(url, registry, store, args.swaps)
             print(f"idle: p50 {statistics.median(r['total'] for r in idle):.2f} s", flush=True)
             loaded, ok, failed = under_load(url, registry, store, args.swaps)

@@ -17,8 +17,8 @@ import torch
 import transformers
 import trl
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
+from trl_common import reward_model
 
 
 def read(path: str) -> list[dict[str, object]]:
@@ -41,13 +41,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=1024)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = reward_model(args.model, args.threads)
     config = RewardConfig(
         output_dir="/tmp/trl-reward-accuracy", per_device_train_batch_size=args.batch, num_train_epochs=1,
         learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=False,

@@ -13,12 +13,12 @@ import argparse
 import json
 import time
 
-import torch
 import transformers
 import trl
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from transformers import TrainerCallback
 from trl import RewardConfig, RewardTrainer
+from trl_common import reward_model
 
 
 class StepTimer(TrainerCallback):
@@ -42,15 +42,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=256)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     with open(args.pairs, encoding="utf-8") as lines:
         rows = [json.loads(line) for line in lines]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer = reward_model(args.model, args.threads)
     config = RewardConfig(
         output_dir="/tmp/trl-reward-bench", per_device_train_batch_size=args.batch_pairs, max_steps=args.steps,
         learning_rate=1e-5, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=False,

@@ -58,17 +58,22 @@ def serve() -> None:
         raise _fail(str(exc)) from exc
 
 
+def _start_redis(settings: Settings) -> EmbeddedRedis:
+    server = EmbeddedRedis(settings.redis_dir, settings.redis_port)
+    try:
+        server.start()
+    except RedisDataError as exc:
+        raise _fail(str(exc)) from exc
+    return server
+
+
 @app.command()
 def redis() -> None:
     """Run the embedded Redis server in the foreground until interrupted."""
     settings = _settings()
     if settings.redis_url:
         raise _fail(f"REDIS_URL is set ({settings.redis_url}): that server is used, none is started")
-    server = EmbeddedRedis(settings.redis_dir, settings.redis_port)
-    try:
-        server.start()
-    except RedisDataError as exc:
-        raise _fail(str(exc)) from exc
+    server = _start_redis(settings)
     console.print(f"redis ready at {server.url} (data in {server.data_dir}); Ctrl-C stops it")
     _wait_for_signal()
     server.stop()
@@ -85,11 +90,7 @@ def up() -> None:
         model_import(source=None, if_empty=True)
     server = None
     if not settings.redis_url:
-        server = EmbeddedRedis(settings.redis_dir, settings.redis_port)
-        try:
-            server.start()
-        except RedisDataError as exc:
-            raise _fail(str(exc)) from exc
+        server = _start_redis(settings)
         console.print(f"redis ready at {server.url}")
     launcher = Launcher()
     signal.signal(signal.SIGTERM, _interrupt)  # stop the stack on SIGTERM exactly as on Ctrl-C

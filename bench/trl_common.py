@@ -1,0 +1,20 @@
+"""Shared by the scripts that run in TRL's environment: thread budget, seed, and the reward model to train."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+
+def reward_model(folder: str, threads: int) -> tuple[Any, Any]:
+    """SmolLM2 with a fresh scalar head in fp32, as rankloop's trainer starts it; pad token set."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
