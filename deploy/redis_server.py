@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -20,6 +21,11 @@ from redis.retry import Retry
 
 _PR_SET_PDEATHSIG = 1
 _MARKER = "rankloop-redis-version"
+
+
+def as_text(value: Any) -> str:
+    """Redis replies are bytes unless the client decodes them (and numbers where a script returns one)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisDataError(RuntimeError):

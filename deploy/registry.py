@@ -20,6 +20,8 @@ from typing import Any
 
 from redis import Redis
 
+from deploy.redis_server import as_text
+
 PREFIX = "rankloop:registry:"
 VERSIONS, CURRENT, EPOCH, EVENTS = (PREFIX + name for name in ("versions", "current", "epoch", "events"))
 STATES = ("ready", "current", "retired", "failed")
@@ -82,8 +84,9 @@ class Event:
     time: float
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def version_key(version: str) -> str:
+    """The hash of one version (the switch script and the server's follower write it too)."""
+    return f"{PREFIX}version:{version}"
 
 
 class Registry:
@@ -92,20 +95,16 @@ class Registry:
         self._switch = redis.register_script(SWITCH_LUA)
         self._register = redis.register_script(REGISTER_LUA)
 
-    @staticmethod
-    def _key(version: str) -> str:
-        return f"{PREFIX}version:{version}"
-
     def register(self, version: str, parent: str | None, made_by: str, created: float, card: dict[str, Any]) -> bool:
         """Add a version as `ready`; False (and no change) when it is already registered."""
         fields: dict[str, str] = {"state": "ready", "parent": parent or "", "made_by": made_by,
                                   "created": repr(created), "card": json.dumps(card), "error": ""}  # fmt: skip
         number = int("".join(c for c in version if c.isdigit()) or 0)
         pairs: list[str] = [item for field in fields.items() for item in field]
-        return bool(self._register(keys=[self._key(version), VERSIONS], args=[version, number, *pairs]))
+        return bool(self._register(keys=[version_key(version), VERSIONS], args=[version, number, *pairs]))
 
     def show(self, version: str) -> VersionInfo:
-        raw = {_text(k): _text(v) for k, v in self.redis.hgetall(self._key(version)).items()}
+        raw = {as_text(k): as_text(v) for k, v in self.redis.hgetall(version_key(version)).items()}
         if not raw:
             raise RegistryError(f"version {version} is not registered (see `rankloop versions`)")
         return VersionInfo(version, raw["state"], raw.get("parent") or None, raw.get("made_by", ""),
@@ -113,20 +112,20 @@ class Registry:
                            raw.get("error") or None)  # fmt: skip
 
     def versions(self) -> list[VersionInfo]:
-        return [self.show(_text(v)) for v in self.redis.zrange(VERSIONS, 0, -1)]
+        return [self.show(as_text(v)) for v in self.redis.zrange(VERSIONS, 0, -1)]
 
     def current(self) -> tuple[str | None, int]:
         """(current version, epoch), read together."""
         current, epoch = self.redis.mget(CURRENT, EPOCH)
-        return (_text(current) if current else None), int(epoch or 0)
+        return (as_text(current) if current else None), int(epoch or 0)
 
     def switch(self, target: str, expected: str | None, action: str, who: str, why: str) -> int:
         """Make `target` current if `expected` still is; return the new epoch. Raises Conflict or RegistryError."""
         reply = self._switch(
-            keys=[CURRENT, EPOCH, EVENTS, self._key(target), f"{PREFIX}version:"],
+            keys=[CURRENT, EPOCH, EVENTS, version_key(target), version_key("")],
             args=[expected or "", target, action, who, why, time.time()],
         )
-        status, detail = _text(reply[0]), _text(reply[1])
+        status, detail = as_text(reply[0]), as_text(reply[1])
         if status == "conflict":
             raise Conflict(f"the current version is {detail or 'none'}, not {expected or 'none'}: someone changed it "
                            "first; look at `rankloop versions` and try again")  # fmt: skip
@@ -137,7 +136,7 @@ class Registry:
         return int(detail)
 
     def mark_failed(self, version: str, error: str) -> None:
-        self.redis.hset(self._key(version), mapping={"state": "failed", "error": error[:2000]})
+        self.redis.hset(version_key(version), mapping={"state": "failed", "error": error[:2000]})
 
     def events(self, after: str = "-", count: int = 100) -> list[Event]:
         start = after if after == "-" else f"({after}"
@@ -157,6 +156,6 @@ class Registry:
 
 
 def _event(event_id: Any, fields: dict[Any, Any]) -> Event:
-    f = {_text(k): _text(v) for k, v in fields.items()}
-    return Event(_text(event_id), int(f["epoch"]), f["action"], f["version"], f["previous"] or None, f["who"],
+    f = {as_text(k): as_text(v) for k, v in fields.items()}
+    return Event(as_text(event_id), int(f["epoch"]), f["action"], f["version"], f["previous"] or None, f["who"],
                  f["why"], float(f["time"]))  # fmt: skip

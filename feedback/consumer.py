@@ -24,8 +24,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from deploy.redis_server import as_text
 from feedback.dataset import Dataset
-from feedback.stream import STREAM_KEY, as_text
+from feedback.stream import STREAM_KEY
 
 log = logging.getLogger(__name__)
 GROUP = "learner"

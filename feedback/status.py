@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from redis import Redis
 
+from deploy.redis_server import as_text
 from feedback.consumer import GROUP
-from feedback.stream import STREAM_KEY, as_text
+from feedback.stream import STREAM_KEY
 
 
 @dataclass(frozen=True)

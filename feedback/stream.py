@@ -18,6 +18,8 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from deploy.redis_server import as_text
+
 STREAM_KEY = "rankloop:feedback"
 CLAIM_PREFIX = "rankloop:claim:"
 
@@ -140,8 +142,3 @@ class FeedbackStream:
             retried = iter(await self._evalsha(again))
             replies = [next(retried) if isinstance(r, NoScriptError) else r for r in replies]
         return replies
-
-
-def as_text(value: bytes | str) -> str:
-    """Redis replies are bytes unless the client decodes them; accept both."""
-    return value.decode() if isinstance(value, bytes) else value

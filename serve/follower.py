@@ -18,17 +18,14 @@ from redis.exceptions import RedisError
 
 from deploy.model_store import ModelStore
 from deploy.promotion import check_folder
-from deploy.registry import CURRENT, EPOCH, EVENTS, PREFIX
+from deploy.redis_server import as_text
+from deploy.registry import CURRENT, EPOCH, EVENTS, version_key
 from serve.engine import Engine
 from serve.metrics import ServeMetrics
 from serve.swap import ServedVersion
 
 log = logging.getLogger(__name__)
 RETRY_S = 1.0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RegistryFollower:
@@ -43,7 +40,7 @@ class RegistryFollower:
             pipe.get(EPOCH)
             pipe.xrevrange(EVENTS, count=1)
             current, epoch, last = await pipe.execute()
-        return (_text(current) if current else None), int(epoch or 0), (_text(last[0][0]) if last else "0-0")
+        return (as_text(current) if current else None), int(epoch or 0), (as_text(last[0][0]) if last else "0-0")
 
     async def run(self, block_ms: int = 1000) -> None:
         """Follow until cancelled; reconnect after Redis errors, re-reading the state so nothing is missed."""
@@ -55,7 +52,7 @@ class RegistryFollower:
                     reply: Any = await self.redis.xread({EVENTS: last_id}, block=block_ms, count=100)
                     if not reply:
                         continue
-                    last_id = _text(reply[0][1][-1][0])
+                    last_id = as_text(reply[0][1][-1][0])
                     current, epoch, _ = await self.state()
                     await self.catch_up(current, epoch)
             except RedisError as exc:
@@ -92,6 +89,6 @@ class RegistryFollower:
         self.served.epoch = epoch  # do not retry the same decision forever; a new promote or rollback moves on
         self.metrics.swap_failures.inc()
         try:
-            await self.redis.hset(f"{PREFIX}version:{version}", mapping={"state": "failed", "error": message[:2000]})
+            await self.redis.hset(version_key(version), mapping={"state": "failed", "error": message[:2000]})
         except RedisError:
             log.exception("could not mark %s failed in the registry", version)
