@@ -18,30 +18,22 @@ from deploy.promotion import promote as promote_version
 from deploy.promotion import rollback as rollback_version
 from deploy.promotion import sync_store
 from deploy.registry import Registry, RegistryError
+from rankloop.console import fail, settings_or_exit
 
 versions_app = typer.Typer(help="Policy versions: list them, show one.", invoke_without_command=True)
 console = Console()
-errors = Console(stderr=True)
 
 
 def _open() -> tuple[Registry, ModelStore]:
-    from rankloop.cli import settings_or_exit
-
     settings = settings_or_exit()
     registry = Registry(Redis.from_url(settings.effective_redis_url))
     store = ModelStore(settings.store_dir)
     try:
         sync_store(registry, store)  # versions written by the learner or imported appear here
     except RedisError as exc:
-        errors.print(f"[red]error:[/] the registry's Redis at {settings.effective_redis_url} is not reachable ({exc}); "
-                     "start the stack (`make run`) or set REDIS_URL")  # fmt: skip
-        raise typer.Exit(1) from exc
+        raise fail(f"the registry's Redis at {settings.effective_redis_url} is not reachable ({exc}); "
+                   "start the stack (`make run`) or set REDIS_URL") from exc  # fmt: skip
     return registry, store
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    errors.print(f"[red]error:[/] {exc}")
-    return typer.Exit(1)
 
 
 def _figures(card: dict[str, object]) -> str:
@@ -76,7 +68,7 @@ def show(version: str) -> None:
     try:
         info = registry.show(version)
     except RegistryError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     print(json.dumps(vars(info), indent=2, default=str))
 
 
@@ -89,7 +81,7 @@ def promote(
     try:
         epoch = promote_version(registry, store, version, getpass.getuser(), reason)
     except RegistryError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"{version} is current (epoch {epoch})")
 
 
@@ -102,5 +94,5 @@ def rollback(
     try:
         target, epoch = rollback_version(registry, store, getpass.getuser(), reason, version)
     except RegistryError as exc:
-        raise _fail(exc) from exc
+        raise fail(exc) from exc
     console.print(f"{target} is current again (epoch {epoch})")

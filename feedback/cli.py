@@ -19,15 +19,10 @@ from feedback.consumer import FeedbackConsumer, default_consumer_name
 from feedback.dataset import Dataset
 from feedback.export import Format, preference_rows, sft_row, write_rows
 from feedback.status import stream_status
+from rankloop.console import settings_or_exit
 
 app = typer.Typer(help="The feedback pipeline: rankings and demonstrations.", no_args_is_help=True)
 console = Console(stderr=True)
-
-
-def _settings() -> Settings:
-    from rankloop.cli import settings_or_exit
-
-    return settings_or_exit()
 
 
 def _consumer(settings: Settings) -> tuple[FeedbackConsumer, Dataset]:
@@ -44,7 +39,7 @@ def _consumer(settings: Settings) -> tuple[FeedbackConsumer, Dataset]:
 def consume(once: Annotated[bool, typer.Option("--once", help="Store what is there now, then exit.")] = False) -> None:
     """Move accepted feedback from Redis into the dataset (the learner does this itself when it runs)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = _settings()
+    settings = settings_or_exit()
     consumer, dataset = _consumer(settings)
     if once:
         handled = consumer.drain()
@@ -60,7 +55,7 @@ def consume(once: Annotated[bool, typer.Option("--once", help="Store what is the
 @app.command()
 def stats(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
     """Counts in the dataset by kind, and the stream's length, pending entries and lag."""
-    settings = _settings()
+    settings = settings_or_exit()
     dataset = Dataset(settings.dataset_path)
     stream = stream_status(Redis.from_url(settings.effective_redis_url))
     figures = {"dataset": {"ranking": 0, "demonstration": 0, **dataset.counts()}, "stream": asdict(stream)}
@@ -86,7 +81,7 @@ def export(
         raise typer.BadParameter("use `rankings` or `demonstrations`", param_hint="--kind")
     if fmt not in ("jsonl", "parquet"):
         raise typer.BadParameter("use `jsonl` or `parquet`", param_hint="--format")
-    dataset = Dataset(_settings().dataset_path)
+    dataset = Dataset(settings_or_exit().dataset_path)
     if kind == "rankings":
         rows = (row for event in dataset.events("ranking") for row in preference_rows(event))
     else:

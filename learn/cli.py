@@ -11,6 +11,7 @@ from rich.console import Console
 from deploy.model_store import ModelStore, StoreError
 from deploy.settings import Settings
 from learn.data import DataError, Demonstration, demonstrations_from_rows, read_jsonl, read_texts
+from rankloop.console import fail, settings_or_exit
 
 if TYPE_CHECKING:
     from learn.rm_data import RankedGroup
@@ -22,18 +23,11 @@ FEEDBACK = "feedback"
 
 
 def _settings() -> Settings:
-    from rankloop.cli import settings_or_exit
-
     settings = settings_or_exit()
     import torch
 
     torch.set_num_threads(settings.learn_threads or torch.get_num_threads())
     return settings
-
-
-def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}")
-    return typer.Exit(1)
 
 
 def load_demonstrations(source: str, settings: Settings) -> list[Demonstration]:
@@ -91,9 +85,9 @@ def sft(
             examples = [encode_demonstration(tokenizer, d, max_len) for d in demos]
             made_by, source = "sft", data
     except (StoreError, DataError, OSError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     if not examples:
-        raise _fail(f"{source} holds no examples to train on")
+        raise fail(f"{source} holds no examples to train on")
     config = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr or (2e-4 if lora else 2e-5), max_steps=max_steps)
     version = store.next_version()
     metrics = settings.data_dir / "runs" / f"{version}-{made_by}.jsonl"
@@ -175,10 +169,10 @@ def rm(
         model, tokenizer = load_reward_model(folder, LoraOptions() if lora else None)
         groups = load_groups(data, settings, tokenizer, max_len, after, limit, skip)
     except (StoreError, DataError, OSError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     train, evaluation_set = split(groups, held_out)
     if not train:
-        raise _fail(f"{data} holds no new ranked prompts to train on" + (f" after {after}" if after else ""))
+        raise fail(f"{data} holds no new ranked prompts to train on" + (f" after {after}" if after else ""))
     config = LoopConfig(epochs=epochs, batch_size=batch_prompts, lr=lr or (1e-4 if lora else 1e-5),
                         max_steps=max_steps)  # fmt: skip
     version = rewards.next_version()

@@ -11,12 +11,13 @@ from rich.console import Console
 
 from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError
-from deploy.settings import Settings, SettingsError, load_settings
+from deploy.settings import Settings
 from deploy.versions_cli import promote as promote_command
 from deploy.versions_cli import rollback as rollback_command
 from deploy.versions_cli import versions_app
 from feedback.cli import app as feedback_app
 from learn.cli import app as learn_app
+from rankloop.console import fail, settings_or_exit
 
 app = typer.Typer(help="Train a chat model from its users' rankings.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="The model store: import models as policy versions.", no_args_is_help=True)
@@ -29,33 +30,16 @@ app.command("rollback")(rollback_command)
 console = Console(stderr=True)
 
 
-def settings_or_exit() -> Settings:
-    """The process's settings, or exit with code 2 and the problem named."""
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from exc
-
-
-_settings = settings_or_exit
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[red]error:[/] {message}")
-    return typer.Exit(code)
-
-
 @app.command()
 def serve() -> None:
     """Run the HTTP server and the vLLM engine (needs a Redis server: `rankloop redis` or REDIS_URL)."""
     from serve.main import run
 
-    settings = _settings()
+    settings = settings_or_exit()
     try:
         run(settings)
     except StoreError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 def _start_redis(settings: Settings) -> EmbeddedRedis:
@@ -63,16 +47,16 @@ def _start_redis(settings: Settings) -> EmbeddedRedis:
     try:
         server.start()
     except RedisDataError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     return server
 
 
 @app.command()
 def redis() -> None:
     """Run the embedded Redis server in the foreground until interrupted."""
-    settings = _settings()
+    settings = settings_or_exit()
     if settings.redis_url:
-        raise _fail(f"REDIS_URL is set ({settings.redis_url}): that server is used, none is started")
+        raise fail(f"REDIS_URL is set ({settings.redis_url}): that server is used, none is started")
     server = _start_redis(settings)
     console.print(f"redis ready at {server.url} (data in {server.data_dir}); Ctrl-C stops it")
     _wait_for_signal()
@@ -84,7 +68,7 @@ def up() -> None:
     """Start the whole stack here: embedded Redis (unless REDIS_URL), the server, the feedback consumer."""
     from deploy.launcher import Launcher
 
-    settings = _settings()
+    settings = settings_or_exit()
     store = ModelStore(settings.store_dir)
     if store.is_empty():
         model_import(source=None, if_empty=True)
@@ -121,7 +105,7 @@ def model_import(
     """Convert a model into the next policy version (the first one also becomes the SFT reference)."""
     from deploy.model_import import import_model
 
-    settings = _settings()
+    settings = settings_or_exit()
     store = ModelStore(settings.store_dir)
     if if_empty and not store.is_empty():
         console.print(f"model store {store.root} has {', '.join(store.versions())}: nothing to import")
@@ -129,13 +113,13 @@ def model_import(
     try:
         import_model(store, source, console)
     except (StoreError, OSError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
 
 
 @model_app.command("list")
 def model_list() -> None:
     """List the versions in the model store."""
-    settings = _settings()
+    settings = settings_or_exit()
     store = ModelStore(settings.store_dir)
     current, reference = store.current(), store.reference()
     for version in store.versions():
@@ -145,9 +129,9 @@ def model_list() -> None:
 
 
 @app.command("settings")
-def show_settings() -> None:
+def showsettings_or_exit() -> None:
     """Print the settings in force (after environment variables and the config file)."""
-    settings = _settings()
+    settings = settings_or_exit()
     for name, value in settings.model_dump().items():
         print(f"{name} = {value!r}")
 

@@ -1,0 +1,25 @@
+"""What every `rankloop` subcommand shares: the settings or a clean exit, and errors said the same way."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from deploy.settings import Settings, SettingsError, load_settings
+
+errors = Console(stderr=True)
+
+
+def settings_or_exit() -> Settings:
+    """The process's settings, or exit with code 2 and the problem named."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        errors.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def fail(problem: object, code: int = 1) -> typer.Exit:
+    """Print `problem` as an error; return the Exit for the caller to raise."""
+    errors.print(f"[red]error:[/] {problem}")
+    return typer.Exit(code)
