@@ -84,19 +84,30 @@ class Dataset:
     def ids(self) -> list[str]:
         return [row[0] for row in self.db.execute("SELECT id FROM events ORDER BY ms, seq")]
 
-    def events(self, kind: str | None = None) -> Iterator[StoredEvent]:
-        """Events in stream order, optionally of one kind."""
-        query = "SELECT id, kind, data FROM events"
-        args: tuple[str, ...] = ()
+    def events(self, kind: str | None = None, after: str | None = None) -> Iterator[StoredEvent]:
+        """Events in stream order, optionally of one kind, optionally only those after event id `after`."""
+        conditions: list[str] = ["1"]
+        args: list[object] = []
         if kind is not None:
-            query, args = query + " WHERE kind = ?", (kind,)
-        for event_id, event_kind, data in self.db.execute(query + " ORDER BY ms, seq", args):
+            conditions.append("kind = ?")
+            args.append(kind)
+        if after is not None:
+            conditions.append("(ms, seq) > (?, ?)")
+            args += list(event_order(after))
+        query = f"SELECT id, kind, data FROM events WHERE {' AND '.join(conditions)} ORDER BY ms, seq"
+        for event_id, event_kind, data in self.db.execute(query, args):
             yield StoredEvent(event_id, event_kind, json.loads(data))
 
 
-def _row(event_id: str, kind: str, data: str) -> tuple[object, ...]:
+def event_order(event_id: str) -> tuple[int, int]:
+    """A stream id "<ms>-<seq>" as numbers, the order Redis gave the events."""
     ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq)
+
+
+def _row(event_id: str, kind: str, data: str) -> tuple[object, ...]:
+    ms, seq = event_order(event_id)
     fields = json.loads(data)
     about = fields.get("comparison") or fields  # a ranking carries its comparison; a demonstration names it
-    return (event_id, int(ms), int(seq), kind, about.get("id", fields.get("comparison_id")), fields.get("user"),
+    return (event_id, ms, seq, kind, about.get("id", fields.get("comparison_id")), fields.get("user"),
             about.get("policy_version"), data)  # fmt: skip

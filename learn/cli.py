@@ -10,6 +10,7 @@ from rich.console import Console
 
 from deploy.model_store import ModelStore, StoreError
 from deploy.settings import Settings
+from feedback.dataset import event_order
 from learn.data import DataError, Demonstration, demonstrations_from_rows, read_jsonl, read_texts
 from rankloop.console import fail, settings_or_exit
 
@@ -109,17 +110,13 @@ def load_groups(source: str, settings: Settings, tokenizer: Any, max_len: int, a
         from feedback.dataset import Dataset
 
         with Dataset(settings.dataset_path) as dataset:
-            events = [e for e in dataset.events("ranking") if after is None or _later(e.id, after)]
+            events = list(dataset.events("ranking", after))
         groups = [group_from_event(e.id, e.data, max_len) for e in events]
         return [g for g in groups if g is not None][skip:][:limit]
     path = Path(source)
     if not path.is_file():
         raise DataError(f"--data {source}: no such file (or use `{FEEDBACK}` for the feedback dataset)")
     return list(hh_groups(path, tokenizer, max_len, limit, skip))
-
-
-def _later(event_id: str, than: str) -> bool:
-    return _event_order(event_id) > _event_order(than)
 
 
 @app.command()
@@ -182,15 +179,10 @@ def rm(
     with MetricsLog(metrics) as log:
         result, evaluation = train_reward_model(model, tokenizer, train, evaluation_set, config, log)
     offset, basis = reference_offset(model, train, int(tokenizer.pad_token_id), policies.reference())
-    last_event = max((g.event_id for g in groups if g.event_id), key=_event_order, default=after)
+    last_event = max((g.event_id for g in groups if g.event_id), key=event_order, default=after)
     card = run_card(version, parent, "reward_model", config, result, data=data, prompts=len(train),
                     held_out_prompts=len(evaluation_set), lora=lora, metrics=str(metrics), eval=vars(evaluation),
                     offset=offset, offset_basis=basis, last_event_id=last_event)  # fmt: skip
     save_reward_model(model, tokenizer, rewards, card, offset, basis)
     console.print(f"wrote {version}: held-out accuracy {evaluation.accuracy:.3f} over {evaluation.groups} prompts, "
                   f"loss {evaluation.loss:.3f}; offset {offset:.3f} ({basis})")  # fmt: skip
-
-
-def _event_order(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq)
