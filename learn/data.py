@@ -8,10 +8,13 @@ token is trained on. Both go through the same training loop.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
 
 IGNORE = -100
 
@@ -30,6 +33,17 @@ class Example:
 
 class DataError(ValueError):
     """Input that cannot become training examples; the message says which row and why."""
+
+
+def right_pad(sequences: Sequence[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    """(ids, attention mask), each (N, longest): every sequence left-aligned, `pad` after it."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
 
 
 def encode_demonstration(tokenizer: Any, demo: Demonstration, max_len: int) -> Example:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from learn import rl_math
+from learn.data import right_pad
 
 RewardFn = Callable[[list[list[int]]], Tensor]  # full sequences (query + response) -> (B,) scores
 
@@ -34,6 +35,7 @@ class PPOConfig:
     minibatch: int = 4  # rollouts per optimiser step
     truncation_penalty: float = 0.0  # added to the score of answers the length limit cut off
     max_grad_norm: float = 1.0
+    seed: int = 0  # order of the mini-batches
 
 
 @dataclass(frozen=True)
@@ -51,16 +53,10 @@ class Packed:
 
 
 def pack(rollouts: Rollouts, pad_id: int) -> Packed:
-    width = max(len(q) + len(r) for q, r in zip(rollouts.queries, rollouts.responses, strict=True))
-    n = len(rollouts.queries)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    response = torch.zeros((n, width - 1))
+    ids, mask = right_pad([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)], pad_id)
+    response = torch.zeros((ids.shape[0], ids.shape[1] - 1))
     for row, (query, answer) in enumerate(zip(rollouts.queries, rollouts.responses, strict=True)):
-        seq = query + answer
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
-        response[row, len(query) - 1 : len(seq) - 1] = 1.0
+        response[row, len(query) - 1 : len(query) + len(answer) - 1] = 1.0
     return Packed(ids, mask, response)
 
 
@@ -97,7 +93,7 @@ def ppo_step(
     figures: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy",
                                                        "approx_kl", "ptx_loss")}  # fmt: skip
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    generator = torch.Generator().manual_seed(len(figures))
+    generator = torch.Generator().manual_seed(config.seed)
     for _ in range(config.epochs):
         order = torch.randperm(len(rollouts.queries), generator=generator).tolist()
         for start in range(0, len(order), config.minibatch):

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from deploy.model_store import Card, ModelStore
+from feedback.ranking import pairs
+from learn.data import right_pad
 from learn.loop import LoopConfig, LoopResult, run_loop
 from learn.rl_math import kwise_ranking_loss, pack_rankings, pairwise_accuracy
 from learn.rm_data import RankedGroup
@@ -53,12 +55,7 @@ def _parts(model: Any) -> tuple[Any, Any]:
 
 def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int) -> Tensor:
     """(N,) raw scores, each read at its sequence's last token (right padding, so no pad token confusion)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
+    ids, mask = right_pad(sequences, pad_id)
     backbone, head = _parts(model)
     hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
     last = mask.sum(dim=1) - 1
@@ -92,27 +89,22 @@ class Evaluation:
 def evaluate(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int = 8) -> Evaluation:
     """Pairwise accuracy (over all pairs), mean K-wise loss (over prompts), and the scores' mean and std."""
     model.eval()
-    correct = pairs = 0.0
+    correct = total = 0.0
     losses: list[float] = []
     all_scores: list[Tensor] = []
     for start in range(0, len(groups), batch):
         chunk = groups[start : start + batch]
         loss, accuracy, scores = group_loss(model, chunk, pad_id)
-        n_pairs = sum(_pair_count(g.tiers) for g in chunk)
+        n_pairs = sum(len(pairs(g.tiers)) for g in chunk)
         if n_pairs:
             correct += float(accuracy) * n_pairs
-            pairs += n_pairs
+            total += n_pairs
         losses += [float(loss)] * len(chunk)
         all_scores.append(scores)
     scores = torch.cat(all_scores) if all_scores else torch.zeros(0)
-    return Evaluation(correct / pairs if pairs else float("nan"), sum(losses) / max(1, len(losses)),
+    return Evaluation(correct / total if total else float("nan"), sum(losses) / max(1, len(losses)),
                       float(scores.mean()) if scores.numel() else 0.0,
                       float(scores.std()) if scores.numel() > 1 else 0.0, len(groups))  # fmt: skip
-
-
-def _pair_count(tiers: list[list[int]]) -> int:
-    sizes = [len(t) for t in tiers]
-    return sum(sizes[i] * sum(sizes[i + 1 :]) for i in range(len(sizes)))
 
 
 @torch.no_grad()

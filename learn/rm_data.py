@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from feedback.ranking import Tiers
 from learn.data import DataError
-
-Tiers = list[list[int]]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from deploy.model_store import Card, ModelStore
-from learn.data import IGNORE, Example
+from learn.data import IGNORE, Example, right_pad
 from learn.loop import LoopConfig, LoopResult, StepFn, run_loop
 from learn.trainlog import MetricsLog
 
@@ -50,15 +50,8 @@ def load_causal_lm(folder: Path, lora: LoraOptions | None = None) -> tuple[Any, 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     """Right-padded batch: input_ids, attention_mask, and labels with IGNORE on the padding."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        mask[row, :n] = 1
+    ids, mask = right_pad([e.input_ids for e in examples], pad_id)
+    labels, _ = right_pad([e.labels for e in examples], IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
