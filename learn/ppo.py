@@ -19,6 +19,7 @@ from torch import Tensor
 
 from learn import rl_math
 from learn.data import right_pad
+from learn.sft import lm_loss
 
 RewardFn = Callable[[list[list[int]]], Tensor]  # full sequences (query + response) -> (B,) scores
 
@@ -133,9 +134,7 @@ def ppo_step(
 def ptx_loss(policy: Any, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """LM loss (mean over labelled tokens) on a pre-training batch: (input_ids, attention_mask, labels with -100)."""
     input_ids, attention_mask, labels = batch
-    logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             labels[:, 1:].reshape(-1), ignore_index=-100)  # fmt: skip
+    return lm_loss(policy, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
 
 
 class ValueHead(torch.nn.Module):
