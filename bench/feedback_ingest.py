@@ -30,7 +30,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import bench_store  # noqa: E402
+from bench.common import bench_store, wait_healthy  # noqa: E402
 from bench.report import write_section  # noqa: E402
 from deploy.launcher import stop_group  # noqa: E402
 from deploy.redis_server import EmbeddedRedis  # noqa: E402
@@ -78,15 +78,8 @@ def wrk(name: str, url: str, seconds: int, connections: int, prefix: str) -> Wrk
 def start(argv: list[str], env: dict[str, str], url: str, log_name: str) -> subprocess.Popen[bytes]:
     log = open(Path(tempfile.gettempdir()) / log_name, "wb")  # noqa: SIM115
     process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True)
-    for _ in range(120):
-        if process.poll() is not None:
-            raise RuntimeError(f"{argv} exited with {process.returncode}; see {log.name}")
-        try:
-            httpx.get(url + "/docs", timeout=1)
-            return process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
+    wait_healthy(url, process, "/docs", timeout_s=60)  # both servers have the docs page; only rankloop /healthz
+    return process
 
 
 async def seed(redis_url: str, prefix: str) -> None:
