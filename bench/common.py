@@ -1,4 +1,4 @@
-"""What the benchmarks share: the model store they run on, TRL's separate environment, waiting for a server."""
+"""What the benchmarks share: the model store they run on, and TRL's separate environment."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,18 +34,3 @@ def run_in_trl_env(script: str, *args: str) -> dict[str, Any]:
         raise RuntimeError(done.stderr[-3000:])
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], path: str = "/healthz", timeout_s: float = 600) -> float:
-    """Seconds until `url + path` answers 200; raises if the process exits first or time runs out."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)

@@ -30,9 +30,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import bench_store, wait_healthy  # noqa: E402
+from bench.common import bench_store  # noqa: E402
 from bench.report import write_section  # noqa: E402
-from deploy.launcher import stop_group  # noqa: E402
+from deploy.launcher import stop_group, wait_healthy  # noqa: E402
 from deploy.redis_server import EmbeddedRedis  # noqa: E402
 
 COMPARISONS = 1000

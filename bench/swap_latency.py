@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 
 from redis import Redis  # noqa: E402
 
-from bench.common import bench_store, wait_healthy  # noqa: E402
+from bench.common import bench_store  # noqa: E402
 from bench.report import write_section  # noqa: E402
-from deploy.launcher import stop_group  # noqa: E402
+from deploy.launcher import stop_group, wait_healthy  # noqa: E402
 from deploy.model_store import Card, ModelStore  # noqa: E402
 from deploy.promotion import promote, sync_store  # noqa: E402
 from deploy.redis_server import EmbeddedRedis  # noqa: E402

@@ -14,6 +14,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import httpx
+
 from deploy.redis_server import _die_with_parent
 
 
@@ -72,3 +74,18 @@ def stop_group(process: subprocess.Popen[bytes], grace_s: float = 30.0) -> None:
         process.wait(timeout=grace_s)
     _signal_group(process, signal.SIGKILL)  # the engine core may outlive its parent
     process.wait()
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], path: str = "/healthz", timeout_s: float = 600) -> float:
+    """Seconds until `url + path` answers 200; raises if the process exits first or time runs out."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from deploy.launcher import stop_group
+from deploy.launcher import stop_group, wait_healthy
 from deploy.model_store import ModelStore
 from deploy.redis_server import EmbeddedRedis
 from tests.conftest import free_port
@@ -42,20 +40,6 @@ def real_store() -> ModelStore:
     return store
 
 
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"rankloop serve exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"rankloop serve not ready within {timeout_s} s")
-
-
 @pytest.fixture(scope="session")
 def stack(real_store: ModelStore, redis_server: EmbeddedRedis) -> Iterator[Stack]:
     port = free_port()
@@ -68,7 +52,7 @@ def stack(real_store: ModelStore, redis_server: EmbeddedRedis) -> Iterator[Stack
     process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, start_new_session=True, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, process, ENGINE_START_S)
+        wait_healthy(url, process, timeout_s=ENGINE_START_S)
         yield Stack(url, redis_server, real_store, process)
     finally:
         stop_group(process)  # the engine core is a child of the server: stop the whole group

@@ -20,13 +20,13 @@ import httpx
 import pytest
 from redis import Redis
 
-from deploy.launcher import stop_group
+from deploy.launcher import stop_group, wait_healthy
 from deploy.model_store import Card, ModelStore
 from deploy.promotion import promote, rollback, sync_store
 from deploy.redis_server import EmbeddedRedis
 from deploy.registry import Registry
 from tests.conftest import free_port
-from tests.integration.conftest import ENGINE_START_S, REPO, _wait_ready
+from tests.integration.conftest import ENGINE_START_S, REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 GREEDY = {"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 16, "temperature": 0.0, "n": 1}
@@ -67,7 +67,7 @@ def swap_stack(
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(url, process, ENGINE_START_S)
+            wait_healthy(url, process, timeout_s=ENGINE_START_S)
             yield url, registry, store
         finally:
             stop_group(process)
@@ -202,7 +202,7 @@ def test_a_second_server_follows_and_catches_up_after_a_restart(swap_stack: tupl
         process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env={**env, "RANKLOOP_PORT": str(port)},
                                    start_new_session=True, cwd=REPO)  # fmt: skip
         second = f"http://127.0.0.1:{port}"
-        _wait_ready(second, process, ENGINE_START_S)
+        wait_healthy(second, process, timeout_s=ENGINE_START_S)
         return second, process
 
     current = registry.current()[0]
