@@ -5,6 +5,10 @@ SmolLM2-135M (the SFT reference), fp32, one epoch, same learning rate and batch 
 length cut (max 1024 tokens, the longest in the file: TRL drops longer pairs rather than cutting them, so a shorter
 limit would give the two trainers different data). Figures go to BENCHMARKS.md.
 
+A full run takes hours per trainer on a small CPU machine, so both sides checkpoint as they go (under
+var/bench-rm-accuracy/) and the same command resumes where a previous run stopped; the seconds reported add up the
+time of every run that contributed.
+
     .venv/bin/python bench/rm_accuracy.py [--train 1800] [--eval 512] [--no-trl]
 """
 
@@ -15,7 +19,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from learn.rm_data import hh_groups, parse_hh  # noqa: E402
 from learn.trainlog import MetricsLog  # noqa: E402
 
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+WORK = REPO / "var" / "bench-rm-accuracy"
 THREADS, MAX_LEN, LR, BATCH = 2, 1024, 2e-5, 8
 
 
@@ -59,10 +63,17 @@ def ours(model_dir: Path, n_train: int, n_eval: int, log: Path) -> dict[str, flo
     model, tokenizer = load_reward_model(model_dir)
     train = list(hh_groups(HH, tokenizer, MAX_LEN, limit=n_train))
     held = list(hh_groups(HH, tokenizer, MAX_LEN, limit=n_eval, skip=_row_after(n_train)))
-    started = time.perf_counter()
-    with MetricsLog(log) as metrics:
-        _, evaluation = train_reward_model(model, tokenizer, train, held, LoopConfig(batch_size=BATCH, lr=LR), metrics)
-    return {"accuracy": evaluation.accuracy, "pairs": evaluation.groups, "seconds": time.perf_counter() - started}
+    started, spent = time.perf_counter(), WORK / f"ours-{n_train}-seconds"
+    before = float(spent.read_text()) if spent.is_file() else 0.0
+    config = LoopConfig(batch_size=BATCH, lr=LR, checkpoint_every=5)
+    try:
+        with MetricsLog(log) as metrics:
+            _, evaluation = train_reward_model(model, tokenizer, train, held, config, metrics,
+                                               WORK / f"ours-{n_train}.ckpt")  # fmt: skip
+    finally:
+        WORK.mkdir(parents=True, exist_ok=True)
+        spent.write_text(str(before + time.perf_counter() - started))
+    return {"accuracy": evaluation.accuracy, "pairs": evaluation.groups, "seconds": float(spent.read_text())}
 
 
 def _row_after(n_train: int) -> int:
@@ -82,13 +93,14 @@ def _row_after(n_train: int) -> int:
 
 
 def theirs(model_dir: Path, n_train: int, n_eval: int) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="rm-accuracy-"))
+    work = WORK / f"trl-{n_train}"
+    work.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", conversational(HH, 0, n_train)),
                        ("eval", conversational(HH, _row_after(n_train), n_eval))):  # fmt: skip
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run_in_trl_env("trl_reward_accuracy.py", str(model_dir), str(work / "train.jsonl"), str(work / "eval.jsonl"),
                           "--lr", str(LR), "--batch", str(BATCH), "--threads", str(THREADS), "--max-length",
-                          str(MAX_LEN))  # fmt: skip
+                          str(MAX_LEN), "--output", str(work / "trainer"))  # fmt: skip
 
 
 def main() -> None:

@@ -40,16 +40,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--output", default="/tmp/trl-reward-accuracy", help="Checkpoints; a rerun resumes from them.")
     args = parser.parse_args()
     model, tokenizer = reward_model(args.model, args.threads)
     config = RewardConfig(
-        output_dir="/tmp/trl-reward-accuracy", per_device_train_batch_size=args.batch, num_train_epochs=1,
+        output_dir=args.output, per_device_train_batch_size=args.batch, num_train_epochs=1,
         learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=False,
-        report_to="none", logging_steps=10, save_strategy="no", use_cpu=True, disable_tqdm=True,
+        report_to="none", logging_steps=10, save_strategy="steps", save_steps=5, save_total_limit=1,
+        use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
+    started, spent = time.perf_counter(), Path(args.output) / "seconds"
+    before = float(spent.read_text()) if spent.is_file() else 0.0
+    resume = any(Path(args.output).glob("checkpoint-*"))
+    try:
+        RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(args.train)),
+                      processing_class=tokenizer).train(resume_from_checkpoint=resume or None)  # fmt: skip
+    finally:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        spent.write_text(str(before + time.perf_counter() - started))
     started = time.perf_counter()
-    RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(args.train)),
-                  processing_class=tokenizer).train()  # fmt: skip
     model.eval()
     rows = read(args.eval)
     right = sum(
@@ -57,7 +66,7 @@ def main() -> None:
         > score(model, tokenizer, row["prompt"] + row["rejected"])  # type: ignore[operator]
         for row in rows
     )
-    seconds = time.perf_counter() - started  # training and scoring the held-out pairs, as on rankloop's side
+    seconds = float(spent.read_text()) + time.perf_counter() - started  # training and scoring, as on rankloop's side
     print(json.dumps({"accuracy": right / len(rows), "pairs": len(rows), "seconds": seconds, "trl": trl.__version__,
                       "transformers": transformers.__version__}))  # fmt: skip
 

@@ -81,6 +81,29 @@ class Settings(BaseSettings):
     learn_threads: int | None = Field(
         None, ge=1, description="CPU threads for training; unset: PyTorch's default (all cores)."
     )
+    learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
+    learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")
+    learn_min_rm_accuracy: float = Field(
+        0.6, ge=0.0, le=1.0, description="Reward-model held-out accuracy below which no PPO round runs."
+    )
+    learn_ppo_iterations: int = Field(16, ge=1, description="PPO iterations per round.")
+    learn_prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per PPO iteration.")
+    learn_max_new_tokens: int = Field(64, ge=1, description="Answer length limit of PPO rollouts.")
+    learn_prompt_file: Path | None = Field(None, description="Extra prompts (JSONL) for PPO besides users' own.")
+    learn_ptx_file: Path | None = Field(
+        None, description="Text (or JSONL) for PPO's pre-training term; unset: users' demonstrations."
+    )
+    learn_ptx_coef: float = Field(0.5, ge=0.0, description="Weight of the pre-training term in PPO.")
+    learn_auto_promote: bool = Field(
+        False, description="Promote a new version by itself when it passes the evaluation gate."
+    )
+    learn_max_ptx_ratio: float = Field(
+        1.1, gt=0.0, description="Gate: held-out LM loss at most this times the current version's."
+    )
+    learn_poll_s: float = Field(10.0, gt=0.0, description="Seconds between the learner's looks for new rankings.")
+    learn_metrics_port: int | None = Field(
+        8001, ge=1, le=65535, description="Port of the learner's Prometheus metrics; unset: none."
+    )
 
     # -- engine ---------------------------------------------------------------------------------
     policy_version: str | None = Field(None, description="Serve this version; unset: the store's current.")

@@ -3,24 +3,52 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from deploy.model_store import ModelStore, StoreError
 from deploy.settings import Settings
-from feedback.dataset import event_order
-from learn.data import DataError, Demonstration, demonstrations_from_rows, read_jsonl, read_texts
+from learn.data import DataError, read_texts
+from learn.sources import FEEDBACK, load_demonstrations
 from rankloop.console import fail, settings_or_exit
 
-if TYPE_CHECKING:
-    from learn.rm_data import RankedGroup
-
-app = typer.Typer(help="Train: SFT on demonstrations, the reward model on rankings.", no_args_is_help=True)
+app = typer.Typer(
+    help="Learn from users: with no command, the learner daemon; or one stage (sft, rm, ppo) by hand.",
+    invoke_without_command=True,
+)
 console = Console(stderr=True)
 
-FEEDBACK = "feedback"
+
+@app.callback()
+def daemon(context: typer.Context) -> None:
+    """The learner daemon (started by `rankloop up`): new rankings → reward model → PPO → a `ready` version."""
+    if context.invoked_subcommand is not None:
+        return
+    import logging
+    import signal
+    import threading
+
+    import redis
+
+    from learn.daemon import Learner
+    from learn.metrics import serve_metrics
+
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
+    if settings.learn_metrics_port is not None:
+        try:
+            serve_metrics(settings.host, settings.learn_metrics_port)
+        except OSError as exc:  # metrics are for operators; a taken port must not stop learning
+            console.print(f"[yellow]learner metrics not served on port {settings.learn_metrics_port}: {exc}[/]")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    client = redis.Redis.from_url(settings.effective_redis_url)
+    console.print(f"learner: a round every {settings.learn_min_rankings} new rankings; "
+                  f"auto-promote {'on' if settings.learn_auto_promote else 'off'}")  # fmt: skip
+    Learner(settings, client).run(stop)
 
 
 def _settings() -> Settings:
@@ -29,20 +57,6 @@ def _settings() -> Settings:
 
     torch.set_num_threads(settings.learn_threads or torch.get_num_threads())
     return settings
-
-
-def load_demonstrations(source: str, settings: Settings) -> list[Demonstration]:
-    """`feedback` (the dataset's demonstrations) or a JSONL file in any shape learn.data reads."""
-    if source == FEEDBACK:
-        from feedback.dataset import Dataset
-
-        with Dataset(settings.dataset_path) as dataset:
-            rows = [event.data for event in dataset.events("demonstration")]
-        return list(demonstrations_from_rows(rows, str(settings.dataset_path)))
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"--data {source}: no such file (or use `{FEEDBACK}` for the feedback dataset)")
-    return list(demonstrations_from_rows(read_jsonl(path), source))
 
 
 @app.command()
@@ -101,24 +115,6 @@ def sft(
     console.print(f"wrote {version} (loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}); metrics in {metrics}")
 
 
-def load_groups(source: str, settings: Settings, tokenizer: Any, max_len: int, after: str | None,
-                limit: int | None, skip: int) -> list[RankedGroup]:  # fmt: skip
-    """`feedback` (ranking events, those after event `after` when given) or an HH-RLHF pairwise file."""
-    from learn.rm_data import group_from_event, hh_groups
-
-    if source == FEEDBACK:
-        from feedback.dataset import Dataset
-
-        with Dataset(settings.dataset_path) as dataset:
-            events = list(dataset.events("ranking", after))
-        groups = [group_from_event(e.id, e.data, max_len) for e in events]
-        return [g for g in groups if g is not None][skip:][:limit]
-    path = Path(source)
-    if not path.is_file():
-        raise DataError(f"--data {source}: no such file (or use `{FEEDBACK}` for the feedback dataset)")
-    return list(hh_groups(path, tokenizer, max_len, limit, skip))
-
-
 @app.command()
 def rm(
     data: Annotated[
@@ -145,44 +141,91 @@ def rm(
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
 ) -> None:
     """Train the reward model on rankings (K-wise, whole prompts per batch) into a new version rNNNN."""
-    from learn.loop import LoopConfig
-    from learn.reward_model import load_reward_model, reference_offset, save_reward_model, train_reward_model
-    from learn.rm_data import split
-    from learn.sft import LoraOptions, run_card
-    from learn.trainlog import MetricsLog
+    from learn.rounds import RMOptions, rm_round
 
     settings = _settings()
-    policies, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
+    options = RMOptions(data, resume_from, base, epochs, lr, batch_prompts, max_len, held_out, lora, limit, skip,
+                        max_steps)  # fmt: skip
     try:
-        parent: str | None
-        if resume_from is not None:
-            folder, parent = rewards.path(resume_from), resume_from
-            after = rewards.card(resume_from).details.get("last_event_id")
-        else:
-            parent = base or policies.reference()
-            if parent is None:
-                raise StoreError("the model store is empty: run `rankloop model import` first")
-            folder, after = policies.path(parent), None
-        model, tokenizer = load_reward_model(folder, LoraOptions() if lora else None)
-        groups = load_groups(data, settings, tokenizer, max_len, after, limit, skip)
+        result = rm_round(settings, options)
     except (StoreError, DataError, OSError) as exc:
         raise fail(str(exc)) from exc
-    train, evaluation_set = split(groups, held_out)
-    if not train:
-        raise fail(f"{data} holds no new ranked prompts to train on" + (f" after {after}" if after else ""))
-    config = LoopConfig(epochs=epochs, batch_size=batch_prompts, lr=lr or (1e-4 if lora else 1e-5),
-                        max_steps=max_steps)  # fmt: skip
-    version = rewards.next_version()
-    metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
-    console.print(f"reward model {version}: {len(train)} prompts to train on, {len(evaluation_set)} held out, "
-                  f"from {parent}")  # fmt: skip
-    with MetricsLog(metrics) as log:
-        result, evaluation = train_reward_model(model, tokenizer, train, evaluation_set, config, log)
-    offset, basis = reference_offset(model, train, int(tokenizer.pad_token_id), policies.reference())
-    last_event = max((g.event_id for g in groups if g.event_id), key=event_order, default=after)
-    card = run_card(version, parent, "reward_model", config, result, data=data, prompts=len(train),
-                    held_out_prompts=len(evaluation_set), lora=lora, metrics=str(metrics), eval=vars(evaluation),
-                    offset=offset, offset_basis=basis, last_event_id=last_event)  # fmt: skip
-    save_reward_model(model, tokenizer, rewards, card, offset, basis)
-    console.print(f"wrote {version}: held-out accuracy {evaluation.accuracy:.3f} over {evaluation.groups} prompts, "
-                  f"loss {evaluation.loss:.3f}; offset {offset:.3f} ({basis})")  # fmt: skip
+    evaluation, details = result.evaluation, result.card.details
+    console.print(f"wrote {result.version} from {result.card.parent}: {result.train_prompts} prompts trained on; "
+                  f"held-out accuracy {evaluation.accuracy:.3f} over {evaluation.groups} prompts, loss "
+                  f"{evaluation.loss:.3f}; offset {details['offset']:.3f} ({details['offset_basis']})")  # fmt: skip
+
+
+@app.command()
+def ppo(
+    base: Annotated[str | None, typer.Option("--from", help="Policy version to start from (default: current).")] = None,
+    reward: Annotated[str | None, typer.Option(help="Reward model rNNNN (default: the latest).")] = None,
+    iterations: Annotated[int, typer.Option(min=1)] = 16,
+    prompts_per_iteration: Annotated[int, typer.Option(min=1)] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) besides users' ranked ones.")] = None,
+    ptx_data: Annotated[
+        Path | None, typer.Option(help="Text or JSONL for the pre-training term (default: users' demonstrations).")
+    ] = None,
+    ptx_coef: Annotated[float, typer.Option(min=0.0, help="Weight of the pre-training term (gamma).")] = 0.5,
+    kl_coef: Annotated[float, typer.Option(min=0.0, help="Initial KL penalty (beta).")] = 0.05,
+    kl_target: Annotated[
+        float | None, typer.Option(help="Per-answer KL the adaptive controller steers to; unset: fixed beta.")
+    ] = 6.0,
+    lr: Annotated[float | None, typer.Option(help="Policy learning rate (default 1e-4 LoRA, 1e-5 full).")] = None,
+    lora: Annotated[bool, typer.Option("--lora/--full")] = True,
+    seed: int = 0,
+    fresh: Annotated[bool, typer.Option(help="Discard the checkpoint of an interrupted round.")] = False,
+) -> None:
+    """A PPO round against the reward model into a new policy version (resumes an interrupted round)."""
+    from learn.ppo import PPOConfig
+    from learn.ppo_run import CheckpointMismatch, RoundConfig
+    from learn.rounds import PPOOptions, ppo_round, register
+
+    settings = _settings()
+    rate = lr or (1e-4 if lora else 1e-5)
+    config = RoundConfig(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
+                         max_new_tokens=max_new_tokens, lr=rate, value_lr=rate, init_kl_coef=kl_coef,
+                         kl_target=kl_target, lora=lora, seed=seed,
+                         ppo=PPOConfig(ptx_coef=ptx_coef, seed=seed))  # fmt: skip
+    options = PPOOptions(parent=base, reward=reward, prompt_file=prompts, ptx_file=ptx_data, fresh=fresh)
+    try:
+        result = ppo_round(settings, config, options)
+    except (StoreError, DataError, OSError, CheckpointMismatch) as exc:
+        raise fail(str(exc)) from exc
+    before, after = result.before, result.after
+    resumed = f" (resumed at iteration {result.resumed_at})" if result.resumed_at else ""
+    console.print(f"wrote {result.version} from {result.parent}{resumed}: held-out mean reward {before.reward:.3f} → "
+                  f"{after.reward:.3f}, KL {after.kl:.2f}, answer length {before.answer_length:.1f} → "
+                  f"{after.answer_length:.1f}")  # fmt: skip
+    registered = register(settings, result.card)
+    console.print("registered as ready; promote it with `rankloop promote " + result.version + "`" if registered
+                  else "Redis unreachable: the server registers it when it starts")  # fmt: skip
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """What the learner daemon is doing, how far it is, and how its last round went."""
+    import json
+    import time
+
+    import redis
+
+    from learn.daemon import read_status
+
+    settings = settings_or_exit()
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2)
+    try:
+        found = read_status(client)
+    except redis.RedisError as exc:
+        raise fail(f"Redis at {settings.effective_redis_url} unreachable: {exc}") from exc
+    if found is None:
+        raise fail("no learner has reported yet (start one with `rankloop learn` or `rankloop up`)")
+    if as_json:
+        print(json.dumps(found))
+        return
+    age = time.time() - float(found["updated"])
+    console.print(f"[bold]{found['phase']}[/]: {found['detail']} ({age:.0f} s ago)")
+    last = found.get("last_round")
+    if last:
+        console.print("last round: " + ", ".join(f"{k} {v}" for k, v in last.items()))

@@ -10,6 +10,7 @@ is predicted by the logits at position t - 1, so per-token tensors are (B, L - 1
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,7 +79,9 @@ def ppo_step(
     kl_controller: rl_math.AdaptiveKLController | rl_math.FixedKLController, optimizer: torch.optim.Optimizer,
     pad_id: int, ptx_batch: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """One iteration: returns its metrics (reward, KL, beta, entropy, clip fraction, losses, answer length)."""
+    """One iteration: returns its metrics (reward, KL, beta, entropy, clip fraction, losses, answer length) and
+    where its time went (`score_s`: log-probs, values and rewards; `update_s`: the epochs of mini-batches)."""
+    started = time.perf_counter()
     packed = pack(rollouts, pad_id)
     mask = packed.response_mask
     with torch.no_grad():
@@ -93,6 +96,7 @@ def ppo_step(
         advantages = rl_math.whiten(advantages, mask)
     figures: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy",
                                                        "approx_kl", "ptx_loss")}  # fmt: skip
+    scored = time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     generator = torch.Generator().manual_seed(config.seed)
     for _ in range(config.epochs):
@@ -127,6 +131,7 @@ def ppo_step(
     return {
         "reward": float(scores.mean()), "kl_per_token": float(rl_math.masked_mean(kl, mask)),
         "kl_per_answer": kl_per_answer, "beta": beta, "answer_length": float(lengths.mean()),
+        "score_s": scored - started, "update_s": time.perf_counter() - scored,
         **{k: sum(v) / len(v) for k, v in figures.items() if v},
     }  # fmt: skip
 

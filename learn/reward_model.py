@@ -130,8 +130,12 @@ class RewardScorer:
     def __init__(self, folder: Path) -> None:
         self.model, self.tokenizer = load_reward_model(folder)
         self.model.eval()
+        self.offset = self.read_offset(folder)
+
+    @staticmethod
+    def read_offset(folder: Path) -> float:
         norm = folder / NORM_FILE
-        self.offset = float(json.loads(norm.read_text())["offset"]) if norm.is_file() else 0.0
+        return float(json.loads(norm.read_text())["offset"]) if norm.is_file() else 0.0
 
     @torch.no_grad()
     def __call__(self, sequences: Sequence[list[int]]) -> Tensor:

@@ -1,0 +1,149 @@
+"""The learner daemon: turns users' rankings into new policy versions, one round at a time.
+
+A round: enough new rankings in the dataset (the feedback consumer fills it) → continue the reward model on them and
+evaluate it on every held-out prompt → if its accuracy clears the gate, a PPO round from the version users are
+served → evaluate the result against that version on held-out prompts → write it to the model store and register it
+`ready` → promote it only where the settings allow and the gate passes; otherwise an operator decides.
+
+An interrupted PPO round (a crash, a SIGKILL) is resumed from its checkpoint before anything else.
+What the learner is doing is published in Redis (`rankloop learn status` reads it) and in Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis import Redis
+
+from deploy.model_store import ModelStore
+from deploy.promotion import promote
+from deploy.registry import Registry
+from deploy.settings import Settings
+from learn import metrics
+from learn.policy_eval import PolicyEval
+from learn.ppo import PPOConfig
+from learn.ppo_run import RoundConfig, checkpoint_meta
+from learn.rounds import PPOOptions, PPOResult, RMOptions, ppo_round, rm_round
+from learn.sources import count_rankings
+
+STATUS_KEY = "rankloop:learner:status"
+log = logging.getLogger("rankloop.learner")
+
+
+def round_config(settings: Settings) -> RoundConfig:
+    return RoundConfig(iterations=settings.learn_ppo_iterations,
+                       prompts_per_iteration=settings.learn_prompts_per_iteration,
+                       max_new_tokens=settings.learn_max_new_tokens,
+                       ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Gate:
+    passed: bool
+    why: str
+
+
+def gate(before: PolicyEval, after: PolicyEval, max_ptx_ratio: float) -> Gate:
+    """A new version may replace the served one when its answers score higher and it stays as fluent."""
+    if after.reward <= before.reward:
+        return Gate(False, f"mean reward {after.reward:.3f} is not above the current version's {before.reward:.3f}")
+    if before.ptx_loss is not None and after.ptx_loss is not None and after.ptx_loss > max_ptx_ratio * before.ptx_loss:
+        return Gate(False, f"held-out LM loss {after.ptx_loss:.3f} exceeds {max_ptx_ratio}x the current version's "
+                           f"{before.ptx_loss:.3f}")  # fmt: skip
+    return Gate(True, f"mean reward {before.reward:.3f} → {after.reward:.3f}")
+
+
+class Learner:
+    def __init__(self, settings: Settings, redis: Redis, show_progress: bool = False) -> None:
+        self.settings, self.redis, self.show_progress = settings, redis, show_progress
+        self.registry = Registry(redis)
+        self.store = ModelStore(settings.store_dir)
+        self.rewards = ModelStore(settings.reward_store_dir, prefix="r")
+
+    def publish(self, phase: str, detail: str, **extra: Any) -> None:
+        status = {"phase": phase, "detail": detail, "updated": time.time(), **extra}
+        previous = self.redis.get(STATUS_KEY)
+        if previous and "last_round" not in extra:
+            last = json.loads(previous).get("last_round")
+            if last is not None:
+                status["last_round"] = last
+        self.redis.set(STATUS_KEY, json.dumps(status))
+        log.info("%s: %s", phase, detail)
+
+    def tick(self) -> str:
+        """One look at the data: run a round when there is reason to; returns what happened, in a few words."""
+        pending = checkpoint_meta(self.settings.data_dir / "checkpoints" / "ppo.ckpt")
+        if pending is not None:
+            return self._ppo(str(pending["parent"]), str(pending["reward"]))
+        latest = next(reversed(self.rewards.versions()), None)
+        after = self.rewards.card(latest).details.get("last_event_id") if latest else None
+        new = count_rankings(self.settings, after)
+        needed = self.settings.learn_min_rankings
+        if new < needed:
+            self.publish("waiting", f"{new} of {needed} new rankings needed for a round", new_rankings=new)
+            return "waiting"
+        self.publish("reward model", f"training on {new} new rankings" + (f" from {latest}" if latest else ""))
+        rm = rm_round(self.settings, RMOptions(resume_from=latest), show_progress=self.show_progress)
+        metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
+        accuracy, floor = rm.evaluation.accuracy, self.settings.learn_min_rm_accuracy
+        if not accuracy >= floor:  # NaN (no held-out prompts yet) does not pass either
+            detail = f"{rm.version} held-out accuracy {accuracy:.3f} < {floor}: no PPO round; waiting for rankings"
+            self.publish("waiting", detail, last_round={"reward_model": rm.version, "outcome": "rm below gate"})
+            metrics.ROUNDS.labels("rm_below_gate").inc()
+            return "reward model below the gate"
+        current = self.registry.current()[0] or self.store.current()
+        return self._ppo(str(current), rm.version)
+
+    def _ppo(self, parent: str, reward: str) -> str:
+        config = round_config(self.settings)
+
+        def step(iteration: int, of: int, figures: dict[str, float]) -> None:
+            metrics.observe_ppo(figures)
+            self.publish("ppo", f"iteration {iteration}/{of} from {parent} with {reward}", iteration=iteration,
+                         iterations=of, reward=figures["reward"], kl=figures["kl_per_answer"])  # fmt: skip
+
+        self.publish("ppo", f"starting from {parent} with {reward}", iteration=0, iterations=config.iterations)
+        options = PPOOptions(parent=parent, reward=reward, prompt_file=self.settings.learn_prompt_file,
+                             ptx_file=self.settings.learn_ptx_file)  # fmt: skip
+        result = ppo_round(self.settings, config, options, on_step=step, show_progress=self.show_progress)
+        return self._finish(result)
+
+    def _finish(self, result: PPOResult) -> str:
+        card = result.card
+        self.registry.register(card.version, card.parent, card.made_by, card.created, card.details)
+        verdict = gate(result.before, result.after, self.settings.learn_max_ptx_ratio)
+        outcome = "ready"
+        if verdict.passed and self.settings.learn_auto_promote:
+            promote(self.registry, self.store, card.version, "learner", f"auto-promoted: {verdict.why}",
+                    expected=result.parent)  # fmt: skip
+            outcome = "promoted"
+        metrics.ROUNDS.labels(outcome).inc()
+        summary = {"version": card.version, "parent": result.parent, "outcome": outcome, "gate": verdict.why,
+                   "passed": verdict.passed, "before": _brief(result.before),
+                   "after": _brief(result.after)}  # fmt: skip
+        self.publish("waiting", f"{card.version} {outcome} ({verdict.why})", last_round=summary)
+        return f"{outcome} {card.version}"
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # a failed round must not end the daemon: say so and retry later
+                log.exception("learning round failed")
+                self.publish("error", f"{type(exc).__name__}: {exc}")
+            stop.wait(self.settings.learn_poll_s)
+
+
+def _brief(evaluation: PolicyEval) -> dict[str, Any]:
+    return {"reward": evaluation.reward, "kl": evaluation.kl, "ptx_loss": evaluation.ptx_loss,
+            "answer_length": evaluation.answer_length}  # fmt: skip
+
+
+def read_status(redis: Redis) -> dict[str, Any] | None:
+    raw = redis.get(STATUS_KEY)
+    return json.loads(raw) if raw else None

@@ -1,0 +1,38 @@
+"""The learner's Prometheus metrics: the latest PPO iteration's figures, the reward model's held-out accuracy,
+rounds and versions made. The same figures go to the JSONL logs under data_dir/runs for plotting history.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+REGISTRY = CollectorRegistry()
+PPO_FIGURES = {
+    "reward": "Mean normalised reward of the iteration's rollouts.",
+    "kl_per_token": "Mean KL to the SFT reference per answer token.",
+    "kl_per_answer": "Mean KL to the SFT reference per answer.",
+    "beta": "KL penalty coefficient.",
+    "entropy": "Mean policy entropy over answer tokens.",
+    "clip_fraction": "Share of answer tokens whose policy ratio was clipped.",
+    "value_loss": "Clipped value loss.",
+    "ptx_loss": "LM loss of the pre-training term.",
+    "answer_length": "Mean rollout answer length in tokens.",
+    "generate_tokens_per_s": "Rollout generation speed.",
+}
+PPO = {name: Gauge(f"rankloop_learn_ppo_{name}", doc, registry=REGISTRY) for name, doc in PPO_FIGURES.items()}
+PPO_ITERATIONS = Counter("rankloop_learn_ppo_iterations", "PPO iterations run.", registry=REGISTRY)
+RM_ACCURACY = Gauge("rankloop_learn_rm_heldout_accuracy", "Latest reward model's held-out pairwise accuracy.",
+                    registry=REGISTRY)  # fmt: skip
+ROUNDS = Counter("rankloop_learn_rounds", "Learning rounds by outcome.", ["outcome"], registry=REGISTRY)
+
+
+def observe_ppo(figures: dict[str, float]) -> None:
+    PPO_ITERATIONS.inc()
+    for name, gauge in PPO.items():
+        if name in figures:
+            gauge.set(figures[name])
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Expose the metrics on http://host:port/metrics from a background thread."""
+    start_http_server(port, addr=host, registry=REGISTRY)

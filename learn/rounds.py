@@ -1,0 +1,192 @@
+"""The two learning rounds the command line and the learner daemon run: update the reward model on new rankings,
+and a PPO round from a policy version to a new one. Each writes a new version to its model store with a card.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deploy.model_store import Card, ModelStore, StoreError
+from deploy.settings import Settings
+from feedback.dataset import event_order
+from learn.loop import LoopConfig
+from learn.policy_eval import PolicyEval, evaluate_policy
+from learn.ppo_run import PPORound, RoundConfig, load_models
+from learn.reward_model import Evaluation
+from learn.rm_data import split
+from learn.sft import LoraOptions, run_card, save_policy
+from learn.sources import FEEDBACK, load_groups, ptx_examples, round_prompts
+from learn.trainlog import MetricsLog, step_progress
+
+StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figures)
+
+
+@dataclass(frozen=True)
+class RMOptions:
+    data: str = FEEDBACK
+    resume_from: str | None = None  # rNNNN to continue on the rankings that arrived after it
+    base: str | None = None  # policy whose backbone starts a new reward model (default: the SFT reference)
+    epochs: int = 1
+    lr: float | None = None
+    batch_prompts: int = 4
+    max_len: int = 512
+    held_out: float = 0.1
+    lora: bool = False
+    limit: int | None = None
+    skip: int = 0
+    max_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class RMResult:
+    version: str
+    evaluation: Evaluation
+    train_prompts: int
+    card: Card
+
+
+def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True) -> RMResult:
+    """Train (or continue) the reward model; evaluate on every held-out prompt, old and new."""
+    from learn.reward_model import load_reward_model, reference_offset, save_reward_model, train_reward_model
+
+    policies, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
+    parent: str | None
+    if options.resume_from is not None:
+        folder, parent = rewards.path(options.resume_from), options.resume_from
+        after = rewards.card(options.resume_from).details.get("last_event_id")
+    else:
+        parent = options.base or policies.reference()
+        if parent is None:
+            raise StoreError("the model store is empty: run `rankloop model import` first")
+        folder, after = policies.path(parent), None
+    model, tokenizer = load_reward_model(folder, LoraOptions() if options.lora else None)
+    new = load_groups(options.data, settings, tokenizer, options.max_len, after, options.limit, options.skip)
+    train, held = split(new, options.held_out)
+    if after is not None:  # the held-out prompts of earlier rounds still measure this one
+        _, held = split(load_groups(options.data, settings, tokenizer, options.max_len), options.held_out)
+    if not train:
+        since = f" after {after}" if after else ""
+        raise StoreError(f"{options.data} holds no new ranked prompts to train on{since}")
+    config = LoopConfig(epochs=options.epochs, batch_size=options.batch_prompts,
+                        lr=options.lr or (1e-4 if options.lora else 1e-5), max_steps=options.max_steps)  # fmt: skip
+    version = rewards.next_version()
+    metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
+    with MetricsLog(metrics) as log:
+        result, evaluation = train_reward_model(model, tokenizer, train, held, config, log,
+                                                show_progress=show_progress)  # fmt: skip
+    offset, basis = reference_offset(model, train, int(tokenizer.pad_token_id), policies.reference())
+    last_event = max((g.event_id for g in new if g.event_id), key=event_order, default=after)
+    card = run_card(version, parent, "reward_model", config, result, data=options.data, prompts=len(train),
+                    held_out_prompts=len(held), lora=options.lora, metrics=str(metrics), eval=vars(evaluation),
+                    offset=offset, offset_basis=basis, last_event_id=last_event)  # fmt: skip
+    save_reward_model(model, tokenizer, rewards, card, offset, basis)
+    return RMResult(version, evaluation, len(train), card)
+
+
+@dataclass(frozen=True)
+class PPOOptions:
+    parent: str | None = None  # policy version to start from (default: the current one)
+    reward: str | None = None  # reward model rNNNN (default: the latest)
+    prompt_file: Path | None = None
+    ptx_file: Path | None = None
+    held_out: float = 0.1
+    max_prompt_len: int = 384
+    eval_prompts: int = 16
+    fresh: bool = False  # ignore a checkpoint of an interrupted round
+
+
+@dataclass(frozen=True)
+class PPOResult:
+    version: str
+    parent: str
+    before: PolicyEval
+    after: PolicyEval
+    card: Card
+    resumed_at: int
+
+
+def ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_step: StepHook | None = None,
+              show_progress: bool = True) -> PPOResult:  # fmt: skip
+    """A PPO round from `options.parent` into a new policy version; resumes an interrupted round of the same
+    parent, reward model and configuration from its checkpoint."""
+    store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
+    parent, reference = options.parent or store.current(), store.reference()
+    reward = options.reward or next(reversed(rewards.versions()), None)
+    if parent is None or reference is None:
+        raise StoreError("the model store is empty: run `rankloop model import` first")
+    if reward is None:
+        raise StoreError("no reward model yet: train one with `rankloop learn rm`")
+    torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
+    models = load_models(store.path(parent), store.path(reference), rewards.path(reward), config.lora)
+    train, held = round_prompts(settings, models.tokenizer, options.prompt_file, options.held_out,
+                                options.max_prompt_len)  # fmt: skip
+    if not train:
+        raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
+    ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, options.ptx_file, 512)
+    evaluation_prompts = (held or train)[: options.eval_prompts]
+    trainer = PPORound(models, config, train, ptx_train)
+    meta = {"parent": parent, "reference": reference, "reward": reward, "config": json.dumps(asdict(config)),
+            "prompts": len(train), "ptx": len(ptx_train)}  # fmt: skip
+    checkpoint = settings.data_dir / "checkpoints" / "ppo.ckpt"
+    if options.fresh:
+        checkpoint.unlink(missing_ok=True)
+    resumed = trainer.resume(checkpoint, meta)
+    before_file = checkpoint.with_suffix(".before.json")
+    if resumed and before_file.is_file():
+        before = PolicyEval(**json.loads(before_file.read_text()))
+    else:
+        before = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens)
+        before_file.parent.mkdir(parents=True, exist_ok=True)
+        before_file.write_text(json.dumps(before.figures()))
+    run = f"{parent}-ppo-{reward}"
+    metrics = settings.data_dir / "runs" / f"{run}.jsonl"
+    start = trainer.iteration
+    with MetricsLog(metrics) as log, step_progress(f"PPO from {parent}", config.iterations - start,
+                                                   show_progress) as progress:  # fmt: skip
+        for _ in range(start, config.iterations):
+            figures = trainer.step()
+            trainer.save(checkpoint, meta)  # a kill now loses nothing; a kill during the step, only that step
+            log.write(trainer.iteration, **figures)
+            progress.advance(reward=figures["reward"], kl=figures["kl_per_answer"], beta=figures["beta"])
+            if on_step is not None:
+                on_step(trainer.iteration, config.iterations, figures)
+    after = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens)
+    version = store.next_version()
+    card = Card(version=version, parent=parent, made_by="ppo", details={
+        "reward_model": reward, "reference": reference, "iterations": config.iterations,
+        "config": asdict(config), "train_prompts": len(train), "held_out_prompts": len(held),
+        "eval_on": "held-out prompts" if held else "training prompts (none held out yet)",
+        "ptx": {"source": ptx_source, "train": len(ptx_train), "held_out": len(ptx_held)},
+        "eval": {"before": before.figures(), "after": after.figures()}, "metrics": str(metrics),
+    })  # fmt: skip
+    save_policy(models.policy, models.tokenizer, store, card)
+    checkpoint.unlink(missing_ok=True)
+    before_file.unlink(missing_ok=True)
+    return PPOResult(version, parent, before, after, card, start)
+
+
+def register(settings: Settings, card: Card) -> bool:
+    """Register a new version as `ready` in the registry; False when Redis cannot be reached (a server's start-up
+    registers the store's versions then)."""
+    import redis
+
+    from deploy.registry import Registry
+
+    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2)
+    try:
+        Registry(client).register(card.version, card.parent, card.made_by, card.created, card.details)
+        return True
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def dump(result: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(result).items() if k != "card"}

@@ -1,0 +1,89 @@
+"""Where the training stages read their data: the feedback dataset (`feedback`) or files, with the held-out splits.
+
+`feedback` means the SQLite dataset the consumer fills from the Redis stream: ranking events for the reward model and
+PPO's prompts, demonstration events for SFT and PPO's ptx term.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deploy.settings import Settings
+from learn.data import (
+    DataError,
+    Demonstration,
+    Example,
+    demonstrations_from_rows,
+    encode_demonstration,
+    encode_text,
+    read_jsonl,
+    read_texts,
+)
+from learn.prompts import Prompt, prompts_from_events, prompts_from_file, split_prompts, unique
+from learn.rm_data import RankedGroup, group_from_event, hh_groups
+
+FEEDBACK = "feedback"
+PTX_HELD_OUT_EVERY = 10  # every 10th ptx example is kept to measure fluency (held-out LM loss)
+
+
+def _events(settings: Settings, kind: str, after: str | None = None) -> list[Any]:
+    from feedback.dataset import Dataset
+
+    if not settings.dataset_path.is_file():
+        return []
+    with Dataset(settings.dataset_path) as dataset:
+        return list(dataset.events(kind, after))
+
+
+def load_demonstrations(source: str, settings: Settings) -> list[Demonstration]:
+    """`feedback` (the dataset's demonstrations) or a JSONL file in any shape learn.data reads."""
+    if source == FEEDBACK:
+        rows = [event.data for event in _events(settings, "demonstration")]
+        return list(demonstrations_from_rows(rows, str(settings.dataset_path)))
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"--data {source}: no such file (or use `{FEEDBACK}` for the feedback dataset)")
+    return list(demonstrations_from_rows(read_jsonl(path), source))
+
+
+def load_groups(source: str, settings: Settings, tokenizer: Any, max_len: int, after: str | None = None,
+                limit: int | None = None, skip: int = 0) -> list[RankedGroup]:  # fmt: skip
+    """`feedback` (ranking events, those after event `after` when given) or an HH-RLHF pairwise file."""
+    if source == FEEDBACK:
+        groups = [group_from_event(e.id, e.data, max_len) for e in _events(settings, "ranking", after)]
+        return [g for g in groups if g is not None][skip:][:limit]
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"--data {source}: no such file (or use `{FEEDBACK}` for the feedback dataset)")
+    return list(hh_groups(path, tokenizer, max_len, limit, skip))
+
+
+def count_rankings(settings: Settings, after: str | None) -> int:
+    return len(_events(settings, "ranking", after))
+
+
+def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, held_out: float,
+                  max_len: int) -> tuple[list[Prompt], list[Prompt]]:  # fmt: skip
+    """(train, held out) prompts: users' ranked prompts, then those of `prompt_file`, each once."""
+    prompts = prompts_from_events((e.data for e in _events(settings, "ranking")), max_len)
+    if prompt_file is not None:
+        prompts += prompts_from_file(prompt_file, tokenizer, max_len)
+    return split_prompts(unique(prompts), held_out)
+
+
+def ptx_examples(settings: Settings, tokenizer: Any, ptx_file: Path | None,
+                 max_len: int) -> tuple[list[Example], list[Example], str]:  # fmt: skip
+    """(train, held out, source) for the ptx term: a text or JSONL file when given, else users' demonstrations."""
+    if ptx_file is not None:
+        if not ptx_file.is_file():
+            raise DataError(f"--ptx-data {ptx_file}: no such file")
+        examples = [e for t in read_texts(ptx_file) for e in encode_text(tokenizer, t, max_len)]
+        source = str(ptx_file)
+    else:
+        demos = load_demonstrations(FEEDBACK, settings)
+        examples = [encode_demonstration(tokenizer, d, max_len) for d in demos]
+        source = "feedback demonstrations"
+    held = examples[::PTX_HELD_OUT_EVERY]
+    train = [e for i, e in enumerate(examples) if i % PTX_HELD_OUT_EVERY]
+    return train, held, source

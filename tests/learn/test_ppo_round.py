@@ -1,0 +1,142 @@
+"""A PPO round on the tiny random llama: the value model starts as the reward model, prompts come from every
+supported shape, and a round SIGKILLed mid-way and run again ends exactly where an uninterrupted one does."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deploy.model_import import import_model
+from deploy.model_store import Card, ModelStore
+from deploy.settings import load_settings
+from learn.data import DataError
+from learn.policy_eval import PolicyEval
+from learn.ppo_run import CheckpointMismatch, RoundConfig, value_model
+from learn.prompts import messages_of, prompts_from_file
+from learn.reward_model import RewardScorer, load_reward_model, save_reward_model
+from learn.rounds import PPOOptions, ppo_round
+from tests.tiny import tiny_llama_folder, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_data_dir(root: Path, offset: float = 0.25) -> Path:
+    """A data dir with the tiny llama as v0001 and a reward model r0001 on its backbone (random head)."""
+    data = root / "data"
+    store = ModelStore(data / "models")
+    import_model(store, tiny_llama_folder(root / "src"))
+    torch.manual_seed(0)
+    model, tokenizer = load_reward_model(store.path("v0001"))
+    rewards = ModelStore(data / "reward_models", prefix="r")
+    save_reward_model(model, tokenizer, rewards, Card(version="r0001", parent="v0001", made_by="reward_model"),
+                      offset, "test")  # fmt: skip
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"write a short poem about the sea {i}"}) + "\n" for i in range(30)))
+    return data
+
+
+def test_the_value_model_starts_as_the_normalised_reward(tmp_path: Path) -> None:
+    data = make_data_dir(tmp_path, offset=0.25)
+    folder = data / "reward_models" / "r0001"
+    value, scorer = value_model(folder, None), RewardScorer(folder)
+    ids = [[5, 17, 42, 99, 7], [8, 9, 10]]
+    expected = scorer(ids)  # raw score at the last token minus the offset 0.25
+    padded = torch.tensor([[5, 17, 42, 99, 7], [8, 9, 10, 0, 0]])
+    mask = (torch.arange(5) < torch.tensor([[5], [3]])).long()
+    with torch.no_grad():
+        out = value(padded, mask)
+    assert torch.allclose(torch.stack([out[0, 4], out[1, 2]]), expected, atol=1e-5)
+
+
+def test_prompts_are_read_from_every_shape() -> None:
+    assert messages_of({"prompt": "hi"}, "f") == [{"role": "user", "content": "hi"}]
+    assert messages_of({"instruction": "add", "input": "1 2"}, "f") == [{"role": "user", "content": "add\n\n1 2"}]
+    assert messages_of({"instruction": "add", "instances": [{"input": "3", "output": "x"}]}, "f") == [
+        {"role": "user", "content": "add\n\n3"}
+    ]
+    assert messages_of({"turns": ["first", "second"]}, "f") == [{"role": "user", "content": "first"}]
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert messages_of({"messages": chat}, "f") == chat[:1]
+    with pytest.raises(DataError, match="line 3: expected `messages`"):
+        messages_of({"question": "?"}, "line 3")
+
+
+def test_long_prompts_are_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "the quick brown fox " * 40}) + "\n")
+    prompts = prompts_from_file(path, tiny_tokenizer(), max_len=32)
+    assert [p.messages[0]["content"] for p in prompts] == ["hi"]
+
+
+def test_a_checkpoint_of_another_round_is_refused(tmp_path: Path) -> None:
+    data = make_data_dir(tmp_path)
+    settings = load_settings(data_dir=data, learn_threads=1)
+    checkpoint = data / "checkpoints" / "ppo.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"meta": {"parent": "v0009"}}, checkpoint)
+    options = PPOOptions(prompt_file=tmp_path / "prompts.jsonl")
+    with pytest.raises(CheckpointMismatch, match="differs in .*parent.*--fresh"):
+        ppo_round(settings, RoundConfig(iterations=1), options, show_progress=False)
+
+
+def _ppo(data: Path, root: Path, iterations: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_LEARN_THREADS": "1"}
+    argv = [sys.executable, "-m", "rankloop", "learn", "ppo", "--iterations", str(iterations),
+            "--prompts-per-iteration", "4", "--max-new-tokens", "6", "--prompts", str(root / "prompts.jsonl")]  # fmt: skip
+    return subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _last_steps(data: Path) -> dict[int, dict[str, float]]:
+    lines = (data / "runs" / "v0001-ppo-r0001.jsonl").read_text().splitlines()
+    return {row["step"]: row for row in map(json.loads, lines)}  # a step logged twice: the later line wins
+
+
+def test_a_round_killed_mid_way_resumes_to_the_same_result(tmp_path: Path) -> None:
+    iterations = 6
+    whole = make_data_dir(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same random models on both sides
+    broken = tmp_path / "b" / "data"
+    assert _ppo(whole, tmp_path / "a", iterations).wait(timeout=300) == 0
+
+    victim = _ppo(broken, tmp_path / "b", iterations)
+    log = broken / "runs" / "v0001-ppo-r0001.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        assert victim.poll() is None and time.monotonic() < deadline, "the round ended before it could be killed"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (broken / "models" / "v0002").exists()
+    resumed = _ppo(broken, tmp_path / "b", iterations)
+    output = resumed.communicate(timeout=300)[0].decode()
+    assert resumed.returncode == 0, output
+    assert "resumed at iteration" in output
+
+    a, b = _last_steps(whole), _last_steps(broken)
+    for figure in ("reward", "kl_per_answer", "policy_loss", "value_loss", "beta"):
+        assert a[iterations][figure] == b[iterations][figure], figure
+    weights_a = load_file(whole / "models" / "v0002" / "model.safetensors")
+    weights_b = load_file(broken / "models" / "v0002" / "model.safetensors")
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert not (broken / "checkpoints" / "ppo.ckpt").exists()  # a finished round leaves no checkpoint behind
+
+
+def test_the_gate_wants_more_reward_and_no_loss_of_fluency() -> None:
+    from learn.daemon import gate
+
+    def ev(reward: float, ptx: float | None) -> PolicyEval:
+        return PolicyEval(reward, 0.0, ptx, 10.0, 8, [])
+
+    assert gate(ev(0.1, 2.0), ev(0.3, 2.1), 1.1).passed
+    assert not gate(ev(0.1, 2.0), ev(0.1, 2.0), 1.1).passed  # no better
+    refused = gate(ev(0.1, 2.0), ev(0.5, 2.3), 1.1)  # 2.3 > 1.1 * 2.0
+    assert not refused.passed and "held-out LM loss 2.300" in refused.why
+    assert gate(ev(0.1, None), ev(0.2, None), 1.1).passed  # no held-out text: reward alone
