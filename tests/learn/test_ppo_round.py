@@ -39,7 +39,8 @@ def make_data_dir(root: Path, offset: float = 0.25) -> Path:
     save_reward_model(model, tokenizer, rewards, Card(version="r0001", parent="v0001", made_by="reward_model"),
                       offset, "test")  # fmt: skip
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"write a short poem about the sea {i}"}) + "\n" for i in range(30)))
+    rows = [json.dumps({"prompt": f"write a short poem about the sea {i}"}) for i in range(30)]
+    prompts.write_text("\n".join(rows) + "\n")
     return data
 
 
@@ -83,14 +84,15 @@ def test_a_checkpoint_of_another_round_is_refused(tmp_path: Path) -> None:
     checkpoint.parent.mkdir(parents=True)
     torch.save({"meta": {"parent": "v0009"}}, checkpoint)
     options = PPOOptions(prompt_file=tmp_path / "prompts.jsonl")
-    with pytest.raises(CheckpointMismatch, match="differs in .*parent.*--fresh"):
+    with pytest.raises(CheckpointMismatch, match=r"differs in .*parent.*--fresh"):
         ppo_round(settings, RoundConfig(iterations=1), options, show_progress=False)
 
 
 def _ppo(data: Path, root: Path, iterations: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_LEARN_THREADS": "1"}
     argv = [sys.executable, "-m", "rankloop", "learn", "ppo", "--iterations", str(iterations),
-            "--prompts-per-iteration", "4", "--max-new-tokens", "6", "--prompts", str(root / "prompts.jsonl")]  # fmt: skip
+            "--prompts-per-iteration", "4", "--max-new-tokens", "6",
+            "--prompts", str(root / "prompts.jsonl")]  # fmt: skip
     return subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
