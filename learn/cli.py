@@ -43,8 +43,14 @@ def daemon(context: typer.Context) -> None:
         except OSError as exc:  # metrics are for operators; a taken port must not stop learning
             console.print(f"[yellow]learner metrics not served on port {settings.learn_metrics_port}: {exc}[/]")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def leave(signum: int, frame: object) -> None:
+        # Mid-round, leave at once: the round's last checkpoint is on disk and the next start resumes it.
+        stop.set()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
     client = redis.Redis.from_url(settings.effective_redis_url)
     console.print(f"learner: a round every {settings.learn_min_rankings} new rankings; "
                   f"auto-promote {'on' if settings.learn_auto_promote else 'off'}")  # fmt: skip

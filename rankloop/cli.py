@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -65,7 +66,7 @@ def redis() -> None:
 
 @app.command()
 def up() -> None:
-    """Start the whole stack here: embedded Redis (unless REDIS_URL), the server, the feedback consumer."""
+    """Start the whole stack here: embedded Redis (unless REDIS_URL), the server, the feedback consumer, the learner."""
     from deploy.launcher import Launcher
 
     settings = settings_or_exit()
@@ -81,6 +82,8 @@ def up() -> None:
     try:
         launcher.rankloop("serve", "serve")
         launcher.rankloop("feedback consumer", "feedback", "consume")
+        if settings.learn_enabled:
+            launcher.rankloop("learner", "learn", env=_learner_env(settings))
         console.print(f"serving on http://{settings.host}:{settings.port} once the engine is ready; Ctrl-C stops")
         ended = launcher.wait_any()
         code = ended.process.returncode
@@ -92,6 +95,13 @@ def up() -> None:
         launcher.stop_all()
         if server is not None:
             server.stop()
+
+
+def _learner_env(settings: Settings) -> dict[str, str] | None:
+    """Half the cores for training unless set: the server must stay responsive while a round runs."""
+    if settings.learn_threads is not None:
+        return None
+    return {**os.environ, "RANKLOOP_LEARN_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
 
 
 @model_app.command("import")

@@ -1,0 +1,94 @@
+"""The learner daemon fed through the real HTTP API of a server process and a real Redis server: rankings in, a
+`ready` policy version out, with its evaluation on the card and its progress in `rankloop learn status`."""
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from deploy.launcher import stop_group, wait_healthy
+from deploy.model_import import import_model
+from deploy.model_store import ModelStore
+from deploy.redis_server import EmbeddedRedis
+from deploy.registry import Registry
+from deploy.settings import load_settings
+from learn.daemon import Learner, read_status
+from rankloop.cli import app
+from tests.conftest import free_port
+from tests.tiny import tiny_llama_folder
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = 40
+
+
+@pytest.fixture
+def server(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[tuple[str, Path]]:
+    """`rankloop serve` on the fake engine over the tiny llama's store, in its own process."""
+    data = tmp_path / "data"
+    import_model(ModelStore(data / "models"), tiny_llama_folder(tmp_path / "src"))
+    redis.Redis.from_url(redis_server.url).flushdb()
+    port = free_port()
+    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_PORT": str(port), "REDIS_URL": redis_server.url,
+           "RANKLOOP_ENGINE": "fake", "RANKLOOP_MAX_MODEL_LEN": "512", "RANKLOOP_MAX_TOKENS_LIMIT": "64",
+           "RANKLOOP_DEFAULT_MAX_TOKENS": "32"}  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, timeout_s=120)
+        yield url, data
+    finally:
+        stop_group(process)
+
+
+def rank_answers(url: str, prompts: int) -> None:
+    """Users ask and rank: of K=3 answers the later candidates are preferred (a scripted preference)."""
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for i in range(prompts):
+            messages = [{"role": "user", "content": f"what is the capital of france {i}"}]
+            served = http.post("/v1/chat/completions", json={"messages": messages, "n": 3, "max_tokens": 16})
+            assert served.status_code == 200, served.text
+            ranked = http.post("/v1/feedback", json={"comparison_id": served.json()["id"], "ranking": [2, 1, 0]})
+            assert ranked.status_code == 201, ranked.text
+
+
+def test_rankings_through_the_api_become_a_ready_version(
+    server: tuple[str, Path], redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, data = server
+    monkeypatch.setenv("RANKLOOP_DATA_DIR", str(data))
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    runner = CliRunner()
+    rank_answers(url, PROMPTS)
+    consumed = runner.invoke(app, ["feedback", "consume", "--once"])
+    assert consumed.exit_code == 0, consumed.output
+
+    settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_ppo_iterations=2,
+                             learn_prompts_per_iteration=4, learn_max_new_tokens=8, learn_threads=1)  # fmt: skip
+    client = redis.Redis.from_url(redis_server.url)
+    learner = Learner(settings, client)
+    assert learner.tick() == "ready v0002"
+
+    registry = Registry(client)
+    info = registry.show("v0002")
+    assert (info.state, info.parent, info.made_by) == ("ready", "v0001", "ppo")
+    assert registry.current()[0] == "v0001"  # auto-promotion is off: an operator decides
+    assert info.card["reward_model"] == "r0001" and info.card["iterations"] == 2
+    assert set(info.card["eval"]) == {"before", "after"} and info.card["eval"]["after"]["answers"] > 0
+    rm_card = json.loads((data / "reward_models" / "r0001" / "card.json").read_text())
+    assert rm_card["details"]["prompts"] + rm_card["details"]["held_out_prompts"] == PROMPTS
+
+    status = read_status(client)
+    assert status is not None and status["phase"] == "waiting"
+    assert status["last_round"]["version"] == "v0002" and status["last_round"]["outcome"] == "ready"
+    shown = runner.invoke(app, ["learn", "status", "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["last_round"]["version"] == "v0002"
+
+    assert learner.tick() == "waiting"  # nothing new since r0001
+    assert read_status(client)["detail"] == f"0 of {PROMPTS} new rankings needed for a round"  # type: ignore[index]
