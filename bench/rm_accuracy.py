@@ -3,7 +3,8 @@ pairwise accuracy on the remaining ones, rankloop's trainer beside TRL's RewardT
 
 SmolLM2-135M (the SFT reference), fp32, one epoch, same learning rate and batch (8 pairs = 8 prompts of K=2), no
 length cut (max 1024 tokens, the longest in the file: TRL drops longer pairs rather than cutting them, so a shorter
-limit would give the two trainers different data). Figures go to BENCHMARKS.md.
+limit would give the two trainers different data). Both trainers use gradient checkpointing: without it a batch of
+long dialogues needs more than the 24 GB of this machine. Figures go to BENCHMARKS.md.
 
 A full run takes hours per trainer on a small CPU machine, so both sides checkpoint as they go (under
 var/bench-rm-accuracy/) and the same command resumes where a previous run stopped; the seconds reported add up the
@@ -61,6 +62,7 @@ def ours(model_dir: Path, n_train: int, n_eval: int, log: Path) -> dict[str, flo
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     model, tokenizer = load_reward_model(model_dir)
+    model.gradient_checkpointing_enable()  # 16 sequences of up to 1024 tokens: ~24 GB of activations without it
     train = list(hh_groups(HH, tokenizer, MAX_LEN, limit=n_train))
     held = list(hh_groups(HH, tokenizer, MAX_LEN, limit=n_eval, skip=_row_after(n_train)))
     started, spent = time.perf_counter(), WORK / f"ours-{n_train}-seconds"

@@ -45,7 +45,7 @@ def main() -> None:
     model, tokenizer = reward_model(args.model, args.threads)
     config = RewardConfig(
         output_dir=args.output, per_device_train_batch_size=args.batch, num_train_epochs=1,
-        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=False,
+        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=True,
         report_to="none", logging_steps=10, save_strategy="steps", save_steps=5, save_total_limit=1,
         use_cpu=True, disable_tqdm=True,
     )  # fmt: skip

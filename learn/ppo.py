@@ -62,10 +62,48 @@ def pack(rollouts: Rollouts, pad_id: int) -> Packed:
     return Packed(ids, mask, response)
 
 
+class AdapterOff:
+    """A LoRA policy with its adapters switched off: the reference, without a second copy of the weights."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __call__(self, **inputs: Tensor) -> Any:
+        with self.model.disable_adapter():
+            return self.model(**inputs)
+
+
+def answer_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, select: Tensor) -> Tensor:
+    """(N, V) fp32 next-token logits at the N positions where `select` (B, L - 1) is true.
+
+    The LM head runs on the answer positions only: the prompt's logits are never used, and the vocabulary-sized
+    work (head, log-softmax, entropy) on them would be most of it, prompts being longer than answers.
+    """
+    if isinstance(model, AdapterOff):
+        with model.model.disable_adapter():
+            return answer_logits(model.model, input_ids, attention_mask, select)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner.config, "final_logit_softcapping", None) or getattr(inner.config, "logit_scale", None):
+        full: Tensor = model(input_ids=input_ids, attention_mask=attention_mask).logits  # post-processed logits
+        return full[:, :-1][select].float()
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    logits: Tensor = inner.get_output_embeddings()(hidden[select]).float()
+    return logits
+
+
+def logprobs_and_logits(model: Any, input_ids: Tensor, attention_mask: Tensor,
+                        response_mask: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """((B, L - 1) log-probabilities of each answer token, zero elsewhere; (N, V) the answer positions' logits)."""
+    select = response_mask.bool()
+    logits = answer_logits(model, input_ids, attention_mask, select)
+    picked = rl_math.token_logprobs(logits.unsqueeze(0), input_ids[:, 1:][select].unsqueeze(0)).squeeze(0)
+    return torch.zeros(select.shape).masked_scatter(select, picked), logits
+
+
 def token_logprobs(model: Any, packed: Packed) -> Tensor:
-    """(B, L - 1) log-probabilities of each next token under `model`, in fp32."""
-    logits = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
-    return rl_math.token_logprobs(logits[:, :-1], packed.input_ids[:, 1:])
+    """(B, L - 1) log-probabilities of each answer token under `model` (fp32), zero outside the answers."""
+    return logprobs_and_logits(model, packed.input_ids, packed.attention_mask, packed.response_mask)[0]
 
 
 def values(value_model: Any, packed: Packed) -> Tensor:
@@ -104,8 +142,7 @@ def ppo_step(
         for start in range(0, len(order), config.minibatch):
             rows = order[start : start + config.minibatch]
             sub = Packed(packed.input_ids[rows], packed.attention_mask[rows], mask[rows])
-            logits = policy(input_ids=sub.input_ids, attention_mask=sub.attention_mask).logits[:, :-1]
-            new_logprobs = rl_math.token_logprobs(logits, sub.input_ids[:, 1:])
+            new_logprobs, logits = logprobs_and_logits(policy, sub.input_ids, sub.attention_mask, sub.response_mask)
             policy_out = rl_math.clipped_policy_loss(new_logprobs, old_logprobs[rows], advantages[rows],
                                                      sub.response_mask, config.clip)  # fmt: skip
             value_loss, _ = rl_math.clipped_value_loss(values(value_model, sub), old_values[rows], returns[rows],
@@ -123,7 +160,8 @@ def ppo_step(
             figures["value_loss"].append(float(value_loss.detach()))
             figures["clip_fraction"].append(float(policy_out.clip_fraction.detach()))
             figures["approx_kl"].append(float(policy_out.approx_kl.detach()))
-            figures["entropy"].append(float(rl_math.entropy_from_logits(logits.detach(), sub.response_mask)))
+            every = torch.ones(1, logits.shape[0])  # the logits are the answer positions' already
+            figures["entropy"].append(float(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every)))
     kl_per_answer = float((kl * mask).sum(dim=1).mean())
     beta = kl_controller.value
     kl_controller.update(kl_per_answer, len(rollouts.queries))

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from learn import rl_math
 from learn.data import Example
-from learn.ppo import PPOConfig, ValueHead, ppo_step, sample
+from learn.ppo import AdapterOff, PPOConfig, ValueHead, ppo_step, sample
 from learn.prompts import Prompt
 from learn.reward_model import RewardScorer, _parts, load_reward_model
 from learn.sft import LoraOptions, collate, load_causal_lm, pad_id
@@ -46,17 +46,6 @@ class RoundConfig:
     lora: bool = True
     seed: int = 0
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.5))
-
-
-class AdapterOff:
-    """The LoRA policy with its adapters switched off: the reference, without a second copy of the weights."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def __call__(self, **inputs: Tensor) -> Any:
-        with self.model.disable_adapter():
-            return self.model(**inputs)
 
 
 @dataclass

@@ -91,3 +91,25 @@ def test_the_ptx_term_adds_its_own_gradient(models: tuple[Any, Any, ValueHead, A
     (ptx_grads := torch.autograd.grad(ptx_loss(model, ptx_batch), list(model.parameters())))
     for a, b, g in zip(without, with_ptx, ptx_grads, strict=True):
         assert torch.allclose(b - a, 0.5 * g, atol=1e-5)
+
+
+def test_answer_logprobs_equal_the_full_forwards_at_the_answer_positions(tiny_store: ModelStore) -> None:
+    from learn.ppo import AdapterOff, token_logprobs
+    from learn.ppo_run import PPO_LORA
+
+    rollouts = Rollouts([[5, 6, 7], [8]], [[9, 10, 2], [11, 12]], [False, True])
+    packed = pack(rollouts, pad_id=0)
+    mask = packed.response_mask.bool()
+    plain, _ = load_causal_lm(tiny_store.path("v0001"))
+    lora, _ = load_causal_lm(tiny_store.path("v0001"), PPO_LORA)
+    with torch.no_grad():
+        for p in lora.parameters():  # adapters that do something, so that switching them off shows
+            if p.requires_grad:
+                p.add_(0.05)
+        full = rl_math.token_logprobs(plain(input_ids=packed.input_ids).logits[:, :-1], packed.input_ids[:, 1:])
+        adapted = rl_math.token_logprobs(lora(input_ids=packed.input_ids).logits[:, :-1], packed.input_ids[:, 1:])
+        for model, expected in ((plain, full), (AdapterOff(lora), full), (lora, adapted)):
+            got = token_logprobs(model, packed)
+            assert torch.allclose(got[mask], expected[mask], atol=1e-5)
+            assert got[~mask].abs().sum() == 0  # nothing outside the answers
+    assert not torch.allclose(adapted[mask], full[mask], atol=1e-3)
