@@ -46,15 +46,23 @@ LOAD = {"messages": [{"role": "user", "content": "Write a short story about a li
 
 def one_swap(url: str, registry: Registry, store: ModelStore, target: str) -> dict[str, float]:
     promote(registry, store, target, "bench", "swap latency")
-    returned = time.perf_counter()
+    returned, returned_wall = time.perf_counter(), time.time()
     while True:
+        asked = time.perf_counter()
         body = httpx.post(f"{url}/v1/chat/completions", json=PROBE, timeout=120).json()
         if body["policy_version"] == target:
-            total = time.perf_counter() - returned
+            answered = time.perf_counter()
             break
+    total = answered - returned
     swap = httpx.get(f"{url}/healthz", timeout=5).json()["last_swap"]
-    return {"total": total, "drain": swap["drain_s"], "load": swap["load_s"],
-            "rest": total - swap["drain_s"] - swap["load_s"]}  # fmt: skip
+    # The probe that got the new version was asked before the gate opened or after; count only what it waited
+    # beyond the swap itself: its time after the load finished.
+    notice = swap["started_at"] - returned_wall
+    swap_done = notice + swap["check_s"] + swap["total_s"]
+    answer = answered - returned - max(swap_done, asked - returned)
+    return {"total": total, "notice": notice, "check": swap["check_s"], "drain": swap["drain_s"],
+            "load": swap["load_s"], "answer": answer,
+            "rest": total - notice - swap["check_s"] - swap["drain_s"] - swap["load_s"] - answer}  # fmt: skip
 
 
 def series(url: str, registry: Registry, store: ModelStore, swaps: int) -> list[dict[str, float]]:
@@ -144,11 +152,14 @@ def main() -> None:
     write_section("swap_latency", render(idle, loaded, ok, failed, floor, args.swaps))
 
 
+PARTS = ("total", "notice", "check", "drain", "load", "answer", "rest")
+
+
 def render(idle: list[dict[str, float]], loaded: list[dict[str, float]], ok: int, failed: int, floor: float,
            swaps: int) -> str:  # fmt: skip
     def row(name: str, results: list[dict[str, float]]) -> str:
         cells = [f"{statistics.median(r[k] for r in results):.2f} / {max(r[k] for r in results):.2f}"
-                 for k in ("total", "drain", "load", "rest")]  # fmt: skip
+                 for k in PARTS]  # fmt: skip
         return f"| {name} | " + " | ".join(cells) + " |"
 
     load_p50 = statistics.median(r["load"] for r in idle)
@@ -160,11 +171,13 @@ def render(idle: list[dict[str, float]], loaded: list[dict[str, float]], ok: int
         f"- Command: `.venv/bin/python bench/swap_latency.py --swaps {swaps}`.",
         f"- {swaps} swaps idle, then {swaps} under load (8 clients, n=4, max_tokens 64, temperature 0.8), alternating "
         "v0001 and v0002 (a copy: every swap loads the same weights). Total: from `promote` returning to the first "
-        "answer (1 token) from the new version. Drain and load as the server measured them; rest = total - drain - "
-        "load (noticing the event, resuming, the probe's own answer).",
+        "answer (1 token) from the new version. Split: notice (promote returning to the server taking the swap up), "
+        "check (validating the folder; answers still flow), drain and load (as the server measured them), answer "
+        "(the probe's time after the load finished: resuming and its own 1-token answer), rest (what none of those "
+        "cover: the probe's HTTP round trips, clock differences).",
         "",
-        "| swaps | total p50 / max (s) | drain p50 / max (s) | load p50 / max (s) | rest p50 / max (s) |",
-        "|---|---|---|---|---|",
+        "| swaps (p50 / max, s) | " + " | ".join(PARTS) + " |",
+        "|---|" + "---|" * len(PARTS),
         row("idle", idle),
         row("under load", loaded),
         "",

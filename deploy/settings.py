@@ -87,6 +87,8 @@ class Settings(BaseSettings):
         0.6, ge=0.0, le=1.0, description="Reward-model held-out accuracy below which no PPO round runs."
     )
     learn_ppo_iterations: int = Field(16, ge=1, description="PPO iterations per round.")
+    learn_ppo_lr: float = Field(1e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")
+    learn_rm_lr: float = Field(1e-5, gt=0.0, description="Reward-model learning rate (full fine-tuning).")
     learn_prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per PPO iteration.")
     learn_max_new_tokens: int = Field(64, ge=1, description="Answer length limit of PPO rollouts.")
     learn_prompt_file: Path | None = Field(None, description="Extra prompts (JSONL) for PPO besides users' own.")
@@ -107,7 +109,9 @@ class Settings(BaseSettings):
 
     # -- engine ---------------------------------------------------------------------------------
     policy_version: str | None = Field(None, description="Serve this version; unset: the store's current.")
-    engine: Literal["vllm", "fake"] = Field("vllm", description="`fake` echoes prompts: for UI and API tests.")
+    engine: Literal["vllm", "hf", "fake"] = Field(
+        "vllm", description="`hf`: transformers, one request at a time (tests, tiny models); `fake`: canned answers."
+    )
     max_model_len: int = Field(2048, ge=64, description="Context length (prompt + answer) of the engine.")
     enforce_eager: bool | None = Field(
         None, description="Skip graph compilation; unset: eager on CPU (fast start), compiled on GPU."

@@ -38,8 +38,8 @@ log = logging.getLogger("rankloop.learner")
 def round_config(settings: Settings) -> RoundConfig:
     return RoundConfig(iterations=settings.learn_ppo_iterations,
                        prompts_per_iteration=settings.learn_prompts_per_iteration,
-                       max_new_tokens=settings.learn_max_new_tokens,
-                       ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef))  # fmt: skip
+                       max_new_tokens=settings.learn_max_new_tokens, lr=settings.learn_ppo_lr,
+                       value_lr=settings.learn_ppo_lr, ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ class Learner:
             self.publish("waiting", f"{new} of {needed} new rankings needed for a round", new_rankings=new)
             return "waiting"
         self.publish("reward model", f"training on {new} new rankings" + (f" from {latest}" if latest else ""))
-        rm = rm_round(self.settings, RMOptions(resume_from=latest), show_progress=self.show_progress)
+        options = RMOptions(resume_from=latest, lr=self.settings.learn_rm_lr)
+        rm = rm_round(self.settings, options, show_progress=self.show_progress)
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
         accuracy, floor = rm.evaluation.accuracy, self.settings.learn_min_rm_accuracy
         if not accuracy >= floor:  # NaN (no held-out prompts yet) does not pass either

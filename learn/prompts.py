@@ -1,8 +1,9 @@
 """Prompts for PPO rollouts and for evaluation: users' real prompts from the feedback dataset, plus prompt files.
 
 A prompt from the dataset keeps the token ids the server rendered, so the policy continues exactly what users saw
-answered. A prompt from a file is rendered with the policy's chat template. The held-out split is the reward
-model's (learn.rm_data.is_held_out on the same key), so a prompt held out there is never trained on here either.
+answered. A prompt from a file is rendered with the policy's chat template. The held-out prompts are the evaluation
+split (learn.rm_data.is_held_out), which simulated users keep out of too: policies are judged on them, never
+trained on them.
 """
 
 from __future__ import annotations

@@ -35,13 +35,22 @@ def prompt_key(messages: list[dict[str, Any]]) -> str:
 
 
 def is_held_out(key: str, fraction: float) -> bool:
-    """A stable split: a prompt stays on its side as data grows (bucket from its hash)."""
+    """The evaluation prompts: policies are judged on them and never trained on them (PPO, simulated users).
+
+    A stable split: a prompt stays on its side as data grows (bucket from its hash)."""
     return int(key[:8], 16) % 10_000 < fraction * 10_000
 
 
+def is_rm_held_out(key: str, fraction: float) -> bool:
+    """The reward model's held-out prompts: a split of its own, independent of the evaluation prompts', so that
+    ranked prompts land on both of its sides even when users are only ever shown training prompts."""
+    return is_held_out(hashlib.sha256(f"reward-model {key}".encode()).hexdigest(), fraction)
+
+
 def split(groups: list[RankedGroup], fraction: float) -> tuple[list[RankedGroup], list[RankedGroup]]:
-    train = [g for g in groups if not is_held_out(g.prompt_key, fraction)]
-    held = [g for g in groups if is_held_out(g.prompt_key, fraction)]
+    """(train, held out) for the reward model, by prompt: all answers of a prompt on the same side."""
+    train = [g for g in groups if not is_rm_held_out(g.prompt_key, fraction)]
+    held = [g for g in groups if is_rm_held_out(g.prompt_key, fraction)]
     return train, held
 
 

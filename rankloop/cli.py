@@ -19,6 +19,9 @@ from deploy.versions_cli import versions_app
 from feedback.cli import app as feedback_app
 from learn.cli import app as learn_app
 from rankloop.console import fail, settings_or_exit
+from rankloop.loop_cli import evaluate as evaluate_command
+from rankloop.loop_cli import report as report_command
+from rankloop.loop_cli import simulate as simulate_command
 
 app = typer.Typer(help="Train a chat model from its users' rankings.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="The model store: import models as policy versions.", no_args_is_help=True)
@@ -28,6 +31,9 @@ app.add_typer(learn_app, name="learn")
 app.add_typer(versions_app, name="versions")
 app.command("promote")(promote_command)
 app.command("rollback")(rollback_command)
+app.command("simulate")(simulate_command)
+app.command("eval")(evaluate_command)
+app.command("report")(report_command)
 console = Console(stderr=True)
 
 

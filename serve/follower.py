@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -70,10 +72,14 @@ class RegistryFollower:
 
     async def swap(self, version: str, epoch: int) -> None:
         try:
+            started_at, started = time.time(), time.monotonic()
             folder = self.store.path(version)
             # Reading the headers is file I/O: off the event loop, so answers keep flowing meanwhile.
             await asyncio.to_thread(check_folder, folder, self.store.path(self.served.version))
+            checked = time.monotonic() - started
             times = await self.served.swap(version, epoch, lambda: self.engine.load_weights(folder))
+            times = replace(times, check_s=checked, started_at=started_at)
+            self.served.last_swap = times
         except Exception as exc:  # any failure: keep serving the old version, say so everywhere
             await self._failed(version, epoch, exc)
             return

@@ -31,6 +31,10 @@ def _build_engine(settings: Settings, version: str, store: ModelStore) -> Engine
         from serve.fake_engine import FakeEngine
 
         return FakeEngine(AutoTokenizer.from_pretrained(model_dir), settings.max_model_len)
+    if settings.engine == "hf":
+        from serve.hf_engine import HFEngine
+
+        return HFEngine(model_dir, settings.max_model_len)
     from serve.vllm_engine import VllmEngine
 
     return VllmEngine.start(settings, model_dir)

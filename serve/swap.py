@@ -20,6 +20,8 @@ class SwapTimes:
     drain_s: float  # waiting for the answers in flight to finish on the old weights
     load_s: float  # the engine loading the new weights (and clearing its cache)
     total_s: float
+    check_s: float = 0.0  # validating the folder before the gate closes (answers keep flowing meanwhile)
+    started_at: float = 0.0  # wall-clock time the server took up the swap (to tell how fast it noticed)
 
 
 class ServedVersion:

@@ -77,3 +77,34 @@ def tiny_versions_store(root: Path) -> ModelStore:
     LlamaForCausalLM(AutoConfig.from_pretrained(other)).save_pretrained(other)
     store.publish(Card("v0003", "v0001", "sft"), lambda f: copy(other, f))
     return store
+
+
+def tiny_teachable_folder(folder: Path, prompts: list[str], seed: int = 0) -> Path:
+    """The tiny llama after a short SFT on answers of 1 to 12 words from its corpus, so that it ends its answers
+    after varied lengths: a policy that a length preference (`concise`) has something to choose from."""
+    import random
+
+    import torch
+
+    from learn.data import Demonstration, encode_demonstration
+    from learn.loop import LoopConfig
+    from learn.sft import load_causal_lm, train_lm
+    from learn.trainlog import MetricsLog
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    words = " ".join(CORPUS).split()
+    source = tiny_llama_folder(folder.with_name(folder.name + "-random"))
+    model, tokenizer = load_causal_lm(source)
+    demos = [
+        Demonstration([{"role": "user", "content": rng.choice(prompts)}],
+                      " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))))
+        for _ in range(256)
+    ]  # fmt: skip
+    examples = [encode_demonstration(tokenizer, d, 128) for d in demos]
+    with MetricsLog(None) as log:
+        train_lm(model, tokenizer, examples, LoopConfig(epochs=3, batch_size=16, lr=3e-3), log, "tiny sft",
+                 show_progress=False)  # fmt: skip
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

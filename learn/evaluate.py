@@ -1,0 +1,88 @@
+"""Version A against version B on held-out prompts under a preference: the same prompts and the same sampling
+seeds for both, M answers per prompt, each pair judged by the preference's scorer (ties count half).
+
+The result is kept under data_dir/evals/ for `rankloop report`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from feedback.preferences import Scorer
+from learn.ppo import sample
+from learn.prompts import render
+from learn.sft import load_causal_lm, pad_id
+from learn.winrate import WinRate, outcome, win_rate
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: str
+    b: str
+    preference: str
+    win_rate: WinRate
+    length_a: float  # mean answer length in characters
+    length_b: float
+    prompts: int
+    samples_per_prompt: int
+    seed: int
+    created: float
+    examples: list[dict[str, str]]  # prompt, A's answer, B's answer
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> Comparison:
+        raw: dict[str, Any] = json.loads(path.read_text())
+        raw["win_rate"] = WinRate(**raw["win_rate"])
+        return cls(**raw)
+
+
+@torch.no_grad()
+def answers(folder: Path, prompts: Sequence[Messages], per_prompt: int, max_new_tokens: int, seed: int,
+            batch: int = 8) -> list[str]:  # fmt: skip
+    """`per_prompt` sampled answers to each prompt from the policy at `folder`: prompt-major order."""
+    model, tokenizer = load_causal_lm(folder)
+    model.eval()
+    queries = [render(tokenizer, p) for p in prompts for _ in range(per_prompt)]
+    texts: list[str] = []
+    for start in range(0, len(queries), batch):
+        rollouts = sample(model, queries[start : start + batch], max_new_tokens, int(tokenizer.eos_token_id),
+                          pad_id(tokenizer), seed=seed + start)  # fmt: skip
+        texts += [str(tokenizer.decode(r, skip_special_tokens=True)) for r in rollouts.responses]
+    return texts
+
+
+def compare(folder_a: Path, folder_b: Path, names: tuple[str, str], preference: str, scorer: Scorer,
+            prompts: Sequence[Messages], per_prompt: int = 4, max_new_tokens: int = 64, seed: int = 0,
+            progress: Callable[[str], None] | None = None) -> Comparison:  # fmt: skip
+    said = progress or (lambda _: None)
+    said(f"sampling {len(prompts)} x {per_prompt} answers from {names[0]}")
+    of_a = answers(folder_a, prompts, per_prompt, max_new_tokens, seed)
+    said(f"sampling {len(prompts)} x {per_prompt} answers from {names[1]}")
+    of_b = answers(folder_b, prompts, per_prompt, max_new_tokens, seed)
+    asked = [p[-1]["content"] for p in prompts for _ in range(per_prompt)]
+    outcomes = [outcome(scorer(q, x), scorer(q, y)) for q, x, y in zip(asked, of_a, of_b, strict=True)]
+    examples = [{"prompt": asked[i], "a": of_a[i], "b": of_b[i]} for i in range(0, len(asked), per_prompt)][:6]
+    return Comparison(names[0], names[1], preference, win_rate(outcomes), sum(map(len, of_a)) / len(of_a),
+                      sum(map(len, of_b)) / len(of_b), len(prompts), per_prompt, seed, time.time(),
+                      examples)  # fmt: skip
+
+
+def save(comparison: Comparison, data_dir: Path) -> Path:
+    folder = data_dir / "evals"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = comparison.preference.replace(":", "_").replace("/", "_")
+    path = folder / f"{comparison.a}-vs-{comparison.b}-{name}.json"
+    path.write_text(comparison.to_json())
+    return path

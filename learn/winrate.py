@@ -1,0 +1,48 @@
+"""Win rate of version A over version B from paired outcomes, with a confidence interval.
+
+Each outcome compares A's and B's answer to the same prompt under the same sampling seed: 1 when A's is preferred,
+0 when B's is, 0.5 for a tie. The win rate is the mean outcome; the interval is the normal approximation of that
+mean (the outcomes' sample standard deviation over sqrt(n)), clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+@dataclass(frozen=True)
+class WinRate:
+    rate: float
+    low: float
+    high: float
+    wins: int
+    ties: int
+    losses: int
+
+    @property
+    def n(self) -> int:
+        return self.wins + self.ties + self.losses
+
+    def significant(self) -> bool:
+        """A over B beyond chance: the whole interval above one half."""
+        return self.low > 0.5
+
+
+def outcome(score_a: float, score_b: float) -> float:
+    return 1.0 if score_a > score_b else 0.0 if score_a < score_b else 0.5
+
+
+def win_rate(outcomes: Sequence[float], z: float = Z95) -> WinRate:
+    if not outcomes:
+        raise ValueError("no outcomes to estimate a win rate from")
+    n = len(outcomes)
+    mean = sum(outcomes) / n
+    variance = sum((o - mean) ** 2 for o in outcomes) / (n - 1) if n > 1 else 0.25
+    half = z * math.sqrt(variance / n)
+    wins = sum(o == 1.0 for o in outcomes)
+    ties = sum(o == 0.5 for o in outcomes)
+    return WinRate(mean, max(0.0, mean - half), min(1.0, mean + half), wins, ties, n - wins - ties)

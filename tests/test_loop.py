@@ -1,0 +1,102 @@
+"""The whole loop at small scale: simulated users rank answers by `concise` through the real HTTP API of a server
+process (the tiny llama on the transformers engine) and a real Redis server; the learner daemon turns their
+rankings into versions and promotes them; the served model's answers get shorter and beat v0001."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from deploy.launcher import stop_group, wait_healthy
+from deploy.model_import import import_model
+from deploy.model_store import ModelStore
+from deploy.redis_server import EmbeddedRedis
+from deploy.registry import Registry
+from deploy.settings import load_settings
+from feedback.consumer import FeedbackConsumer
+from feedback.dataset import Dataset
+from feedback.preferences import concise
+from feedback.simulate import Plan, simulate, split
+from learn.daemon import Learner
+from learn.evaluate import compare
+from tests.conftest import free_port
+from tests.tiny import tiny_teachable_folder
+
+REPO = Path(__file__).resolve().parents[1]
+TOPICS = ["the sea", "the sky", "a fox", "the dog", "paris", "france", "a poem", "the world", "the capital", "hello"]
+PROMPTS = [f"write about {topic} {n}" for topic in TOPICS for n in range(8)]
+RANKINGS_PER_ROUND = 48
+ROUNDS = 3
+
+
+@dataclass
+class Loop:
+    url: str
+    data: Path
+    train: list[list[dict[str, str]]]
+    held: list[list[dict[str, str]]]
+
+
+@pytest.fixture
+def loop(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[Loop]:
+    data = tmp_path / "data"
+    import_model(ModelStore(data / "models"), tiny_teachable_folder(tmp_path / "policy", PROMPTS))
+    prompt_file = tmp_path / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    train, held = split([[{"role": "user", "content": p}] for p in PROMPTS])
+    redis.Redis.from_url(redis_server.url).flushdb()
+    port = free_port()
+    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_PORT": str(port), "REDIS_URL": redis_server.url,
+           "RANKLOOP_ENGINE": "hf", "RANKLOOP_MAX_MODEL_LEN": "256", "RANKLOOP_MAX_TOKENS_LIMIT": "32",
+           "RANKLOOP_DEFAULT_MAX_TOKENS": "16"}  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, timeout_s=120)
+        yield Loop(url, data, train, held)
+    finally:
+        stop_group(process)
+
+
+def served(url: str) -> str:
+    return str(httpx.get(f"{url}/healthz", timeout=10).json()["policy_version"])
+
+
+@pytest.mark.slow
+def test_simulated_users_teach_the_served_model_to_be_concise(loop: Loop, redis_server: EmbeddedRedis) -> None:
+    settings = load_settings(data_dir=loop.data, redis_url=redis_server.url, learn_min_rankings=RANKINGS_PER_ROUND,
+                             learn_min_rm_accuracy=0.55, learn_ppo_iterations=8, learn_prompts_per_iteration=16,
+                             learn_max_new_tokens=16, learn_ppo_lr=3e-3, learn_rm_lr=3e-4, learn_auto_promote=True,
+                             learn_threads=2, learn_prompt_file=loop.data.parent / "prompts.jsonl")  # fmt: skip
+    client = redis.Redis.from_url(redis_server.url)
+    learner, registry = Learner(settings, client), Registry(client)
+    consumer = FeedbackConsumer(client, Dataset(settings.dataset_path), "test")
+    outcomes = []
+    for _ in range(ROUNDS):
+        plan = Plan(loop.url, loop.train, concise, users=2, k=4, noise=0.1, duration_s=600,
+                    max_rankings=RANKINGS_PER_ROUND, max_tokens=16)  # fmt: skip
+        tally = asyncio.run(simulate(plan))
+        assert tally.errors == 0 and tally.rankings >= RANKINGS_PER_ROUND, tally
+        consumer.drain()
+        outcomes.append(learner.tick())
+        current = registry.current()[0]
+        deadline = time.monotonic() + 60
+        while served(loop.url) != current:  # the server follows the promotion
+            assert time.monotonic() < deadline, f"the server never switched to {current}"
+            time.sleep(0.2)
+    current = registry.current()[0]
+    assert current != "v0001", outcomes
+    store = ModelStore(settings.store_dir)
+    result = compare(store.path(str(current)), store.path("v0001"), (str(current), "v0001"), "concise", concise,
+                     loop.held, per_prompt=16, max_new_tokens=16)  # fmt: skip
+    assert result.length_a < result.length_b, (outcomes, result)
+    assert result.win_rate.significant(), (outcomes, result.win_rate)
