@@ -66,7 +66,11 @@ def one_swap(url: str, registry: Registry, store: ModelStore, target: str) -> di
 
 
 def series(url: str, registry: Registry, store: ModelStore, swaps: int) -> list[dict[str, float]]:
-    return [one_swap(url, registry, store, "v0002" if i % 2 == 0 else "v0001") for i in range(swaps)]
+    results = []
+    for i in range(swaps):
+        results.append(one_swap(url, registry, store, "v0002" if i % 2 == 0 else "v0001"))
+        print(f"swap {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[-1].items()), flush=True)
+    return results
 
 
 def under_load(url: str, registry: Registry, store: ModelStore, swaps: int) -> tuple[list[dict[str, float]], int, int]:
@@ -117,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--swaps", type=int, default=20)
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
+    parser.add_argument("--idle-only", action="store_true", help="Print the idle swaps; write nothing.")
     args = parser.parse_args()
     source = bench_store(args.data_dir)
     work = Path(tempfile.mkdtemp(prefix="bench-swap-"))
@@ -144,6 +149,8 @@ def main() -> None:
             wait_healthy(url, process)
             idle = series(url, registry, store, args.swaps)
             print(f"idle: p50 {statistics.median(r['total'] for r in idle):.2f} s", flush=True)
+            if args.idle_only:
+                return
             loaded, ok, failed = under_load(url, registry, store, args.swaps)
             print(f"under load: p50 {statistics.median(r['total'] for r in loaded):.2f} s; {failed} failed", flush=True)
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 
 import uvicorn
 import uvloop
@@ -16,7 +17,7 @@ from deploy.promotion import sync_store
 from deploy.registry import Registry
 from deploy.settings import Settings
 from serve.app import create_app
-from serve.engine import Engine
+from serve.engine import Engine, GenerationRequest
 from serve.follower import RegistryFollower
 from serve.swap import ServedVersion
 
@@ -69,10 +70,22 @@ def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int]:
     return version, 0
 
 
+async def _warm_up(engine: Engine) -> None:
+    """One short generation before the first user's: the engine's first forward pass sets up its kernels
+    (seconds on CPU), which would otherwise land on whoever asks first, or on the first answer after a swap."""
+    started = time.monotonic()
+    ids = list(engine.tokenizer("Hello", add_special_tokens=False)["input_ids"])
+    request = GenerationRequest("warm-up", ids, n=1, max_tokens=2, temperature=0.0, top_p=1.0)
+    async for _ in engine.generate(request):
+        pass
+    log.info("engine warmed up in %.1f s", time.monotonic() - started)
+
+
 async def _serve(settings: Settings) -> None:
     store = ModelStore(settings.store_dir)
     version, epoch = _starting_version(settings, store)
     engine = _build_engine(settings, version, store)
+    await _warm_up(engine)
     redis = Redis.from_url(settings.effective_redis_url)
     served = ServedVersion(version, epoch)
     app = create_app(settings, engine, redis, served)
