@@ -45,11 +45,22 @@ accepted=$(curl -sf "$url/v1/feedback" -H 'content-type: application/json' \
 echo "smoke: ranking accepted: $accepted"
 for _ in $(seq 1 30); do
   rankings=$(.venv/bin/rankloop feedback stats --json | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["dataset"]["ranking"])')
-  if [ "$rankings" -ge 1 ]; then
-    echo "smoke: the dataset holds $rankings ranking(s)"
+  if [ "$rankings" -ge 1 ]; then break; fi
+  sleep 1
+done
+if [ "$rankings" -lt 1 ]; then
+  echo "smoke: the ranking did not reach the dataset" >&2
+  exit 1
+fi
+echo "smoke: the dataset holds $rankings ranking(s)"
+
+# The learner daemon `make run` started reports what it is doing (waiting for enough rankings).
+for _ in $(seq 1 120); do
+  if status=$(.venv/bin/rankloop learn status 2>&1); then
+    echo "smoke: learner: $status"
     exit 0
   fi
   sleep 1
 done
-echo "smoke: the ranking did not reach the dataset" >&2
+echo "smoke: the learner never reported ($status)" >&2
 exit 1

@@ -11,6 +11,7 @@ What the learner is doing is published in Redis (`rankloop learn status` reads i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import RedisError
 
 from deploy.model_store import ModelStore
 from deploy.promotion import promote
@@ -134,9 +136,10 @@ class Learner:
         while not stop.is_set():
             try:
                 self.tick()
-            except Exception as exc:  # a failed round must not end the daemon: say so and retry later
+            except Exception as exc:  # a failed round (or Redis away) must not end the daemon: say so, retry later
                 log.exception("learning round failed")
-                self.publish("error", f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(RedisError):
+                    self.publish("error", f"{type(exc).__name__}: {exc}")
             stop.wait(self.settings.learn_poll_s)
 
 
