@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import bench_store  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from deploy.launcher import stop_group, wait_healthy  # noqa: E402
 from deploy.redis_server import EmbeddedRedis  # noqa: E402
 
@@ -197,7 +197,7 @@ def render(results: list[Result], hf: Result | None, args: argparse.Namespace) -
     lines = [
         "## Chat endpoint throughput (issue 2)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU "
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()} "
         f"({platform.platform()}); figures are means over {args.rounds} round(s); the server that goes first "
         "alternates from round to round.",
         f"- Command: {command} (`make bench`).",

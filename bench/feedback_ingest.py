@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import bench_store  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from deploy.launcher import stop_group, wait_healthy  # noqa: E402
 from deploy.redis_server import EmbeddedRedis  # noqa: E402
 
@@ -188,7 +188,7 @@ def render(runs: list[WrkResult], accepted: int, stored: int, steal: float, args
     return "\n".join([
         "## Feedback ingestion (issue 3)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU "
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()} "
         f"({platform.platform()}); CPU time stolen by the hypervisor during the runs: {steal:.0%}.",
         f"- Command: `.venv/bin/python bench/feedback_ingest.py --rounds {args.rounds} --seconds {args.seconds} "
         f"--connections {args.connections}` (`make bench`).",

@@ -11,8 +11,6 @@ included), the backward passes and the optimiser steps are timed; everything els
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.common import bench_store  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from deploy.model_store import Card, ModelStore  # noqa: E402
 from learn.ppo import PPOConfig  # noqa: E402
 from learn.ppo_run import Models, PPORound, RoundConfig, load_models  # noqa: E402
@@ -194,8 +192,7 @@ def report(rows: list[dict[str, float]], other: dict[str, float] | None, args: a
     lines = [
         "## PPO iteration speed (issue 6)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; "
-        f"{THREADS} threads.",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads.",
         f"- Command: `.venv/bin/python bench/ppo_speed.py --iterations {args.iterations} --prompts {args.prompts} "
         f"--tokens {args.tokens}`.",
         f"- SmolLM2-135M policy with LoRA adapters (r 16, fp32), value model and reward model on the same backbone, "

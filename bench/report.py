@@ -19,3 +19,14 @@ def write_section(name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS.write_text(text)
     print(f"wrote the {name} section of {BENCHMARKS}")
+
+
+def machine() -> str:
+    """The machine a figure was measured on, for the `Date: …; machine: …` line every section starts with."""
+    import os
+    import platform
+
+    import torch
+
+    gpu = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores, {gpu}"

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.common import bench_store, run_in_trl_env  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from learn.loop import LoopConfig  # noqa: E402
 from learn.reward_model import load_reward_model, train_reward_model  # noqa: E402
 from learn.rm_data import hh_groups, parse_hh  # noqa: E402
@@ -125,8 +123,7 @@ def main() -> None:
     lines = [
         "## Reward-model accuracy on human preferences (issue 4)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; "
-        f"{THREADS} threads each.",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads each.",
         f"- Command: `.venv/bin/python bench/rm_accuracy.py --train {args.train} --eval {args.eval}"
         + (" --no-trl" if args.no_trl else "")
         + "`.",

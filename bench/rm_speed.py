@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from bench.common import bench_store, run_in_trl_env  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from learn.reward_model import group_loss, load_reward_model  # noqa: E402
 from learn.rm_data import RankedGroup, encode_pair, prompt_key  # noqa: E402
 
@@ -104,7 +102,7 @@ def main() -> None:
     write_section("rm_speed", "\n".join([
         "## Reward-model training speed (issue 4)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; "
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; "
         f"{THREADS} threads each; torch {torch.__version__}; TRL {theirs['trl']} with transformers "
         f"{theirs['transformers']} in its own environment, rankloop with transformers {transformers.__version__}.",
         f"- Command: `.venv/bin/python bench/rm_speed.py --steps {args.steps}`.",

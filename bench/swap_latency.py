@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from redis import Redis  # noqa: E402
 
 from bench.common import bench_store  # noqa: E402
-from bench.report import write_section  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
 from deploy.launcher import stop_group, wait_healthy  # noqa: E402
 from deploy.model_store import Card, ModelStore  # noqa: E402
 from deploy.promotion import promote, sync_store  # noqa: E402
@@ -173,7 +172,7 @@ def render(idle: list[dict[str, float]], loaded: list[dict[str, float]], ok: int
     return "\n".join([
         "## Hot-swap latency (issue 5)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} cores, no GPU; vLLM "
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; vLLM "
         "0.32.0 CPU, eager, SmolLM2-135M bf16.",
         f"- Command: `.venv/bin/python bench/swap_latency.py --swaps {swaps}`.",
         f"- {swaps} swaps idle, then {swaps} under load (8 clients, n=4, max_tokens 64, temperature 0.8), alternating "

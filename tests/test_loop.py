@@ -4,9 +4,6 @@ rankings into versions and promotes them; the served model's answers get shorter
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +13,6 @@ import httpx
 import pytest
 import redis
 
-from deploy.launcher import stop_group, wait_healthy
 from deploy.model_import import import_model
 from deploy.model_store import ModelStore
 from deploy.redis_server import EmbeddedRedis
@@ -28,10 +24,9 @@ from feedback.preferences import concise
 from feedback.simulate import Plan, simulate, split
 from learn.daemon import Learner
 from learn.evaluate import compare
-from tests.conftest import free_port
+from tests.servers import server_process
 from tests.tiny import tiny_teachable_folder
 
-REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["the sea", "the sky", "a fox", "the dog", "paris", "france", "a poem", "the world", "the capital", "hello"]
 PROMPTS = [f"write about {topic} {n}" for topic in TOPICS for n in range(8)]
 RANKINGS_PER_ROUND = 48
@@ -54,17 +49,9 @@ def loop(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[Loop]:
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     train, held = split([[{"role": "user", "content": p}] for p in PROMPTS])
     redis.Redis.from_url(redis_server.url).flushdb()
-    port = free_port()
-    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_PORT": str(port), "REDIS_URL": redis_server.url,
-           "RANKLOOP_ENGINE": "hf", "RANKLOOP_MAX_MODEL_LEN": "256", "RANKLOOP_MAX_TOKENS_LIMIT": "32",
-           "RANKLOOP_DEFAULT_MAX_TOKENS": "16"}  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, cwd=REPO, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, timeout_s=120)
+    with server_process(data, redis_server.url, "hf", max_model_len=256, max_tokens_limit=32,
+                        default_max_tokens=16) as url:  # fmt: skip
         yield Loop(url, data, train, held)
-    finally:
-        stop_group(process)
 
 
 def served(url: str) -> str:

@@ -2,9 +2,6 @@
 `ready` policy version out, with its evaluation on the card and its progress in `rankloop learn status`."""
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +10,6 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from deploy.launcher import stop_group, wait_healthy
 from deploy.model_import import import_model
 from deploy.model_store import ModelStore
 from deploy.redis_server import EmbeddedRedis
@@ -21,10 +17,9 @@ from deploy.registry import Registry
 from deploy.settings import load_settings
 from learn.daemon import Learner, read_status
 from rankloop.cli import app
-from tests.conftest import free_port
+from tests.servers import server_process
 from tests.tiny import tiny_llama_folder
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = 40
 
 
@@ -34,17 +29,9 @@ def server(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[tuple[str, P
     data = tmp_path / "data"
     import_model(ModelStore(data / "models"), tiny_llama_folder(tmp_path / "src"))
     redis.Redis.from_url(redis_server.url).flushdb()
-    port = free_port()
-    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_PORT": str(port), "REDIS_URL": redis_server.url,
-           "RANKLOOP_ENGINE": "fake", "RANKLOOP_MAX_MODEL_LEN": "512", "RANKLOOP_MAX_TOKENS_LIMIT": "64",
-           "RANKLOOP_DEFAULT_MAX_TOKENS": "32"}  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, cwd=REPO, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, timeout_s=120)
+    with server_process(data, redis_server.url, "fake", max_model_len=512, max_tokens_limit=64,
+                        default_max_tokens=32) as url:  # fmt: skip
         yield url, data
-    finally:
-        stop_group(process)
 
 
 def rank_answers(url: str, prompts: int) -> None:
