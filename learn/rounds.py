@@ -8,7 +8,6 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -186,7 +185,3 @@ def register(settings: Settings, card: Card) -> bool:
         return False
     finally:
         client.close()
-
-
-def dump(result: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(result).items() if k != "card"}
