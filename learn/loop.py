@@ -100,22 +100,28 @@ def run_loop(
     return result
 
 
-def _trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
+def trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The state entries of the parameters being trained (all weights, or only the LoRA adapters)."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in trainable}
+
+
+def save_atomic(path: Path, state: dict[str, Any]) -> None:
+    """torch.save `state` to `path` whole or not at all: a crash while saving leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:  # fmt: skip
     """Everything needed to go on exactly: trainable weights, optimiser and schedule, step, RNG states."""
     state: dict[str, Any] = {
-        "model": _trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "model": trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
     }  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(path)  # a crash while saving leaves the previous checkpoint whole
+    save_atomic(path, state)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

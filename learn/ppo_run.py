@@ -22,6 +22,7 @@ from torch import Tensor
 
 from learn import rl_math
 from learn.data import Example
+from learn.loop import save_atomic, trainable_state
 from learn.ppo import AdapterOff, PPOConfig, ValueHead, ppo_step, sample
 from learn.prompts import Prompt
 from learn.reward_model import RewardScorer, _parts, load_reward_model
@@ -89,11 +90,6 @@ def load_models(policy_folder: Path, reference_folder: Path, reward_folder: Path
 
 def trainable(module: Any) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
-
-
-def trainable_state(module: Any) -> dict[str, Tensor]:
-    names = {name for name, p in module.named_parameters() if p.requires_grad}
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if k in names}
 
 
 class PPORound:
@@ -164,10 +160,7 @@ class PPORound:
             "controller": self.controller.state(), "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
         }  # fmt: skip
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        torch.save(state, partial)
-        partial.replace(path)
+        save_atomic(path, state)
 
     def resume(self, path: Path, meta: dict[str, Any]) -> bool:
         """Continue from `path` when it belongs to this round (same meta); False when there is nothing to resume."""
@@ -197,5 +190,6 @@ def checkpoint_meta(path: Path) -> dict[str, Any] | None:
     """What round the checkpoint at `path` belongs to (parent, reward model, configuration); None without one."""
     if not path.is_file():
         return None
-    meta: dict[str, Any] = torch.load(path, weights_only=False)["meta"]
+    # Memory-mapped: the meta without reading the weights and optimiser state (GBs when training all weights).
+    meta: dict[str, Any] = torch.load(path, weights_only=False, mmap=True)["meta"]
     return meta
