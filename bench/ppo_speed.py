@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from bench.common import bench_store  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from deploy.model_store import Card, ModelStore  # noqa: E402
-from learn.ppo import PPOConfig  # noqa: E402
+from learn.ppo import PPOConfig, causal_parts  # noqa: E402
 from learn.ppo_run import Models, PPORound, RoundConfig, load_models  # noqa: E402
 from learn.prompts import Prompt, prompts_from_file  # noqa: E402
 from learn.reward_model import _parts  # noqa: E402
@@ -75,11 +75,6 @@ class ComputeClock:
             yield
         finally:
             torch.Tensor.backward = original  # type: ignore[method-assign]
-
-
-def causal_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
 
 
 def reward_folder(policy: Path, root: Path) -> Path:

@@ -73,6 +73,12 @@ class AdapterOff:
             return self.model(**inputs)
 
 
+def causal_parts(model: Any) -> tuple[Any, Any]:
+    """(backbone, LM head) of a causal LM, under a LoRA wrapper or not (the adapters stay in force)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
+
+
 def answer_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, select: Tensor) -> Tensor:
     """(N, V) fp32 next-token logits at the N positions where `select` (B, L - 1) is true.
 
@@ -82,13 +88,12 @@ def answer_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, select:
     if isinstance(model, AdapterOff):
         with model.model.disable_adapter():
             return answer_logits(model.model, input_ids, attention_mask, select)
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(inner.config, "final_logit_softcapping", None) or getattr(inner.config, "logit_scale", None):
+    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
         full: Tensor = model(input_ids=input_ids, attention_mask=attention_mask).logits  # post-processed logits
         return full[:, :-1][select].float()
-    backbone = getattr(inner, inner.base_model_prefix)
+    backbone, head = causal_parts(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-    logits: Tensor = inner.get_output_embeddings()(hidden[select]).float()
+    logits: Tensor = head(hidden[select]).float()
     return logits
 
 
