@@ -18,32 +18,21 @@ from pathlib import Path
 import httpx
 
 from feedback.preferences import Scorer, rank
-from learn.data import read_jsonl
-from learn.prompts import messages_of
-from learn.rm_data import is_held_out, prompt_key
+from learn.prompts import conversations, split_prompts, unique
+from learn.rm_data import prompt_key
 
 HELD_OUT = 0.1  # the learner's default held-out share; the same prompts stay out of users' hands
 
 
 def read_prompts(paths: list[Path]) -> list[list[dict[str, str]]]:
     """Each file's prompts (chat, Alpaca, MT-bench first turns, plain `prompt`), once each, in order."""
-    seen: set[str] = set()
-    prompts = []
-    for path in paths:
-        for n, row in enumerate(read_jsonl(path), start=1):
-            messages = messages_of(row, f"{path}, line {n}")
-            key = prompt_key(messages)
-            if key not in seen:
-                seen.add(key)
-                prompts.append(messages)
-    return prompts
+    return unique((messages for path in paths for messages in conversations(path)), prompt_key)
 
 
 def split(prompts: list[list[dict[str, str]]],
           fraction: float = HELD_OUT) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:  # fmt: skip
     """(train, held out) by the learner's split of the same prompt keys."""
-    held = [p for p in prompts if is_held_out(prompt_key(p), fraction)]
-    return [p for p in prompts if not is_held_out(prompt_key(p), fraction)], held
+    return split_prompts(prompts, prompt_key, fraction)
 
 
 @dataclass

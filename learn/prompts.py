@@ -8,13 +8,15 @@ trained on them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from learn.data import DataError, read_jsonl
 from learn.rm_data import is_held_out, prompt_key
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,18 @@ def messages_of(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     raise DataError(f"{where}: expected `messages`, `prompt`, `instruction` or `turns`; got keys {sorted(row)}")
 
 
-def prompts_from_file(path: Path, tokenizer: Any, max_len: int) -> list[Prompt]:
-    """A JSONL file of prompts; prompts longer than `max_len` tokens are left out (they leave no room to answer)."""
+def conversations(path: Path) -> Iterator[list[dict[str, str]]]:
+    """The conversation to answer on each line of a JSONL prompt file."""
     if not path.is_file():
         raise DataError(f"{path}: no such prompt file")
-    prompts = []
     for n, row in enumerate(read_jsonl(path), start=1):
-        messages = messages_of(row, f"{path}, line {n}")
+        yield messages_of(row, f"{path}, line {n}")
+
+
+def prompts_from_file(path: Path, tokenizer: Any, max_len: int) -> list[Prompt]:
+    """A JSONL file of prompts; prompts longer than `max_len` tokens are left out (they leave no room to answer)."""
+    prompts = []
+    for messages in conversations(path):
         ids = render(tokenizer, messages)
         if len(ids) <= max_len:
             prompts.append(Prompt(prompt_key(messages), messages, ids))
@@ -69,18 +76,25 @@ def prompts_from_events(events: Iterable[dict[str, Any]], max_len: int) -> list[
     return prompts
 
 
-def unique(prompts: Iterable[Prompt]) -> list[Prompt]:
+def unique(prompts: Iterable[T], key: Callable[[T], str]) -> list[T]:
     """First occurrence of each prompt, order kept: a prompt ranked ten times is still one prompt."""
     seen: set[str] = set()
     kept = []
     for prompt in prompts:
-        if prompt.key not in seen:
-            seen.add(prompt.key)
+        if key(prompt) not in seen:
+            seen.add(key(prompt))
             kept.append(prompt)
     return kept
 
 
-def split_prompts(prompts: list[Prompt], fraction: float) -> tuple[list[Prompt], list[Prompt]]:
-    """(train, held out), by the reward model's split of the same prompt keys."""
-    held = [p for p in prompts if is_held_out(p.key, fraction)]
-    return [p for p in prompts if not is_held_out(p.key, fraction)], held
+def split_prompts(prompts: Iterable[T], key: Callable[[T], str], fraction: float) -> tuple[list[T], list[T]]:
+    """(train, held out): the held-out ones are the evaluation prompts (learn.rm_data.is_held_out of their key)."""
+    train: list[T] = []
+    held: list[T] = []
+    for prompt in prompts:
+        (held if is_held_out(key(prompt), fraction) else train).append(prompt)
+    return train, held
+
+
+def key_of(prompt: Prompt) -> str:
+    return prompt.key

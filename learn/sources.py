@@ -20,7 +20,7 @@ from learn.data import (
     read_jsonl,
     read_texts,
 )
-from learn.prompts import Prompt, prompts_from_events, prompts_from_file, split_prompts, unique
+from learn.prompts import Prompt, key_of, prompts_from_events, prompts_from_file, split_prompts, unique
 from learn.rm_data import RankedGroup, group_from_event, hh_groups
 
 FEEDBACK = "feedback"
@@ -69,7 +69,7 @@ def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, 
     prompts = prompts_from_events((e.data for e in _events(settings, "ranking")), max_len)
     if prompt_file is not None:
         prompts += prompts_from_file(prompt_file, tokenizer, max_len)
-    return split_prompts(unique(prompts), held_out)
+    return split_prompts(unique(prompts, key_of), key_of, held_out)
 
 
 def ptx_examples(settings: Settings, tokenizer: Any, ptx_file: Path | None,
