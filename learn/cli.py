@@ -9,10 +9,9 @@ import typer
 from rich.console import Console
 
 from deploy.model_store import ModelStore, StoreError
-from deploy.settings import Settings
 from learn.data import DataError, read_texts
 from learn.sources import FEEDBACK, load_demonstrations
-from rankloop.console import fail, settings_or_exit
+from rankloop.console import fail, settings_or_exit, training_settings_or_exit
 
 app = typer.Typer(
     help="Learn from users: with no command, the learner daemon; or one stage (sft, rm, ppo) by hand.",
@@ -35,7 +34,7 @@ def daemon(context: typer.Context) -> None:
     from learn.daemon import Learner
     from learn.metrics import serve_metrics
 
-    settings = _settings()
+    settings = training_settings_or_exit()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
     if settings.learn_metrics_port is not None:
         try:
@@ -55,14 +54,6 @@ def daemon(context: typer.Context) -> None:
     console.print(f"learner: a round every {settings.learn_min_rankings} new rankings; "
                   f"auto-promote {'on' if settings.learn_auto_promote else 'off'}")  # fmt: skip
     Learner(settings, client).run(stop)
-
-
-def _settings() -> Settings:
-    settings = settings_or_exit()
-    import torch
-
-    torch.set_num_threads(settings.learn_threads or torch.get_num_threads())
-    return settings
 
 
 @app.command()
@@ -89,7 +80,7 @@ def sft(
     from learn.sft import LoraOptions, load_causal_lm, run_card, save_policy, train_lm
     from learn.trainlog import MetricsLog
 
-    settings = _settings()
+    settings = training_settings_or_exit()
     store = ModelStore(settings.store_dir)
     try:
         parent = base or store.current()
@@ -149,7 +140,7 @@ def rm(
     """Train the reward model on rankings (K-wise, whole prompts per batch) into a new version rNNNN."""
     from learn.rounds import RMOptions, rm_round
 
-    settings = _settings()
+    settings = training_settings_or_exit()
     options = RMOptions(data, resume_from, base, epochs, lr, batch_prompts, max_len, held_out, lora, limit, skip,
                         max_steps)  # fmt: skip
     try:
@@ -188,7 +179,7 @@ def ppo(
     from learn.ppo_run import CheckpointMismatch, RoundConfig
     from learn.rounds import PPOOptions, ppo_round, register
 
-    settings = _settings()
+    settings = training_settings_or_exit()
     rate = lr or (1e-4 if lora else 1e-5)
     config = RoundConfig(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
                          max_new_tokens=max_new_tokens, lr=rate, value_lr=rate, init_kl_coef=kl_coef,

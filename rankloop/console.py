@@ -19,6 +19,15 @@ def settings_or_exit() -> Settings:
         raise typer.Exit(2) from exc
 
 
+def training_settings_or_exit() -> Settings:
+    """The settings, with PyTorch held to the learner's thread budget (`learn_threads`) for this process."""
+    settings = settings_or_exit()
+    import torch
+
+    torch.set_num_threads(settings.learn_threads or torch.get_num_threads())
+    return settings
+
+
 def fail(problem: object, code: int = 1) -> typer.Exit:
     """Print `problem` as an error; return the Exit for the caller to raise."""
     errors.print(f"[red]error:[/] {problem}")

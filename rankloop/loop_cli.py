@@ -15,7 +15,7 @@ from rich.live import Live
 from deploy.model_store import ModelStore, StoreError
 from feedback.preferences import PreferenceError, load_scorer
 from learn.data import DataError
-from rankloop.console import fail, settings_or_exit
+from rankloop.console import fail, settings_or_exit, training_settings_or_exit
 
 console = Console(stderr=True)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -91,13 +91,10 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Win rate of version A over B on held-out prompts under a preference, with a 95% interval."""
-    import torch
-
     from feedback.simulate import split
     from learn.evaluate import compare, save
 
-    settings = settings_or_exit()
-    torch.set_num_threads(settings.learn_threads or torch.get_num_threads())
+    settings = training_settings_or_exit()
     store = ModelStore(settings.store_dir)
     try:
         scorer = load_scorer(preference)
