@@ -87,6 +87,7 @@ class Settings(BaseSettings):
         0.6, ge=0.0, le=1.0, description="Reward-model held-out accuracy below which no PPO round runs."
     )
     learn_ppo_iterations: int = Field(16, ge=1, description="PPO iterations per round.")
+    learn_ppo_epochs: int = Field(4, ge=1, description="Passes of each PPO iteration's optimiser over its rollouts.")
     learn_ppo_lr: float = Field(1e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")
     learn_rm_lr: float = Field(1e-5, gt=0.0, description="Reward-model learning rate (full fine-tuning).")
     learn_prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per PPO iteration.")

@@ -41,7 +41,8 @@ def round_config(settings: Settings) -> RoundConfig:
     return RoundConfig(iterations=settings.learn_ppo_iterations,
                        prompts_per_iteration=settings.learn_prompts_per_iteration,
                        max_new_tokens=settings.learn_max_new_tokens, lr=settings.learn_ppo_lr,
-                       value_lr=settings.learn_ppo_lr, ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef))  # fmt: skip
+                       value_lr=settings.learn_ppo_lr,
+                       ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef, epochs=settings.learn_ppo_epochs))  # fmt: skip
 
 
 @dataclass(frozen=True)

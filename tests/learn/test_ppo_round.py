@@ -142,3 +142,14 @@ def test_the_gate_wants_more_reward_and_no_loss_of_fluency() -> None:
     refused = gate(ev(0.1, 2.0), ev(0.5, 2.3), 1.1)  # 2.3 > 1.1 * 2.0
     assert not refused.passed and "held-out LM loss 2.300" in refused.why
     assert gate(ev(0.1, None), ev(0.2, None), 1.1).passed  # no held-out text: reward alone
+
+
+def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path) -> None:
+    from learn.daemon import round_config
+
+    settings = load_settings(data_dir=tmp_path, learn_ppo_iterations=6, learn_ppo_epochs=2, learn_ppo_lr=3e-4,
+                             learn_prompts_per_iteration=12, learn_max_new_tokens=48, learn_ptx_coef=0.25)  # fmt: skip
+    config = round_config(settings)
+    assert (config.iterations, config.ppo.epochs, config.prompts_per_iteration, config.max_new_tokens) == (6, 2, 12, 48)
+    assert (config.lr, config.value_lr, config.ppo.ptx_coef) == (3e-4, 3e-4, 0.25)
+    assert round_config(load_settings(data_dir=tmp_path)).ppo.epochs == 4  # the default

@@ -1,0 +1,207 @@
+"""The whole loop on this machine: `rankloop up` (what `make run` starts) with auto-promotion and one
+`rankloop simulate` for a fixed wall time; then the version served at the end is judged against v0001 on held-out
+prompts, and the figures (win rate, the reward model's held-out accuracy, held-out LM loss against v0001's, where
+the time went, sample answers) go to BENCHMARKS.md.
+
+    .venv/bin/python bench/loop_demo.py --preference concise [--minutes 60] [--set LEARN_PPO_EPOCHS=2 ...]
+
+Everything runs in a fresh data folder (var/demo-<preference>), on its own ports; `--set` passes RANKLOOP_ settings
+to the stack exactly as an operator would put them in the environment, and they are written down with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from redis import Redis  # noqa: E402
+
+from bench.report import machine, write_section  # noqa: E402
+from deploy.launcher import stop_group, wait_healthy  # noqa: E402
+from deploy.model_store import ModelStore  # noqa: E402
+from deploy.registry import Registry  # noqa: E402
+from learn.daemon import read_status  # noqa: E402
+
+RANKLOOP = [sys.executable, "-m", "rankloop"]
+PORTS = {"RANKLOOP_PORT": "8790", "RANKLOOP_REDIS_PORT": "6790", "RANKLOOP_LEARN_METRICS_PORT": "8791"}
+DEFAULT_SETTINGS = {  # the demonstration's choices, on top of the embedded defaults; --set overrides them
+    "LEARN_AUTO_PROMOTE": "true",
+    "LEARN_PTX_FILE": str(REPO.parent / "shared" / "data" / "alpaca-seed-tasks.jsonl"),
+}
+
+
+@dataclass
+class Timeline:
+    started: float = field(default_factory=time.monotonic)
+    entries: list[tuple[float, str]] = field(default_factory=list)
+    last: str = ""
+
+    def note(self, what: str) -> None:
+        if what != self.last:
+            self.last = what
+            minutes = (time.monotonic() - self.started) / 60
+            self.entries.append((minutes, what))
+            print(f"[{minutes:5.1f} min] {what}", flush=True)
+
+
+def environment(data: Path, settings: dict[str, str]) -> dict[str, str]:
+    env = {**os.environ, **PORTS, "RANKLOOP_DATA_DIR": str(data)}
+    env.update({f"RANKLOOP_{k}": v for k, v in settings.items()})
+    return env
+
+
+def watch(redis: Redis, timeline: Timeline, deadline: float, simulate: subprocess.Popen[bytes]) -> None:
+    """Note every change of the learner's phase and of the served version until the deadline."""
+    registry = Registry(redis)
+    while time.monotonic() < deadline and simulate.poll() is None:
+        status = read_status(redis) or {}
+        current = registry.current()[0]
+        phase = status.get("phase", "starting")
+        detail = (
+            status.get("detail", "") if phase != "ppo" else f"PPO {status.get('iteration')}/{status.get('iterations')}"
+        )
+        timeline.note(f"serving {current}; learner {phase}: {detail}")
+        time.sleep(5)
+
+
+def judged(data: Path, env: dict[str, str], current: str, preference: str, samples: int) -> dict[str, Any]:
+    argv = [*RANKLOOP, "eval", current, "v0001", "--preference", preference, "--samples", str(samples), "--json"]
+    out = subprocess.run(argv, env={**env, "RANKLOOP_LEARN_THREADS": str(os.cpu_count() or 2)}, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def learning_figures(data: Path, current: str) -> dict[str, Any]:
+    """The latest reward model's held-out accuracy and the served version's held-out LM loss against v0001's."""
+    store, rewards = ModelStore(data / "models"), ModelStore(data / "reward_models", prefix="r")
+    figures: dict[str, Any] = {"reward_models": rewards.versions(), "policies": store.versions()}
+    accuracies = [rewards.card(r).details.get("eval", {}).get("accuracy") for r in rewards.versions()]
+    figures["rm_accuracy"] = accuracies
+    phases: dict[str, float] = {}
+    for run in sorted((data / "runs").glob("*-ppo-*.jsonl")):
+        for line in run.read_text().splitlines():
+            row = json.loads(line)
+            for key in ("generate_s", "score_s", "update_s", "other_s"):
+                phases[key] = phases.get(key, 0.0) + float(row.get(key, 0.0))
+    figures["ppo_phases_s"] = phases
+    chain, version = [], current
+    while version and version != "v0001":
+        card = store.card(version)
+        chain.append(card)
+        version = card.parent or ""
+    if chain:
+        first, last = chain[-1].details["eval"]["before"], chain[0].details["eval"]["after"]
+        figures["ptx_v0001"], figures["ptx_current"] = first.get("ptx_loss"), last.get("ptx_loss")
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preference", default="concise")
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=0.0, help="rankings per second (0: as fast as served)")
+    parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt in the final judgement")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RANKLOOP_ setting")
+    args = parser.parse_args()
+    settings = {**DEFAULT_SETTINGS, **dict(item.split("=", 1) for item in args.set)}
+    data = REPO / "var" / f"demo-{args.preference.replace(':', '-')}"
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    env = environment(data, settings)
+    timeline = Timeline()
+    deadline = timeline.started + args.minutes * 60
+    stack_log = open(data / "stack.log", "wb")  # noqa: SIM115 - open for the stack's whole life
+    stack = subprocess.Popen([*RANKLOOP, "up"], env=env, stdout=stack_log, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{PORTS['RANKLOOP_PORT']}"
+    try:
+        ready = wait_healthy(url, stack, timeout_s=args.minutes * 60)
+        timeline.note(f"stack ready after {ready:.0f} s (model import and engine start included)")
+        simulate_argv = [*RANKLOOP, "simulate", "--preference", args.preference, "--noise", str(args.noise),
+                         "--users", str(args.users), "--rate", str(args.rate),
+                         "--duration", str(max(1.0, deadline - time.monotonic()))]  # fmt: skip
+        with open(data / "simulate.log", "wb") as simulate_log:
+            simulate = subprocess.Popen(simulate_argv, env=env, stdout=simulate_log, stderr=subprocess.STDOUT)
+            redis = Redis(port=int(PORTS["RANKLOOP_REDIS_PORT"]))
+            watch(redis, timeline, deadline, simulate)
+            current = Registry(redis).current()[0] or "v0001"
+            timeline.note(f"{args.minutes:.0f} minutes: serving {current}")
+            stop_group(simulate, grace_s=10)
+    finally:
+        stop_group(stack)
+        stack_log.close()
+    result = judged(data, env, current, args.preference, args.samples) if current != "v0001" else None
+    figures = learning_figures(data, current)
+    subprocess.run([*RANKLOOP, "report"], env=env, check=False, capture_output=True)
+    (data / "demo.json").write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "args": vars(args),
+                "current": current,
+                "timeline": timeline.entries,
+                "eval": result,
+                **figures,
+            },
+            indent=1,
+        )
+    )
+    report(args, settings, current, timeline, result, figures, data)
+
+
+def report(args: argparse.Namespace, settings: dict[str, str], current: str, timeline: Timeline,
+           result: dict[str, Any] | None, figures: dict[str, Any], data: Path) -> None:  # fmt: skip
+    sets = " ".join(f"--set {k}={v}" for k, v in settings.items() if k not in DEFAULT_SETTINGS)
+    lines = [f"## The whole loop: `{args.preference}` users for {args.minutes:.0f} minutes", "",
+             f"Date: {datetime.date.today()}; machine: {machine()}.", "",
+             f"Command: `.venv/bin/python bench/loop_demo.py --preference {args.preference} --minutes "
+             f"{args.minutes:g} --noise {args.noise} --users {args.users} --rate {args.rate} {sets}`", "",
+             "Settings: " + ", ".join(f"RANKLOOP_{k}={v}" for k, v in settings.items()), ""]  # fmt: skip
+    if result is None:
+        lines.append(f"No version was promoted within {args.minutes:.0f} minutes: v0001 still served.")
+    else:
+        rate = result["win_rate"]
+        pairs = rate["wins"] + rate["ties"] + rate["losses"]
+        lines.append(f"- Served at the end: {current}. Win rate over v0001 under `{args.preference}` on "
+                     f"{result['prompts']} held-out prompts x {result['samples_per_prompt']} samples: "
+                     f"**{rate['rate']:.1%}** (95% {rate['low']:.1%}-{rate['high']:.1%}; {rate['wins']} wins, "
+                     f"{rate['ties']} ties, {rate['losses']} losses of {pairs}); mean answer length "
+                     f"{result['length_a']:.0f} vs {result['length_b']:.0f} characters.")  # fmt: skip
+    accuracies = ", ".join(f"{r} {a:.3f}" for r, a in zip(figures["reward_models"], figures["rm_accuracy"], strict=True)
+                           if a is not None)  # fmt: skip
+    lines.append(f"- Reward models' held-out pairwise accuracy: {accuracies or 'none trained'}.")
+    if figures.get("ptx_v0001"):
+        ratio = figures["ptx_current"] / figures["ptx_v0001"]
+        lines.append(f"- Held-out LM loss: v0001 {figures['ptx_v0001']:.3f}, {current} {figures['ptx_current']:.3f} "
+                     f"({ratio:.3f}x).")  # fmt: skip
+    phases = figures.get("ppo_phases_s", {})
+    if phases:
+        total = sum(phases.values())
+        lines.append("- PPO iterations: " + ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min ({v / total:.0%})"
+                                                       for k, v in phases.items()))  # fmt: skip
+    lines += ["", "Where the time went:", ""] + [f"- {m:5.1f} min: {what}" for m, what in timeline.entries]
+    if result is not None:
+        lines += ["", f"Samples (held-out prompts; {current} | v0001):", ""]
+        for example in result["examples"][:3]:
+            lines.append(f"- {example['prompt']!r}: {example['a']!r} | {example['b']!r}")
+    lines += ["", f"Data, logs and the HTML report (report/index.html): {data.relative_to(REPO)}/ (not committed)."]
+    write_section(f"loop-{args.preference}", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
