@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,9 +119,13 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.0, help="rankings per second (0: as fast as served)")
     parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt in the final judgement")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RANKLOOP_ setting")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the section from the last run's record")
     args = parser.parse_args()
     settings = {**DEFAULT_SETTINGS, **dict(item.split("=", 1) for item in args.set)}
     data = REPO / "var" / f"demo-{args.preference.replace(':', '-')}"
+    if args.report_only:
+        report(json.loads((data / "demo.json").read_text()), data)
+        return
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
     env = environment(data, settings)
@@ -148,59 +154,63 @@ def main() -> None:
     result = judged(data, env, current, args.preference, args.samples) if current != "v0001" else None
     figures = learning_figures(data, current)
     subprocess.run([*RANKLOOP, "report"], env=env, check=False, capture_output=True)
-    (data / "demo.json").write_text(
-        json.dumps(
-            {
-                "settings": settings,
-                "args": vars(args),
-                "current": current,
-                "timeline": timeline.entries,
-                "eval": result,
-                **figures,
-            },
-            indent=1,
-        )
-    )
-    report(args, settings, current, timeline, result, figures, data)
+    record = {"settings": settings, "args": vars(args), "current": current, "timeline": timeline.entries,
+              "eval": result, "date": str(datetime.date.today()), "machine": machine(), **figures}  # fmt: skip
+    (data / "demo.json").write_text(json.dumps(record, indent=1))
+    report(record, data)
 
 
-def report(args: argparse.Namespace, settings: dict[str, str], current: str, timeline: Timeline,
-           result: dict[str, Any] | None, figures: dict[str, Any], data: Path) -> None:  # fmt: skip
+def compact(entries: list[tuple[float, str]]) -> list[str]:
+    """One line per run of entries that differ only in their numbers (a count of rankings, a PPO iteration)."""
+    lines: list[str] = []
+    for _, run in itertools.groupby(entries, key=lambda entry: re.sub(r"\d+", "#", entry[1])):
+        first, *rest = list(run)
+        if rest:
+            lines.append(f"- {first[0]:5.1f}-{rest[-1][0]:.1f} min: {first[1]} … {rest[-1][1]}")
+        else:
+            lines.append(f"- {first[0]:5.1f} min: {first[1]}")
+    return lines
+
+
+def report(record: dict[str, Any], data: Path) -> None:
+    """BENCHMARKS.md's section for one run, from its record (demo.json): `--report-only` rewrites it from there."""
+    args, settings, current, result = record["args"], record["settings"], record["current"], record["eval"]
+    name, minutes = args["preference"], args["minutes"]
     sets = " ".join(f"--set {k}={v}" for k, v in settings.items() if k not in DEFAULT_SETTINGS)
-    lines = [f"## The whole loop: `{args.preference}` users for {args.minutes:.0f} minutes", "",
-             f"Date: {datetime.date.today()}; machine: {machine()}.", "",
-             f"Command: `.venv/bin/python bench/loop_demo.py --preference {args.preference} --minutes "
-             f"{args.minutes:g} --noise {args.noise} --users {args.users} --rate {args.rate} {sets}`", "",
+    lines = [f"## The whole loop: `{name}` users for {minutes:g} minutes", "",
+             f"Date: {record['date']}; machine: {record['machine']}.", "",
+             f"Command: `.venv/bin/python bench/loop_demo.py --preference {name} --minutes {minutes:g} --noise "
+             f"{args['noise']} --users {args['users']} --rate {args['rate']} {sets}`", "",
              "Settings: " + ", ".join(f"RANKLOOP_{k}={v}" for k, v in settings.items()), ""]  # fmt: skip
     if result is None:
-        lines.append(f"No version was promoted within {args.minutes:.0f} minutes: v0001 still served.")
+        lines.append(f"- No version was promoted within {minutes:g} minutes: v0001 still served.")
     else:
         rate = result["win_rate"]
         pairs = rate["wins"] + rate["ties"] + rate["losses"]
-        lines.append(f"- Served at the end: {current}. Win rate over v0001 under `{args.preference}` on "
-                     f"{result['prompts']} held-out prompts x {result['samples_per_prompt']} samples: "
-                     f"**{rate['rate']:.1%}** (95% {rate['low']:.1%}-{rate['high']:.1%}; {rate['wins']} wins, "
-                     f"{rate['ties']} ties, {rate['losses']} losses of {pairs}); mean answer length "
-                     f"{result['length_a']:.0f} vs {result['length_b']:.0f} characters.")  # fmt: skip
-    accuracies = ", ".join(f"{r} {a:.3f}" for r, a in zip(figures["reward_models"], figures["rm_accuracy"], strict=True)
+        lines.append(f"- Served at the end: {current}. Win rate over v0001 under `{name}` on {result['prompts']} "
+                     f"held-out prompts x {result['samples_per_prompt']} samples: **{rate['rate']:.1%}** (95% "
+                     f"{rate['low']:.1%}-{rate['high']:.1%}; {rate['wins']} wins, {rate['ties']} ties, "
+                     f"{rate['losses']} losses of {pairs}); mean answer length {result['length_a']:.0f} vs "
+                     f"{result['length_b']:.0f} characters.")  # fmt: skip
+    accuracies = ", ".join(f"{r} {a:.3f}" for r, a in zip(record["reward_models"], record["rm_accuracy"], strict=True)
                            if a is not None)  # fmt: skip
     lines.append(f"- Reward models' held-out pairwise accuracy: {accuracies or 'none trained'}.")
-    if figures.get("ptx_v0001"):
-        ratio = figures["ptx_current"] / figures["ptx_v0001"]
-        lines.append(f"- Held-out LM loss: v0001 {figures['ptx_v0001']:.3f}, {current} {figures['ptx_current']:.3f} "
+    if record.get("ptx_v0001"):
+        ratio = record["ptx_current"] / record["ptx_v0001"]
+        lines.append(f"- Held-out LM loss: v0001 {record['ptx_v0001']:.3f}, {current} {record['ptx_current']:.3f} "
                      f"({ratio:.3f}x).")  # fmt: skip
-    phases = figures.get("ppo_phases_s", {})
+    phases = record.get("ppo_phases_s", {})
     if phases:
         total = sum(phases.values())
         lines.append("- PPO iterations: " + ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min ({v / total:.0%})"
                                                        for k, v in phases.items()))  # fmt: skip
-    lines += ["", "Where the time went:", ""] + [f"- {m:5.1f} min: {what}" for m, what in timeline.entries]
+    lines += ["", "Where the time went:", "", *compact(record["timeline"])]
     if result is not None:
         lines += ["", f"Samples (held-out prompts; {current} | v0001):", ""]
         for example in result["examples"][:3]:
             lines.append(f"- {example['prompt']!r}: {example['a']!r} | {example['b']!r}")
     lines += ["", f"Data, logs and the HTML report (report/index.html): {data.relative_to(REPO)}/ (not committed)."]
-    write_section(f"loop-{args.preference}", "\n".join(lines))
+    write_section(f"loop-{name}", "\n".join(lines))
 
 
 if __name__ == "__main__":
