@@ -17,6 +17,35 @@ from dataclasses import dataclass
 import httpx
 
 from deploy.redis_server import _die_with_parent
+from deploy.settings import Settings
+
+
+@dataclass(frozen=True)
+class CoreBudget:
+    """Environment overrides `rankloop up` gives the server and the learner."""
+
+    server: dict[str, str]
+    learner: dict[str, str]
+
+
+def core_budget(settings: Settings, cores: list[int], gpu: bool) -> CoreBudget:
+    """How the stack shares this machine's cores when nothing is set: the learner gets half of them.
+
+    With the engine on the CPU, the engine's OpenMP threads take the first half and the learner is pinned to the
+    other half, one thread per core: two thread pools spread over the same cores spin and wait on each other's
+    preempted threads, and both run several times slower than on half the cores each.
+    """
+    server: dict[str, str] = {}
+    learner: dict[str, str] = {}
+    if settings.learn_threads is None:
+        learner["RANKLOOP_LEARN_THREADS"] = str(max(1, len(cores) // 2))
+    shared_cpu = not gpu and settings.engine == "vllm" and settings.learn_enabled
+    unset = settings.cpu_threads == "all" and settings.learn_cpus is None and settings.learn_threads is None
+    if shared_cpu and unset and len(cores) >= 2:
+        split = len(cores) - len(cores) // 2
+        server["RANKLOOP_CPU_THREADS"] = ",".join(map(str, cores[:split]))
+        learner["RANKLOOP_LEARN_CPUS"] = ",".join(map(str, cores[split:]))
+    return CoreBudget(server, learner)
 
 
 @dataclass

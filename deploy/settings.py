@@ -40,6 +40,17 @@ def config_file() -> Path | None:
     return local if local.is_file() else None
 
 
+def cpu_list(value: str) -> set[int]:
+    """The cores of a CPU list such as `0-1,3`; ValueError says what is wrong with it."""
+    cores: set[int] = set()
+    for part in value.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()) or int(high or low) < int(low):
+            raise ValueError(f"{value!r} is not a CPU list such as `0-1` or `0,2`")
+        cores.update(range(int(low), int(high or low) + 1))
+    return cores
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
@@ -80,6 +91,9 @@ class Settings(BaseSettings):
     # -- learner --------------------------------------------------------------------------------
     learn_threads: int | None = Field(
         None, ge=1, description="CPU threads for training; unset: PyTorch's default (all cores)."
+    )
+    learn_cpus: str | None = Field(
+        None, description="CPU cores the learner may run on, a list such as `1` or `2-3`; unset: any."
     )
     learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
     learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")
@@ -133,9 +147,16 @@ class Settings(BaseSettings):
     @field_validator("cpu_threads")
     @classmethod
     def _cpu_list(cls, value: str) -> str:
-        if value != "all" and not all(part.replace("-", "").isdigit() for part in value.split(",")):
-            raise ValueError("must be `all` or a CPU list such as `0-1` or `0,2`")
+        if value != "all":
+            cpu_list(value)
         return value
+
+    @field_validator("learn_cpus")
+    @classmethod
+    def _learn_cpus(cls, value: str | None) -> str | None:
+        if value is not None:
+            cpu_list(value)
+        return value or None
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deploy.launcher import CoreBudget, Launcher, core_budget
 from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError
 from deploy.settings import Settings
@@ -73,8 +74,6 @@ def redis() -> None:
 @app.command()
 def up() -> None:
     """Start the whole stack here: embedded Redis (unless REDIS_URL), the server, the feedback consumer, the learner."""
-    from deploy.launcher import Launcher
-
     settings = settings_or_exit()
     store = ModelStore(settings.store_dir)
     if store.is_empty():
@@ -86,10 +85,11 @@ def up() -> None:
     launcher = Launcher()
     signal.signal(signal.SIGTERM, _interrupt)  # stop the stack on SIGTERM exactly as on Ctrl-C
     try:
-        launcher.rankloop("serve", "serve")
+        budget = _core_budget(settings)
+        launcher.rankloop("serve", "serve", env={**os.environ, **budget.server})
         launcher.rankloop("feedback consumer", "feedback", "consume")
         if settings.learn_enabled:
-            launcher.rankloop("learner", "learn", env=_learner_env(settings))
+            launcher.rankloop("learner", "learn", env={**os.environ, **budget.learner})
         console.print(f"serving on http://{settings.host}:{settings.port} once the engine is ready; Ctrl-C stops")
         ended = launcher.wait_any()
         code = ended.process.returncode
@@ -103,11 +103,14 @@ def up() -> None:
             server.stop()
 
 
-def _learner_env(settings: Settings) -> dict[str, str] | None:
-    """Half the cores for training unless set: the server must stay responsive while a round runs."""
-    if settings.learn_threads is not None:
-        return None
-    return {**os.environ, "RANKLOOP_LEARN_THREADS": str(max(1, (os.cpu_count() or 2) // 2))}
+def _core_budget(settings: Settings) -> CoreBudget:
+    from serve.vllm_engine import has_cuda
+
+    budget = core_budget(settings, sorted(os.sched_getaffinity(0)), has_cuda())
+    if budget.server or budget.learner:
+        console.print("cores: " + "; ".join(f"{k.removeprefix('RANKLOOP_').lower()}={v}"
+                                             for k, v in {**budget.server, **budget.learner}.items()))  # fmt: skip
+    return budget
 
 
 @model_app.command("import")

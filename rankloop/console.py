@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.console import Console
 
-from deploy.settings import Settings, SettingsError, load_settings
+from deploy.settings import Settings, SettingsError, cpu_list, load_settings
 
 errors = Console(stderr=True)
 
@@ -20,8 +22,15 @@ def settings_or_exit() -> Settings:
 
 
 def training_settings_or_exit() -> Settings:
-    """The settings, with PyTorch held to the learner's thread budget (`learn_threads`) for this process."""
+    """The settings, with this process held to the learner's cores (`learn_cpus`) and PyTorch to its thread budget
+    (`learn_threads`)."""
     settings = settings_or_exit()
+    if settings.learn_cpus is not None:
+        cores = cpu_list(settings.learn_cpus) & os.sched_getaffinity(0)
+        if not cores:
+            raise fail(f"RANKLOOP_LEARN_CPUS={settings.learn_cpus} names none of the cores this process may use "
+                       f"({sorted(os.sched_getaffinity(0))})", 2)  # fmt: skip
+        os.sched_setaffinity(0, cores)
     import torch
 
     torch.set_num_threads(settings.learn_threads or torch.get_num_threads())

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.settings import SettingsError, load_settings
+from deploy.settings import SettingsError, cpu_list, load_settings
 
 
 def test_defaults_are_valid() -> None:
@@ -34,7 +34,8 @@ def test_unknown_environment_key_is_named(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize(
     ("key", "value"),
     [("RANKLOOP_DEFAULT_N", "0"), ("RANKLOOP_DEFAULT_N", "10"), ("RANKLOOP_PORT", "70000"),
-     ("RANKLOOP_CPU_THREADS", "two"), ("RANKLOOP_REDIS_URL", "http://x")],
+     ("RANKLOOP_CPU_THREADS", "two"), ("RANKLOOP_CPU_THREADS", "3-1"), ("RANKLOOP_LEARN_CPUS", "1-"),
+     ("RANKLOOP_REDIS_URL", "http://x")],
 )  # fmt: skip
 def test_impossible_values_name_the_key(monkeypatch: pytest.MonkeyPatch, key: str, value: str) -> None:
     monkeypatch.setenv(key, value)
@@ -67,3 +68,12 @@ def test_missing_config_file_is_an_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("RANKLOOP_CONFIG", str(tmp_path / "nope.toml"))
     with pytest.raises(SettingsError, match=r"nope\.toml"):
         load_settings()
+
+
+def test_cpu_lists_name_their_cores() -> None:
+    assert cpu_list("0") == {0}
+    assert cpu_list("0-2,5") == {0, 1, 2, 5}
+    assert cpu_list(" 4-5 , 1") == {1, 4, 5}
+    for bad in ("", "a", "2-1", "1,,2", "-3"):
+        with pytest.raises(ValueError, match="not a CPU list"):
+            cpu_list(bad)

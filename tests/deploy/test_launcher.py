@@ -1,0 +1,55 @@
+"""How `rankloop up` shares the machine's cores between the server and the learner."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from deploy.launcher import core_budget
+from deploy.settings import load_settings
+
+
+def test_on_a_cpu_the_engine_and_the_learner_get_half_the_cores_each(tmp_path: Path) -> None:
+    budget = core_budget(load_settings(data_dir=tmp_path), [0, 1, 2, 3], gpu=False)
+    assert budget.server == {"RANKLOOP_CPU_THREADS": "0,1"}
+    assert budget.learner == {"RANKLOOP_LEARN_THREADS": "2", "RANKLOOP_LEARN_CPUS": "2,3"}
+    odd = core_budget(load_settings(data_dir=tmp_path), [0, 1, 2], gpu=False)  # the server keeps the odd core
+    assert (odd.server, odd.learner["RANKLOOP_LEARN_CPUS"]) == ({"RANKLOOP_CPU_THREADS": "0,1"}, "2")
+    two = core_budget(load_settings(data_dir=tmp_path), [0, 1], gpu=False)
+    assert (two.server, two.learner) == ({"RANKLOOP_CPU_THREADS": "0"},
+                                         {"RANKLOOP_LEARN_THREADS": "1", "RANKLOOP_LEARN_CPUS": "1"})  # fmt: skip
+
+
+def test_no_split_where_the_engine_is_on_a_gpu_or_one_core(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    gpu = core_budget(settings, [0, 1, 2, 3], gpu=True)
+    assert (gpu.server, gpu.learner) == ({}, {"RANKLOOP_LEARN_THREADS": "2"})
+    one = core_budget(settings, [0], gpu=False)
+    assert (one.server, one.learner) == ({}, {"RANKLOOP_LEARN_THREADS": "1"})
+
+
+def test_an_operators_choice_is_left_alone(tmp_path: Path) -> None:
+    for chosen in ({"cpu_threads": "0-2"}, {"learn_cpus": "3"}, {"learn_threads": 4}):
+        budget = core_budget(load_settings(data_dir=tmp_path, **chosen), [0, 1, 2, 3], gpu=False)
+        assert budget.server == {}, chosen
+        assert "RANKLOOP_LEARN_CPUS" not in budget.learner, chosen
+    assert core_budget(load_settings(data_dir=tmp_path, learn_enabled=False), [0, 1], gpu=False).server == {}
+    assert core_budget(load_settings(data_dir=tmp_path, engine="fake"), [0, 1], gpu=False).server == {}
+
+
+def _training_process(tmp_path: Path, cpus: str) -> subprocess.CompletedProcess[str]:
+    code = ("import os, sys, typer\nfrom rankloop.console import training_settings_or_exit\n"
+            "try:\n    training_settings_or_exit()\nexcept typer.Exit as exit:\n    sys.exit(exit.exit_code)\n"
+            "print(sorted(os.sched_getaffinity(0)))")  # fmt: skip
+    env = {**os.environ, "RANKLOOP_DATA_DIR": str(tmp_path), "RANKLOOP_LEARN_CPUS": cpus}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_training_process_keeps_to_the_learners_cores(tmp_path: Path) -> None:
+    first = min(os.sched_getaffinity(0))
+    pinned = _training_process(tmp_path, str(first))
+    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.stdout.strip() == f"[{first}]"
+    nowhere = _training_process(tmp_path, "4095")
+    assert nowhere.returncode == 2
+    assert "RANKLOOP_LEARN_CPUS=4095 names none of the cores" in nowhere.stderr
