@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     learn_cpus: str | None = Field(
         None, description="CPU cores the learner may run on, a list such as `1` or `2-3`; unset: any."
     )
+    learn_bf16: bool = Field(
+        False, description="bf16 matrix products in learning rounds (about 2x faster on CPUs with AMX; noisier)."
+    )
     learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
     learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")
     learn_min_rm_accuracy: float = Field(

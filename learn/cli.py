@@ -142,7 +142,7 @@ def rm(
 
     settings = training_settings_or_exit()
     options = RMOptions(data, resume_from, base, epochs, lr, batch_prompts, max_len, held_out, lora, limit, skip,
-                        max_steps)  # fmt: skip
+                        max_steps, bf16=settings.learn_bf16)  # fmt: skip
     try:
         result = rm_round(settings, options)
     except (StoreError, DataError, OSError) as exc:
@@ -185,7 +185,8 @@ def ppo(
                          max_new_tokens=max_new_tokens, lr=rate, value_lr=rate, init_kl_coef=kl_coef,
                          kl_target=kl_target, lora=lora, seed=seed,
                          ppo=PPOConfig(ptx_coef=ptx_coef, seed=seed))  # fmt: skip
-    options = PPOOptions(parent=base, reward=reward, prompt_file=prompts, ptx_file=ptx_data, fresh=fresh)
+    options = PPOOptions(parent=base, reward=reward, prompt_file=prompts, ptx_file=ptx_data, fresh=fresh,
+                         bf16=settings.learn_bf16)  # fmt: skip
     try:
         result = ppo_round(settings, config, options)
     except (StoreError, DataError, OSError, CheckpointMismatch) as exc:

@@ -91,7 +91,7 @@ class Learner:
             self.publish("waiting", f"{new} of {needed} new rankings needed for a round", new_rankings=new)
             return "waiting"
         self.publish("reward model", f"training on {new} new rankings" + (f" from {latest}" if latest else ""))
-        options = RMOptions(resume_from=latest, lr=self.settings.learn_rm_lr)
+        options = RMOptions(resume_from=latest, lr=self.settings.learn_rm_lr, bf16=self.settings.learn_bf16)
         rm = rm_round(self.settings, options, show_progress=self.show_progress)
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
         accuracy, floor = rm.evaluation.accuracy, self.settings.learn_min_rm_accuracy
@@ -112,8 +112,9 @@ class Learner:
                          iterations=of, reward=figures["reward"], kl=figures["kl_per_answer"])  # fmt: skip
 
         self.publish("ppo", f"starting from {parent} with {reward}", iteration=0, iterations=config.iterations)
-        options = PPOOptions(parent=parent, reward=reward, prompt_file=self.settings.learn_prompt_file,
-                             ptx_file=self.settings.learn_ptx_file)  # fmt: skip
+        settings = self.settings
+        options = PPOOptions(parent=parent, reward=reward, prompt_file=settings.learn_prompt_file,
+                             ptx_file=settings.learn_ptx_file, bf16=settings.learn_bf16)  # fmt: skip
         result = ppo_round(self.settings, config, options, on_step=step, show_progress=self.show_progress)
         return self._finish(result)
 

@@ -17,6 +17,7 @@ from feedback.dataset import event_order
 from learn.loop import LoopConfig
 from learn.policy_eval import PolicyEval, evaluate_policy
 from learn.ppo_run import PPORound, RoundConfig, load_models
+from learn.precision import autocast
 from learn.reward_model import Evaluation
 from learn.rm_data import split
 from learn.sft import LoraOptions, run_card, save_policy
@@ -40,6 +41,7 @@ class RMOptions:
     limit: int | None = None
     skip: int = 0
     max_steps: int | None = None
+    bf16: bool = False  # bf16 matrix products (learn.precision)
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,14 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
                         lr=options.lr or (1e-4 if options.lora else 1e-5), max_steps=options.max_steps)  # fmt: skip
     version = rewards.next_version()
     metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
-    with MetricsLog(metrics) as log:
+    with MetricsLog(metrics) as log, autocast(options.bf16):
         result, evaluation = train_reward_model(model, tokenizer, train, held, config, log,
                                                 show_progress=show_progress)  # fmt: skip
-    offset, basis = reference_offset(model, train, int(tokenizer.pad_token_id), policies.reference())
+        offset, basis = reference_offset(model, train, int(tokenizer.pad_token_id), policies.reference())
     last_event = max((g.event_id for g in new if g.event_id), key=event_order, default=after)
     card = run_card(version, parent, "reward_model", config, result, data=options.data, prompts=len(train),
                     held_out_prompts=len(held), lora=options.lora, metrics=str(metrics), eval=vars(evaluation),
-                    offset=offset, offset_basis=basis, last_event_id=last_event)  # fmt: skip
+                    offset=offset, offset_basis=basis, last_event_id=last_event, bf16=options.bf16)  # fmt: skip
     save_reward_model(model, tokenizer, rewards, card, offset, basis)
     return RMResult(version, evaluation, len(train), card)
 
@@ -98,6 +100,7 @@ class PPOOptions:
     max_prompt_len: int = 384
     eval_prompts: int = 16
     fresh: bool = False  # ignore a checkpoint of an interrupted round
+    bf16: bool = False  # bf16 matrix products (learn.precision)
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,12 @@ def ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_s
               show_progress: bool = True) -> PPOResult:  # fmt: skip
     """A PPO round from `options.parent` into a new policy version; resumes an interrupted round of the same
     parent, reward model and configuration from its checkpoint."""
+    with autocast(options.bf16):
+        return _ppo_round(settings, config, options, on_step, show_progress)
+
+
+def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_step: StepHook | None,
+               show_progress: bool) -> PPOResult:  # fmt: skip
     store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     parent, reference = options.parent or store.current(), store.reference()
     reward = options.reward or next(reversed(rewards.versions()), None)
@@ -158,7 +167,7 @@ def ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_s
     after = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens)
     version = store.next_version()
     card = Card(version=version, parent=parent, made_by="ppo", details={
-        "reward_model": reward, "reference": reference, "iterations": config.iterations,
+        "reward_model": reward, "reference": reference, "iterations": config.iterations, "bf16": options.bf16,
         "config": asdict(config), "train_prompts": len(train), "held_out_prompts": len(held),
         "eval_on": "held-out prompts" if held else "training prompts (none held out yet)",
         "ptx": {"source": ptx_source, "train": len(ptx_train), "held_out": len(ptx_held)},
