@@ -59,6 +59,7 @@ class Plan:
     max_tokens: int = 64
     temperature: float = 1.0
     seed: int = 0
+    seeded_sampling: bool = False  # each request carries a seed from the user's RNG: with one user, a rerun repeats
 
 
 class Pacer:
@@ -85,10 +86,11 @@ async def one_user(user: int, plan: Plan, http: httpx.AsyncClient, pacer: Pacer,
     while time.monotonic() < deadline and (plan.max_rankings is None or tally.rankings < plan.max_rankings):
         await pacer.wait()
         messages = rng.choice(plan.prompts)
+        request = {"messages": messages, "n": plan.k, "max_tokens": plan.max_tokens, "temperature": plan.temperature}
+        if plan.seeded_sampling:
+            request["seed"] = rng.randrange(2**31)
         try:
-            served = await http.post("/v1/chat/completions", json={
-                "messages": messages, "n": plan.k, "max_tokens": plan.max_tokens, "temperature": plan.temperature,
-            })  # fmt: skip
+            served = await http.post("/v1/chat/completions", json=request)
             served.raise_for_status()
             body = served.json()
             tally.comparisons += 1

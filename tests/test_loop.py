@@ -69,8 +69,9 @@ def test_simulated_users_teach_the_served_model_to_be_concise(loop: Loop, redis_
     consumer = FeedbackConsumer(client, Dataset(settings.dataset_path), "test")
     outcomes = []
     for _ in range(ROUNDS):
-        plan = Plan(loop.url, loop.train, concise, users=2, k=4, noise=0.1, duration_s=600,
-                    max_rankings=RANKINGS_PER_ROUND, max_tokens=16)  # fmt: skip
+        plan = Plan(loop.url, loop.train, concise, users=1, k=4, noise=0.1, duration_s=600,
+                    max_rankings=RANKINGS_PER_ROUND, max_tokens=16, seed=len(outcomes),
+                    seeded_sampling=True)  # fmt: skip
         tally = asyncio.run(simulate(plan))
         assert tally.errors == 0 and tally.rankings >= RANKINGS_PER_ROUND, tally
         consumer.drain()
