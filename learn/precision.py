@@ -15,4 +15,6 @@ import torch
 
 
 def autocast(enabled: bool) -> AbstractContextManager[object]:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+    """bf16 products for a whole round. Without the weight cache: autocast keeps the bf16 copy of each weight until
+    the region ends, so a region around training steps would go on computing with the weights of its first step."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
