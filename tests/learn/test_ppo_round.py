@@ -88,8 +88,9 @@ def test_a_checkpoint_of_another_round_is_refused(tmp_path: Path) -> None:
         ppo_round(settings, RoundConfig(iterations=1), options, show_progress=False)
 
 
-def _ppo(data: Path, root: Path, iterations: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_LEARN_THREADS": "1"}
+def _ppo(data: Path, root: Path, iterations: int, bf16: bool = False) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_LEARN_THREADS": "1",
+           "RANKLOOP_LEARN_BF16": str(bf16).lower()}  # fmt: skip
     argv = [sys.executable, "-m", "rankloop", "learn", "ppo", "--iterations", str(iterations),
             "--prompts-per-iteration", "4", "--max-new-tokens", "6",
             "--prompts", str(root / "prompts.jsonl")]  # fmt: skip
@@ -101,14 +102,15 @@ def _last_steps(data: Path) -> dict[int, dict[str, float]]:
     return {row["step"]: row for row in map(json.loads, lines)}  # a step logged twice: the later line wins
 
 
-def test_a_round_killed_mid_way_resumes_to_the_same_result(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_a_round_killed_mid_way_resumes_to_the_same_result(tmp_path: Path, bf16: bool) -> None:
     iterations = 6
     whole = make_data_dir(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same random models on both sides
     broken = tmp_path / "b" / "data"
-    assert _ppo(whole, tmp_path / "a", iterations).wait(timeout=300) == 0
+    assert _ppo(whole, tmp_path / "a", iterations, bf16).wait(timeout=300) == 0
 
-    victim = _ppo(broken, tmp_path / "b", iterations)
+    victim = _ppo(broken, tmp_path / "b", iterations, bf16)
     log = broken / "runs" / "v0001-ppo-r0001.jsonl"
     deadline = time.monotonic() + 240
     while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
@@ -117,7 +119,7 @@ def test_a_round_killed_mid_way_resumes_to_the_same_result(tmp_path: Path) -> No
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (broken / "models" / "v0002").exists()
-    resumed = _ppo(broken, tmp_path / "b", iterations)
+    resumed = _ppo(broken, tmp_path / "b", iterations, bf16)
     output = resumed.communicate(timeout=300)[0].decode()
     assert resumed.returncode == 0, output
     assert "resumed at iteration" in output
@@ -129,6 +131,8 @@ def test_a_round_killed_mid_way_resumes_to_the_same_result(tmp_path: Path) -> No
     weights_b = load_file(broken / "models" / "v0002" / "model.safetensors")
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert not (broken / "checkpoints" / "ppo.ckpt").exists()  # a finished round leaves no checkpoint behind
+    assert ModelStore(whole / "models").card("v0002").details["bf16"] is bf16
+    assert a[iterations]["kl_per_answer"] != 0.0  # the policy moved away from the reference (in bf16 too)
 
 
 def test_the_gate_wants_more_reward_and_no_loss_of_fluency() -> None:
