@@ -34,6 +34,7 @@ from bench.report import machine, write_section  # noqa: E402
 from deploy.launcher import stop_group, wait_healthy  # noqa: E402
 from deploy.model_store import ModelStore  # noqa: E402
 from deploy.registry import Registry  # noqa: E402
+from deploy.settings import load_settings  # noqa: E402
 from learn.daemon import read_status  # noqa: E402
 
 RANKLOOP = [sys.executable, "-m", "rankloop"]
@@ -78,7 +79,7 @@ def watch(redis: Redis, timeline: Timeline, deadline: float, simulate: subproces
         time.sleep(5)
 
 
-def judged(data: Path, env: dict[str, str], current: str, preference: str, samples: int) -> dict[str, Any]:
+def judged(env: dict[str, str], current: str, preference: str, samples: int) -> dict[str, Any]:
     argv = [*RANKLOOP, "eval", current, "v0001", "--preference", preference, "--samples", str(samples), "--json"]
     out = subprocess.run(argv, env={**env, "RANKLOOP_LEARN_THREADS": str(os.cpu_count() or 2)}, check=True,
                          capture_output=True, text=True).stdout  # fmt: skip
@@ -88,7 +89,8 @@ def judged(data: Path, env: dict[str, str], current: str, preference: str, sampl
 
 def learning_figures(data: Path, current: str) -> dict[str, Any]:
     """The latest reward model's held-out accuracy and the served version's held-out LM loss against v0001's."""
-    store, rewards = ModelStore(data / "models"), ModelStore(data / "reward_models", prefix="r")
+    settings = load_settings(data_dir=data)
+    store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     figures: dict[str, Any] = {"reward_models": rewards.versions(), "policies": store.versions()}
     accuracies = [rewards.card(r).details.get("eval", {}).get("accuracy") for r in rewards.versions()]
     figures["rm_accuracy"] = accuracies
@@ -116,7 +118,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--rate", type=float, default=0.0, help="rankings per second (0: as fast as served)")
+    parser.add_argument("--rate", type=float, default=0.0, help="requests per second, all users (0: no limit)")
     parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt in the final judgement")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RANKLOOP_ setting")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the last run's record")
@@ -151,7 +153,7 @@ def main() -> None:
     finally:
         stop_group(stack)
         stack_log.close()
-    result = judged(data, env, current, args.preference, args.samples) if current != "v0001" else None
+    result = judged(env, current, args.preference, args.samples) if current != "v0001" else None
     figures = learning_figures(data, current)
     subprocess.run([*RANKLOOP, "report"], env=env, check=False, capture_output=True)
     record = {"settings": settings, "args": vars(args), "current": current, "timeline": timeline.entries,
