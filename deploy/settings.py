@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     learn_ppo_epochs: int = Field(4, ge=1, description="Passes of each PPO iteration's optimiser over its rollouts.")
     learn_ppo_lr: float = Field(1e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")
     learn_rm_lr: float = Field(1e-5, gt=0.0, description="Reward-model learning rate (full fine-tuning).")
+    learn_rm_epochs: int = Field(
+        1, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
+    )
     learn_prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per PPO iteration.")
     learn_max_new_tokens: int = Field(64, ge=1, description="Answer length limit of PPO rollouts.")
     learn_prompt_file: Path | None = Field(None, description="Extra prompts (JSONL) for PPO besides users' own.")

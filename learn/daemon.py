@@ -45,6 +45,11 @@ def round_config(settings: Settings) -> RoundConfig:
                        ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef, epochs=settings.learn_ppo_epochs))  # fmt: skip
 
 
+def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
+    return RMOptions(resume_from=resume_from, epochs=settings.learn_rm_epochs, lr=settings.learn_rm_lr,
+                     bf16=settings.learn_bf16)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Gate:
     passed: bool
@@ -91,8 +96,7 @@ class Learner:
             self.publish("waiting", f"{new} of {needed} new rankings needed for a round", new_rankings=new)
             return "waiting"
         self.publish("reward model", f"training on {new} new rankings" + (f" from {latest}" if latest else ""))
-        options = RMOptions(resume_from=latest, lr=self.settings.learn_rm_lr, bf16=self.settings.learn_bf16)
-        rm = rm_round(self.settings, options, show_progress=self.show_progress)
+        rm = rm_round(self.settings, rm_options(self.settings, latest), show_progress=self.show_progress)
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
         accuracy, floor = rm.evaluation.accuracy, self.settings.learn_min_rm_accuracy
         if not accuracy >= floor:  # NaN (no held-out prompts yet) does not pass either
