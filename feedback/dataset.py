@@ -84,8 +84,14 @@ class Dataset:
     def ids(self) -> list[str]:
         return [row[0] for row in self.db.execute("SELECT id FROM events ORDER BY ms, seq")]
 
-    def events(self, kind: str | None = None, after: str | None = None) -> Iterator[StoredEvent]:
-        """Events in stream order, optionally of one kind, optionally only those after event id `after`."""
+    def last_id(self) -> str | None:
+        row = self.db.execute("SELECT id FROM events ORDER BY ms DESC, seq DESC LIMIT 1").fetchone()
+        return str(row[0]) if row else None
+
+    def events(self, kind: str | None = None, after: str | None = None,
+               until: str | None = None) -> Iterator[StoredEvent]:  # fmt: skip
+        """Events in stream order, optionally of one kind, optionally only those after event id `after` and up to
+        event id `until` (included)."""
         conditions: list[str] = ["1"]
         args: list[object] = []
         if kind is not None:
@@ -94,6 +100,9 @@ class Dataset:
         if after is not None:
             conditions.append("(ms, seq) > (?, ?)")
             args += list(event_order(after))
+        if until is not None:
+            conditions.append("(ms, seq) <= (?, ?)")
+            args += list(event_order(until))
         query = f"SELECT id, kind, data FROM events WHERE {' AND '.join(conditions)} ORDER BY ms, seq"
         for event_id, event_kind, data in self.db.execute(query, args):
             yield StoredEvent(event_id, event_kind, json.loads(data))

@@ -16,12 +16,12 @@ from deploy.settings import Settings
 from feedback.dataset import event_order
 from learn.loop import LoopConfig
 from learn.policy_eval import PolicyEval, evaluate_policy
-from learn.ppo_run import PPORound, RoundConfig, load_models
+from learn.ppo_run import PPORound, RoundConfig, checkpoint_meta, load_models
 from learn.precision import autocast
 from learn.reward_model import Evaluation
 from learn.rm_data import split
 from learn.sft import LoraOptions, run_card, save_policy
-from learn.sources import FEEDBACK, load_groups, ptx_examples, round_prompts
+from learn.sources import FEEDBACK, last_event_id, load_groups, ptx_examples, round_prompts
 from learn.trainlog import MetricsLog, step_progress
 
 StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figures)
@@ -132,18 +132,23 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
         raise StoreError("no reward model yet: train one with `rankloop learn rm`")
     torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
     models = load_models(store.path(parent), store.path(reference), rewards.path(reward), config.lora)
-    train, held = round_prompts(settings, models.tokenizer, options.prompt_file, options.held_out,
-                                options.max_prompt_len)  # fmt: skip
-    if not train:
-        raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
-    ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, options.ptx_file, 512)
-    evaluation_prompts = (held or train)[: options.eval_prompts]
-    trainer = PPORound(models, config, train, ptx_train)
-    meta = {"parent": parent, "reference": reference, "reward": reward, "config": json.dumps(asdict(config)),
-            "prompts": len(train), "ptx": len(ptx_train)}  # fmt: skip
     checkpoint = settings.data_dir / "checkpoints" / "ppo.ckpt"
     if options.fresh:
         checkpoint.unlink(missing_ok=True)
+    # Users keep ranking while a round runs: the round reads their data up to the newest event at its start, and a
+    # resumed round up to the same event, so that it trains on what it started with.
+    pending = checkpoint_meta(checkpoint)
+    same = pending is not None and (pending.get("parent"), pending.get("reward")) == (parent, reward)
+    until = pending.get("until") if pending is not None and same else last_event_id(settings)
+    train, held = round_prompts(settings, models.tokenizer, options.prompt_file, options.held_out,
+                                options.max_prompt_len, until)  # fmt: skip
+    if not train:
+        raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
+    ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, options.ptx_file, 512, until)
+    evaluation_prompts = (held or train)[: options.eval_prompts]
+    trainer = PPORound(models, config, train, ptx_train)
+    meta = {"parent": parent, "reference": reference, "reward": reward, "config": json.dumps(asdict(config)),
+            "prompts": len(train), "ptx": len(ptx_train), "until": until}  # fmt: skip
     resumed = trainer.resume(checkpoint, meta)
     before_file = checkpoint.with_suffix(".before.json")
     if resumed and before_file.is_file():

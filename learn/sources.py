@@ -27,19 +27,29 @@ FEEDBACK = "feedback"
 PTX_HELD_OUT_EVERY = 10  # every 10th ptx example is kept to measure fluency (held-out LM loss)
 
 
-def _events(settings: Settings, kind: str, after: str | None = None) -> list[Any]:
+def _events(settings: Settings, kind: str, after: str | None = None, until: str | None = None) -> list[Any]:
     from feedback.dataset import Dataset
 
     if not settings.dataset_path.is_file():
         return []
     with Dataset(settings.dataset_path) as dataset:
-        return list(dataset.events(kind, after))
+        return list(dataset.events(kind, after, until))
 
 
-def load_demonstrations(source: str, settings: Settings) -> list[Demonstration]:
-    """`feedback` (the dataset's demonstrations) or a JSONL file in any shape learn.data reads."""
+def last_event_id(settings: Settings) -> str | None:
+    """The newest event in the dataset: a round that reads users' data up to it reads the same data when resumed."""
+    from feedback.dataset import Dataset
+
+    if not settings.dataset_path.is_file():
+        return None
+    with Dataset(settings.dataset_path) as dataset:
+        return dataset.last_id()
+
+
+def load_demonstrations(source: str, settings: Settings, until: str | None = None) -> list[Demonstration]:
+    """`feedback` (the dataset's demonstrations, up to event `until`) or a JSONL file in any shape learn.data reads."""
     if source == FEEDBACK:
-        rows = [event.data for event in _events(settings, "demonstration")]
+        rows = [event.data for event in _events(settings, "demonstration", until=until)]
         return list(demonstrations_from_rows(rows, str(settings.dataset_path)))
     path = Path(source)
     if not path.is_file():
@@ -63,17 +73,18 @@ def count_rankings(settings: Settings, after: str | None) -> int:
     return len(_events(settings, "ranking", after))
 
 
-def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, held_out: float,
-                  max_len: int) -> tuple[list[Prompt], list[Prompt]]:  # fmt: skip
-    """(train, held out) prompts: users' ranked prompts, then those of `prompt_file`, each once."""
-    prompts = prompts_from_events((e.data for e in _events(settings, "ranking")), max_len)
+def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, held_out: float, max_len: int,
+                  until: str | None = None) -> tuple[list[Prompt], list[Prompt]]:  # fmt: skip
+    """(train, held out) prompts: users' ranked prompts (up to event `until`), then those of `prompt_file`, each
+    once."""
+    prompts = prompts_from_events((e.data for e in _events(settings, "ranking", until=until)), max_len)
     if prompt_file is not None:
         prompts += prompts_from_file(prompt_file, tokenizer, max_len)
     return split_prompts(unique(prompts, key_of), key_of, held_out)
 
 
-def ptx_examples(settings: Settings, tokenizer: Any, ptx_file: Path | None,
-                 max_len: int) -> tuple[list[Example], list[Example], str]:  # fmt: skip
+def ptx_examples(settings: Settings, tokenizer: Any, ptx_file: Path | None, max_len: int,
+                 until: str | None = None) -> tuple[list[Example], list[Example], str]:  # fmt: skip
     """(train, held out, source) for the ptx term: a text or JSONL file when given, else users' demonstrations."""
     if ptx_file is not None:
         if not ptx_file.is_file():
@@ -81,7 +92,7 @@ def ptx_examples(settings: Settings, tokenizer: Any, ptx_file: Path | None,
         examples = [e for t in read_texts(ptx_file) for e in encode_text(tokenizer, t, max_len)]
         source = str(ptx_file)
     else:
-        demos = load_demonstrations(FEEDBACK, settings)
+        demos = load_demonstrations(FEEDBACK, settings, until)
         examples = [encode_demonstration(tokenizer, d, max_len) for d in demos]
         source = "feedback demonstrations"
     held = examples[::PTX_HELD_OUT_EVERY]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from deploy.model_import import import_model
 from deploy.model_store import Card, ModelStore
 from deploy.settings import load_settings
+from feedback.dataset import Dataset
 from learn.data import DataError
 from learn.policy_eval import PolicyEval
 from learn.ppo_run import CheckpointMismatch, RoundConfig, value_model
@@ -133,6 +134,43 @@ def test_a_round_killed_mid_way_resumes_to_the_same_result(tmp_path: Path, bf16:
     assert not (broken / "checkpoints" / "ppo.ckpt").exists()  # a finished round leaves no checkpoint behind
     assert ModelStore(whole / "models").card("v0002").details["bf16"] is bf16
     assert a[iterations]["kl_per_answer"] != 0.0  # the policy moved away from the reference (in bf16 too)
+
+
+def _ranked(i: int) -> tuple[str, str, str]:
+    """A ranking event of question i: a PPO round takes users' prompts from these."""
+    candidates = [{"index": k, "text": "", "token_ids": [11 + k, 2], "logprobs": [-1.0, -1.0], "finish_reason": "stop"}
+                  for k in range(2)]  # fmt: skip
+    comparison = {"id": f"c{i}", "messages": [{"role": "user", "content": f"question {i}"}],
+                  "prompt_token_ids": [5, 20 + i, 7], "candidates": candidates, "policy_version": "v0001",
+                  "created": 0.0, "sampling": {}}  # fmt: skip
+    data = {"kind": "ranking", "ranking": [[0], [1]], "user": None, "created": 0.0, "comparison": comparison}
+    return f"{1000 + i}-0", "ranking", json.dumps(data)
+
+
+def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -> None:
+    """Users keep ranking while a round runs or the stack is down; the resumed round keeps to the data it started
+    with (it used to refuse its own checkpoint: "differs in prompts"), and the next round sees everything."""
+    data = make_data_dir(tmp_path)
+    settings = load_settings(data_dir=data, learn_threads=1)
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert([_ranked(i) for i in range(12)])
+    config = RoundConfig(iterations=2, prompts_per_iteration=4, max_new_tokens=4)
+
+    def stop(iteration: int, of: int, figures: dict[str, float]) -> None:
+        raise KeyboardInterrupt  # after the first iteration's checkpoint, as stopping the stack would
+
+    with pytest.raises(KeyboardInterrupt):
+        ppo_round(settings, config, PPOOptions(), on_step=stop, show_progress=False)
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert([_ranked(i) for i in range(12, 20)])
+    resumed = ppo_round(settings, config, PPOOptions(), show_progress=False)
+    card = ModelStore(data / "models").card(resumed.version)
+    assert resumed.resumed_at == 1
+    assert card.details["train_prompts"] + card.details["held_out_prompts"] == 12
+    following = ppo_round(settings, config, PPOOptions(parent="v0001"), show_progress=False)
+    card = ModelStore(data / "models").card(following.version)
+    assert following.resumed_at == 0
+    assert card.details["train_prompts"] + card.details["held_out_prompts"] == 20
 
 
 def test_the_gate_wants_more_reward_and_no_loss_of_fluency() -> None:
