@@ -7,6 +7,8 @@ the time went, sample answers) go to BENCHMARKS.md.
 
 Everything runs in a fresh data folder (var/demo-<preference>), on its own ports; `--set` passes RANKLOOP_ settings
 to the stack exactly as an operator would put them in the environment, and they are written down with the figures.
+`--finish` restarts the stack on the last run's folder, with no users, lets the learning round that the window's end
+cut off finish (it resumes from its checkpoint), and judges what is served then; the report keeps both moments apart.
 """
 
 from __future__ import annotations
@@ -112,6 +114,42 @@ def learning_figures(data: Path, current: str) -> dict[str, Any]:
     return figures
 
 
+def settle(redis: Redis, timeline: Timeline, deadline: float) -> None:
+    """With no users, watch until the learner has no round in flight (it is back to waiting) or the deadline."""
+    registry = Registry(redis)
+    while time.monotonic() < deadline:
+        status = read_status(redis) or {}
+        phase = status.get("phase", "starting")
+        timeline.note(f"serving {registry.current()[0]}; learner {phase}: {status.get('detail', '')}")
+        if phase in ("waiting", "error"):
+            return
+        time.sleep(5)
+
+
+def finish(data: Path, overtime_minutes: float) -> None:
+    """Let the round the window cut off finish, judge what is served then, and add it to the run's record."""
+    record = json.loads((data / "demo.json").read_text())
+    env = environment(data, record["settings"])
+    timeline = Timeline()
+    stack_log = open(data / "stack-finish.log", "wb")  # noqa: SIM115 - open for the stack's whole life
+    stack = subprocess.Popen([*RANKLOOP, "up"], env=env, stdout=stack_log, stderr=subprocess.STDOUT,
+                             start_new_session=True)  # fmt: skip
+    try:
+        ready = wait_healthy(f"http://127.0.0.1:{PORTS['RANKLOOP_PORT']}", stack, timeout_s=overtime_minutes * 60)
+        timeline.note(f"stack restarted with no users, ready after {ready:.0f} s")
+        redis = Redis(port=int(PORTS["RANKLOOP_REDIS_PORT"]))
+        settle(redis, timeline, timeline.started + overtime_minutes * 60)
+        current = Registry(redis).current()[0] or "v0001"
+    finally:
+        stop_group(stack)
+        stack_log.close()
+    record["finish"] = {"current": current, "timeline": timeline.entries,
+                        "eval": judged(env, current, record["args"]["preference"], record["args"]["samples"])
+                        if current != "v0001" else None, **learning_figures(data, current)}  # fmt: skip
+    (data / "demo.json").write_text(json.dumps(record, indent=1))
+    report(record, data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preference", default="concise")
@@ -122,11 +160,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt in the final judgement")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RANKLOOP_ setting")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the last run's record")
+    parser.add_argument("--finish", type=float, default=0.0, metavar="MINUTES",
+                        help="finish the last run's cut-off round (within MINUTES, no users)")  # fmt: skip
     args = parser.parse_args()
     settings = {**DEFAULT_SETTINGS, **dict(item.split("=", 1) for item in args.set)}
     data = REPO / "var" / f"demo-{args.preference.replace(':', '-')}"
     if args.report_only:
         report(json.loads((data / "demo.json").read_text()), data)
+        return
+    if args.finish:
+        finish(data, args.finish)
         return
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir(parents=True)
@@ -174,6 +217,33 @@ def compact(entries: list[tuple[float, str]]) -> list[str]:
     return lines
 
 
+def outcome(name: str, when: str, current: str, result: dict[str, Any] | None, figures: dict[str, Any]) -> list[str]:
+    """The figures of one moment of a run: what was served, its win rate, the reward models, the LM loss, PPO's time."""
+    if result is None:
+        lines = [f"- No version was promoted {when}: v0001 still served."]
+    else:
+        rate = result["win_rate"]
+        pairs = rate["wins"] + rate["ties"] + rate["losses"]
+        lines = [f"- Served {when}: {current}. Win rate over v0001 under `{name}` on {result['prompts']} "
+                 f"held-out prompts x {result['samples_per_prompt']} samples: **{rate['rate']:.1%}** (95% "
+                 f"{rate['low']:.1%}-{rate['high']:.1%}; {rate['wins']} wins, {rate['ties']} ties, "
+                 f"{rate['losses']} losses of {pairs}); mean answer length {result['length_a']:.0f} vs "
+                 f"{result['length_b']:.0f} characters."]  # fmt: skip
+    accuracies = ", ".join(f"{r} {a:.3f}" for r, a in zip(figures["reward_models"], figures["rm_accuracy"], strict=True)
+                           if a is not None)  # fmt: skip
+    lines.append(f"- Reward models' held-out pairwise accuracy: {accuracies or 'none trained'}.")
+    if figures.get("ptx_v0001"):
+        ratio = figures["ptx_current"] / figures["ptx_v0001"]
+        lines.append(f"- Held-out LM loss: v0001 {figures['ptx_v0001']:.3f}, {current} {figures['ptx_current']:.3f} "
+                     f"({ratio:.3f}x).")  # fmt: skip
+    phases = figures.get("ppo_phases_s", {})
+    if phases:
+        total = sum(phases.values())
+        lines.append("- PPO iterations: " + ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min ({v / total:.0%})"
+                                                       for k, v in phases.items()))  # fmt: skip
+    return lines
+
+
 def report(record: dict[str, Any], data: Path) -> None:
     """BENCHMARKS.md's section for one run, from its record (demo.json): `--report-only` rewrites it from there."""
     args, settings, current, result = record["args"], record["settings"], record["current"], record["eval"]
@@ -184,29 +254,16 @@ def report(record: dict[str, Any], data: Path) -> None:
              f"Command: `.venv/bin/python bench/loop_demo.py --preference {name} --minutes {minutes:g} --noise "
              f"{args['noise']} --users {args['users']} --rate {args['rate']} {sets}`", "",
              "Settings: " + ", ".join(f"RANKLOOP_{k}={v}" for k, v in settings.items()), ""]  # fmt: skip
-    if result is None:
-        lines.append(f"- No version was promoted within {minutes:g} minutes: v0001 still served.")
-    else:
-        rate = result["win_rate"]
-        pairs = rate["wins"] + rate["ties"] + rate["losses"]
-        lines.append(f"- Served at the end: {current}. Win rate over v0001 under `{name}` on {result['prompts']} "
-                     f"held-out prompts x {result['samples_per_prompt']} samples: **{rate['rate']:.1%}** (95% "
-                     f"{rate['low']:.1%}-{rate['high']:.1%}; {rate['wins']} wins, {rate['ties']} ties, "
-                     f"{rate['losses']} losses of {pairs}); mean answer length {result['length_a']:.0f} vs "
-                     f"{result['length_b']:.0f} characters.")  # fmt: skip
-    accuracies = ", ".join(f"{r} {a:.3f}" for r, a in zip(record["reward_models"], record["rm_accuracy"], strict=True)
-                           if a is not None)  # fmt: skip
-    lines.append(f"- Reward models' held-out pairwise accuracy: {accuracies or 'none trained'}.")
-    if record.get("ptx_v0001"):
-        ratio = record["ptx_current"] / record["ptx_v0001"]
-        lines.append(f"- Held-out LM loss: v0001 {record['ptx_v0001']:.3f}, {current} {record['ptx_current']:.3f} "
-                     f"({ratio:.3f}x).")  # fmt: skip
-    phases = record.get("ppo_phases_s", {})
-    if phases:
-        total = sum(phases.values())
-        lines.append("- PPO iterations: " + ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min ({v / total:.0%})"
-                                                       for k, v in phases.items()))  # fmt: skip
+    lines += outcome(name, f"within {minutes:g} minutes", current, result, record)
     lines += ["", "Where the time went:", "", *compact(record["timeline"])]
+    late = record.get("finish")
+    if late is not None:  # `--finish`: the cut-off round, finished after the window
+        spent = late["timeline"][-1][0] if late["timeline"] else 0.0
+        lines += ["", f"After the window (`--finish`: the stack restarted with no users; the round the window cut "
+                      f"off resumed from its checkpoint, {spent:.1f} more minutes):", "",
+                  *outcome(name, "after the window", late["current"], late["eval"], late),
+                  *compact(late["timeline"])]  # fmt: skip
+        current, result = late["current"], late["eval"]
     if result is not None:
         lines += ["", f"Samples (held-out prompts; {current} | v0001):", ""]
         for example in result["examples"][:3]:
