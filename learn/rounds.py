@@ -138,8 +138,10 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
     # Users keep ranking while a round runs: the round reads their data up to the newest event at its start, and a
     # resumed round up to the same event, so that it trains on what it started with.
     pending = checkpoint_meta(checkpoint)
-    same = pending is not None and (pending.get("parent"), pending.get("reward")) == (parent, reward)
-    until = pending.get("until") if pending is not None and same else last_event_id(settings)
+    if pending is not None and (pending.get("parent"), pending.get("reward")) == (parent, reward):
+        until = pending.get("until")
+    else:
+        until = last_event_id(settings)
     train, held = round_prompts(settings, models.tokenizer, options.prompt_file, options.held_out,
                                 options.max_prompt_len, until)  # fmt: skip
     if not train:

@@ -3,6 +3,7 @@ supported shape, and a round SIGKILLed mid-way and run again ends exactly where 
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from learn.ppo_run import CheckpointMismatch, RoundConfig, value_model
 from learn.prompts import messages_of, prompts_from_file
 from learn.reward_model import RewardScorer, load_reward_model, save_reward_model
 from learn.rounds import PPOOptions, ppo_round
+from tests.learn.events import ranking_event
 from tests.tiny import tiny_llama_folder, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,24 +138,13 @@ def test_a_round_killed_mid_way_resumes_to_the_same_result(tmp_path: Path, bf16:
     assert a[iterations]["kl_per_answer"] != 0.0  # the policy moved away from the reference (in bf16 too)
 
 
-def _ranked(i: int) -> tuple[str, str, str]:
-    """A ranking event of question i: a PPO round takes users' prompts from these."""
-    candidates = [{"index": k, "text": "", "token_ids": [11 + k, 2], "logprobs": [-1.0, -1.0], "finish_reason": "stop"}
-                  for k in range(2)]  # fmt: skip
-    comparison = {"id": f"c{i}", "messages": [{"role": "user", "content": f"question {i}"}],
-                  "prompt_token_ids": [5, 20 + i, 7], "candidates": candidates, "policy_version": "v0001",
-                  "created": 0.0, "sampling": {}}  # fmt: skip
-    data = {"kind": "ranking", "ranking": [[0], [1]], "user": None, "created": 0.0, "comparison": comparison}
-    return f"{1000 + i}-0", "ranking", json.dumps(data)
-
-
 def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -> None:
     """Users keep ranking while a round runs or the stack is down; the resumed round keeps to the data it started
     with (it used to refuse its own checkpoint: "differs in prompts"), and the next round sees everything."""
     data = make_data_dir(tmp_path)
-    settings = load_settings(data_dir=data, learn_threads=1)
+    settings, rng = load_settings(data_dir=data, learn_threads=1), random.Random(0)
     with Dataset(settings.dataset_path) as dataset:
-        dataset.insert([_ranked(i) for i in range(12)])
+        dataset.insert([ranking_event(i, rng) for i in range(12)])
     config = RoundConfig(iterations=2, prompts_per_iteration=4, max_new_tokens=4)
 
     def stop(iteration: int, of: int, figures: dict[str, float]) -> None:
@@ -162,7 +153,7 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
     with pytest.raises(KeyboardInterrupt):
         ppo_round(settings, config, PPOOptions(), on_step=stop, show_progress=False)
     with Dataset(settings.dataset_path) as dataset:
-        dataset.insert([_ranked(i) for i in range(12, 20)])
+        dataset.insert([ranking_event(i, rng) for i in range(12, 20)])
     resumed = ppo_round(settings, config, PPOOptions(), show_progress=False)
     card = ModelStore(data / "models").card(resumed.version)
     assert resumed.resumed_at == 1

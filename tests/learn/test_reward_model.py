@@ -24,9 +24,7 @@ from learn.reward_model import (
 from learn.rm_data import RankedGroup, parse_hh, prompt_key, split
 from learn.trainlog import MetricsLog
 from rankloop.cli import app
-
-# Token ids of the tiny vocabulary used as answer endings: the preference is "ends with GOOD > MID > BAD".
-GOOD, MID, BAD = 300, 200, 100
+from tests.learn.events import BAD, GOOD, MID, ranking_event
 
 
 def separable_groups(n: int, seed: int = 0) -> list[RankedGroup]:
@@ -120,19 +118,6 @@ def test_save_and_load_round_trip_scores_exactly_with_the_offset(tiny_store: Mod
     assert rewards.versions() == ["r0001"]
 
 
-def _ranking_event(i: int, rng: random.Random) -> tuple[str, str, str]:
-    prompt = [rng.randrange(10, 90) for _ in range(4)]
-    endings = [GOOD, BAD]
-    rng.shuffle(endings)
-    candidates = [{"index": k, "text": "", "token_ids": [rng.randrange(10, 90), end], "logprobs": [-1.0, -1.0],
-                   "finish_reason": "stop"} for k, end in enumerate(endings)]  # fmt: skip
-    comparison = {"id": f"c{i}", "messages": [{"role": "user", "content": f"q{i}"}], "prompt_token_ids": prompt,
-                  "candidates": candidates, "policy_version": "v0001", "created": 0.0, "sampling": {}}  # fmt: skip
-    ranking = [[endings.index(GOOD)], [endings.index(BAD)]]
-    data = {"kind": "ranking", "ranking": ranking, "user": None, "created": 0.0, "comparison": comparison}
-    return f"{1000 + i}-0", "ranking", json.dumps(data)
-
-
 def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     tiny_store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -140,7 +125,7 @@ def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     monkeypatch.setenv("RANKLOOP_DATA_DIR", str(data_dir))
     rng = random.Random(3)
     with Dataset(data_dir / "feedback.sqlite3") as dataset:
-        dataset.insert([_ranking_event(i, rng) for i in range(30)])
+        dataset.insert([ranking_event(i, rng) for i in range(30)])
     runner = CliRunner()
     first = runner.invoke(app, ["learn", "rm", "--held-out", "0.2", "--lr", "1e-3", "--epochs", "2"])
     assert first.exit_code == 0, first.output
@@ -155,7 +140,7 @@ def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     nothing_new = runner.invoke(app, ["learn", "rm", "--from", "r0001"])
     assert nothing_new.exit_code == 1 and "no new ranked prompts" in " ".join(nothing_new.output.split())
     with Dataset(data_dir / "feedback.sqlite3") as dataset:
-        dataset.insert([_ranking_event(i, rng) for i in range(30, 45)])
+        dataset.insert([ranking_event(i, rng) for i in range(30, 45)])
     again = runner.invoke(app, ["learn", "rm", "--from", "r0001", "--held-out", "0"])
     assert again.exit_code == 0, again.output
     second = rewards.card("r0002")
