@@ -23,6 +23,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,10 +69,10 @@ def environment(data: Path, settings: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def watch(redis: Redis, timeline: Timeline, deadline: float, simulate: subprocess.Popen[bytes]) -> None:
-    """Note every change of the learner's phase and of the served version until the deadline."""
+def watch(redis: Redis, timeline: Timeline, deadline: float, done: Callable[[str], bool]) -> None:
+    """Note every change of the learner's phase and of the served version until `done(phase)` or the deadline."""
     registry = Registry(redis)
-    while time.monotonic() < deadline and simulate.poll() is None:
+    while time.monotonic() < deadline:
         status = read_status(redis) or {}
         current = registry.current()[0]
         phase = status.get("phase", "starting")
@@ -78,7 +80,21 @@ def watch(redis: Redis, timeline: Timeline, deadline: float, simulate: subproces
             status.get("detail", "") if phase != "ppo" else f"PPO {status.get('iteration')}/{status.get('iterations')}"
         )
         timeline.note(f"serving {current}; learner {phase}: {detail}")
+        if done(phase):
+            return
         time.sleep(5)
+
+
+@contextmanager
+def stack_up(env: dict[str, str], log: Path, timeout_s: float) -> Iterator[float]:
+    """`rankloop up` with its output in `log`: yields the seconds it took to answer, and stops it on leaving."""
+    with open(log, "wb") as out:
+        stack = subprocess.Popen([*RANKLOOP, "up"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # fmt: skip
+        try:
+            yield wait_healthy(f"http://127.0.0.1:{PORTS['RANKLOOP_PORT']}", stack, timeout_s=timeout_s)
+        finally:
+            stop_group(stack)
 
 
 def judged(env: dict[str, str], current: str, preference: str, samples: int) -> dict[str, Any]:
@@ -114,35 +130,17 @@ def learning_figures(data: Path, current: str) -> dict[str, Any]:
     return figures
 
 
-def settle(redis: Redis, timeline: Timeline, deadline: float) -> None:
-    """With no users, watch until the learner has no round in flight (it is back to waiting) or the deadline."""
-    registry = Registry(redis)
-    while time.monotonic() < deadline:
-        status = read_status(redis) or {}
-        phase = status.get("phase", "starting")
-        timeline.note(f"serving {registry.current()[0]}; learner {phase}: {status.get('detail', '')}")
-        if phase in ("waiting", "error"):
-            return
-        time.sleep(5)
-
-
 def finish(data: Path, overtime_minutes: float) -> None:
     """Let the round the window cut off finish, judge what is served then, and add it to the run's record."""
     record = json.loads((data / "demo.json").read_text())
     env = environment(data, record["settings"])
     timeline = Timeline()
-    stack_log = open(data / "stack-finish.log", "wb")  # noqa: SIM115 - open for the stack's whole life
-    stack = subprocess.Popen([*RANKLOOP, "up"], env=env, stdout=stack_log, stderr=subprocess.STDOUT,
-                             start_new_session=True)  # fmt: skip
-    try:
-        ready = wait_healthy(f"http://127.0.0.1:{PORTS['RANKLOOP_PORT']}", stack, timeout_s=overtime_minutes * 60)
+    with stack_up(env, data / "stack-finish.log", overtime_minutes * 60) as ready:
         timeline.note(f"stack restarted with no users, ready after {ready:.0f} s")
         redis = Redis(port=int(PORTS["RANKLOOP_REDIS_PORT"]))
-        settle(redis, timeline, timeline.started + overtime_minutes * 60)
+        # No users: the round in flight is over once the learner is back to waiting for rankings (or failed).
+        watch(redis, timeline, timeline.started + overtime_minutes * 60, lambda phase: phase in ("waiting", "error"))
         current = Registry(redis).current()[0] or "v0001"
-    finally:
-        stop_group(stack)
-        stack_log.close()
     record["finish"] = {"current": current, "timeline": timeline.entries,
                         "eval": judged(env, current, record["args"]["preference"], record["args"]["samples"])
                         if current != "v0001" else None, **learning_figures(data, current)}  # fmt: skip
@@ -176,12 +174,7 @@ def main() -> None:
     env = environment(data, settings)
     timeline = Timeline()
     deadline = timeline.started + args.minutes * 60
-    stack_log = open(data / "stack.log", "wb")  # noqa: SIM115 - open for the stack's whole life
-    stack = subprocess.Popen([*RANKLOOP, "up"], env=env, stdout=stack_log, stderr=subprocess.STDOUT,
-                             start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{PORTS['RANKLOOP_PORT']}"
-    try:
-        ready = wait_healthy(url, stack, timeout_s=args.minutes * 60)
+    with stack_up(env, data / "stack.log", args.minutes * 60) as ready:
         timeline.note(f"stack ready after {ready:.0f} s (model import and engine start included)")
         simulate_argv = [*RANKLOOP, "simulate", "--preference", args.preference, "--noise", str(args.noise),
                          "--users", str(args.users), "--rate", str(args.rate),
@@ -189,13 +182,10 @@ def main() -> None:
         with open(data / "simulate.log", "wb") as simulate_log:
             simulate = subprocess.Popen(simulate_argv, env=env, stdout=simulate_log, stderr=subprocess.STDOUT)
             redis = Redis(port=int(PORTS["RANKLOOP_REDIS_PORT"]))
-            watch(redis, timeline, deadline, simulate)
+            watch(redis, timeline, deadline, lambda _: simulate.poll() is not None)
             current = Registry(redis).current()[0] or "v0001"
             timeline.note(f"{args.minutes:.0f} minutes: serving {current}")
             stop_group(simulate, grace_s=10)
-    finally:
-        stop_group(stack)
-        stack_log.close()
     result = judged(env, current, args.preference, args.samples) if current != "v0001" else None
     figures = learning_figures(data, current)
     subprocess.run([*RANKLOOP, "report"], env=env, check=False, capture_output=True)
