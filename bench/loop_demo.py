@@ -252,7 +252,7 @@ def report(record: dict[str, Any], data: Path) -> None:
         lines += ["", f"After the window (`--finish`: the stack restarted with no users; the round the window cut "
                       f"off resumed from its checkpoint, {spent:.1f} more minutes):", "",
                   *outcome(name, "after the window", late["current"], late["eval"], late),
-                  *compact(late["timeline"])]  # fmt: skip
+                  "", "Where the extra time went:", "", *compact(late["timeline"])]  # fmt: skip
         current, result = late["current"], late["eval"]
     if result is not None:
         lines += ["", f"Samples (held-out prompts; {current} | v0001):", ""]
