@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     learn_min_rm_accuracy: float = Field(
         0.6, ge=0.0, le=1.0, description="Reward-model held-out accuracy below which no PPO round runs."
     )
+    learn_min_rm_heldout_pairs: int = Field(
+        20, ge=0, description="Held-out answer pairs the reward model's accuracy must be measured on before PPO runs."
+    )
     learn_ppo_iterations: int = Field(16, ge=1, description="PPO iterations per round.")
     learn_ppo_epochs: int = Field(4, ge=1, description="Passes of each PPO iteration's optimiser over its rollouts.")
     learn_ppo_lr: float = Field(1e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")

@@ -30,6 +30,7 @@ from learn import metrics
 from learn.policy_eval import PolicyEval
 from learn.ppo import PPOConfig
 from learn.ppo_run import RoundConfig, checkpoint_meta
+from learn.reward_model import Evaluation
 from learn.rounds import PPOOptions, PPOResult, RMOptions, ppo_round, rm_round
 from learn.sources import count_rankings
 
@@ -66,6 +67,22 @@ def gate(before: PolicyEval, after: PolicyEval, max_ptx_ratio: float) -> Gate:
     return Gate(True, f"mean reward {before.reward:.3f} → {after.reward:.3f}")
 
 
+def rm_gate(evaluation: Evaluation, min_accuracy: float, min_pairs: int) -> Gate:
+    """A reward model may steer a PPO round when its held-out accuracy is high enough, measured on enough pairs.
+
+    Why the pair count: on a couple of held-out prompts the accuracy is a coin toss (on 8 pairs one answer more or
+    less moves it by 0.125), and a PPO round steered by a reward model no better than chance costs tens of minutes
+    and teaches nothing. Later rounds measure on every held-out prompt so far, so the count grows.
+    """
+    accuracy = evaluation.accuracy
+    if evaluation.pairs < min_pairs:
+        return Gate(False, f"held-out accuracy {accuracy:.3f} measured on {evaluation.pairs} pairs, fewer than "
+                           f"{min_pairs}")  # fmt: skip
+    if not accuracy >= min_accuracy:  # NaN (no held-out pairs yet) does not pass either
+        return Gate(False, f"held-out accuracy {accuracy:.3f} < {min_accuracy} ({evaluation.pairs} pairs)")
+    return Gate(True, f"held-out accuracy {accuracy:.3f} on {evaluation.pairs} pairs")
+
+
 class Learner:
     def __init__(self, settings: Settings, redis: Redis, show_progress: bool = False) -> None:
         self.settings, self.redis, self.show_progress = settings, redis, show_progress
@@ -98,9 +115,9 @@ class Learner:
         self.publish("reward model", f"training on {new} new rankings" + (f" from {latest}" if latest else ""))
         rm = rm_round(self.settings, rm_options(self.settings, latest), show_progress=self.show_progress)
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
-        accuracy, floor = rm.evaluation.accuracy, self.settings.learn_min_rm_accuracy
-        if not accuracy >= floor:  # NaN (no held-out prompts yet) does not pass either
-            detail = f"{rm.version} held-out accuracy {accuracy:.3f} < {floor}: no PPO round; waiting for rankings"
+        verdict = rm_gate(rm.evaluation, self.settings.learn_min_rm_accuracy, self.settings.learn_min_rm_heldout_pairs)
+        if not verdict.passed:
+            detail = f"{rm.version} {verdict.why}: no PPO round; waiting for rankings"
             self.publish("waiting", detail, last_round={"reward_model": rm.version, "outcome": "rm below gate"})
             metrics.ROUNDS.labels("rm_below_gate").inc()
             return "reward model below the gate"

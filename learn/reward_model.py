@@ -80,6 +80,7 @@ class Evaluation:
     mean: float
     std: float
     groups: int
+    pairs: int = 0  # answer pairs with a preferred side that the accuracy was measured on: how far to trust it
 
     def figures(self, prefix: str = "eval_") -> dict[str, float]:
         return {f"{prefix}{k}": float(v) for k, v in vars(self).items()}
@@ -104,7 +105,7 @@ def evaluate(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int 
     scores = torch.cat(all_scores) if all_scores else torch.zeros(0)
     return Evaluation(correct / total if total else float("nan"), sum(losses) / max(1, len(losses)),
                       float(scores.mean()) if scores.numel() else 0.0,
-                      float(scores.std()) if scores.numel() > 1 else 0.0, len(groups))  # fmt: skip
+                      float(scores.std()) if scores.numel() > 1 else 0.0, len(groups), int(total))  # fmt: skip
 
 
 @torch.no_grad()

@@ -56,7 +56,8 @@ def test_rankings_through_the_api_become_a_ready_version(
     consumed = runner.invoke(app, ["feedback", "consume", "--once"])
     assert consumed.exit_code == 0, consumed.output
 
-    settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_ppo_iterations=2,
+    settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_min_rm_heldout_pairs=0,
+                             learn_ppo_iterations=2,
                              learn_prompts_per_iteration=4, learn_max_new_tokens=8, learn_threads=1)  # fmt: skip
     client = redis.Redis.from_url(redis_server.url)
     learner = Learner(settings, client)
@@ -79,3 +80,27 @@ def test_rankings_through_the_api_become_a_ready_version(
 
     assert learner.tick() == "waiting"  # nothing new since r0001
     assert read_status(client)["detail"] == f"0 of {PROMPTS} new rankings needed for a round"  # type: ignore[index]
+
+
+def test_no_ppo_round_on_a_reward_model_judged_on_too_few_pairs(
+    server: tuple[str, Path], redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, data = server
+    monkeypatch.setenv("RANKLOOP_DATA_DIR", str(data))
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    rank_answers(url, PROMPTS)
+    assert CliRunner().invoke(app, ["feedback", "consume", "--once"]).exit_code == 0
+    client = redis.Redis.from_url(redis_server.url)
+    settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_min_rm_heldout_pairs=10**6)
+    learner = Learner(settings, client)
+    assert learner.tick() == "reward model below the gate"
+
+    card = json.loads((data / "reward_models" / "r0001" / "card.json").read_text())
+    pairs = card["details"]["eval"]["pairs"]
+    assert pairs == 3 * card["details"]["held_out_prompts"]  # K=3, strictly ranked
+    status = read_status(client)
+    assert status is not None and status["last_round"] == {"reward_model": "r0001", "outcome": "rm below gate"}
+    assert status["detail"].endswith(f"on {pairs} pairs, fewer than 1000000: no PPO round; waiting for rankings")
+    assert [info.version for info in Registry(client).versions()] == ["v0001"]
+    assert not (data / "checkpoints" / "ppo.ckpt").exists()
+    assert learner.tick() == "waiting"  # the rankings went into r0001: the next round waits for new ones

@@ -177,6 +177,22 @@ def test_the_gate_wants_more_reward_and_no_loss_of_fluency() -> None:
     assert gate(ev(0.1, None), ev(0.2, None), 1.1).passed  # no held-out text: reward alone
 
 
+def test_the_reward_model_gate_wants_accuracy_measured_on_enough_pairs() -> None:
+    from learn.daemon import rm_gate
+    from learn.reward_model import Evaluation
+
+    def ev(accuracy: float, pairs: int) -> Evaluation:
+        return Evaluation(accuracy, 0.5, 0.0, 1.0, groups=pairs // 6, pairs=pairs)
+
+    assert rm_gate(ev(0.75, 24), 0.6, 20).passed
+    few = rm_gate(ev(0.875, 8), 0.6, 20)  # 7 of 8 right: high, but on too little to tell from luck
+    assert not few.passed and few.why == "held-out accuracy 0.875 measured on 8 pairs, fewer than 20"
+    low = rm_gate(ev(0.55, 40), 0.6, 20)
+    assert not low.passed and low.why == "held-out accuracy 0.550 < 0.6 (40 pairs)"
+    assert not rm_gate(ev(float("nan"), 0), 0.0, 0).passed  # nothing held out yet: never a PPO round
+    assert rm_gate(ev(0.6, 20), 0.6, 20).passed  # both bounds are inclusive
+
+
 def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path) -> None:
     from learn.daemon import round_config
 

@@ -67,6 +67,7 @@ def test_learns_a_separable_preference_to_full_held_out_accuracy(tiny_store: Mod
                                             show_progress=False)  # fmt: skip
     assert result.steps == 72
     assert evaluation.accuracy == 1.0 and evaluation.groups == 12
+    assert evaluation.pairs == 36  # 12 prompts x C(3,2) pairs, no ties
 
 
 def test_kwise_batch_gives_the_loss_and_gradients_of_explicit_pairs(tiny_store: ModelStore) -> None:
