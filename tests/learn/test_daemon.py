@@ -45,21 +45,26 @@ def rank_answers(url: str, prompts: int) -> None:
             assert ranked.status_code == 201, ranked.text
 
 
-def test_rankings_through_the_api_become_a_ready_version(
+@pytest.fixture
+def ranked(
     server: tuple[str, Path], redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[Path, redis.Redis]:
+    """PROMPTS rankings through the API, consumed into the dataset; the CLI pointed at this data and Redis."""
     url, data = server
     monkeypatch.setenv("RANKLOOP_DATA_DIR", str(data))
     monkeypatch.setenv("REDIS_URL", redis_server.url)
-    runner = CliRunner()
     rank_answers(url, PROMPTS)
-    consumed = runner.invoke(app, ["feedback", "consume", "--once"])
+    consumed = CliRunner().invoke(app, ["feedback", "consume", "--once"])
     assert consumed.exit_code == 0, consumed.output
+    return data, redis.Redis.from_url(redis_server.url)
 
+
+def test_rankings_through_the_api_become_a_ready_version(ranked: tuple[Path, redis.Redis]) -> None:
+    data, client = ranked
+    runner = CliRunner()
     settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_min_rm_heldout_pairs=0,
-                             learn_ppo_iterations=2,
-                             learn_prompts_per_iteration=4, learn_max_new_tokens=8, learn_threads=1)  # fmt: skip
-    client = redis.Redis.from_url(redis_server.url)
+                             learn_ppo_iterations=2, learn_prompts_per_iteration=4, learn_max_new_tokens=8,
+                             learn_threads=1)  # fmt: skip
     learner = Learner(settings, client)
     assert learner.tick() == "ready v0002"
 
@@ -82,15 +87,8 @@ def test_rankings_through_the_api_become_a_ready_version(
     assert read_status(client)["detail"] == f"0 of {PROMPTS} new rankings needed for a round"  # type: ignore[index]
 
 
-def test_no_ppo_round_on_a_reward_model_judged_on_too_few_pairs(
-    server: tuple[str, Path], redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    url, data = server
-    monkeypatch.setenv("RANKLOOP_DATA_DIR", str(data))
-    monkeypatch.setenv("REDIS_URL", redis_server.url)
-    rank_answers(url, PROMPTS)
-    assert CliRunner().invoke(app, ["feedback", "consume", "--once"]).exit_code == 0
-    client = redis.Redis.from_url(redis_server.url)
+def test_no_ppo_round_on_a_reward_model_judged_on_too_few_pairs(ranked: tuple[Path, redis.Redis]) -> None:
+    data, client = ranked
     settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_min_rm_heldout_pairs=10**6)
     learner = Learner(settings, client)
     assert learner.tick() == "reward model below the gate"
