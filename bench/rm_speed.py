@@ -4,9 +4,10 @@ SmolLM2-135M (v0001), fp32, 2 threads, answers cut to 256 tokens. The groups: Al
 4 answers (its own output and three others', in a fixed order). TRL trains on the C(4,2) = 6 pairs of each group
 (2 forwards per pair); rankloop on the groups (4 forwards give the 6 pairs). Same prompts per step: 2 groups for
 rankloop, their 12 pairs for TRL. The first step of each is warm-up. TRL runs in its own environment
-(bench/trl_env.sh), started from here. Figures go to BENCHMARKS.md.
+(bench/trl_env.sh, or the interpreter `TRL_PYTHON` names), started from here. Figures go to BENCHMARKS.md, a section
+per device (on a GPU the fp32 products run as TF32 on both sides, and each step is timed to the GPU's finish).
 
-    .venv/bin/python bench/rm_speed.py [--steps 6]
+    .venv/bin/python bench/rm_speed.py [--steps 6] [--device cuda] [--source MODEL]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench.common import bench_store, run_in_trl_env  # noqa: E402
+from bench.common import Device, bench_store, run_in_trl_env  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from learn.reward_model import group_loss, load_reward_model  # noqa: E402
 from learn.rm_data import RankedGroup, encode_pair, prompt_key  # noqa: E402
@@ -50,11 +51,11 @@ def groups_and_pairs(tokenizer: object, count: int) -> tuple[list[RankedGroup], 
     return groups, pairs
 
 
-def rankloop_speed(model_dir: Path, groups: list[RankedGroup], steps: int) -> dict[str, float]:
-    torch.set_num_threads(THREADS)
+def rankloop_speed(model_dir: Path, groups: list[RankedGroup], steps: int, device: Device) -> dict[str, float]:
+    device.prepare(THREADS)
     torch.manual_seed(0)
-    model, tokenizer = load_reward_model(model_dir)
-    model.float().train()
+    model, tokenizer = load_reward_model(model_dir, dtype=torch.float32)
+    model.to(device.name).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     pad = int(tokenizer.pad_token_id)
     durations = []
@@ -65,47 +66,54 @@ def rankloop_speed(model_dir: Path, groups: list[RankedGroup], steps: int) -> di
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if device.gpu:
+            torch.cuda.synchronize()  # the GPU works ahead of Python: time the step to its end
         durations.append(time.perf_counter() - started)
     timed = durations[1:]
     pairs = len(timed) * GROUPS_PER_STEP * K * (K - 1) // 2
     return {"pairs_per_s": pairs / sum(timed), "steps_timed": len(timed), "pairs_timed": pairs, "seconds": sum(timed)}
 
 
-def trl_speed(model_dir: Path, pairs: list[dict[str, object]], steps: int) -> dict[str, Any]:
+def trl_speed(model_dir: Path, pairs: list[dict[str, object]], steps: int, device: Device) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as out:
         out.writelines(json.dumps(p) + "\n" for p in pairs)
     return run_in_trl_env("trl_reward_speed.py", str(model_dir), out.name, "--batch-pairs",
                           str(GROUPS_PER_STEP * K * (K - 1) // 2), "--steps", str(steps), "--threads", str(THREADS),
-                          "--max-length", str(MAX_LEN))  # fmt: skip
+                          "--max-length", str(MAX_LEN), *device.trl_args())  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--source", type=Path, help="Model to import when the bench store is empty (GGUF or folder).")
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
     args = parser.parse_args()
     if not SEEDS.is_file():
         sys.exit(f"skipped: {SEEDS} is absent")
-    store = bench_store(args.data_dir)
+    device = Device(args.device)
+    store = bench_store(args.data_dir, args.source)
     model_dir = store.path(store.reference() or "v0001")
     _, tokenizer = load_reward_model(model_dir)
     groups, pairs = groups_and_pairs(tokenizer, args.steps * GROUPS_PER_STEP)
-    ours = rankloop_speed(model_dir, groups, args.steps)
+    ours = rankloop_speed(model_dir, groups, args.steps, device)
     print(f"rankloop: {ours['pairs_per_s']:.2f} pairs/s", flush=True)
-    theirs = trl_speed(model_dir, pairs, args.steps)
+    theirs = trl_speed(model_dir, pairs, args.steps, device)
     print(f"TRL: {theirs['pairs_per_s']:.2f} pairs/s", flush=True)
     lengths = [len(a) for g in groups for a in g.answers]
 
     def row(name: str, r: dict[str, Any]) -> str:
         return f"| {name} | {r['pairs_per_s']:.2f} | {r['steps_timed']:.0f} | {r['seconds']:.1f} |"
 
-    write_section("rm_speed", "\n".join([
-        "## Reward-model training speed (issue 4)",
+    section = "rm_speed" if not device.gpu else "rm_speed_cuda"  # the CPU figures keep their section's old name
+    where = f"{THREADS} threads each" if not device.gpu else "TF32 products"
+    write_section(section, "\n".join([
+        f"## Reward-model training speed (issue 4, {device.name.upper()})",
         "",
         f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; "
-        f"{THREADS} threads each; torch {torch.__version__}; TRL {theirs['trl']} with transformers "
+        f"{where}; torch {torch.__version__}; TRL {theirs['trl']} with transformers "
         f"{theirs['transformers']} in its own environment, rankloop with transformers {transformers.__version__}.",
-        f"- Command: `.venv/bin/python bench/rm_speed.py --steps {args.steps}`.",
+        f"- Command: `.venv/bin/python bench/rm_speed.py --steps {args.steps} --device {device.name}`.",
         f"- SmolLM2-135M (v0001) with a scalar head, fp32, AdamW, no gradient checkpointing; {len(groups)} Alpaca seed "
         f"instructions with K={K} answers each (prompt + answer {min(lengths)}-{max(lengths)} tokens, cut at "
         f"{MAX_LEN}); {GROUPS_PER_STEP} prompts per step: rankloop scores their {GROUPS_PER_STEP * K} answers once, "

@@ -1,7 +1,8 @@
 """TRL's RewardTrainer trained on HH-RLHF pairs, then pairwise accuracy on held-out pairs: the baseline side of
 bench/rm_accuracy.py. Runs in the separate TRL environment (bench/trl_env.sh):
 
-    python bench/trl_reward_accuracy.py MODEL_DIR TRAIN.jsonl EVAL.jsonl --lr 2e-5 --batch 8 --max-length 1024
+    python bench/trl_reward_accuracy.py MODEL_DIR TRAIN.jsonl EVAL.jsonl --lr 2e-5 --batch 8 --max-length 1024 \
+        [--device cuda]
 
 Rows are conversational `{"prompt", "chosen", "rejected"}`.
 Prints one JSON line: {"accuracy", "pairs", "trl", "transformers"}.
@@ -28,7 +29,7 @@ def read(path: str) -> list[dict[str, object]]:
 @torch.no_grad()
 def score(model: object, tokenizer: object, messages: list[dict[str, str]]) -> float:
     ids = tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt", return_dict=True)  # type: ignore[attr-defined]
-    return float(model(**ids).logits[0, 0])  # type: ignore[operator]
+    return float(model(**ids.to(model.device)).logits[0, 0])  # type: ignore[attr-defined]  # type: ignore[operator]
 
 
 def main() -> None:
@@ -41,13 +42,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--output", default="/tmp/trl-reward-accuracy", help="Checkpoints; a rerun resumes from them.")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    model, tokenizer = reward_model(args.model, args.threads)
+    model, tokenizer = reward_model(args.model, args.threads, args.device)
+    cpu = args.device == "cpu"  # on a CPU: hours, so checkpoint activations (memory) and progress (resume)
     config = RewardConfig(
         output_dir=args.output, per_device_train_batch_size=args.batch, num_train_epochs=1,
-        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=True,
-        report_to="none", logging_steps=10, save_strategy="steps", save_steps=5, save_total_limit=1,
-        use_cpu=True, disable_tqdm=True,
+        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=cpu,
+        report_to="none", logging_steps=10, save_strategy="steps" if cpu else "no", save_steps=5, save_total_limit=1,
+        use_cpu=cpu, disable_tqdm=True,
     )  # fmt: skip
     resume = any(Path(args.output).glob("checkpoint-*"))
     RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(args.train)),

@@ -29,14 +29,17 @@ from learn.trainlog import MetricsLog
 NORM_FILE = "reward_norm.json"
 
 
-def load_reward_model(folder: Path, lora: LoraOptions | None = None) -> tuple[Any, Any]:
-    """A scalar-head model on `folder` (a policy: new random head; a reward model: its trained head)."""
+def load_reward_model(folder: Path, lora: LoraOptions | None = None,
+                      dtype: torch.dtype | None = None) -> tuple[Any, Any]:  # fmt: skip
+    """A scalar-head model on `folder` (a policy: new random head; a reward model: its trained head), in `dtype`
+    (default: the training precision of this machine)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=training_dtype())
+    model: Any = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
+                                                                    dtype=dtype or training_dtype())  # fmt: skip
     model.config.pad_token_id = tokenizer.pad_token_id
     if lora is not None:
         from peft import LoraConfig, get_peft_model
@@ -54,12 +57,14 @@ def _parts(model: Any) -> tuple[Any, Any]:
 
 
 def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int) -> Tensor:
-    """(N,) raw scores, each read at its sequence's last token (right padding, so no pad token confusion)."""
-    ids, mask = right_pad(sequences, pad_id)
+    """(N,) raw scores, each read at its sequence's last token (right padding, so no pad token confusion); on the
+    model's device."""
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in right_pad(sequences, pad_id))
     backbone, head = _parts(model)
     hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
     last = mask.sum(dim=1) - 1
-    scores: Tensor = head(hidden[torch.arange(len(sequences)), last]).squeeze(-1).float()
+    scores: Tensor = head(hidden[torch.arange(len(sequences), device=device), last]).squeeze(-1).float()
     return scores
 
 
@@ -68,7 +73,7 @@ def group_loss(model: Any, groups: Sequence[RankedGroup], pad_id: int,
     """K-wise loss over whole prompts; returns (loss, accuracy, scores)."""
     sequences = [answer for g in groups for answer in g.answers]
     scores = score_ids(model, sequences, pad_id)
-    packed_groups, ranks = pack_rankings([(len(g.answers), g.tiers) for g in groups])
+    packed_groups, ranks = (t.to(scores.device) for t in pack_rankings([(len(g.answers), g.tiers) for g in groups]))
     loss = kwise_ranking_loss(scores, packed_groups, ranks, margin)
     return loss, pairwise_accuracy(scores.detach(), packed_groups, ranks), scores.detach()
 

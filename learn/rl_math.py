@@ -40,8 +40,10 @@ def ranking_pairs(groups: Tensor, ranks: Tensor) -> tuple[Tensor, Tensor, Tensor
     ranked = (ranks >= 0)[:, None] & (ranks >= 0)[None, :]
     better = ranks[:, None] < ranks[None, :]
     winners, losers = torch.nonzero(same & ranked & better, as_tuple=True)
-    per_group = torch.zeros(int(groups.max()) + 1 if groups.numel() else 0, dtype=torch.float64)
-    per_group.index_add_(0, groups[winners], torch.ones(winners.numel(), dtype=torch.float64))
+    # New tensors go where the inputs are: the same code scores on a GPU and on the CPU.
+    count = int(groups.max()) + 1 if groups.numel() else 0
+    per_group = torch.zeros(count, dtype=torch.float64, device=groups.device)
+    per_group.index_add_(0, groups[winners], torch.ones(winners.numel(), dtype=torch.float64, device=groups.device))
     weights = 1.0 / per_group[groups[winners]]
     return winners, losers, weights
 
@@ -64,7 +66,7 @@ def pairwise_accuracy(scores: Tensor, groups: Tensor, ranks: Tensor) -> Tensor:
     """Share of ranked pairs the scores order correctly (a tie in scores counts as wrong)."""
     winners, losers, _ = ranking_pairs(groups, ranks)
     if winners.numel() == 0:
-        return torch.tensor(float("nan"))
+        return torch.tensor(float("nan"), device=scores.device)
     return (scores[winners] > scores[losers]).float().mean()
 
 
@@ -121,7 +123,7 @@ def kl_penalty_rewards(
     final = scores.to(rewards.dtype)
     if truncated is not None:
         final = final + truncation_penalty * truncated.to(rewards.dtype)
-    rows = torch.arange(rewards.shape[0])
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_token_index(mask)] += final
     return rewards * mask, kl
 
@@ -137,7 +139,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     """
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
