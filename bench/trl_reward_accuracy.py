@@ -43,14 +43,15 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--output", default="/tmp/trl-reward-accuracy", help="Checkpoints; a rerun resumes from them.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="The new head's initial weights and the pairs' order.")
     args = parser.parse_args()
-    model, tokenizer = reward_model(args.model, args.threads, args.device)
+    model, tokenizer = reward_model(args.model, args.threads, args.device, args.seed)
     cpu = args.device == "cpu"  # on a CPU: hours, so checkpoint activations (memory) and progress (resume)
     config = RewardConfig(
         output_dir=args.output, per_device_train_batch_size=args.batch, num_train_epochs=1,
         learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=cpu,
         report_to="none", logging_steps=10, save_strategy="steps" if cpu else "no", save_steps=5, save_total_limit=1,
-        use_cpu=cpu, disable_tqdm=True,
+        use_cpu=cpu, disable_tqdm=True, seed=args.seed,
     )  # fmt: skip
     resume = any(Path(args.output).glob("checkpoint-*"))
     RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(args.train)),
