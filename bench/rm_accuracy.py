@@ -63,7 +63,7 @@ def conversational(path: Path, skip: int, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
-def ours(hh: Path, model_dir: Path, n_train: int, n_eval: int, log: Path, device: Device,
+def ours(hh: Path, model_dir: Path, n_train: int, n_eval: int, held_from: int, log: Path, device: Device,
          seed: int) -> dict[str, float]:  # fmt: skip
     device.prepare(THREADS)
     torch.manual_seed(seed)
@@ -72,7 +72,7 @@ def ours(hh: Path, model_dir: Path, n_train: int, n_eval: int, log: Path, device
     if device.checkpoint_activations:
         model.gradient_checkpointing_enable()  # 16 sequences of up to 1024 tokens: ~24 GB of activations without it
     train = list(hh_groups(hh, tokenizer, MAX_LEN, limit=n_train))
-    held = list(hh_groups(hh, tokenizer, MAX_LEN, limit=n_eval, skip=_row_after(hh, n_train)))
+    held = list(hh_groups(hh, tokenizer, MAX_LEN, limit=n_eval, skip=held_from))
     config = LoopConfig(batch_size=BATCH, lr=LR, checkpoint_every=device.checkpoint_every, seed=seed)
     WORK.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -99,19 +99,34 @@ def _row_after(hh: Path, n_train: int) -> int:
     return n + 1
 
 
-def theirs(hh: Path, model_dir: Path, n_train: int, n_eval: int, device: Device, seed: int) -> dict[str, Any]:
+def trl_data(hh: Path, n_train: int, n_eval: int, held_from: int) -> Path:
+    """TRL's train.jsonl and eval.jsonl, the same rows as rankloop's, written once for all seeds; their folder."""
+    data = WORK / f"trl-data-{n_train}-{n_eval}"
+    data.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", conversational(hh, 0, n_train)),
+                       ("eval", conversational(hh, held_from, n_eval))):  # fmt: skip
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def theirs(data: Path, model_dir: Path, n_train: int, device: Device, seed: int) -> dict[str, Any]:
     work = WORK / f"trl-{n_train}-{device.name}-{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", conversational(hh, 0, n_train)),
-                       ("eval", conversational(hh, _row_after(hh, n_train), n_eval))):  # fmt: skip
-        (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     resumed = any((work / "trainer").glob("checkpoint-*"))
     started = time.perf_counter()
-    result = run_in_trl_env("trl_reward_accuracy.py", str(model_dir), str(work / "train.jsonl"),
-                            str(work / "eval.jsonl"), "--lr", str(LR), "--batch", str(BATCH), "--threads",
+    result = run_in_trl_env("trl_reward_accuracy.py", str(model_dir), str(data / "train.jsonl"),
+                            str(data / "eval.jsonl"), "--lr", str(LR), "--batch", str(BATCH), "--threads",
                             str(THREADS), "--max-length", str(MAX_LEN), "--output", str(work / "trainer"),
-                            "--seed", str(seed), *device.trl_args())  # fmt: skip
+                            "--seed", str(seed), "--save-steps", str(device.checkpoint_every), *device.trl_args(),
+                            *(["--gradient-checkpointing"] if device.checkpoint_activations else []))  # fmt: skip
     return {**result, "seconds": float("nan") if resumed else time.perf_counter() - started}
+
+
+@dataclass
+class Run:
+    seed: int
+    mine: dict[str, Any]
+    other: dict[str, Any] | None = None
 
 
 def main() -> None:
@@ -130,26 +145,21 @@ def main() -> None:
     device = Device(args.device)
     store = bench_store(args.data_dir, args.source)
     model_dir = store.path(store.reference() or "v0001")
+    held_from = _row_after(args.hh, args.train)
+    data = None if args.no_trl else trl_data(args.hh, args.train, args.eval, held_from)
     runs: list[Run] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         log = args.data_dir / "runs" / f"bench-rm-accuracy-{device.name}-{seed}.jsonl"
-        run = Run(seed, ours(args.hh, model_dir, args.train, args.eval, log, device, seed))
+        run = Run(seed, ours(args.hh, model_dir, args.train, args.eval, held_from, log, device, seed))
         print(f"seed {seed}: rankloop accuracy {run.mine['accuracy']:.3f} on {run.mine['pairs']} pairs, "
               f"{run.mine['seconds']:.0f} s", flush=True)  # fmt: skip
         runs.append(run)
         write_section(f"rm_accuracy_{device.name}", report(args, device, runs))  # kept should the next part fail
-        if not args.no_trl:
-            run.other = theirs(args.hh, model_dir, args.train, args.eval, device, seed)
+        if data is not None:
+            run.other = theirs(data, model_dir, args.train, device, seed)
             print(f"seed {seed}: TRL accuracy {run.other['accuracy']:.3f} on {run.other['pairs']} pairs, "
                   f"{run.other['seconds']:.0f} s", flush=True)  # fmt: skip
             write_section(f"rm_accuracy_{device.name}", report(args, device, runs))
-
-
-@dataclass
-class Run:
-    seed: int
-    mine: dict[str, Any]
-    other: dict[str, Any] | None = None
 
 
 def report(args: argparse.Namespace, device: Device, runs: list[Run]) -> str:

@@ -2,7 +2,7 @@
 bench/rm_accuracy.py. Runs in the separate TRL environment (bench/trl_env.sh):
 
     python bench/trl_reward_accuracy.py MODEL_DIR TRAIN.jsonl EVAL.jsonl --lr 2e-5 --batch 8 --max-length 1024 \
-        [--device cuda]
+        [--device cuda] [--gradient-checkpointing] [--save-steps 5]
 
 Rows are conversational `{"prompt", "chosen", "rejected"}`.
 Prints one JSON line: {"accuracy", "pairs", "trl", "transformers"}.
@@ -29,7 +29,7 @@ def read(path: str) -> list[dict[str, object]]:
 @torch.no_grad()
 def score(model: object, tokenizer: object, messages: list[dict[str, str]]) -> float:
     ids = tokenizer.apply_chat_template(messages, tokenize=True, return_tensors="pt", return_dict=True)  # type: ignore[attr-defined]
-    return float(model(**ids.to(model.device)).logits[0, 0])  # type: ignore[attr-defined]  # type: ignore[operator]
+    return float(model(**ids.to(model.device)).logits[0, 0])  # type: ignore[attr-defined,operator]
 
 
 def main() -> None:
@@ -44,14 +44,17 @@ def main() -> None:
     parser.add_argument("--output", default="/tmp/trl-reward-accuracy", help="Checkpoints; a rerun resumes from them.")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="The new head's initial weights and the pairs' order.")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--save-steps", type=int, default=0, help="Steps between checkpoints; 0: none.")
     args = parser.parse_args()
     model, tokenizer = reward_model(args.model, args.threads, args.device, args.seed)
-    cpu = args.device == "cpu"  # on a CPU: hours, so checkpoint activations (memory) and progress (resume)
+    # save_steps must be positive even where nothing is saved (save_strategy 'no').
     config = RewardConfig(
         output_dir=args.output, per_device_train_batch_size=args.batch, num_train_epochs=1,
-        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=cpu,
-        report_to="none", logging_steps=10, save_strategy="steps" if cpu else "no", save_steps=5, save_total_limit=1,
-        use_cpu=cpu, disable_tqdm=True, seed=args.seed,
+        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False,
+        gradient_checkpointing=args.gradient_checkpointing, report_to="none", logging_steps=10,
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, save_total_limit=1,
+        use_cpu=args.device == "cpu", disable_tqdm=True, seed=args.seed,
     )  # fmt: skip
     resume = any(Path(args.output).glob("checkpoint-*"))
     RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(args.train)),

@@ -57,7 +57,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
 
 def lm_loss(model: Any, batch: dict[str, Tensor]) -> Tensor:
     """Mean next-token cross-entropy over the labelled tokens of the batch, computed on the model's device."""
-    batch = {name: t.to(next(model.parameters()).device) for name, t in batch.items()}
+    device = next(model.parameters()).device
+    batch = {name: t.to(device) for name, t in batch.items()}
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(
