@@ -95,8 +95,21 @@ class Settings(BaseSettings):
     learn_cpus: str | None = Field(
         None, description="CPU cores the learner may run on, a list such as `1` or `2-3`; unset: any."
     )
-    learn_bf16: bool = Field(
-        False, description="bf16 matrix products in learning rounds (about 2x faster on CPUs with AMX; noisier)."
+    learn_bf16: bool | None = Field(
+        None,
+        description="bf16 matrix products in learning rounds; unset: on where the CPU has AMX (about 2x faster "
+        "there, slower on CPUs without it) or on a GPU.",
+    )
+    learn_train_layers: int = Field(
+        6, ge=0, description="Upper layers a round trains (PPO's LoRA adapters, the reward model's weights); 0: all."
+    )
+    learn_rollouts: Literal["served", "sampled"] = Field(
+        "served",
+        description="PPO's rollouts: `served`, the answers users ranked as the served version wrote them (no "
+        "generation); `sampled`, answers the policy samples in the learner.",
+    )
+    learn_reward: Literal["model", "zero"] = Field(
+        "model", description="`zero`: PPO's reward-model score replaced by 0, KL and ptx only (a control)."
     )
     learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
     learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")
@@ -114,7 +127,9 @@ class Settings(BaseSettings):
         1, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
     )
     learn_prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per PPO iteration.")
-    learn_max_new_tokens: int = Field(64, ge=1, description="Answer length limit of PPO rollouts.")
+    learn_max_new_tokens: int = Field(
+        256, ge=1, description="Answer length limit of sampled PPO rollouts and of the learner's evaluations."
+    )
     learn_prompt_file: Path | None = Field(None, description="Extra prompts (JSONL) for PPO besides users' own.")
     learn_ptx_file: Path | None = Field(
         None, description="Text (or JSONL) for PPO's pre-training term; unset: users' demonstrations."
@@ -124,7 +139,14 @@ class Settings(BaseSettings):
         False, description="Promote a new version by itself when it passes the evaluation gate."
     )
     learn_max_ptx_ratio: float = Field(
-        1.1, gt=0.0, description="Gate: held-out LM loss at most this times the current version's."
+        1.1, gt=0.0, description="Gate: held-out LM loss at most this times the SFT reference's."
+    )
+    learn_max_kl: float = Field(30.0, gt=0.0, description="Gate: per-answer KL to the SFT reference at most this.")
+    learn_min_agreement: float = Field(
+        0.55, ge=0.0, le=1.0, description="Gate: share of held-out ranked pairs the new version must agree with."
+    )
+    learn_min_agreement_pairs: int = Field(
+        20, ge=0, description="Gate: held-out ranked pairs that agreement must be measured on."
     )
     learn_poll_s: float = Field(10.0, gt=0.0, description="Seconds between the learner's looks for new rankings.")
     learn_metrics_port: int | None = Field(

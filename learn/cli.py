@@ -10,6 +10,7 @@ from rich.console import Console
 
 from deploy.model_store import ModelStore, StoreError
 from learn.data import DataError, read_texts
+from learn.precision import use_bf16
 from learn.sources import FEEDBACK, load_demonstrations
 from rankloop.console import fail, settings_or_exit, training_settings_or_exit
 
@@ -142,7 +143,8 @@ def rm(
 
     settings = training_settings_or_exit()
     options = RMOptions(data, resume_from, base, epochs, lr, batch_prompts, max_len, held_out, lora, limit, skip,
-                        max_steps, bf16=settings.learn_bf16)  # fmt: skip
+                        max_steps, bf16=use_bf16(settings.learn_bf16),
+                        train_layers=settings.learn_train_layers)  # fmt: skip
     try:
         result = rm_round(settings, options)
     except (StoreError, DataError, OSError) as exc:
@@ -159,7 +161,7 @@ def ppo(
     reward: Annotated[str | None, typer.Option(help="Reward model rNNNN (default: the latest).")] = None,
     iterations: Annotated[int, typer.Option(min=1)] = 16,
     prompts_per_iteration: Annotated[int, typer.Option(min=1)] = 8,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Length limit of sampled answers and evaluations.")] = 256,
     prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) besides users' ranked ones.")] = None,
     ptx_data: Annotated[
         Path | None, typer.Option(help="Text or JSONL for the pre-training term (default: users' demonstrations).")
@@ -171,6 +173,13 @@ def ppo(
     ] = 6.0,
     lr: Annotated[float | None, typer.Option(help="Policy learning rate (default 1e-4 LoRA, 1e-5 full).")] = None,
     lora: Annotated[bool, typer.Option("--lora/--full")] = True,
+    rollouts: Annotated[
+        str | None,
+        typer.Option(
+            help="`served`: the answers users ranked, as the version wrote them; `sampled`: generated "
+            "here (default: RANKLOOP_LEARN_ROLLOUTS)."
+        ),
+    ] = None,
     seed: int = 0,
     fresh: Annotated[bool, typer.Option(help="Discard the checkpoint of an interrupted round.")] = False,
 ) -> None:
@@ -181,12 +190,16 @@ def ppo(
 
     settings = training_settings_or_exit()
     rate = lr or (1e-4 if lora else 1e-5)
+    source = rollouts or settings.learn_rollouts
+    if source not in ("served", "sampled"):
+        raise fail(f"--rollouts {source}: use `served` or `sampled`")
     config = RoundConfig(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
                          max_new_tokens=max_new_tokens, lr=rate, value_lr=rate, init_kl_coef=kl_coef,
-                         kl_target=kl_target, lora=lora, seed=seed,
-                         ppo=PPOConfig(ptx_coef=ptx_coef, seed=seed))  # fmt: skip
+                         kl_target=kl_target, lora=lora, train_layers=settings.learn_train_layers,
+                         rollouts="served" if source == "served" else "sampled", reward=settings.learn_reward,
+                         seed=seed, ppo=PPOConfig(ptx_coef=ptx_coef, seed=seed))  # fmt: skip
     options = PPOOptions(parent=base, reward=reward, prompt_file=prompts, ptx_file=ptx_data, fresh=fresh,
-                         bf16=settings.learn_bf16)  # fmt: skip
+                         bf16=use_bf16(settings.learn_bf16))  # fmt: skip
     try:
         result = ppo_round(settings, config, options)
     except (StoreError, DataError, OSError, CheckpointMismatch) as exc:
@@ -195,7 +208,8 @@ def ppo(
     resumed = f" (resumed at iteration {result.resumed_at})" if result.resumed_at else ""
     console.print(f"wrote {result.version} from {result.parent}{resumed}: held-out mean reward {before.reward:.3f} → "
                   f"{after.reward:.3f}, KL {after.kl:.2f}, answer length {before.answer_length:.1f} → "
-                  f"{after.answer_length:.1f}")  # fmt: skip
+                  f"{after.answer_length:.1f}, empty {before.empty:.0%} → {after.empty:.0%}; agrees with "
+                  f"{result.agreement.rate:.0%} of {result.agreement.pairs} held-out ranked pairs")  # fmt: skip
     registered = register(settings, result.card)
     console.print("registered as ready; promote it with `rankloop promote " + result.version + "`" if registered
                   else "Redis unreachable: the server registers it when it starts")  # fmt: skip

@@ -16,7 +16,6 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
@@ -27,10 +26,11 @@ from deploy.promotion import promote
 from deploy.registry import Registry
 from deploy.settings import Settings
 from learn import metrics
+from learn.gate import Limits, promotion_gate, rm_gate
 from learn.policy_eval import PolicyEval
 from learn.ppo import PPOConfig
 from learn.ppo_run import RoundConfig, checkpoint_meta
-from learn.reward_model import Evaluation
+from learn.precision import use_bf16
 from learn.rounds import PPOOptions, PPOResult, RMOptions, ppo_round, rm_round
 from learn.sources import count_rankings
 
@@ -42,45 +42,20 @@ def round_config(settings: Settings) -> RoundConfig:
     return RoundConfig(iterations=settings.learn_ppo_iterations,
                        prompts_per_iteration=settings.learn_prompts_per_iteration,
                        max_new_tokens=settings.learn_max_new_tokens, lr=settings.learn_ppo_lr,
-                       value_lr=settings.learn_ppo_lr,
+                       value_lr=settings.learn_ppo_lr, train_layers=settings.learn_train_layers,
+                       rollouts=settings.learn_rollouts, reward=settings.learn_reward,
                        ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef, epochs=settings.learn_ppo_epochs))  # fmt: skip
 
 
 def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
     return RMOptions(resume_from=resume_from, epochs=settings.learn_rm_epochs, lr=settings.learn_rm_lr,
-                     bf16=settings.learn_bf16)  # fmt: skip
+                     bf16=use_bf16(settings.learn_bf16), train_layers=settings.learn_train_layers)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Gate:
-    passed: bool
-    why: str
-
-
-def gate(before: PolicyEval, after: PolicyEval, max_ptx_ratio: float) -> Gate:
-    """A new version may replace the served one when its answers score higher and it stays as fluent."""
-    if after.reward <= before.reward:
-        return Gate(False, f"mean reward {after.reward:.3f} is not above the current version's {before.reward:.3f}")
-    if before.ptx_loss is not None and after.ptx_loss is not None and after.ptx_loss > max_ptx_ratio * before.ptx_loss:
-        return Gate(False, f"held-out LM loss {after.ptx_loss:.3f} exceeds {max_ptx_ratio}x the current version's "
-                           f"{before.ptx_loss:.3f}")  # fmt: skip
-    return Gate(True, f"mean reward {before.reward:.3f} → {after.reward:.3f}")
-
-
-def rm_gate(evaluation: Evaluation, min_accuracy: float, min_pairs: int) -> Gate:
-    """A reward model may steer a PPO round when its held-out accuracy is high enough, measured on enough pairs.
-
-    Why the pair count: on a couple of held-out prompts the accuracy is a coin toss (on 8 pairs one answer more or
-    less moves it by 0.125), and a PPO round steered by a reward model no better than chance costs tens of minutes
-    and teaches nothing. Later rounds measure on every held-out prompt so far, so the count grows.
-    """
-    accuracy = evaluation.accuracy
-    if evaluation.pairs < min_pairs:
-        return Gate(False, f"held-out accuracy {accuracy:.3f} measured on {evaluation.pairs} pairs, fewer than "
-                           f"{min_pairs}")  # fmt: skip
-    if not accuracy >= min_accuracy:  # NaN (no held-out pairs yet) does not pass either
-        return Gate(False, f"held-out accuracy {accuracy:.3f} < {min_accuracy} ({evaluation.pairs} pairs)")
-    return Gate(True, f"held-out accuracy {accuracy:.3f} on {evaluation.pairs} pairs")
+def limits(settings: Settings) -> Limits:
+    return Limits(max_ptx_ratio=settings.learn_max_ptx_ratio, max_kl=settings.learn_max_kl,
+                  min_agreement=settings.learn_min_agreement,
+                  min_agreement_pairs=settings.learn_min_agreement_pairs)  # fmt: skip
 
 
 class Learner:
@@ -135,14 +110,15 @@ class Learner:
         self.publish("ppo", f"starting from {parent} with {reward}", iteration=0, iterations=config.iterations)
         settings = self.settings
         options = PPOOptions(parent=parent, reward=reward, prompt_file=settings.learn_prompt_file,
-                             ptx_file=settings.learn_ptx_file, bf16=settings.learn_bf16)  # fmt: skip
+                             ptx_file=settings.learn_ptx_file, bf16=use_bf16(settings.learn_bf16))  # fmt: skip
         result = ppo_round(self.settings, config, options, on_step=step, show_progress=self.show_progress)
         return self._finish(result)
 
     def _finish(self, result: PPOResult) -> str:
         card = result.card
         self.registry.register(card.version, card.parent, card.made_by, card.created, card.details)
-        verdict = gate(result.before, result.after, self.settings.learn_max_ptx_ratio)
+        verdict = promotion_gate(result.before, result.after, result.agreement, limits(self.settings),
+                                 result.reference_ptx)  # fmt: skip
         outcome = "ready"
         if verdict.passed and self.settings.learn_auto_promote:
             promote(self.registry, self.store, card.version, "learner", f"auto-promoted: {verdict.why}",
@@ -150,8 +126,8 @@ class Learner:
             outcome = "promoted"
         metrics.ROUNDS.labels(outcome).inc()
         summary = {"version": card.version, "parent": result.parent, "outcome": outcome, "gate": verdict.why,
-                   "passed": verdict.passed, "before": _brief(result.before),
-                   "after": _brief(result.after)}  # fmt: skip
+                   "passed": verdict.passed, "before": _brief(result.before), "after": _brief(result.after),
+                   **result.agreement.figures()}  # fmt: skip
         self.publish("waiting", f"{card.version} {outcome} ({verdict.why})", last_round=summary)
         return f"{outcome} {card.version}"
 
@@ -168,7 +144,8 @@ class Learner:
 
 def _brief(evaluation: PolicyEval) -> dict[str, Any]:
     return {"reward": evaluation.reward, "kl": evaluation.kl, "ptx_loss": evaluation.ptx_loss,
-            "answer_length": evaluation.answer_length}  # fmt: skip
+            "answer_length": evaluation.answer_length, "empty": evaluation.empty,
+            "degenerate": evaluation.degenerate, "truncated": evaluation.truncated}  # fmt: skip
 
 
 def read_status(redis: Redis) -> dict[str, Any] | None:

@@ -1,23 +1,31 @@
 """How good a policy is on held-out prompts: the reward model's mean score of its answers, its KL to the SFT
-reference, its LM loss on held-out text, and a few sample answers to read.
+reference, its LM loss on held-out text, its share of empty, looping and cut answers, a few samples to read; and
+how well it agrees with held-out rankings the reward model never saw.
 
 The same prompts and sampling seeds serve every policy evaluated, so two versions' figures differ by the policy
-alone.
+alone. A version's sampled answers are kept (`AnswerCache`): the version a round replaces was sampled when it was
+made, and only the new reward model's scores of those answers are computed again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from feedback.ranking import pairs
+from learn import degenerate
 from learn.data import Example
-from learn.ppo import Rollouts, pack, sample, token_logprobs
-from learn.ppo_run import Models
+from learn.ppo import Models, Rollouts, pack, sample, token_logprobs
 from learn.prompts import Prompt
+from learn.rm_data import RankedGroup
 from learn.sft import evaluate_lm, pad_id
+from learn.winrate import outcome
 
 
 @dataclass(frozen=True)
@@ -28,42 +36,150 @@ class PolicyEval:
     answer_length: float  # tokens
     answers: int
     samples: list[dict[str, str]]
+    empty: float = 0.0  # share of answers with no text
+    degenerate: float = 0.0  # share that are empty or loop (learn.degenerate)
+    truncated: float = 0.0  # share cut by the length limit
 
     def figures(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Answers:
+    """A policy's sampled answers to the evaluation prompts and what does not depend on the reward model."""
+
+    key: str  # what they answer: `answers_key` of the prompts and the sampling
+    queries: list[list[int]]
+    responses: list[list[int]]
+    truncated: list[bool]
+    texts: list[str]
+    kl: list[float]
+
+
+def answers_key(prompts: Sequence[Prompt], max_new_tokens: int, per_prompt: int, seed: int) -> str:
+    parts = [[p.ids for p in prompts], max_new_tokens, per_prompt, seed]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+class AnswerCache:
+    """Sampled answers per version, in a folder (data_dir/evals/answers): one JSON file per version."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def get(self, version: str, key: str) -> Answers | None:
+        path = self.folder / f"{version}.json"
+        if not path.is_file():
+            return None
+        found = Answers(**json.loads(path.read_text()))
+        return found if found.key == key else None
+
+    def put(self, version: str, answers: Answers) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        partial = self.folder / f"{version}.json.partial"
+        partial.write_text(json.dumps(asdict(answers)))
+        partial.replace(self.folder / f"{version}.json")
+
+
 @torch.no_grad()
-def evaluate_policy(
-    models: Models, prompts: Sequence[Prompt], ptx_held: Sequence[Example], max_new_tokens: int,
-    per_prompt: int = 2, seed: int = 1234, batch: int = 8, n_samples: int = 3,
-) -> PolicyEval:  # fmt: skip
-    """Sample `per_prompt` answers to each prompt (fixed seeds) and measure them; the policy is not changed."""
+def sample_answers(models: Models, prompts: Sequence[Prompt], max_new_tokens: int, per_prompt: int = 2,
+                   seed: int = 1234, batch: int = 8) -> Answers:  # fmt: skip
+    """`per_prompt` answers to each prompt from the policy (fixed seeds), and their KL to the reference."""
     tokenizer, pad = models.tokenizer, pad_id(models.tokenizer)
     queries = [p.ids for p in prompts for _ in range(per_prompt)]
-    rewards: list[float] = []
-    kls: list[float] = []
-    lengths: list[int] = []
     responses: list[list[int]] = []
+    truncated: list[bool] = []
+    kls: list[float] = []
     for start in range(0, len(queries), batch):
         chunk = sample(models.policy, queries[start : start + batch], max_new_tokens, int(tokenizer.eos_token_id),
                        pad, seed=seed + start)  # fmt: skip
-        rewards += models.reward([q + r for q, r in zip(chunk.queries, chunk.responses, strict=True)]).tolist()
         kls += answer_kl(models, chunk, pad).tolist()
-        lengths += [len(r) for r in chunk.responses]
         responses += chunk.responses
-    samples = [
-        {"prompt": prompts[i].messages[-1]["content"],
-         "answer": str(tokenizer.decode(responses[i * per_prompt], skip_special_tokens=True))}
-        for i in range(min(n_samples, len(prompts)))
-    ]  # fmt: skip
-    ptx = evaluate_lm(models.policy, tokenizer, ptx_held) if ptx_held else None
+        truncated += chunk.truncated
+    texts = [str(tokenizer.decode(r, skip_special_tokens=True)) for r in responses]
+    return Answers(answers_key(prompts, max_new_tokens, per_prompt, seed), queries, responses, truncated, texts, kls)
+
+
+@torch.no_grad()
+def measure(models: Models, prompts: Sequence[Prompt], answers: Answers, ptx_loss: float | None, batch: int = 8,
+            n_samples: int = 3) -> PolicyEval:  # fmt: skip
+    """The figures of a policy's answers, scored by the round's reward model (`models.scorer`, or the round's
+    reward where there is none)."""
+    pad, per_prompt = pad_id(models.tokenizer), max(1, len(answers.queries) // max(1, len(prompts)))
+    judge = models.scorer if models.scorer is not None else models.reward
+    rewards: list[float] = []
+    for start in range(0, len(answers.queries), batch):
+        chunk = Rollouts(answers.queries[start : start + batch], answers.responses[start : start + batch],
+                         answers.truncated[start : start + batch])  # fmt: skip
+        rewards += judge(chunk, pack(chunk, pad), None).tolist()
+    shares = degenerate.shares(answers.texts, answers.responses, answers.truncated)
+    samples = [{"prompt": prompts[i].messages[-1]["content"], "answer": answers.texts[i * per_prompt]}
+               for i in range(min(n_samples, len(prompts)))]  # fmt: skip
     n = max(1, len(rewards))
-    return PolicyEval(sum(rewards) / n, sum(kls) / n, ptx, sum(lengths) / n, len(rewards), samples)
+    return PolicyEval(sum(rewards) / n, sum(answers.kl) / n, ptx_loss,
+                      sum(map(len, answers.responses)) / n, len(rewards), samples, shares.empty, shares.degenerate,
+                      shares.truncated)  # fmt: skip
+
+
+def evaluate_policy(
+    models: Models, prompts: Sequence[Prompt], ptx_held: Sequence[Example], max_new_tokens: int,
+    per_prompt: int = 2, seed: int = 1234, cache: AnswerCache | None = None, version: str | None = None,
+) -> tuple[PolicyEval, Answers]:  # fmt: skip
+    """The policy's figures: its answers sampled (or `version`'s taken from `cache`, when it holds answers to the
+    same prompts), its LM loss on `ptx_held`; the policy is not changed."""
+    key = answers_key(prompts, max_new_tokens, per_prompt, seed)
+    found = cache.get(version, key) if cache is not None and version is not None else None
+    answers = found or sample_answers(models, prompts, max_new_tokens, per_prompt, seed)
+    if cache is not None and version is not None and found is None:
+        cache.put(version, answers)
+    return measure(models, prompts, answers, held_out_lm_loss(models.policy, models.tokenizer, ptx_held)), answers
+
+
+def held_out_lm_loss(model: Any, tokenizer: Any, ptx_held: Sequence[Example]) -> float | None:
+    return evaluate_lm(model, tokenizer, ptx_held) if ptx_held else None
 
 
 def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:
     """(B,) KL of each answer to the reference: the sum of the per-token log-ratio over the answer."""
     packed = pack(rollouts, pad)
     ratio = token_logprobs(models.policy, packed) - token_logprobs(models.reference, packed)
-    return (ratio * packed.response_mask).sum(dim=1)
+    return (ratio * packed.mask).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How a new policy moved on rankings it never trained on: the share of held-out ranked pairs whose preferred
+    answer it made more likely, relative to its parent, than the other (log pi/pi_parent summed over each answer).
+    Neither the reward model nor PPO saw these rankings, so a policy that only fooled its reward model does not
+    move them, and a policy that learned what users prefer does."""
+
+    rate: float
+    pairs: int
+
+    def figures(self) -> dict[str, float]:
+        return {"agreement": self.rate, "agreement_pairs": float(self.pairs)}
+
+
+@torch.no_grad()
+def agreement(policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int, batch: int = 8) -> Agreement:
+    """`Agreement` of `policy` over `parent` on ranked groups (ties count half; pairs without a preference none)."""
+    rollouts: list[tuple[list[int], list[int]]] = []
+    index: dict[tuple[int, int], int] = {}
+    for g, group in enumerate(groups):
+        for a, (sequence, length) in enumerate(zip(group.answers, group.answer_lens, strict=False)):
+            if 0 < length < len(sequence):  # the answer whole and some prompt before it
+                index[(g, a)] = len(rollouts)
+                rollouts.append((sequence[:-length], sequence[-length:]))
+    shift: list[float] = []
+    for start in range(0, len(rollouts), batch):
+        chunk = rollouts[start : start + batch]
+        packed = pack(Rollouts([q for q, _ in chunk], [r for _, r in chunk], [False] * len(chunk)), pad)
+        ratio = token_logprobs(policy, packed) - token_logprobs(parent, packed)
+        shift += (ratio * packed.mask).sum(dim=1).tolist()
+    outcomes = [
+        outcome(shift[index[g, chosen]], shift[index[g, rejected]])
+        for g, group in enumerate(groups)
+        for chosen, rejected in pairs(group.tiers)
+        if (g, chosen) in index and (g, rejected) in index
+    ]
+    return Agreement(sum(outcomes) / len(outcomes) if outcomes else float("nan"), len(outcomes))

@@ -1,28 +1,29 @@
 """One PPO iteration on a batch of rollouts: score, penalise KL to the reference, GAE, clipped updates, ptx.
 
 Objective (InstructGPT): E[r(x,y) - beta * log(pi(y|x) / pi_ref(y|x))] + gamma * E_pretrain[log pi(x)].
-The step only calls the models and learn.rl_math; generation and the reward model are passed in, so the same step
-serves any rollout path.
+The step only calls the models and learn.rl_math; the rollouts, the reward and the value model are passed in, so
+the same step serves answers users ranked (written by the served version) and answers sampled just now.
 
-Shapes: B rollouts; each is query ids + response ids, packed right-padded into (B, L). Position t of the response
-is predicted by the logits at position t - 1, so per-token tensors are (B, L - 1), masked to response tokens.
+Two frames, and one place that maps between them. The models see prompt + answer sequences, (B, L) (the sequence
+frame); the math sees answers only, (B, A) (the answer frame of learn.rl_math: column j is the answer's token j).
+The logits at sequence position len(prompt) - 1 + j predict answer token j, so that is where token j's
+log-probability and the value of the state before it are read: `Packed.predictors` holds those positions, and
+`Packed.answers` / `select` / `scatter` are the only code that crosses between the frames.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from learn import rl_math
-from learn.data import right_pad
-from learn.sft import lm_loss
-
-RewardFn = Callable[[list[list[int]]], Tensor]  # full sequences (query + response) -> (B,) scores
+from learn import layers, rl_math
+from learn.data import IGNORE
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,77 @@ class Rollouts:
 
 @dataclass(frozen=True)
 class Packed:
-    input_ids: Tensor  # (B, L)
-    attention_mask: Tensor  # (B, L)
-    response_mask: Tensor  # (B, L - 1): 1 where the next token (t + 1) is a response token
+    """Rollouts as model input (sequence frame) and where each answer token sits in it (answer frame).
+
+    input_ids, attention_mask, position_ids: (B, L), prompt + answer, padded on one side (positions count real
+    tokens only, so both sides give the same positions). answer_ids, mask: (B, A), each answer from column 0, mask
+    1…1 0…0. predictors: (B, A), the sequence position whose next-token logits predict answer token j; 0 outside.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    answer_ids: Tensor
+    mask: Tensor
+    predictors: Tensor
+
+    def answers(self, per_position: Tensor) -> Tensor:
+        """(B, L, ...) sequence frame -> (B, A, ...) answer frame, zero where `mask` is 0."""
+        rows = torch.arange(self.predictors.shape[0], device=per_position.device)[:, None]
+        picked = per_position[rows, self.predictors.to(per_position.device)]
+        keep = self.mask.to(picked.device, picked.dtype).reshape(*self.mask.shape, *([1] * (picked.dim() - 2)))
+        return picked * keep
+
+    def select(self, per_position: Tensor) -> Tensor:
+        """(B, L, ...) -> (N, ...): the entries at the N answer tokens' predicting positions, row by row."""
+        rows = torch.arange(self.predictors.shape[0], device=per_position.device)[:, None]
+        return per_position[rows, self.predictors.to(per_position.device)][self.mask.bool().to(per_position.device)]
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """(N,) one value per answer token, in `select`'s order -> (B, A), zero outside the answers."""
+        out = torch.zeros(self.mask.shape, dtype=values.dtype, device=values.device)
+        return out.masked_scatter(self.mask.bool().to(values.device), values)
+
+    def rows(self, index: Sequence[int]) -> Packed:
+        """The sub-batch of the given rows (its padding as it was: the masks say what is real)."""
+        return Packed(*(t[list(index)] for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                                  self.answer_ids, self.mask, self.predictors)))  # fmt: skip
+
+    @property
+    def lengths(self) -> Tensor:
+        """(B,) tokens per answer."""
+        return self.mask.sum(dim=1)
 
 
-def pack(rollouts: Rollouts, pad_id: int) -> Packed:
-    ids, mask = right_pad([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)], pad_id)
-    response = torch.zeros((ids.shape[0], ids.shape[1] - 1))
+def pack(rollouts: Rollouts, pad_id: int, side: Literal["right", "left"] = "right") -> Packed:
+    """The rollouts' sequences padded on `side`, and their answers cut out into the answer frame."""
+    sequences = [q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)]
+    width, answer_width = max(map(len, sequences)), max(1, max(map(len, rollouts.responses)))
+    b = len(sequences)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((b, width), dtype=torch.long)
+    answer_ids = torch.full((b, answer_width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, answer_width))
+    predictors = torch.zeros((b, answer_width), dtype=torch.long)
     for row, (query, answer) in enumerate(zip(rollouts.queries, rollouts.responses, strict=True)):
-        response[row, len(query) - 1 : len(query) + len(answer) - 1] = 1.0
-    return Packed(ids, mask, response)
+        if not query:
+            raise ValueError(f"rollout {row} has an empty prompt: nothing predicts its first answer token")
+        start = 0 if side == "right" else width - len(query) - len(answer)
+        ids[row, start : start + len(query) + len(answer)] = torch.tensor(query + answer, dtype=torch.long)
+        attention[row, start : start + len(query) + len(answer)] = 1
+        answer_ids[row, : len(answer)] = torch.tensor(answer, dtype=torch.long)
+        mask[row, : len(answer)] = 1.0
+        predictors[row, : len(answer)] = torch.arange(len(answer)) + start + len(query) - 1
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    return Packed(ids, attention, positions, answer_ids, mask, predictors)
+
+
+# -- the models ---------------------------------------------------------------------------------------------------
 
 
 class AdapterOff:
-    """A LoRA policy with its adapters switched off: the reference, without a second copy of the weights."""
+    """A LoRA policy with its adapters switched off: the model the adapters were put on (the reference, or the
+    version being replaced), without a second copy of the weights."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -72,53 +129,173 @@ class AdapterOff:
         with self.model.disable_adapter():
             return self.model(**inputs)
 
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        parameters: Iterator[torch.nn.Parameter] = self.model.parameters()
+        return parameters
+
+    def eval(self) -> AdapterOff:
+        return self
+
+
+@contextmanager
+def adapters_as_wrapped(model: Any) -> Iterator[Any]:
+    """The model to run: an AdapterOff's inner model with its adapters off for the duration, else the model."""
+    if isinstance(model, AdapterOff):
+        with model.model.disable_adapter():
+            yield model.model
+    else:
+        yield model
+
 
 def causal_parts(model: Any) -> tuple[Any, Any]:
     """(backbone, LM head) of a causal LM, under a LoRA wrapper or not (the adapters stay in force)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, inner.base_model_prefix), inner.get_output_embeddings()
+    return layers.backbone_of(model), inner.get_output_embeddings()
 
 
-def answer_logits(model: Any, input_ids: Tensor, attention_mask: Tensor, select: Tensor) -> Tensor:
-    """(N, V) fp32 next-token logits at the N positions where `select` (B, L - 1) is true.
+def _postprocessed_logits(model: Any) -> bool:
+    return bool(getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None))
 
-    The LM head runs on the answer positions only: the prompt's logits are never used, and the vocabulary-sized
-    work (head, log-softmax, entropy) on them would be most of it, prompts being longer than answers.
+
+def lower_of(model: Any, split: int, packed: Packed) -> Tensor:
+    """(B, L, H) the model's hidden states below layer `split` for this batch (frozen: no gradient)."""
+    with torch.no_grad(), adapters_as_wrapped(model) as inner:
+        return layers.lower(layers.backbone_of(inner), split, packed.input_ids, packed.attention_mask,
+                            packed.position_ids)  # fmt: skip
+
+
+def answer_logits(model: Any, packed: Packed, split: int = 0, below: Tensor | None = None) -> Tensor:
+    """(N, V) fp32 next-token logits at the N answer tokens' predicting positions (`Packed.select` order).
+
+    With `below` (this batch's `lower_of` the same lower weights) only the layers from `split` up run. The LM head
+    runs on the answer positions only: the prompt's logits are never used, and the vocabulary-sized work on them
+    (head, log-softmax, entropy) would be most of it, prompts being longer than answers.
     """
-    if isinstance(model, AdapterOff):
-        with model.model.disable_adapter():
-            return answer_logits(model.model, input_ids, attention_mask, select)
-    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
-        full: Tensor = model(input_ids=input_ids, attention_mask=attention_mask).logits  # post-processed logits
-        return full[:, :-1][select].float()
-    backbone, head = causal_parts(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-    logits: Tensor = head(hidden[select]).float()
-    return logits
+    with adapters_as_wrapped(model) as inner:
+        if _postprocessed_logits(inner):
+            out = inner(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                        position_ids=packed.position_ids)  # fmt: skip
+            return packed.select(out.logits).float()
+        backbone, head = causal_parts(inner)
+        hidden = layers.final_hidden(backbone, split, packed.input_ids, packed.attention_mask, packed.position_ids,
+                                     below)  # fmt: skip
+        logits: Tensor = head(packed.select(hidden)).float()
+        return logits
 
 
-def logprobs_and_logits(model: Any, input_ids: Tensor, attention_mask: Tensor,
-                        response_mask: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """((B, L - 1) log-probabilities of each answer token, zero elsewhere; (N, V) the answer positions' logits)."""
-    select = response_mask.bool()
-    logits = answer_logits(model, input_ids, attention_mask, select)
-    picked = rl_math.token_logprobs(logits.unsqueeze(0), input_ids[:, 1:][select].unsqueeze(0)).squeeze(0)
-    return torch.zeros(select.shape).masked_scatter(select, picked), logits
+def logprobs_and_logits(model: Any, packed: Packed, split: int = 0,
+                        below: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """((B, A) log-probability of each answer token, zero outside the answers; (N, V) the answer positions' logits)."""
+    logits = answer_logits(model, packed, split, below)
+    picked = rl_math.token_logprobs(logits, packed.answer_ids[packed.mask.bool()].to(logits.device))
+    return packed.scatter(picked), logits
 
 
-def token_logprobs(model: Any, packed: Packed) -> Tensor:
-    """(B, L - 1) log-probabilities of each answer token under `model` (fp32), zero outside the answers."""
-    return logprobs_and_logits(model, packed.input_ids, packed.attention_mask, packed.response_mask)[0]
+def token_logprobs(model: Any, packed: Packed, split: int = 0, below: Tensor | None = None) -> Tensor:
+    """(B, A) log-probabilities of each answer token under `model` (fp32), zero outside the answers."""
+    return logprobs_and_logits(model, packed, split, below)[0]
 
 
-def values(value_model: Any, packed: Packed) -> Tensor:
-    """(B, L - 1) value estimates at the positions that predict each next token."""
-    out: Tensor = value_model(packed.input_ids, packed.attention_mask)
-    return out[:, :-1]
+class ValueModel(torch.nn.Module):
+    """Values from a frozen backbone's final hidden states through a trained linear head, one per answer token.
+
+    Built on the reward model (learn.ppo_run.value_model): its backbone and its head, so that it starts out
+    predicting the reward. The backbone stays frozen: a second trained backbone doubled the update's cost, and the
+    reward model's features already describe what the value has to predict.
+    """
+
+    def __init__(self, backbone: Any, hidden_size: int, split: int = 0, shares_lower: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.head = torch.nn.Linear(hidden_size, 1)
+        self.split, self.shares_lower = split, shares_lower
+
+    @torch.no_grad()
+    def features(self, packed: Packed, below: Tensor | None = None) -> Tensor:
+        """(B, A, H) fp32 hidden states at the positions that predict each answer token (the state before it);
+        `below` is used only where this backbone's lower layers are the policy's."""
+        hidden = layers.final_hidden(self.backbone, self.split, packed.input_ids, packed.attention_mask,
+                                     packed.position_ids, below if self.shares_lower else None)  # fmt: skip
+        return packed.answers(hidden.float())
+
+    def forward(self, features: Tensor) -> Tensor:
+        """(B, A, H) -> (B, A) values (zero features, outside the answers, give the head's bias: mask them)."""
+        out: Tensor = self.head(features).squeeze(-1)
+        return out
+
+
+# Scores of a batch of rollouts, (B,): given the rollouts, their packing and the policy's lower hidden states.
+RewardFn = Callable[[Rollouts, Packed, Tensor | None], Tensor]
+
+
+def sequence_reward(score: Callable[[list[list[int]]], Tensor]) -> RewardFn:
+    """A reward over whole token sequences (prompt + answer), as scripted rewards in tests and controls are."""
+
+    def reward(rollouts: Rollouts, packed: Packed, below: Tensor | None) -> Tensor:
+        return score([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)])
+
+    return reward
+
+
+@dataclass
+class Models:
+    """What a PPO step runs. `behaviour` wrote the rollouts when they were not sampled from `policy` just now (the
+    version users were served: the ratio and its clip are taken against it). Below layer `split` the policy is
+    frozen; `lower_shared` names the other models whose lower layers are the policy's, so that one `lower_of` per
+    batch serves them too."""
+
+    policy: Any
+    reference: Any
+    value: ValueModel
+    reward: RewardFn
+    tokenizer: Any
+    behaviour: Any | None = None
+    split: int = 0
+    lower_shared: frozenset[str] = frozenset()
+    scorer: Any | None = None  # the reward model itself, for evaluations (a control round's `reward` is zero)
+
+    def below_for(self, name: str, below: Tensor) -> Tensor | None:
+        return below if name in self.lower_shared else None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One iteration's batch, scored before the update; per-token tensors (B, A) in the answer frame."""
+
+    below: Tensor  # (B, L, H) the policy's lower hidden states (sequence frame), reused by every update pass
+    old_logprobs: Tensor  # under the policy that sampled the answers: the ratio's denominator
+    features: Tensor  # (B, A, H) the value head's inputs
+    values: Tensor
+    scores: Tensor  # (B,) reward-model scores
+    kl: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+
+@torch.no_grad()
+def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig, beta: float) -> Scored:
+    mask, split = packed.mask, models.split
+    below = lower_of(models.policy, split, packed)
+    logprobs = token_logprobs(models.policy, packed, split, below)
+    old = logprobs
+    if models.behaviour is not None:
+        old = token_logprobs(models.behaviour, packed, split, models.below_for("behaviour", below))
+    ref_logprobs = token_logprobs(models.reference, packed, split, models.below_for("reference", below))
+    features = models.value.features(packed, below)
+    values = models.value(features) * mask
+    scores = models.reward(rollouts, packed, below).float().to(mask.device)
+    truncated = torch.tensor(rollouts.truncated)
+    # The KL penalty is the policy's now (it is what the update changes); for answers another version wrote, an
+    # estimate on its samples.
+    rewards, kl = rl_math.kl_penalty_rewards(logprobs, ref_logprobs, mask, scores, beta, truncated,
+                                             config.truncation_penalty)  # fmt: skip
+    advantages, returns = rl_math.gae(rewards, values, mask, config.gamma, config.lam)
+    return Scored(below, old, features, values, scores, kl, rl_math.whiten(advantages, mask), returns)
 
 
 def ppo_step(
-    policy: Any, reference: Any, value_model: Any, reward_fn: RewardFn, rollouts: Rollouts, config: PPOConfig,
+    models: Models, rollouts: Rollouts, config: PPOConfig,
     kl_controller: rl_math.AdaptiveKLController | rl_math.FixedKLController, optimizer: torch.optim.Optimizer,
     pad_id: int, ptx_batch: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> dict[str, float]:  # fmt: skip
@@ -126,35 +303,49 @@ def ppo_step(
     where its time went (`score_s`: log-probs, values and rewards; `update_s`: the epochs of mini-batches)."""
     started = time.perf_counter()
     packed = pack(rollouts, pad_id)
-    mask = packed.response_mask
-    with torch.no_grad():
-        old_logprobs = token_logprobs(policy, packed)
-        ref_logprobs = token_logprobs(reference, packed)
-        old_values = values(value_model, packed) * mask
-        scores = reward_fn([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)]).float()
-        truncated = torch.tensor(rollouts.truncated)
-        rewards, kl = rl_math.kl_penalty_rewards(old_logprobs, ref_logprobs, mask, scores, kl_controller.value,
-                                                 truncated, config.truncation_penalty)  # fmt: skip
-        advantages, returns = rl_math.gae(rewards, old_values, mask, config.gamma, config.lam)
-        advantages = rl_math.whiten(advantages, mask)
+    scored = score(models, rollouts, packed, config, kl_controller.value)
+    scored_at = time.perf_counter()
+    figures = update(models, packed, scored, config, optimizer, ptx_batch)
+    mask = packed.mask
+    kl_per_answer = float((scored.kl * mask).sum(dim=1).mean())
+    beta = kl_controller.value
+    kl_controller.update(kl_per_answer, len(rollouts.queries))
+    return {
+        "reward": float(scored.scores.mean()), "kl_per_token": float(rl_math.masked_mean(scored.kl, mask)),
+        "kl_per_answer": kl_per_answer, "beta": beta, "answer_length": float(packed.lengths.float().mean()),
+        "score_s": scored_at - started, "update_s": time.perf_counter() - scored_at, **figures,
+    }  # fmt: skip
+
+
+def update(models: Models, packed: Packed, scored: Scored, config: PPOConfig, optimizer: torch.optim.Optimizer,
+           ptx_batch: tuple[Tensor, Tensor, Tensor] | None) -> dict[str, float]:  # fmt: skip
+    """The epochs of clipped policy and value updates (and the ptx term) on a scored batch; mean figures."""
     figures: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy",
                                                        "approx_kl", "ptx_loss")}  # fmt: skip
-    scored = time.perf_counter()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    with_ptx = ptx_batch is not None and config.ptx_coef > 0
+    # Below the split nothing trains, so its output is computed once; at split 0 that output is the embeddings,
+    # which do train (all layers are), so every pass starts from the tokens then.
+    frozen = models.split > 0
+    ptx_below = (
+        ptx_lower(models.policy, models.split, ptx_batch) if ptx_batch is not None and with_ptx and frozen else None
+    )
     generator = torch.Generator().manual_seed(config.seed)
     for _ in range(config.epochs):
-        order = torch.randperm(len(rollouts.queries), generator=generator).tolist()
+        order = torch.randperm(packed.mask.shape[0], generator=generator).tolist()
         for start in range(0, len(order), config.minibatch):
             rows = order[start : start + config.minibatch]
-            sub = Packed(packed.input_ids[rows], packed.attention_mask[rows], mask[rows])
-            new_logprobs, logits = logprobs_and_logits(policy, sub.input_ids, sub.attention_mask, sub.response_mask)
-            policy_out = rl_math.clipped_policy_loss(new_logprobs, old_logprobs[rows], advantages[rows],
-                                                     sub.response_mask, config.clip)  # fmt: skip
-            value_loss, _ = rl_math.clipped_value_loss(values(value_model, sub), old_values[rows], returns[rows],
-                                                       sub.response_mask, config.value_clip)  # fmt: skip
+            sub = packed.rows(rows)
+            below = scored.below[rows] if frozen else None
+            new_logprobs, logits = logprobs_and_logits(models.policy, sub, models.split, below)
+            policy_out = rl_math.clipped_policy_loss(new_logprobs, scored.old_logprobs[rows], scored.advantages[rows],
+                                                     sub.mask, config.clip)  # fmt: skip
+            value_loss, _ = rl_math.clipped_value_loss(models.value(scored.features[rows]) * sub.mask,
+                                                       scored.values[rows], scored.returns[rows], sub.mask,
+                                                       config.value_clip)  # fmt: skip
             loss = policy_out.loss + config.value_coef * value_loss
-            if ptx_batch is not None and config.ptx_coef > 0:
-                ptx = ptx_loss(policy, ptx_batch)
+            if ptx_batch is not None and with_ptx:
+                ptx = ptx_loss(models.policy, ptx_batch, models.split, ptx_below)
                 loss = loss + config.ptx_coef * ptx
                 figures["ptx_loss"].append(float(ptx.detach()))
             optimizer.zero_grad(set_to_none=True)
@@ -167,36 +358,30 @@ def ppo_step(
             figures["approx_kl"].append(float(policy_out.approx_kl.detach()))
             every = torch.ones(1, logits.shape[0])  # the logits are the answer positions' already
             figures["entropy"].append(float(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every)))
-    kl_per_answer = float((kl * mask).sum(dim=1).mean())
-    beta = kl_controller.value
-    kl_controller.update(kl_per_answer, len(rollouts.queries))
-    lengths = mask.sum(dim=1)
-    return {
-        "reward": float(scores.mean()), "kl_per_token": float(rl_math.masked_mean(kl, mask)),
-        "kl_per_answer": kl_per_answer, "beta": beta, "answer_length": float(lengths.mean()),
-        "score_s": scored - started, "update_s": time.perf_counter() - scored,
-        **{k: sum(v) / len(v) for k, v in figures.items() if v},
-    }  # fmt: skip
+    return {k: sum(v) / len(v) for k, v in figures.items() if v}
 
 
-def ptx_loss(policy: Any, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """LM loss (mean over labelled tokens) on a pre-training batch: (input_ids, attention_mask, labels with -100)."""
+def ptx_lower(policy: Any, split: int, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    input_ids, attention_mask, _ = batch
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    with torch.no_grad(), adapters_as_wrapped(policy) as inner:
+        return layers.lower(layers.backbone_of(inner), split, input_ids, attention_mask, positions)
+
+
+def ptx_loss(policy: Any, batch: tuple[Tensor, Tensor, Tensor], split: int = 0, below: Tensor | None = None) -> Tensor:
+    """LM loss (mean over labelled tokens) on a right-padded pre-training batch: (input_ids, attention_mask, labels
+    with IGNORE), the LM head on the labelled positions only; `below` as in `answer_logits`."""
     input_ids, attention_mask, labels = batch
-    return lm_loss(policy, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
-
-
-class ValueHead(torch.nn.Module):
-    """A value model: a backbone's hidden states through a linear head, one value per position."""
-
-    def __init__(self, backbone: Any, hidden_size: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = torch.nn.Linear(hidden_size, 1)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        out: Tensor = self.head(hidden.float()).squeeze(-1)
-        return out
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    if _postprocessed_logits(policy):
+        logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE)
+    backbone, head = causal_parts(policy)
+    hidden = layers.final_hidden(backbone, split, input_ids, attention_mask, positions, below)[:, :-1]
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE
+    logits = head(hidden[labelled]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[labelled])
 
 
 def sample(policy: Any, queries: Sequence[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,

@@ -1,11 +1,18 @@
-"""A PPO round: the four models, the iterations and their data cursor, and checkpoints that resume exactly.
+"""A PPO round: the models, the iterations and their data cursor, and checkpoints that resume exactly.
 
-Models: the policy being trained (LoRA adapters by default, or all weights), the frozen SFT reference (with LoRA on
-the reference itself, the same weights with the adapters switched off), a value model initialised from the reward
-model (its backbone and its scalar head, the normalisation offset as the head's bias), and the frozen reward model.
+Models: the policy being trained (LoRA adapters on its upper `train_layers` layers by default, or those layers'
+weights), the frozen SFT reference (with LoRA on the reference itself, the same weights with the adapters switched
+off), the frozen reward model, and a value model on the reward model's features (its head starts as the reward
+model's, the normalisation offset as its bias). Below the trained layers every model that has the reference's
+weights there shares one forward pass per batch (learn.layers).
 
-Each iteration's prompts, sampling seed and ptx batch are a function of (seed, iteration), so the data cursor is
-the iteration number and a resumed round meets the same data as an uninterrupted one.
+Rollouts: by default the answers users ranked, as the served version wrote them (`Served`): they cost nothing to
+generate, and PPO's ratio is taken against the version that wrote them, so its clip bounds how far a round moves
+from what users were served. Without such answers (a new prompt file, a version never served) the policy samples
+its own with HF `generate`.
+
+Each iteration's rows, sampling seed and ptx batch are a function of (seed, iteration), so the data cursor is the
+iteration number and a resumed round meets the same data as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,17 +22,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from learn import rl_math
+from learn import layers, rl_math
 from learn.data import Example
 from learn.loop import save_atomic, trainable_state
-from learn.ppo import AdapterOff, PPOConfig, ValueHead, ppo_step, sample
-from learn.prompts import Prompt
-from learn.reward_model import RewardScorer, _parts, load_reward_model
+from learn.ppo import AdapterOff, Models, PPOConfig, RewardFn, Rollouts, ValueModel, ppo_step, sample
+from learn.prompts import Prompt, Served
+from learn.reward_model import RewardScorer, _parts
 from learn.sft import LoraOptions, collate, load_causal_lm, pad_id
 
 # No dropout in PPO: the log-probabilities of the rollouts must be those the update then compares against.
@@ -35,8 +42,8 @@ PPO_LORA = LoraOptions(dropout=0.0)
 @dataclass(frozen=True)
 class RoundConfig:
     iterations: int = 16
-    prompts_per_iteration: int = 8
-    max_new_tokens: int = 64
+    prompts_per_iteration: int = 8  # prompts per iteration: served comparisons (K answers each) or sampled prompts
+    max_new_tokens: int = 64  # the length limit of sampled rollouts and of the evaluation's answers
     temperature: float = 1.0
     lr: float = 1e-4  # the policy's (LoRA) learning rate; 1e-5 suits full fine-tuning
     value_lr: float = 1e-4
@@ -45,61 +52,89 @@ class RoundConfig:
     kl_horizon: int = 10_000
     ptx_batch: int = 4  # pre-training examples per mini-batch (when ptx_coef > 0 and there is ptx data)
     lora: bool = True
+    train_layers: int = 6  # upper layers trained (LoRA adapters or weights); 0: all
+    rollouts: Literal["served", "sampled"] = "served"
+    reward: Literal["model", "zero"] = "model"  # zero: the reward model's score replaced by 0 (a control)
     seed: int = 0
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.5))
 
 
-@dataclass
-class Models:
-    policy: Any
-    reference: Any
-    value: ValueHead
-    reward: RewardScorer
-    tokenizer: Any
-
-
-def value_model(reward_folder: Path, lora: LoraOptions | None) -> ValueHead:
-    """The reward model's backbone and head as a per-position value model; starts out predicting the reward."""
-    model, _ = load_reward_model(reward_folder)
-    backbone, head = _parts(model)
-    value = ValueHead(backbone, head.in_features)
-    offset = RewardScorer.read_offset(reward_folder)
+def value_model(scorer: RewardScorer, split: int) -> ValueModel:
+    """The reward model's backbone (frozen) and head as a per-position value model: starts out predicting the
+    normalised reward of each answer prefix."""
+    backbone, head = _parts(scorer.model)
+    value = ValueModel(backbone, head.in_features, split, scorer.shares_lower)
     with torch.no_grad():
         value.head.weight.copy_(head.weight.float())
-        value.head.bias.fill_(-offset)
-    if lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        value.backbone = get_peft_model(backbone, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0,
-                                                             target_modules="all-linear"))  # fmt: skip
+        value.head.bias.fill_(-scorer.offset)
     return value
 
 
-def load_models(policy_folder: Path, reference_folder: Path, reward_folder: Path, lora: bool) -> Models:
-    options = PPO_LORA if lora else None
-    policy, tokenizer = load_causal_lm(policy_folder, options)
-    if lora and policy_folder.resolve() == reference_folder.resolve():
+def zero_reward(rollouts: Rollouts, packed: Any, below: Tensor | None) -> Tensor:
+    """The control: no score at all, so that a round optimises the KL penalty and the ptx term only."""
+    return torch.zeros(len(rollouts.queries))
+
+
+def _backbone(model: Any) -> Any:
+    return layers.backbone_of(model.model if isinstance(model, AdapterOff) else model)
+
+
+def load_models(policy_folder: Path, reference_folder: Path, reward_folder: Path, config: RoundConfig,
+                served: bool) -> Models:  # fmt: skip
+    """The round's models; `served`: the rollouts are answers the parent wrote, so it is kept as the behaviour
+    policy (with LoRA, the policy with its adapters off)."""
+    options = PPO_LORA if config.lora else None
+    policy, tokenizer = load_causal_lm(policy_folder, options, config.train_layers)
+    same = policy_folder.resolve() == reference_folder.resolve()
+    if config.lora and same:
         reference: Any = AdapterOff(policy)
     else:
         reference, _ = load_causal_lm(reference_folder)
         reference.requires_grad_(False)
+    behaviour: Any = None
+    if served:
+        behaviour = AdapterOff(policy) if config.lora else reference if same else _frozen(policy_folder)
     policy.eval()  # no dropout anywhere; gradients still flow
-    return Models(policy, reference, value_model(reward_folder, options).eval(), RewardScorer(reward_folder),
-                  tokenizer)  # fmt: skip
+    split = layers.split_point(_backbone(policy), config.train_layers)
+    scorer = RewardScorer(reward_folder, config.train_layers)
+    scorer.shares_lower = scorer.split == split and layers.same_lower(_backbone(policy), _backbone(scorer.model),
+                                                                      split)  # fmt: skip
+    shared = {name for name, other in (("reference", reference), ("behaviour", behaviour))
+              if other is not None and layers.same_lower(_backbone(policy), _backbone(other), split)}  # fmt: skip
+    reward: RewardFn = scorer if config.reward == "model" else zero_reward
+    return Models(policy, reference, value_model(scorer, split).eval(), reward, tokenizer, behaviour, split,
+                  frozenset(shared), scorer)  # fmt: skip
+
+
+def _frozen(folder: Path) -> Any:
+    model, _ = load_causal_lm(folder)
+    return model.requires_grad_(False).eval()
 
 
 def trainable(module: Any) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def iteration_rows(n_items: int, per_iteration: int, iteration: int, seed: int) -> list[int]:
+    """Rows of one iteration: each pass over the items is a fresh seeded permutation, cut into iterations in
+    order, so that every item comes once per pass (an iteration that crosses a pass's end takes from the next)."""
+    rows, start = [], iteration * per_iteration
+    for position in range(start, start + per_iteration):
+        epoch, offset = divmod(position, n_items)
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        rows.append(int(order[offset]))
+    return rows
+
+
 class PPORound:
-    """Iterations of rollouts and PPO updates on a fixed set of training prompts."""
+    """Iterations of rollouts and PPO updates on a fixed set of training prompts (or served comparisons)."""
 
     def __init__(self, models: Models, config: RoundConfig, prompts: Sequence[Prompt],
-                 ptx: Sequence[Example] = ()) -> None:  # fmt: skip
-        if not prompts:
+                 ptx: Sequence[Example] = (), served: Sequence[Served] = ()) -> None:  # fmt: skip
+        if not prompts and not served:
             raise ValueError("no training prompts")
         self.models, self.config, self.prompts, self.ptx = models, config, list(prompts), list(ptx)
+        self.served = list(served)
         self.optimizer = torch.optim.AdamW([
             {"params": trainable(models.policy), "lr": config.lr},
             {"params": trainable(models.value), "lr": config.value_lr},
@@ -116,13 +151,16 @@ class PPORound:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.iteration * 7 + salt)
 
     def batch(self) -> list[Prompt]:
-        """This iteration's prompts: a seeded draw without replacement (with it, when there are fewer prompts)."""
-        n, generator = self.config.prompts_per_iteration, self._generator(1)
-        if len(self.prompts) >= n:
-            rows = torch.randperm(len(self.prompts), generator=generator)[:n].tolist()
-        else:
-            rows = torch.randint(len(self.prompts), (n,), generator=generator).tolist()
+        """This iteration's prompts to sample answers to."""
+        rows = iteration_rows(len(self.prompts), self.config.prompts_per_iteration, self.iteration, self.config.seed)
         return [self.prompts[i] for i in rows]
+
+    def served_batch(self) -> Rollouts:
+        """This iteration's served comparisons, all K answers of each, as rollouts."""
+        rows = iteration_rows(len(self.served), self.config.prompts_per_iteration, self.iteration, self.config.seed)
+        chosen = [self.served[i] for i in rows]
+        return Rollouts([s.prompt_ids for s in chosen for _ in s.answers], [a for s in chosen for a in s.answers],
+                        [t for s in chosen for t in s.truncated])  # fmt: skip
 
     def ptx_batch(self) -> tuple[Tensor, Tensor, Tensor] | None:
         if not self.ptx or self.config.ppo.ptx_coef <= 0:
@@ -131,16 +169,20 @@ class PPORound:
         batch = collate([self.ptx[i] for i in rows], self.pad_id)
         return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
-    def step(self) -> dict[str, float]:
-        """One iteration: sample, score, update. Returns its figures, timings included."""
+    def rollouts(self) -> Rollouts:
+        if self.served:
+            return self.served_batch()
         m, config = self.models, self.config
+        return sample(m.policy, [p.ids for p in self.batch()], config.max_new_tokens, int(m.tokenizer.eos_token_id),
+                      self.pad_id, config.temperature, seed=config.seed * 1_000_003 + self.iteration)  # fmt: skip
+
+    def step(self) -> dict[str, float]:
+        """One iteration: take (or sample) rollouts, score, update. Returns its figures, timings included."""
         started = time.perf_counter()
-        rollouts = sample(m.policy, [p.ids for p in self.batch()], config.max_new_tokens,
-                          int(m.tokenizer.eos_token_id), self.pad_id, config.temperature,
-                          seed=config.seed * 1_000_003 + self.iteration)  # fmt: skip
+        rollouts = self.rollouts()
         generated = time.perf_counter()
-        figures = ppo_step(m.policy, m.reference, m.value, m.reward, rollouts, config.ppo, self.controller,
-                           self.optimizer, self.pad_id, self.ptx_batch())  # fmt: skip
+        figures = ppo_step(self.models, rollouts, self.config.ppo, self.controller, self.optimizer, self.pad_id,
+                           self.ptx_batch())  # fmt: skip
         self.iteration += 1
         total = time.perf_counter() - started
         tokens = sum(len(r) for r in rollouts.responses)

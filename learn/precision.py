@@ -1,8 +1,8 @@
-"""bf16 matrix products for the learner's rounds, an operator's choice (`learn_bf16`): on CPUs with AMX tiles they
-are faster (measured on a 2-core AMX machine: a bf16 matmul 3.5x the fp32 one, a reward-model step on SmolLM2-135M
-about 2x); on CPUs without AMX eager bf16 is slower than fp32. fp32 stays the default because bf16 is noisier
-(reward scores moved by up to 0.18 for a spread of 0.42). A bf16 round is as repeatable as an fp32 one: a killed
-and resumed round ends bit-identical to an uninterrupted one (tests/learn/test_ppo_round.py).
+"""bf16 matrix products for the learner's rounds (`learn_bf16`): on CPUs with AMX tiles they are faster (measured
+on a 2-core AMX machine: a bf16 matmul 3.5x the fp32 one, a reward-model step on SmolLM2-135M about 2x); on CPUs
+without AMX eager bf16 is slower than fp32. Unset, the setting follows the machine (`bf16_pays_off`); bf16 is
+noisier (reward scores moved by up to 0.18 for a spread of 0.42). A bf16 round is as repeatable as an fp32 one: a
+killed and resumed round ends bit-identical to an uninterrupted one (tests/learn/test_ppo_round.py).
 
 Autocast keeps the weights, the optimiser state and the losses in fp32: only the products run in bf16, and the
 code that turns model outputs into rewards and log-probabilities already casts them to fp32.
@@ -11,8 +11,25 @@ code that turns model outputs into rewards and log-probabilities already casts t
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
+
+
+def bf16_pays_off() -> bool:
+    """A GPU with bf16, or a CPU with AMX tiles (Linux reports `amx_bf16` among its flags)."""
+    if torch.cuda.is_available():
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags
+
+
+def use_bf16(setting: bool | None) -> bool:
+    """The operator's `learn_bf16`, or where unset whether bf16 products pay off on this machine."""
+    return bf16_pays_off() if setting is None else setting
 
 
 def autocast(enabled: bool) -> AbstractContextManager[object]:

@@ -17,6 +17,10 @@ from learn.data import DataError, read_jsonl
 from learn.rm_data import is_held_out, prompt_key
 
 T = TypeVar("T")
+# The prompts rankloop ships (a few hundred of the kinds people ask a chat model, written for this project): what
+# simulated users ask and versions are judged on when no prompt file is given; their held-out split is the
+# learner's (`is_held_out`).
+DEFAULT_PROMPTS = Path(__file__).with_name("default_prompts.jsonl")
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,19 @@ class Prompt:
     key: str  # learn.rm_data.prompt_key of the messages
     messages: list[dict[str, str]]
     ids: list[int]  # rendered, ending with the assistant header
+
+
+@dataclass(frozen=True)
+class Served:
+    """The K answers a served version wrote to one prompt, from a comparison users ranked: rollouts that cost
+    nothing to generate (PPO takes its ratio against the version that wrote them, `policy_version`)."""
+
+    comparison_id: str
+    key: str  # learn.rm_data.prompt_key of the messages
+    prompt_ids: list[int]
+    answers: list[list[int]]
+    truncated: list[bool]  # cut by the length limit
+    policy_version: str
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -74,6 +91,23 @@ def prompts_from_events(events: Iterable[dict[str, Any]], max_len: int) -> list[
         if len(ids) <= max_len:
             prompts.append(Prompt(prompt_key(comparison["messages"]), comparison["messages"], ids))
     return prompts
+
+
+def served_from_events(events: Iterable[dict[str, Any]], max_prompt_len: int) -> list[Served]:
+    """Each ranked comparison once (several users may rank one), prompts longer than `max_prompt_len` left out."""
+    seen: set[str] = set()
+    served = []
+    for data in events:
+        comparison = data["comparison"]
+        if comparison["id"] in seen or len(comparison["prompt_token_ids"]) > max_prompt_len:
+            continue
+        seen.add(comparison["id"])
+        candidates = [c for c in comparison["candidates"] if c["token_ids"]]
+        served.append(Served(comparison["id"], prompt_key(comparison["messages"]), list(comparison["prompt_token_ids"]),
+                             [list(c["token_ids"]) for c in candidates],
+                             [c.get("finish_reason") == "length" for c in candidates],
+                             comparison["policy_version"]))  # fmt: skip
+    return served
 
 
 def unique(prompts: Iterable[T], key: Callable[[T], str]) -> list[T]:

@@ -8,6 +8,7 @@ C(K,2) pairs are formed from the K scores (learn.rl_math.kwise_ranking_loss), wh
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from deploy.model_store import Card, ModelStore
 from feedback.ranking import pairs
+from learn import layers
 from learn.data import right_pad
 from learn.loop import LoopConfig, LoopResult, run_loop
 from learn.rl_math import kwise_ranking_loss, pack_rankings, pairwise_accuracy
@@ -29,10 +31,11 @@ from learn.trainlog import MetricsLog
 NORM_FILE = "reward_norm.json"
 
 
-def load_reward_model(folder: Path, lora: LoraOptions | None = None,
-                      dtype: torch.dtype | None = None) -> tuple[Any, Any]:  # fmt: skip
+def load_reward_model(folder: Path, lora: LoraOptions | None = None, dtype: torch.dtype | None = None,
+                      train_layers: int = 0) -> tuple[Any, Any]:  # fmt: skip
     """A scalar-head model on `folder` (a policy: new random head; a reward model: its trained head), in `dtype`
-    (default: the training precision of this machine)."""
+    (default: the training precision of this machine). With `train_layers`, only the upper that many layers (and
+    the final norm and the head) train; the layers below stay the SFT reference's (learn.layers)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -41,38 +44,75 @@ def load_reward_model(folder: Path, lora: LoraOptions | None = None,
     model: Any = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
                                                                     dtype=dtype or training_dtype())  # fmt: skip
     model.config.pad_token_id = tokenizer.pad_token_id
+    split = layers.split_point(layers.backbone_of(model), train_layers)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules="all-linear",
-                            task_type="SEQ_CLS")  # fmt: skip
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="SEQ_CLS",
+                            **layers.lora_targets(layers.backbone_of(model), split))  # fmt: skip
         model = get_peft_model(model, config)
+    elif split:
+        layers.freeze_below(layers.backbone_of(model), split)
     return model, tokenizer
 
 
 def _parts(model: Any) -> tuple[Any, Any]:
     """(backbone, head) of a sequence-classification model, under a LoRA wrapper or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner, inner.base_model_prefix), inner.score
+    return layers.backbone_of(model), inner.score
 
 
-def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int) -> Tensor:
-    """(N,) raw scores, each read at its sequence's last token (right padding, so no pad token confusion); on the
-    model's device."""
+def last_positions(attention_mask: Tensor) -> Tensor:
+    """(N,) position of each row's last real token, whichever side the padding is on."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(dim=1)
+
+
+def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int = 0,
+              lowers: Sequence[Tensor] | None = None) -> Tensor:  # fmt: skip
+    """(N,) raw scores, each read at its sequence's last token; on the model's device. `lowers`: each sequence's
+    hidden states below layer `split` (`compute_lowers`), so that only the layers from `split` up run."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in right_pad(sequences, pad_id))
+    positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    below = None if lowers is None else _pad_lowers(lowers, ids.shape[1]).to(device)
     backbone, head = _parts(model)
-    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-    last = mask.sum(dim=1) - 1
+    hidden = layers.final_hidden(backbone, split, ids, mask, positions, below)
+    last = last_positions(mask)
     scores: Tensor = head(hidden[torch.arange(len(sequences), device=device), last]).squeeze(-1).float()
     return scores
 
 
-def group_loss(model: Any, groups: Sequence[RankedGroup], pad_id: int,
-               margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """K-wise loss over whole prompts; returns (loss, accuracy, scores)."""
+def _pad_lowers(lowers: Sequence[Tensor], width: int) -> Tensor:
+    """(N, width, H) from per-sequence (L_i, H): zeros after each (right padding, which the mask hides)."""
+    out = torch.zeros((len(lowers), width, lowers[0].shape[-1]), dtype=lowers[0].dtype)
+    for row, hidden in enumerate(lowers):
+        out[row, : hidden.shape[0]] = hidden
+    return out
+
+
+@torch.no_grad()
+def compute_lowers(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int,
+                   batch: int = 16) -> list[Tensor]:  # fmt: skip
+    """Each sequence's hidden states below layer `split`, (L_i, H), computed once: they do not change while only
+    the upper layers train, so every epoch reuses them."""
+    backbone = layers.backbone_of(model)
+    out: list[Tensor] = []
+    for start in range(0, len(sequences), batch):
+        chunk = sequences[start : start + batch]
+        ids, mask = right_pad(chunk, pad_id)
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        hidden = layers.lower(backbone, split, ids, mask, positions)
+        out += [hidden[row, : len(seq)].clone() for row, seq in enumerate(chunk)]
+    return out
+
+
+def group_loss(model: Any, groups: Sequence[RankedGroup], pad_id: int, margin: float = 0.0, split: int = 0,
+               lowers: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """K-wise loss over whole prompts; returns (loss, accuracy, scores). `lowers`: as in `score_ids`, one per
+    answer of `groups` in order."""
     sequences = [answer for g in groups for answer in g.answers]
-    scores = score_ids(model, sequences, pad_id)
+    scores = score_ids(model, sequences, pad_id, split, lowers)
     packed_groups, ranks = (t.to(scores.device) for t in pack_rankings([(len(g.answers), g.tiers) for g in groups]))
     loss = kwise_ranking_loss(scores, packed_groups, ranks, margin)
     return loss, pairwise_accuracy(scores.detach(), packed_groups, ranks), scores.detach()
@@ -131,12 +171,15 @@ def write_norm(folder: Path, offset: float, basis: str) -> None:
 
 
 class RewardScorer:
-    """A saved reward model, scoring (prompt + answer) token ids with the normalisation applied."""
+    """A saved reward model scoring prompt + answer token ids, with the normalisation applied: PPO's reward
+    (`__call__`, on a packed batch, learn.ppo.RewardFn) and plain sequences (`sequences`)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, train_layers: int = 0) -> None:
         self.model, self.tokenizer = load_reward_model(folder)
         self.model.eval()
         self.offset = self.read_offset(folder)
+        self.split = layers.split_point(layers.backbone_of(self.model), train_layers)
+        self.shares_lower = False  # whether the policy's lower hidden states are this model's too (learn.ppo_run)
 
     @staticmethod
     def read_offset(folder: Path) -> float:
@@ -144,21 +187,41 @@ class RewardScorer:
         return float(json.loads(norm.read_text())["offset"]) if norm.is_file() else 0.0
 
     @torch.no_grad()
-    def __call__(self, sequences: Sequence[list[int]]) -> Tensor:
+    def sequences(self, sequences: Sequence[list[int]]) -> Tensor:
         return score_ids(self.model, sequences, int(self.tokenizer.pad_token_id)) - self.offset
+
+    @torch.no_grad()
+    def __call__(self, rollouts: Any, packed: Any, below: Tensor | None) -> Tensor:
+        """(B,) normalised scores of a learn.ppo.Packed batch, read at each sequence's last token."""
+        backbone, head = _parts(self.model)
+        hidden = layers.final_hidden(backbone, self.split, packed.input_ids, packed.attention_mask,
+                                     packed.position_ids, below if self.shares_lower else None)  # fmt: skip
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        scores: Tensor = head(hidden[rows, last_positions(packed.attention_mask)]).squeeze(-1).float()
+        return scores - self.offset
 
 
 def train_reward_model(
     model: Any, tokenizer: Any, train: Sequence[RankedGroup], held_out: Sequence[RankedGroup], config: LoopConfig,
     log: MetricsLog, checkpoint: Path | None = None, show_progress: bool = True,
 ) -> tuple[LoopResult, Evaluation]:  # fmt: skip
-    """Train on whole prompts (`config.batch_size` prompts per step), then evaluate on the held-out prompts."""
+    """Train on whole prompts (`config.batch_size` prompts per step), then evaluate on the held-out prompts.
+
+    Where only the upper layers train (`load_reward_model`'s `train_layers`), each answer's lower hidden states are
+    computed once before the first step and every step runs the upper layers only."""
     if not train:
         raise ValueError("no ranked prompts to train on")
     pad = int(tokenizer.pad_token_id)
+    split = frozen_below(model)
+    cached: list[list[Tensor]] | None = None
+    if split:
+        flat = compute_lowers(model, [a for g in train for a in g.answers], pad, split)
+        offsets = [0, *itertools.accumulate(len(g.answers) for g in train)]
+        cached = [flat[offsets[i] : offsets[i + 1]] for i in range(len(train))]
 
     def step(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
-        loss, accuracy, scores = group_loss(model, [train[i] for i in indices], pad)
+        lowers = None if cached is None else [h for i in indices for h in cached[i]]
+        loss, accuracy, scores = group_loss(model, [train[i] for i in indices], pad, split=split, lowers=lowers)
         return loss, {"accuracy": float(accuracy), "score_mean": float(scores.mean()),
                       "score_std": float(scores.std()) if scores.numel() > 1 else 0.0}  # fmt: skip
 
@@ -166,6 +229,17 @@ def train_reward_model(
     evaluation = evaluate(model, held_out, pad) if held_out else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
     log.write(result.steps, **evaluation.figures())
     return result, evaluation
+
+
+def frozen_below(model: Any) -> int:
+    """The first layer that trains: layers below it (and the embeddings) have no trainable weights."""
+    backbone = layers.backbone_of(model)
+    if any(p.requires_grad for p in backbone.embed_tokens.parameters()):
+        return 0
+    for index, layer in enumerate(backbone.layers):
+        if any(p.requires_grad for p in layer.parameters()):
+            return index
+    return layers.layer_count(backbone)
 
 
 def save_reward_model(model: Any, tokenizer: Any, store: ModelStore, card: Card, offset: float, basis: str) -> Path:

@@ -1,7 +1,13 @@
 """The RLHF math: the K-wise ranking loss of the reward model and the pieces of PPO. Pure functions on tensors.
 
-Shapes: B answers (rows), T tokens per answer (padded, with a 0/1 `mask` of real answer tokens), N scored answers
-in a packed ranking batch. No function here touches a model, a file or a global.
+Shapes: N scored answers in a packed ranking batch; B answers (rows) of A tokens in the per-token functions.
+
+Every per-token tensor here is in the **answer frame**: `(B, A)`, column j of row b is answer b's j-th token, and
+`mask` is 1…1 0…0 (the answer from column 0, padding after it). The code that packs prompt + answer sequences for
+the model cuts the answers out of them once, at the boundary (learn.ppo.pack and Packed.answers); the functions
+here check the frame (`check_answer_frame`) instead of trusting it, because a mask in the sequence frame
+(0…0 1…1 0…0, the prompt first) puts the final reward on a prompt position, where the mask then erases it.
+No function here touches a model, a file or a global.
 """
 
 from __future__ import annotations
@@ -99,21 +105,39 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1
     return whitened * mask
 
 
-# -- rewards --------------------------------------------------------------------------------------------------
+# -- the answer frame -----------------------------------------------------------------------------------------
+
+
+def check_answer_frame(mask: Tensor) -> None:
+    """Raise ValueError unless `mask` (B, A) is in the answer frame: every row 1…1 0…0 with at least one 1."""
+    if mask.dim() != 2:
+        raise ValueError(f"expected a (B, A) answer mask, got shape {tuple(mask.shape)}")
+    if mask.numel() == 0:
+        return
+    if bool((mask[:, 1:] > mask[:, :-1]).any()) or bool((mask[:, 0] == 0).any()):
+        bad = int(((mask[:, 1:] > mask[:, :-1]).any(dim=1) | (mask[:, 0] == 0)).nonzero()[0])
+        raise ValueError(f"row {bad} of the mask is not in the answer frame (1…1 0…0 from column 0): "
+                         f"{mask[bad].tolist()}; cut the answers out of the packed sequences first")  # fmt: skip
 
 
 def last_token_index(mask: Tensor) -> Tensor:
-    """(B,) index of each row's last real token; answers are left-aligned (mask 1…1 0…0)."""
-    return (mask.sum(dim=1) - 1).clamp(min=0).long()
+    """(B,) column of each answer's last token; `mask` in the answer frame (checked)."""
+    check_answer_frame(mask)
+    return (mask.sum(dim=1) - 1).long()
+
+
+# -- rewards --------------------------------------------------------------------------------------------------
 
 
 def kl_penalty_rewards(
     logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, scores: Tensor, beta: float | Tensor,
     truncated: Tensor | None = None, truncation_penalty: float = 0.0,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Per-token rewards: -beta * KL estimate at every answer token, the score added at the last real token.
+    """Per-token rewards: -beta * KL estimate at every answer token, the score added at the answer's last token.
 
-    logprobs, ref_logprobs, mask: (B, T) of the sampled tokens under the policy and the SFT reference; scores: (B,)
+    logprobs, ref_logprobs, mask: (B, A), answer frame, of the sampled tokens under the policy and the SFT reference
+    (InstructGPT, Ziegler et al. 2019: the reward model's score is a reward for the whole answer, given when the
+    answer ends; the KL penalty is paid token by token); scores: (B,)
     reward-model scores; truncated: (B,) bool, answers the length limit cut off, which get `truncation_penalty`
     (usually negative) added to their score. KL is the k1 estimator, log pi(y|x) - log pi_ref(y|x).
     Returns (rewards, kl), both (B, T) and zero outside the mask.
@@ -132,11 +156,15 @@ def kl_penalty_rewards(
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over each answer's tokens; returns (advantages, returns), (B, T).
+    """Generalised advantage estimation (Schulman et al. 2016) over each answer's tokens; returns (advantages,
+    returns), both (B, A) in the answer frame, like `rewards`, `values` and `mask`.
 
-    delta_t = r_t + gamma * V_{t+1} - V_t with V after the last real token taken as 0;
-    A_t = delta_t + gamma * lam * A_{t+1}; returns = A + V.
+    values[:, j] is V of the state before answer token j (the prompt and tokens 0..j-1). delta_j = r_j +
+    gamma * V_{j+1} - V_j, with V after the answer's last token taken as 0 (the episode ends there, also for an
+    answer cut by the length limit, which `kl_penalty_rewards` penalises instead); A_j = delta_j + gamma * lam *
+    A_{j+1}; returns = A + V.
     """
+    check_answer_frame(mask)
     rewards, values = rewards * mask, values * mask
     advantages = torch.zeros_like(rewards)
     running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
@@ -160,7 +188,11 @@ class PolicyLoss:
 
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                         clip: float) -> PolicyLoss:  # fmt: skip
-    """PPO's clipped surrogate: mean over tokens of max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip))."""
+    """PPO's clipped surrogate (Schulman et al. 2017): mean over answer tokens of max(-A * ratio, -A * clip(ratio,
+    1 - clip, 1 + clip)), ratio = pi(y_t) / pi_old(y_t) from log-probabilities; all (B, A), answer frame.
+
+    `old_logprobs` are the policy's that sampled the tokens (for answers users ranked: the served version's), so the
+    clip bounds how far the update moves from the policy that wrote them."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
@@ -173,7 +205,8 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
                        clip: float) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """0.5 * mean of max((V - R)^2, (clip(V, V_old ± clip) - R)^2); returns (loss, clip fraction)."""
+    """0.5 * mean of max((V - R)^2, (clip(V, V_old ± clip) - R)^2) over the mask; returns (loss, clip fraction).
+    All (B, A), answer frame."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
@@ -182,15 +215,15 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
 
 
 def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean entropy of the next-token distributions at the masked positions; logits (B, T, V)."""
+    """Mean entropy of the next-token distributions at the masked positions; logits (B, A, V), mask (B, A)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(dim=-1)
     return masked_mean(entropy, mask)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log p(token) under `logits`: logits (B, T, V) predicting `tokens` (B, T); computed in fp32."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    """log p(token) under `logits`: logits (..., V) predicting `tokens` (...); computed in fp32."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 # -- KL controllers -------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class RankedGroup:
     tiers: Tiers  # best first; ties share a tier
     policy_version: str | None = None  # who wrote the answers (the normalisation uses the reference's)
     event_id: str | None = None
+    answer_lens: tuple[int, ...] = ()  # tokens of each sequence that are the answer (its end); () where unknown
 
 
 def prompt_key(messages: list[dict[str, Any]]) -> str:
@@ -61,8 +62,9 @@ def group_from_event(event_id: str, data: dict[str, Any], max_len: int) -> Ranke
     comparison = data["comparison"]
     prompt_ids = comparison["prompt_token_ids"]
     answers = [_fit(prompt_ids, c["token_ids"], max_len) for c in comparison["candidates"]]
+    lens = tuple(min(len(c["token_ids"]), max_len) for c in comparison["candidates"])
     return RankedGroup(prompt_key(comparison["messages"]), answers, data["ranking"], comparison["policy_version"],
-                       event_id)  # fmt: skip
+                       event_id, lens)  # fmt: skip
 
 
 def _fit(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> list[int]:

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,13 +16,15 @@ from deploy.model_store import Card, ModelStore, StoreError
 from deploy.settings import Settings
 from feedback.dataset import event_order
 from learn.loop import LoopConfig
-from learn.policy_eval import PolicyEval, evaluate_policy
+from learn.policy_eval import Agreement, AnswerCache, PolicyEval, agreement, evaluate_policy, held_out_lm_loss
+from learn.ppo import AdapterOff
 from learn.ppo_run import PPORound, RoundConfig, checkpoint_meta, load_models
 from learn.precision import autocast
+from learn.prompts import DEFAULT_PROMPTS, Prompt, key_of, prompts_from_file, split_prompts
 from learn.reward_model import Evaluation
 from learn.rm_data import split
-from learn.sft import LoraOptions, run_card, save_policy
-from learn.sources import FEEDBACK, last_event_id, load_groups, ptx_examples, round_prompts
+from learn.sft import LoraOptions, load_causal_lm, pad_id, run_card, save_policy
+from learn.sources import FEEDBACK, last_event_id, load_groups, ptx_examples, round_prompts, served_comparisons
 from learn.trainlog import MetricsLog, step_progress
 
 StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figures)
@@ -42,6 +45,7 @@ class RMOptions:
     skip: int = 0
     max_steps: int | None = None
     bf16: bool = False  # bf16 matrix products (learn.precision)
+    train_layers: int = 0  # upper layers trained (and the head); 0: all
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,8 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         if parent is None:
             raise StoreError("the model store is empty: run `rankloop model import` first")
         folder, after = policies.path(parent), None
-    model, tokenizer = load_reward_model(folder, LoraOptions() if options.lora else None)
+    model, tokenizer = load_reward_model(folder, LoraOptions() if options.lora else None,
+                                         train_layers=options.train_layers)  # fmt: skip
     new = load_groups(options.data, settings, tokenizer, options.max_len, after, options.limit, options.skip)
     train, held = split(new, options.held_out)
     if after is not None:  # the held-out prompts of earlier rounds still measure this one
@@ -85,7 +90,8 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     last_event = max((g.event_id for g in new if g.event_id), key=event_order, default=after)
     card = run_card(version, parent, "reward_model", config, result, data=options.data, prompts=len(train),
                     held_out_prompts=len(held), lora=options.lora, metrics=str(metrics), eval=vars(evaluation),
-                    offset=offset, offset_basis=basis, last_event_id=last_event, bf16=options.bf16)  # fmt: skip
+                    offset=offset, offset_basis=basis, last_event_id=last_event, bf16=options.bf16,
+                    train_layers=options.train_layers)  # fmt: skip
     save_reward_model(model, tokenizer, rewards, card, offset, basis)
     return RMResult(version, evaluation, len(train), card)
 
@@ -99,6 +105,7 @@ class PPOOptions:
     held_out: float = 0.1
     max_prompt_len: int = 384
     eval_prompts: int = 16
+    eval_samples: int = 1  # answers per evaluation prompt
     fresh: bool = False  # ignore a checkpoint of an interrupted round
     bf16: bool = False  # bf16 matrix products (learn.precision)
 
@@ -109,6 +116,8 @@ class PPOResult:
     parent: str
     before: PolicyEval
     after: PolicyEval
+    agreement: Agreement
+    reference_ptx: float | None  # the SFT reference's held-out LM loss, the fluency bar
     card: Card
     resumed_at: int
 
@@ -130,8 +139,6 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
         raise StoreError("the model store is empty: run `rankloop model import` first")
     if reward is None:
         raise StoreError("no reward model yet: train one with `rankloop learn rm`")
-    torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
-    models = load_models(store.path(parent), store.path(reference), rewards.path(reward), config.lora)
     checkpoint = settings.data_dir / "checkpoints" / "ppo.ckpt"
     if options.fresh:
         checkpoint.unlink(missing_ok=True)
@@ -142,21 +149,28 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
         until = pending.get("until")
     else:
         until = last_event_id(settings)
+    served = []
+    if config.rollouts == "served":
+        served = served_comparisons(settings, parent, options.held_out, options.max_prompt_len, until)
+    torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
+    models = load_models(store.path(parent), store.path(reference), rewards.path(reward), config, bool(served))
     train, held = round_prompts(settings, models.tokenizer, options.prompt_file, options.held_out,
                                 options.max_prompt_len, until)  # fmt: skip
-    if not train:
+    if not train and not served:
         raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
     ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, options.ptx_file, 512, until)
-    evaluation_prompts = (held or train)[: options.eval_prompts]
-    trainer = PPORound(models, config, train, ptx_train)
+    evaluation_prompts, eval_on = evaluation_set(models.tokenizer, held, options)
+    trainer = PPORound(models, config, train, ptx_train, served)
     meta = {"parent": parent, "reference": reference, "reward": reward, "config": json.dumps(asdict(config)),
-            "prompts": len(train), "ptx": len(ptx_train), "until": until}  # fmt: skip
+            "prompts": len(train), "served": len(served), "ptx": len(ptx_train), "until": until}  # fmt: skip
     resumed = trainer.resume(checkpoint, meta)
+    answers = AnswerCache(settings.data_dir / "evals" / "answers")
     before_file = checkpoint.with_suffix(".before.json")
     if resumed and before_file.is_file():
         before = PolicyEval(**json.loads(before_file.read_text()))
-    else:
-        before = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens)
+    else:  # the policy is still its parent here: the parent's answers (kept from when it was made, if it was)
+        before, _ = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens,
+                                    options.eval_samples, cache=answers, version=parent)  # fmt: skip
         before_file.parent.mkdir(parents=True, exist_ok=True)
         before_file.write_text(json.dumps(before.figures()))
     run = f"{parent}-ppo-{reward}"
@@ -171,19 +185,46 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
             progress.advance(reward=figures["reward"], kl=figures["kl_per_answer"], beta=figures["beta"])
             if on_step is not None:
                 on_step(trainer.iteration, config.iterations, figures)
-    after = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens)
+    after, after_answers = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens,
+                                           options.eval_samples)  # fmt: skip
+    judged = judge_on_held_out_rankings(settings, models, store.path(parent), config, until)
+    reference_ptx = held_out_lm_loss(models.reference, models.tokenizer, ptx_held)
     version = store.next_version()
     card = Card(version=version, parent=parent, made_by="ppo", details={
         "reward_model": reward, "reference": reference, "iterations": config.iterations, "bf16": options.bf16,
         "config": asdict(config), "train_prompts": len(train), "held_out_prompts": len(held),
-        "eval_on": "held-out prompts" if held else "training prompts (none held out yet)",
+        "rollouts": f"{len(served)} ranked comparisons {parent} wrote" if served else "sampled",
+        "eval_on": eval_on, "eval_prompts": len(evaluation_prompts),
         "ptx": {"source": ptx_source, "train": len(ptx_train), "held_out": len(ptx_held)},
-        "eval": {"before": before.figures(), "after": after.figures()}, "metrics": str(metrics),
+        "eval": {"before": before.figures(), "after": after.figures(), "reference_ptx_loss": reference_ptx},
+        "agreement": judged.figures(), "metrics": str(metrics),
     })  # fmt: skip
     save_policy(models.policy, models.tokenizer, store, card)
+    answers.put(version, after_answers)  # when this version is the one replaced, its answers are known
     checkpoint.unlink(missing_ok=True)
     before_file.unlink(missing_ok=True)
-    return PPOResult(version, parent, before, after, card, start)
+    return PPOResult(version, parent, before, after, judged, reference_ptx, card, start)
+
+
+def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> tuple[list[Prompt], str]:
+    """The prompts versions are judged on: held-out prompts of users' and of the prompt file, else the held-out
+    part of rankloop's own prompt set (users are never asked those)."""
+    if held:
+        return held[: options.eval_prompts], "held-out prompts"
+    _, shipped = split_prompts(prompts_from_file(DEFAULT_PROMPTS, tokenizer, options.max_prompt_len), key_of,
+                               options.held_out)  # fmt: skip
+    return shipped[: options.eval_prompts], f"held-out prompts of {DEFAULT_PROMPTS.name}"
+
+
+def judge_on_held_out_rankings(settings: Settings, models: Any, parent_folder: Path, config: RoundConfig,
+                               until: str | None) -> Agreement:  # fmt: skip
+    """`Agreement` of the trained policy with the reward model's held-out rankings (every round's so far)."""
+    groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024, until=until)
+    _, held = split(groups, RMOptions.held_out)
+    parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
+    if parent is None:
+        parent, _ = load_causal_lm(parent_folder)
+    return agreement(models.policy, parent, held, pad_id(models.tokenizer))
 
 
 def register(settings: Settings, card: Card) -> bool:

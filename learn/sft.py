@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from deploy.model_store import Card, ModelStore
+from learn import layers
 from learn.data import IGNORE, Example, right_pad
 from learn.loop import LoopConfig, LoopResult, StepFn, run_loop
 from learn.trainlog import MetricsLog
@@ -33,18 +34,25 @@ def training_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-def load_causal_lm(folder: Path, lora: LoraOptions | None = None) -> tuple[Any, Any]:
-    """The policy at `folder` for training, with LoRA adapters on every linear layer when `lora` is given."""
+def load_causal_lm(folder: Path, lora: LoraOptions | None = None, train_layers: int = 0) -> tuple[Any, Any]:
+    """The policy at `folder` for training, with LoRA adapters on every linear layer when `lora` is given. With
+    `train_layers`, only the upper that many layers train (their adapters, or their weights); the layers below
+    and the embeddings stay as they are, so that their output can be computed once per batch (learn.layers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=training_dtype())
+    backbone = layers.backbone_of(model)
+    split = layers.split_point(backbone, train_layers)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules="all-linear",
-                            task_type="CAUSAL_LM")  # fmt: skip
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
+                            **layers.lora_targets(backbone, split))  # fmt: skip
         model = get_peft_model(model, config)
+    elif split:
+        model.get_input_embeddings().requires_grad_(False)  # tied to the LM head in small models: both stay
+        layers.freeze_below(backbone, split)
     return model, tokenizer
 
 

@@ -20,8 +20,17 @@ from learn.data import (
     read_jsonl,
     read_texts,
 )
-from learn.prompts import Prompt, key_of, prompts_from_events, prompts_from_file, split_prompts, unique
-from learn.rm_data import RankedGroup, group_from_event, hh_groups
+from learn.prompts import (
+    Prompt,
+    Served,
+    key_of,
+    prompts_from_events,
+    prompts_from_file,
+    served_from_events,
+    split_prompts,
+    unique,
+)
+from learn.rm_data import RankedGroup, group_from_event, hh_groups, is_held_out, is_rm_held_out
 
 FEEDBACK = "feedback"
 PTX_HELD_OUT_EVERY = 10  # every 10th ptx example is kept to measure fluency (held-out LM loss)
@@ -58,10 +67,11 @@ def load_demonstrations(source: str, settings: Settings, until: str | None = Non
 
 
 def load_groups(source: str, settings: Settings, tokenizer: Any, max_len: int, after: str | None = None,
-                limit: int | None = None, skip: int = 0) -> list[RankedGroup]:  # fmt: skip
-    """`feedback` (ranking events, those after event `after` when given) or an HH-RLHF pairwise file."""
+                limit: int | None = None, skip: int = 0, until: str | None = None) -> list[RankedGroup]:  # fmt: skip
+    """`feedback` (ranking events, those after event `after` and up to `until` when given) or an HH-RLHF pairwise
+    file."""
     if source == FEEDBACK:
-        groups = [group_from_event(e.id, e.data, max_len) for e in _events(settings, "ranking", after)]
+        groups = [group_from_event(e.id, e.data, max_len) for e in _events(settings, "ranking", after, until)]
         return [g for g in groups if g is not None][skip:][:limit]
     path = Path(source)
     if not path.is_file():
@@ -81,6 +91,16 @@ def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, 
     if prompt_file is not None:
         prompts += prompts_from_file(prompt_file, tokenizer, max_len)
     return split_prompts(unique(prompts, key_of), key_of, held_out)
+
+
+def served_comparisons(settings: Settings, parent: str, held_out: float, max_prompt_len: int,
+                       until: str | None = None) -> list[Served]:  # fmt: skip
+    """The ranked comparisons `parent` wrote (up to event `until`), as PPO rollouts: each comparison once, none of
+    a held-out prompt (the evaluation's, and the reward model's: those judge the round, so it never trains on them).
+    """
+    served = served_from_events((e.data for e in _events(settings, "ranking", until=until)), max_prompt_len)
+    return [s for s in served if s.policy_version == parent and not is_held_out(s.key, held_out)
+            and not is_rm_held_out(s.key, held_out)]  # fmt: skip
 
 
 def ptx_examples(settings: Settings, tokenizer: Any, ptx_file: Path | None, max_len: int,

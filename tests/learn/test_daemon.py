@@ -73,7 +73,13 @@ def test_rankings_through_the_api_become_a_ready_version(ranked: tuple[Path, red
     assert (info.state, info.parent, info.made_by) == ("ready", "v0001", "ppo")
     assert registry.current()[0] == "v0001"  # auto-promotion is off: an operator decides
     assert info.card["reward_model"] == "r0001" and info.card["iterations"] == 2
-    assert set(info.card["eval"]) == {"before", "after"} and info.card["eval"]["after"]["answers"] > 0
+    assert set(info.card["eval"]) == {"before", "after", "reference_ptx_loss"}
+    assert info.card["eval"]["after"]["answers"] > 0 and "empty" in info.card["eval"]["after"]
+    # PPO took the answers users ranked as rollouts (those of the held-out prompts excepted), and was judged on
+    # the rankings it did not train on.
+    served = int(info.card["rollouts"].split()[0])
+    assert 0 < served < PROMPTS and info.card["rollouts"].endswith("ranked comparisons v0001 wrote")
+    assert set(info.card["agreement"]) == {"agreement", "agreement_pairs"}
     rm_card = json.loads((data / "reward_models" / "r0001" / "card.json").read_text())
     assert rm_card["details"]["prompts"] + rm_card["details"]["held_out_prompts"] == PROMPTS
 

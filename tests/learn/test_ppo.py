@@ -1,78 +1,196 @@
-"""PPO on the tiny random llama: KL is 0 before any update, a known reward rises, the ptx term adds its gradient."""
+"""PPO's boundary between the sequence frame and the answer frame, checked by hand and as a property; and PPO on
+the tiny random llama: KL is 0 before any update, a known reward rises (also with every prompt longer than its
+answer, and not without the reward), the ptx term adds its gradient, the split forward equals the whole one."""
 
 import copy
+import random
 from typing import Any
 
 import pytest
 import torch
 
 from deploy.model_store import ModelStore
-from learn import rl_math
-from learn.ppo import PPOConfig, Rollouts, ValueHead, pack, ppo_step, ptx_loss, sample
+from learn import layers, rl_math
+from learn.ppo import (
+    AdapterOff,
+    Models,
+    PPOConfig,
+    Rollouts,
+    ValueModel,
+    pack,
+    ppo_step,
+    ptx_loss,
+    sample,
+    sequence_reward,
+    token_logprobs,
+)
+from learn.ppo_run import PPO_LORA, iteration_rows
 from learn.sft import load_causal_lm
+
+PAD = 0
+
+
+# -- the boundary: sequence frame -> answer frame ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pack_cuts_the_answers_out_whatever_the_prompt_length_and_padding(side: str) -> None:
+    # Row 0: prompt [1..5] (longer than its answer [6, 7, 8]); row 1: prompt [1, 2], answer [3, 4, 5, 6].
+    packed = pack(Rollouts([[1, 2, 3, 4, 5], [1, 2]], [[6, 7, 8], [3, 4, 5, 6]], [False, True]), PAD, side)
+    assert packed.answer_ids.tolist() == [[6, 7, 8, PAD], [3, 4, 5, 6]]
+    assert packed.mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    if side == "right":  # both rows start at 0: answer token j is predicted from position len(prompt) - 1 + j
+        assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 0, 0]]
+        assert packed.predictors.tolist() == [[4, 5, 6, 0], [1, 2, 3, 4]]
+    else:  # row 1 starts at 8 - 6 = 2
+        assert packed.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 1, 2, 3, 4, 5, 6]]
+        assert packed.predictors.tolist() == [[4, 5, 6, 0], [3, 4, 5, 6]]
+    real = packed.attention_mask[1].bool()
+    assert packed.position_ids[1][real].tolist() == [0, 1, 2, 3, 4, 5]  # positions count real tokens only
+
+    # Per-position log-probabilities in the sequence frame: the one predicting token y is -y / 10, every other
+    # position -99 (it must never be read). Reference 0. Cut out: row 0 -0.6 -0.7 -0.8, row 1 -0.3 -0.4 -0.5 -0.6.
+    logprobs = torch.full(packed.input_ids.shape, -99.0, dtype=torch.float64)
+    for row in range(2):
+        for j, position in enumerate(packed.predictors[row].tolist()[: int(packed.lengths[row])]):
+            logprobs[row, position] = -packed.answer_ids[row, j].item() / 10
+    answers = packed.answers(logprobs)
+    assert torch.allclose(answers, rl_math_t(-0.6, -0.7, -0.8, 0.0, -0.3, -0.4, -0.5, -0.6).view(2, 4))
+    # beta 0.1: rewards -0.1 * KL = +0.06, +0.07, +0.08 and +0.03 ... +0.06; scores 2 and 1 on each answer's last
+    # token (column 2 of row 0, a prompt position in the sequence frame; column 3 of row 1).
+    rewards, _ = rl_math.kl_penalty_rewards(answers, torch.zeros_like(answers), packed.mask.double(), rl_math_t(2, 1),
+                                            beta=0.1)  # fmt: skip
+    assert torch.allclose(rewards, rl_math_t(0.06, 0.07, 2.08, 0.0, 0.03, 0.04, 0.05, 1.06).view(2, 4))
+
+
+def rl_math_t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_an_answers_rewards_advantages_and_returns_do_not_depend_on_its_prompt_or_padding() -> None:
+    rng = random.Random(0)
+
+    def per_token(packed: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence-frame log-probs and values that depend on the answer only: placed at the predicting positions,
+        noise everywhere else."""
+        logprobs = torch.randn(packed.input_ids.shape, dtype=torch.float64) * 50
+        values = torch.randn(packed.input_ids.shape, dtype=torch.float64) * 50
+        for row in range(packed.mask.shape[0]):
+            answer = packed.answer_ids[row].tolist()[: int(packed.lengths[row])]
+            for j, position in enumerate(packed.predictors[row].tolist()[: len(answer)]):
+                logprobs[row, position] = -0.01 * answer[j]
+                values[row, position] = 0.001 * sum(answer[:j])
+        return packed.answers(logprobs), packed.answers(values)
+
+    def figures(rollouts: Rollouts, side: str) -> list[tuple[list[float], list[float], list[float]]]:
+        packed = pack(rollouts, PAD, side)  # type: ignore[arg-type]
+        logprobs, values = per_token(packed)
+        mask = packed.mask.double()
+        scores = torch.tensor([float(sum(a)) / 100 for a in rollouts.responses], dtype=torch.float64)
+        rewards, _ = rl_math.kl_penalty_rewards(logprobs, torch.zeros_like(logprobs), mask, scores, 0.1,
+                                                torch.tensor(rollouts.truncated), -1.0)  # fmt: skip
+        advantages, returns = rl_math.gae(rewards, values, mask, 1.0, 0.95)
+        return [(rewards[b, :n].tolist(), advantages[b, :n].tolist(), returns[b, :n].tolist())
+                for b, n in enumerate(packed.lengths.long().tolist())]  # fmt: skip
+
+    for _ in range(25):
+        answers = [[rng.randrange(1, 99) for _ in range(rng.randrange(1, 9))] for _ in range(4)]
+        truncated = [rng.random() < 0.3 for _ in answers]
+        prompts = [[rng.randrange(1, 99) for _ in range(rng.randrange(1, 30))] for _ in answers]
+        alone = [figures(Rollouts([[7] * 3], [a], [t]), "right")[0] for a, t in zip(answers, truncated, strict=True)]
+        for side in ("right", "left"):
+            batched = figures(Rollouts(prompts, answers, truncated), side)
+            for got, expected in zip(batched, alone, strict=True):
+                for a, b in zip(got, expected, strict=True):
+                    assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_each_iteration_takes_every_item_once_per_pass() -> None:
+    rows = [iteration_rows(10, 4, i, seed=3) for i in range(5)]  # 20 draws: passes 0 and 1 over 10 items
+    flat = [r for batch in rows for r in batch]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert rows == [iteration_rows(10, 4, i, seed=3) for i in range(5)]  # a function of (seed, iteration)
+
+
+# -- PPO on the tiny llama --------------------------------------------------------------------------------------
 
 
 @pytest.fixture
-def models(tiny_store: ModelStore) -> tuple[Any, Any, ValueHead, Any]:
+def parts(tiny_store: ModelStore) -> tuple[Any, Any, ValueModel, Any]:
     torch.manual_seed(0)
     policy, tokenizer = load_causal_lm(tiny_store.path("v0001"))
     reference = copy.deepcopy(policy).eval()
-    value = ValueHead(copy.deepcopy(policy.model), policy.config.hidden_size)
+    value = ValueModel(copy.deepcopy(policy.model), policy.config.hidden_size)
     return policy, reference, value, tokenizer
 
 
-def low_half_share(vocab: int) -> Any:
+def low_half_share(vocab: int, prompt_len: int = 4) -> Any:
     """A known reward: the share of answer tokens from the lower half of the vocabulary."""
 
     def reward(sequences: list[list[int]]) -> torch.Tensor:
-        return torch.tensor([sum(t < vocab // 2 for t in s[4:]) / len(s[4:]) for s in sequences])  # queries: 4 tokens
+        return torch.tensor([sum(t < vocab // 2 for t in s[prompt_len:]) / len(s[prompt_len:]) for s in sequences])
 
     return reward
 
 
-def queries(n: int, seed: int = 0) -> list[list[int]]:
+def queries(n: int, seed: int = 0, length: int = 4) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 300, (4,), generator=generator).tolist() for _ in range(n)]
+    return [torch.randint(3, 300, (length,), generator=generator).tolist() for _ in range(n)]
 
 
-def test_pack_marks_the_positions_that_predict_the_answer() -> None:
-    packed = pack(Rollouts([[5, 6], [7]], [[8, 9, 2], [10]], [False, True]), pad_id=0)
-    assert packed.input_ids.tolist() == [[5, 6, 8, 9, 2], [7, 10, 0, 0, 0]]
-    # Row 0: tokens 8, 9, 2 are predicted from positions 1, 2, 3; row 1: token 10 from position 0.
-    assert packed.response_mask.tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+def models_of(parts: tuple[Any, Any, ValueModel, Any], reward: Any) -> Models:
+    policy, reference, value, tokenizer = parts
+    return Models(policy, reference, value, sequence_reward(reward), tokenizer)
 
 
-def test_kl_is_exactly_zero_before_any_update(models: tuple[Any, Any, ValueHead, Any]) -> None:
-    policy, reference, value, tokenizer = models
+def test_kl_is_exactly_zero_before_any_update(parts: tuple[Any, Any, ValueModel, Any]) -> None:
+    policy, _, _, tokenizer = parts
     rollouts = sample(policy, queries(4), 6, tokenizer.eos_token_id, tokenizer.pad_token_id)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
-    stats = ppo_step(policy, reference, value, low_half_share(len(tokenizer)), rollouts, PPOConfig(epochs=1),
+    stats = ppo_step(models_of(parts, low_half_share(len(tokenizer))), rollouts, PPOConfig(epochs=1),
                      rl_math.FixedKLController(0.1), optimizer, tokenizer.pad_token_id)  # fmt: skip
     assert stats["kl_per_token"] == 0.0 and stats["kl_per_answer"] == 0.0
     assert stats["answer_length"] == pytest.approx(sum(len(r) for r in rollouts.responses) / 4)
 
 
-def test_a_known_reward_rises_while_kl_stays_bounded(models: tuple[Any, Any, ValueHead, Any]) -> None:
-    policy, reference, value, tokenizer = models
-    reward = low_half_share(len(tokenizer))
-    params = list(policy.parameters()) + list(value.head.parameters())
-    optimizer = torch.optim.Adam(params, lr=1e-2)
+def train_on_known_reward(parts: tuple[Any, Any, ValueModel, Any], prompt_len: int, new_tokens: int,
+                          zeroed: bool) -> list[float]:  # fmt: skip
+    """16 PPO iterations on the low-half reward (or on 0: the signal removed); the low-half share of each
+    iteration's sampled answers, measured whatever the training reward."""
+    policy, _, value, tokenizer = parts
+    share = low_half_share(len(tokenizer), prompt_len)
+    trained_on = (lambda s: torch.zeros(len(s))) if zeroed else share
+    models = models_of(parts, trained_on)
+    optimizer = torch.optim.Adam(list(policy.parameters()) + list(value.head.parameters()), lr=5e-3)
     controller = rl_math.AdaptiveKLController(0.05, target=6.0, horizon=10_000)
-    config = PPOConfig(epochs=4, minibatch=8)
-    history = []
+    config, history = PPOConfig(epochs=4, minibatch=8), []
     for step in range(16):
-        rollouts = sample(policy, queries(16, seed=step), 8, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=step)
-        history.append(ppo_step(policy, reference, value, reward, rollouts, config, controller, optimizer,
-                                tokenizer.pad_token_id))  # fmt: skip
-    first = sum(h["reward"] for h in history[:2]) / 2
-    last = sum(h["reward"] for h in history[-3:]) / 3
-    assert last > first + 0.1, [round(h["reward"], 3) for h in history]  # from about 0.55 (chance) upwards
-    assert all(h["kl_per_token"] < 4.0 for h in history)
-    assert {"policy_loss", "value_loss", "clip_fraction", "entropy", "approx_kl", "beta"} <= set(history[-1])
+        rollouts = sample(policy, queries(16, step, prompt_len), new_tokens, tokenizer.eos_token_id,
+                          tokenizer.pad_token_id, seed=step)  # fmt: skip
+        history.append(float(share([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)]).mean()))
+        figures = ppo_step(models, rollouts, config, controller, optimizer, tokenizer.pad_token_id)
+        assert figures["kl_per_token"] < 4.0
+        assert {"policy_loss", "value_loss", "clip_fraction", "entropy", "approx_kl", "beta"} <= set(figures)
+    return history
 
 
-def test_the_ptx_term_adds_its_own_gradient(models: tuple[Any, Any, ValueHead, Any]) -> None:
-    policy, reference, value, tokenizer = models
+@pytest.mark.parametrize(("prompt_len", "new_tokens"), [(4, 8), (12, 4)], ids=["short-prompts", "long-prompts"])
+def test_a_known_reward_rises_while_kl_stays_bounded(parts: tuple[Any, Any, ValueModel, Any], prompt_len: int,
+                                                     new_tokens: int) -> None:  # fmt: skip
+    # long-prompts: every prompt (12 tokens) is longer than its answer (at most 4): the frame the old code lost.
+    history = train_on_known_reward(parts, prompt_len, new_tokens, zeroed=False)
+    first, last = sum(history[:2]) / 2, sum(history[-3:]) / 3
+    assert last > first + 0.1, [round(h, 3) for h in history]  # from about 0.55 (chance) upwards
+
+
+def test_without_the_reward_the_share_does_not_rise(parts: tuple[Any, Any, ValueModel, Any]) -> None:
+    history = train_on_known_reward(parts, 12, 4, zeroed=True)
+    first, last = sum(history[:2]) / 2, sum(history[-3:]) / 3
+    assert last < first + 0.1, [round(h, 3) for h in history]
+
+
+def test_the_ptx_term_adds_its_own_gradient(parts: tuple[Any, Any, ValueModel, Any]) -> None:
+    policy, reference, value, tokenizer = parts
     rollouts = sample(policy, queries(4), 6, tokenizer.eos_token_id, tokenizer.pad_token_id)
     text = torch.tensor([[5, 17, 42, 99, 7]])
     ptx_batch = (text, torch.ones_like(text), text.clone())
@@ -81,35 +199,65 @@ def test_the_ptx_term_adds_its_own_gradient(models: tuple[Any, Any, ValueHead, A
     def grads(coef: float) -> list[torch.Tensor]:
         model = copy.deepcopy(policy)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves .grad and the weights
-        ppo_step(model, reference, copy.deepcopy(value), low_half_share(len(tokenizer)), rollouts,
-                 PPOConfig(**{**one_update.__dict__, "ptx_coef": coef}), rl_math.FixedKLController(0.1), optimizer,
-                 tokenizer.pad_token_id, ptx_batch)  # fmt: skip
+        models = Models(model, reference, copy.deepcopy(value), sequence_reward(low_half_share(len(tokenizer))),
+                        tokenizer)  # fmt: skip
+        ppo_step(models, rollouts, PPOConfig(**{**one_update.__dict__, "ptx_coef": coef}),
+                 rl_math.FixedKLController(0.1), optimizer, tokenizer.pad_token_id, ptx_batch)  # fmt: skip
         return [p.grad.clone() for p in model.parameters()]
 
     without, with_ptx = grads(0.0), grads(0.5)
     model = copy.deepcopy(policy)
-    (ptx_grads := torch.autograd.grad(ptx_loss(model, ptx_batch), list(model.parameters())))
+    # The LM loss of the whole model, written out here: the head on every labelled position.
+    logits = model(input_ids=text).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), text[:, 1:].reshape(-1))
+    assert ptx_loss(model, ptx_batch).item() == pytest.approx(expected.item(), abs=1e-6)
+    ptx_grads = torch.autograd.grad(ptx_loss(model, ptx_batch), list(model.parameters()))
     for a, b, g in zip(without, with_ptx, ptx_grads, strict=True):
         assert torch.allclose(b - a, 0.5 * g, atol=1e-5)
 
 
 def test_answer_logprobs_equal_the_full_forwards_at_the_answer_positions(tiny_store: ModelStore) -> None:
-    from learn.ppo import AdapterOff, token_logprobs
-    from learn.ppo_run import PPO_LORA
-
     rollouts = Rollouts([[5, 6, 7], [8]], [[9, 10, 2], [11, 12]], [False, True])
-    packed = pack(rollouts, pad_id=0)
-    mask = packed.response_mask.bool()
     plain, _ = load_causal_lm(tiny_store.path("v0001"))
     lora, _ = load_causal_lm(tiny_store.path("v0001"), PPO_LORA)
     with torch.no_grad():
         for p in lora.parameters():  # adapters that do something, so that switching them off shows
             if p.requires_grad:
                 p.add_(0.05)
-        full = rl_math.token_logprobs(plain(input_ids=packed.input_ids).logits[:, :-1], packed.input_ids[:, 1:])
-        adapted = rl_math.token_logprobs(lora(input_ids=packed.input_ids).logits[:, :-1], packed.input_ids[:, 1:])
-        for model, expected in ((plain, full), (AdapterOff(lora), full), (lora, adapted)):
-            got = token_logprobs(model, packed)
-            assert torch.allclose(got[mask], expected[mask], atol=1e-5)
-            assert got[~mask].abs().sum() == 0  # nothing outside the answers
-    assert not torch.allclose(adapted[mask], full[mask], atol=1e-3)
+    # By hand, per row: the full forward of the sequence alone, the log-probability of each answer token.
+    expected: dict[str, list[list[float]]] = {"plain": [], "lora": []}
+    with torch.no_grad():
+        for query, answer in zip(rollouts.queries, rollouts.responses, strict=True):
+            ids = torch.tensor([query + answer])
+            for name, model in (("plain", plain), ("lora", lora)):
+                lp = rl_math.token_logprobs(model(input_ids=ids).logits[0, :-1], ids[0, 1:])
+                expected[name].append(lp[len(query) - 1 :].tolist())
+        for side in ("right", "left"):
+            packed = pack(rollouts, PAD, side)  # type: ignore[arg-type]
+            for model, name in ((plain, "plain"), (AdapterOff(lora), "plain"), (lora, "lora")):
+                got = token_logprobs(model, packed)
+                for row, values in enumerate(expected[name]):
+                    assert got[row, : len(values)].tolist() == pytest.approx(values, abs=1e-5), (side, name)
+                assert got[packed.mask == 0].abs().sum() == 0  # nothing outside the answers
+    assert expected["lora"][0] != pytest.approx(expected["plain"][0], abs=1e-3)
+
+
+def test_the_split_forward_equals_the_whole_one_and_trains_only_above(tiny_store: ModelStore) -> None:
+    lora, _ = load_causal_lm(tiny_store.path("v0001"), PPO_LORA, train_layers=1)  # the tiny llama has 2 layers
+    backbone = layers.backbone_of(lora)
+    split = layers.split_point(backbone, 1)
+    assert split == 1
+    trained = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trained and all(".layers.1." in n for n in trained)  # adapters on the upper layer only
+    packed = pack(Rollouts([[5, 6, 7, 8, 9, 10], [8]], [[9, 10, 2], [11, 12]], [False, True]), PAD)
+    assert layers.split_matches(backbone, split, packed.input_ids, packed.attention_mask, packed.position_ids)
+    from learn.ppo import lower_of
+
+    below = lower_of(lora, split, packed)
+    whole = token_logprobs(lora, packed)
+    assert torch.allclose(token_logprobs(lora, packed, split, below), whole, atol=1e-6)
+    plain, _ = load_causal_lm(tiny_store.path("v0001"))
+    assert layers.same_lower(backbone, layers.backbone_of(plain), split)
+    with torch.no_grad():
+        layers.backbone_of(plain).layers[0].mlp.down_proj.weight.add_(0.01)
+    assert not layers.same_lower(backbone, layers.backbone_of(plain), split)

@@ -113,7 +113,7 @@ def test_save_and_load_round_trip_scores_exactly_with_the_offset(tiny_store: Mod
     with torch.no_grad():
         before = score_ids(model, sequences, pad)
     scorer = RewardScorer(folder)
-    after = scorer(sequences)
+    after = scorer.sequences(sequences)
     assert torch.equal(after, before - offset)
     assert float(after.mean()) == pytest.approx(0.0, abs=1e-5)  # the reference's answers average 0
     assert rewards.versions() == ["r0001"]

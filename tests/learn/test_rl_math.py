@@ -117,6 +117,23 @@ def test_whiten() -> None:
 # -- rewards and advantages -------------------------------------------------------------------------------------
 
 
+def test_a_mask_in_the_sequence_frame_is_refused() -> None:
+    # Prompt [1, 2, 3, 4, 5], answer [6, 7, 8] packed as one sequence: the positions predicting the answer are 4-6
+    # of 7, so the mask in the sequence's frame is 0 0 0 0 1 1 1. Read as answer-aligned, "the last token" would be
+    # sum - 1 = 2, a prompt position, and the score would be erased by the mask: refused instead.
+    sequence_frame = t(0, 0, 0, 0, 1, 1, 1).unsqueeze(0)
+    zeros = torch.zeros(1, 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not in the answer frame"):
+        kl_penalty_rewards(zeros, zeros, sequence_frame, t(2.0), beta=0.1)
+    with pytest.raises(ValueError, match="not in the answer frame"):
+        gae(zeros, zeros, sequence_frame, 1.0, 1.0)
+    left_padded = t(0, 1, 1).unsqueeze(0)  # an answer padded on its left: also not the answer frame
+    with pytest.raises(ValueError, match="row 0"):
+        kl_penalty_rewards(torch.zeros(1, 3), torch.zeros(1, 3), left_padded, t(1.0), beta=0.1)
+    with pytest.raises(ValueError, match="row 1"):  # a row with no token: its score has nowhere to go
+        kl_penalty_rewards(torch.zeros(2, 2), torch.zeros(2, 2), t(1, 1, 0, 0).view(2, 2), t(1.0, 1.0), beta=0.1)
+
+
 def test_kl_penalty_rewards_put_the_score_on_the_last_real_token() -> None:
     # KL per token: -1 - (-1.5) = 0.5, 0, -3 - (-2) = -1; beta 0.1: rewards -0.05, 0, +0.1; score 2 on the last.
     logprobs, ref = t(-1.0, -2.0, -3.0).unsqueeze(0), t(-1.5, -2.0, -2.0).unsqueeze(0)

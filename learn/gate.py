@@ -1,0 +1,90 @@
+"""The learner's two verdicts, as pure functions of measured figures: may a reward model steer a PPO round, and
+may a new version replace the one users are served.
+
+The second must not rest on the reward model PPO just optimised against: a policy finds what that model never saw
+(empty and tiny answers, which the served version never wrote and so no ranking punished) and the same model then
+scores the result high. So the version must also (1) not answer empty, loop or get cut more often than the
+version it replaces, nor collapse its answers' length, whatever any model says (learn.degenerate); (2) stay within
+a KL budget of the SFT reference; (3) agree with held-out rankings that neither the reward model nor PPO saw
+(learn.policy_eval.Agreement); and (4) stay as fluent on held-out text as the reference. Only then does a higher
+reward-model score count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from learn.policy_eval import Agreement, PolicyEval
+from learn.reward_model import Evaluation
+
+
+@dataclass(frozen=True)
+class Gate:
+    passed: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_ptx_ratio: float = 1.1  # held-out LM loss at most this times the reference's
+    max_kl: float = 30.0  # per-answer KL to the reference (nats)
+    min_agreement: float = 0.55
+    min_agreement_pairs: int = 20
+    empty_rise: float = 0.02  # shares may rise by at most this much over the replaced version's
+    degenerate_rise: float = 0.05
+    truncated_rise: float = 0.2
+    min_length_ratio: float = 0.5  # mean answer length at least this times the replaced version's
+
+
+def rm_gate(evaluation: Evaluation, min_accuracy: float, min_pairs: int) -> Gate:
+    """A reward model may steer a PPO round when its held-out accuracy is high enough, measured on enough pairs.
+
+    Why the pair count: on a couple of held-out prompts the accuracy is a coin toss (on 8 pairs one answer more or
+    less moves it by 0.125), and a PPO round steered by a reward model no better than chance costs minutes and
+    teaches nothing. Later rounds measure on every held-out prompt so far, so the count grows.
+    """
+    accuracy = evaluation.accuracy
+    if evaluation.pairs < min_pairs:
+        return Gate(False, f"held-out accuracy {accuracy:.3f} measured on {evaluation.pairs} pairs, fewer than "
+                           f"{min_pairs}")  # fmt: skip
+    if not accuracy >= min_accuracy:  # NaN (no held-out pairs yet) does not pass either
+        return Gate(False, f"held-out accuracy {accuracy:.3f} < {min_accuracy} ({evaluation.pairs} pairs)")
+    return Gate(True, f"held-out accuracy {accuracy:.3f} on {evaluation.pairs} pairs")
+
+
+def _shares(before: PolicyEval, after: PolicyEval, limits: Limits) -> Gate | None:
+    checks = (("empty", after.empty, before.empty, limits.empty_rise),
+              ("empty or looping", after.degenerate, before.degenerate, limits.degenerate_rise),
+              ("cut by the length limit", after.truncated, before.truncated, limits.truncated_rise))  # fmt: skip
+    for what, now, was, rise in checks:
+        if now > was + rise:
+            return Gate(False, f"{now:.0%} of its answers are {what} (the current version: {was:.0%})")
+    if after.answer_length < limits.min_length_ratio * before.answer_length:
+        return Gate(False, f"its answers collapsed to {after.answer_length:.1f} tokens on average (the current "
+                           f"version: {before.answer_length:.1f})")  # fmt: skip
+    return None
+
+
+def promotion_gate(before: PolicyEval, after: PolicyEval, agreement: Agreement, limits: Limits,
+                   reference_ptx: float | None = None) -> Gate:  # fmt: skip
+    """May `after` replace `before` (the version users are served)? The first check that fails says why."""
+    degenerate = _shares(before, after, limits)
+    if degenerate is not None:
+        return degenerate
+    if after.kl > limits.max_kl:
+        return Gate(False, f"KL to the reference {after.kl:.1f} exceeds the budget of {limits.max_kl:g}")
+    if agreement.pairs < limits.min_agreement_pairs:
+        return Gate(False, f"only {agreement.pairs} held-out ranked pairs to check it against users (fewer than "
+                           f"{limits.min_agreement_pairs})")  # fmt: skip
+    if not agreement.rate >= limits.min_agreement:
+        return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs (below "
+                           f"{limits.min_agreement:.0%})")  # fmt: skip
+    if after.reward <= before.reward:
+        return Gate(False, f"mean reward {after.reward:.3f} is not above the current version's {before.reward:.3f}")
+    fluency = reference_ptx if reference_ptx is not None else before.ptx_loss
+    if fluency is not None and after.ptx_loss is not None and after.ptx_loss > limits.max_ptx_ratio * fluency:
+        return Gate(False, f"held-out LM loss {after.ptx_loss:.3f} exceeds {limits.max_ptx_ratio}x the reference's "
+                           f"{fluency:.3f}")  # fmt: skip
+    why = (f"mean reward {before.reward:.3f} → {after.reward:.3f}, agrees with {agreement.rate:.0%} of "
+           f"{agreement.pairs} held-out ranked pairs, {after.empty:.0%} empty, KL {after.kl:.1f}")  # fmt: skip
+    return Gate(True, why)

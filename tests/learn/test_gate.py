@@ -1,0 +1,152 @@
+"""The promotion gate does not rest on the reward model alone: degenerate answers, the KL budget, agreement with
+held-out rankings and fluency each refuse a version on their own; and a reward model that loves empty answers
+gets PPO to answer empty, and that version is not promoted."""
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from deploy.model_store import ModelStore
+from deploy.registry import Registry
+from deploy.settings import load_settings
+from learn import degenerate
+from learn.gate import Limits, promotion_gate
+from learn.policy_eval import Agreement, PolicyEval, agreement
+from learn.ppo import Packed, Rollouts
+from learn.ppo_run import RoundConfig
+from learn.reward_model import RewardScorer
+from learn.rm_data import RankedGroup
+from learn.rounds import PPOOptions, ppo_round
+from learn.sft import load_causal_lm
+from tests.learn.test_ppo_round import make_data_dir
+from tests.tiny import tiny_teachable_folder
+
+
+def ev(reward: float = 0.1, ptx: float | None = 2.0, length: float = 40.0, empty: float = 0.0,
+       degenerate_share: float = 0.0, truncated: float = 0.2, kl: float = 3.0) -> PolicyEval:  # fmt: skip
+    return PolicyEval(reward, kl, ptx, length, 32, [], empty, degenerate_share, truncated)
+
+
+AGREES = Agreement(0.7, 40)
+
+
+def test_a_better_version_passes() -> None:
+    verdict = promotion_gate(ev(0.1), ev(0.3, 2.1), AGREES, Limits(), reference_ptx=2.0)
+    assert verdict.passed, verdict.why
+    assert verdict.why == "mean reward 0.100 → 0.300, agrees with 70% of 40 held-out ranked pairs, 0% empty, KL 3.0"
+
+
+@pytest.mark.parametrize(
+    ("after", "why"),
+    [
+        (ev(5.0, empty=0.25), "25% of its answers are empty (the current version: 0%)"),
+        (ev(5.0, degenerate_share=0.1), "10% of its answers are empty or looping (the current version: 0%)"),
+        (ev(5.0, truncated=0.5), "50% of its answers are cut by the length limit (the current version: 20%)"),
+        (ev(5.0, length=12.0), "its answers collapsed to 12.0 tokens on average (the current version: 40.0)"),
+        (ev(5.0, kl=31.0), "KL to the reference 31.0 exceeds the budget of 30"),
+        (ev(0.1), "mean reward 0.100 is not above the current version's 0.100"),
+        (ev(5.0, ptx=2.3), "held-out LM loss 2.300 exceeds 1.1x the reference's 2.000"),
+    ],
+)
+def test_each_check_refuses_on_its_own_however_high_the_reward(after: PolicyEval, why: str) -> None:
+    # A reward of 5.0 against 0.1: the reward model alone would promote every one of these.
+    verdict = promotion_gate(ev(0.1), after, AGREES, Limits(), reference_ptx=2.0)
+    assert not verdict.passed and verdict.why == why
+
+
+def test_the_rankings_users_held_out_must_agree_and_be_enough() -> None:
+    few = promotion_gate(ev(0.1), ev(5.0), Agreement(0.9, 10), Limits())
+    assert not few.passed and few.why == "only 10 held-out ranked pairs to check it against users (fewer than 20)"
+    against = promotion_gate(ev(0.1), ev(5.0), Agreement(0.5, 60), Limits())
+    assert not against.passed and against.why == "it agrees with 50% of 60 held-out ranked pairs (below 55%)"
+    assert not promotion_gate(ev(0.1), ev(5.0), Agreement(float("nan"), 0), Limits(min_agreement_pairs=0)).passed
+
+
+def test_fluency_is_measured_against_the_reference_not_the_drifting_parent() -> None:
+    # The parent already drifted to 2.2; 2.3 is within 1.1x of it but not of the reference's 2.0.
+    assert promotion_gate(ev(0.1, ptx=2.2), ev(0.3, ptx=2.3), AGREES, Limits()).passed
+    assert not promotion_gate(ev(0.1, ptx=2.2), ev(0.3, ptx=2.3), AGREES, Limits(), reference_ptx=2.0).passed
+
+
+# -- degenerate answers -------------------------------------------------------------------------------------------
+
+
+def test_degenerate_answers_by_hand() -> None:
+    assert degenerate.kind("  \n", [2]) == "empty"
+    # 16 tokens looping "1 2 3 4": 13 4-grams, of which the first 4 are new and 9 repeat: 9/13 = 0.69 >= 0.5.
+    loop = [1, 2, 3, 4] * 4
+    assert degenerate.repeated_share(loop) == pytest.approx(9 / 13)
+    assert degenerate.kind("one two three four " * 4, loop) == "loop"
+    # 12 distinct tokens: no 4-gram repeats.
+    assert degenerate.repeated_share(list(range(12))) == 0.0
+    assert degenerate.kind("a fine answer", list(range(12))) is None
+    assert degenerate.kind("yes yes yes", [7, 7, 7]) is None  # too short to call a loop
+    shares = degenerate.shares(["", "fine", "x", "loop"], [[2], [5, 6], [9], loop], [False, False, True, True])
+    assert (shares.empty, shares.degenerate, shares.truncated) == (0.25, 0.5, 0.5)
+
+
+# -- agreement with held-out rankings -----------------------------------------------------------------------------
+
+
+def test_agreement_counts_the_pairs_the_new_policy_moved_towards_the_users_choice(tiny_store: ModelStore) -> None:
+    parent, _ = load_causal_lm(tiny_store.path("v0001"))
+    policy, _ = load_causal_lm(tiny_store.path("v0001"))
+    bias = torch.zeros(policy.config.vocab_size)
+    bias[30] = 3.0  # the new policy likes token 30 more than its parent did, everywhere
+    original = policy.lm_head.forward
+    policy.lm_head.forward = lambda hidden: original(hidden) + bias  # type: ignore[method-assign]
+    prompt = [5, 6, 7]
+    with_30, without = [*prompt, 30, 31, 2], [*prompt, 40, 41, 2]
+    groups = [
+        RankedGroup("a", [with_30, without], [[0], [1]], answer_lens=(3, 3)),  # users preferred token 30: agrees
+        RankedGroup("b", [without, with_30, without], [[0], [1, 2]], answer_lens=(3, 3, 3)),  # against, and a tie
+    ]
+    found = agreement(policy, parent, groups, pad=0)
+    # Pairs: (a: 0 over 1) agrees; (b: 0 over 1) disagrees; (b: 0 over 2): the same answer, no shift: a tie (0.5).
+    assert found.pairs == 3 and found.rate == pytest.approx((1 + 0 + 0.5) / 3)
+    assert agreement(parent, parent, groups, pad=0).rate == 0.5  # no move at all: every pair a tie
+
+
+# -- a reward model that loves empty answers ----------------------------------------------------------------------
+
+
+class LovesEmpty(RewardScorer):
+    """A scripted reward model: the fewer tokens the better, an answer of the end-of-turn token alone best."""
+
+    def __call__(self, rollouts: Rollouts, packed: Packed, below: torch.Tensor | None) -> torch.Tensor:
+        return 1.0 - packed.lengths.float()
+
+
+@pytest.mark.usefixtures("redis_server")
+def test_a_version_that_answers_empty_for_its_reward_model_is_not_promoted(
+    tmp_path: Path, redis_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from learn.daemon import Learner
+
+    monkeypatch.setattr("learn.ppo_run.RewardScorer", LovesEmpty)
+    # The tiny llama taught to end its answers after 1 to 12 words: ending at once is a step away.
+    prompts = [f"write a short poem about the sea {i}" for i in range(30)]
+    data = make_data_dir(tmp_path, policy=tiny_teachable_folder(tmp_path / "teachable", prompts))
+    settings = load_settings(data_dir=data, redis_url=redis_server.url, learn_threads=1, learn_auto_promote=True,
+                             learn_min_agreement_pairs=0, learn_min_agreement=0.0)  # fmt: skip
+    config = RoundConfig(iterations=8, prompts_per_iteration=8, max_new_tokens=8, lr=3e-2, rollouts="sampled",
+                         train_layers=0)  # fmt: skip
+    result = ppo_round(settings, config, PPOOptions(prompt_file=tmp_path / "prompts.jsonl", eval_samples=2),
+                       show_progress=False)  # fmt: skip
+    # PPO did what its reward model asked: shorter answers, many of them empty, a higher mean reward ...
+    assert result.after.empty >= 0.25 > result.before.empty, (result.before, result.after)
+    assert result.after.reward > result.before.reward
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    registry = Registry(client)
+    registry.register("v0001", None, "import", 0.0, {})
+    registry.switch("v0001", None, "promote", "test", "start")
+    outcome = Learner(settings, client)._finish(result)
+    # ... and the gate, which the reward model alone would have passed, refuses it: it stays `ready`.
+    assert outcome == "ready v0002"
+    assert registry.current()[0] == "v0001"
+    status = json.loads(client.get("rankloop:learner:status"))
+    assert "of its answers are empty (the current version: 0%)" in status["last_round"]["gate"]
