@@ -15,18 +15,18 @@ from rich.live import Live
 from deploy.model_store import ModelStore, StoreError
 from feedback.preferences import PreferenceError, load_scorer
 from learn.data import DataError
+from learn.prompts import DEFAULT_PROMPTS as PROMPT_SET
 from rankloop.console import fail, settings_or_exit, training_settings_or_exit
 
 console = Console(stderr=True)
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEFAULT_PROMPTS = (SHARED / "mt-bench-questions.jsonl", SHARED / "alpaca-seed-tasks.jsonl")
+DEFAULT_PROMPTS = (PROMPT_SET,)
 
 PreferenceOption = Annotated[
     str, typer.Option(help="concise, enthusiastic, keyword:WORD, or module:function (a (prompt, answer) -> float).")
 ]
 PromptsOption = Annotated[
     list[Path] | None,
-    typer.Option("--prompts", help="Prompt files (JSONL); default: MT-bench first turns and the Alpaca seed tasks."),
+    typer.Option("--prompts", help="Prompt files (JSONL); default: rankloop's own prompt set (320 prompts)."),
 ]
 
 
