@@ -56,7 +56,7 @@ class Plan:
     rate: float = 0.0  # rankings per second over all users; 0: as fast as the server answers
     duration_s: float = 60.0
     max_rankings: int | None = None  # stop once this many rankings are in (whichever comes first)
-    max_tokens: int = 64
+    max_tokens: int | None = None  # None: the server's default length
     temperature: float = 1.0
     seed: int = 0
     seeded_sampling: bool = False  # each request carries a seed from the user's RNG: with one user, a rerun repeats
@@ -86,7 +86,9 @@ async def one_user(user: int, plan: Plan, http: httpx.AsyncClient, pacer: Pacer,
     while time.monotonic() < deadline and (plan.max_rankings is None or tally.rankings < plan.max_rankings):
         await pacer.wait()
         messages = rng.choice(plan.prompts)
-        request = {"messages": messages, "n": plan.k, "max_tokens": plan.max_tokens, "temperature": plan.temperature}
+        request: dict[str, object] = {"messages": messages, "n": plan.k, "temperature": plan.temperature}
+        if plan.max_tokens is not None:
+            request["max_tokens"] = plan.max_tokens
         if plan.seeded_sampling:
             request["seed"] = rng.randrange(2**31)
         try:

@@ -64,6 +64,7 @@ class Learner:
         self.registry = Registry(redis)
         self.store = ModelStore(settings.store_dir)
         self.rewards = ModelStore(settings.reward_store_dir, prefix="r")
+        self.rm_seconds = 0.0  # the reward-model round before the PPO round in flight, for its summary
 
     def publish(self, phase: str, detail: str, **extra: Any) -> None:
         status = {"phase": phase, "detail": detail, "updated": time.time(), **extra}
@@ -89,6 +90,7 @@ class Learner:
             return "waiting"
         self.publish("reward model", f"training on {new} new rankings" + (f" from {latest}" if latest else ""))
         rm = rm_round(self.settings, rm_options(self.settings, latest), show_progress=self.show_progress)
+        self.rm_seconds = rm.seconds
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
         verdict = rm_gate(rm.evaluation, self.settings.learn_min_rm_accuracy, self.settings.learn_min_rm_heldout_pairs)
         if not verdict.passed:
@@ -100,6 +102,9 @@ class Learner:
         return self._ppo(str(current), rm.version)
 
     def _ppo(self, parent: str, reward: str) -> str:
+        def phase(saying: str) -> None:
+            self.publish("ppo", f"{saying} (from {parent} with {reward})")
+
         config = round_config(self.settings)
 
         def step(iteration: int, of: int, figures: dict[str, float]) -> None:
@@ -111,7 +116,8 @@ class Learner:
         settings = self.settings
         options = PPOOptions(parent=parent, reward=reward, prompt_file=settings.learn_prompt_file,
                              ptx_file=settings.learn_ptx_file, bf16=use_bf16(settings.learn_bf16))  # fmt: skip
-        result = ppo_round(self.settings, config, options, on_step=step, show_progress=self.show_progress)
+        result = ppo_round(self.settings, config, options, on_step=step, show_progress=self.show_progress,
+                           on_phase=phase)  # fmt: skip
         return self._finish(result)
 
     def _finish(self, result: PPOResult) -> str:
@@ -125,9 +131,12 @@ class Learner:
                     expected=result.parent)  # fmt: skip
             outcome = "promoted"
         metrics.ROUNDS.labels(outcome).inc()
+        seconds = {"reward_model": self.rm_seconds, **result.seconds} if self.rm_seconds else dict(result.seconds)
+        self.rm_seconds = 0.0
         summary = {"version": card.version, "parent": result.parent, "outcome": outcome, "gate": verdict.why,
                    "passed": verdict.passed, "before": _brief(result.before), "after": _brief(result.after),
-                   **result.agreement.figures()}  # fmt: skip
+                   **result.agreement.figures(), "seconds": seconds}  # fmt: skip
+        metrics.observe_round(seconds, {**_brief(result.after), "agreement": result.agreement.rate})
         self.publish("waiting", f"{card.version} {outcome} ({verdict.why})", last_round=summary)
         return f"{outcome} {card.version}"
 

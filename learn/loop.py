@@ -19,6 +19,7 @@ from torch import Tensor
 from learn.trainlog import MetricsLog, step_progress
 
 StepFn = Callable[[list[int]], tuple[Tensor, dict[str, float]]]  # batch of item indices -> (loss, figures)
+StepHook = Callable[[int, int], None]  # (steps taken, steps in the run), after each optimiser step
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,10 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], config: LoopConfig, tot
 
 def run_loop(
     model: torch.nn.Module, n_items: int, step_fn: StepFn, config: LoopConfig, log: MetricsLog,
-    description: str, checkpoint: Path | None = None, show_progress: bool = True,
+    description: str, checkpoint: Path | None = None, show_progress: bool = True, on_step: StepHook | None = None,
 ) -> LoopResult:  # fmt: skip
-    """Train `model` over `n_items` items with `step_fn` computing each batch's loss; resume from `checkpoint`."""
+    """Train `model` over `n_items` items with `step_fn` computing each batch's loss; resume from `checkpoint`.
+    `on_step` sees each step taken (a benchmark measures the model there), with the model back in eval mode."""
     batches = schedule(n_items, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, config, len(batches))
@@ -96,6 +98,10 @@ def run_loop(
             every = config.checkpoint_every
             if checkpoint is not None and (step + 1 == end or (every and (step + 1) % every == 0)):
                 save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1)
+            if on_step is not None:
+                model.eval()
+                on_step(step + 1, len(batches))
+                model.train()
     model.eval()
     return result
 

@@ -24,6 +24,17 @@ PPO_ITERATIONS = Counter("rankloop_learn_ppo_iterations", "PPO iterations run.",
 RM_ACCURACY = Gauge("rankloop_learn_rm_heldout_accuracy", "Latest reward model's held-out pairwise accuracy.",
                     registry=REGISTRY)  # fmt: skip
 ROUNDS = Counter("rankloop_learn_rounds", "Learning rounds by outcome.", ["outcome"], registry=REGISTRY)
+ROUND_SECONDS = Gauge("rankloop_learn_round_seconds", "Seconds the last round spent in each phase.", ["phase"],
+                      registry=REGISTRY)  # fmt: skip
+CANDIDATE = {
+    "agreement": "Share of held-out ranked pairs the last new version agreed with (vs its parent).",
+    "empty": "Share of the last new version's evaluation answers that are empty.",
+    "degenerate": "Share of the last new version's evaluation answers that are empty or loop.",
+    "truncated": "Share of the last new version's evaluation answers cut by the length limit.",
+    "kl": "The last new version's per-answer KL to the SFT reference.",
+}
+CANDIDATE_GAUGES = {name: Gauge(f"rankloop_learn_candidate_{name}", doc, registry=REGISTRY)
+                    for name, doc in CANDIDATE.items()}  # fmt: skip
 
 
 def observe_ppo(figures: dict[str, float]) -> None:
@@ -31,6 +42,14 @@ def observe_ppo(figures: dict[str, float]) -> None:
     for name, gauge in PPO.items():
         if name in figures:
             gauge.set(figures[name])
+
+
+def observe_round(seconds: dict[str, float], candidate: dict[str, float]) -> None:
+    for phase, value in seconds.items():
+        ROUND_SECONDS.labels(phase).set(value)
+    for name, gauge in CANDIDATE_GAUGES.items():
+        if name in candidate:
+            gauge.set(candidate[name])
 
 
 def serve_metrics(host: str, port: int) -> None:

@@ -394,7 +394,9 @@ def sample(policy: Any, queries: Sequence[list[int]], max_new_tokens: int, eos_i
         ids[row, width - len(query) :] = torch.tensor(query)
         mask[row, width - len(query) :] = 1
     torch.manual_seed(seed)
-    with torch.no_grad():
+    # Generation in fp32 even inside a bf16 round: its products are one token wide, where bf16 does not pay (16
+    # answers of 256 tokens from SmolLM2 on one AMX core: 80 s fp32, 110 s bf16).
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
         out = policy.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,

@@ -22,7 +22,7 @@ from deploy.model_store import Card, ModelStore
 from feedback.ranking import pairs
 from learn import layers
 from learn.data import right_pad
-from learn.loop import LoopConfig, LoopResult, run_loop
+from learn.loop import LoopConfig, LoopResult, StepHook, run_loop
 from learn.rl_math import kwise_ranking_loss, pack_rankings, pairwise_accuracy
 from learn.rm_data import RankedGroup
 from learn.sft import LoraOptions, training_dtype
@@ -132,15 +132,18 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int = 8) -> Evaluation:
-    """Pairwise accuracy (over all pairs), mean K-wise loss (over prompts), and the scores' mean and std."""
+def evaluate(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int = 8, split: int = 0,
+             lowers: Sequence[Sequence[Tensor]] | None = None) -> Evaluation:  # fmt: skip
+    """Pairwise accuracy (over all pairs), mean K-wise loss (over prompts), and the scores' mean and std.
+    `lowers`: each group's answers' lower hidden states (as `train_reward_model` takes them)."""
     model.eval()
     correct = total = 0.0
     losses: list[float] = []
     all_scores: list[Tensor] = []
     for start in range(0, len(groups), batch):
         chunk = groups[start : start + batch]
-        loss, accuracy, scores = group_loss(model, chunk, pad_id)
+        below = None if lowers is None else [h for g in lowers[start : start + batch] for h in g]
+        loss, accuracy, scores = group_loss(model, chunk, pad_id, split=split if below else 0, lowers=below)
         n_pairs = sum(len(pairs(g.tiers)) for g in chunk)
         if n_pairs:
             correct += float(accuracy) * n_pairs
@@ -204,17 +207,19 @@ class RewardScorer:
 def train_reward_model(
     model: Any, tokenizer: Any, train: Sequence[RankedGroup], held_out: Sequence[RankedGroup], config: LoopConfig,
     log: MetricsLog, checkpoint: Path | None = None, show_progress: bool = True,
+    lowers: Sequence[Sequence[Tensor]] | None = None, on_step: StepHook | None = None,
 ) -> tuple[LoopResult, Evaluation]:  # fmt: skip
     """Train on whole prompts (`config.batch_size` prompts per step), then evaluate on the held-out prompts.
 
     Where only the upper layers train (`load_reward_model`'s `train_layers`), each answer's lower hidden states are
-    computed once before the first step and every step runs the upper layers only."""
+    computed once before the first step (or given: `lowers`, per group) and every step runs the upper layers only.
+    """
     if not train:
         raise ValueError("no ranked prompts to train on")
     pad = int(tokenizer.pad_token_id)
     split = frozen_below(model)
-    cached: list[list[Tensor]] | None = None
-    if split:
+    cached = list(lowers) if lowers is not None and split else None
+    if split and cached is None:
         flat = compute_lowers(model, [a for g in train for a in g.answers], pad, split)
         offsets = [0, *itertools.accumulate(len(g.answers) for g in train)]
         cached = [flat[offsets[i] : offsets[i + 1]] for i in range(len(train))]
@@ -225,7 +230,7 @@ def train_reward_model(
         return loss, {"accuracy": float(accuracy), "score_mean": float(scores.mean()),
                       "score_std": float(scores.std()) if scores.numel() > 1 else 0.0}  # fmt: skip
 
-    result = run_loop(model, len(train), step, config, log, "reward model", checkpoint, show_progress)
+    result = run_loop(model, len(train), step, config, log, "reward model", checkpoint, show_progress, on_step)
     evaluation = evaluate(model, held_out, pad) if held_out else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
     log.write(result.steps, **evaluation.figures())
     return result, evaluation

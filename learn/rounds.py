@@ -5,6 +5,7 @@ and a PPO round from a policy version to a new one. Each writes a new version to
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from learn.sources import FEEDBACK, last_event_id, load_groups, ptx_examples, ro
 from learn.trainlog import MetricsLog, step_progress
 
 StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figures)
+PhaseHook = Callable[[str], None]  # what a round starts doing now, in a few words
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,12 @@ class RMResult:
     evaluation: Evaluation
     train_prompts: int
     card: Card
+    seconds: float
 
 
 def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True) -> RMResult:
     """Train (or continue) the reward model; evaluate on every held-out prompt, old and new."""
+    started = time.perf_counter()
     from learn.reward_model import load_reward_model, reference_offset, save_reward_model, train_reward_model
 
     policies, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
@@ -93,7 +97,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
                     offset=offset, offset_basis=basis, last_event_id=last_event, bf16=options.bf16,
                     train_layers=options.train_layers)  # fmt: skip
     save_reward_model(model, tokenizer, rewards, card, offset, basis)
-    return RMResult(version, evaluation, len(train), card)
+    return RMResult(version, evaluation, len(train), card, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -120,18 +124,34 @@ class PPOResult:
     reference_ptx: float | None  # the SFT reference's held-out LM loss, the fluency bar
     card: Card
     resumed_at: int
+    seconds: dict[str, float]  # where the round's time went: load, evaluate_before, iterations, evaluate_after, ...
 
 
 def ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_step: StepHook | None = None,
-              show_progress: bool = True) -> PPOResult:  # fmt: skip
+              show_progress: bool = True, on_phase: PhaseHook | None = None) -> PPOResult:  # fmt: skip
     """A PPO round from `options.parent` into a new policy version; resumes an interrupted round of the same
     parent, reward model and configuration from its checkpoint."""
     with autocast(options.bf16):
-        return _ppo_round(settings, config, options, on_step, show_progress)
+        return _ppo_round(settings, config, options, on_step, show_progress, Clock(on_phase))
+
+
+class Clock:
+    """The seconds each phase of a round took, and a word to whoever watches when the next one starts."""
+
+    def __init__(self, on_phase: PhaseHook | None) -> None:
+        self.on_phase, self.seconds = on_phase, {}  # type: ignore[var-annotated]
+        self.phase, self.since = "load", time.perf_counter()
+
+    def next(self, phase: str, saying: str = "") -> None:
+        now = time.perf_counter()
+        self.seconds[self.phase] = self.seconds.get(self.phase, 0.0) + now - self.since
+        self.phase, self.since = phase, now
+        if saying and self.on_phase is not None:
+            self.on_phase(saying)
 
 
 def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_step: StepHook | None,
-               show_progress: bool) -> PPOResult:  # fmt: skip
+               show_progress: bool, clock: Clock) -> PPOResult:  # fmt: skip
     store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     parent, reference = options.parent or store.current(), store.reference()
     reward = options.reward or next(reversed(rewards.versions()), None)
@@ -166,6 +186,7 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
     resumed = trainer.resume(checkpoint, meta)
     answers = AnswerCache(settings.data_dir / "evals" / "answers")
     before_file = checkpoint.with_suffix(".before.json")
+    clock.next("evaluate_before", f"evaluating {parent}")
     if resumed and before_file.is_file():
         before = PolicyEval(**json.loads(before_file.read_text()))
     else:  # the policy is still its parent here: the parent's answers (kept from when it was made, if it was)
@@ -176,6 +197,7 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
     run = f"{parent}-ppo-{reward}"
     metrics = settings.data_dir / "runs" / f"{run}.jsonl"
     start = trainer.iteration
+    clock.next("iterations")
     with MetricsLog(metrics) as log, step_progress(f"PPO from {parent}", config.iterations - start,
                                                    show_progress) as progress:  # fmt: skip
         for _ in range(start, config.iterations):
@@ -185,10 +207,12 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
             progress.advance(reward=figures["reward"], kl=figures["kl_per_answer"], beta=figures["beta"])
             if on_step is not None:
                 on_step(trainer.iteration, config.iterations, figures)
+    clock.next("evaluate_after", "evaluating the new version")
     after, after_answers = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens,
                                            options.eval_samples)  # fmt: skip
     judged = judge_on_held_out_rankings(settings, models, store.path(parent), config, until)
     reference_ptx = held_out_lm_loss(models.reference, models.tokenizer, ptx_held)
+    clock.next("publish", "writing the new version")
     version = store.next_version()
     card = Card(version=version, parent=parent, made_by="ppo", details={
         "reward_model": reward, "reference": reference, "iterations": config.iterations, "bf16": options.bf16,
@@ -203,7 +227,8 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
     answers.put(version, after_answers)  # when this version is the one replaced, its answers are known
     checkpoint.unlink(missing_ok=True)
     before_file.unlink(missing_ok=True)
-    return PPOResult(version, parent, before, after, judged, reference_ptx, card, start)
+    clock.next("done")
+    return PPOResult(version, parent, before, after, judged, reference_ptx, card, start, clock.seconds)
 
 
 def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> tuple[list[Prompt], str]:

@@ -48,7 +48,10 @@ def simulate(
     rate: Annotated[float, typer.Option(min=0.0, help="Rankings per second, all users together; 0: no limit.")] = 0.0,
     duration: Annotated[float, typer.Option(min=1.0, help="Seconds to run.")] = 600.0,
     rankings: Annotated[int | None, typer.Option(min=1, help="Stop after this many rankings.")] = None,
-    max_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Answer length limit; default: the server's (RANKLOOP_DEFAULT_MAX_TOKENS)."),
+    ] = None,
     prompts: PromptsOption = None,
     url: Annotated[str | None, typer.Option(help="The server (default: this machine's, from the settings).")] = None,
     seed: int = 0,
@@ -85,7 +88,10 @@ def evaluate(
     b: Annotated[str, typer.Argument(help="Version to judge it against (e.g. v0001).")] = "v0001",
     preference: PreferenceOption = "concise",
     samples: Annotated[int, typer.Option(min=1, help="Answers per prompt from each version.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option(min=1, help="Answer length limit (default: the server's default, RANKLOOP_DEFAULT_MAX_TOKENS)."),
+    ] = 0,
     prompts: PromptsOption = None,
     seed: int = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -104,7 +110,8 @@ def evaluate(
         raise fail(exc) from exc
     if not held:
         raise fail("no held-out prompts in the prompt files: pass more prompts")
-    result = compare(*folders, (a, b), preference, scorer, held, samples, max_new_tokens, seed, console.print)
+    limit = max_new_tokens or settings.default_max_tokens
+    result = compare(*folders, (a, b), preference, scorer, held, samples, limit, seed, console.print)
     path = save(result, settings.data_dir)
     if as_json:
         print(result.to_json())

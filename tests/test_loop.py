@@ -86,6 +86,6 @@ def test_simulated_users_teach_the_served_model_to_be_concise(loop: Loop, redis_
     assert current != "v0001", outcomes
     store = ModelStore(settings.store_dir)
     result = compare(store.path(str(current)), store.path("v0001"), (str(current), "v0001"), "concise", concise,
-                     loop.held, per_prompt=16, max_new_tokens=16)  # fmt: skip
+                     loop.held, per_prompt=16, max_new_tokens=16, engine="hf")  # fmt: skip
     assert result.length_a < result.length_b, (outcomes, result)
     assert result.win_rate.significant(), (outcomes, result.win_rate)
