@@ -106,10 +106,13 @@ def judged(env: dict[str, str], current: str, preference: str, samples: int) -> 
 
 
 def learning_figures(data: Path, current: str) -> dict[str, Any]:
-    """The latest reward model's held-out accuracy and the served version's held-out LM loss against v0001's."""
+    """The reward models' held-out accuracy, every round's outcome and phases, and the served version's held-out LM
+    loss against v0001's."""
     settings = load_settings(data_dir=data)
     store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     figures: dict[str, Any] = {"reward_models": rewards.versions(), "policies": store.versions()}
+    rounds = data / "runs" / "rounds.jsonl"
+    figures["rounds"] = [json.loads(line) for line in rounds.read_text().splitlines()] if rounds.is_file() else []
     accuracies = [rewards.card(r).details.get("eval", {}).get("accuracy") for r in rewards.versions()]
     figures["rm_accuracy"] = accuracies
     phases: dict[str, float] = {}
@@ -162,7 +165,7 @@ def main() -> None:
                         help="finish the last run's cut-off round (within MINUTES, no users)")  # fmt: skip
     args = parser.parse_args()
     settings = {**DEFAULT_SETTINGS, **dict(item.split("=", 1) for item in args.set)}
-    data = REPO / "var" / f"demo-{args.preference.replace(':', '-')}"
+    data = REPO / "var" / f"demo-{label(args.preference, settings)}"
     if args.report_only:
         report(json.loads((data / "demo.json").read_text()), data)
         return
@@ -188,9 +191,14 @@ def main() -> None:
             stop_group(simulate, grace_s=10)
     result = judged(env, current, args.preference, args.samples) if current != "v0001" else None
     figures = learning_figures(data, current)
+    # The newest version made, when it is not the one served (a control's rounds may make versions the gate
+    # refuses): judged too, so that what PPO learned shows whether or not it went live.
+    newest = figures["policies"][-1] if figures["policies"] else "v0001"
+    latest = judged(env, newest, args.preference, args.samples) if newest not in (current, "v0001") else None
     subprocess.run([*RANKLOOP, "report"], env=env, check=False, capture_output=True)
     record = {"settings": settings, "args": vars(args), "current": current, "timeline": timeline.entries,
-              "eval": result, "date": str(datetime.date.today()), "machine": machine(), **figures}  # fmt: skip
+              "eval": result, "newest": newest, "newest_eval": latest, "date": str(datetime.date.today()),
+              "machine": machine(), **figures}  # fmt: skip
     (data / "demo.json").write_text(json.dumps(record, indent=1))
     report(record, data)
 
@@ -231,7 +239,35 @@ def outcome(name: str, when: str, current: str, result: dict[str, Any] | None, f
         total = sum(phases.values())
         lines.append("- PPO iterations: " + ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min ({v / total:.0%})"
                                                        for k, v in phases.items()))  # fmt: skip
+    return lines + rounds_table(figures.get("rounds", []))
+
+
+PHASES = ("reward_model", "load", "evaluate_before", "iterations", "evaluate_after", "publish")
+
+
+def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
+    """One row per learning round: its outcome, what the gate said, its answers' shares and where its time went."""
+    if not rounds:
+        return []
+    lines = ["", "| round | outcome | reward model held-out accuracy (pairs) | new version: empty / degenerate / cut, "
+             "length (tokens) | agreement (pairs) | minutes: " + ", ".join(PHASES) + " | total | gate |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for n, r in enumerate(rounds, start=1):
+        seconds = r.get("seconds", {})
+        after = r.get("after")
+        shares = (f"{after['empty']:.0%} / {after['degenerate']:.0%} / {after['truncated']:.0%}, "
+                  f"{after['answer_length']:.0f}") if after else "-"  # fmt: skip
+        agreement = f"{r['agreement']:.2f} ({r['agreement_pairs']:.0f})" if "agreement" in r else "-"
+        phases = ", ".join(f"{seconds.get(p, 0) / 60:.1f}" for p in PHASES)
+        accuracy = f"{r.get('rm_accuracy', float('nan')):.3f} ({r.get('rm_pairs', 0):.0f})"
+        lines.append(f"| {n}: {r.get('version', r.get('reward_model'))} | {r['outcome']} | {accuracy} | {shares} | "
+                     f"{agreement} | {phases} | {sum(seconds.values()) / 60:.1f} | {r.get('gate', '')} |")  # fmt: skip
     return lines
+
+
+def label(preference: str, settings: dict[str, str]) -> str:
+    """A run's name: the preference, and `-control` where PPO's reward was replaced by 0."""
+    return preference.replace(":", "-") + ("-control" if settings.get("LEARN_REWARD") == "zero" else "")
 
 
 def report(record: dict[str, Any], data: Path) -> None:
@@ -239,12 +275,17 @@ def report(record: dict[str, Any], data: Path) -> None:
     args, settings, current, result = record["args"], record["settings"], record["current"], record["eval"]
     name, minutes = args["preference"], args["minutes"]
     sets = " ".join(f"--set {k}={v}" for k, v in settings.items() if k not in DEFAULT_SETTINGS)
-    lines = [f"## The whole loop: `{name}` users for {minutes:g} minutes", "",
+    control = " (control: PPO's reward-model score replaced by 0)" if settings.get("LEARN_REWARD") == "zero" else ""
+    lines = [f"## The whole loop: `{name}` users for {minutes:g} minutes{control}", "",
              f"Date: {record['date']}; machine: {record['machine']}.", "",
              f"Command: `.venv/bin/python bench/loop_demo.py --preference {name} --minutes {minutes:g} --noise "
              f"{args['noise']} --users {args['users']} --rate {args['rate']} {sets}`", "",
              "Settings: " + ", ".join(f"RANKLOOP_{k}={v}" for k, v in settings.items()), ""]  # fmt: skip
     lines += outcome(name, f"within {minutes:g} minutes", current, result, record)
+    if record.get("newest_eval"):
+        rate = record["newest_eval"]["win_rate"]
+        lines.append(f"- The newest version, {record['newest']} (not served), against v0001: {rate['rate']:.1%} (95% "
+                     f"{rate['low']:.1%}-{rate['high']:.1%}).")  # fmt: skip
     lines += ["", "Where the time went:", "", *compact(record["timeline"])]
     late = record.get("finish")
     if late is not None:  # `--finish`: the cut-off round, finished after the window
@@ -259,7 +300,7 @@ def report(record: dict[str, Any], data: Path) -> None:
         for example in result["examples"][:3]:
             lines.append(f"- {example['prompt']!r}: {example['a']!r} | {example['b']!r}")
     lines += ["", f"Data, logs and the HTML report (report/index.html): {data.relative_to(REPO)}/ (not committed)."]
-    write_section(f"loop-{name}", "\n".join(lines))
+    write_section(f"loop-{label(name, settings)}", "\n".join(lines))
 
 
 if __name__ == "__main__":

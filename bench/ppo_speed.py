@@ -1,11 +1,17 @@
 """PPO iteration speed on SmolLM2-135M: where an iteration's time goes (generation, scoring, forward/backward and
-the rest), the share of time outside model compute, and the rollout path (HF `generate` in the learner, which PPO
-uses) beside a vLLM engine in the learner process that would have to reload the weights after every update.
+the rest) and the share of time outside model compute, for three ways of running an iteration on the same prompts:
 
-Model compute is measured, not inferred: forward hooks on the four models (generation's per-token forwards
-included), the backward passes and the optimiser steps are timed; everything else is "outside model compute".
+- `sampled, whole`: answers sampled in the learner with HF `generate`, every layer's LoRA adapters trained, every
+  pass through the whole model (the PPO of rankloop before served rollouts and the split forward);
+- `sampled, split`: the same answers, adapters on the upper 6 layers only, the lower layers' output computed once
+  per batch (learn.layers);
+- `served, split` (the default): no generation; the rollouts are K=4 answers per prompt that the served version
+  wrote (as users' ranked comparisons hold them; here sampled once before timing), the ratio taken against it.
 
-    .venv/bin/python bench/ppo_speed.py [--iterations 4] [--prompts 8] [--tokens 64] [--no-vllm]
+Model compute is measured, not inferred: forward hooks on the models (generation's per-token forwards included),
+the backward passes and the optimiser steps are timed; everything else is "outside model compute".
+
+    .venv/bin/python bench/ppo_speed.py [--iterations 3] [--prompts 8] [--tokens 256]
 """
 
 from __future__ import annotations
@@ -13,10 +19,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +34,10 @@ import torch  # noqa: E402
 from bench.common import bench_store  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from deploy.model_store import Card, ModelStore  # noqa: E402
-from learn.ppo import PPOConfig, causal_parts  # noqa: E402
-from learn.ppo_run import Models, PPORound, RoundConfig, load_models  # noqa: E402
-from learn.prompts import Prompt, prompts_from_file  # noqa: E402
+from learn.ppo import Models, PPOConfig, causal_parts  # noqa: E402
+from learn.ppo_run import PPORound, RoundConfig, load_models  # noqa: E402
+from learn.precision import autocast, use_bf16  # noqa: E402
+from learn.prompts import Prompt, Served, prompts_from_file  # noqa: E402
 from learn.reward_model import _parts  # noqa: E402
 
 MT_BENCH = REPO.parent / "shared" / "data" / "mt-bench-questions.jsonl"
@@ -89,12 +96,21 @@ def reward_folder(policy: Path, root: Path) -> Path:
     return rewards.path("r0001")
 
 
-def ppo_iterations(models: Models, prompts: list[Prompt], args: argparse.Namespace) -> list[dict[str, float]]:
-    config = RoundConfig(iterations=args.iterations + 1, prompts_per_iteration=args.prompts,
-                         max_new_tokens=args.tokens, ppo=PPOConfig(ptx_coef=0.0))  # fmt: skip
-    trainer = PPORound(models, config, prompts)
+@dataclass(frozen=True)
+class Way:
+    name: str
+    rollouts: str
+    train_layers: int
+
+
+WAYS = (Way("sampled, whole", "sampled", 0), Way("sampled, split", "sampled", 6), Way("served, split", "served", 6))
+
+
+def ppo_iterations(models: Models, config: RoundConfig, prompts: list[Prompt],
+                   served: list[Served]) -> list[dict[str, float]]:  # fmt: skip
+    trainer = PPORound(models, config, prompts, served=served)
     clock = ComputeClock()
-    for module in (*causal_parts(models.policy), models.value, *_parts(models.reward.model)):
+    for module in (*causal_parts(models.policy), models.value, *_parts(models.scorer.model)):
         clock.watch(module)  # the policy and the reward model are called through their parts
     if isinstance(models.reference, torch.nn.Module):  # with LoRA it is the policy itself, adapters off
         clock.watch(models.reference)
@@ -106,63 +122,40 @@ def ppo_iterations(models: Models, prompts: list[Prompt], args: argparse.Namespa
             clock.seconds = 0.0
             figures = trainer.step()
             figures["compute_s"] = clock.seconds
-            print(
-                f"iteration {n}: {figures['iteration_s']:.1f} s, generation {figures['generate_s']:.1f} s "
-                f"({figures['generate_tokens_per_s']:.0f} tok/s), model compute {clock.seconds:.1f} s",
-                flush=True,
-            )
+            print(f"iteration {n}: {figures['iteration_s']:.1f} s, generation {figures['generate_s']:.1f} s, "
+                  f"{figures['rollout_tokens']:.0f} rollout tokens, model compute {clock.seconds:.1f} s",
+                  flush=True)  # fmt: skip
             if n:  # the first iteration warms caches up
                 rows.append(figures)
     return rows
 
 
-def vllm_rollouts(
-    policy_dir: Path, models: Models, prompts: list[Prompt], args: argparse.Namespace
-) -> dict[str, float]:
-    """The same rollouts from a vLLM engine in this process, plus what reloading the updated weights costs."""
+def served_answers(policy_dir: Path, prompts: list[Prompt], args: argparse.Namespace) -> list[Served]:
+    """K=4 answers per prompt from v0001, as a served comparison holds them: sampled once with vLLM, not timed."""
+    import gc
+
     from deploy.settings import load_settings
-    from learn.sft import save_policy
     from serve.vllm_engine import configure_cpu_environment
 
     configure_cpu_environment(load_settings())
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=str(policy_dir), dtype="bfloat16", enforce_eager=True, max_model_len=2048,
-              enable_prefix_caching=False, seed=0)  # fmt: skip
-    batches = [prompts[i * args.prompts : (i + 1) * args.prompts] for i in range(args.iterations)]
-    params = SamplingParams(temperature=1.0, top_k=0, max_tokens=args.tokens, seed=0)
-    llm.generate([TokensPrompt(prompt_token_ids=p.ids) for p in batches[0]], params, use_tqdm=False)  # warm-up
-    tokens, generate_s, reload_s = 0, 0.0, 0.0
-    store = ModelStore(Path(tempfile.mkdtemp(prefix="ppo-reload-")))
-    merged = models.policy.merge_and_unload() if hasattr(models.policy, "merge_and_unload") else models.policy
-    for n, batch in enumerate(batches):
-        started = time.perf_counter()
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=p.ids) for p in batch], params, use_tqdm=False)
-        generate_s += time.perf_counter() - started
-        tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
-        started = time.perf_counter()  # after each PPO update: write the policy, the engine reloads it
-        folder = save_policy(_copy(merged), models.tokenizer, store, Card(version=f"v{n + 1:04d}", parent=None,
-                                                                           made_by="bench"))  # fmt: skip
-        llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
-        llm.reset_prefix_cache()
-        reload_s += time.perf_counter() - started
-    return {"tokens_per_s": tokens / generate_s, "reload_s": reload_s / len(batches),
-            "with_reload_tokens_per_s": tokens / (generate_s + reload_s), "tokens": tokens / len(batches)}  # fmt: skip
-
-
-def _copy(model: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(model)  # save_policy casts to bf16 in place; the learner keeps training in fp32
+    llm = LLM(model=str(policy_dir), dtype="bfloat16", enforce_eager=True, max_model_len=2048, seed=0)
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=args.tokens)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p.ids) for p in prompts], params, use_tqdm=False)
+    del llm
+    gc.collect()
+    return [Served(f"c{n}", p.key, p.ids, [list(c.token_ids) for c in out.outputs],
+                   [c.finish_reason == "length" for c in out.outputs], "v0001")
+            for n, (p, out) in enumerate(zip(prompts, outputs, strict=True))]  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=4, help="Measured iterations (one more warms up).")
+    parser.add_argument("--iterations", type=int, default=3, help="Measured iterations (one more warms up).")
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
     args = parser.parse_args()
     if not MT_BENCH.is_file():
@@ -170,56 +163,56 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     store = bench_store(args.data_dir)
     policy_dir = store.path("v0001")
-    torch.manual_seed(0)
-    models = load_models(policy_dir, policy_dir, reward_folder(policy_dir, args.data_dir / "bench-reward"), True)
-    prompts = prompts_from_file(MT_BENCH, models.tokenizer, 256)
-    rows = ppo_iterations(models, prompts, args)
-    other = vllm_rollouts(policy_dir, models, prompts, args) if not args.no_vllm else None
-    write_section("ppo_speed", report(rows, other, args))
+    reward = reward_folder(policy_dir, args.data_dir / "bench-reward")
+    results: dict[str, list[dict[str, float]]] = {}
+    prompts: list[Prompt] = []
+    served: list[Served] = []
+    for way in WAYS:
+        config = RoundConfig(iterations=args.iterations + 1, prompts_per_iteration=args.prompts,
+                             max_new_tokens=args.tokens, train_layers=way.train_layers, rollouts=way.rollouts,
+                             ppo=PPOConfig(ptx_coef=0.0, epochs=2, minibatch=8))  # type: ignore[arg-type]  # fmt: skip
+        torch.manual_seed(0)
+        models = load_models(policy_dir, policy_dir, reward, config, way.rollouts == "served")
+        if not prompts:
+            prompts = prompts_from_file(MT_BENCH, models.tokenizer, 256)[: args.prompts * (args.iterations + 1)]
+        if way.rollouts == "served" and not served:
+            served = served_answers(policy_dir, prompts, args)
+        print(f"{way.name}:", flush=True)
+        with autocast(use_bf16(None)):
+            results[way.name] = ppo_iterations(models, config, prompts, served if way.rollouts == "served" else [])
+    write_section("ppo_speed", report(results, args))
 
 
-def report(rows: list[dict[str, float]], other: dict[str, float] | None, args: argparse.Namespace) -> str:
-    def mean(key: str) -> float:
-        return statistics.mean(r[key] for r in rows)
+def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+    def mean(way: str, key: str) -> float:
+        return statistics.mean(r[key] for r in results[way])
 
-    total, compute = mean("iteration_s"), mean("compute_s")
-    hf = mean("generate_tokens_per_s")
+    base = WAYS[0].name
     lines = [
-        "## PPO iteration speed (issue 6)",
+        "## PPO iteration speed (issues 6 and 16)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads.",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads; bf16 products "
+        f"{'on' if use_bf16(None) else 'off'} (the machine's default).",
         f"- Command: `.venv/bin/python bench/ppo_speed.py --iterations {args.iterations} --prompts {args.prompts} "
         f"--tokens {args.tokens}`.",
-        f"- SmolLM2-135M policy with LoRA adapters (r 16, fp32), value model and reward model on the same backbone, "
-        f"reference = policy with adapters off; {args.prompts} MT-bench prompts x 1 answer x up to {args.tokens} "
-        f"new tokens ({mean('rollout_tokens'):.0f} generated on average), 4 PPO epochs of mini-batches of 4; "
-        f"mean of {len(rows)} iterations after one warm-up.",
+        f"- SmolLM2-135M policy with LoRA adapters (r 16), reference = policy with adapters off, reward model on "
+        f"v0001's backbone, value head on its features; {args.prompts} MT-bench prompts an iteration, up to "
+        f"{args.tokens} answer tokens, 2 PPO epochs of mini-batches of 8; mean of {args.iterations} iterations "
+        "after one warm-up. `sampled`: one answer a prompt, generated in the iteration; `served`: the K=4 answers "
+        "a served version wrote to each prompt, as users' ranked comparisons hold them.",
         "",
-        "| part | seconds per iteration | share |",
-        "|---|---|---|",
+        "| way | rollouts (tokens) | generation s | scoring s | update s | rest s | iteration s | outside model "
+        "compute | s per 1000 rollout tokens | vs sampled, whole |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, key in (("generation (HF generate)", "generate_s"), ("scoring (policy, reference, value, reward "
-                       "forwards; rewards, GAE)", "score_s"), ("update (forward/backward, optimiser)", "update_s"),
-                       ("rest", "other_s")):  # fmt: skip
-        lines.append(f"| {label} | {mean(key):.2f} | {mean(key) / total:.0%} |")
-    lines += [
-        f"| **iteration** | **{total:.2f}** | |",
-        "",
-        f"Time outside model compute (forwards, backward passes, optimiser steps timed directly): "
-        f"{total - compute:.2f} s of {total:.2f} s = **{(total - compute) / total:.1%}** (target <= 10%).",
-        "",
-    ]
-    if other is not None:
-        lines += [
-            "| rollout path | tokens/s | ratio |",
-            "|---|---|---|",
-            f"| HF generate in the learner (fp32, batch of {args.prompts}; used) | {hf:.1f} | 1.00x |",
-            f"| vLLM in the learner process (bf16), generation only | {other['tokens_per_s']:.1f} | "
-            f"{other['tokens_per_s'] / hf:.2f}x |",
-            f"| vLLM, with writing and reloading the weights after each update ({other['reload_s']:.1f} s) | "
-            f"{other['with_reload_tokens_per_s']:.1f} | {other['with_reload_tokens_per_s'] / hf:.2f}x |",
-            "",
-        ]
+    per_k = {w: mean(w, "iteration_s") / mean(w, "rollout_tokens") * 1000 for w in results}
+    for way in results:
+        total, compute = mean(way, "iteration_s"), mean(way, "compute_s")
+        lines.append(f"| {way} | {mean(way, 'rollout_tokens'):.0f} | {mean(way, 'generate_s'):.1f} | "
+                     f"{mean(way, 'score_s'):.1f} | {mean(way, 'update_s'):.1f} | {mean(way, 'other_s'):.1f} | "
+                     f"{total:.1f} | {(total - compute) / total:.1%} | {per_k[way]:.1f} | "
+                     f"{per_k[base] / per_k[way]:.2f}x |")  # fmt: skip
+    lines.append("")
     return "\n".join(lines)
 
 

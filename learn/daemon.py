@@ -31,8 +31,9 @@ from learn.policy_eval import PolicyEval
 from learn.ppo import PPOConfig
 from learn.ppo_run import RoundConfig, checkpoint_meta
 from learn.precision import use_bf16
-from learn.rounds import PPOOptions, PPOResult, RMOptions, ppo_round, rm_round
+from learn.rounds import PPOOptions, PPOResult, RMOptions, RMResult, ppo_round, rm_round
 from learn.sources import count_rankings
+from learn.trainlog import MetricsLog
 
 STATUS_KEY = "rankloop:learner:status"
 log = logging.getLogger("rankloop.learner")
@@ -64,7 +65,12 @@ class Learner:
         self.registry = Registry(redis)
         self.store = ModelStore(settings.store_dir)
         self.rewards = ModelStore(settings.reward_store_dir, prefix="r")
-        self.rm_seconds = 0.0  # the reward-model round before the PPO round in flight, for its summary
+        self.rm: RMResult | None = None  # the reward-model round before the PPO round in flight, for its summary
+
+    def record(self, summary: dict[str, Any]) -> None:
+        """Every round's summary, one JSON line each in data_dir/runs/rounds.jsonl: the history an operator plots."""
+        with MetricsLog(self.settings.data_dir / "runs" / "rounds.jsonl") as log:
+            log.write(0, **summary)
 
     def publish(self, phase: str, detail: str, **extra: Any) -> None:
         status = {"phase": phase, "detail": detail, "updated": time.time(), **extra}
@@ -90,12 +96,14 @@ class Learner:
             return "waiting"
         self.publish("reward model", f"training on {new} new rankings" + (f" from {latest}" if latest else ""))
         rm = rm_round(self.settings, rm_options(self.settings, latest), show_progress=self.show_progress)
-        self.rm_seconds = rm.seconds
+        self.rm = rm
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
         verdict = rm_gate(rm.evaluation, self.settings.learn_min_rm_accuracy, self.settings.learn_min_rm_heldout_pairs)
         if not verdict.passed:
             detail = f"{rm.version} {verdict.why}: no PPO round; waiting for rankings"
             self.publish("waiting", detail, last_round={"reward_model": rm.version, "outcome": "rm below gate"})
+            self.record({"reward_model": rm.version, "outcome": "rm below gate", "gate": verdict.why,
+                         **rm.evaluation.figures("rm_"), "seconds": {"reward_model": rm.seconds}})  # fmt: skip
             metrics.ROUNDS.labels("rm_below_gate").inc()
             return "reward model below the gate"
         current = self.registry.current()[0] or self.store.current()
@@ -131,13 +139,15 @@ class Learner:
                     expected=result.parent)  # fmt: skip
             outcome = "promoted"
         metrics.ROUNDS.labels(outcome).inc()
-        seconds = {"reward_model": self.rm_seconds, **result.seconds} if self.rm_seconds else dict(result.seconds)
-        self.rm_seconds = 0.0
+        rm, self.rm = self.rm, None
+        seconds = {"reward_model": rm.seconds, **result.seconds} if rm is not None else dict(result.seconds)
         summary = {"version": card.version, "parent": result.parent, "outcome": outcome, "gate": verdict.why,
                    "passed": verdict.passed, "before": _brief(result.before), "after": _brief(result.after),
-                   **result.agreement.figures(), "seconds": seconds}  # fmt: skip
+                   **result.agreement.figures(), "seconds": seconds,
+                   **(rm.evaluation.figures("rm_") if rm is not None else {})}  # fmt: skip
         metrics.observe_round(seconds, {**_brief(result.after), "agreement": result.agreement.rate})
         self.publish("waiting", f"{card.version} {outcome} ({verdict.why})", last_round=summary)
+        self.record({**summary, "reward_model": card.details.get("reward_model")})
         return f"{outcome} {card.version}"
 
     def run(self, stop: threading.Event) -> None:

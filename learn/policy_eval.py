@@ -83,7 +83,7 @@ class AnswerCache:
 
 @torch.no_grad()
 def sample_answers(models: Models, prompts: Sequence[Prompt], max_new_tokens: int, per_prompt: int = 2,
-                   seed: int = 1234, batch: int = 8) -> Answers:  # fmt: skip
+                   seed: int = 1234, batch: int = 16) -> Answers:  # fmt: skip
     """`per_prompt` answers to each prompt from the policy (fixed seeds), and their KL to the reference."""
     tokenizer, pad = models.tokenizer, pad_id(models.tokenizer)
     queries = [p.ids for p in prompts for _ in range(per_prompt)]

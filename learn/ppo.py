@@ -82,9 +82,27 @@ class Packed:
         return out.masked_scatter(self.mask.bool().to(values.device), values)
 
     def rows(self, index: Sequence[int]) -> Packed:
-        """The sub-batch of the given rows (its padding as it was: the masks say what is real)."""
-        return Packed(*(t[list(index)] for t in (self.input_ids, self.attention_mask, self.position_ids,
-                                                  self.answer_ids, self.mask, self.predictors)))  # fmt: skip
+        """The sub-batch of the given rows, without the padding none of them needs: right-padded sequences are cut
+        after the longest of these rows (a left-padded batch keeps its width), answers after the longest answer."""
+        rows = list(index)
+        attention = self.attention_mask[rows]
+        right = bool((attention[:, 0] == 1).all())
+        width = int(layers.last_real(attention).max()) + 1 if right else attention.shape[1]
+        answers = max(1, int(self.mask[rows].sum(dim=1).max()))
+        return Packed(self.input_ids[rows, :width], attention[:, :width], self.position_ids[rows, :width],
+                      self.answer_ids[rows, :answers], self.mask[rows, :answers],
+                      self.predictors[rows, :answers])  # fmt: skip
+
+    @property
+    def width(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def by_length(self, size: int) -> list[list[int]]:
+        """The rows in groups of `size` of similar sequence length (shortest first): passes over a group padded
+        to its own longest row do less padded work than over the whole batch (on SmolLM2's answers, whose
+        lengths run from a few tokens to the limit, about 40% less)."""
+        order = sorted(range(self.input_ids.shape[0]), key=lambda r: int(self.attention_mask[r].sum()))
+        return [order[i : i + size] for i in range(0, len(order), size)]
 
     @property
     def lengths(self) -> Tensor:
@@ -273,25 +291,54 @@ class Scored:
     returns: Tensor
 
 
+SCORE_ROWS = 8  # rows per scoring pass: similar lengths together (Packed.by_length)
+
+
 @torch.no_grad()
 def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig, beta: float) -> Scored:
+    """Every model's view of the batch, computed once before the update, in groups of similar length; then the
+    rewards, GAE and whitened advantages over the whole batch."""
     mask, split = packed.mask, models.split
-    below = lower_of(models.policy, split, packed)
-    logprobs = token_logprobs(models.policy, packed, split, below)
-    old = logprobs
-    if models.behaviour is not None:
-        old = token_logprobs(models.behaviour, packed, split, models.below_for("behaviour", below))
-    ref_logprobs = token_logprobs(models.reference, packed, split, models.below_for("reference", below))
-    features = models.value.features(packed, below)
-    values = models.value(features) * mask
-    scores = models.reward(rollouts, packed, below).float().to(mask.device)
+    parts: dict[str, Tensor] = {}
+    for rows in packed.by_length(SCORE_ROWS):
+        sub = packed.rows(rows)
+        below = lower_of(models.policy, split, sub)
+        logprobs = token_logprobs(models.policy, sub, split, below)
+        old = logprobs
+        if models.behaviour is not None:
+            old = token_logprobs(models.behaviour, sub, split, models.below_for("behaviour", below))
+        subset = Rollouts([rollouts.queries[r] for r in rows], [rollouts.responses[r] for r in rows],
+                          [rollouts.truncated[r] for r in rows])  # fmt: skip
+        found = {"below": below, "logprobs": logprobs, "old": old,
+                 "ref": token_logprobs(models.reference, sub, split, models.below_for("reference", below)),
+                 "features": models.value.features(sub, below),
+                 "scores": models.reward(subset, sub, below).float()}  # fmt: skip
+        for name, value in found.items():
+            _place(parts, name, value, rows, packed)
+    values = models.value(parts["features"]) * mask
     truncated = torch.tensor(rollouts.truncated)
     # The KL penalty is the policy's now (it is what the update changes); for answers another version wrote, an
     # estimate on its samples.
-    rewards, kl = rl_math.kl_penalty_rewards(logprobs, ref_logprobs, mask, scores, beta, truncated,
+    rewards, kl = rl_math.kl_penalty_rewards(parts["logprobs"], parts["ref"], mask, parts["scores"], beta, truncated,
                                              config.truncation_penalty)  # fmt: skip
     advantages, returns = rl_math.gae(rewards, values, mask, config.gamma, config.lam)
-    return Scored(below, old, features, values, scores, kl, rl_math.whiten(advantages, mask), returns)
+    return Scored(parts["below"], parts["old"], parts["features"], values, parts["scores"], kl,
+                  rl_math.whiten(advantages, mask), returns)  # fmt: skip
+
+
+def _place(parts: dict[str, Tensor], name: str, value: Tensor, rows: list[int], packed: Packed) -> None:
+    """Put a group's (rows, w, ...) result into the batch-wide tensor (B, W, ...), zero where the group had none."""
+    if name not in parts:
+        shape = (packed.mask.shape[0],)
+        if value.dim() > 1:  # sequence frame (B, L, H) or answer frame (B, A[, H])
+            width = packed.width if name == "below" else packed.mask.shape[1]
+            shape = (*shape, width, *value.shape[2:])
+        parts[name] = torch.zeros(shape, dtype=value.dtype, device=value.device)
+    index = torch.tensor(rows)
+    if value.dim() == 1:
+        parts[name][index] = value
+    else:
+        parts[name][index, : value.shape[1]] = value
 
 
 def ppo_step(
@@ -336,12 +383,13 @@ def update(models: Models, packed: Packed, scored: Scored, config: PPOConfig, op
         for start in range(0, len(order), config.minibatch):
             rows = order[start : start + config.minibatch]
             sub = packed.rows(rows)
-            below = scored.below[rows] if frozen else None
+            a = sub.mask.shape[1]  # the sub-batch's answer width: per-token tensors are cut to it
+            below = scored.below[rows, : sub.width] if frozen else None
             new_logprobs, logits = logprobs_and_logits(models.policy, sub, models.split, below)
-            policy_out = rl_math.clipped_policy_loss(new_logprobs, scored.old_logprobs[rows], scored.advantages[rows],
-                                                     sub.mask, config.clip)  # fmt: skip
-            value_loss, _ = rl_math.clipped_value_loss(models.value(scored.features[rows]) * sub.mask,
-                                                       scored.values[rows], scored.returns[rows], sub.mask,
+            policy_out = rl_math.clipped_policy_loss(new_logprobs, scored.old_logprobs[rows, :a],
+                                                     scored.advantages[rows, :a], sub.mask, config.clip)  # fmt: skip
+            value_loss, _ = rl_math.clipped_value_loss(models.value(scored.features[rows, :a]) * sub.mask,
+                                                       scored.values[rows, :a], scored.returns[rows, :a], sub.mask,
                                                        config.value_clip)  # fmt: skip
             loss = policy_out.loss + config.value_coef * value_loss
             if ptx_batch is not None and with_ptx:
@@ -356,8 +404,9 @@ def update(models: Models, packed: Packed, scored: Scored, config: PPOConfig, op
             figures["value_loss"].append(float(value_loss.detach()))
             figures["clip_fraction"].append(float(policy_out.clip_fraction.detach()))
             figures["approx_kl"].append(float(policy_out.approx_kl.detach()))
-            every = torch.ones(1, logits.shape[0])  # the logits are the answer positions' already
-            figures["entropy"].append(float(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every)))
+            with torch.no_grad():
+                every = torch.ones(1, logits.shape[0])  # the logits are the answer positions' already
+                figures["entropy"].append(float(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every)))
     return {k: sum(v) / len(v) for k, v in figures.items() if v}
 
 

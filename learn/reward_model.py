@@ -62,12 +62,6 @@ def _parts(model: Any) -> tuple[Any, Any]:
     return layers.backbone_of(model), inner.score
 
 
-def last_positions(attention_mask: Tensor) -> Tensor:
-    """(N,) position of each row's last real token, whichever side the padding is on."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask * positions).argmax(dim=1)
-
-
 def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int = 0,
               lowers: Sequence[Tensor] | None = None) -> Tensor:  # fmt: skip
     """(N,) raw scores, each read at its sequence's last token; on the model's device. `lowers`: each sequence's
@@ -78,7 +72,7 @@ def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int, split: in
     below = None if lowers is None else _pad_lowers(lowers, ids.shape[1]).to(device)
     backbone, head = _parts(model)
     hidden = layers.final_hidden(backbone, split, ids, mask, positions, below)
-    last = last_positions(mask)
+    last = layers.last_real(mask)
     scores: Tensor = head(hidden[torch.arange(len(sequences), device=device), last]).squeeze(-1).float()
     return scores
 
@@ -158,14 +152,20 @@ def evaluate(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int 
 
 @torch.no_grad()
 def reference_offset(model: Any, groups: Sequence[RankedGroup], pad_id: int, reference: str | None,
-                     batch: int = 16) -> tuple[float, str]:  # fmt: skip
-    """Mean raw score of the reference policy's answers (all answers when none of them are the reference's)."""
-    own = [g for g in groups if reference is not None and g.policy_version == reference]
-    chosen, basis = (own, "reference answers") if own else (list(groups), "all answers")
-    sequences = [a for g in chosen for a in g.answers]
+                     batch: int = 16,
+                     lowers: Sequence[Sequence[Tensor]] | None = None) -> tuple[float, str]:  # fmt: skip
+    """Mean raw score of the reference policy's answers (all answers when none of them are the reference's).
+    `lowers`: as `train_reward_model` takes them, one list per group."""
+    own = [i for i, g in enumerate(groups) if reference is not None and g.policy_version == reference]
+    chosen, basis = (own, "reference answers") if own else (list(range(len(groups))), "all answers")
+    sequences = [a for i in chosen for a in groups[i].answers]
     if not sequences:
         return 0.0, "none"
-    scores = torch.cat([score_ids(model, sequences[i : i + batch], pad_id) for i in range(0, len(sequences), batch)])
+    below = None if lowers is None else [h for i in chosen for h in lowers[i]]
+    split = frozen_below(model) if below is not None else 0
+    scores = torch.cat([score_ids(model, sequences[i : i + batch], pad_id, split,
+                                  None if below is None else below[i : i + batch])
+                        for i in range(0, len(sequences), batch)])  # fmt: skip
     return float(scores.mean()), basis
 
 
@@ -200,7 +200,7 @@ class RewardScorer:
         hidden = layers.final_hidden(backbone, self.split, packed.input_ids, packed.attention_mask,
                                      packed.position_ids, below if self.shares_lower else None)  # fmt: skip
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        scores: Tensor = head(hidden[rows, last_positions(packed.attention_mask)]).squeeze(-1).float()
+        scores: Tensor = head(hidden[rows, layers.last_real(packed.attention_mask)]).squeeze(-1).float()
         return scores - self.offset
 
 
@@ -218,11 +218,7 @@ def train_reward_model(
         raise ValueError("no ranked prompts to train on")
     pad = int(tokenizer.pad_token_id)
     split = frozen_below(model)
-    cached = list(lowers) if lowers is not None and split else None
-    if split and cached is None:
-        flat = compute_lowers(model, [a for g in train for a in g.answers], pad, split)
-        offsets = [0, *itertools.accumulate(len(g.answers) for g in train)]
-        cached = [flat[offsets[i] : offsets[i + 1]] for i in range(len(train))]
+    cached = (list(lowers) if lowers is not None else group_lowers(model, train, pad)) if split else None
 
     def step(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
         lowers = None if cached is None else [h for i in indices for h in cached[i]]
@@ -234,6 +230,17 @@ def train_reward_model(
     evaluation = evaluate(model, held_out, pad) if held_out else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
     log.write(result.steps, **evaluation.figures())
     return result, evaluation
+
+
+def group_lowers(model: Any, groups: Sequence[RankedGroup], pad_id: int) -> list[list[Tensor]] | None:
+    """Each group's answers' hidden states below the model's trained layers (`compute_lowers`), one list per
+    group; None where every layer trains."""
+    split = frozen_below(model)
+    if not split:
+        return None
+    flat = compute_lowers(model, [a for g in groups for a in g.answers], pad_id, split)
+    offsets = [0, *itertools.accumulate(len(g.answers) for g in groups)]
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(groups))]
 
 
 def frozen_below(model: Any) -> int:

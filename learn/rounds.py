@@ -62,7 +62,13 @@ class RMResult:
 def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True) -> RMResult:
     """Train (or continue) the reward model; evaluate on every held-out prompt, old and new."""
     started = time.perf_counter()
-    from learn.reward_model import load_reward_model, reference_offset, save_reward_model, train_reward_model
+    from learn.reward_model import (
+        group_lowers,
+        load_reward_model,
+        reference_offset,
+        save_reward_model,
+        train_reward_model,
+    )
 
     policies, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     parent: str | None
@@ -87,10 +93,12 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
                         lr=options.lr or (1e-4 if options.lora else 1e-5), max_steps=options.max_steps)  # fmt: skip
     version = rewards.next_version()
     metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
+    pad = int(tokenizer.pad_token_id)
     with MetricsLog(metrics) as log, autocast(options.bf16):
+        lowers = group_lowers(model, train, pad)  # once, for every epoch and for the offset
         result, evaluation = train_reward_model(model, tokenizer, train, held, config, log,
-                                                show_progress=show_progress)  # fmt: skip
-        offset, basis = reference_offset(model, train, int(tokenizer.pad_token_id), policies.reference())
+                                                show_progress=show_progress, lowers=lowers)  # fmt: skip
+        offset, basis = reference_offset(model, train, pad, policies.reference(), lowers=lowers)
     last_event = max((g.event_id for g in new if g.event_id), key=event_order, default=after)
     card = run_card(version, parent, "reward_model", config, result, data=options.data, prompts=len(train),
                     held_out_prompts=len(held), lora=options.lora, metrics=str(metrics), eval=vars(evaluation),

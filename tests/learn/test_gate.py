@@ -132,7 +132,7 @@ def test_a_version_that_answers_empty_for_its_reward_model_is_not_promoted(
     data = make_data_dir(tmp_path, policy=tiny_teachable_folder(tmp_path / "teachable", prompts))
     settings = load_settings(data_dir=data, redis_url=redis_server.url, learn_threads=1, learn_auto_promote=True,
                              learn_min_agreement_pairs=0, learn_min_agreement=0.0)  # fmt: skip
-    config = RoundConfig(iterations=8, prompts_per_iteration=8, max_new_tokens=8, lr=3e-2, rollouts="sampled",
+    config = RoundConfig(iterations=16, prompts_per_iteration=8, max_new_tokens=8, lr=1e-2, rollouts="sampled",
                          train_layers=0)  # fmt: skip
     result = ppo_round(settings, config, PPOOptions(prompt_file=tmp_path / "prompts.jsonl", eval_samples=2),
                        show_progress=False)  # fmt: skip

@@ -261,3 +261,24 @@ def test_the_split_forward_equals_the_whole_one_and_trains_only_above(tiny_store
     with torch.no_grad():
         layers.backbone_of(plain).layers[0].mlp.down_proj.weight.add_(0.01)
     assert not layers.same_lower(backbone, layers.backbone_of(plain), split)
+
+
+def test_scoring_in_groups_of_similar_length_equals_one_pass(parts: tuple[Any, Any, ValueModel, Any],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import learn.ppo
+
+    policy, _, _, tokenizer = parts
+    rollouts = sample(policy, queries(12, length=5) + queries(5, seed=1, length=17), 7, tokenizer.eos_token_id,
+                      tokenizer.pad_token_id)  # fmt: skip
+    models = models_of(parts, low_half_share(len(tokenizer), 5))
+    packed = pack(rollouts, tokenizer.pad_token_id)
+    sub = packed.rows([12, 3])
+    assert sub.width == max(len(rollouts.queries[r]) + len(rollouts.responses[r]) for r in (12, 3))
+    assert sub.mask.shape[1] == max(len(rollouts.responses[r]) for r in (12, 3))
+    grouped = learn.ppo.score(models, rollouts, packed, PPOConfig(), 0.1)
+    monkeypatch.setattr(learn.ppo, "SCORE_ROWS", 1000)
+    whole = learn.ppo.score(models, rollouts, packed, PPOConfig(), 0.1)
+    for name in ("old_logprobs", "values", "scores", "kl", "advantages", "returns", "features"):
+        assert torch.allclose(getattr(grouped, name), getattr(whole, name), atol=1e-5), name
+    real = packed.attention_mask.bool()  # past a row's end the groups hold zeros, one pass the pad tokens' states
+    assert torch.allclose(grouped.below[real], whole.below[real], atol=1e-5)
