@@ -230,12 +230,16 @@ class ValueModel(torch.nn.Module):
         self.split, self.shares_lower = split, shares_lower
 
     @torch.no_grad()
+    def hidden(self, packed: Packed, below: Tensor | None = None) -> Tensor:
+        """(B, L, H) the backbone's final hidden states; `below` is used only where this backbone's lower layers
+        are the policy's."""
+        out: Tensor = layers.final_hidden(self.backbone, self.split, packed.input_ids, packed.attention_mask,
+                                          packed.position_ids, below if self.shares_lower else None)  # fmt: skip
+        return out
+
     def features(self, packed: Packed, below: Tensor | None = None) -> Tensor:
-        """(B, A, H) fp32 hidden states at the positions that predict each answer token (the state before it);
-        `below` is used only where this backbone's lower layers are the policy's."""
-        hidden = layers.final_hidden(self.backbone, self.split, packed.input_ids, packed.attention_mask,
-                                     packed.position_ids, below if self.shares_lower else None)  # fmt: skip
-        return packed.answers(hidden.float())
+        """(B, A, H) fp32 hidden states at the positions that predict each answer token (the state before it)."""
+        return packed.answers(self.hidden(packed, below).float())
 
     def forward(self, features: Tensor) -> Tensor:
         """(B, A, H) -> (B, A) values (zero features, outside the answers, give the head's bias: mask them)."""
@@ -286,7 +290,8 @@ class Scored:
     features: Tensor  # (B, A, H) the value head's inputs
     values: Tensor
     scores: Tensor  # (B,) reward-model scores
-    kl: Tensor
+    kl: Tensor  # the per-token KL penalty's estimate, log pi - log pi_ref at the sampled tokens
+    kl_policy: Tensor  # the same weighted by pi / pi_old: an estimate of the policy's own KL to the reference
     advantages: Tensor
     returns: Tensor
 
@@ -307,12 +312,14 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         old = logprobs
         if models.behaviour is not None:
             old = token_logprobs(models.behaviour, sub, split, models.below_for("behaviour", below))
+        # The behaviour policy is the reference itself in a round from the reference (the same weights).
+        ref = old if models.behaviour is models.reference else token_logprobs(
+            models.reference, sub, split, models.below_for("reference", below))  # fmt: skip
         subset = Rollouts([rollouts.queries[r] for r in rows], [rollouts.responses[r] for r in rows],
                           [rollouts.truncated[r] for r in rows])  # fmt: skip
-        found = {"below": below, "logprobs": logprobs, "old": old,
-                 "ref": token_logprobs(models.reference, sub, split, models.below_for("reference", below)),
-                 "features": models.value.features(sub, below),
-                 "scores": models.reward(subset, sub, below).float()}  # fmt: skip
+        features, scores = _values_and_scores(models, subset, sub, below)
+        found = {"below": below, "logprobs": logprobs, "old": old, "ref": ref, "features": features,
+                 "scores": scores}  # fmt: skip
         for name, value in found.items():
             _place(parts, name, value, rows, packed)
     values = models.value(parts["features"]) * mask
@@ -322,8 +329,20 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
     rewards, kl = rl_math.kl_penalty_rewards(parts["logprobs"], parts["ref"], mask, parts["scores"], beta, truncated,
                                              config.truncation_penalty)  # fmt: skip
     advantages, returns = rl_math.gae(rewards, values, mask, config.gamma, config.lam)
-    return Scored(parts["below"], parts["old"], parts["features"], values, parts["scores"], kl,
+    # On answers another version wrote, E[log pi - log pi_ref] over its samples is not the policy's KL (with the
+    # reference as writer it is minus KL(ref || pi), below 0): weighting each token by pi / pi_old makes it one.
+    kl_policy = kl * torch.exp(parts["logprobs"] - parts["old"]).clamp(max=10.0) * mask
+    return Scored(parts["below"], parts["old"], parts["features"], values, parts["scores"], kl, kl_policy,
                   rl_math.whiten(advantages, mask), returns)  # fmt: skip
+
+
+def _values_and_scores(models: Models, rollouts: Rollouts, packed: Packed, below: Tensor) -> tuple[Tensor, Tensor]:
+    """The value head's features and the rewards; one pass of the reward model serves both where the value model
+    is built on it (its `backbone`), as it is in a round."""
+    if getattr(models.reward, "backbone", None) is models.value.backbone:
+        hidden = models.value.hidden(packed, below)
+        return packed.answers(hidden.float()), models.reward.from_hidden(hidden, packed).float()  # type: ignore[attr-defined]
+    return models.value.features(packed, below), models.reward(rollouts, packed, below).float()
 
 
 def _place(parts: dict[str, Tensor], name: str, value: Tensor, rows: list[int], packed: Packed) -> None:
@@ -354,11 +373,11 @@ def ppo_step(
     scored_at = time.perf_counter()
     figures = update(models, packed, scored, config, optimizer, ptx_batch)
     mask = packed.mask
-    kl_per_answer = float((scored.kl * mask).sum(dim=1).mean())
+    kl_per_answer = float(scored.kl_policy.sum(dim=1).mean())
     beta = kl_controller.value
     kl_controller.update(kl_per_answer, len(rollouts.queries))
     return {
-        "reward": float(scored.scores.mean()), "kl_per_token": float(rl_math.masked_mean(scored.kl, mask)),
+        "reward": float(scored.scores.mean()), "kl_per_token": float(rl_math.masked_mean(scored.kl_policy, mask)),
         "kl_per_answer": kl_per_answer, "beta": beta, "answer_length": float(packed.lengths.float().mean()),
         "score_s": scored_at - started, "update_s": time.perf_counter() - scored_at, **figures,
     }  # fmt: skip

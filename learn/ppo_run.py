@@ -91,9 +91,11 @@ def load_models(policy_folder: Path, reference_folder: Path, reward_folder: Path
     else:
         reference, _ = load_causal_lm(reference_folder)
         reference.requires_grad_(False)
-    behaviour: Any = None
-    if served:
-        behaviour = AdapterOff(policy) if config.lora else reference if same else _frozen(policy_folder)
+    behaviour: Any = None  # the parent, which wrote the served answers
+    if served and same:
+        behaviour = reference  # the same weights: one pass serves both
+    elif served:
+        behaviour = AdapterOff(policy) if config.lora else _frozen(policy_folder)
     policy.eval()  # no dropout anywhere; gradients still flow
     split = layers.split_point(_backbone(policy), config.train_layers)
     scorer = RewardScorer(reward_folder, config.train_layers)

@@ -193,14 +193,23 @@ class RewardScorer:
     def sequences(self, sequences: Sequence[list[int]]) -> Tensor:
         return score_ids(self.model, sequences, int(self.tokenizer.pad_token_id)) - self.offset
 
+    @property
+    def backbone(self) -> Any:
+        return _parts(self.model)[0]
+
     @torch.no_grad()
     def __call__(self, rollouts: Any, packed: Any, below: Tensor | None) -> Tensor:
         """(B,) normalised scores of a learn.ppo.Packed batch, read at each sequence's last token."""
-        backbone, head = _parts(self.model)
-        hidden = layers.final_hidden(backbone, self.split, packed.input_ids, packed.attention_mask,
+        hidden = layers.final_hidden(self.backbone, self.split, packed.input_ids, packed.attention_mask,
                                      packed.position_ids, below if self.shares_lower else None)  # fmt: skip
+        return self.from_hidden(hidden, packed)
+
+    @torch.no_grad()
+    def from_hidden(self, hidden: Tensor, packed: Any) -> Tensor:
+        """(B,) normalised scores from this model's final hidden states (B, L, H) of a packed batch."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        scores: Tensor = head(hidden[rows, layers.last_real(packed.attention_mask)]).squeeze(-1).float()
+        last = hidden[rows, layers.last_real(packed.attention_mask)]
+        scores: Tensor = _parts(self.model)[1](last).squeeze(-1).float()
         return scores - self.offset
 
 

@@ -15,7 +15,7 @@ from deploy.settings import load_settings
 from learn import degenerate
 from learn.gate import Limits, promotion_gate
 from learn.policy_eval import Agreement, PolicyEval, agreement
-from learn.ppo import Packed, Rollouts
+from learn.ppo import Packed
 from learn.ppo_run import RoundConfig
 from learn.reward_model import RewardScorer
 from learn.rm_data import RankedGroup
@@ -116,7 +116,7 @@ def test_agreement_counts_the_pairs_the_new_policy_moved_towards_the_users_choic
 class LovesEmpty(RewardScorer):
     """A scripted reward model: the fewer tokens the better, an answer of the end-of-turn token alone best."""
 
-    def __call__(self, rollouts: Rollouts, packed: Packed, below: torch.Tensor | None) -> torch.Tensor:
+    def from_hidden(self, hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
         return 1.0 - packed.lengths.float()
 
 
