@@ -187,7 +187,7 @@ def _pairs(tiers: list[list[int]]) -> list[tuple[int, int]]:
 
 
 def theirs(model_dir: Path, comparisons: list[Comparison], train: list[Ranked], held: list[Ranked], config: Config,
-           epochs: int, work: Path) -> dict[str, Any]:  # fmt: skip
+           epochs: int, work: Path, bf16: bool) -> dict[str, Any]:  # fmt: skip
     """TRL's RewardTrainer on the same pairs, the same layers, learning rate and epochs."""
     from bench.common import run_in_trl_env
 
@@ -209,7 +209,7 @@ def theirs(model_dir: Path, comparisons: list[Comparison], train: list[Ranked], 
     return run_in_trl_env("trl_reward_curve.py", str(model_dir), str(work / "train.jsonl"), str(work / "eval.json"),
                           "--lr", str(config.lr), "--epochs", str(epochs), "--batch", str(BATCH * 6),
                           "--train-layers", str(config.train_layers), "--threads", str(THREADS),
-                          "--output", str(work / "trainer"))  # fmt: skip
+                          "--output", str(work / "trainer"), *(["--bf16"] if bf16 else []))  # fmt: skip
 
 
 def main() -> None:
@@ -240,6 +240,9 @@ def main() -> None:
     sizes = [int(n) for n in args.sizes.split(",")]
     trl_sizes = {int(n) for n in args.trl_sizes.split(",") if n}
     configs = [Config(int(c.split(":")[0]), float(c.split(":")[1])) for c in args.configs.split(",")]
+    from learn.precision import autocast, use_bf16
+
+    bf16 = use_bf16(None)  # as the learner runs on this machine
     for preference in args.preferences.split(","):
         train, held = rank_all(comparisons, preference, False), rank_all(comparisons, preference, True)
         for config in configs:
@@ -249,11 +252,14 @@ def main() -> None:
                     print(f"{preference}: only {len(train)} rankings, fewer than {n}", flush=True)
                     continue
                 if key not in results:
-                    results[key] = {"ours": ours(model_dir, comparisons, lowers, train[:n], held, config, args.epochs)}
+                    with autocast(bf16):
+                        results[key] = {"ours": ours(model_dir, comparisons, lowers, train[:n], held, config,
+                                                     args.epochs)}  # fmt: skip
                     save_results(results)
                 if n in trl_sizes and config == configs[0] and "trl" not in results[key]:
                     work = WORK / "trl" / key.replace("|", "-").replace(":", "_")
-                    results[key]["trl"] = theirs(model_dir, comparisons, train[:n], held, config, args.epochs, work)
+                    results[key]["trl"] = theirs(model_dir, comparisons, train[:n], held, config, args.epochs, work,
+                                                 bf16)  # fmt: skip
                     save_results(results)
                 print(key, json.dumps(results[key]), flush=True)
         write_report(args, comparisons, results)
@@ -279,7 +285,8 @@ def write_report(args: argparse.Namespace, comparisons: list[Comparison], result
     lines = [
         "## Reward-model learning curves on ranked SmolLM2 answers (issue 16)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads.",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads; bf16 mixed precision on "
+        "both sides where the learner uses it (this machine has AMX).",
         f"- Command: `.venv/bin/python bench/rm_learning_curve.py --preferences {args.preferences} --sizes "
         f"{args.sizes} --configs {args.configs} --epochs {args.epochs}"
         + (f" --trl-sizes {args.trl_sizes}" if args.trl_sizes else "")

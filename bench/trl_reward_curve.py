@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--output", default="/tmp/trl-reward-curve")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision, as rankloop's side uses on AMX")
     args = parser.parse_args()
     started = time.perf_counter()
     model, tokenizer = reward_model(args.model, args.threads, "cpu", args.seed)
@@ -69,7 +70,7 @@ def main() -> None:
     rows = [json.loads(line) for line in Path(args.train).read_text().splitlines() if line.strip()]
     config = RewardConfig(
         output_dir=args.output, per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
-        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False, report_to="none",
+        learning_rate=args.lr, max_length=args.max_length, bf16=args.bf16, fp16=False, report_to="none",
         logging_steps=10, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=args.seed,
     )  # fmt: skip
     RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer).train()

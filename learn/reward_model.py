@@ -89,16 +89,18 @@ def _pad_lowers(lowers: Sequence[Tensor], width: int) -> Tensor:
 def compute_lowers(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int,
                    batch: int = 16) -> list[Tensor]:  # fmt: skip
     """Each sequence's hidden states below layer `split`, (L_i, H), computed once: they do not change while only
-    the upper layers train, so every epoch reuses them."""
+    the upper layers train, so every epoch reuses them. Batches of similar length, so that little is padding."""
     backbone = layers.backbone_of(model)
-    out: list[Tensor] = []
-    for start in range(0, len(sequences), batch):
-        chunk = sequences[start : start + batch]
-        ids, mask = right_pad(chunk, pad_id)
+    out: list[Tensor | None] = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch):
+        rows = order[start : start + batch]
+        ids, mask = right_pad([sequences[i] for i in rows], pad_id)
         positions = torch.arange(ids.shape[1]).expand_as(ids)
         hidden = layers.lower(backbone, split, ids, mask, positions)
-        out += [hidden[row, : len(seq)].clone() for row, seq in enumerate(chunk)]
-    return out
+        for n, i in enumerate(rows):
+            out[i] = hidden[n, : len(sequences[i])].clone()
+    return [h for h in out if h is not None]
 
 
 def group_loss(model: Any, groups: Sequence[RankedGroup], pad_id: int, margin: float = 0.0, split: int = 0,
