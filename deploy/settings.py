@@ -119,12 +119,14 @@ class Settings(BaseSettings):
     learn_min_rm_heldout_pairs: int = Field(
         20, ge=0, description="Held-out answer pairs the reward model's accuracy must be measured on before PPO runs."
     )
-    learn_ppo_iterations: int = Field(16, ge=1, description="PPO iterations per round.")
-    learn_ppo_epochs: int = Field(4, ge=1, description="Passes of each PPO iteration's optimiser over its rollouts.")
-    learn_ppo_lr: float = Field(1e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")
-    learn_rm_lr: float = Field(1e-5, gt=0.0, description="Reward-model learning rate (full fine-tuning).")
+    learn_ppo_iterations: int = Field(6, ge=1, description="PPO iterations per round.")
+    learn_ppo_epochs: int = Field(2, ge=1, description="Passes of each PPO iteration's optimiser over its rollouts.")
+    learn_ppo_lr: float = Field(5e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")
+    learn_rm_lr: float = Field(
+        2e-4, gt=0.0, description="Reward-model learning rate (the weights of its upper `learn_train_layers` layers)."
+    )
     learn_rm_epochs: int = Field(
-        1, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
+        2, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
     )
     learn_prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per PPO iteration.")
     learn_max_new_tokens: int = Field(

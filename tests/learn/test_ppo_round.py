@@ -194,7 +194,7 @@ def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path) -> Non
     config = round_config(settings)
     assert (config.iterations, config.ppo.epochs, config.prompts_per_iteration, config.max_new_tokens) == (6, 2, 12, 48)
     assert (config.lr, config.value_lr, config.ppo.ptx_coef) == (3e-4, 3e-4, 0.25)
-    assert round_config(load_settings(data_dir=tmp_path)).ppo.epochs == 4  # the default
+    assert round_config(load_settings(data_dir=tmp_path)).ppo.epochs == 2  # the default
 
 
 def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path: Path) -> None:
@@ -203,4 +203,4 @@ def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path:
     settings = load_settings(data_dir=tmp_path, learn_rm_epochs=3, learn_rm_lr=5e-5, learn_bf16=True)
     options = rm_options(settings, "r0002")
     assert (options.resume_from, options.epochs, options.lr, options.bf16) == ("r0002", 3, 5e-5, True)
-    assert rm_options(load_settings(data_dir=tmp_path), None).epochs == 1  # the default
+    assert rm_options(load_settings(data_dir=tmp_path), None).epochs == 2  # the default
