@@ -159,19 +159,27 @@ def rm(
 def ppo(
     base: Annotated[str | None, typer.Option("--from", help="Policy version to start from (default: current).")] = None,
     reward: Annotated[str | None, typer.Option(help="Reward model rNNNN (default: the latest).")] = None,
-    iterations: Annotated[int, typer.Option(min=1)] = 16,
-    prompts_per_iteration: Annotated[int, typer.Option(min=1)] = 8,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Length limit of sampled answers and evaluations.")] = 256,
+    iterations: Annotated[int | None, typer.Option(min=1, help="Default: RANKLOOP_LEARN_PPO_ITERATIONS.")] = None,
+    prompts_per_iteration: Annotated[
+        int | None, typer.Option(min=1, help="Default: RANKLOOP_LEARN_PROMPTS_PER_ITERATION.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Length limit of sampled answers and evaluations (default: settings).")
+    ] = None,
     prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) besides users' ranked ones.")] = None,
     ptx_data: Annotated[
         Path | None, typer.Option(help="Text or JSONL for the pre-training term (default: users' demonstrations).")
     ] = None,
-    ptx_coef: Annotated[float, typer.Option(min=0.0, help="Weight of the pre-training term (gamma).")] = 0.5,
+    ptx_coef: Annotated[
+        float | None, typer.Option(min=0.0, help="Weight of the pre-training term (default: settings).")
+    ] = None,
     kl_coef: Annotated[float, typer.Option(min=0.0, help="Initial KL penalty (beta).")] = 0.05,
     kl_target: Annotated[
         float | None, typer.Option(help="Per-answer KL the adaptive controller steers to; unset: fixed beta.")
     ] = 6.0,
-    lr: Annotated[float | None, typer.Option(help="Policy learning rate (default 1e-4 LoRA, 1e-5 full).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Policy learning rate (default: RANKLOOP_LEARN_PPO_LR with LoRA, 1e-5 full).")
+    ] = None,
     lora: Annotated[bool, typer.Option("--lora/--full")] = True,
     rollouts: Annotated[
         str | None,
@@ -184,20 +192,25 @@ def ppo(
     fresh: Annotated[bool, typer.Option(help="Discard the checkpoint of an interrupted round.")] = False,
 ) -> None:
     """A PPO round against the reward model into a new policy version (resumes an interrupted round)."""
-    from learn.ppo import PPOConfig
-    from learn.ppo_run import CheckpointMismatch, RoundConfig
+    from dataclasses import replace
+
+    from learn.daemon import round_config
+    from learn.ppo_run import CheckpointMismatch
     from learn.rounds import PPOOptions, ppo_round, register
 
     settings = training_settings_or_exit()
-    rate = lr or (1e-4 if lora else 1e-5)
     source = rollouts or settings.learn_rollouts
     if source not in ("served", "sampled"):
         raise fail(f"--rollouts {source}: use `served` or `sampled`")
-    config = RoundConfig(iterations=iterations, prompts_per_iteration=prompts_per_iteration,
-                         max_new_tokens=max_new_tokens, lr=rate, value_lr=rate, init_kl_coef=kl_coef,
-                         kl_target=kl_target, lora=lora, train_layers=settings.learn_train_layers,
-                         rollouts="served" if source == "served" else "sampled", reward=settings.learn_reward,
-                         seed=seed, ppo=PPOConfig(ptx_coef=ptx_coef, seed=seed))  # fmt: skip
+    # The daemon's round (the settings), changed only where a flag says so: the same command resumes its rounds.
+    config = round_config(settings)
+    rate = lr or (config.lr if lora else 1e-5)
+    ppo_config = replace(config.ppo, seed=seed, ptx_coef=config.ppo.ptx_coef if ptx_coef is None else ptx_coef)
+    config = replace(config, iterations=iterations or config.iterations,
+                     prompts_per_iteration=prompts_per_iteration or config.prompts_per_iteration,
+                     max_new_tokens=max_new_tokens or config.max_new_tokens, lr=rate, value_lr=rate,
+                     init_kl_coef=kl_coef, kl_target=kl_target, lora=lora,
+                     rollouts="served" if source == "served" else "sampled", seed=seed, ppo=ppo_config)  # fmt: skip
     options = PPOOptions(parent=base, reward=reward, prompt_file=prompts, ptx_file=ptx_data, fresh=fresh,
                          bf16=use_bf16(settings.learn_bf16))  # fmt: skip
     try:

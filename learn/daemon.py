@@ -29,7 +29,7 @@ from learn import metrics
 from learn.gate import Limits, promotion_gate, rm_gate
 from learn.policy_eval import PolicyEval
 from learn.ppo import PPOConfig
-from learn.ppo_run import RoundConfig, checkpoint_meta
+from learn.ppo_run import CheckpointMismatch, RoundConfig, checkpoint_meta
 from learn.precision import use_bf16
 from learn.rounds import PPOOptions, PPOResult, RMOptions, RMResult, ppo_round, rm_round
 from learn.sources import count_rankings
@@ -84,9 +84,18 @@ class Learner:
 
     def tick(self) -> str:
         """One look at the data: run a round when there is reason to; returns what happened, in a few words."""
-        pending = checkpoint_meta(self.settings.data_dir / "checkpoints" / "ppo.ckpt")
+        checkpoint = self.settings.data_dir / "checkpoints" / "ppo.ckpt"
+        pending = checkpoint_meta(checkpoint)
         if pending is not None:
-            return self._ppo(str(pending["parent"]), str(pending["reward"]))
+            try:
+                return self._ppo(str(pending["parent"]), str(pending["reward"]))
+            except CheckpointMismatch as exc:
+                # A round this daemon cannot continue (another command's, or settings changed since): set it
+                # aside rather than fail on it at every poll and never learn again.
+                kept = checkpoint.with_name(f"ppo.{int(time.time())}.set-aside.ckpt")
+                checkpoint.replace(kept)
+                self.publish("waiting", f"set aside an unfinished round it cannot resume ({exc}): {kept.name}")
+                return "set aside"
         latest = next(reversed(self.rewards.versions()), None)
         after = self.rewards.card(latest).details.get("last_event_id") if latest else None
         new = count_rankings(self.settings, after)

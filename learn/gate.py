@@ -34,6 +34,9 @@ class Limits:
     degenerate_rise: float = 0.05
     truncated_rise: float = 0.2
     min_length_ratio: float = 0.5  # mean answer length at least this times the replaced version's
+    # Caps over every round: rises alone would let ten rounds reach 20% empty answers.
+    max_empty: float = 0.02
+    max_degenerate: float = 0.1
 
 
 def rm_gate(evaluation: Evaluation, min_accuracy: float, min_pairs: int) -> Gate:
@@ -57,9 +60,18 @@ def _shares(before: PolicyEval, after: PolicyEval, limits: Limits) -> Gate | Non
               ("empty or looping", after.degenerate, before.degenerate, limits.degenerate_rise),
               ("cut by the length limit", after.truncated, before.truncated, limits.truncated_rise))  # fmt: skip
     for what, now, was, rise in checks:
-        if now > was + rise:
+        if not now <= was + rise:  # written so that NaN (no answers measured) fails too
             return Gate(False, f"{now:.0%} of its answers are {what} (the current version: {was:.0%})")
-    if after.answer_length < limits.min_length_ratio * before.answer_length:
+    # Above its cap a share may not rise at all (a base model that loops more often than the cap can still be
+    # improved on, but never made worse one round at a time).
+    for what, now, was, cap in (
+        ("empty", after.empty, before.empty, limits.max_empty),
+        ("empty or looping", after.degenerate, before.degenerate, limits.max_degenerate),
+    ):
+        if not now <= max(cap, was):
+            return Gate(False, f"{now:.0%} of its answers are {what} (the cap: {cap:.0%}, or the current "
+                               f"version's {was:.0%} where higher)")  # fmt: skip
+    if not after.answer_length >= limits.min_length_ratio * before.answer_length:
         return Gate(False, f"its answers collapsed to {after.answer_length:.1f} tokens on average (the current "
                            f"version: {before.answer_length:.1f})")  # fmt: skip
     return None
@@ -71,7 +83,7 @@ def promotion_gate(before: PolicyEval, after: PolicyEval, agreement: Agreement, 
     degenerate = _shares(before, after, limits)
     if degenerate is not None:
         return degenerate
-    if after.kl > limits.max_kl:
+    if not after.kl <= limits.max_kl:
         return Gate(False, f"KL to the reference {after.kl:.1f} exceeds the budget of {limits.max_kl:g}")
     if agreement.pairs < limits.min_agreement_pairs:
         return Gate(False, f"only {agreement.pairs} held-out ranked pairs to check it against users (fewer than "
@@ -79,10 +91,10 @@ def promotion_gate(before: PolicyEval, after: PolicyEval, agreement: Agreement, 
     if not agreement.rate >= limits.min_agreement:
         return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs (below "
                            f"{limits.min_agreement:.0%})")  # fmt: skip
-    if after.reward <= before.reward:
+    if not after.reward > before.reward:
         return Gate(False, f"mean reward {after.reward:.3f} is not above the current version's {before.reward:.3f}")
     fluency = reference_ptx if reference_ptx is not None else before.ptx_loss
-    if fluency is not None and after.ptx_loss is not None and after.ptx_loss > limits.max_ptx_ratio * fluency:
+    if fluency is not None and after.ptx_loss is not None and not after.ptx_loss <= limits.max_ptx_ratio * fluency:
         return Gate(False, f"held-out LM loss {after.ptx_loss:.3f} exceeds {limits.max_ptx_ratio}x the reference's "
                            f"{fluency:.3f}")  # fmt: skip
     why = (f"mean reward {before.reward:.3f} → {after.reward:.3f}, agrees with {agreement.rate:.0%} of "

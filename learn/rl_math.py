@@ -92,7 +92,7 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     var = masked_mean((values - mean) ** 2, mask)
     if unbiased:
         count = mask.sum()
-        var = var * count / (count - 1)
+        var = var * count / (count - 1).clamp(min=1)  # one token: its variance is 0, not 0/0
     return var
 
 
@@ -140,7 +140,7 @@ def kl_penalty_rewards(
     answer ends; the KL penalty is paid token by token); scores: (B,)
     reward-model scores; truncated: (B,) bool, answers the length limit cut off, which get `truncation_penalty`
     (usually negative) added to their score. KL is the k1 estimator, log pi(y|x) - log pi_ref(y|x).
-    Returns (rewards, kl), both (B, T) and zero outside the mask.
+    Returns (rewards, kl), both (B, A) and zero outside the mask.
     """
     kl = (logprobs - ref_logprobs) * mask
     rewards = -beta * kl

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from learn.precision import autocast
 from learn.prompts import DEFAULT_PROMPTS, Prompt, key_of, prompts_from_file, split_prompts
 from learn.reward_model import Evaluation
 from learn.rm_data import split
-from learn.sft import LoraOptions, load_causal_lm, pad_id, run_card, save_policy
+from learn.sft import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy
 from learn.sources import FEEDBACK, last_event_id, load_groups, ptx_examples, round_prompts, served_comparisons
 from learn.trainlog import MetricsLog, step_progress
 
@@ -216,9 +216,10 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
             if on_step is not None:
                 on_step(trainer.iteration, config.iterations, figures)
     clock.next("evaluate_after", "evaluating the new version")
-    after, after_answers = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens,
-                                           options.eval_samples)  # fmt: skip
-    judged = judge_on_held_out_rankings(settings, models, store.path(parent), config, until)
+    stored = as_stored(models.policy)  # the version as users would get it, not the round's fp32 adapters
+    after, after_answers = evaluate_policy(replace(models, policy=stored), evaluation_prompts, ptx_held,
+                                           config.max_new_tokens, options.eval_samples)  # fmt: skip
+    judged = judge_on_held_out_rankings(settings, models, store.path(parent), config, until, stored)
     reference_ptx = held_out_lm_loss(models.reference, models.tokenizer, ptx_held)
     clock.next("publish", "writing the new version")
     version = store.next_version()
@@ -231,7 +232,7 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
         "eval": {"before": before.figures(), "after": after.figures(), "reference_ptx_loss": reference_ptx},
         "agreement": judged.figures(), "metrics": str(metrics),
     })  # fmt: skip
-    save_policy(models.policy, models.tokenizer, store, card)
+    save_policy(stored, models.tokenizer, store, card)
     answers.put(version, after_answers)  # when this version is the one replaced, its answers are known
     checkpoint.unlink(missing_ok=True)
     before_file.unlink(missing_ok=True)
@@ -250,14 +251,15 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
 
 
 def judge_on_held_out_rankings(settings: Settings, models: Any, parent_folder: Path, config: RoundConfig,
-                               until: str | None) -> Agreement:  # fmt: skip
-    """`Agreement` of the trained policy with the reward model's held-out rankings (every round's so far)."""
+                               until: str | None, stored: Any) -> Agreement:  # fmt: skip
+    """`Agreement` of the trained policy, as stored (`stored`), with the reward model's held-out rankings (every
+    round's so far), relative to its parent."""
     groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024, until=until)
     _, held = split(groups, RMOptions.held_out)
     parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
     if parent is None:
         parent, _ = load_causal_lm(parent_folder)
-    return agreement(models.policy, parent, held, pad_id(models.tokenizer))
+    return agreement(stored, parent, held, pad_id(models.tokenizer))
 
 
 def register(settings: Settings, card: Card) -> bool:

@@ -6,6 +6,7 @@ every token. The result is written to the model store as a new policy version, a
 
 from __future__ import annotations
 
+import copy as copy_module
 import platform
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -108,6 +109,18 @@ def evaluate_lm(model: Any, tokenizer: Any, examples: Sequence[Example], batch_s
         total += float(lm_loss(model, batch)) * n
         tokens += n
     return total / max(1, tokens)
+
+
+def as_stored(model: Any) -> Any:
+    """A copy of `model` as the store will hold it and the server run it: LoRA merged in, weights rounded to bf16
+    (kept in the model's dtype for the learner's arithmetic). The gate judges this copy: a round's changes smaller
+    than a bf16 step vanish on saving, and larger ones move by up to half a step, so the unmerged fp32 policy is not
+    the version users would get."""
+    copy = copy_module.deepcopy(model)
+    if hasattr(copy, "merge_and_unload"):
+        copy = copy.merge_and_unload()
+    dtype = next(copy.parameters()).dtype
+    return copy.to(torch.bfloat16).to(dtype).eval()
 
 
 def save_policy(model: Any, tokenizer: Any, store: ModelStore, card: Card) -> Path:

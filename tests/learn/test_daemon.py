@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import torch
 from typer.testing import CliRunner
 
 from deploy.model_import import import_model
@@ -91,6 +92,15 @@ def test_rankings_through_the_api_become_a_ready_version(ranked: tuple[Path, red
 
     assert learner.tick() == "waiting"  # nothing new since r0001
     assert read_status(client)["detail"] == f"0 of {PROMPTS} new rankings needed for a round"  # type: ignore[index]
+
+    # An unfinished round the daemon cannot continue (another command's, other settings) is set aside, not
+    # retried at every poll: the daemon would never learn again.
+    checkpoint = data / "checkpoints" / "ppo.ckpt"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": {"parent": "v0001", "reward": "r0001", "iterations": 99}}, checkpoint)
+    assert learner.tick() == "set aside"
+    assert not checkpoint.exists() and len(list(checkpoint.parent.glob("ppo.*.set-aside.ckpt"))) == 1
+    assert learner.tick() == "waiting"
 
 
 def test_no_ppo_round_on_a_reward_model_judged_on_too_few_pairs(ranked: tuple[Path, redis.Redis]) -> None:

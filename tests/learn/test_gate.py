@@ -71,6 +71,26 @@ def test_fluency_is_measured_against_the_reference_not_the_drifting_parent() -> 
     assert not promotion_gate(ev(0.1, ptx=2.2), ev(0.3, ptx=2.3), AGREES, Limits(), reference_ptx=2.0).passed
 
 
+def test_shares_are_capped_over_rounds_not_only_per_round() -> None:
+    # Each round may add 2 points of empty answers and 5 of looping ones, but not past the caps (2%, 10%): ten
+    # rounds that each rose by the allowance would otherwise reach 20% empty.
+    assert promotion_gate(ev(0.1, empty=0.0), ev(0.3, empty=0.02), AGREES, Limits()).passed
+    over = promotion_gate(ev(0.1, empty=0.01), ev(0.3, empty=0.03), AGREES, Limits())
+    assert not over.passed and over.why == ("3% of its answers are empty (the cap: 2%, or the current version's 1% "
+                                            "where higher)")  # fmt: skip
+    assert promotion_gate(ev(0.1, degenerate_share=0.06), ev(0.3, degenerate_share=0.1), AGREES, Limits()).passed
+    assert not promotion_gate(ev(0.1, degenerate_share=0.08), ev(0.3, degenerate_share=0.12), AGREES, Limits()).passed
+    # A parent above the cap may be matched or improved on, never made worse.
+    assert promotion_gate(ev(0.1, degenerate_share=0.2), ev(0.3, degenerate_share=0.2), AGREES, Limits()).passed
+    assert not promotion_gate(ev(0.1, degenerate_share=0.2), ev(0.3, degenerate_share=0.22), AGREES, Limits()).passed
+
+
+@pytest.mark.parametrize("field", ["reward", "kl", "ptx", "length", "empty", "degenerate_share", "truncated"])
+def test_a_figure_that_is_not_a_number_fails_the_gate(field: str) -> None:
+    assert not promotion_gate(ev(0.1), ev(**{"reward": 0.3, field: float("nan")}), AGREES, Limits(),
+                              reference_ptx=2.0).passed  # fmt: skip
+
+
 # -- degenerate answers -------------------------------------------------------------------------------------------
 
 

@@ -105,6 +105,7 @@ def test_masked_mean_and_var_ignore_padding() -> None:
     assert masked_mean(values, mask).item() == 2.0
     assert masked_var(values, mask).item() == pytest.approx(2.0)  # ((1-2)^2 + (3-2)^2) / (2 - 1)
     assert masked_var(values, mask, unbiased=False).item() == pytest.approx(1.0)
+    assert masked_var(t(4.0, 100.0), t(1.0, 0.0)).item() == 0.0  # one token: 0, not 0/0 = NaN in the weights
 
 
 def test_whiten() -> None:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from deploy.model_store import Card, ModelStore
 from learn.data import IGNORE, DataError, Demonstration, demonstrations_from_rows, encode_demonstration, encode_text
 from learn.loop import LoopConfig
-from learn.sft import LoraOptions, evaluate_lm, load_causal_lm, save_policy, train_lm
+from learn.sft import LoraOptions, as_stored, evaluate_lm, load_causal_lm, save_policy, train_lm
 from learn.trainlog import MetricsLog, read_metrics
 from rankloop.cli import app
 from tests.tiny import tiny_tokenizer
@@ -103,6 +103,27 @@ def test_lora_trains_adapters_and_saves_a_merged_version(tiny_store: ModelStore)
     merged, _ = load_causal_lm(tiny_store.path("v0002"))
     assert not any("lora" in n for n in merged.state_dict())
     assert result.steps == 2 and tiny_store.versions() == ["v0001", "v0002"]
+
+
+def test_the_stored_copy_is_what_the_store_holds_and_the_round_keeps_its_adapters(tiny_store: ModelStore) -> None:
+    model, tokenizer = load_causal_lm(tiny_store.path("v0001"), LoraOptions(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # a change below bf16's resolution on some weights, above it on others
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.linspace(-1e-3, 3e-2, weight.numel()).reshape(weight.shape))
+    ids = torch.tensor([[3, 7, 11, 5, 9]])
+    stored = as_stored(model)
+    with torch.no_grad():
+        judged, trained = stored(ids).logits, model(ids).logits
+    save_policy(stored, tokenizer, tiny_store, Card(version="v0002", parent="v0001", made_by="ppo"))
+    loaded, _ = load_causal_lm(tiny_store.path("v0002"))
+    with torch.no_grad():
+        served = loaded(ids).logits
+    # The gate measures the version users get (to float rounding of the same weights in another module layout);
+    # the round's fp32 adapters differ from it by far more.
+    gap, rounding = (trained - served).abs().max().item(), (judged - served).abs().max().item()
+    assert rounding < 1e-5 and gap > 100 * rounding, (gap, rounding)
+    assert any("lora_" in n for n, _ in model.named_parameters())  # the round's own model is left as it was
 
 
 def test_learn_sft_command_writes_a_version_with_its_card(
