@@ -89,9 +89,9 @@ def evaluate(
     preference: PreferenceOption = "concise",
     samples: Annotated[int, typer.Option(min=1, help="Answers per prompt from each version.")] = 4,
     max_new_tokens: Annotated[
-        int,
+        int | None,
         typer.Option(min=1, help="Answer length limit (default: the server's default, RANKLOOP_DEFAULT_MAX_TOKENS)."),
-    ] = 0,
+    ] = None,
     prompts: PromptsOption = None,
     seed: int = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
