@@ -6,16 +6,18 @@ The second must not rest on the reward model PPO just optimised against: a polic
 scores the result high. So the version must also (1) not answer empty, loop or get cut more often than the
 version it replaces, nor collapse its answers' length, whatever any model says (learn.degenerate); (2) stay within
 a KL budget of the SFT reference; (3) agree with held-out rankings that neither the reward model nor PPO saw
-(learn.policy_eval.Agreement); and (4) stay as fluent on held-out text as the reference. Only then does a higher
-reward-model score count.
+(learn.policy_eval.Agreement), beyond chance; (4) not score lower on the reward model beyond the noise of its
+evaluation; and (5) stay as fluent on held-out text as the reference.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from learn.policy_eval import Agreement, PolicyEval
 from learn.reward_model import Evaluation
+from learn.winrate import Z95, share_low
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,17 @@ def promotion_gate(before: PolicyEval, after: PolicyEval, agreement: Agreement, 
     if not agreement.rate >= limits.min_agreement:
         return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs (below "
                            f"{limits.min_agreement:.0%})")  # fmt: skip
-    if not after.reward > before.reward:
-        return Gate(False, f"mean reward {after.reward:.3f} is not above the current version's {before.reward:.3f}")
+    low = share_low(agreement.rate, agreement.pairs)
+    if not low > 0.5:  # 55% of 20 pairs is a coin toss a third of the time
+        return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs, not "
+                           f"beyond chance (95% low {low:.0%})")  # fmt: skip
+    # The reward model's word counts against a version only where it is beyond the noise of two small samples'
+    # means: on 32 answers of spread 3 a better version scores lower a third of the time. Users' held-out
+    # rankings (above) are the evidence for; this is a check against.
+    noise = Z95 * math.hypot(before.reward_se, after.reward_se)
+    if not after.reward >= before.reward - noise:
+        return Gate(False, f"mean reward {after.reward:.3f} is below the current version's {before.reward:.3f} "
+                           f"beyond its noise (±{noise:.3f})")  # fmt: skip
     fluency = reference_ptx if reference_ptx is not None else before.ptx_loss
     if fluency is not None and after.ptx_loss is not None and not after.ptx_loss <= limits.max_ptx_ratio * fluency:
         return Gate(False, f"held-out LM loss {after.ptx_loss:.3f} exceeds {limits.max_ptx_ratio}x the reference's "

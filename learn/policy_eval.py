@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class PolicyEval:
     empty: float = 0.0  # share of answers with no text
     degenerate: float = 0.0  # share that are empty or loop (learn.degenerate)
     truncated: float = 0.0  # share cut by the length limit
+    reward_se: float = 0.0  # standard error of `reward` (sample sd over sqrt(answers)): how far noise moves it
 
     def figures(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,9 +118,11 @@ def measure(models: Models, prompts: Sequence[Prompt], answers: Answers, ptx_los
     samples = [{"prompt": prompts[i].messages[-1]["content"], "answer": answers.texts[i * per_prompt]}
                for i in range(min(n_samples, len(prompts)))]  # fmt: skip
     n = max(1, len(rewards))
-    return PolicyEval(sum(rewards) / n, sum(answers.kl) / n, ptx_loss,
+    mean = sum(rewards) / n
+    se = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1) / n) if n > 1 else 0.0
+    return PolicyEval(mean, sum(answers.kl) / n, ptx_loss,
                       sum(map(len, answers.responses)) / n, len(rewards), samples, shares.empty, shares.degenerate,
-                      shares.truncated)  # fmt: skip
+                      shares.truncated, se)  # fmt: skip
 
 
 def evaluate_policy(

@@ -46,3 +46,10 @@ def win_rate(outcomes: Sequence[float], z: float = Z95) -> WinRate:
     wins = sum(o == 1.0 for o in outcomes)
     ties = sum(o == 0.5 for o in outcomes)
     return WinRate(mean, max(0.0, mean - half), min(1.0, mean + half), wins, ties, n - wins - ties)
+
+
+def share_low(rate: float, n: int, z: float = Z95) -> float:
+    """Lower end of the normal-approximation interval of a share `rate` of `n` yes/no outcomes (NaN for n = 0)."""
+    if n <= 0:
+        return float("nan")
+    return rate - z * math.sqrt(rate * (1.0 - rate) / n)

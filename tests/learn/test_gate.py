@@ -26,8 +26,9 @@ from tests.tiny import tiny_teachable_folder
 
 
 def ev(reward: float = 0.1, ptx: float | None = 2.0, length: float = 40.0, empty: float = 0.0,
-       degenerate_share: float = 0.0, truncated: float = 0.2, kl: float = 3.0) -> PolicyEval:  # fmt: skip
-    return PolicyEval(reward, kl, ptx, length, 32, [], empty, degenerate_share, truncated)
+       degenerate_share: float = 0.0, truncated: float = 0.2, kl: float = 3.0,
+       se: float = 0.0) -> PolicyEval:  # fmt: skip
+    return PolicyEval(reward, kl, ptx, length, 32, [], empty, degenerate_share, truncated, se)
 
 
 AGREES = Agreement(0.7, 40)
@@ -47,7 +48,7 @@ def test_a_better_version_passes() -> None:
         (ev(5.0, truncated=0.5), "50% of its answers are cut by the length limit (the current version: 20%)"),
         (ev(5.0, length=12.0), "its answers collapsed to 12.0 tokens on average (the current version: 40.0)"),
         (ev(5.0, kl=31.0), "KL to the reference 31.0 exceeds the budget of 30"),
-        (ev(0.1), "mean reward 0.100 is not above the current version's 0.100"),
+        (ev(0.05), "mean reward 0.050 is below the current version's 0.100 beyond its noise (±0.000)"),
         (ev(5.0, ptx=2.3), "held-out LM loss 2.300 exceeds 1.1x the reference's 2.000"),
     ],
 )
@@ -63,6 +64,19 @@ def test_the_rankings_users_held_out_must_agree_and_be_enough() -> None:
     against = promotion_gate(ev(0.1), ev(5.0), Agreement(0.5, 60), Limits())
     assert not against.passed and against.why == "it agrees with 50% of 60 held-out ranked pairs (below 55%)"
     assert not promotion_gate(ev(0.1), ev(5.0), Agreement(float("nan"), 0), Limits(min_agreement_pairs=0)).passed
+    # 60% of 30 pairs: 95% interval 0.6 ± 1.96 * sqrt(0.24 / 30) = 0.6 ± 0.175, so its low end is 42.5%.
+    chance = promotion_gate(ev(0.1), ev(5.0), Agreement(0.6, 30), Limits())
+    assert not chance.passed and chance.why == ("it agrees with 60% of 30 held-out ranked pairs, not beyond chance "
+                                                "(95% low 42%)")  # fmt: skip
+    assert promotion_gate(ev(0.1), ev(5.0), Agreement(0.6, 300), Limits()).passed  # ± 0.055: low 54.5%
+
+
+def test_a_lower_reward_counts_against_a_version_only_beyond_its_noise() -> None:
+    # Standard errors 0.2 and 0.2: 1.96 * hypot(0.2, 0.2) = 0.554 either way of the current version's 0.5.
+    assert promotion_gate(ev(0.5, se=0.2), ev(0.3, se=0.2), AGREES, Limits()).passed
+    lower = promotion_gate(ev(0.5, se=0.2), ev(-0.1, se=0.2), AGREES, Limits())
+    assert not lower.passed
+    assert lower.why == "mean reward -0.100 is below the current version's 0.500 beyond its noise (±0.554)"
 
 
 def test_fluency_is_measured_against_the_reference_not_the_drifting_parent() -> None:
