@@ -98,8 +98,8 @@ def promotion_gate(before: PolicyEval, after: PolicyEval, agreement: Agreement, 
         return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs, not "
                            f"beyond chance (95% low {low:.0%})")  # fmt: skip
     # The reward model's word counts against a version only where it is beyond the noise of two small samples'
-    # means: on 32 answers of spread 3 a better version scores lower a third of the time. Users' held-out
-    # rankings (above) are the evidence for; this is a check against.
+    # means: 16 answers of spread 3 put a mean anywhere within ±1.5 of its value (95%), so "not higher" refused
+    # better versions by chance. Users' held-out rankings (above) are the evidence for; this is a check against.
     noise = Z95 * math.hypot(before.reward_se, after.reward_se)
     if not after.reward >= before.reward - noise:
         return Gate(False, f"mean reward {after.reward:.3f} is below the current version's {before.reward:.3f} "

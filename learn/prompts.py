@@ -94,12 +94,17 @@ def prompts_from_events(events: Iterable[dict[str, Any]], max_len: int) -> list[
 
 
 def served_from_events(events: Iterable[dict[str, Any]], max_prompt_len: int) -> list[Served]:
-    """Each ranked comparison once (several users may rank one), prompts longer than `max_prompt_len` left out."""
+    """Each ranked comparison once (several users may rank one), prompts longer than `max_prompt_len` left out, and
+    those sampled at another temperature or top_p than 1: PPO's ratio is taken against the version's plain
+    distribution, of which answers sampled sharper or truncated are not samples (their ratios would be biased)."""
     seen: set[str] = set()
     served = []
     for data in events:
         comparison = data["comparison"]
         if comparison["id"] in seen or len(comparison["prompt_token_ids"]) > max_prompt_len:
+            continue
+        sampling = comparison.get("sampling") or {}  # events stored before sampling was kept: the defaults
+        if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
             continue
         seen.add(comparison["id"])
         candidates = [c for c in comparison["candidates"] if c["token_ids"]]

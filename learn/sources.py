@@ -86,11 +86,12 @@ def count_rankings(settings: Settings, after: str | None) -> int:
 def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, held_out: float, max_len: int,
                   until: str | None = None) -> tuple[list[Prompt], list[Prompt]]:  # fmt: skip
     """(train, held out) prompts: users' ranked prompts (up to event `until`), then those of `prompt_file`, each
-    once."""
+    once. Train leaves out the reward model's held-out prompts too: their rankings judge the round (agreement)."""
     prompts = prompts_from_events((e.data for e in _events(settings, "ranking", until=until)), max_len)
     if prompt_file is not None:
         prompts += prompts_from_file(prompt_file, tokenizer, max_len)
-    return split_prompts(unique(prompts, key_of), key_of, held_out)
+    train, held = split_prompts(unique(prompts, key_of), key_of, held_out)
+    return [p for p in train if not is_rm_held_out(p.key, held_out)], held
 
 
 def served_comparisons(settings: Settings, parent: str, held_out: float, max_prompt_len: int,

@@ -22,8 +22,9 @@ from feedback.dataset import Dataset
 from learn.data import DataError
 from learn.ppo import Rollouts, pack
 from learn.ppo_run import CheckpointMismatch, RoundConfig, value_model
-from learn.prompts import messages_of, prompts_from_file
+from learn.prompts import messages_of, prompts_from_file, served_from_events
 from learn.reward_model import RewardScorer, load_reward_model, save_reward_model
+from learn.rm_data import is_held_out, is_rm_held_out, prompt_key
 from learn.rounds import PPOOptions, ppo_round
 from tests.learn.events import ranking_event
 from tests.tiny import tiny_llama_folder, tiny_tokenizer
@@ -84,6 +85,16 @@ def test_long_prompts_are_left_out(tmp_path: Path) -> None:
     path.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": "the quick brown fox " * 40}) + "\n")
     prompts = prompts_from_file(path, tiny_tokenizer(), max_len=32)
     assert [p.messages[0]["content"] for p in prompts] == ["hi"]
+
+
+def test_served_rollouts_are_answers_sampled_from_the_plain_distribution() -> None:
+    rng = random.Random(0)
+    events = [json.loads(ranking_event(i, rng)[2]) for i in range(4)]
+    events[1]["comparison"]["sampling"] = {"temperature": 0.7, "top_p": 1.0}
+    events[2]["comparison"]["sampling"] = {"temperature": 1.0, "top_p": 0.9}
+    events[3]["comparison"]["sampling"] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64}
+    events.append(events[0])  # ranked twice: one rollout
+    assert [s.comparison_id for s in served_from_events(events, max_prompt_len=64)] == ["c0", "c3"]
 
 
 def test_a_checkpoint_of_another_round_is_refused(tmp_path: Path) -> None:
@@ -163,11 +174,20 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
     resumed = ppo_round(settings, config, PPOOptions(), show_progress=False)
     card = ModelStore(data / "models").card(resumed.version)
     assert resumed.resumed_at == 1
-    assert card.details["train_prompts"] + card.details["held_out_prompts"] == 12
+    assert card.details["train_prompts"] + card.details["held_out_prompts"] == usable(12)
     following = ppo_round(settings, config, PPOOptions(parent="v0001"), show_progress=False)
     card = ModelStore(data / "models").card(following.version)
     assert following.resumed_at == 0
-    assert card.details["train_prompts"] + card.details["held_out_prompts"] == 20
+    assert card.details["train_prompts"] + card.details["held_out_prompts"] == usable(20)
+    assert usable(20) < 20  # one of them is held out for the reward model: left out of PPO's training prompts
+
+
+def usable(n: int) -> int:
+    """Of ranking_event's prompts q0..q(n-1): the evaluation's held-out ones, and the training ones that are not the
+    reward model's held-out prompts (their rankings judge the round, so PPO never trains on them)."""
+    fraction = PPOOptions().held_out
+    keys = [prompt_key([{"role": "user", "content": f"q{i}"}]) for i in range(n)]
+    return sum(is_held_out(k, fraction) or not is_rm_held_out(k, fraction) for k in keys)
 
 
 def test_the_reward_model_gate_wants_accuracy_measured_on_enough_pairs() -> None:
