@@ -94,7 +94,7 @@ def promotion_gate(before: PolicyEval, after: PolicyEval, agreement: Agreement, 
         return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs (below "
                            f"{limits.min_agreement:.0%})")  # fmt: skip
     low = share_low(agreement.rate, agreement.pairs)
-    if not low > 0.5:  # 55% of 20 pairs is a coin toss a third of the time
+    if not low > 0.5:  # a coin gives 55% or more of 20 pairs 41% of the time
         return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs, not "
                            f"beyond chance (95% low {low:.0%})")  # fmt: skip
     # The reward model's word counts against a version only where it is beyond the noise of two small samples'
