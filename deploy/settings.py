@@ -128,7 +128,9 @@ class Settings(BaseSettings):
     learn_rm_epochs: int = Field(
         2, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
     )
-    learn_prompts_per_iteration: int = Field(8, ge=1, description="Prompts sampled per PPO iteration.")
+    learn_prompts_per_iteration: int = Field(
+        8, ge=1, description="Prompts per PPO iteration: served comparisons (K answers each), or sampled prompts."
+    )
     learn_max_new_tokens: int = Field(
         256, ge=1, description="Answer length limit of sampled PPO rollouts and of the learner's evaluations."
     )
