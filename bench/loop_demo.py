@@ -76,9 +76,9 @@ def watch(redis: Redis, timeline: Timeline, deadline: float, done: Callable[[str
         status = read_status(redis) or {}
         current = registry.current()[0]
         phase = status.get("phase", "starting")
-        detail = (
-            status.get("detail", "") if phase != "ppo" else f"PPO {status.get('iteration')}/{status.get('iterations')}"
-        )
+        detail = status.get("detail", "")
+        if phase == "ppo" and status.get("iteration") is not None:  # the evaluations and the publishing say theirs
+            detail = f"PPO {status['iteration']}/{status.get('iterations')}"
         timeline.note(f"serving {current}; learner {phase}: {detail}")
         if done(phase):
             return
