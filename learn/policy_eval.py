@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,9 +119,8 @@ def measure(models: Models, prompts: Sequence[Prompt], answers: Answers, ptx_los
     samples = [{"prompt": prompts[i].messages[-1]["content"], "answer": answers.texts[i * per_prompt]}
                for i in range(min(n_samples, len(prompts)))]  # fmt: skip
     n = max(1, len(rewards))
-    mean = sum(rewards) / n
-    se = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1) / n) if n > 1 else 0.0
-    return PolicyEval(mean, sum(answers.kl) / n, ptx_loss,
+    se = statistics.stdev(rewards) / math.sqrt(n) if len(rewards) > 1 else 0.0
+    return PolicyEval(sum(rewards) / n, sum(answers.kl) / n, ptx_loss,
                       sum(map(len, answers.responses)) / n, len(rewards), samples, shares.empty, shares.degenerate,
                       shares.truncated, se)  # fmt: skip
 

@@ -91,7 +91,7 @@ def compute_lowers(model: Any, sequences: Sequence[list[int]], pad_id: int, spli
     """Each sequence's hidden states below layer `split`, (L_i, H), computed once: they do not change while only
     the upper layers train, so every epoch reuses them. Batches of similar length, so that little is padding."""
     backbone = layers.backbone_of(model)
-    out: list[Tensor | None] = [None] * len(sequences)
+    out: dict[int, Tensor] = {}
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch):
         rows = order[start : start + batch]
@@ -100,7 +100,7 @@ def compute_lowers(model: Any, sequences: Sequence[list[int]], pad_id: int, spli
         hidden = layers.lower(backbone, split, ids, mask, positions)
         for n, i in enumerate(rows):
             out[i] = hidden[n, : len(sequences[i])].clone()
-    return [h for h in out if h is not None]
+    return [out[i] for i in range(len(sequences))]
 
 
 def group_loss(model: Any, groups: Sequence[RankedGroup], pad_id: int, margin: float = 0.0, split: int = 0,
