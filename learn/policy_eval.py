@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from feedback.ranking import pairs
-from learn import degenerate
+from learn import degenerate, layers
 from learn.data import Example
-from learn.ppo import Models, Rollouts, pack, sample, token_logprobs
+from learn.ppo import Models, Rollouts, backbone, lower_of, pack, sample, token_logprobs
 from learn.prompts import Prompt
 from learn.rm_data import RankedGroup
 from learn.sft import evaluate_lm, pad_id
@@ -165,8 +165,13 @@ class Agreement:
 
 
 @torch.no_grad()
-def agreement(policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int, batch: int = 8) -> Agreement:
-    """`Agreement` of `policy` over `parent` on ranked groups (ties count half; pairs without a preference none)."""
+def agreement(policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int, batch: int = 8,
+              split: int = 0) -> Agreement:  # fmt: skip
+    """`Agreement` of `policy` over `parent` on ranked groups (ties count half; pairs without a preference none).
+
+    Where the two compute the same layers below `split` (a round trains only the layers above it), those layers
+    run once per batch for both; batches hold answers of similar length, so that little of the work is padding.
+    """
     rollouts: list[tuple[list[int], list[int]]] = []
     index: dict[tuple[int, int], int] = {}
     for g, group in enumerate(groups):
@@ -174,14 +179,18 @@ def agreement(policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int,
             if 0 < length < len(sequence):  # the answer whole and some prompt before it
                 index[(g, a)] = len(rollouts)
                 rollouts.append((sequence[:-length], sequence[-length:]))
-    shift: list[float] = []
-    for start in range(0, len(rollouts), batch):
-        chunk = rollouts[start : start + batch]
-        packed = pack(Rollouts([q for q, _ in chunk], [r for _, r in chunk], [False] * len(chunk)), pad)
-        ratio = token_logprobs(policy, packed) - token_logprobs(parent, packed)
-        shift += (ratio * packed.mask).sum(dim=1).tolist()
+    shift = torch.zeros(len(rollouts))
+    if rollouts:
+        packed = pack(Rollouts([q for q, _ in rollouts], [r for _, r in rollouts], [False] * len(rollouts)), pad)
+        shared = split > 0 and layers.same_lower(backbone(policy), backbone(parent), split)
+        cut = split if shared else 0
+        for rows in packed.by_length(batch):
+            sub = packed.rows(rows)
+            below = lower_of(policy, split, sub) if shared else None
+            ratio = token_logprobs(policy, sub, cut, below) - token_logprobs(parent, sub, cut, below)
+            shift[torch.tensor(rows)] = (ratio * sub.mask).sum(dim=1)
     outcomes = [
-        outcome(shift[index[g, chosen]], shift[index[g, rejected]])
+        outcome(float(shift[index[g, chosen]]), float(shift[index[g, rejected]]))
         for g, group in enumerate(groups)
         for chosen, rejected in pairs(group.tiers)
         if (g, chosen) in index and (g, rejected) in index

@@ -155,6 +155,11 @@ class AdapterOff:
         return self
 
 
+def backbone(model: Any) -> Any:
+    """The decoder stack of a model, of an AdapterOff's inner model too (the weights are the same)."""
+    return layers.backbone_of(model.model if isinstance(model, AdapterOff) else model)
+
+
 @contextmanager
 def adapters_as_wrapped(model: Any) -> Iterator[Any]:
     """The model to run: an AdapterOff's inner model with its adapters off for the duration, else the model."""
@@ -397,6 +402,9 @@ def update(models: Models, packed: Packed, scored: Scored, config: PPOConfig, op
         ptx_lower(models.policy, models.split, ptx_batch) if ptx_batch is not None and with_ptx and frozen else None
     )
     generator = torch.Generator().manual_seed(config.seed)
+    # Mini-batches in a random order, not grouped by length (which pads less): a mini-batch of short answers
+    # alone, all with one sign of advantage, steps the policy towards whatever they share rather than towards what
+    # tells them from the long ones (on the tiny model, PPO then failed to find the reward's short answers).
     for _ in range(config.epochs):
         order = torch.randperm(packed.mask.shape[0], generator=generator).tolist()
         for start in range(0, len(order), config.minibatch):

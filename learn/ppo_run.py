@@ -30,7 +30,7 @@ from torch import Tensor
 from learn import layers, rl_math
 from learn.data import Example
 from learn.loop import save_atomic, trainable_state
-from learn.ppo import AdapterOff, Models, PPOConfig, RewardFn, Rollouts, ValueModel, ppo_step, sample
+from learn.ppo import AdapterOff, Models, PPOConfig, RewardFn, Rollouts, ValueModel, backbone, ppo_step, sample
 from learn.prompts import Prompt, Served
 from learn.reward_model import RewardScorer, _parts
 from learn.sft import LoraOptions, collate, load_causal_lm, pad_id
@@ -75,10 +75,6 @@ def zero_reward(rollouts: Rollouts, packed: Any, below: Tensor | None) -> Tensor
     return torch.zeros(len(rollouts.queries))
 
 
-def _backbone(model: Any) -> Any:
-    return layers.backbone_of(model.model if isinstance(model, AdapterOff) else model)
-
-
 def load_models(policy_folder: Path, reference_folder: Path, reward_folder: Path, config: RoundConfig,
                 served: bool) -> Models:  # fmt: skip
     """The round's models; `served`: the rollouts are answers the parent wrote, so it is kept as the behaviour
@@ -97,12 +93,12 @@ def load_models(policy_folder: Path, reference_folder: Path, reward_folder: Path
     elif served:
         behaviour = AdapterOff(policy) if config.lora else _frozen(policy_folder)
     policy.eval()  # no dropout anywhere; gradients still flow
-    split = layers.split_point(_backbone(policy), config.train_layers)
+    split = layers.split_point(backbone(policy), config.train_layers)
     scorer = RewardScorer(reward_folder, config.train_layers)
-    scorer.shares_lower = scorer.split == split and layers.same_lower(_backbone(policy), _backbone(scorer.model),
+    scorer.shares_lower = scorer.split == split and layers.same_lower(backbone(policy), backbone(scorer.model),
                                                                       split)  # fmt: skip
     shared = {name for name, other in (("reference", reference), ("behaviour", behaviour))
-              if other is not None and layers.same_lower(_backbone(policy), _backbone(other), split)}  # fmt: skip
+              if other is not None and layers.same_lower(backbone(policy), backbone(other), split)}  # fmt: skip
     reward: RewardFn = scorer if config.reward == "model" else zero_reward
     return Models(policy, reference, value_model(scorer, split).eval(), reward, tokenizer, behaviour, split,
                   frozenset(shared), scorer)  # fmt: skip

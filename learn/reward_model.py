@@ -29,6 +29,7 @@ from learn.sft import LoraOptions, training_dtype
 from learn.trainlog import MetricsLog
 
 NORM_FILE = "reward_norm.json"
+SCORE_ROWS = 4  # sequences per pass of `score_ids`: few, so that each pass is padded to a length close to its own
 
 
 def load_reward_model(folder: Path, lora: LoraOptions | None = None, dtype: torch.dtype | None = None,
@@ -63,9 +64,24 @@ def _parts(model: Any) -> tuple[Any, Any]:
 
 
 def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int = 0,
-              lowers: Sequence[Tensor] | None = None) -> Tensor:  # fmt: skip
+              lowers: Sequence[Tensor] | None = None, rows: int = SCORE_ROWS) -> Tensor:  # fmt: skip
     """(N,) raw scores, each read at its sequence's last token; on the model's device. `lowers`: each sequence's
-    hidden states below layer `split` (`compute_lowers`), so that only the layers from `split` up run."""
+    hidden states below layer `split` (`compute_lowers`), so that only the layers from `split` up run.
+
+    The sequences run `rows` at a time in order of length, each group padded to its own longest: a batch of a
+    few prompts' answers mixes lengths, and one padded block did the longest answer's work for every answer."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    parts = [_scores(model, [sequences[i] for i in group], pad_id, split,
+                     None if lowers is None else [lowers[i] for i in group])
+             for group in (order[start : start + rows] for start in range(0, len(order), rows))]  # fmt: skip
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    scores: Tensor = torch.cat(parts)[inverse.to(parts[0].device)] if parts else torch.zeros(0)
+    return scores
+
+
+def _scores(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int,
+            lowers: Sequence[Tensor] | None) -> Tensor:  # fmt: skip
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in right_pad(sequences, pad_id))
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)

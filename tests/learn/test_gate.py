@@ -12,15 +12,15 @@ import torch
 from deploy.model_store import ModelStore
 from deploy.registry import Registry
 from deploy.settings import load_settings
-from learn import degenerate
+from learn import degenerate, layers
 from learn.gate import Limits, promotion_gate
 from learn.policy_eval import Agreement, PolicyEval, agreement
-from learn.ppo import Packed
+from learn.ppo import AdapterOff, Packed, backbone
 from learn.ppo_run import RoundConfig
 from learn.reward_model import RewardScorer
 from learn.rm_data import RankedGroup
 from learn.rounds import PPOOptions, ppo_round
-from learn.sft import load_causal_lm
+from learn.sft import LoraOptions, as_stored, load_causal_lm
 from tests.learn.test_ppo_round import make_data_dir
 from tests.tiny import tiny_teachable_folder
 
@@ -142,6 +142,32 @@ def test_agreement_counts_the_pairs_the_new_policy_moved_towards_the_users_choic
     # Pairs: (a: 0 over 1) agrees; (b: 0 over 1) disagrees; (b: 0 over 2): the same answer, no shift: a tie (0.5).
     assert found.pairs == 3 and found.rate == pytest.approx((1 + 0 + 0.5) / 3)
     assert agreement(parent, parent, groups, pad=0).rate == 0.5  # no move at all: every pair a tie
+
+
+def test_agreement_runs_the_shared_lower_layers_once_and_finds_the_same_shifts(tiny_store: ModelStore) -> None:
+    """A round's policy (LoRA on the upper layer, stored merged and rounded) against its parent (adapters off):
+    the split pass gives the whole pass's agreement, on prompts longer and shorter than their answers."""
+    policy, _ = load_causal_lm(tiny_store.path("v0001"), LoraOptions(dropout=0.0), train_layers=1)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)  # adapters that moved: the policy differs from its parent
+            elif "lora_" not in name:  # stored versions are bf16: their lower layers survive the stored copy's rounding
+                weight.copy_(weight.to(torch.bfloat16).float())
+    stored, parent = as_stored(policy), AdapterOff(policy)
+    assert layers.same_lower(backbone(stored), backbone(parent), 1)
+    long_prompt, short_prompt = list(range(5, 17)), [5]
+    prompts = [long_prompt, short_prompt, long_prompt, short_prompt, long_prompt]
+    groups = [
+        RankedGroup(
+            f"g{i}", [[*p, 20 + i, 21, 2], [*p, 30 + i, 31, 32, 33, 34, 2]], [[i % 2], [1 - i % 2]], answer_lens=(3, 6)
+        )
+        for i, p in enumerate(prompts)
+    ]
+    whole = agreement(stored, parent, groups, pad=0, batch=2)
+    split = agreement(stored, parent, groups, pad=0, batch=2, split=1)
+    assert split == whole and whole.pairs == 5 and whole.rate not in (0.5, 1.0, 0.0)
 
 
 # -- a reward model that loves empty answers ----------------------------------------------------------------------
