@@ -126,7 +126,13 @@ class Settings(BaseSettings):
         2e-4, gt=0.0, description="Reward-model learning rate (the weights of its upper `learn_train_layers` layers)."
     )
     learn_rm_epochs: int = Field(
-        2, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
+        1, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
+    )
+    learn_rm_max_rankings: int = Field(
+        128,
+        ge=1,
+        description="A reward-model round trains on the newest this many new ranked prompts at most (the older "
+        "are passed over), so that a round's length does not grow with the backlog that piled up during the last.",
     )
     learn_prompts_per_iteration: int = Field(
         8, ge=1, description="Prompts per PPO iteration: served comparisons (K answers each), or sampled prompts."

@@ -50,7 +50,8 @@ def round_config(settings: Settings) -> RoundConfig:
 
 def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
     return RMOptions(resume_from=resume_from, epochs=settings.learn_rm_epochs, lr=settings.learn_rm_lr,
-                     bf16=use_bf16(settings.learn_bf16), train_layers=settings.learn_train_layers)  # fmt: skip
+                     bf16=use_bf16(settings.learn_bf16), train_layers=settings.learn_train_layers,
+                     max_train=settings.learn_rm_max_rankings)  # fmt: skip
 
 
 def limits(settings: Settings) -> Limits:

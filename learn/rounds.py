@@ -52,6 +52,7 @@ class RMOptions:
     max_steps: int | None = None
     bf16: bool = False  # bf16 matrix products (learn.precision)
     train_layers: int = 0  # upper layers trained (and the head); 0: all
+    max_train: int | None = None  # train on the newest this many new ranked prompts at most; None: all
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     if after is not None:  # the held-out prompts of earlier rounds still measure this one
         _, held = split(load_groups(options.data, settings, tokenizer, options.max_len), options.held_out)
     held = held[-JUDGED_GROUPS:]
+    # Users rank faster than a round learns: the backlog of a round's length would make the next round that much
+    # longer, and so on. The newest are the ones the served version wrote, PPO's own rollouts; the older stay in
+    # the dataset (the round still moves past them).
+    skipped = max(0, len(train) - options.max_train) if options.max_train is not None else 0
+    train = train[skipped:]
     if not train:
         since = f" after {after}" if after else ""
         raise StoreError(f"{options.data} holds no new ranked prompts to train on{since}")
@@ -106,9 +112,9 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         offset, basis = reference_offset(model, train, pad, policies.reference(), lowers=lowers)
     last_event = max((g.event_id for g in new if g.event_id), key=event_order, default=after)
     card = run_card(version, parent, "reward_model", config, result, data=options.data, prompts=len(train),
-                    held_out_prompts=len(held), lora=options.lora, metrics=str(metrics), eval=vars(evaluation),
-                    offset=offset, offset_basis=basis, last_event_id=last_event, bf16=options.bf16,
-                    train_layers=options.train_layers)  # fmt: skip
+                    skipped_prompts=skipped, held_out_prompts=len(held), lora=options.lora, metrics=str(metrics),
+                    eval=vars(evaluation), offset=offset, offset_basis=basis, last_event_id=last_event,
+                    bf16=options.bf16, train_layers=options.train_layers)  # fmt: skip
     save_reward_model(model, tokenizer, rewards, card, offset, basis)
     return RMResult(version, evaluation, len(train), card, time.perf_counter() - started)
 

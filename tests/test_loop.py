@@ -63,7 +63,7 @@ def test_simulated_users_teach_the_served_model_to_be_concise(loop: Loop, redis_
     settings = load_settings(data_dir=loop.data, redis_url=redis_server.url, learn_min_rankings=RANKINGS_PER_ROUND,
                              learn_min_rm_accuracy=0.55, learn_min_rm_heldout_pairs=0, learn_ppo_iterations=8,
                              learn_prompts_per_iteration=16, learn_max_new_tokens=16, learn_ppo_lr=3e-3,
-                             learn_rm_lr=3e-4, learn_auto_promote=True,
+                             learn_rm_lr=3e-4, learn_rm_epochs=2, learn_auto_promote=True,
                              learn_threads=2, learn_prompt_file=loop.data.parent / "prompts.jsonl")  # fmt: skip
     client = redis.Redis.from_url(redis_server.url)
     learner, registry = Learner(settings, client), Registry(client)

@@ -105,11 +105,16 @@ def test_rankings_through_the_api_become_a_ready_version(ranked: tuple[Path, red
 
 def test_no_ppo_round_on_a_reward_model_judged_on_too_few_pairs(ranked: tuple[Path, redis.Redis]) -> None:
     data, client = ranked
-    settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_min_rm_heldout_pairs=10**6)
+    settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_min_rm_heldout_pairs=10**6,
+                             learn_rm_max_rankings=10)  # fmt: skip
     learner = Learner(settings, client)
     assert learner.tick() == "reward model below the gate"
 
     card = json.loads((data / "reward_models" / "r0001" / "card.json").read_text())
+    # A backlog beyond learn_rm_max_rankings: the round trained on the newest 10 and passed over the rest.
+    details = card["details"]
+    assert details["prompts"] == 10 and details["skipped_prompts"] > 0
+    assert details["prompts"] + details["skipped_prompts"] + details["held_out_prompts"] == PROMPTS
     pairs = card["details"]["eval"]["pairs"]
     assert pairs == 3 * card["details"]["held_out_prompts"]  # K=3, strictly ranked
     status = read_status(client)
