@@ -14,13 +14,14 @@ run: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -ra
 
 test-fast: venv
 	$(BIN)/python -m pytest -ra -m "not slow"
 
 lint: venv
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports
 
 bench: venv
 	$(BIN)/python bench/chat_throughput.py

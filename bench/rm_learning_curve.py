@@ -8,7 +8,7 @@ beside TRL's RewardTrainer trained on the same pairs.
 1. Answers (once, kept in var/bench-rm-curve/answers.jsonl): v0001 answers each training prompt of rankloop's
    prompt set 3 times and each held-out prompt 8 times, K=4 answers a comparison, with vLLM in this process
    (temperature 1.0, max_tokens 256, the length most answers end within; the cut share is reported).
-2. Rankings: each preference ranks each comparison as a simulated user does (feedback.preferences.rank, noise 0.1;
+2. Rankings: each preference ranks each comparison as a simulated user does (lab.preferences.rank, noise 0.1;
    a comparison whose answers all tie gives no ranking); held-out comparisons are ranked without noise, and their
    pairs are what accuracy is measured on.
 3. Training: for each configuration (upper layers trained : learning rate) and size N, rankloop's reward model on
@@ -54,7 +54,7 @@ def generate(model_dir: Path, out: Path) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from feedback.simulate import split
+    from lab.simulate import split
     from learn.prompts import DEFAULT_PROMPTS, conversations, render
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -90,7 +90,7 @@ class Ranked:
 def rank_all(comparisons: list[Comparison], preference: str, held_out: bool, seed: int = 0) -> list[Ranked]:
     """The rankings simulated users with `preference` give (noise 0.1; none for all-tied answers); held-out
     comparisons without noise: their pairs are the truth accuracy is measured against."""
-    from feedback.preferences import load_scorer, rank
+    from lab.preferences import load_scorer, rank
 
     scorer, rng = load_scorer(preference), random.Random(seed)
     out = []

@@ -17,10 +17,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
 
+from api.errors import ApiError
 from deploy.model_store import ModelStore
 from deploy.promotion import promote, rollback, sync_store
 from deploy.registry import Registry, RegistryError
-from serve.errors import ApiError
 
 bearer = HTTPBearer(auto_error=False)
 

@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from api.protocol import ChatMessage
 from feedback.comparisons import Comparison
 from feedback.ranking import Tiers
-from serve.protocol import ChatMessage
 
 # Comparison ids are ours ("chatcmpl-<hex>"); the pattern also keeps Redis key names unambiguous.
 ComparisonId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]

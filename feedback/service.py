@@ -14,12 +14,12 @@ import time
 
 from redis.exceptions import RedisError
 
+from api.errors import ApiError
+from api.metrics import ServeMetrics
 from feedback.comparisons import ComparisonStore
 from feedback.models import Accepted, DemonstrationEvent, DemonstrationRequest, FeedbackRequest, fingerprint
 from feedback.ranking import RankingError, out_of_range, pairs, to_tiers
 from feedback.stream import Appended, FeedbackStream
-from serve.errors import ApiError
-from serve.metrics import ServeMetrics
 
 REDIS_RETRY_AFTER_S = "5"
 

@@ -14,15 +14,15 @@ from deploy.launcher import CoreBudget, Launcher, core_budget
 from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError
 from deploy.settings import Settings
-from deploy.versions_cli import promote as promote_command
-from deploy.versions_cli import rollback as rollback_command
-from deploy.versions_cli import versions_app
-from feedback.cli import app as feedback_app
-from learn.cli import app as learn_app
 from rankloop.console import fail, settings_or_exit
+from rankloop.feedback_cli import app as feedback_app
+from rankloop.learn_cli import app as learn_app
 from rankloop.loop_cli import evaluate as evaluate_command
 from rankloop.loop_cli import report as report_command
 from rankloop.loop_cli import simulate as simulate_command
+from rankloop.versions_cli import promote as promote_command
+from rankloop.versions_cli import rollback as rollback_command
+from rankloop.versions_cli import versions_app
 
 app = typer.Typer(help="Train a chat model from its users' rankings.", no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="The model store: import models as policy versions.", no_args_is_help=True)
@@ -104,7 +104,7 @@ def up() -> None:
 
 
 def _core_budget(settings: Settings) -> CoreBudget:
-    from serve.vllm_engine import has_cuda
+    from deploy.hardware import has_cuda
 
     budget = core_budget(settings, sorted(os.sched_getaffinity(0)), has_cuda())
     if budget.server or budget.learner:

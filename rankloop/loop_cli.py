@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.live import Live
 
 from deploy.model_store import ModelStore, StoreError
-from feedback.preferences import PreferenceError, load_scorer
+from lab.preferences import PreferenceError, load_scorer
 from learn.data import DataError
 from learn.prompts import DEFAULT_PROMPTS as PROMPT_SET
 from rankloop.console import fail, settings_or_exit, training_settings_or_exit
@@ -31,7 +31,7 @@ PromptsOption = Annotated[
 
 
 def _prompts(files: list[Path] | None) -> list[list[dict[str, str]]]:
-    from feedback.simulate import read_prompts
+    from lab.simulate import read_prompts
 
     paths = list(files or DEFAULT_PROMPTS)
     missing = [str(p) for p in paths if not p.is_file()]
@@ -57,8 +57,8 @@ def simulate(
     seed: int = 0,
 ) -> None:
     """Simulated users chat and rank through the public HTTP API by a scripted preference."""
-    from feedback.simulate import Plan, Tally, split
-    from feedback.simulate import simulate as run
+    from lab.simulate import Plan, Tally, split
+    from lab.simulate import simulate as run
 
     settings = settings_or_exit()
     try:
@@ -97,8 +97,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Win rate of version A over B on held-out prompts under a preference, with a 95% interval."""
-    from feedback.simulate import split
-    from learn.evaluate import compare, save
+    from lab.evaluate import compare, save
+    from lab.simulate import split
 
     settings = training_settings_or_exit()
     store = ModelStore(settings.store_dir)
@@ -128,7 +128,7 @@ def report(
 ) -> None:
     """An HTML page with plots of the learning so far: rankings, RM accuracy, reward, KL, ptx loss, length,
     win rates, promotions and rollbacks, and sample answers."""
-    from learn.report import events_or_none, write_report
+    from lab.report import events_or_none, write_report
 
     settings = settings_or_exit()
     target = out or settings.data_dir / "report" / "index.html"

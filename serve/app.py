@@ -9,6 +9,8 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from redis.asyncio import Redis
 
+from api.errors import ApiError, api_error_handler, error_response, validation_error_handler
+from api.metrics import RequestCounter, ServeMetrics
 from deploy.admin import Admin
 from deploy.admin import router as admin_router
 from deploy.model_store import ModelStore
@@ -20,9 +22,7 @@ from feedback.service import FeedbackService
 from feedback.stream import FeedbackStream
 from serve.chat import ChatService
 from serve.engine import Engine
-from serve.errors import ApiError, api_error_handler, error_response, validation_error_handler
 from serve.limits import BodySizeLimit
-from serve.metrics import RequestCounter, ServeMetrics
 from serve.routes import router
 from serve.swap import ServedVersion
 

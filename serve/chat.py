@@ -16,12 +16,9 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from deploy.settings import Settings
-from feedback.comparisons import Comparison, ComparisonStore, StoredCandidate
-from serve.engine import Candidate, Engine, GenerationRequest
-from serve.errors import ApiError
-from serve.metrics import ServeMetrics
-from serve.protocol import (
+from api.errors import ApiError
+from api.metrics import ServeMetrics
+from api.protocol import (
     AssistantMessage,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -32,6 +29,9 @@ from serve.protocol import (
     FinishReason,
     Usage,
 )
+from deploy.settings import Settings
+from feedback.comparisons import Comparison, ComparisonStore, StoredCandidate
+from serve.engine import Candidate, Engine, GenerationRequest
 from serve.swap import ServedVersion
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from api.metrics import ServeMetrics
 from deploy.model_store import ModelStore
 from deploy.promotion import check_folder
 from deploy.redis_server import as_text
 from deploy.registry import CURRENT, EPOCH, EVENTS, version_key
 from serve.engine import Engine
-from serve.metrics import ServeMetrics
 from serve.swap import ServedVersion
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from api.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 from serve.chat import MODEL_NAME, ChatService
-from serve.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 
 router = APIRouter()
 

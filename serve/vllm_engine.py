@@ -8,16 +8,11 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+from deploy.hardware import has_cuda
 from deploy.settings import Settings
 from serve.engine import CandidateDelta, GenerationRequest
 
 log = logging.getLogger(__name__)
-
-
-def has_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def configure_cpu_environment(settings: Settings) -> None:

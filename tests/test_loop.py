@@ -20,10 +20,10 @@ from deploy.registry import Registry
 from deploy.settings import load_settings
 from feedback.consumer import FeedbackConsumer
 from feedback.dataset import Dataset
-from feedback.preferences import concise
-from feedback.simulate import Plan, simulate, split
+from lab.evaluate import compare
+from lab.preferences import concise
+from lab.simulate import Plan, simulate, split
 from learn.daemon import Learner
-from learn.evaluate import compare
 from tests.servers import server_process
 from tests.tiny import tiny_teachable_folder
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from feedback.simulate import split
+from lab.simulate import split
 from learn.prompts import DEFAULT_PROMPTS, conversations
 from rankloop.cli import app
 from rankloop.loop_cli import _prompts
@@ -40,7 +40,7 @@ def test_eval_runs_on_its_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         seen["prompts"], seen["samples"], seen["limit"] = len(args[5]), args[6], args[7]
         raise SystemExit(0)
 
-    monkeypatch.setattr("learn.evaluate.compare", compare)
+    monkeypatch.setattr("lab.evaluate.compare", compare)
     result = CliRunner().invoke(app, ["eval", "v0002", "v0001", "--json"])
     assert result.exit_code == 0, result.output
     assert seen == {"prompts": len(split(list(conversations(DEFAULT_PROMPTS)))[1]), "samples": 4, "limit": 96}

@@ -8,12 +8,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from api.metrics import ServeMetrics
+from api.protocol import ChatCompletionRequest
 from deploy.settings import load_settings
 from feedback.comparisons import ComparisonStore
 from serve.chat import ChatService
 from serve.fake_engine import FakeEngine
-from serve.metrics import ServeMetrics
-from serve.protocol import ChatCompletionRequest
 from serve.swap import ServedVersion
 
 ASK = {

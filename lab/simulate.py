@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from feedback.preferences import Scorer, rank
+from lab.preferences import Scorer, rank
 from learn.prompts import conversations, split_prompts, unique
 from learn.rm_data import prompt_key
 

@@ -8,7 +8,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from serve.protocol import ErrorBody, ErrorResponse
+from api.protocol import ErrorBody, ErrorResponse
 
 
 class ApiError(Exception):

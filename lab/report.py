@@ -17,7 +17,7 @@ from pathlib import Path
 from deploy.model_store import ModelStore
 from deploy.registry import Event
 from deploy.settings import Settings
-from learn.evaluate import Comparison
+from lab.evaluate import Comparison
 
 Series = list[tuple[float, float]]  # (unix time, value)
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from feedback.preferences import Scorer
+from lab.preferences import Scorer
 from learn.ppo import sample
 from learn.prompts import render
 from learn.sft import load_causal_lm, pad_id

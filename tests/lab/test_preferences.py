@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from feedback.preferences import PreferenceError, concise, enthusiastic, keyword, load_scorer, rank
+from lab.preferences import PreferenceError, concise, enthusiastic, keyword, load_scorer, rank
 
 
 def test_concise_prefers_shorter_and_puts_empty_last() -> None:
@@ -28,7 +28,7 @@ def test_keyword_counts_whole_words() -> None:
 
 def test_preferences_load_by_name() -> None:
     assert load_scorer("concise") is concise
-    assert load_scorer("feedback.preferences:enthusiastic") is enthusiastic
+    assert load_scorer("lab.preferences:enthusiastic") is enthusiastic
     assert load_scorer("keyword:sea")("q", "the sea") == 1.0
     with pytest.raises(PreferenceError, match="use concise, enthusiastic, keyword:WORD or module:function"):
         load_scorer("polite")

@@ -8,8 +8,8 @@ from pathlib import Path
 from deploy.model_store import Card, ModelStore
 from deploy.registry import Event
 from deploy.settings import load_settings
-from learn.evaluate import Comparison, save
-from learn.report import write_report
+from lab.evaluate import Comparison, save
+from lab.report import write_report
 from learn.winrate import win_rate
 
 
