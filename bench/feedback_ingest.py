@@ -86,7 +86,8 @@ async def seed(redis_url: str, prefix: str) -> None:
     """Comparisons of realistic size: 4 candidates of 64 tokens with their log-probabilities."""
     from redis.asyncio import Redis
 
-    from feedback.comparisons import Comparison, ComparisonStore, StoredCandidate
+    from feedback.comparisons import ComparisonStore
+    from feedback.events import Comparison, StoredCandidate
 
     client = Redis.from_url(redis_url)
     store = ComparisonStore(client, 3600)

@@ -7,10 +7,9 @@ verbatim and checks indices against `k`, without decoding the JSON inside Redis 
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, Field
 from redis.asyncio import Redis
+
+from feedback.events import Comparison
 
 KEY_PREFIX = "rankloop:comparison:"
 # NX by hand: an id is never reused, so an existing key means a bug, and overwriting it would change what users
@@ -21,24 +20,6 @@ redis.call('HSET', KEYS[1], 'json', ARGV[1], 'k', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-
-
-class StoredCandidate(BaseModel):
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[float] = Field(description="log-probability of each sampled token, as the engine reported it")
-    finish_reason: str | None
-
-
-class Comparison(BaseModel):
-    id: str
-    messages: list[dict[str, Any]]
-    prompt_token_ids: list[int]
-    candidates: list[StoredCandidate]
-    policy_version: str
-    created: float
-    sampling: dict[str, Any] = Field(default_factory=dict)
 
 
 class ComparisonStore:

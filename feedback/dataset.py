@@ -1,17 +1,21 @@
 """The durable feedback dataset: every accepted event once, in SQLite (WAL), keyed by its stream id.
 
 The consumer writes here before it acknowledges the stream, so an event is acknowledged only once it is
-on disk; `INSERT OR IGNORE` on the event id makes a redelivered event a no-op instead of a duplicate.
+on disk; `INSERT OR IGNORE` on the event id makes a redelivered event a no-op instead of a duplicate. Events are
+checked against their contract (feedback.events) before they are written and read back as typed objects.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from feedback.events import DemonstrationEvent, EventError, RankingEvent, about, read_event
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -22,18 +26,24 @@ CREATE TABLE IF NOT EXISTS events (
     comparison_id TEXT,
     user TEXT,
     policy_version TEXT,
-    data TEXT NOT NULL             -- the event as JSON (feedback.models)
+    data TEXT NOT NULL             -- the event as JSON (feedback.events)
 );
 CREATE INDEX IF NOT EXISTS events_order ON events (ms, seq);
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, ms, seq);
+CREATE TABLE IF NOT EXISTS rejected (  -- entries that broke the contract, kept with the reason
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    data TEXT NOT NULL,
+    why TEXT NOT NULL
+);
 """
 
 
 @dataclass(frozen=True)
 class StoredEvent:
-    id: str
+    id: str  # the stream id, "<ms>-<seq>"
     kind: str
-    data: dict[str, Any]
+    event: RankingEvent | DemonstrationEvent
 
 
 class Dataset:
@@ -58,25 +68,39 @@ class Dataset:
         self.close()
 
     def insert(self, events: list[tuple[str, str, str]]) -> int:
-        """Write (id, kind, data JSON) rows in one transaction; return how many were new."""
-        rows = [_row(event_id, kind, data) for event_id, kind, data in events]
+        """Write (id, kind, data JSON) rows in one transaction; return how many events were new.
+
+        An entry that breaks the contract (feedback.events) goes to the `rejected` table with the reason instead:
+        kept for an operator, and never in the way of the consumer, which would otherwise stop on it at every
+        redelivery, nor of the learner."""
+        rows, rejected = [], []
+        for event_id, kind, data in events:
+            try:
+                rows.append(_row(event_id, kind, data))
+            except EventError as exc:
+                log.error("%s; kept in the rejected table", exc)
+                rejected.append((event_id, kind, data, str(exc)))
         self.db.execute("BEGIN IMMEDIATE")
         try:
             before = self.db.total_changes
             self.db.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             added = self.db.total_changes - before
+            self.db.executemany("INSERT OR IGNORE INTO rejected VALUES (?, ?, ?, ?)", rejected)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         return added
 
-    def count(self, kind: str | None = None) -> int:
-        if kind is None:
-            row = self.db.execute("SELECT COUNT(*) FROM events").fetchone()
-        else:
-            row = self.db.execute("SELECT COUNT(*) FROM events WHERE kind = ?", (kind,)).fetchone()
-        return int(row[0])
+    def count(self, kind: str | None = None, after: str | None = None) -> int:
+        """Events, optionally of one kind and after event id `after`, counted in SQL (nothing decoded)."""
+        where, args = _where(kind, after, None)
+        return int(self.db.execute(f"SELECT COUNT(*) FROM events WHERE {where}", args).fetchone()[0])
+
+    def rejected(self) -> list[tuple[str, str]]:
+        """(id, why) of the entries set aside for breaking the contract, in stream order."""
+        rows = self.db.execute("SELECT id, why FROM rejected").fetchall()
+        return sorted(((str(i), str(why)) for i, why in rows), key=lambda row: event_order(row[0]))
 
     def counts(self) -> dict[str, int]:
         return {kind: n for kind, n in self.db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind")}
@@ -90,22 +114,23 @@ class Dataset:
 
     def events(self, kind: str | None = None, after: str | None = None,
                until: str | None = None) -> Iterator[StoredEvent]:  # fmt: skip
-        """Events in stream order, optionally of one kind, optionally only those after event id `after` and up to
-        event id `until` (included)."""
-        conditions: list[str] = ["1"]
-        args: list[object] = []
-        if kind is not None:
-            conditions.append("kind = ?")
-            args.append(kind)
-        if after is not None:
-            conditions.append("(ms, seq) > (?, ?)")
-            args += list(event_order(after))
-        if until is not None:
-            conditions.append("(ms, seq) <= (?, ?)")
-            args += list(event_order(until))
-        query = f"SELECT id, kind, data FROM events WHERE {' AND '.join(conditions)} ORDER BY ms, seq"
+        """Typed events in stream order, optionally of one kind, optionally only those after event id `after` and
+        up to event id `until` (included)."""
+        where, args = _where(kind, after, until)
+        query = f"SELECT id, kind, data FROM events WHERE {where} ORDER BY ms, seq"
         for event_id, event_kind, data in self.db.execute(query, args):
-            yield StoredEvent(event_id, event_kind, json.loads(data))
+            yield StoredEvent(event_id, event_kind, read_event(event_id, event_kind, data))
+
+    def rankings(self, after: str | None = None, until: str | None = None) -> Iterator[tuple[str, RankingEvent]]:
+        """(id, event) of the ranking events, as `events` chooses them."""
+        for stored in self.events("ranking", after, until):
+            assert isinstance(stored.event, RankingEvent)  # read_event checked the kind
+            yield stored.id, stored.event
+
+    def demonstrations(self, until: str | None = None) -> Iterator[tuple[str, DemonstrationEvent]]:
+        for stored in self.events("demonstration", until=until):
+            assert isinstance(stored.event, DemonstrationEvent)
+            yield stored.id, stored.event
 
 
 def event_order(event_id: str) -> tuple[int, int]:
@@ -114,9 +139,24 @@ def event_order(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def _where(kind: str | None, after: str | None, until: str | None) -> tuple[str, list[object]]:
+    """The WHERE clause (and its arguments) of events of `kind`, after event `after`, up to event `until`."""
+    conditions: list[str] = ["1"]
+    args: list[object] = []
+    if kind is not None:
+        conditions.append("kind = ?")
+        args.append(kind)
+    if after is not None:
+        conditions.append("(ms, seq) > (?, ?)")
+        args += list(event_order(after))
+    if until is not None:
+        conditions.append("(ms, seq) <= (?, ?)")
+        args += list(event_order(until))
+    return " AND ".join(conditions), args
+
+
 def _row(event_id: str, kind: str, data: str) -> tuple[object, ...]:
     ms, seq = event_order(event_id)
-    fields = json.loads(data)
-    about = fields.get("comparison") or fields  # a ranking carries its comparison; a demonstration names it
-    return (event_id, ms, seq, kind, about.get("id", fields.get("comparison_id")), fields.get("user"),
-            about.get("policy_version"), data)  # fmt: skip
+    event = read_event(event_id, kind, data)
+    comparison_id, policy_version = about(event)
+    return event_id, ms, seq, kind, comparison_id, event.user, policy_version, data

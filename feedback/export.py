@@ -13,30 +13,29 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from feedback.dataset import StoredEvent
+from feedback.events import DemonstrationEvent, RankingEvent
 from feedback.ranking import pairs
 
 Format = Literal["jsonl", "parquet"]
 
 
-def preference_rows(event: StoredEvent) -> Iterator[dict[str, Any]]:
-    data, comparison = event.data, event.data["comparison"]
-    texts = {c["index"]: c["text"] for c in comparison["candidates"]}
-    for chosen, rejected in pairs(data["ranking"]):
+def preference_rows(event_id: str, event: RankingEvent) -> Iterator[dict[str, Any]]:
+    comparison = event.comparison
+    texts = {c.index: c.text for c in comparison.candidates}
+    for chosen, rejected in pairs(event.ranking):
         yield {
-            "prompt": comparison["messages"],
+            "prompt": comparison.messages,
             "chosen": [{"role": "assistant", "content": texts[chosen]}],
             "rejected": [{"role": "assistant", "content": texts[rejected]}],
-            "rank_group": event.id,
+            "rank_group": event_id,
             "chosen_index": chosen,
             "rejected_index": rejected,
-            "policy_version": comparison["policy_version"],
+            "policy_version": comparison.policy_version,
         }
 
 
-def sft_row(event: StoredEvent) -> dict[str, Any]:
-    data = event.data
-    return {"messages": [*data["messages"], {"role": "assistant", "content": data["answer"]}], "id": event.id}
+def sft_row(event_id: str, event: DemonstrationEvent) -> dict[str, Any]:
+    return {"messages": event.conversation(), "id": event_id}
 
 
 def write_rows(rows: Iterable[dict[str, Any]], path: Path, fmt: Format) -> int:

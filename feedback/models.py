@@ -1,4 +1,4 @@
-"""Bodies of the feedback API and the self-contained events it appends to the feedback stream."""
+"""Bodies of the feedback API (the events it appends are feedback.events)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.protocol import ChatMessage
-from feedback.comparisons import Comparison
-from feedback.ranking import Tiers
 
 # Comparison ids are ours ("chatcmpl-<hex>"); the pattern also keeps Redis key names unambiguous.
 ComparisonId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -67,32 +65,6 @@ class Accepted(BaseModel):
     kind: Literal["ranking", "demonstration"]
     comparison_id: str | None = None
     pairs: int | None = Field(default=None, description="(chosen, rejected) pairs the ranking implies")
-
-
-class RankingEvent(BaseModel):
-    """Everything the learner needs, so it never reads the comparison (which expires) again.
-
-    The server writes `comparison` as stored in Redis, verbatim (feedback.stream embeds it).
-    """
-
-    kind: Literal["ranking"] = "ranking"
-    ranking: Tiers
-    user: str | None
-    created: float = Field(description="unix time the ranking was accepted")
-    comparison: Comparison
-
-
-class DemonstrationEvent(BaseModel):
-    kind: Literal["demonstration"] = "demonstration"
-    messages: list[dict[str, Any]]
-    answer: str
-    user: str | None
-    comparison_id: str | None
-    policy_version: str | None
-    created: float
-
-
-FeedbackEvent = Annotated[RankingEvent | DemonstrationEvent, Field(discriminator="kind")]
 
 
 def _is_index(value: Any) -> bool:

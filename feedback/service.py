@@ -9,7 +9,6 @@ Claims decide retries and conflicts (see feedback.stream):
 
 from __future__ import annotations
 
-import json
 import time
 
 from redis.exceptions import RedisError
@@ -17,7 +16,8 @@ from redis.exceptions import RedisError
 from api.errors import ApiError
 from api.metrics import ServeMetrics
 from feedback.comparisons import ComparisonStore
-from feedback.models import Accepted, DemonstrationEvent, DemonstrationRequest, FeedbackRequest, fingerprint
+from feedback.events import DemonstrationEvent, ranking_head
+from feedback.models import Accepted, DemonstrationRequest, FeedbackRequest, fingerprint
 from feedback.ranking import RankingError, out_of_range, pairs, to_tiers
 from feedback.stream import Appended, FeedbackStream
 
@@ -39,11 +39,11 @@ class FeedbackService:
         except RankingError as exc:
             raise ApiError(400, str(exc), "ranking", "invalid_ranking") from exc
         top = max(index for tier in tiers for index in tier)
-        head = json.dumps({"kind": "ranking", "ranking": tiers, "user": request.user, "created": time.time()})
+        head = ranking_head(tiers, request.user, time.time())
         digest = fingerprint(request.comparison_id, [sorted(tier) for tier in tiers], request.user)
         claims = [self.stream.claim_key("ranked", request.comparison_id, request.user or "")]
         embed = self.comparisons.key(request.comparison_id)
-        appended = await self._append("ranking", head[:-1] + ', "comparison": ', digest, claims, request, embed, top)
+        appended = await self._append("ranking", head, digest, claims, request, embed, top)
         if appended.outcome == "missing":
             raise _unknown(request.comparison_id)
         if appended.outcome == "out_of_range":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from feedback.events import RankingEvent
 from learn.data import DataError, read_jsonl
 from learn.rm_data import is_held_out, prompt_key
 
@@ -82,36 +83,35 @@ def prompts_from_file(path: Path, tokenizer: Any, max_len: int) -> list[Prompt]:
     return prompts
 
 
-def prompts_from_events(events: Iterable[dict[str, Any]], max_len: int) -> list[Prompt]:
+def prompts_from_events(events: Iterable[RankingEvent], max_len: int) -> list[Prompt]:
     """The prompts of ranking events, as the server rendered them."""
     prompts = []
-    for data in events:
-        comparison = data["comparison"]
-        ids = list(comparison["prompt_token_ids"])
-        if len(ids) <= max_len:
-            prompts.append(Prompt(prompt_key(comparison["messages"]), comparison["messages"], ids))
+    for event in events:
+        comparison = event.comparison
+        if len(comparison.prompt_token_ids) <= max_len:
+            prompts.append(Prompt(prompt_key(comparison.messages), comparison.messages,
+                                  list(comparison.prompt_token_ids)))  # fmt: skip
     return prompts
 
 
-def served_from_events(events: Iterable[dict[str, Any]], max_prompt_len: int) -> list[Served]:
+def served_from_events(events: Iterable[RankingEvent], max_prompt_len: int) -> list[Served]:
     """Each ranked comparison once (several users may rank one), prompts longer than `max_prompt_len` left out, and
     those sampled at another temperature or top_p than 1: PPO's ratio is taken against the version's plain
     distribution, of which answers sampled sharper or truncated are not samples (their ratios would be biased)."""
     seen: set[str] = set()
     served = []
-    for data in events:
-        comparison = data["comparison"]
-        if comparison["id"] in seen or len(comparison["prompt_token_ids"]) > max_prompt_len:
+    for event in events:
+        comparison = event.comparison
+        if comparison.id in seen or len(comparison.prompt_token_ids) > max_prompt_len:
             continue
-        sampling = comparison.get("sampling") or {}  # events stored before sampling was kept: the defaults
+        sampling = comparison.sampling  # empty in events stored before sampling was kept: the defaults
         if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
             continue
-        seen.add(comparison["id"])
-        candidates = [c for c in comparison["candidates"] if c["token_ids"]]
-        served.append(Served(comparison["id"], prompt_key(comparison["messages"]), list(comparison["prompt_token_ids"]),
-                             [list(c["token_ids"]) for c in candidates],
-                             [c.get("finish_reason") == "length" for c in candidates],
-                             comparison["policy_version"]))  # fmt: skip
+        seen.add(comparison.id)
+        candidates = [c for c in comparison.candidates if c.token_ids]
+        served.append(Served(comparison.id, prompt_key(comparison.messages), list(comparison.prompt_token_ids),
+                             [list(c.token_ids) for c in candidates], [c.finish_reason == "length" for c in candidates],
+                             comparison.policy_version))  # fmt: skip
     return served
 
 

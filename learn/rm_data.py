@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from feedback.events import RankingEvent
 from feedback.ranking import Tiers
 from learn.data import DataError
 
@@ -55,15 +56,14 @@ def split(groups: list[RankedGroup], fraction: float) -> tuple[list[RankedGroup]
     return train, held
 
 
-def group_from_event(event_id: str, data: dict[str, Any], max_len: int) -> RankedGroup | None:
+def group_from_event(event_id: str, event: RankingEvent, max_len: int) -> RankedGroup | None:
     """A ranking event as a group; None when the ranking orders nothing (all tied)."""
-    if len(data["ranking"]) < 2:
+    if len(event.ranking) < 2:
         return None
-    comparison = data["comparison"]
-    prompt_ids = comparison["prompt_token_ids"]
-    answers = [_fit(prompt_ids, c["token_ids"], max_len) for c in comparison["candidates"]]
-    lens = tuple(min(len(c["token_ids"]), max_len) for c in comparison["candidates"])
-    return RankedGroup(prompt_key(comparison["messages"]), answers, data["ranking"], comparison["policy_version"],
+    comparison = event.comparison
+    answers = [_fit(comparison.prompt_token_ids, c.token_ids, max_len) for c in comparison.candidates]
+    lens = tuple(min(len(c.token_ids), max_len) for c in comparison.candidates)
+    return RankedGroup(prompt_key(comparison.messages), answers, event.ranking, comparison.policy_version,
                        event_id, lens)  # fmt: skip
 
 

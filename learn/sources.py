@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy.settings import Settings
+from feedback.dataset import Dataset
+from feedback.events import DemonstrationEvent, RankingEvent
 from learn.data import (
     DataError,
     Demonstration,
@@ -36,19 +38,22 @@ FEEDBACK = "feedback"
 PTX_HELD_OUT_EVERY = 10  # every 10th ptx example is kept to measure fluency (held-out LM loss)
 
 
-def _events(settings: Settings, kind: str, after: str | None = None, until: str | None = None) -> list[Any]:
-    from feedback.dataset import Dataset
-
+def _rankings(settings: Settings, after: str | None = None, until: str | None = None) -> list[tuple[str, RankingEvent]]:
     if not settings.dataset_path.is_file():
         return []
     with Dataset(settings.dataset_path) as dataset:
-        return list(dataset.events(kind, after, until))
+        return list(dataset.rankings(after, until))
+
+
+def _demonstrations(settings: Settings, until: str | None = None) -> list[DemonstrationEvent]:
+    if not settings.dataset_path.is_file():
+        return []
+    with Dataset(settings.dataset_path) as dataset:
+        return [event for _, event in dataset.demonstrations(until)]
 
 
 def last_event_id(settings: Settings) -> str | None:
     """The newest event in the dataset: a round that reads users' data up to it reads the same data when resumed."""
-    from feedback.dataset import Dataset
-
     if not settings.dataset_path.is_file():
         return None
     with Dataset(settings.dataset_path) as dataset:
@@ -58,8 +63,7 @@ def last_event_id(settings: Settings) -> str | None:
 def load_demonstrations(source: str, settings: Settings, until: str | None = None) -> list[Demonstration]:
     """`feedback` (the dataset's demonstrations, up to event `until`) or a JSONL file in any shape learn.data reads."""
     if source == FEEDBACK:
-        rows = [event.data for event in _events(settings, "demonstration", until=until)]
-        return list(demonstrations_from_rows(rows, str(settings.dataset_path)))
+        return [Demonstration(event.messages, event.answer) for event in _demonstrations(settings, until)]
     path = Path(source)
     if not path.is_file():
         raise DataError(f"--data {source}: no such file (or use `{FEEDBACK}` for the feedback dataset)")
@@ -71,7 +75,7 @@ def load_groups(source: str, settings: Settings, tokenizer: Any, max_len: int, a
     """`feedback` (ranking events, those after event `after` and up to `until` when given) or an HH-RLHF pairwise
     file."""
     if source == FEEDBACK:
-        groups = [group_from_event(e.id, e.data, max_len) for e in _events(settings, "ranking", after, until)]
+        groups = [group_from_event(event_id, event, max_len) for event_id, event in _rankings(settings, after, until)]
         return [g for g in groups if g is not None][skip:][:limit]
     path = Path(source)
     if not path.is_file():
@@ -80,14 +84,18 @@ def load_groups(source: str, settings: Settings, tokenizer: Any, max_len: int, a
 
 
 def count_rankings(settings: Settings, after: str | None) -> int:
-    return len(_events(settings, "ranking", after))
+    """Ranking events after event `after`, counted in SQL: the daemon asks at every poll."""
+    if not settings.dataset_path.is_file():
+        return 0
+    with Dataset(settings.dataset_path) as dataset:
+        return dataset.count("ranking", after)
 
 
 def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, held_out: float, max_len: int,
                   until: str | None = None) -> tuple[list[Prompt], list[Prompt]]:  # fmt: skip
     """(train, held out) prompts: users' ranked prompts (up to event `until`), then those of `prompt_file`, each
     once. Train leaves out the reward model's held-out prompts too: their rankings judge the round (agreement)."""
-    prompts = prompts_from_events((e.data for e in _events(settings, "ranking", until=until)), max_len)
+    prompts = prompts_from_events((event for _, event in _rankings(settings, until=until)), max_len)
     if prompt_file is not None:
         prompts += prompts_from_file(prompt_file, tokenizer, max_len)
     train, held = split_prompts(unique(prompts, key_of), key_of, held_out)
@@ -99,7 +107,7 @@ def served_comparisons(settings: Settings, parent: str, held_out: float, max_pro
     """The ranked comparisons `parent` wrote (up to event `until`), as PPO rollouts: each comparison once, none of
     a held-out prompt (the evaluation's, and the reward model's: those judge the round, so it never trains on them).
     """
-    served = served_from_events((e.data for e in _events(settings, "ranking", until=until)), max_prompt_len)
+    served = served_from_events((event for _, event in _rankings(settings, until=until)), max_prompt_len)
     return [s for s in served if s.policy_version == parent and not is_held_out(s.key, held_out)
             and not is_rm_held_out(s.key, held_out)]  # fmt: skip
 

@@ -58,13 +58,16 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON o
     settings = settings_or_exit()
     dataset = Dataset(settings.dataset_path)
     stream = stream_status(Redis.from_url(settings.effective_redis_url))
-    figures = {"dataset": {"ranking": 0, "demonstration": 0, **dataset.counts()}, "stream": asdict(stream)}
+    counts, rejected = {"ranking": 0, "demonstration": 0, **dataset.counts()}, len(dataset.rejected())
+    figures = {"dataset": counts, "rejected": rejected, "stream": asdict(stream)}
     if as_json:
         print(json.dumps(figures))
         return
     print(f"dataset   {settings.dataset_path}")
-    for kind, count in figures["dataset"].items():
+    for kind, count in counts.items():
         print(f"  {kind + 's':<16}{count}")
+    if rejected:
+        print(f"  {'rejected':<16}{rejected} (entries that broke the event contract; see the log)")
     print("stream")
     print(f"  {'length':<16}{stream.length}\n  {'pending':<16}{stream.pending}\n  {'lag':<16}{stream.lag}")
     print(f"  {'consumers':<16}{stream.consumers}")
@@ -83,9 +86,9 @@ def export(
         raise typer.BadParameter("use `jsonl` or `parquet`", param_hint="--format")
     dataset = Dataset(settings_or_exit().dataset_path)
     if kind == "rankings":
-        rows = (row for event in dataset.events("ranking") for row in preference_rows(event))
+        rows = (row for event_id, event in dataset.rankings() for row in preference_rows(event_id, event))
     else:
-        rows = (sft_row(event) for event in dataset.events("demonstration"))
+        rows = (sft_row(event_id, event) for event_id, event in dataset.demonstrations())
     fmt_: Format = "jsonl" if fmt == "jsonl" else "parquet"
     count = write_rows(rows, out, fmt_)
     console.print(f"{count} rows written to {out}")

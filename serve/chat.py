@@ -30,7 +30,8 @@ from api.protocol import (
     Usage,
 )
 from deploy.settings import Settings
-from feedback.comparisons import Comparison, ComparisonStore, StoredCandidate
+from feedback.comparisons import ComparisonStore
+from feedback.events import Comparison, StoredCandidate
 from serve.engine import Candidate, Engine, GenerationRequest
 from serve.swap import ServedVersion
 

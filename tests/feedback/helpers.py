@@ -10,6 +10,12 @@ from redis.asyncio import Redis
 from feedback.stream import FeedbackStream
 
 
+def demonstration_json(i: int) -> str:
+    """A demonstration event as the server writes it (feedback.events), question q<i>, answer a<i>."""
+    return json.dumps({"kind": "demonstration", "messages": [{"role": "user", "content": f"q{i}"}], "answer": f"a{i}",
+                       "user": None, "comparison_id": None, "policy_version": None, "created": 0.0})  # fmt: skip
+
+
 def append_events(url: str, count: int, start: int = 0) -> list[str]:
     """Append `count` demonstration events (each with its own claim); return their stream ids in order."""
 
@@ -18,10 +24,9 @@ def append_events(url: str, count: int, start: int = 0) -> list[str]:
         stream = FeedbackStream(client)
         ids = []
         for i in range(start, start + count):
-            data = json.dumps({"kind": "demonstration", "messages": [{"role": "user", "content": f"q{i}"}],
-                               "answer": f"a{i}", "user": None, "comparison_id": None, "policy_version": None,
-                               "created": 0.0})  # fmt: skip
-            appended = await stream.append("demonstration", data, f"fp{i}", [stream.claim_key("t", str(i))], 600)
+            appended = await stream.append(
+                "demonstration", demonstration_json(i), f"fp{i}", [stream.claim_key("t", str(i))], 600
+            )
             assert appended.outcome == "new"
             ids.append(appended.event_id)
         await client.aclose()

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from deploy.settings import load_settings
-from feedback.models import RankingEvent
+from feedback.events import RankingEvent
 from serve.app import create_app
 from serve.fake_engine import FakeEngine
 
@@ -40,7 +40,7 @@ async def test_a_ranking_becomes_one_self_contained_event(client: httpx.AsyncCli
     # 2 beats 0 and 3 (2 pairs), 0 and 3 tie (none), both beat 1 (2), 2 beats 1 (1): 5 pairs.
     assert body == {"id": body["id"], "duplicate": False, "kind": "ranking", "comparison_id": served["id"], "pairs": 5}
     [event] = await stream_events(redis)
-    assert set(event) == {"id", "kind", "ranking", "user", "created", "comparison"}
+    assert set(event) == {"id", "kind", "schema_version", "ranking", "user", "created", "comparison"}
     assert event["id"] == body["id"] and event["kind"] == "ranking"
     assert event["ranking"] == [[2], [0, 3], [1]] and event["user"] == "ann"
     # The comparison travels whole: prompt, candidate texts, token ids, logprobs, policy version.

@@ -35,7 +35,7 @@ async def test_rankings_flow_from_the_api_to_an_export(client: httpx.AsyncClient
     consumed = runner.invoke(app, ["feedback", "consume", "--once"])
     assert consumed.exit_code == 0, consumed.output
     stats = json.loads(runner.invoke(app, ["feedback", "stats", "--json"]).stdout)
-    assert stats["dataset"] == {"ranking": 2, "demonstration": 1}
+    assert stats["dataset"] == {"ranking": 2, "demonstration": 1} and stats["rejected"] == 0
     assert (stats["stream"]["pending"], stats["stream"]["lag"]) == (0, 0)
 
     out = env / "pairs.jsonl"

@@ -13,7 +13,7 @@ from feedback.consumer import GROUP, FeedbackConsumer, split_autoclaim
 from feedback.dataset import Dataset
 from feedback.status import stream_status
 from feedback.stream import STREAM_KEY
-from tests.feedback.helpers import append_events
+from tests.feedback.helpers import append_events, demonstration_json
 
 
 @pytest.fixture
@@ -54,14 +54,14 @@ def test_drain_stores_every_event_once_and_trims(
 
 
 def test_a_redelivered_batch_is_not_counted_twice(dataset: Dataset) -> None:
-    rows = [("1-0", "demonstration", '{"answer": "a"}'), ("1-1", "demonstration", '{"answer": "b"}')]
+    rows = [("1-0", "demonstration", demonstration_json(0)), ("1-1", "demonstration", demonstration_json(1))]
     assert dataset.insert(rows) == 2
     assert dataset.insert(rows) == 0
     assert dataset.count() == 2
 
 
 def test_ordering_is_numeric_not_textual(dataset: Dataset) -> None:
-    dataset.insert([("10-0", "ranking", "{}"), ("9-5", "ranking", "{}"), ("9-10", "ranking", "{}")])
+    dataset.insert([(i, "demonstration", demonstration_json(n)) for n, i in enumerate(["10-0", "9-5", "9-10"])])
     assert dataset.ids() == ["9-5", "9-10", "10-0"]
 
 

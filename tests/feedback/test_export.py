@@ -5,22 +5,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from feedback.dataset import StoredEvent
+from feedback.events import Comparison, DemonstrationEvent, RankingEvent, StoredCandidate
 from feedback.export import preference_rows, sft_row, write_rows
 
 PROMPT = [{"role": "user", "content": "Pick a fruit."}]
-RANKING = StoredEvent(
-    "5-1", "ranking", {
-        "ranking": [[2], [0, 1]], "comparison": {
-            "messages": PROMPT, "policy_version": "v0002",
-            "candidates": [{"index": i, "text": t} for i, t in enumerate(["pear", "fig", "apple"])],
-        },
-    },
-)  # fmt: skip
+CANDIDATES = [StoredCandidate(index=i, text=t, token_ids=[i], logprobs=[-1.0], finish_reason="stop")
+              for i, t in enumerate(["pear", "fig", "apple"])]  # fmt: skip
+COMPARISON = Comparison(id="c1", messages=PROMPT, prompt_token_ids=[1, 2], candidates=CANDIDATES,
+                        policy_version="v0002", created=0.0)  # fmt: skip
+RANKING = RankingEvent(ranking=[[2], [0, 1]], user=None, created=0.0, comparison=COMPARISON)
 
 
 def test_a_ranking_becomes_one_row_per_pair() -> None:
-    rows = list(preference_rows(RANKING))
+    rows = list(preference_rows("5-1", RANKING))
     # 2 beats 0 and 1; 0 and 1 tie: two rows.
     assert [(r["chosen"][0]["content"], r["rejected"][0]["content"]) for r in rows] == [
         ("apple", "pear"),
@@ -34,12 +31,13 @@ def test_a_ranking_becomes_one_row_per_pair() -> None:
 
 
 def test_a_demonstration_becomes_sft_messages() -> None:
-    event = StoredEvent("7-0", "demonstration", {"messages": PROMPT, "answer": "A pear."})
-    assert sft_row(event) == {"messages": [*PROMPT, {"role": "assistant", "content": "A pear."}], "id": "7-0"}
+    event = DemonstrationEvent(messages=PROMPT, answer="A pear.", user=None, comparison_id=None, policy_version=None,
+                               created=0.0)  # fmt: skip
+    assert sft_row("7-0", event) == {"messages": [*PROMPT, {"role": "assistant", "content": "A pear."}], "id": "7-0"}
 
 
 def test_jsonl_and_parquet_hold_the_same_rows(tmp_path: Path) -> None:
-    rows = list(preference_rows(RANKING))
+    rows = list(preference_rows("5-1", RANKING))
     assert write_rows(iter(rows), tmp_path / "p.jsonl", "jsonl") == 2
     assert write_rows(iter(rows), tmp_path / "p.parquet", "parquet") == 2
     assert [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()] == rows

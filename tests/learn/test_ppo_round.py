@@ -19,6 +19,7 @@ from deploy.model_import import import_model
 from deploy.model_store import Card, ModelStore
 from deploy.settings import load_settings
 from feedback.dataset import Dataset
+from feedback.events import RankingEvent
 from learn.data import DataError
 from learn.ppo import Rollouts, pack
 from learn.ppo_run import CheckpointMismatch, RoundConfig, value_model
@@ -89,10 +90,10 @@ def test_long_prompts_are_left_out(tmp_path: Path) -> None:
 
 def test_served_rollouts_are_answers_sampled_from_the_plain_distribution() -> None:
     rng = random.Random(0)
-    events = [json.loads(ranking_event(i, rng)[2]) for i in range(4)]
-    events[1]["comparison"]["sampling"] = {"temperature": 0.7, "top_p": 1.0}
-    events[2]["comparison"]["sampling"] = {"temperature": 1.0, "top_p": 0.9}
-    events[3]["comparison"]["sampling"] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64}
+    events = [RankingEvent.model_validate_json(ranking_event(i, rng)[2]) for i in range(4)]
+    events[1].comparison.sampling = {"temperature": 0.7, "top_p": 1.0}
+    events[2].comparison.sampling = {"temperature": 1.0, "top_p": 0.9}
+    events[3].comparison.sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64}
     events.append(events[0])  # ranked twice: one rollout
     assert [s.comparison_id for s in served_from_events(events, max_prompt_len=64)] == ["c0", "c3"]
 
