@@ -120,6 +120,9 @@ class Settings(BaseSettings):
         20, ge=0, description="Held-out answer pairs the reward model's accuracy must be measured on before PPO runs."
     )
     learn_ppo_iterations: int = Field(6, ge=1, description="PPO iterations per round.")
+    learn_seed: int = Field(
+        0, description="Seed of a PPO round: the adapters' initialisation, the rollouts' draw, the mini-batches' order."
+    )
     learn_ppo_epochs: int = Field(2, ge=1, description="Passes of each PPO iteration's optimiser over its rollouts.")
     learn_ppo_lr: float = Field(5e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")
     learn_rm_lr: float = Field(

@@ -28,7 +28,6 @@ from deploy.settings import Settings
 from learn import metrics
 from learn.gate import Limits, promotion_gate, rm_gate
 from learn.policy_eval import PolicyEval
-from learn.ppo import PPOConfig
 from learn.ppo_run import CheckpointMismatch, RoundConfig, checkpoint_meta
 from learn.precision import use_bf16
 from learn.rounds import PPOOptions, PPOResult, RMOptions, RMResult, ppo_round, rm_round
@@ -37,15 +36,6 @@ from learn.trainlog import MetricsLog
 
 STATUS_KEY = "rankloop:learner:status"
 log = logging.getLogger("rankloop.learner")
-
-
-def round_config(settings: Settings) -> RoundConfig:
-    return RoundConfig(iterations=settings.learn_ppo_iterations,
-                       prompts_per_iteration=settings.learn_prompts_per_iteration,
-                       max_new_tokens=settings.learn_max_new_tokens, lr=settings.learn_ppo_lr,
-                       value_lr=settings.learn_ppo_lr, train_layers=settings.learn_train_layers,
-                       rollouts=settings.learn_rollouts, reward=settings.learn_reward,
-                       ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef, epochs=settings.learn_ppo_epochs))  # fmt: skip
 
 
 def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
@@ -123,7 +113,7 @@ class Learner:
         def phase(saying: str) -> None:
             self.publish("ppo", f"{saying} (from {parent} with {reward})")
 
-        config = round_config(self.settings)
+        config = RoundConfig.from_settings(self.settings)
 
         def step(iteration: int, of: int, figures: dict[str, float]) -> None:
             metrics.observe_ppo(figures)

@@ -20,13 +20,14 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
+from deploy.settings import Settings
 from learn import layers, rl_math
 from learn.data import Example
 from learn.loop import save_atomic, trainable_state
@@ -39,24 +40,56 @@ from learn.sft import LoraOptions, collate, load_causal_lm, pad_id
 PPO_LORA = LoraOptions(dropout=0.0)
 
 
+def _default(setting: str) -> Any:
+    """A setting's embedded default: the knobs an operator sets have their defaults in deploy/settings.py alone."""
+    return Settings.model_fields[setting].default
+
+
+def _ppo_default() -> PPOConfig:
+    return PPOConfig(ptx_coef=_default("learn_ptx_coef"), epochs=_default("learn_ppo_epochs"),
+                     seed=_default("learn_seed"))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class RoundConfig:
-    iterations: int = 16
-    prompts_per_iteration: int = 8  # prompts per iteration: served comparisons (K answers each) or sampled prompts
-    max_new_tokens: int = 64  # the length limit of sampled rollouts and of the evaluation's answers
+    """A PPO round's configuration. `from_settings` is how the daemon and `rankloop learn ppo` make one; the CLI's
+    flags then change it with `changed`. Fields without a setting have their one default here."""
+
+    iterations: int = _default("learn_ppo_iterations")
+    prompts_per_iteration: int = _default("learn_prompts_per_iteration")  # served comparisons or sampled prompts
+    max_new_tokens: int = _default("learn_max_new_tokens")  # the limit of sampled rollouts and evaluation answers
     temperature: float = 1.0
-    lr: float = 1e-4  # the policy's (LoRA) learning rate; 1e-5 suits full fine-tuning
-    value_lr: float = 1e-4
+    lr: float = _default("learn_ppo_lr")  # the policy's (LoRA) learning rate; 1e-5 suits full fine-tuning
+    value_lr: float = _default("learn_ppo_lr")
     init_kl_coef: float = 0.05  # beta at the start
     kl_target: float | None = 6.0  # per-answer KL the adaptive controller steers to; None: beta stays fixed
     kl_horizon: int = 10_000
     ptx_batch: int = 4  # pre-training examples per mini-batch (when ptx_coef > 0 and there is ptx data)
     lora: bool = True
-    train_layers: int = 6  # upper layers trained (LoRA adapters or weights); 0: all
-    rollouts: Literal["served", "sampled"] = "served"
-    reward: Literal["model", "zero"] = "model"  # zero: the reward model's score replaced by 0 (a control)
-    seed: int = 0
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=0.5))
+    train_layers: int = _default("learn_train_layers")  # upper layers trained (LoRA adapters or weights); 0: all
+    rollouts: Literal["served", "sampled"] = _default("learn_rollouts")
+    reward: Literal["model", "zero"] = _default("learn_reward")  # zero: the score replaced by 0 (a control)
+    seed: int = _default("learn_seed")  # the adapters' initialisation, the rollouts' draw, the mini-batches' order
+    ppo: PPOConfig = field(default_factory=_ppo_default)
+
+    def __post_init__(self) -> None:
+        # One seed for the whole round: the mini-batch order follows the round's seed, whoever set either.
+        if self.ppo.seed != self.seed:
+            object.__setattr__(self, "ppo", replace(self.ppo, seed=self.seed))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RoundConfig:
+        return cls(iterations=settings.learn_ppo_iterations, prompts_per_iteration=settings.learn_prompts_per_iteration,
+                   max_new_tokens=settings.learn_max_new_tokens, lr=settings.learn_ppo_lr,
+                   value_lr=settings.learn_ppo_lr, train_layers=settings.learn_train_layers,
+                   rollouts=settings.learn_rollouts, reward=settings.learn_reward, seed=settings.learn_seed,
+                   ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef, epochs=settings.learn_ppo_epochs,
+                                 seed=settings.learn_seed))  # fmt: skip
+
+    def changed(self, ptx_coef: float | None = None, **fields: Any) -> RoundConfig:
+        """This configuration with the fields given a value (None: keep), `ptx_coef` going to the PPO part."""
+        ppo = self.ppo if ptx_coef is None else replace(self.ppo, ptx_coef=ptx_coef)
+        return replace(self, ppo=ppo, **{name: value for name, value in fields.items() if value is not None})
 
 
 def value_model(scorer: RewardScorer, split: int) -> ValueModel:

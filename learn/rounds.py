@@ -16,12 +16,13 @@ import torch
 from deploy.model_store import Card, ModelStore, StoreError
 from deploy.settings import Settings
 from feedback.dataset import event_order
+from learn.data import Example
 from learn.loop import LoopConfig
 from learn.policy_eval import Agreement, AnswerCache, PolicyEval, agreement, evaluate_policy, held_out_lm_loss
-from learn.ppo import AdapterOff
+from learn.ppo import AdapterOff, Models
 from learn.ppo_run import PPORound, RoundConfig, checkpoint_meta, load_models
 from learn.precision import autocast
-from learn.prompts import DEFAULT_PROMPTS, Prompt, key_of, prompts_from_file, split_prompts
+from learn.prompts import DEFAULT_PROMPTS, Prompt, Served, key_of, prompts_from_file, split_prompts
 from learn.reward_model import Evaluation
 from learn.rm_data import split
 from learn.sft import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy
@@ -169,8 +170,62 @@ class Clock:
             self.on_phase(saying)
 
 
+@dataclass(frozen=True)
+class RoundInputs:
+    """What a round starts from, resolved: the versions, and the newest event of users' data it reads."""
+
+    parent: str
+    reference: str
+    reward: str
+    until: str | None  # a resumed round reads up to the same event as when it started
+    checkpoint: Path
+
+
+@dataclass(frozen=True)
+class RoundData:
+    models: Models
+    train: list[Prompt]
+    held: list[Prompt]
+    served: list[Served]
+    ptx_train: list[Example]
+    ptx_held: list[Example]
+    ptx_source: str
+    evaluation_prompts: list[Prompt]
+    eval_on: str
+
+
 def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_step: StepHook | None,
                show_progress: bool, clock: Clock) -> PPOResult:  # fmt: skip
+    inputs = _resolve(settings, options)
+    data = _load(settings, config, options, inputs)
+    trainer = PPORound(data.models, config, data.train, data.ptx_train, data.served)
+    meta = {"parent": inputs.parent, "reference": inputs.reference, "reward": inputs.reward,
+            "config": json.dumps(asdict(config)), "prompts": len(data.train), "served": len(data.served),
+            "ptx": len(data.ptx_train), "until": inputs.until}  # fmt: skip
+    resumed = trainer.resume(inputs.checkpoint, meta)
+    answers = AnswerCache(settings.data_dir / "evals" / "answers")
+    clock.next("evaluate_before", f"evaluating {inputs.parent}")
+    before = _evaluate_parent(data, config, options, inputs, answers, resumed)
+    metrics = settings.data_dir / "runs" / f"{inputs.parent}-ppo-{inputs.reward}.jsonl"
+    start = trainer.iteration
+    clock.next("iterations")
+    _train(trainer, config, inputs.checkpoint, meta, metrics, on_step, show_progress)
+    clock.next("evaluate_after", "evaluating the new version")
+    stored = as_stored(data.models.policy)  # the version as users would get it, not the round's fp32 adapters
+    after, after_answers = evaluate_policy(replace(data.models, policy=stored), data.evaluation_prompts,
+                                           data.ptx_held, config.max_new_tokens, options.eval_samples)  # fmt: skip
+    judged = judge_on_held_out_rankings(settings, data.models, ModelStore(settings.store_dir).path(inputs.parent),
+                                        config, inputs.until, stored)  # fmt: skip
+    reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held)
+    clock.next("publish", "writing the new version")
+    card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
+    answers.put(card.version, after_answers)  # when this version is the one replaced, its answers are known
+    clock.next("done")
+    return PPOResult(card.version, inputs.parent, before, after, judged, reference_ptx, card, start, clock.seconds)
+
+
+def _resolve(settings: Settings, options: PPOOptions) -> RoundInputs:
+    """The parent, reference and reward model of the round, and the event its data ends at."""
     store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     parent, reference = options.parent or store.current(), store.reference()
     reward = options.reward or next(reversed(rewards.versions()), None)
@@ -188,67 +243,78 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
         until = pending.get("until")
     else:
         until = last_event_id(settings)
+    return RoundInputs(parent, reference, reward, until, checkpoint)
+
+
+def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: RoundInputs) -> RoundData:
+    """The round's models, rollouts, prompts, ptx examples and evaluation prompts."""
+    store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     served = []
     if config.rollouts == "served":
-        served = served_comparisons(settings, parent, options.held_out, options.max_prompt_len, until)
+        served = served_comparisons(settings, inputs.parent, options.held_out, options.max_prompt_len, inputs.until)
     torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
-    models = load_models(store.path(parent), store.path(reference), rewards.path(reward), config, bool(served))
+    models = load_models(store.path(inputs.parent), store.path(inputs.reference), rewards.path(inputs.reward), config,
+                         bool(served))  # fmt: skip
     train, held = round_prompts(settings, models.tokenizer, options.prompt_file, options.held_out,
-                                options.max_prompt_len, until)  # fmt: skip
+                                options.max_prompt_len, inputs.until)  # fmt: skip
     if not train and not served:
         raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
-    ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, options.ptx_file, 512, until)
+    ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, options.ptx_file, 512, inputs.until)
     evaluation_prompts, eval_on = evaluation_set(models.tokenizer, held, options)
-    trainer = PPORound(models, config, train, ptx_train, served)
-    meta = {"parent": parent, "reference": reference, "reward": reward, "config": json.dumps(asdict(config)),
-            "prompts": len(train), "served": len(served), "ptx": len(ptx_train), "until": until}  # fmt: skip
-    resumed = trainer.resume(checkpoint, meta)
-    answers = AnswerCache(settings.data_dir / "evals" / "answers")
-    before_file = checkpoint.with_suffix(".before.json")
-    clock.next("evaluate_before", f"evaluating {parent}")
+    return RoundData(models, train, held, served, ptx_train, ptx_held, ptx_source, evaluation_prompts, eval_on)
+
+
+def _evaluate_parent(data: RoundData, config: RoundConfig, options: PPOOptions, inputs: RoundInputs,
+                     answers: AnswerCache, resumed: bool) -> PolicyEval:  # fmt: skip
+    """The parent's evaluation: kept beside the checkpoint, so that a resumed round does not redo it."""
+    before_file = inputs.checkpoint.with_suffix(".before.json")
     if resumed and before_file.is_file():
-        before = PolicyEval(**json.loads(before_file.read_text()))
-    else:  # the policy is still its parent here: the parent's answers (kept from when it was made, if it was)
-        before, _ = evaluate_policy(models, evaluation_prompts, ptx_held, config.max_new_tokens,
-                                    options.eval_samples, cache=answers, version=parent)  # fmt: skip
-        before_file.parent.mkdir(parents=True, exist_ok=True)
-        before_file.write_text(json.dumps(before.figures()))
-    run = f"{parent}-ppo-{reward}"
-    metrics = settings.data_dir / "runs" / f"{run}.jsonl"
-    start = trainer.iteration
-    clock.next("iterations")
-    with MetricsLog(metrics) as log, step_progress(f"PPO from {parent}", config.iterations - start,
+        return PolicyEval(**json.loads(before_file.read_text()))
+    # The policy is still its parent here: the parent's answers (kept from when it was made, if it was).
+    before, _ = evaluate_policy(data.models, data.evaluation_prompts, data.ptx_held, config.max_new_tokens,
+                                options.eval_samples, cache=answers, version=inputs.parent)  # fmt: skip
+    before_file.parent.mkdir(parents=True, exist_ok=True)
+    before_file.write_text(json.dumps(before.figures()))
+    return before
+
+
+def _train(trainer: PPORound, config: RoundConfig, checkpoint: Path, meta: dict[str, Any], metrics: Path,
+           on_step: StepHook | None, show_progress: bool) -> None:  # fmt: skip
+    """The iterations left, each checkpointed and logged."""
+    with MetricsLog(metrics) as log, step_progress(f"PPO from {meta['parent']}", config.iterations - trainer.iteration,
                                                    show_progress) as progress:  # fmt: skip
-        for _ in range(start, config.iterations):
+        for _ in range(trainer.iteration, config.iterations):
             figures = trainer.step()
             trainer.save(checkpoint, meta)  # a kill now loses nothing; a kill during the step, only that step
             log.write(trainer.iteration, **figures)
             progress.advance(reward=figures["reward"], kl=figures["kl_per_answer"], beta=figures["beta"])
             if on_step is not None:
                 on_step(trainer.iteration, config.iterations, figures)
-    clock.next("evaluate_after", "evaluating the new version")
-    stored = as_stored(models.policy)  # the version as users would get it, not the round's fp32 adapters
-    after, after_answers = evaluate_policy(replace(models, policy=stored), evaluation_prompts, ptx_held,
-                                           config.max_new_tokens, options.eval_samples)  # fmt: skip
-    judged = judge_on_held_out_rankings(settings, models, store.path(parent), config, until, stored)
-    reference_ptx = held_out_lm_loss(models.reference, models.tokenizer, ptx_held)
-    clock.next("publish", "writing the new version")
+
+
+Judged = tuple[PolicyEval, PolicyEval, Agreement, float | None]  # before, after, agreement, the reference's ptx loss
+
+
+def _publish(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: RoundInputs, data: RoundData,
+             stored: Any, judged: Judged, metrics: Path) -> Card:  # fmt: skip
+    """The new version into the store, its card with the round's figures; the round's checkpoint removed."""
+    before, after, agreed, reference_ptx = judged
+    store = ModelStore(settings.store_dir)
     version = store.next_version()
-    card = Card(version=version, parent=parent, made_by="ppo", details={
-        "reward_model": reward, "reference": reference, "iterations": config.iterations, "bf16": options.bf16,
-        "config": asdict(config), "train_prompts": len(train), "held_out_prompts": len(held),
-        "rollouts": f"{len(served)} ranked comparisons {parent} wrote" if served else "sampled",
-        "eval_on": eval_on, "eval_prompts": len(evaluation_prompts),
-        "ptx": {"source": ptx_source, "train": len(ptx_train), "held_out": len(ptx_held)},
+    card = Card(version=version, parent=inputs.parent, made_by="ppo", details={
+        "reward_model": inputs.reward, "reference": inputs.reference, "iterations": config.iterations,
+        "bf16": options.bf16, "config": asdict(config), "train_prompts": len(data.train),
+        "held_out_prompts": len(data.held),
+        "rollouts": f"{len(data.served)} ranked comparisons {inputs.parent} wrote" if data.served else "sampled",
+        "eval_on": data.eval_on, "eval_prompts": len(data.evaluation_prompts),
+        "ptx": {"source": data.ptx_source, "train": len(data.ptx_train), "held_out": len(data.ptx_held)},
         "eval": {"before": before.figures(), "after": after.figures(), "reference_ptx_loss": reference_ptx},
-        "agreement": judged.figures(), "metrics": str(metrics),
+        "agreement": agreed.figures(), "metrics": str(metrics),
     })  # fmt: skip
-    save_policy(stored, models.tokenizer, store, card)
-    answers.put(version, after_answers)  # when this version is the one replaced, its answers are known
-    checkpoint.unlink(missing_ok=True)
-    before_file.unlink(missing_ok=True)
-    clock.next("done")
-    return PPOResult(version, parent, before, after, judged, reference_ptx, card, start, clock.seconds)
+    save_policy(stored, data.models.tokenizer, store, card)
+    inputs.checkpoint.unlink(missing_ok=True)
+    inputs.checkpoint.with_suffix(".before.json").unlink(missing_ok=True)
+    return card
 
 
 def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> tuple[list[Prompt], str]:

@@ -173,10 +173,11 @@ def ppo(
     ptx_coef: Annotated[
         float | None, typer.Option(min=0.0, help="Weight of the pre-training term (default: settings).")
     ] = None,
-    kl_coef: Annotated[float, typer.Option(min=0.0, help="Initial KL penalty (beta).")] = 0.05,
+    kl_coef: Annotated[float | None, typer.Option(min=0.0, help="Initial KL penalty (beta; default 0.05).")] = None,
     kl_target: Annotated[
-        float | None, typer.Option(help="Per-answer KL the adaptive controller steers to; unset: fixed beta.")
-    ] = 6.0,
+        float | None, typer.Option(min=0.0, help="Per-answer KL the adaptive controller steers to (default 6).")
+    ] = None,
+    fixed_kl: Annotated[bool, typer.Option("--fixed-kl", help="Keep beta fixed (no adaptive controller).")] = False,
     lr: Annotated[
         float | None, typer.Option(help="Policy learning rate (default: RANKLOOP_LEARN_PPO_LR with LoRA, 1e-5 full).")
     ] = None,
@@ -188,14 +189,13 @@ def ppo(
             "here (default: RANKLOOP_LEARN_ROLLOUTS)."
         ),
     ] = None,
-    seed: int = 0,
+    seed: Annotated[int | None, typer.Option(help="Default: RANKLOOP_LEARN_SEED.")] = None,
     fresh: Annotated[bool, typer.Option(help="Discard the checkpoint of an interrupted round.")] = False,
 ) -> None:
     """A PPO round against the reward model into a new policy version (resumes an interrupted round)."""
     from dataclasses import replace
 
-    from learn.daemon import round_config
-    from learn.ppo_run import CheckpointMismatch
+    from learn.ppo_run import CheckpointMismatch, RoundConfig
     from learn.rounds import PPOOptions, ppo_round, register
 
     settings = training_settings_or_exit()
@@ -203,14 +203,13 @@ def ppo(
     if source not in ("served", "sampled"):
         raise fail(f"--rollouts {source}: use `served` or `sampled`")
     # The daemon's round (the settings), changed only where a flag says so: the same command resumes its rounds.
-    config = round_config(settings)
+    config = RoundConfig.from_settings(settings)
     rate = lr or (config.lr if lora else 1e-5)
-    ppo_config = replace(config.ppo, seed=seed, ptx_coef=config.ppo.ptx_coef if ptx_coef is None else ptx_coef)
-    config = replace(config, iterations=iterations or config.iterations,
-                     prompts_per_iteration=prompts_per_iteration or config.prompts_per_iteration,
-                     max_new_tokens=max_new_tokens or config.max_new_tokens, lr=rate, value_lr=rate,
-                     init_kl_coef=kl_coef, kl_target=kl_target, lora=lora,
-                     rollouts="served" if source == "served" else "sampled", seed=seed, ppo=ppo_config)  # fmt: skip
+    config = config.changed(ptx_coef, iterations=iterations, prompts_per_iteration=prompts_per_iteration,
+                            max_new_tokens=max_new_tokens, lr=rate, value_lr=rate, init_kl_coef=kl_coef,
+                            kl_target=kl_target, lora=lora, rollouts=source, seed=seed)  # fmt: skip
+    if fixed_kl:
+        config = replace(config, kl_target=None)
     options = PPOOptions(parent=base, reward=reward, prompt_file=prompts, ptx_file=ptx_data, fresh=fresh,
                          bf16=use_bf16(settings.learn_bf16))  # fmt: skip
     try:

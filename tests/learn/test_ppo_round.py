@@ -208,14 +208,19 @@ def test_the_reward_model_gate_wants_accuracy_measured_on_enough_pairs() -> None
 
 
 def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path) -> None:
-    from learn.daemon import round_config
-
-    settings = load_settings(data_dir=tmp_path, learn_ppo_iterations=6, learn_ppo_epochs=2, learn_ppo_lr=3e-4,
-                             learn_prompts_per_iteration=12, learn_max_new_tokens=48, learn_ptx_coef=0.25)  # fmt: skip
-    config = round_config(settings)
-    assert (config.iterations, config.ppo.epochs, config.prompts_per_iteration, config.max_new_tokens) == (6, 2, 12, 48)
-    assert (config.lr, config.value_lr, config.ppo.ptx_coef) == (3e-4, 3e-4, 0.25)
-    assert round_config(load_settings(data_dir=tmp_path)).ppo.epochs == 2  # the default
+    settings = load_settings(data_dir=tmp_path, learn_ppo_iterations=5, learn_ppo_epochs=3, learn_ppo_lr=3e-4,
+                             learn_prompts_per_iteration=12, learn_max_new_tokens=48, learn_ptx_coef=0.25,
+                             learn_seed=7)  # fmt: skip
+    config = RoundConfig.from_settings(settings)
+    assert (config.iterations, config.ppo.epochs, config.prompts_per_iteration, config.max_new_tokens) == (5, 3, 12, 48)
+    assert (config.lr, config.value_lr, config.ppo.ptx_coef, config.seed, config.ppo.seed) == (3e-4, 3e-4, 0.25, 7, 7)
+    # The embedded defaults are the settings' alone: a config made without settings is the default settings' one.
+    assert RoundConfig() == RoundConfig.from_settings(load_settings(data_dir=tmp_path))
+    assert RoundConfig().ppo.epochs == 2 and RoundConfig().iterations == 6
+    # A flag changes what it names and nothing else; the round's seed is the mini-batches' seed too.
+    changed = config.changed(0.5, iterations=None, seed=3, kl_target=2.0)
+    assert (changed.iterations, changed.ppo.ptx_coef, changed.ppo.epochs) == (5, 0.5, 3)
+    assert (changed.seed, changed.ppo.seed, changed.kl_target) == (3, 3, 2.0)
 
 
 def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path: Path) -> None:
@@ -224,4 +229,5 @@ def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path:
     settings = load_settings(data_dir=tmp_path, learn_rm_epochs=3, learn_rm_lr=5e-5, learn_bf16=True)
     options = rm_options(settings, "r0002")
     assert (options.resume_from, options.epochs, options.lr, options.bf16) == ("r0002", 3, 5e-5, True)
-    assert rm_options(load_settings(data_dir=tmp_path), None).epochs == 2  # the default
+    default = rm_options(load_settings(data_dir=tmp_path), None)
+    assert (default.epochs, default.max_train) == (1, 128)  # the defaults
