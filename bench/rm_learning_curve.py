@@ -38,7 +38,7 @@ TRAIN_SAMPLES, HELD_SAMPLES, MAX_LEN, BATCH = 3, 8, 512, 4
 
 
 @dataclass(frozen=True)
-class Comparison:
+class AnswerSet:
     prompt: str
     prompt_ids: list[int]
     texts: list[str]
@@ -70,15 +70,15 @@ def generate(model_dir: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.with_suffix(".partial").open("w") as lines:
         for (messages, held_out), output in zip(jobs, outputs, strict=True):
-            row = Comparison(messages[-1]["content"], list(output.prompt_token_ids), [c.text for c in output.outputs],
+            row = AnswerSet(messages[-1]["content"], list(output.prompt_token_ids), [c.text for c in output.outputs],
                              [list(c.token_ids) for c in output.outputs],
                              [c.finish_reason == "length" for c in output.outputs], held_out)  # fmt: skip
             lines.write(json.dumps(row.__dict__) + "\n")
     out.with_suffix(".partial").replace(out)
 
 
-def read_comparisons(path: Path) -> list[Comparison]:
-    return [Comparison(**json.loads(line)) for line in path.read_text().splitlines()]
+def read_comparisons(path: Path) -> list[AnswerSet]:
+    return [AnswerSet(**json.loads(line)) for line in path.read_text().splitlines()]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Ranked:
     tiers: list[list[int]]
 
 
-def rank_all(comparisons: list[Comparison], preference: str, held_out: bool, seed: int = 0) -> list[Ranked]:
+def rank_all(comparisons: list[AnswerSet], preference: str, held_out: bool, seed: int = 0) -> list[Ranked]:
     """The rankings simulated users with `preference` give (noise 0.1; none for all-tied answers); held-out
     comparisons without noise: their pairs are the truth accuracy is measured against."""
     from lab.preferences import load_scorer, rank
@@ -103,7 +103,7 @@ def rank_all(comparisons: list[Comparison], preference: str, held_out: bool, see
     return out
 
 
-def group(c: Comparison, tiers: list[list[int]]) -> Any:
+def group(c: AnswerSet, tiers: list[list[int]]) -> Any:
     from learn.rm_data import RankedGroup, prompt_key
 
     answers = [(c.prompt_ids + ids)[-MAX_LEN:] for ids in c.token_ids]
@@ -115,7 +115,7 @@ class Lowers:
     """Every answer's hidden states below the trained layers, computed once per split for all runs: the lower
     layers are v0001's in every reward model here."""
 
-    def __init__(self, model_dir: Path, comparisons: list[Comparison]) -> None:
+    def __init__(self, model_dir: Path, comparisons: list[AnswerSet]) -> None:
         self.model_dir, self.comparisons, self.cache = model_dir, comparisons, {}  # type: ignore[var-annotated]
 
     def of(self, split: int, indices: list[int]) -> dict[int, list[Any]]:
@@ -145,14 +145,14 @@ class Config:
         return f"{self.train_layers}:{self.lr:g}"
 
 
-def ours(model_dir: Path, comparisons: list[Comparison], lowers: Lowers, train: list[Ranked], held: list[Ranked],
+def ours(model_dir: Path, comparisons: list[AnswerSet], lowers: Lowers, train: list[Ranked], held: list[Ranked],
          config: Config, epochs: int) -> dict[str, Any]:  # fmt: skip
     """rankloop's reward model on `train`, held-out accuracy after each epoch."""
     import torch
 
     from learn import layers
     from learn.loop import LoopConfig
-    from learn.reward_model import evaluate, load_reward_model, train_reward_model
+    from learn.reward_model import held_out_accuracy, load_reward_model, train_reward_model
     from learn.trainlog import MetricsLog
 
     torch.manual_seed(0)
@@ -168,7 +168,9 @@ def ours(model_dir: Path, comparisons: list[Comparison], lowers: Lowers, train: 
 
     def measure(step: int, of: int) -> None:
         if step % per_epoch == 0:
-            found = evaluate(model, held_groups, pad, split=split, lowers=[held_lowers[r.comparison] for r in held])
+            found = held_out_accuracy(
+                model, held_groups, pad, split=split, lowers=[held_lowers[r.comparison] for r in held]
+            )
             curve.append(found.accuracy)
 
     started = time.perf_counter()
@@ -186,7 +188,7 @@ def _pairs(tiers: list[list[int]]) -> list[tuple[int, int]]:
     return pairs(tiers)
 
 
-def theirs(model_dir: Path, comparisons: list[Comparison], train: list[Ranked], held: list[Ranked], config: Config,
+def theirs(model_dir: Path, comparisons: list[AnswerSet], train: list[Ranked], held: list[Ranked], config: Config,
            epochs: int, work: Path, bf16: bool) -> dict[str, Any]:  # fmt: skip
     """TRL's RewardTrainer on the same pairs, the same layers, learning rate and epochs."""
     from bench.common import run_in_trl_env
@@ -277,7 +279,7 @@ def save_results(results: dict[str, Any]) -> None:
     RESULTS.write_text(json.dumps(results, indent=1))
 
 
-def write_report(args: argparse.Namespace, comparisons: list[Comparison], results: dict[str, Any]) -> None:
+def write_report(args: argparse.Namespace, comparisons: list[AnswerSet], results: dict[str, Any]) -> None:
     from bench.report import machine, write_section
 
     cut = sum(sum(c.cut) for c in comparisons) / sum(len(c.cut) for c in comparisons)

@@ -17,7 +17,7 @@ from pathlib import Path
 from deploy.model_store import ModelStore
 from deploy.registry import Event
 from deploy.settings import Settings
-from lab.evaluate import Comparison
+from lab.judge import Judgement
 
 Series = list[tuple[float, float]]  # (unix time, value)
 
@@ -30,7 +30,7 @@ class History:
     win_rates: dict[str, Series] = field(default_factory=dict)  # preference -> points (version's creation time)
     win_labels: dict[str, list[str]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
-    latest: Comparison | None = None
+    latest: Judgement | None = None
 
 
 PPO_PLOTS = {"reward": "mean reward (PPO rollouts)", "kl_per_answer": "KL to the reference per answer",
@@ -61,7 +61,7 @@ def collect(settings: Settings, events: list[Event]) -> History:
                 if figure in row:
                     history.ppo.setdefault(figure, []).append((row["time"], row[figure]))
     store = ModelStore(settings.store_dir)
-    comparisons = [Comparison.read(p) for p in sorted((settings.data_dir / "evals").glob("*-vs-v0001-*.json"))]
+    comparisons = [Judgement.read(p) for p in sorted((settings.data_dir / "evals").glob("*-vs-v0001-*.json"))]
     for comparison in sorted(comparisons, key=lambda c: c.created):
         when = store.card(comparison.a).created if comparison.a in store.versions() else comparison.created
         history.win_rates.setdefault(comparison.preference, []).append((when, comparison.win_rate.rate))

@@ -23,10 +23,11 @@ import torch
 from feedback.ranking import pairs
 from learn import degenerate, layers
 from learn.data import Example
-from learn.ppo import Models, Rollouts, backbone, lower_of, pack, sample, token_logprobs
+from learn.ppo import Models, Rollouts, answer_logprobs, backbone, lower_of, pack, sample
 from learn.prompts import Prompt
 from learn.rm_data import RankedGroup
-from learn.sft import evaluate_lm, pad_id
+from learn.sft import evaluate_lm
+from learn.weights import pad_id
 from learn.winrate import outcome
 
 
@@ -146,7 +147,7 @@ def held_out_lm_loss(model: Any, tokenizer: Any, ptx_held: Sequence[Example]) ->
 def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:
     """(B,) KL of each answer to the reference: the sum of the per-token log-ratio over the answer."""
     packed = pack(rollouts, pad)
-    ratio = token_logprobs(models.policy, packed) - token_logprobs(models.reference, packed)
+    ratio = answer_logprobs(models.policy, packed) - answer_logprobs(models.reference, packed)
     return (ratio * packed.mask).sum(dim=1)
 
 
@@ -187,7 +188,7 @@ def agreement(policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int,
         for rows in packed.by_length(batch):
             sub = packed.rows(rows)
             below = lower_of(policy, split, sub) if shared else None
-            ratio = token_logprobs(policy, sub, cut, below) - token_logprobs(parent, sub, cut, below)
+            ratio = answer_logprobs(policy, sub, cut, below) - answer_logprobs(parent, sub, cut, below)
             shift[torch.tensor(rows)] = (ratio * sub.mask).sum(dim=1)
     outcomes = [
         outcome(float(shift[index[g, chosen]]), float(shift[index[g, rejected]]))

@@ -1,6 +1,7 @@
 """One PPO iteration on a batch of rollouts: score, penalise KL to the reference, GAE, clipped updates, ptx.
 
-Objective (InstructGPT): E[r(x,y) - beta * log(pi(y|x) / pi_ref(y|x))] + gamma * E_pretrain[log pi(x)].
+Objective (InstructGPT): E[r(x,y) - beta * log(pi(y|x) / pi_ref(y|x))] + ptx_coef * E_pretrain[log pi(x)]
+(the paper calls the last weight gamma; here gamma is only the per-token discount of GAE).
 The step only calls the models and learn.rl_math; the rollouts, the reward and the value model are passed in, so
 the same step serves answers users ranked (written by the served version) and answers sampled just now.
 
@@ -33,7 +34,7 @@ class PPOConfig:
     clip: float = 0.2  # policy ratio clip
     value_clip: float = 0.2
     value_coef: float = 0.1
-    ptx_coef: float = 0.0  # gamma of the InstructGPT objective: weight of the pre-training LM loss
+    ptx_coef: float = 0.0  # weight of the pre-training LM loss in the objective
     epochs: int = 4  # passes over the batch
     minibatch: int = 4  # rollouts per optimiser step
     truncation_penalty: float = 0.0  # added to the score of answers the length limit cut off
@@ -214,7 +215,7 @@ def logprobs_and_logits(model: Any, packed: Packed, split: int = 0,
     return packed.scatter(picked), logits
 
 
-def token_logprobs(model: Any, packed: Packed, split: int = 0, below: Tensor | None = None) -> Tensor:
+def answer_logprobs(model: Any, packed: Packed, split: int = 0, below: Tensor | None = None) -> Tensor:
     """(B, A) log-probabilities of each answer token under `model` (fp32), zero outside the answers."""
     return logprobs_and_logits(model, packed, split, below)[0]
 
@@ -313,12 +314,12 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
     for rows in packed.by_length(SCORE_ROWS):
         sub = packed.rows(rows)
         below = lower_of(models.policy, split, sub)
-        logprobs = token_logprobs(models.policy, sub, split, below)
+        logprobs = answer_logprobs(models.policy, sub, split, below)
         old = logprobs
         if models.behaviour is not None:
-            old = token_logprobs(models.behaviour, sub, split, models.below_for("behaviour", below))
+            old = answer_logprobs(models.behaviour, sub, split, models.below_for("behaviour", below))
         # The behaviour policy is the reference itself in a round from the reference (the same weights).
-        ref = old if models.behaviour is models.reference else token_logprobs(
+        ref = old if models.behaviour is models.reference else answer_logprobs(
             models.reference, sub, split, models.below_for("reference", below))  # fmt: skip
         subset = Rollouts([rollouts.queries[r] for r in rows], [rollouts.responses[r] for r in rows],
                           [rollouts.truncated[r] for r in rows])  # fmt: skip

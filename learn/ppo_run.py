@@ -34,7 +34,8 @@ from learn.loop import save_atomic, trainable_state
 from learn.ppo import AdapterOff, Models, PPOConfig, RewardFn, Rollouts, ValueModel, backbone, ppo_step, sample
 from learn.prompts import Prompt, Served
 from learn.reward_model import RewardScorer, _parts
-from learn.sft import LoraOptions, collate, load_causal_lm, pad_id
+from learn.sft import collate
+from learn.weights import LoraOptions, load_causal_lm, pad_id
 
 # No dropout in PPO: the log-probabilities of the rollouts must be those the update then compares against.
 PPO_LORA = LoraOptions(dropout=0.0)

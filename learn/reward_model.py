@@ -25,8 +25,8 @@ from learn.data import right_pad
 from learn.loop import LoopConfig, LoopResult, StepHook, run_loop
 from learn.rl_math import kwise_ranking_loss, pack_rankings, pairwise_accuracy
 from learn.rm_data import RankedGroup
-from learn.sft import LoraOptions, training_dtype
 from learn.trainlog import MetricsLog
+from learn.weights import LoraOptions, training_dtype
 
 NORM_FILE = "reward_norm.json"
 SCORE_ROWS = 4  # sequences per pass of `score_ids`: few, so that each pass is padded to a length close to its own
@@ -144,8 +144,8 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int = 8, split: int = 0,
-             lowers: Sequence[Sequence[Tensor]] | None = None) -> Evaluation:  # fmt: skip
+def held_out_accuracy(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int = 8, split: int = 0,
+                      lowers: Sequence[Sequence[Tensor]] | None = None) -> Evaluation:  # fmt: skip
     """Pairwise accuracy (over all pairs), mean K-wise loss (over prompts), and the scores' mean and std.
     `lowers`: each group's answers' lower hidden states (as `train_reward_model` takes them)."""
     model.eval()
@@ -254,7 +254,9 @@ def train_reward_model(
                       "score_std": float(scores.std()) if scores.numel() > 1 else 0.0}  # fmt: skip
 
     result = run_loop(model, len(train), step, config, log, "reward model", checkpoint, show_progress, on_step)
-    evaluation = evaluate(model, held_out, pad) if held_out else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
+    evaluation = (
+        held_out_accuracy(model, held_out, pad) if held_out else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
+    )
     log.write(result.steps, **evaluation.figures())
     return result, evaluation
 

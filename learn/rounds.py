@@ -25,9 +25,9 @@ from learn.precision import autocast
 from learn.prompts import DEFAULT_PROMPTS, Prompt, Served, key_of, prompts_from_file, split_prompts
 from learn.reward_model import Evaluation
 from learn.rm_data import split
-from learn.sft import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy
 from learn.sources import FEEDBACK, last_event_id, load_groups, ptx_examples, round_prompts, served_comparisons
 from learn.trainlog import MetricsLog, step_progress
+from learn.weights import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy
 
 StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figures)
 PhaseHook = Callable[[str], None]  # what a round starts doing now, in a few words

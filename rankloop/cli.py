@@ -148,7 +148,7 @@ def model_list() -> None:
 
 
 @app.command("settings")
-def showsettings_or_exit() -> None:
+def show_settings() -> None:
     """Print the settings in force (after environment variables and the config file)."""
     settings = settings_or_exit()
     for name, value in settings.model_dump().items():

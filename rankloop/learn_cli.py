@@ -78,8 +78,9 @@ def sft(
     """Fine-tune a policy on demonstrations (or plain text) into a new policy version."""
     from learn.data import encode_demonstration, encode_text
     from learn.loop import LoopConfig
-    from learn.sft import LoraOptions, load_causal_lm, run_card, save_policy, train_lm
+    from learn.sft import train_lm
     from learn.trainlog import MetricsLog
+    from learn.weights import LoraOptions, load_causal_lm, run_card, save_policy
 
     settings = training_settings_or_exit()
     store = ModelStore(settings.store_dir)

@@ -97,7 +97,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Win rate of version A over B on held-out prompts under a preference, with a 95% interval."""
-    from lab.evaluate import compare, save
+    from lab.judge import compare, save
     from lab.simulate import split
 
     settings = training_settings_or_exit()

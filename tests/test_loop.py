@@ -20,7 +20,7 @@ from deploy.registry import Registry
 from deploy.settings import load_settings
 from feedback.consumer import FeedbackConsumer
 from feedback.dataset import Dataset
-from lab.evaluate import compare
+from lab.judge import compare
 from lab.preferences import concise
 from lab.simulate import Plan, simulate, split
 from learn.daemon import Learner

@@ -88,8 +88,9 @@ def tiny_teachable_folder(folder: Path, prompts: list[str], seed: int = 0) -> Pa
 
     from learn.data import Demonstration, encode_demonstration
     from learn.loop import LoopConfig
-    from learn.sft import load_causal_lm, train_lm
+    from learn.sft import train_lm
     from learn.trainlog import MetricsLog
+    from learn.weights import load_causal_lm
 
     rng = random.Random(seed)
     torch.manual_seed(seed)

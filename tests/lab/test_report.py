@@ -8,7 +8,7 @@ from pathlib import Path
 from deploy.model_store import Card, ModelStore
 from deploy.registry import Event
 from deploy.settings import load_settings
-from lab.evaluate import Comparison, save
+from lab.judge import Judgement, save
 from lab.report import write_report
 from learn.winrate import win_rate
 
@@ -34,7 +34,7 @@ def test_the_report_shows_history_and_samples(tmp_path: Path) -> None:
     rows = [{"step": i, "time": now + 60 * i, "reward": 0.1 * i, "kl_per_answer": 0.5, "answer_length": 40 - i}
             for i in range(1, 6)]  # fmt: skip
     (runs / "v0001-ppo-r0002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    save(Comparison("v0002", "v0001", "concise", win_rate([1, 1, 0.5, 0]), 30.0, 45.0, 2, 2, 0, now,
+    save(Judgement("v0002", "v0001", "concise", win_rate([1, 1, 0.5, 0]), 30.0, 45.0, 2, 2, 0, now,
                     [{"prompt": "Say <hi>", "a": "Hi.", "b": "Hello there, how are you?"}]), tmp_path)  # fmt: skip
     events = [Event("1-0", 1, "promote", "v0002", "v0001", "learner", "better", now + 400)]
 

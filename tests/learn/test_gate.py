@@ -20,7 +20,7 @@ from learn.ppo_run import RoundConfig
 from learn.reward_model import RewardScorer
 from learn.rm_data import RankedGroup
 from learn.rounds import PPOOptions, ppo_round
-from learn.sft import LoraOptions, as_stored, load_causal_lm
+from learn.weights import LoraOptions, as_stored, load_causal_lm
 from tests.learn.test_ppo_round import make_data_dir
 from tests.tiny import tiny_teachable_folder
 

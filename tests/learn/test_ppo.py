@@ -17,15 +17,15 @@ from learn.ppo import (
     PPOConfig,
     Rollouts,
     ValueModel,
+    answer_logprobs,
     pack,
     ppo_step,
     ptx_loss,
     sample,
     sequence_reward,
-    token_logprobs,
 )
 from learn.ppo_run import PPO_LORA, iteration_rows
-from learn.sft import load_causal_lm
+from learn.weights import load_causal_lm
 
 PAD = 0
 
@@ -230,12 +230,12 @@ def test_answer_logprobs_equal_the_full_forwards_at_the_answer_positions(tiny_st
         for query, answer in zip(rollouts.queries, rollouts.responses, strict=True):
             ids = torch.tensor([query + answer])
             for name, model in (("plain", plain), ("lora", lora)):
-                lp = rl_math.token_logprobs(model(input_ids=ids).logits[0, :-1], ids[0, 1:])
+                lp = rl_math.answer_logprobs(model(input_ids=ids).logits[0, :-1], ids[0, 1:])
                 expected[name].append(lp[len(query) - 1 :].tolist())
         for side in ("right", "left"):
             packed = pack(rollouts, PAD, side)  # type: ignore[arg-type]
             for model, name in ((plain, "plain"), (AdapterOff(lora), "plain"), (lora, "lora")):
-                got = token_logprobs(model, packed)
+                got = answer_logprobs(model, packed)
                 for row, values in enumerate(expected[name]):
                     assert got[row, : len(values)].tolist() == pytest.approx(values, abs=1e-5), (side, name)
                 assert got[packed.mask == 0].abs().sum() == 0  # nothing outside the answers
@@ -254,8 +254,8 @@ def test_the_split_forward_equals_the_whole_one_and_trains_only_above(tiny_store
     from learn.ppo import lower_of
 
     below = lower_of(lora, split, packed)
-    whole = token_logprobs(lora, packed)
-    assert torch.allclose(token_logprobs(lora, packed, split, below), whole, atol=1e-6)
+    whole = answer_logprobs(lora, packed)
+    assert torch.allclose(answer_logprobs(lora, packed, split, below), whole, atol=1e-6)
     plain, _ = load_causal_lm(tiny_store.path("v0001"))
     assert layers.same_lower(backbone, layers.backbone_of(plain), split)
     with torch.no_grad():

@@ -40,7 +40,7 @@ def test_eval_runs_on_its_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         seen["prompts"], seen["samples"], seen["limit"] = len(args[5]), args[6], args[7]
         raise SystemExit(0)
 
-    monkeypatch.setattr("lab.evaluate.compare", compare)
+    monkeypatch.setattr("lab.judge.compare", compare)
     result = CliRunner().invoke(app, ["eval", "v0002", "v0001", "--json"])
     assert result.exit_code == 0, result.output
     assert seen == {"prompts": len(split(list(conversations(DEFAULT_PROMPTS)))[1]), "samples": 4, "limit": 96}

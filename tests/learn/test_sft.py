@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from deploy.model_store import Card, ModelStore
 from learn.data import IGNORE, DataError, Demonstration, demonstrations_from_rows, encode_demonstration, encode_text
 from learn.loop import LoopConfig
-from learn.sft import LoraOptions, as_stored, evaluate_lm, load_causal_lm, save_policy, train_lm
+from learn.sft import evaluate_lm, train_lm
 from learn.trainlog import MetricsLog, read_metrics
+from learn.weights import LoraOptions, as_stored, load_causal_lm, save_policy
 from rankloop.cli import app
 from tests.tiny import tiny_tokenizer
 

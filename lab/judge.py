@@ -23,14 +23,14 @@ import torch
 from lab.preferences import Scorer
 from learn.ppo import sample
 from learn.prompts import render
-from learn.sft import load_causal_lm, pad_id
+from learn.weights import load_causal_lm, pad_id
 from learn.winrate import WinRate, outcome, win_rate
 
 Messages = list[dict[str, str]]
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Judgement:
     a: str
     b: str
     preference: str
@@ -47,7 +47,7 @@ class Comparison:
         return json.dumps(asdict(self))
 
     @classmethod
-    def read(cls, path: Path) -> Comparison:
+    def read(cls, path: Path) -> Judgement:
         raw: dict[str, Any] = json.loads(path.read_text())
         raw["win_rate"] = WinRate(**raw["win_rate"])
         return cls(**raw)
@@ -104,7 +104,7 @@ def hf_answers(folder: Path, prompts: Sequence[Messages], per_prompt: int, max_n
 
 def compare(folder_a: Path, folder_b: Path, names: tuple[str, str], preference: str, scorer: Scorer,
             prompts: Sequence[Messages], per_prompt: int = 4, max_new_tokens: int = 256, seed: int = 0,
-            progress: Callable[[str], None] | None = None, engine: Engine = "auto") -> Comparison:  # fmt: skip
+            progress: Callable[[str], None] | None = None, engine: Engine = "auto") -> Judgement:  # fmt: skip
     said = progress or (lambda _: None)
     said(f"sampling {len(prompts)} x {per_prompt} answers from {names[0]}")
     of_a = answers(folder_a, prompts, per_prompt, max_new_tokens, seed, engine)
@@ -113,12 +113,12 @@ def compare(folder_a: Path, folder_b: Path, names: tuple[str, str], preference: 
     asked = [p[-1]["content"] for p in prompts for _ in range(per_prompt)]
     outcomes = [outcome(scorer(q, x), scorer(q, y)) for q, x, y in zip(asked, of_a, of_b, strict=True)]
     examples = [{"prompt": asked[i], "a": of_a[i], "b": of_b[i]} for i in range(0, len(asked), per_prompt)][:6]
-    return Comparison(names[0], names[1], preference, win_rate(outcomes), sum(map(len, of_a)) / len(of_a),
+    return Judgement(names[0], names[1], preference, win_rate(outcomes), sum(map(len, of_a)) / len(of_a),
                       sum(map(len, of_b)) / len(of_b), len(prompts), per_prompt, seed, time.time(),
                       examples)  # fmt: skip
 
 
-def save(comparison: Comparison, data_dir: Path) -> Path:
+def save(comparison: Judgement, data_dir: Path) -> Path:
     folder = data_dir / "evals"
     folder.mkdir(parents=True, exist_ok=True)
     name = comparison.preference.replace(":", "_").replace("/", "_")
