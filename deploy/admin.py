@@ -20,7 +20,7 @@ from redis import Redis
 from api.errors import ApiError
 from deploy.model_store import ModelStore
 from deploy.promotion import promote, rollback, sync_store
-from deploy.registry import Registry, RegistryError
+from deploy.registry import Conflict, Registry, RegistryError
 
 bearer = HTTPBearer(auto_error=False)
 
@@ -66,9 +66,10 @@ async def _call(admin: Admin, fn: Any, *args: Any) -> Any:
     """Registry calls are short blocking Redis round trips: run them off the event loop."""
     try:
         return await asyncio.to_thread(fn, *args)
+    except Conflict as exc:
+        raise ApiError(409, str(exc), code="conflict") from exc
     except RegistryError as exc:
-        status = 409 if "someone changed it first" in str(exc) else 400
-        raise ApiError(status, str(exc), code="conflict" if status == 409 else "refused") from exc
+        raise ApiError(400, str(exc), code="refused") from exc
 
 
 AdminDep = Annotated[Admin, Depends(_admin)]

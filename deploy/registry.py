@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from deploy.redis_server import as_text
 
@@ -85,8 +86,11 @@ class Event:
 
 
 def version_key(version: str) -> str:
-    """The hash of one version (the switch script and the server's follower write it too)."""
+    """The hash of one version (the switch script writes it too)."""
     return f"{PREFIX}version:{version}"
+
+
+ERROR_CHARS = 2000  # a failed version's error as kept: enough for a traceback's last lines
 
 
 class Registry:
@@ -136,7 +140,7 @@ class Registry:
         return int(detail)
 
     def mark_failed(self, version: str, error: str) -> None:
-        self.redis.hset(version_key(version), mapping={"state": "failed", "error": error[:2000]})
+        self.redis.hset(version_key(version), mapping={"state": "failed", "error": error[:ERROR_CHARS]})
 
     def events(self, after: str = "-", count: int = 100) -> list[Event]:
         start = after if after == "-" else f"({after}"
@@ -159,3 +163,28 @@ def _event(event_id: Any, fields: dict[Any, Any]) -> Event:
     f = {as_text(k): as_text(v) for k, v in fields.items()}
     return Event(as_text(event_id), int(f["epoch"]), f["action"], f["version"], f["previous"] or None, f["who"],
                  f["why"], float(f["time"]))  # fmt: skip
+
+
+class AsyncRegistry:
+    """What a server replica needs of the registry, on its event loop: the state to follow and a way to say that
+    a version failed to load. The keys stay this module's alone."""
+
+    def __init__(self, redis: AsyncRedis) -> None:
+        self.redis = redis
+
+    async def state(self) -> tuple[str | None, int, str]:
+        """(current version, epoch, last event id), read in one transaction."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.get(CURRENT)
+            pipe.get(EPOCH)
+            pipe.xrevrange(EVENTS, count=1)
+            current, epoch, last = await pipe.execute()
+        return (as_text(current) if current else None), int(epoch or 0), (as_text(last[0][0]) if last else "0-0")
+
+    async def wait_for_events(self, after: str, block_ms: int) -> str | None:
+        """The id of the newest change after event `after`, waiting up to `block_ms` for one; None when none came."""
+        reply: Any = await self.redis.xread({EVENTS: after}, block=block_ms, count=100)
+        return as_text(reply[0][1][-1][0]) if reply else None
+
+    async def mark_failed(self, version: str, error: str) -> None:
+        await self.redis.hset(version_key(version), mapping={"state": "failed", "error": error[:ERROR_CHARS]})

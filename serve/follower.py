@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -21,8 +19,7 @@ from redis.exceptions import RedisError
 from api.metrics import ServeMetrics
 from deploy.model_store import ModelStore
 from deploy.promotion import check_folder
-from deploy.redis_server import as_text
-from deploy.registry import CURRENT, EPOCH, EVENTS, version_key
+from deploy.registry import AsyncRegistry
 from serve.engine import Engine
 from serve.swap import ServedVersion
 
@@ -33,16 +30,12 @@ RETRY_S = 1.0
 class RegistryFollower:
     def __init__(self, redis: Redis, served: ServedVersion, engine: Engine, store: ModelStore,
                  metrics: ServeMetrics) -> None:  # fmt: skip
-        self.redis, self.served, self.engine, self.store, self.metrics = redis, served, engine, store, metrics
+        self.registry, self.served, self.engine, self.store, self.metrics = (
+            AsyncRegistry(redis), served, engine, store, metrics)  # fmt: skip
 
     async def state(self) -> tuple[str | None, int, str]:
         """(current version, epoch, last event id), read in one transaction."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.get(CURRENT)
-            pipe.get(EPOCH)
-            pipe.xrevrange(EVENTS, count=1)
-            current, epoch, last = await pipe.execute()
-        return (as_text(current) if current else None), int(epoch or 0), (as_text(last[0][0]) if last else "0-0")
+        return await self.registry.state()
 
     async def run(self, block_ms: int = 1000) -> None:
         """Follow until cancelled; reconnect after Redis errors, re-reading the state so nothing is missed."""
@@ -51,10 +44,10 @@ class RegistryFollower:
                 current, epoch, last_id = await self.state()
                 await self.catch_up(current, epoch)
                 while True:
-                    reply: Any = await self.redis.xread({EVENTS: last_id}, block=block_ms, count=100)
-                    if not reply:
+                    newest = await self.registry.wait_for_events(last_id, block_ms)
+                    if newest is None:
                         continue
-                    last_id = as_text(reply[0][1][-1][0])
+                    last_id = newest
                     current, epoch, _ = await self.state()
                     await self.catch_up(current, epoch)
             except RedisError as exc:
@@ -77,9 +70,9 @@ class RegistryFollower:
             # Reading the headers is file I/O: off the event loop, so answers keep flowing meanwhile.
             await asyncio.to_thread(check_folder, folder, self.store.path(self.served.version))
             checked = time.monotonic() - started
-            times = await self.served.swap(version, epoch, lambda: self.engine.load_weights(folder))
-            times = replace(times, check_s=checked, started_at=started_at)
-            self.served.last_swap = times
+            times = await self.served.swap(
+                version, epoch, lambda: self.engine.load_weights(folder), checked, started_at
+            )
         except Exception as exc:  # any failure: keep serving the old version, say so everywhere
             await self._failed(version, epoch, exc)
             return
@@ -95,6 +88,6 @@ class RegistryFollower:
         self.served.epoch = epoch  # do not retry the same decision forever; a new promote or rollback moves on
         self.metrics.swap_failures.inc()
         try:
-            await self.redis.hset(version_key(version), mapping={"state": "failed", "error": message[:2000]})
+            await self.registry.mark_failed(version, message)
         except RedisError:
             log.exception("could not mark %s failed in the registry", version)

@@ -54,8 +54,10 @@ class ServedVersion:
             if self.in_flight == 0:
                 self._idle.set()
 
-    async def swap(self, version: str, epoch: int, load: Callable[[], Awaitable[None]]) -> SwapTimes:
-        """Drain, `load()` the new weights, then serve `version`. If `load` raises, the old version stays served."""
+    async def swap(self, version: str, epoch: int, load: Callable[[], Awaitable[None]], check_s: float = 0.0,
+                   started_at: float = 0.0) -> SwapTimes:  # fmt: skip
+        """Drain, `load()` the new weights, then serve `version`. If `load` raises, the old version stays served.
+        `check_s` and `started_at`: the caller's check of the folder before, kept with the swap's times."""
         async with self._lock:
             started = time.monotonic()
             self._open.clear()
@@ -67,5 +69,5 @@ class ServedVersion:
             finally:
                 self._open.set()
             done = time.monotonic()
-            self.last_swap = SwapTimes(drained - started, done - drained, done - started)
+            self.last_swap = SwapTimes(drained - started, done - drained, done - started, check_s, started_at)
             return self.last_swap
