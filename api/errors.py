@@ -13,9 +13,13 @@ from api.protocol import ErrorBody, ErrorResponse
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
         headers: dict[str, str] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
@@ -24,9 +28,12 @@ _TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_re
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None,
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
     headers: dict[str, str] | None = None,
-) -> JSONResponse:  # fmt: skip
+) -> JSONResponse:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)

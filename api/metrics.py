@@ -20,13 +20,18 @@ class ServeMetrics:
             "rankloop_completion_tokens", "Tokens generated, all candidates", registry=self.registry
         )
         self.latency = Histogram(
-            "rankloop_request_latency_seconds", "Time from request to last token", ["route"],
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry,
-        )  # fmt: skip
+            "rankloop_request_latency_seconds",
+            "Time from request to last token",
+            ["route"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
         self.first_token = Histogram(
-            "rankloop_time_to_first_token_seconds", "Time from request to the first token", registry=self.registry,
+            "rankloop_time_to_first_token_seconds",
+            "Time from request to the first token",
+            registry=self.registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
-        )  # fmt: skip
+        )
         self.comparisons = Counter("rankloop_comparisons_stored", "Comparisons written", registry=self.registry)
         self.in_flight = Gauge("rankloop_requests_in_flight", "Generations running", registry=self.registry)
         self.engine_unfinished = Gauge(
@@ -35,13 +40,18 @@ class ServeMetrics:
             registry=self.registry,
         )
         self.feedback = Counter(
-            "rankloop_feedback_events", "Feedback submissions by kind and outcome (new, duplicate, conflict)",
-            ["kind", "outcome"], registry=self.registry,
-        )  # fmt: skip
+            "rankloop_feedback_events",
+            "Feedback submissions by kind and outcome (new, duplicate, conflict)",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
         self.swap_seconds = Histogram(
-            "rankloop_swap_seconds", "Hot-swap phases: drain (answers in flight finish) and load (new weights)",
-            ["phase"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=self.registry,
-        )  # fmt: skip
+            "rankloop_swap_seconds",
+            "Hot-swap phases: drain (answers in flight finish) and load (new weights)",
+            ["phase"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self.swap_failures = Counter("rankloop_swap_failures", "Swaps refused or failed", registry=self.registry)
         self.served_version = Gauge("rankloop_policy_version", "Served policy version number", registry=self.registry)
 

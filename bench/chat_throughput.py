@@ -70,9 +70,13 @@ async def _load(base_url: str, model: str, questions: list[str], extra: dict[str
         while not queue.empty():
             question = queue.get_nowait()
             body = {
-                "model": model, "messages": [{"role": "user", "content": question}], "n": N,
-                "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, **(extra or {}),
-            }  # fmt: skip
+                "model": model,
+                "messages": [{"role": "user", "content": question}],
+                "n": N,
+                "max_tokens": MAX_TOKENS,
+                "temperature": TEMPERATURE,
+                **(extra or {}),
+            }
             started = time.perf_counter()
             response = await http.post(f"{base_url}/v1/chat/completions", json=body)
             response.raise_for_status()
@@ -113,10 +117,25 @@ PLAIN, PLAIN_LOGPROBS, RANKLOOP = "plain vLLM", "plain vLLM + logprobs", "ranklo
 
 def plain_vllm(model_dir: Path, port: int) -> list[Result]:
     argv = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-        "--served-model-name", "rankloop", "--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
-        "--enable-prefix-caching", "--disable-log-stats", "--host", "127.0.0.1", "--port", str(port),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "rankloop",
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--enable-prefix-caching",
+        "--disable-log-stats",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     # The second pass asks for what rankloop always computes: the sampled token's log-probability.
     passes: list[Pass] = [(PLAIN, {}), (PLAIN_LOGPROBS, {"logprobs": True, "top_logprobs": 0})]
     return run_server(argv, ENGINE_ENV, f"http://127.0.0.1:{port}", "/health", passes)
@@ -142,15 +161,20 @@ def hf_generate(model_dir: Path, count: int) -> Result:
     tokens = 0
     started = time.perf_counter()
     for question in prompts()[:count]:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(
-                **ids, do_sample=True, temperature=TEMPERATURE, max_new_tokens=MAX_TOKENS, num_return_sequences=N,
+                **ids,
+                do_sample=True,
+                temperature=TEMPERATURE,
+                max_new_tokens=MAX_TOKENS,
+                num_return_sequences=N,
                 pad_token_id=pad,
-            )  # fmt: skip
+            )
         latencies.append(time.perf_counter() - t0)
         tokens += int((out[:, ids["input_ids"].shape[1] :] != pad).sum())  # answers that ended early are padded
     result = Result("HF generate (sequential, fp32)", time.perf_counter() - started, tokens, latencies)
@@ -186,8 +210,11 @@ def main() -> None:
 def render(results: list[Result], hf: Result | None, args: argparse.Namespace) -> str:
     def agg(name: str) -> tuple[float, float, float]:
         rows = [r for r in results if r.name == name]
-        return (statistics.mean(r.tok_s for r in rows), statistics.mean(r.pct(0.5) for r in rows),
-                statistics.mean(r.pct(0.95) for r in rows))  # fmt: skip
+        return (
+            statistics.mean(r.tok_s for r in rows),
+            statistics.mean(r.pct(0.5) for r in rows),
+            statistics.mean(r.pct(0.95) for r in rows),
+        )
 
     def row(label: str, figures: tuple[float, float, float]) -> str:
         return f"| {label} | {figures[0]:.1f} | {figures[1]:.2f} | {figures[2]:.2f} |"
@@ -217,8 +244,9 @@ def render(results: list[Result], hf: Result | None, args: argparse.Namespace) -
         row("rankloop (logprobs, comparison stored in Redis)", ours),
     ]
     if hf is not None:
-        lines.append(f"| {hf.name}, first {args.hf_prompts} prompts | {hf.tok_s:.1f} | {hf.pct(0.5):.2f} | "
-                     f"{hf.pct(0.95):.2f} |")  # fmt: skip
+        lines.append(
+            f"| {hf.name}, first {args.hf_prompts} prompts | {hf.tok_s:.1f} | {hf.pct(0.5):.2f} | {hf.pct(0.95):.2f} |"
+        )
     lines += [
         "",
         f"Ratios rankloop / plain vLLM: throughput **{ours[0] / base[0]:.3f}x**, "

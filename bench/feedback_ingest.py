@@ -70,8 +70,11 @@ def wrk(name: str, url: str, seconds: int, connections: int, prefix: str) -> Wrk
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(REPO / "bench/feedback.lua"), url]
     output = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
     result = parse_wrk(name, output)
-    print(f"{name}: {result.rps:.0f} req/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
-          f"{result.errors} errors", flush=True)  # fmt: skip
+    print(
+        f"{name}: {result.rps:.0f} req/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+        f"{result.errors} errors",
+        flush=True,
+    )
     return result
 
 
@@ -93,14 +96,21 @@ async def seed(redis_url: str, prefix: str) -> None:
     store = ComparisonStore(client, 3600)
     for i in range(COMPARISONS):
         candidates = [
-            StoredCandidate(index=k, text="word " * 64, token_ids=list(range(64)), logprobs=[-1.25] * 64,
-                            finish_reason="length")
+            StoredCandidate(
+                index=k, text="word " * 64, token_ids=list(range(64)), logprobs=[-1.25] * 64, finish_reason="length"
+            )
             for k in range(4)
-        ]  # fmt: skip
-        await store.put(Comparison(
-            id=f"{prefix}-{i}", messages=[{"role": "user", "content": "Write a haiku about rain."}],
-            prompt_token_ids=list(range(20)), candidates=candidates, policy_version="v0001", created=time.time(),
-        ))  # fmt: skip
+        ]
+        await store.put(
+            Comparison(
+                id=f"{prefix}-{i}",
+                messages=[{"role": "user", "content": "Write a haiku about rain."}],
+                prompt_token_ids=list(range(20)),
+                candidates=candidates,
+                policy_version="v0001",
+                created=time.time(),
+            )
+        )
     await client.aclose()
 
 
@@ -145,10 +155,15 @@ def main() -> None:
     with EmbeddedRedis(work / "redis", 6397) as redis_server:
         prefix = f"chatcmpl-bench{int(time.time())}"
         asyncio.run(seed(redis_server.url, prefix))
-        env = {"RANKLOOP_DATA_DIR": str(args.data_dir), "RANKLOOP_PORT": "8106", "RANKLOOP_ENGINE": "fake",
-               "REDIS_URL": redis_server.url}  # fmt: skip
-        bare = start([sys.executable, "-m", "bench.bare_feedback", "8105"], {"PYTHONPATH": str(REPO)}, bare_url,
-                     "bench-bare.log")  # fmt: skip
+        env = {
+            "RANKLOOP_DATA_DIR": str(args.data_dir),
+            "RANKLOOP_PORT": "8106",
+            "RANKLOOP_ENGINE": "fake",
+            "REDIS_URL": redis_server.url,
+        }
+        bare = start(
+            [sys.executable, "-m", "bench.bare_feedback", "8105"], {"PYTHONPATH": str(REPO)}, bare_url, "bench-bare.log"
+        )
         server = start([sys.executable, "-m", "rankloop", "serve"], env, ours_url, "bench-feedback.log")
         # The consumer runs throughout, as `rankloop up` runs it: it costs CPU, and it keeps the stream short.
         consumer_env = {**os.environ, **env, "RANKLOOP_DATA_DIR": str(work)}
@@ -177,46 +192,53 @@ def main() -> None:
 def render(runs: list[WrkResult], accepted: int, stored: int, steal: float, args: argparse.Namespace) -> str:
     def median(name: str) -> WrkResult:
         rows = [r for r in runs if r.name == name]
-        return WrkResult(name, sum(r.requests for r in rows), statistics.median(r.rps for r in rows),
-                         statistics.median(r.p50_ms for r in rows), statistics.median(r.p99_ms for r in rows),
-                         sum(r.errors for r in rows))  # fmt: skip
+        return WrkResult(
+            name,
+            sum(r.requests for r in rows),
+            statistics.median(r.rps for r in rows),
+            statistics.median(r.p50_ms for r in rows),
+            statistics.median(r.p99_ms for r in rows),
+            sum(r.errors for r in rows),
+        )
 
     def row(r: WrkResult) -> str:
         return f"| {r.name} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.requests} | {r.errors} |"
 
     base, ours = median(BARE), median(OURS)
     per_run = ", ".join(f"{r.name.split()[0]} {r.rps:.0f}" for r in runs)
-    return "\n".join([
-        "## Feedback ingestion (issue 3)",
-        "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()} "
-        f"({platform.platform()}); CPU time stolen by the hypervisor during the runs: {steal:.0%}.",
-        f"- Command: `.venv/bin/python bench/feedback_ingest.py --rounds {args.rounds} --seconds {args.seconds} "
-        f"--connections {args.connections}` (`make bench`).",
-        f"- Load: wrk (1 thread, {args.connections} connections, its own process), {args.rounds} runs of "
-        f"{args.seconds} s per server, alternating which goes first; figures are medians over the runs (requests and "
-        f"errors are totals). Every request is a new ranking of one of {COMPARISONS} seeded comparisons "
-        "(4 candidates of 64 tokens). Both servers: one uvicorn process, uvloop, httptools, no access log, on the "
-        "same 2 cores as wrk and Redis.",
-        "- The feedback consumer (`rankloop feedback consume`) runs throughout, as `rankloop up` runs it, moving "
-        "events into the SQLite dataset; after the runs it is stopped and the stream drained.",
-        "- rankloop: validate, then one Lua call (claims, comparison lookup and embedding, XADD) on the embedded "
-        "Redis with AOF everysec; calls that arrive while earlier ones are on the wire go together in one pipeline "
-        "(up to 4 pipelines in flight).",
-        "",
-        "| server | requests/s | p50 (ms) | p99 (ms) | requests | errors |",
-        "|---|---|---|---|---|---|",
-        row(base),
-        row(ours),
-        "",
-        f"Per run (requests/s): {per_run}.",
-        "",
-        f"Ratio rankloop / bare endpoint: **{ours.rps / base.rps:.2f}x** (target >= 0.5x); targets >= 2,000 "
-        f"rankings/s and p99 <= 50 ms. Accepted rankings (server counter): {accepted}; in the dataset after the "
-        f"consumer drained the stream: {stored} ({'all present' if stored == accepted else 'MISMATCH'}). wrk counts "
-        "fewer requests than the server accepted: those in flight when each run ended.",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "## Feedback ingestion (issue 3)",
+            "",
+            f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()} "
+            f"({platform.platform()}); CPU time stolen by the hypervisor during the runs: {steal:.0%}.",
+            f"- Command: `.venv/bin/python bench/feedback_ingest.py --rounds {args.rounds} --seconds {args.seconds} "
+            f"--connections {args.connections}` (`make bench`).",
+            f"- Load: wrk (1 thread, {args.connections} connections, its own process), {args.rounds} runs of "
+            f"{args.seconds} s per server, alternating which goes first; figures are medians over the runs (requests "
+            f"and errors are totals). Every request is a new ranking of one of {COMPARISONS} seeded comparisons "
+            "(4 candidates of 64 tokens). Both servers: one uvicorn process, uvloop, httptools, no access log, on the "
+            "same 2 cores as wrk and Redis.",
+            "- The feedback consumer (`rankloop feedback consume`) runs throughout, as `rankloop up` runs it, moving "
+            "events into the SQLite dataset; after the runs it is stopped and the stream drained.",
+            "- rankloop: validate, then one Lua call (claims, comparison lookup and embedding, XADD) on the embedded "
+            "Redis with AOF everysec; calls that arrive while earlier ones are on the wire go together in one pipeline "
+            "(up to 4 pipelines in flight).",
+            "",
+            "| server | requests/s | p50 (ms) | p99 (ms) | requests | errors |",
+            "|---|---|---|---|---|---|",
+            row(base),
+            row(ours),
+            "",
+            f"Per run (requests/s): {per_run}.",
+            "",
+            f"Ratio rankloop / bare endpoint: **{ours.rps / base.rps:.2f}x** (target >= 0.5x); targets >= 2,000 "
+            f"rankings/s and p99 <= 50 ms. Accepted rankings (server counter): {accepted}; in the dataset after the "
+            f"consumer drained the stream: {stored} ({'all present' if stored == accepted else 'MISMATCH'}). wrk "
+            "counts fewer requests than the server accepted: those in flight when each run ended.",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

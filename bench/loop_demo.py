@@ -89,8 +89,9 @@ def watch(redis: Redis, timeline: Timeline, deadline: float, done: Callable[[str
 def stack_up(env: dict[str, str], log: Path, timeout_s: float) -> Iterator[float]:
     """`rankloop up` with its output in `log`: yields the seconds it took to answer, and stops it on leaving."""
     with open(log, "wb") as out:
-        stack = subprocess.Popen([*RANKLOOP, "up"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)  # fmt: skip
+        stack = subprocess.Popen(
+            [*RANKLOOP, "up"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             yield wait_healthy(f"http://127.0.0.1:{PORTS['RANKLOOP_PORT']}", stack, timeout_s=timeout_s)
         finally:
@@ -99,8 +100,13 @@ def stack_up(env: dict[str, str], log: Path, timeout_s: float) -> Iterator[float
 
 def judged(env: dict[str, str], current: str, preference: str, samples: int) -> dict[str, Any]:
     argv = [*RANKLOOP, "eval", current, "v0001", "--preference", preference, "--samples", str(samples), "--json"]
-    out = subprocess.run(argv, env={**env, "RANKLOOP_LEARN_THREADS": str(os.cpu_count() or 2)}, check=True,
-                         capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        argv,
+        env={**env, "RANKLOOP_LEARN_THREADS": str(os.cpu_count() or 2)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -144,9 +150,14 @@ def finish(data: Path, overtime_minutes: float) -> None:
         # No users: the round in flight is over once the learner is back to waiting for rankings (or failed).
         watch(redis, timeline, timeline.started + overtime_minutes * 60, lambda phase: phase in ("waiting", "error"))
         current = Registry(redis).current()[0] or "v0001"
-    record["finish"] = {"current": current, "timeline": timeline.entries,
-                        "eval": judged(env, current, record["args"]["preference"], record["args"]["samples"])
-                        if current != "v0001" else None, **learning_figures(data, current)}  # fmt: skip
+    record["finish"] = {
+        "current": current,
+        "timeline": timeline.entries,
+        "eval": judged(env, current, record["args"]["preference"], record["args"]["samples"])
+        if current != "v0001"
+        else None,
+        **learning_figures(data, current),
+    }
     (data / "demo.json").write_text(json.dumps(record, indent=1))
     report(record, data)
 
@@ -161,8 +172,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt in the final judgement")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a RANKLOOP_ setting")
     parser.add_argument("--report-only", action="store_true", help="rewrite the section from the last run's record")
-    parser.add_argument("--finish", type=float, default=0.0, metavar="MINUTES",
-                        help="finish the last run's cut-off round (within MINUTES, no users)")  # fmt: skip
+    parser.add_argument(
+        "--finish",
+        type=float,
+        default=0.0,
+        metavar="MINUTES",
+        help="finish the last run's cut-off round (within MINUTES, no users)",
+    )
     args = parser.parse_args()
     settings = {**DEFAULT_SETTINGS, **dict(item.split("=", 1) for item in args.set)}
     data = REPO / "var" / f"demo-{label(args.preference, settings)}"
@@ -179,9 +195,20 @@ def main() -> None:
     deadline = timeline.started + args.minutes * 60
     with stack_up(env, data / "stack.log", args.minutes * 60) as ready:
         timeline.note(f"stack ready after {ready:.0f} s (model import and engine start included)")
-        simulate_argv = [*RANKLOOP, "simulate", "--preference", args.preference, "--noise", str(args.noise),
-                         "--users", str(args.users), "--rate", str(args.rate),
-                         "--duration", str(max(1.0, deadline - time.monotonic()))]  # fmt: skip
+        simulate_argv = [
+            *RANKLOOP,
+            "simulate",
+            "--preference",
+            args.preference,
+            "--noise",
+            str(args.noise),
+            "--users",
+            str(args.users),
+            "--rate",
+            str(args.rate),
+            "--duration",
+            str(max(1.0, deadline - time.monotonic())),
+        ]
         with open(data / "simulate.log", "wb") as simulate_log:
             simulate = subprocess.Popen(simulate_argv, env=env, stdout=simulate_log, stderr=subprocess.STDOUT)
             redis = Redis(port=int(PORTS["RANKLOOP_REDIS_PORT"]))
@@ -196,9 +223,18 @@ def main() -> None:
     newest = figures["policies"][-1] if figures["policies"] else "v0001"
     latest = judged(env, newest, args.preference, args.samples) if newest not in (current, "v0001") else None
     subprocess.run([*RANKLOOP, "report"], env=env, check=False, capture_output=True)
-    record = {"settings": settings, "args": vars(args), "current": current, "timeline": timeline.entries,
-              "eval": result, "newest": newest, "newest_eval": latest, "date": str(datetime.date.today()),
-              "machine": machine(), **figures}  # fmt: skip
+    record = {
+        "settings": settings,
+        "args": vars(args),
+        "current": current,
+        "timeline": timeline.entries,
+        "eval": result,
+        "newest": newest,
+        "newest_eval": latest,
+        "date": str(datetime.date.today()),
+        "machine": machine(),
+        **figures,
+    }
     (data / "demo.json").write_text(json.dumps(record, indent=1))
     report(record, data)
 
@@ -222,23 +258,30 @@ def outcome(name: str, when: str, current: str, result: dict[str, Any] | None, f
     else:
         rate = result["win_rate"]
         pairs = rate["wins"] + rate["ties"] + rate["losses"]
-        lines = [f"- Served {when}: {current}. Win rate over v0001 under `{name}` on {result['prompts']} "
-                 f"held-out prompts x {result['samples_per_prompt']} samples: **{rate['rate']:.1%}** (95% "
-                 f"{rate['low']:.1%}-{rate['high']:.1%}; {rate['wins']} wins, {rate['ties']} ties, "
-                 f"{rate['losses']} losses of {pairs}); mean answer length {result['length_a']:.0f} vs "
-                 f"{result['length_b']:.0f} characters."]  # fmt: skip
-    accuracies = ", ".join(f"{r} {a:.3f}" for r, a in zip(figures["reward_models"], figures["rm_accuracy"], strict=True)
-                           if a is not None)  # fmt: skip
+        lines = [
+            f"- Served {when}: {current}. Win rate over v0001 under `{name}` on {result['prompts']} "
+            f"held-out prompts x {result['samples_per_prompt']} samples: **{rate['rate']:.1%}** (95% "
+            f"{rate['low']:.1%}-{rate['high']:.1%}; {rate['wins']} wins, {rate['ties']} ties, "
+            f"{rate['losses']} losses of {pairs}); mean answer length {result['length_a']:.0f} vs "
+            f"{result['length_b']:.0f} characters."
+        ]
+    accuracies = ", ".join(
+        f"{r} {a:.3f}" for r, a in zip(figures["reward_models"], figures["rm_accuracy"], strict=True) if a is not None
+    )
     lines.append(f"- Reward models' held-out pairwise accuracy: {accuracies or 'none trained'}.")
     if figures.get("ptx_v0001"):
         ratio = figures["ptx_current"] / figures["ptx_v0001"]
-        lines.append(f"- Held-out LM loss: v0001 {figures['ptx_v0001']:.3f}, {current} {figures['ptx_current']:.3f} "
-                     f"({ratio:.3f}x).")  # fmt: skip
+        lines.append(
+            f"- Held-out LM loss: v0001 {figures['ptx_v0001']:.3f}, {current} {figures['ptx_current']:.3f} "
+            f"({ratio:.3f}x)."
+        )
     phases = figures.get("ppo_phases_s", {})
     if phases:
         total = sum(phases.values())
-        lines.append("- PPO iterations: " + ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min ({v / total:.0%})"
-                                                       for k, v in phases.items()))  # fmt: skip
+        lines.append(
+            "- PPO iterations: "
+            + ", ".join(f"{k.removesuffix('_s')} {v / 60:.1f} min ({v / total:.0%})" for k, v in phases.items())
+        )
     return lines + rounds_table(figures.get("rounds", []))
 
 
@@ -249,19 +292,30 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
     """One row per learning round: its outcome, what the gate said, its answers' shares and where its time went."""
     if not rounds:
         return []
-    lines = ["", "| round | outcome | reward model held-out accuracy (pairs) | new version: empty / degenerate / cut, "
-             "length (tokens) | agreement (pairs) | minutes: " + ", ".join(PHASES) + " | total | gate |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "| round | outcome | reward model held-out accuracy (pairs) | new version: empty / degenerate / cut, "
+        "length (tokens) | agreement (pairs) | minutes: " + ", ".join(PHASES) + " | total | gate |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for n, r in enumerate(rounds, start=1):
         seconds = r.get("seconds", {})
         after = r.get("after")
-        shares = (f"{after['empty']:.0%} / {after['degenerate']:.0%} / {after['truncated']:.0%}, "
-                  f"{after['answer_length']:.0f}") if after else "-"  # fmt: skip
+        shares = (
+            (
+                f"{after['empty']:.0%} / {after['degenerate']:.0%} / {after['truncated']:.0%}, "
+                f"{after['answer_length']:.0f}"
+            )
+            if after
+            else "-"
+        )
         agreement = f"{r['agreement']:.2f} ({r['agreement_pairs']:.0f})" if "agreement" in r else "-"
         phases = ", ".join(f"{seconds.get(p, 0) / 60:.1f}" for p in PHASES)
         accuracy = f"{r.get('rm_accuracy', float('nan')):.3f} ({r.get('rm_pairs', 0):.0f})"
-        lines.append(f"| {n}: {r.get('version', r.get('reward_model'))} | {r['outcome']} | {accuracy} | {shares} | "
-                     f"{agreement} | {phases} | {sum(seconds.values()) / 60:.1f} | {r.get('gate', '')} |")  # fmt: skip
+        lines.append(
+            f"| {n}: {r.get('version', r.get('reward_model'))} | {r['outcome']} | {accuracy} | {shares} | "
+            f"{agreement} | {phases} | {sum(seconds.values()) / 60:.1f} | {r.get('gate', '')} |"
+        )
     return lines
 
 
@@ -276,24 +330,39 @@ def report(record: dict[str, Any], data: Path) -> None:
     name, minutes = args["preference"], args["minutes"]
     sets = " ".join(f"--set {k}={v}" for k, v in settings.items() if k not in DEFAULT_SETTINGS)
     control = " (control: PPO's reward-model score replaced by 0)" if settings.get("LEARN_REWARD") == "zero" else ""
-    lines = [f"## The whole loop: `{name}` users for {minutes:g} minutes{control}", "",
-             f"Date: {record['date']}; machine: {record['machine']}.", "",
-             f"Command: `.venv/bin/python bench/loop_demo.py --preference {name} --minutes {minutes:g} --noise "
-             f"{args['noise']} --users {args['users']} --rate {args['rate']} {sets}`", "",
-             "Settings: " + ", ".join(f"RANKLOOP_{k}={v}" for k, v in settings.items()), ""]  # fmt: skip
+    lines = [
+        f"## The whole loop: `{name}` users for {minutes:g} minutes{control}",
+        "",
+        f"Date: {record['date']}; machine: {record['machine']}.",
+        "",
+        f"Command: `.venv/bin/python bench/loop_demo.py --preference {name} --minutes {minutes:g} --noise "
+        f"{args['noise']} --users {args['users']} --rate {args['rate']} {sets}`",
+        "",
+        "Settings: " + ", ".join(f"RANKLOOP_{k}={v}" for k, v in settings.items()),
+        "",
+    ]
     lines += outcome(name, f"within {minutes:g} minutes", current, result, record)
     if record.get("newest_eval"):
         rate = record["newest_eval"]["win_rate"]
-        lines.append(f"- The newest version, {record['newest']} (not served), against v0001: {rate['rate']:.1%} (95% "
-                     f"{rate['low']:.1%}-{rate['high']:.1%}).")  # fmt: skip
+        lines.append(
+            f"- The newest version, {record['newest']} (not served), against v0001: {rate['rate']:.1%} (95% "
+            f"{rate['low']:.1%}-{rate['high']:.1%})."
+        )
     lines += ["", "Where the time went:", "", *compact(record["timeline"])]
     late = record.get("finish")
     if late is not None:  # `--finish`: the cut-off round, finished after the window
         spent = late["timeline"][-1][0] if late["timeline"] else 0.0
-        lines += ["", f"After the window (`--finish`: the stack restarted with no users; the round the window cut "
-                      f"off resumed from its checkpoint, {spent:.1f} more minutes):", "",
-                  *outcome(name, "after the window", late["current"], late["eval"], late),
-                  "", "Where the extra time went:", "", *compact(late["timeline"])]  # fmt: skip
+        lines += [
+            "",
+            f"After the window (`--finish`: the stack restarted with no users; the round the window cut "
+            f"off resumed from its checkpoint, {spent:.1f} more minutes):",
+            "",
+            *outcome(name, "after the window", late["current"], late["eval"], late),
+            "",
+            "Where the extra time went:",
+            "",
+            *compact(late["timeline"]),
+        ]
         current, result = late["current"], late["eval"]
     if result is not None:
         lines += ["", f"Samples (held-out prompts; {current} | v0001):", ""]

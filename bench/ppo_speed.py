@@ -106,8 +106,9 @@ class Way:
 WAYS = (Way("sampled, whole", "sampled", 0), Way("sampled, split", "sampled", 6), Way("served, split", "served", 6))
 
 
-def ppo_iterations(models: Models, config: RoundConfig, prompts: list[Prompt],
-                   served: list[Served]) -> list[dict[str, float]]:  # fmt: skip
+def ppo_iterations(
+    models: Models, config: RoundConfig, prompts: list[Prompt], served: list[Served]
+) -> list[dict[str, float]]:
     trainer = PPORound(models, config, prompts, served=served)
     clock = ComputeClock()
     for module in (*causal_parts(models.policy), models.value, *_parts(models.scorer.model)):
@@ -122,9 +123,11 @@ def ppo_iterations(models: Models, config: RoundConfig, prompts: list[Prompt],
             clock.seconds = 0.0
             figures = trainer.step()
             figures["compute_s"] = clock.seconds
-            print(f"iteration {n}: {figures['iteration_s']:.1f} s, generation {figures['generate_s']:.1f} s, "
-                  f"{figures['rollout_tokens']:.0f} rollout tokens, model compute {clock.seconds:.1f} s",
-                  flush=True)  # fmt: skip
+            print(
+                f"iteration {n}: {figures['iteration_s']:.1f} s, generation {figures['generate_s']:.1f} s, "
+                f"{figures['rollout_tokens']:.0f} rollout tokens, model compute {clock.seconds:.1f} s",
+                flush=True,
+            )
             if n:  # the first iteration warms caches up
                 rows.append(figures)
     return rows
@@ -146,9 +149,17 @@ def served_answers(policy_dir: Path, prompts: list[Prompt], args: argparse.Names
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p.ids) for p in prompts], params, use_tqdm=False)
     del llm
     gc.collect()
-    return [Served(f"c{n}", p.key, p.ids, [list(c.token_ids) for c in out.outputs],
-                   [c.finish_reason == "length" for c in out.outputs], "v0001")
-            for n, (p, out) in enumerate(zip(prompts, outputs, strict=True))]  # fmt: skip
+    return [
+        Served(
+            f"c{n}",
+            p.key,
+            p.ids,
+            [list(c.token_ids) for c in out.outputs],
+            [c.finish_reason == "length" for c in out.outputs],
+            "v0001",
+        )
+        for n, (p, out) in enumerate(zip(prompts, outputs, strict=True))
+    ]
 
 
 def main() -> None:
@@ -168,9 +179,14 @@ def main() -> None:
     prompts: list[Prompt] = []
     served: list[Served] = []
     for way in WAYS:
-        config = RoundConfig(iterations=args.iterations + 1, prompts_per_iteration=args.prompts,
-                             max_new_tokens=args.tokens, train_layers=way.train_layers, rollouts=way.rollouts,
-                             ppo=PPOConfig(ptx_coef=0.0, epochs=2, minibatch=8))  # type: ignore[arg-type]  # fmt: skip
+        config = RoundConfig(
+            iterations=args.iterations + 1,
+            prompts_per_iteration=args.prompts,
+            max_new_tokens=args.tokens,
+            train_layers=way.train_layers,
+            rollouts=way.rollouts,
+            ppo=PPOConfig(ptx_coef=0.0, epochs=2, minibatch=8),
+        )  # type: ignore[arg-type]
         torch.manual_seed(0)
         models = load_models(policy_dir, policy_dir, reward, config, way.rollouts == "served")
         if not prompts:
@@ -208,10 +224,12 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
     per_k = {w: mean(w, "iteration_s") / mean(w, "rollout_tokens") * 1000 for w in results}
     for way in results:
         total, compute = mean(way, "iteration_s"), mean(way, "compute_s")
-        lines.append(f"| {way} | {mean(way, 'rollout_tokens'):.0f} | {mean(way, 'generate_s'):.1f} | "
-                     f"{mean(way, 'score_s'):.1f} | {mean(way, 'update_s'):.1f} | {mean(way, 'other_s'):.1f} | "
-                     f"{total:.1f} | {(total - compute) / total:.1%} | {per_k[way]:.1f} | "
-                     f"{per_k[base] / per_k[way]:.2f}x |")  # fmt: skip
+        lines.append(
+            f"| {way} | {mean(way, 'rollout_tokens'):.0f} | {mean(way, 'generate_s'):.1f} | "
+            f"{mean(way, 'score_s'):.1f} | {mean(way, 'update_s'):.1f} | {mean(way, 'other_s'):.1f} | "
+            f"{total:.1f} | {(total - compute) / total:.1%} | {per_k[way]:.1f} | "
+            f"{per_k[base] / per_k[way]:.2f}x |"
+        )
     lines.append("")
     return "\n".join(lines)
 

@@ -63,8 +63,9 @@ def conversational(path: Path, skip: int, limit: int) -> list[dict[str, Any]]:
     return rows
 
 
-def ours(hh: Path, model_dir: Path, n_train: int, n_eval: int, held_from: int, log: Path, device: Device,
-         seed: int) -> dict[str, float]:  # fmt: skip
+def ours(
+    hh: Path, model_dir: Path, n_train: int, n_eval: int, held_from: int, log: Path, device: Device, seed: int
+) -> dict[str, float]:
     device.prepare(THREADS)
     torch.manual_seed(seed)
     model, tokenizer = load_reward_model(model_dir, dtype=torch.float32)
@@ -77,8 +78,9 @@ def ours(hh: Path, model_dir: Path, n_train: int, n_eval: int, held_from: int, l
     WORK.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with MetricsLog(log) as metrics:
-        result, evaluation = train_reward_model(model, tokenizer, train, held, config, metrics,
-                                                WORK / f"ours-{n_train}-{device.name}-{seed}.ckpt")  # fmt: skip
+        result, evaluation = train_reward_model(
+            model, tokenizer, train, held, config, metrics, WORK / f"ours-{n_train}-{device.name}-{seed}.ckpt"
+        )
     seconds = time.perf_counter() - started if result.resumed_from == 0 else float("nan")
     return {"accuracy": evaluation.accuracy, "pairs": evaluation.pairs, "seconds": seconds}
 
@@ -103,8 +105,7 @@ def trl_data(hh: Path, n_train: int, n_eval: int, held_from: int) -> Path:
     """TRL's train.jsonl and eval.jsonl, the same rows as rankloop's, written once for all seeds; their folder."""
     data = WORK / f"trl-data-{n_train}-{n_eval}"
     data.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", conversational(hh, 0, n_train)),
-                       ("eval", conversational(hh, held_from, n_eval))):  # fmt: skip
+    for name, rows in (("train", conversational(hh, 0, n_train)), ("eval", conversational(hh, held_from, n_eval))):
         (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return data
 
@@ -114,11 +115,28 @@ def theirs(data: Path, model_dir: Path, n_train: int, device: Device, seed: int)
     work.mkdir(parents=True, exist_ok=True)
     resumed = any((work / "trainer").glob("checkpoint-*"))
     started = time.perf_counter()
-    result = run_in_trl_env("trl_reward_accuracy.py", str(model_dir), str(data / "train.jsonl"),
-                            str(data / "eval.jsonl"), "--lr", str(LR), "--batch", str(BATCH), "--threads",
-                            str(THREADS), "--max-length", str(MAX_LEN), "--output", str(work / "trainer"),
-                            "--seed", str(seed), "--save-steps", str(device.checkpoint_every), *device.trl_args(),
-                            *(["--gradient-checkpointing"] if device.checkpoint_activations else []))  # fmt: skip
+    result = run_in_trl_env(
+        "trl_reward_accuracy.py",
+        str(model_dir),
+        str(data / "train.jsonl"),
+        str(data / "eval.jsonl"),
+        "--lr",
+        str(LR),
+        "--batch",
+        str(BATCH),
+        "--threads",
+        str(THREADS),
+        "--max-length",
+        str(MAX_LEN),
+        "--output",
+        str(work / "trainer"),
+        "--seed",
+        str(seed),
+        "--save-steps",
+        str(device.checkpoint_every),
+        *device.trl_args(),
+        *(["--gradient-checkpointing"] if device.checkpoint_activations else []),
+    )
     return {**result, "seconds": float("nan") if resumed else time.perf_counter() - started}
 
 
@@ -151,14 +169,20 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         log = args.data_dir / "runs" / f"bench-rm-accuracy-{device.name}-{seed}.jsonl"
         run = Run(seed, ours(args.hh, model_dir, args.train, args.eval, held_from, log, device, seed))
-        print(f"seed {seed}: rankloop accuracy {run.mine['accuracy']:.3f} on {run.mine['pairs']} pairs, "
-              f"{run.mine['seconds']:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"seed {seed}: rankloop accuracy {run.mine['accuracy']:.3f} on {run.mine['pairs']} pairs, "
+            f"{run.mine['seconds']:.0f} s",
+            flush=True,
+        )
         runs.append(run)
         write_section(f"rm_accuracy_{device.name}", report(args, device, runs))  # kept should the next part fail
         if data is not None:
             run.other = theirs(data, model_dir, args.train, device, seed)
-            print(f"seed {seed}: TRL accuracy {run.other['accuracy']:.3f} on {run.other['pairs']} pairs, "
-                  f"{run.other['seconds']:.0f} s", flush=True)  # fmt: skip
+            print(
+                f"seed {seed}: TRL accuracy {run.other['accuracy']:.3f} on {run.other['pairs']} pairs, "
+                f"{run.other['seconds']:.0f} s",
+                flush=True,
+            )
             write_section(f"rm_accuracy_{device.name}", report(args, device, runs))
 
 
@@ -188,8 +212,10 @@ def report(args: argparse.Namespace, device: Device, runs: list[Run]) -> str:
     done = [r for r in runs if r.other]
     if len(done) > 1:
         mine, other = ([r.mine["accuracy"] for r in done], [r.other["accuracy"] for r in done if r.other])
-        lines.append(f"| mean ± sd | {statistics.mean(mine):.3f} ± {statistics.stdev(mine):.3f} | "
-                     f"{statistics.mean(other):.3f} ± {statistics.stdev(other):.3f} | | |")  # fmt: skip
+        lines.append(
+            f"| mean ± sd | {statistics.mean(mine):.3f} ± {statistics.stdev(mine):.3f} | "
+            f"{statistics.mean(other):.3f} ± {statistics.stdev(other):.3f} | | |"
+        )
     lines += [
         "",
         "Seconds (load, train, evaluate) are left out (nan) for a side resumed from a checkpoint. Published figures "

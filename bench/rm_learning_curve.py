@@ -70,9 +70,14 @@ def generate(model_dir: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.with_suffix(".partial").open("w") as lines:
         for (messages, held_out), output in zip(jobs, outputs, strict=True):
-            row = AnswerSet(messages[-1]["content"], list(output.prompt_token_ids), [c.text for c in output.outputs],
-                             [list(c.token_ids) for c in output.outputs],
-                             [c.finish_reason == "length" for c in output.outputs], held_out)  # fmt: skip
+            row = AnswerSet(
+                messages[-1]["content"],
+                list(output.prompt_token_ids),
+                [c.text for c in output.outputs],
+                [list(c.token_ids) for c in output.outputs],
+                [c.finish_reason == "length" for c in output.outputs],
+                held_out,
+            )
             lines.write(json.dumps(row.__dict__) + "\n")
     out.with_suffix(".partial").replace(out)
 
@@ -128,8 +133,10 @@ class Lowers:
             sequences = [a for i in missing for a in group(self.comparisons[i], [[0], [1]]).answers]
             started = time.perf_counter()
             flat = compute_lowers(model, sequences, int(tokenizer.pad_token_id), split)
-            print(f"lower layers of {len(sequences)} answers (split {split}) in {time.perf_counter() - started:.0f} s",
-                  flush=True)  # fmt: skip
+            print(
+                f"lower layers of {len(sequences)} answers (split {split}) in {time.perf_counter() - started:.0f} s",
+                flush=True,
+            )
             for n, i in enumerate(missing):
                 known[i] = flat[n * K : (n + 1) * K]
         return {i: known[i] for i in indices}
@@ -145,8 +152,15 @@ class Config:
         return f"{self.train_layers}:{self.lr:g}"
 
 
-def ours(model_dir: Path, comparisons: list[AnswerSet], lowers: Lowers, train: list[Ranked], held: list[Ranked],
-         config: Config, epochs: int) -> dict[str, Any]:  # fmt: skip
+def ours(
+    model_dir: Path,
+    comparisons: list[AnswerSet],
+    lowers: Lowers,
+    train: list[Ranked],
+    held: list[Ranked],
+    config: Config,
+    epochs: int,
+) -> dict[str, Any]:
     """rankloop's reward model on `train`, held-out accuracy after each epoch."""
     import torch
 
@@ -175,9 +189,17 @@ def ours(model_dir: Path, comparisons: list[AnswerSet], lowers: Lowers, train: l
 
     started = time.perf_counter()
     with MetricsLog(None) as log:
-        train_reward_model(model, tokenizer, train_groups, [], LoopConfig(epochs=epochs, batch_size=BATCH,
-                           lr=config.lr), log, show_progress=False,
-                           lowers=[train_lowers[r.comparison] for r in train], on_step=measure)  # fmt: skip
+        train_reward_model(
+            model,
+            tokenizer,
+            train_groups,
+            [],
+            LoopConfig(epochs=epochs, batch_size=BATCH, lr=config.lr),
+            log,
+            show_progress=False,
+            lowers=[train_lowers[r.comparison] for r in train],
+            on_step=measure,
+        )
     pairs = sum(len(_pairs(r.tiers)) for r in held)
     return {"curve": curve, "pairs": pairs, "seconds": time.perf_counter() - started}
 
@@ -188,17 +210,30 @@ def _pairs(tiers: list[list[int]]) -> list[tuple[int, int]]:
     return pairs(tiers)
 
 
-def theirs(model_dir: Path, comparisons: list[AnswerSet], train: list[Ranked], held: list[Ranked], config: Config,
-           epochs: int, work: Path, bf16: bool) -> dict[str, Any]:  # fmt: skip
+def theirs(
+    model_dir: Path,
+    comparisons: list[AnswerSet],
+    train: list[Ranked],
+    held: list[Ranked],
+    config: Config,
+    epochs: int,
+    work: Path,
+    bf16: bool,
+) -> dict[str, Any]:
     """TRL's RewardTrainer on the same pairs, the same layers, learning rate and epochs."""
     from bench.common import run_in_trl_env
 
     work.mkdir(parents=True, exist_ok=True)
     prompt = lambda c: [{"role": "user", "content": c.prompt}]  # noqa: E731
-    rows = [{"prompt": prompt(comparisons[r.comparison]),
-             "chosen": [{"role": "assistant", "content": comparisons[r.comparison].texts[w]}],
-             "rejected": [{"role": "assistant", "content": comparisons[r.comparison].texts[lo]}]}
-            for r in train for w, lo in _pairs(r.tiers)]  # fmt: skip
+    rows = [
+        {
+            "prompt": prompt(comparisons[r.comparison]),
+            "chosen": [{"role": "assistant", "content": comparisons[r.comparison].texts[w]}],
+            "rejected": [{"role": "assistant", "content": comparisons[r.comparison].texts[lo]}],
+        }
+        for r in train
+        for w, lo in _pairs(r.tiers)
+    ]
     (work / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     answers, pairs = [], []
     for r in held:
@@ -208,10 +243,25 @@ def theirs(model_dir: Path, comparisons: list[AnswerSet], train: list[Ranked], h
         pairs += [[base + w, base + lo] for w, lo in _pairs(r.tiers)]
     (work / "eval.json").write_text(json.dumps({"answers": answers, "pairs": pairs}))
     # 6 pairs per fully ranked prompt: 24 pairs a step is the 4 prompts a step of rankloop's side.
-    return run_in_trl_env("trl_reward_curve.py", str(model_dir), str(work / "train.jsonl"), str(work / "eval.json"),
-                          "--lr", str(config.lr), "--epochs", str(epochs), "--batch", str(BATCH * 6),
-                          "--train-layers", str(config.train_layers), "--threads", str(THREADS),
-                          "--output", str(work / "trainer"), *(["--bf16"] if bf16 else []))  # fmt: skip
+    return run_in_trl_env(
+        "trl_reward_curve.py",
+        str(model_dir),
+        str(work / "train.jsonl"),
+        str(work / "eval.json"),
+        "--lr",
+        str(config.lr),
+        "--epochs",
+        str(epochs),
+        "--batch",
+        str(BATCH * 6),
+        "--train-layers",
+        str(config.train_layers),
+        "--threads",
+        str(THREADS),
+        "--output",
+        str(work / "trainer"),
+        *(["--bf16"] if bf16 else []),
+    )
 
 
 def main() -> None:
@@ -255,13 +305,15 @@ def main() -> None:
                     continue
                 if key not in results:
                     with autocast(bf16):
-                        results[key] = {"ours": ours(model_dir, comparisons, lowers, train[:n], held, config,
-                                                     args.epochs)}  # fmt: skip
+                        results[key] = {
+                            "ours": ours(model_dir, comparisons, lowers, train[:n], held, config, args.epochs)
+                        }
                     save_results(results)
                 if n in trl_sizes and config == configs[0] and "trl" not in results[key]:
                     work = WORK / "trl" / key.replace("|", "-").replace(":", "_")
-                    results[key]["trl"] = theirs(model_dir, comparisons, train[:n], held, config, args.epochs, work,
-                                                 bf16)  # fmt: skip
+                    results[key]["trl"] = theirs(
+                        model_dir, comparisons, train[:n], held, config, args.epochs, work, bf16
+                    )
                     save_results(results)
                 print(key, json.dumps(results[key]), flush=True)
         write_report(args, comparisons, results)

@@ -43,16 +43,27 @@ def groups_and_pairs(tokenizer: object, count: int) -> tuple[list[RankedGroup], 
     for n in range(count):
         messages = [{"role": "user", "content": tasks[n]["instruction"]}]
         answers = [outputs[(n + j * 7) % len(outputs)] for j in range(K)]
-        groups.append(RankedGroup(prompt_key(messages), [encode_pair(tokenizer, messages, a, MAX_LEN) for a in answers],
-                                  [[j] for j in range(K)]))  # fmt: skip
+        groups.append(
+            RankedGroup(
+                prompt_key(messages),
+                [encode_pair(tokenizer, messages, a, MAX_LEN) for a in answers],
+                [[j] for j in range(K)],
+            )
+        )
         for better, worse in combinations(range(K), 2):
-            pairs.append({"prompt": messages, "chosen": [{"role": "assistant", "content": answers[better]}],
-                          "rejected": [{"role": "assistant", "content": answers[worse]}]})  # fmt: skip
+            pairs.append(
+                {
+                    "prompt": messages,
+                    "chosen": [{"role": "assistant", "content": answers[better]}],
+                    "rejected": [{"role": "assistant", "content": answers[worse]}],
+                }
+            )
     return groups, pairs
 
 
-def rankloop_speed(model_dir: Path, groups: list[RankedGroup], steps: int, per_step: int,
-                   device: Device) -> dict[str, float]:  # fmt: skip
+def rankloop_speed(
+    model_dir: Path, groups: list[RankedGroup], steps: int, per_step: int, device: Device
+) -> dict[str, float]:
     device.prepare(THREADS)
     torch.manual_seed(0)
     model, tokenizer = load_reward_model(model_dir, dtype=torch.float32)
@@ -75,13 +86,25 @@ def rankloop_speed(model_dir: Path, groups: list[RankedGroup], steps: int, per_s
     return {"pairs_per_s": pairs / sum(timed), "steps_timed": len(timed), "pairs_timed": pairs, "seconds": sum(timed)}
 
 
-def trl_speed(model_dir: Path, pairs: list[dict[str, object]], steps: int, per_step: int,
-              device: Device) -> dict[str, Any]:  # fmt: skip
+def trl_speed(
+    model_dir: Path, pairs: list[dict[str, object]], steps: int, per_step: int, device: Device
+) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as out:
         out.writelines(json.dumps(p) + "\n" for p in pairs)
-    return run_in_trl_env("trl_reward_speed.py", str(model_dir), out.name, "--batch-pairs",
-                          str(per_step * K * (K - 1) // 2), "--steps", str(steps), "--threads", str(THREADS),
-                          "--max-length", str(MAX_LEN), *device.trl_args())  # fmt: skip
+    return run_in_trl_env(
+        "trl_reward_speed.py",
+        str(model_dir),
+        out.name,
+        "--batch-pairs",
+        str(per_step * K * (K - 1) // 2),
+        "--steps",
+        str(steps),
+        "--threads",
+        str(THREADS),
+        "--max-length",
+        str(MAX_LEN),
+        *device.trl_args(),
+    )
 
 
 def main() -> None:
@@ -112,28 +135,35 @@ def main() -> None:
     # A section per device and batch; the CPU figures at the issue's batch keep their section's old name.
     section = "rm_speed" + ("_cuda" if device.gpu else "") + (f"_{per_step}_prompts" if per_step != 2 else "")
     where = f"{THREADS} threads each" if not device.gpu else "TF32 products"
-    write_section(section, "\n".join([
-        f"## Reward-model training speed (issue 4, {device.name.upper()}, {per_step} prompts a step)",
-        "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; "
-        f"{where}; torch {torch.__version__}; TRL {theirs['trl']} with transformers "
-        f"{theirs['transformers']} in its own environment, rankloop with transformers {transformers.__version__}.",
-        f"- Command: `.venv/bin/python bench/rm_speed.py --steps {args.steps} --groups-per-step {per_step} "
-        f"--device {device.name}`.",
-        f"- SmolLM2-135M (v0001) with a scalar head, fp32, AdamW, no gradient checkpointing; {len(groups)} Alpaca seed "
-        f"instructions with K={K} answers each (prompt + answer {min(lengths)}-{max(lengths)} tokens, cut at "
-        f"{MAX_LEN}); {per_step} prompts per step: rankloop scores their {per_step * K} answers once, "
-        f"TRL's RewardTrainer gets their {per_step * K * (K - 1) // 2} pairs. First step of each is warm-up.",
-        "",
-        "| trainer | pairs/s | timed steps | seconds |",
-        "|---|---|---|---|",
-        row("TRL RewardTrainer (pairs)", theirs),
-        row("rankloop K-wise (whole prompts)", ours),
-        "",
-        f"Ratio rankloop / TRL: **{ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x** pairs per second "
-        "(target >= 2.5x; the forward count alone gives 3x at K=4).",
-        "",
-    ]))  # fmt: skip
+    write_section(
+        section,
+        "\n".join(
+            [
+                f"## Reward-model training speed (issue 4, {device.name.upper()}, {per_step} prompts a step)",
+                "",
+                f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; "
+                f"{where}; torch {torch.__version__}; TRL {theirs['trl']} with transformers "
+                f"{theirs['transformers']} in its own environment, rankloop with transformers "
+                f"{transformers.__version__}.",
+                f"- Command: `.venv/bin/python bench/rm_speed.py --steps {args.steps} --groups-per-step {per_step} "
+                f"--device {device.name}`.",
+                f"- SmolLM2-135M (v0001) with a scalar head, fp32, AdamW, no gradient checkpointing; {len(groups)} "
+                f"Alpaca seed instructions with K={K} answers each (prompt + answer {min(lengths)}-{max(lengths)} "
+                f"tokens, cut at {MAX_LEN}); {per_step} prompts per step: rankloop scores their {per_step * K} "
+                f"answers once, TRL's RewardTrainer gets their {per_step * K * (K - 1) // 2} pairs. First step of each "
+                "is warm-up.",
+                "",
+                "| trainer | pairs/s | timed steps | seconds |",
+                "|---|---|---|---|",
+                row("TRL RewardTrainer (pairs)", theirs),
+                row("rankloop K-wise (whole prompts)", ours),
+                "",
+                f"Ratio rankloop / TRL: **{ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x** pairs per second "
+                "(target >= 2.5x; the forward count alone gives 3x at K=4).",
+                "",
+            ]
+        ),
+    )
 
 
 if __name__ == "__main__":

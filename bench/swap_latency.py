@@ -39,8 +39,12 @@ from deploy.redis_server import EmbeddedRedis  # noqa: E402
 from deploy.registry import Registry  # noqa: E402
 
 PROBE = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "n": 1}
-LOAD = {"messages": [{"role": "user", "content": "Write a short story about a lighthouse."}], "max_tokens": 64,
-        "n": 4, "temperature": 0.8}  # fmt: skip
+LOAD = {
+    "messages": [{"role": "user", "content": "Write a short story about a lighthouse."}],
+    "max_tokens": 64,
+    "n": 4,
+    "temperature": 0.8,
+}
 
 
 def one_swap(url: str, registry: Registry, store: ModelStore, target: str) -> dict[str, float]:
@@ -59,9 +63,15 @@ def one_swap(url: str, registry: Registry, store: ModelStore, target: str) -> di
     notice = swap["started_at"] - returned_wall
     swap_done = notice + swap["check_s"] + swap["total_s"]
     answer = answered - returned - max(swap_done, asked - returned)
-    return {"total": total, "notice": notice, "check": swap["check_s"], "drain": swap["drain_s"],
-            "load": swap["load_s"], "answer": answer,
-            "rest": total - notice - swap["check_s"] - swap["drain_s"] - swap["load_s"] - answer}  # fmt: skip
+    return {
+        "total": total,
+        "notice": notice,
+        "check": swap["check_s"],
+        "drain": swap["drain_s"],
+        "load": swap["load_s"],
+        "answer": answer,
+        "rest": total - notice - swap["check_s"] - swap["drain_s"] - swap["load_s"] - answer,
+    }
 
 
 def series(url: str, registry: Registry, store: ModelStore, swaps: int) -> list[dict[str, float]]:
@@ -142,8 +152,9 @@ def main() -> None:
         url = "http://127.0.0.1:8108"
         env = {**os.environ, "RANKLOOP_DATA_DIR": str(work), "RANKLOOP_PORT": "8108", "REDIS_URL": redis_server.url}
         log = open(Path(tempfile.gettempdir()) / "bench-swap.log", "wb")  # noqa: SIM115
-        process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, stdout=log, stderr=log,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rankloop", "serve"], env=env, stdout=log, stderr=log, start_new_session=True
+        )
         try:
             wait_healthy(url, process)
             idle = series(url, registry, store, args.swaps)
@@ -161,37 +172,38 @@ def main() -> None:
 PARTS = ("total", "notice", "check", "drain", "load", "answer", "rest")
 
 
-def render(idle: list[dict[str, float]], loaded: list[dict[str, float]], ok: int, failed: int, floor: float,
-           swaps: int) -> str:  # fmt: skip
+def render(
+    idle: list[dict[str, float]], loaded: list[dict[str, float]], ok: int, failed: int, floor: float, swaps: int
+) -> str:
     def row(name: str, results: list[dict[str, float]]) -> str:
-        cells = [f"{statistics.median(r[k] for r in results):.2f} / {max(r[k] for r in results):.2f}"
-                 for k in PARTS]  # fmt: skip
+        cells = [f"{statistics.median(r[k] for r in results):.2f} / {max(r[k] for r in results):.2f}" for k in PARTS]
         return f"| {name} | " + " | ".join(cells) + " |"
 
     load_p50 = statistics.median(r["load"] for r in idle)
-    return "\n".join([
-        "## Hot-swap latency (issue 5)",
-        "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; vLLM "
-        "0.32.0 CPU, eager, SmolLM2-135M bf16.",
-        f"- Command: `.venv/bin/python bench/swap_latency.py --swaps {swaps}`.",
-        f"- {swaps} swaps idle, then {swaps} under load (8 clients, n=4, max_tokens 64, temperature 0.8), alternating "
-        "v0001 and v0002 (a copy: every swap loads the same weights). Total: from `promote` returning to the first "
-        "answer (1 token) from the new version. Split: notice (promote returning to the server taking the swap up), "
-        "check (validating the folder; answers still flow), drain and load (as the server measured them), answer "
-        "(the probe's time after the load finished: resuming and its own 1-token answer), rest (what none of those "
-        "cover: the probe's HTTP round trips, clock differences).",
-        "",
-        "| swaps (p50 / max, s) | " + " | ".join(PARTS) + " |",
-        "|---|" + "---|" * len(PARTS),
-        row("idle", idle),
-        row("under load", loaded),
-        "",
-        f"Requests under load: {ok} answered, **{failed} failed**. Bare `load_file` + `load_state_dict` of the same "
-        f"safetensors into an HF model: {floor:.2f} s (median of 5): the engine's load step is "
-        f"{load_p50 / floor:.1f}x that floor. Target: idle swap <= 1 s, 0 failed requests.",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "## Hot-swap latency (issue 5)",
+            "",
+            f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; vLLM 0.32.0 CPU, eager, SmolLM2-135M bf16.",
+            f"- Command: `.venv/bin/python bench/swap_latency.py --swaps {swaps}`.",
+            f"- {swaps} swaps idle, then {swaps} under load (8 clients, n=4, max_tokens 64, temperature 0.8), "
+            "alternating v0001 and v0002 (a copy: every swap loads the same weights). Total: from `promote` returning "
+            "to the first answer (1 token) from the new version. Split: notice (promote returning to the server "
+            "taking the swap up), check (validating the folder; answers still flow), drain and load (as the server "
+            "measured them), answer (the probe's time after the load finished: resuming and its own 1-token answer), "
+            "rest (what none of those cover: the probe's HTTP round trips, clock differences).",
+            "",
+            "| swaps (p50 / max, s) | " + " | ".join(PARTS) + " |",
+            "|---|" + "---|" * len(PARTS),
+            row("idle", idle),
+            row("under load", loaded),
+            "",
+            f"Requests under load: {ok} answered, **{failed} failed**. Bare `load_file` + `load_state_dict` of the "
+            f"same safetensors into an HF model: {floor:.2f} s (median of 5): the engine's load step is "
+            f"{load_p50 / floor:.1f}x that floor. Target: idle swap <= 1 s, 0 failed requests.",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -50,15 +50,27 @@ def main() -> None:
     model, tokenizer = reward_model(args.model, args.threads, args.device, args.seed)
     # save_steps must be positive even where nothing is saved (save_strategy 'no').
     config = RewardConfig(
-        output_dir=args.output, per_device_train_batch_size=args.batch, num_train_epochs=1,
-        learning_rate=args.lr, max_length=args.max_length, bf16=False, fp16=False,
-        gradient_checkpointing=args.gradient_checkpointing, report_to="none", logging_steps=10,
-        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, save_total_limit=1,
-        use_cpu=args.device == "cpu", disable_tqdm=True, seed=args.seed,
-    )  # fmt: skip
+        output_dir=args.output,
+        per_device_train_batch_size=args.batch,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        max_length=args.max_length,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=args.gradient_checkpointing,
+        report_to="none",
+        logging_steps=10,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=1,
+        use_cpu=args.device == "cpu",
+        disable_tqdm=True,
+        seed=args.seed,
+    )
     resume = any(Path(args.output).glob("checkpoint-*"))
-    RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(read(args.train)),
-                  processing_class=tokenizer).train(resume_from_checkpoint=resume or None)  # fmt: skip
+    RewardTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(read(args.train)), processing_class=tokenizer
+    ).train(resume_from_checkpoint=resume or None)
     model.eval()
     rows = read(args.eval)
     right = sum(
@@ -66,8 +78,16 @@ def main() -> None:
         > score(model, tokenizer, row["prompt"] + row["rejected"])  # type: ignore[operator]
         for row in rows
     )
-    print(json.dumps({"accuracy": right / len(rows), "pairs": len(rows), "trl": trl.__version__,
-                      "transformers": transformers.__version__}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "accuracy": right / len(rows),
+                "pairs": len(rows),
+                "trl": trl.__version__,
+                "transformers": transformers.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ def freeze_below(model: Any, train_layers: int) -> None:
 @torch.no_grad()
 def scores(model: Any, tokenizer: Any, answers: list[list[Any]], batch: int = 16) -> list[float]:
     """Each (prompt messages, answer) scored once, right-padded batches; HF's own pooling (its last non-pad token)."""
-    texts = [tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": answer}], tokenize=False)
-             for prompt, answer in answers]  # fmt: skip
+    texts = [
+        tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": answer}], tokenize=False)
+        for prompt, answer in answers
+    ]
     out: list[float] = []
     tokenizer.padding_side = "right"
     for start in range(0, len(texts), batch):
@@ -69,18 +71,37 @@ def main() -> None:
     freeze_below(model, args.train_layers)
     rows = [json.loads(line) for line in Path(args.train).read_text().splitlines() if line.strip()]
     config = RewardConfig(
-        output_dir=args.output, per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
-        learning_rate=args.lr, max_length=args.max_length, bf16=args.bf16, fp16=False, report_to="none",
-        logging_steps=10, save_strategy="no", use_cpu=True, disable_tqdm=True, seed=args.seed,
-    )  # fmt: skip
+        output_dir=args.output,
+        per_device_train_batch_size=args.batch,
+        num_train_epochs=args.epochs,
+        learning_rate=args.lr,
+        max_length=args.max_length,
+        bf16=args.bf16,
+        fp16=False,
+        report_to="none",
+        logging_steps=10,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=args.seed,
+    )
     RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer).train()
     model.eval()
     held = json.loads(Path(args.eval).read_text())
     scored = scores(model, tokenizer, held["answers"])
     right = sum(scored[w] > scored[lo] for w, lo in held["pairs"])
-    print(json.dumps({"accuracy": right / len(held["pairs"]), "pairs": len(held["pairs"]), "train_pairs": len(rows),
-                      "seconds": time.perf_counter() - started, "trl": trl.__version__,
-                      "transformers": transformers.__version__}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "accuracy": right / len(held["pairs"]),
+                "pairs": len(held["pairs"]),
+                "train_pairs": len(rows),
+                "seconds": time.perf_counter() - started,
+                "trl": trl.__version__,
+                "transformers": transformers.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

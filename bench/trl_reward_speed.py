@@ -50,20 +50,40 @@ def main() -> None:
         rows = [json.loads(line) for line in lines]
     model, tokenizer = reward_model(args.model, args.threads, args.device)
     config = RewardConfig(
-        output_dir="/tmp/trl-reward-bench", per_device_train_batch_size=args.batch_pairs, max_steps=args.steps,
-        learning_rate=1e-5, max_length=args.max_length, bf16=False, fp16=False, gradient_checkpointing=False,
-        report_to="none", logging_steps=1000, save_strategy="no", use_cpu=args.device == "cpu",
-        dataloader_num_workers=0, disable_tqdm=True,
-    )  # fmt: skip
+        output_dir="/tmp/trl-reward-bench",
+        per_device_train_batch_size=args.batch_pairs,
+        max_steps=args.steps,
+        learning_rate=1e-5,
+        max_length=args.max_length,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=1000,
+        save_strategy="no",
+        use_cpu=args.device == "cpu",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     timer = StepTimer()
-    trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                            processing_class=tokenizer, callbacks=[timer])  # fmt: skip
+    trainer = RewardTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[timer]
+    )
     trainer.train()
     timed = timer.durations[1:]
     pairs = len(timed) * args.batch_pairs
     versions = {"trl": trl.__version__, "transformers": transformers.__version__}
-    print(json.dumps({"pairs_per_s": pairs / sum(timed), "steps_timed": len(timed), "pairs_timed": pairs,
-                      "seconds": sum(timed), **versions}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "pairs_per_s": pairs / sum(timed),
+                "steps_timed": len(timed),
+                "pairs_timed": pairs,
+                "seconds": sum(timed),
+                **versions,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,12 @@ class Admin:
 
     def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if credentials is None:
-            raise ApiError(401, "the admin API needs `Authorization: Bearer <token>`", code="unauthorized",
-                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise ApiError(
+                401,
+                "the admin API needs `Authorization: Bearer <token>`",
+                code="unauthorized",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not secrets.compare_digest(credentials.credentials.encode(), self.token.encode()):
             raise ApiError(403, "wrong admin token", code="forbidden")
 
@@ -93,8 +97,7 @@ async def show(version: str, admin: AdminDep) -> dict[str, Any]:
 @router.post("/promote")
 async def promote_route(body: PromoteBody, admin: AdminDep) -> dict[str, Any]:
     await _call(admin, sync_store, admin.registry, admin.store)
-    epoch = await _call(admin, promote, admin.registry, admin.store, body.version, body.who, body.reason,
-                        body.expected)  # fmt: skip
+    epoch = await _call(admin, promote, admin.registry, admin.store, body.version, body.who, body.reason, body.expected)
     return {"current": body.version, "epoch": epoch}
 
 

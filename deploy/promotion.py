@@ -47,8 +47,9 @@ def check_folder(folder: Path, like: Path | None) -> None:
     extra = sorted(set(shapes) - set(expected))
     if wrong or extra:
         names = ", ".join((wrong + extra)[:5])
-        raise RegistryError(f"{folder} does not fit the served architecture: tensors {names} are missing, extra or "
-                            "of another shape")  # fmt: skip
+        raise RegistryError(
+            f"{folder} does not fit the served architecture: tensors {names} are missing, extra or of another shape"
+        )
 
 
 def sync_store(registry: Registry, store: ModelStore) -> list[str]:
@@ -67,8 +68,15 @@ def sync_store(registry: Registry, store: ModelStore) -> list[str]:
     return added
 
 
-def promote(registry: Registry, store: ModelStore, target: str, who: str, why: str,
-            expected: str | None = None, action: str = "promote") -> int:  # fmt: skip
+def promote(
+    registry: Registry,
+    store: ModelStore,
+    target: str,
+    who: str,
+    why: str,
+    expected: str | None = None,
+    action: str = "promote",
+) -> int:
     """Check `target`'s folder against the current version's, then switch to it; return the new epoch."""
     current, _ = registry.current()
     expect = expected if expected is not None else current

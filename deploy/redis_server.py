@@ -97,16 +97,25 @@ class EmbeddedRedis:
     def command(self) -> list[str]:
         return [
             str(self.executable),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--daemonize", "no",
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--protected-mode", "yes",
-            "--logfile", str(self.data_dir / "redis.log"),
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
 
     def start(self, timeout_s: float = 15.0) -> None:
         check_data_dir(self.data_dir, server_version(self.executable))

@@ -101,8 +101,14 @@ class Registry:
 
     def register(self, version: str, parent: str | None, made_by: str, created: float, card: dict[str, Any]) -> bool:
         """Add a version as `ready`; False (and no change) when it is already registered."""
-        fields: dict[str, str] = {"state": "ready", "parent": parent or "", "made_by": made_by,
-                                  "created": repr(created), "card": json.dumps(card), "error": ""}  # fmt: skip
+        fields: dict[str, str] = {
+            "state": "ready",
+            "parent": parent or "",
+            "made_by": made_by,
+            "created": repr(created),
+            "card": json.dumps(card),
+            "error": "",
+        }
         number = int("".join(c for c in version if c.isdigit()) or 0)
         pairs: list[str] = [item for field in fields.items() for item in field]
         return bool(self._register(keys=[version_key(version), VERSIONS], args=[version, number, *pairs]))
@@ -111,9 +117,15 @@ class Registry:
         raw = {as_text(k): as_text(v) for k, v in self.redis.hgetall(version_key(version)).items()}
         if not raw:
             raise RegistryError(f"version {version} is not registered (see `rankloop versions`)")
-        return VersionInfo(version, raw["state"], raw.get("parent") or None, raw.get("made_by", ""),
-                           float(raw.get("created", 0)), json.loads(raw.get("card") or "{}"),
-                           raw.get("error") or None)  # fmt: skip
+        return VersionInfo(
+            version,
+            raw["state"],
+            raw.get("parent") or None,
+            raw.get("made_by", ""),
+            float(raw.get("created", 0)),
+            json.loads(raw.get("card") or "{}"),
+            raw.get("error") or None,
+        )
 
     def versions(self) -> list[VersionInfo]:
         return [self.show(as_text(v)) for v in self.redis.zrange(VERSIONS, 0, -1)]
@@ -131,8 +143,10 @@ class Registry:
         )
         status, detail = as_text(reply[0]), as_text(reply[1])
         if status == "conflict":
-            raise Conflict(f"the current version is {detail or 'none'}, not {expected or 'none'}: someone changed it "
-                           "first; look at `rankloop versions` and try again")  # fmt: skip
+            raise Conflict(
+                f"the current version is {detail or 'none'}, not {expected or 'none'}: someone changed it "
+                "first; look at `rankloop versions` and try again"
+            )
         if status == "unknown":
             raise RegistryError(f"version {target} is not registered (see `rankloop versions`)")
         if status == "not_ready":
@@ -161,8 +175,16 @@ class Registry:
 
 def _event(event_id: Any, fields: dict[Any, Any]) -> Event:
     f = {as_text(k): as_text(v) for k, v in fields.items()}
-    return Event(as_text(event_id), int(f["epoch"]), f["action"], f["version"], f["previous"] or None, f["who"],
-                 f["why"], float(f["time"]))  # fmt: skip
+    return Event(
+        as_text(event_id),
+        int(f["epoch"]),
+        f["action"],
+        f["version"],
+        f["previous"] or None,
+        f["who"],
+        f["why"],
+        float(f["time"]),
+    )
 
 
 class AsyncRegistry:

@@ -53,9 +53,16 @@ def default_consumer_name() -> str:
 
 class FeedbackConsumer:
     def __init__(
-        self, redis: Redis, dataset: Dataset, name: str, *, batch: int = 256, claim_idle_ms: int = 60_000,
-        stream: str = STREAM_KEY, group: str = GROUP,
-    ) -> None:  # fmt: skip
+        self,
+        redis: Redis,
+        dataset: Dataset,
+        name: str,
+        *,
+        batch: int = 256,
+        claim_idle_ms: int = 60_000,
+        stream: str = STREAM_KEY,
+        group: str = GROUP,
+    ) -> None:
         self.redis, self.dataset, self.name = redis, dataset, name
         self.batch, self.claim_idle_ms, self.stream, self.group = batch, claim_idle_ms, stream, group
         self.stored = 0  # events new to the dataset, since start

@@ -112,8 +112,9 @@ class Dataset:
         row = self.db.execute("SELECT id FROM events ORDER BY ms DESC, seq DESC LIMIT 1").fetchone()
         return str(row[0]) if row else None
 
-    def events(self, kind: str | None = None, after: str | None = None,
-               until: str | None = None) -> Iterator[StoredEvent]:  # fmt: skip
+    def events(
+        self, kind: str | None = None, after: str | None = None, until: str | None = None
+    ) -> Iterator[StoredEvent]:
         """Typed events in stream order, optionally of one kind, optionally only those after event id `after` and
         up to event id `until` (included)."""
         where, args = _where(kind, after, until)

@@ -42,9 +42,10 @@ async def _parse(model: type[M], request: Request) -> M:
 def _reply(accepted: Accepted) -> Response:
     # 201 for a new event, 200 for a retry of one already accepted (the body says `duplicate: true`).
     return Response(
-        accepted.model_dump_json(exclude_none=True), status_code=200 if accepted.duplicate else 201,
+        accepted.model_dump_json(exclude_none=True),
+        status_code=200 if accepted.duplicate else 201,
         media_type="application/json",
-    )  # fmt: skip
+    )
 
 
 async def feedback(request: Request) -> Response:

@@ -49,9 +49,12 @@ class FeedbackService:
         if appended.outcome == "out_of_range":
             raise ApiError(400, out_of_range(top, int(appended.detail)), "ranking", "invalid_ranking")
         return Accepted(
-            id=appended.event_id, duplicate=appended.outcome == "duplicate", kind="ranking",
-            comparison_id=request.comparison_id, pairs=len(pairs(tiers)),
-        )  # fmt: skip
+            id=appended.event_id,
+            duplicate=appended.outcome == "duplicate",
+            kind="ranking",
+            comparison_id=request.comparison_id,
+            pairs=len(pairs(tiers)),
+        )
 
     async def demonstrate(self, request: DemonstrationRequest) -> Accepted:
         try:
@@ -62,14 +65,22 @@ class FeedbackService:
         claims = [self.stream.claim_key("demo", digest)]
         appended = await self._append("demonstration", event.model_dump_json(), digest, claims, request)
         return Accepted(
-            id=appended.event_id, duplicate=appended.outcome == "duplicate", kind="demonstration",
+            id=appended.event_id,
+            duplicate=appended.outcome == "duplicate",
+            kind="demonstration",
             comparison_id=request.comparison_id,
-        )  # fmt: skip
+        )
 
     async def _append(
-        self, kind: str, data: str, digest: str, claims: list[str], request: FeedbackRequest | DemonstrationRequest,
-        embed: str | None = None, top: int = -1,
-    ) -> Appended:  # fmt: skip
+        self,
+        kind: str,
+        data: str,
+        digest: str,
+        claims: list[str],
+        request: FeedbackRequest | DemonstrationRequest,
+        embed: str | None = None,
+        top: int = -1,
+    ) -> Appended:
         key = request.idempotency_key
         if key is not None:
             # The client's key is checked first: reusing it for another body is the client's error to hear about.
@@ -93,16 +104,23 @@ class FeedbackService:
             assert request.messages is not None  # the model validator allows exactly one of the two
             messages, version = [{"role": m.role, "content": m.text()} for m in request.messages], None
         return DemonstrationEvent(
-            messages=messages, answer=request.answer, user=request.user, comparison_id=request.comparison_id,
-            policy_version=version, created=time.time(),
-        )  # fmt: skip
+            messages=messages,
+            answer=request.answer,
+            user=request.user,
+            comparison_id=request.comparison_id,
+            policy_version=version,
+            created=time.time(),
+        )
 
 
 def _unknown(comparison_id: str) -> ApiError:
     return ApiError(
-        404, f"comparison '{comparison_id}' is unknown or has expired; rank the `id` of a recent chat completion "
-        "that had n >= 2", "comparison_id", "comparison_not_found",
-    )  # fmt: skip
+        404,
+        f"comparison '{comparison_id}' is unknown or has expired; rank the `id` of a recent chat completion "
+        "that had n >= 2",
+        "comparison_id",
+        "comparison_not_found",
+    )
 
 
 def _conflict(appended: Appended, key: str | None) -> ApiError:
@@ -118,6 +136,8 @@ def _conflict(appended: Appended, key: str | None) -> ApiError:
 
 def _redis_down() -> ApiError:
     return ApiError(
-        503, "feedback could not be stored (Redis unavailable); nothing was recorded, retry shortly",
-        code="redis_unavailable", headers={"Retry-After": REDIS_RETRY_AFTER_S},
-    )  # fmt: skip
+        503,
+        "feedback could not be stored (Redis unavailable); nothing was recorded, retry shortly",
+        code="redis_unavailable",
+        headers={"Retry-After": REDIS_RETRY_AFTER_S},
+    )

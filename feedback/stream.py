@@ -86,9 +86,15 @@ class FeedbackStream:
         return CLAIM_PREFIX + ":".join(parts)
 
     async def append(
-        self, kind: str, data: str, fingerprint: str, claims: list[str], ttl_s: int,
-        embed: str | None = None, max_index: int = -1,
-    ) -> Appended:  # fmt: skip
+        self,
+        kind: str,
+        data: str,
+        fingerprint: str,
+        claims: list[str],
+        ttl_s: int,
+        embed: str | None = None,
+        max_index: int = -1,
+    ) -> Appended:
         """Append one event unless a claim key already holds one; see APPEND_LUA.
 
         With `embed` (a comparison key), `data` is the head of a JSON object: the comparison is added as its last

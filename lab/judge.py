@@ -56,16 +56,18 @@ class Judgement:
 Engine = Literal["auto", "vllm", "hf"]
 
 
-def answers(folder: Path, prompts: Sequence[Messages], per_prompt: int, max_new_tokens: int, seed: int,
-            engine: Engine = "auto") -> list[str]:  # fmt: skip
+def answers(
+    folder: Path, prompts: Sequence[Messages], per_prompt: int, max_new_tokens: int, seed: int, engine: Engine = "auto"
+) -> list[str]:
     """`per_prompt` sampled answers (temperature 1) to each prompt from the policy at `folder`: prompt-major."""
     if engine == "vllm" or (engine == "auto" and importlib.util.find_spec("vllm") is not None):
         return vllm_answers(folder, prompts, per_prompt, max_new_tokens, seed)
     return hf_answers(folder, prompts, per_prompt, max_new_tokens, seed)
 
 
-def vllm_answers(folder: Path, prompts: Sequence[Messages], per_prompt: int, max_new_tokens: int,
-                 seed: int) -> list[str]:  # fmt: skip
+def vllm_answers(
+    folder: Path, prompts: Sequence[Messages], per_prompt: int, max_new_tokens: int, seed: int
+) -> list[str]:
     import gc
 
     from transformers import AutoTokenizer
@@ -79,9 +81,11 @@ def vllm_answers(folder: Path, prompts: Sequence[Messages], per_prompt: int, max
     tokenizer = AutoTokenizer.from_pretrained(folder)
     llm = LLM(str(folder), dtype="bfloat16", enforce_eager=not gpu, max_model_len=2048, seed=seed)
     try:
-        outputs = llm.generate([TokensPrompt(prompt_token_ids=render(tokenizer, p)) for p in prompts],
-                               SamplingParams(n=per_prompt, temperature=1.0, max_tokens=max_new_tokens),
-                               use_tqdm=False)  # fmt: skip
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=render(tokenizer, p)) for p in prompts],
+            SamplingParams(n=per_prompt, temperature=1.0, max_tokens=max_new_tokens),
+            use_tqdm=False,
+        )
         return [c.text for output in outputs for c in output.outputs]
     finally:
         del llm  # the engine's processes stop with it, before the next version's engine starts
@@ -89,22 +93,39 @@ def vllm_answers(folder: Path, prompts: Sequence[Messages], per_prompt: int, max
 
 
 @torch.no_grad()
-def hf_answers(folder: Path, prompts: Sequence[Messages], per_prompt: int, max_new_tokens: int, seed: int,
-               batch: int = 8) -> list[str]:  # fmt: skip
+def hf_answers(
+    folder: Path, prompts: Sequence[Messages], per_prompt: int, max_new_tokens: int, seed: int, batch: int = 8
+) -> list[str]:
     model, tokenizer = load_causal_lm(folder)
     model.eval()
     queries = [render(tokenizer, p) for p in prompts for _ in range(per_prompt)]
     texts: list[str] = []
     for start in range(0, len(queries), batch):
-        rollouts = sample(model, queries[start : start + batch], max_new_tokens, int(tokenizer.eos_token_id),
-                          pad_id(tokenizer), seed=seed + start)  # fmt: skip
+        rollouts = sample(
+            model,
+            queries[start : start + batch],
+            max_new_tokens,
+            int(tokenizer.eos_token_id),
+            pad_id(tokenizer),
+            seed=seed + start,
+        )
         texts += [str(tokenizer.decode(r, skip_special_tokens=True)) for r in rollouts.responses]
     return texts
 
 
-def compare(folder_a: Path, folder_b: Path, names: tuple[str, str], preference: str, scorer: Scorer,
-            prompts: Sequence[Messages], per_prompt: int = 4, max_new_tokens: int = 256, seed: int = 0,
-            progress: Callable[[str], None] | None = None, engine: Engine = "auto") -> Judgement:  # fmt: skip
+def compare(
+    folder_a: Path,
+    folder_b: Path,
+    names: tuple[str, str],
+    preference: str,
+    scorer: Scorer,
+    prompts: Sequence[Messages],
+    per_prompt: int = 4,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    engine: Engine = "auto",
+) -> Judgement:
     said = progress or (lambda _: None)
     said(f"sampling {len(prompts)} x {per_prompt} answers from {names[0]}")
     of_a = answers(folder_a, prompts, per_prompt, max_new_tokens, seed, engine)
@@ -113,9 +134,19 @@ def compare(folder_a: Path, folder_b: Path, names: tuple[str, str], preference: 
     asked = [p[-1]["content"] for p in prompts for _ in range(per_prompt)]
     outcomes = [outcome(scorer(q, x), scorer(q, y)) for q, x, y in zip(asked, of_a, of_b, strict=True)]
     examples = [{"prompt": asked[i], "a": of_a[i], "b": of_b[i]} for i in range(0, len(asked), per_prompt)][:6]
-    return Judgement(names[0], names[1], preference, win_rate(outcomes), sum(map(len, of_a)) / len(of_a),
-                      sum(map(len, of_b)) / len(of_b), len(prompts), per_prompt, seed, time.time(),
-                      examples)  # fmt: skip
+    return Judgement(
+        names[0],
+        names[1],
+        preference,
+        win_rate(outcomes),
+        sum(map(len, of_a)) / len(of_a),
+        sum(map(len, of_b)) / len(of_b),
+        len(prompts),
+        per_prompt,
+        seed,
+        time.time(),
+        examples,
+    )
 
 
 def save(comparison: Judgement, data_dir: Path) -> Path:

@@ -18,11 +18,31 @@ from feedback.ranking import Tiers
 
 Scorer = Callable[[str, str], float]  # (prompt, answer) -> higher is preferred
 
-POSITIVE_WORDS = frozenset({
-    "amazing", "awesome", "love", "lovely", "wonderful", "great", "fantastic", "excellent", "happy", "glad",
-    "delighted", "brilliant", "exciting", "excited", "fun", "joy", "enjoy", "beautiful", "superb", "terrific",
-    "thrilled",
-})  # fmt: skip
+POSITIVE_WORDS = frozenset(
+    {
+        "amazing",
+        "awesome",
+        "love",
+        "lovely",
+        "wonderful",
+        "great",
+        "fantastic",
+        "excellent",
+        "happy",
+        "glad",
+        "delighted",
+        "brilliant",
+        "exciting",
+        "excited",
+        "fun",
+        "joy",
+        "enjoy",
+        "beautiful",
+        "superb",
+        "terrific",
+        "thrilled",
+    }
+)
 _WORD = re.compile(r"[a-z']+")
 
 
@@ -58,8 +78,9 @@ def load_scorer(name: str) -> Scorer:
         return BUILT_IN[name]
     kind, _, argument = name.partition(":")
     if not kind.strip() or not argument.strip():
-        raise PreferenceError(f"unknown preference {name!r}: use concise, enthusiastic, keyword:WORD or "
-                              "module:function")  # fmt: skip
+        raise PreferenceError(
+            f"unknown preference {name!r}: use concise, enthusiastic, keyword:WORD or module:function"
+        )
     if kind == "keyword":
         return keyword(argument.strip())
     try:

@@ -33,8 +33,12 @@ class History:
     latest: Judgement | None = None
 
 
-PPO_PLOTS = {"reward": "mean reward (PPO rollouts)", "kl_per_answer": "KL to the reference per answer",
-             "ptx_loss": "ptx loss", "answer_length": "answer length (tokens)"}  # fmt: skip
+PPO_PLOTS = {
+    "reward": "mean reward (PPO rollouts)",
+    "kl_per_answer": "KL to the reference per answer",
+    "ptx_loss": "ptx loss",
+    "answer_length": "answer length (tokens)",
+}
 
 
 def ranking_times(settings: Settings) -> Series:
@@ -79,12 +83,15 @@ def plot(history: History, folder: Path, origin: float) -> list[tuple[str, str]]
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    charts: list[tuple[str, str, Series]] = [("rankings.png", "rankings received", history.rankings),
-                                             ("rm_accuracy.png", "reward model held-out accuracy",
-                                              history.rm_accuracy)]  # fmt: skip
+    charts: list[tuple[str, str, Series]] = [
+        ("rankings.png", "rankings received", history.rankings),
+        ("rm_accuracy.png", "reward model held-out accuracy", history.rm_accuracy),
+    ]
     charts += [(f"ppo_{k}.png", title, history.ppo.get(k, [])) for k, title in PPO_PLOTS.items()]
-    charts += [(f"win_rate_{i}.png", f"win rate vs v0001 ({name})", points)
-               for i, (name, points) in enumerate(history.win_rates.items())]  # fmt: skip
+    charts += [
+        (f"win_rate_{i}.png", f"win rate vs v0001 ({name})", points)
+        for i, (name, points) in enumerate(history.win_rates.items())
+    ]
 
     def hours(t: float) -> float:
         return (t - origin) / 3600
@@ -117,24 +124,32 @@ def write_report(settings: Settings, events: list[Event], out: Path) -> Path:
 
 
 def render(history: History, charts: list[tuple[str, str]]) -> str:
-    parts = ["<!doctype html><meta charset='utf-8'><title>rankloop report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{vertical-align:top;padding:4px}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc}</style>",
-             "<h1>rankloop: learning from users</h1>",
-             f"<p>{len(history.rankings)} rankings; {len(history.rm_accuracy)} reward models; "
-             f"{sum(e.action == 'promote' for e in history.events)} promotions and "
-             f"{sum(e.action == 'rollback' for e in history.events)} rollbacks (green and red lines).</p>"]  # fmt: skip
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>rankloop report</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{vertical-align:top;padding:4px}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc}</style>",
+        "<h1>rankloop: learning from users</h1>",
+        f"<p>{len(history.rankings)} rankings; {len(history.rm_accuracy)} reward models; "
+        f"{sum(e.action == 'promote' for e in history.events)} promotions and "
+        f"{sum(e.action == 'rollback' for e in history.events)} rollbacks (green and red lines).</p>",
+    ]
     parts += [f"<h3>{html.escape(title)}</h3><img src='{name}' alt='{html.escape(title)}'>" for name, title in charts]
     if history.latest is not None:
         latest = history.latest
         rate = latest.win_rate
-        parts.append(f"<h2>{html.escape(latest.a)} vs {html.escape(latest.b)} under {html.escape(latest.preference)}"
-                     f"</h2><p>win rate {rate.rate:.1%} (95% {rate.low:.1%}-{rate.high:.1%}) over {rate.n} pairs; "
-                     f"mean length {latest.length_a:.0f} vs {latest.length_b:.0f} characters</p>")  # fmt: skip
-        rows = "".join(f"<tr><td>{html.escape(e['prompt'])}</td><td>{html.escape(e['b'])}</td>"
-                       f"<td>{html.escape(e['a'])}</td></tr>" for e in latest.examples)  # fmt: skip
-        parts.append(f"<table><tr><th>prompt</th><th>{html.escape(latest.b)}</th><th>{html.escape(latest.a)}</th>"
-                     f"</tr>{rows}</table>")  # fmt: skip
+        parts.append(
+            f"<h2>{html.escape(latest.a)} vs {html.escape(latest.b)} under {html.escape(latest.preference)}"
+            f"</h2><p>win rate {rate.rate:.1%} (95% {rate.low:.1%}-{rate.high:.1%}) over {rate.n} pairs; "
+            f"mean length {latest.length_a:.0f} vs {latest.length_b:.0f} characters</p>"
+        )
+        rows = "".join(
+            f"<tr><td>{html.escape(e['prompt'])}</td><td>{html.escape(e['b'])}</td><td>{html.escape(e['a'])}</td></tr>"
+            for e in latest.examples
+        )
+        parts.append(
+            f"<table><tr><th>prompt</th><th>{html.escape(latest.b)}</th><th>{html.escape(latest.a)}</th>"
+            f"</tr>{rows}</table>"
+        )
     return "\n".join(parts)
 
 

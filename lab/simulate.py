@@ -29,8 +29,9 @@ def read_prompts(paths: list[Path]) -> list[list[dict[str, str]]]:
     return unique((messages for path in paths for messages in conversations(path)), prompt_key)
 
 
-def split(prompts: list[list[dict[str, str]]],
-          fraction: float = HELD_OUT) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:  # fmt: skip
+def split(
+    prompts: list[list[dict[str, str]]], fraction: float = HELD_OUT
+) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
     """(train, held out) by the learner's split of the same prompt keys."""
     return split_prompts(prompts, prompt_key, fraction)
 
@@ -80,8 +81,7 @@ class Pacer:
             await asyncio.sleep(delay)
 
 
-async def one_user(user: int, plan: Plan, http: httpx.AsyncClient, pacer: Pacer, tally: Tally,
-                   deadline: float) -> None:  # fmt: skip
+async def one_user(user: int, plan: Plan, http: httpx.AsyncClient, pacer: Pacer, tally: Tally, deadline: float) -> None:
     rng = random.Random(plan.seed * 10_007 + user)
     while time.monotonic() < deadline and (plan.max_rankings is None or tally.rankings < plan.max_rankings):
         await pacer.wait()
@@ -101,8 +101,9 @@ async def one_user(user: int, plan: Plan, http: httpx.AsyncClient, pacer: Pacer,
             tiers = rank([plan.scorer(prompt, a) for a in answers], plan.noise, rng)
             if len(tiers) < 2:
                 continue  # all answers equally good to this user: nothing to say
-            sent = await http.post("/v1/feedback", json={"comparison_id": body["id"], "ranking": tiers,
-                                                         "user": f"sim-{user}"})  # fmt: skip
+            sent = await http.post(
+                "/v1/feedback", json={"comparison_id": body["id"], "ranking": tiers, "user": f"sim-{user}"}
+            )
             sent.raise_for_status()
             tally.rankings += 1
             tally.version = body["policy_version"]

@@ -39,15 +39,23 @@ log = logging.getLogger("rankloop.learner")
 
 
 def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
-    return RMOptions(resume_from=resume_from, epochs=settings.learn_rm_epochs, lr=settings.learn_rm_lr,
-                     bf16=use_bf16(settings.learn_bf16), train_layers=settings.learn_train_layers,
-                     max_train=settings.learn_rm_max_rankings)  # fmt: skip
+    return RMOptions(
+        resume_from=resume_from,
+        epochs=settings.learn_rm_epochs,
+        lr=settings.learn_rm_lr,
+        bf16=use_bf16(settings.learn_bf16),
+        train_layers=settings.learn_train_layers,
+        max_train=settings.learn_rm_max_rankings,
+    )
 
 
 def limits(settings: Settings) -> Limits:
-    return Limits(max_ptx_ratio=settings.learn_max_ptx_ratio, max_kl=settings.learn_max_kl,
-                  min_agreement=settings.learn_min_agreement,
-                  min_agreement_pairs=settings.learn_min_agreement_pairs)  # fmt: skip
+    return Limits(
+        max_ptx_ratio=settings.learn_max_ptx_ratio,
+        max_kl=settings.learn_max_kl,
+        min_agreement=settings.learn_min_agreement,
+        min_agreement_pairs=settings.learn_min_agreement_pairs,
+    )
 
 
 class Learner:
@@ -102,8 +110,15 @@ class Learner:
         if not verdict.passed:
             detail = f"{rm.version} {verdict.why}: no PPO round; waiting for rankings"
             self.publish("waiting", detail, last_round={"reward_model": rm.version, "outcome": "rm below gate"})
-            self.record({"reward_model": rm.version, "outcome": "rm below gate", "gate": verdict.why,
-                         **rm.evaluation.figures("rm_"), "seconds": {"reward_model": rm.seconds}})  # fmt: skip
+            self.record(
+                {
+                    "reward_model": rm.version,
+                    "outcome": "rm below gate",
+                    "gate": verdict.why,
+                    **rm.evaluation.figures("rm_"),
+                    "seconds": {"reward_model": rm.seconds},
+                }
+            )
             metrics.ROUNDS.labels("rm_below_gate").inc()
             return "reward model below the gate"
         current = self.registry.current()[0] or self.store.current()
@@ -117,34 +132,61 @@ class Learner:
 
         def step(iteration: int, of: int, figures: dict[str, float]) -> None:
             metrics.observe_ppo(figures)
-            self.publish("ppo", f"iteration {iteration}/{of} from {parent} with {reward}", iteration=iteration,
-                         iterations=of, reward=figures["reward"], kl=figures["kl_per_answer"])  # fmt: skip
+            self.publish(
+                "ppo",
+                f"iteration {iteration}/{of} from {parent} with {reward}",
+                iteration=iteration,
+                iterations=of,
+                reward=figures["reward"],
+                kl=figures["kl_per_answer"],
+            )
 
         self.publish("ppo", f"starting from {parent} with {reward}", iteration=0, iterations=config.iterations)
         settings = self.settings
-        options = PPOOptions(parent=parent, reward=reward, prompt_file=settings.learn_prompt_file,
-                             ptx_file=settings.learn_ptx_file, bf16=use_bf16(settings.learn_bf16))  # fmt: skip
-        result = ppo_round(self.settings, config, options, on_step=step, show_progress=self.show_progress,
-                           on_phase=phase)  # fmt: skip
+        options = PPOOptions(
+            parent=parent,
+            reward=reward,
+            prompt_file=settings.learn_prompt_file,
+            ptx_file=settings.learn_ptx_file,
+            bf16=use_bf16(settings.learn_bf16),
+        )
+        result = ppo_round(
+            self.settings, config, options, on_step=step, show_progress=self.show_progress, on_phase=phase
+        )
         return self._finish(result)
 
     def _finish(self, result: PPOResult) -> str:
         card = result.card
         self.registry.register(card.version, card.parent, card.made_by, card.created, card.details)
-        verdict = promotion_gate(result.before, result.after, result.agreement, limits(self.settings),
-                                 result.reference_ptx)  # fmt: skip
+        verdict = promotion_gate(
+            result.before, result.after, result.agreement, limits(self.settings), result.reference_ptx
+        )
         outcome = "ready"
         if verdict.passed and self.settings.learn_auto_promote:
-            promote(self.registry, self.store, card.version, "learner", f"auto-promoted: {verdict.why}",
-                    expected=result.parent)  # fmt: skip
+            promote(
+                self.registry,
+                self.store,
+                card.version,
+                "learner",
+                f"auto-promoted: {verdict.why}",
+                expected=result.parent,
+            )
             outcome = "promoted"
         metrics.ROUNDS.labels(outcome).inc()
         rm, self.rm = self.rm, None
         seconds = {"reward_model": rm.seconds, **result.seconds} if rm is not None else dict(result.seconds)
-        summary = {"version": card.version, "parent": result.parent, "outcome": outcome, "gate": verdict.why,
-                   "passed": verdict.passed, "before": _brief(result.before), "after": _brief(result.after),
-                   **result.agreement.figures(), "seconds": seconds,
-                   **(rm.evaluation.figures("rm_") if rm is not None else {})}  # fmt: skip
+        summary = {
+            "version": card.version,
+            "parent": result.parent,
+            "outcome": outcome,
+            "gate": verdict.why,
+            "passed": verdict.passed,
+            "before": _brief(result.before),
+            "after": _brief(result.after),
+            **result.agreement.figures(),
+            "seconds": seconds,
+            **(rm.evaluation.figures("rm_") if rm is not None else {}),
+        }
         metrics.observe_round(seconds, {**_brief(result.after), "agreement": result.agreement.rate})
         self.publish("waiting", f"{card.version} {outcome} ({verdict.why})", last_round=summary)
         self.record({**summary, "reward_model": card.details.get("reward_model")})
@@ -162,9 +204,15 @@ class Learner:
 
 
 def _brief(evaluation: PolicyEval) -> dict[str, Any]:
-    return {"reward": evaluation.reward, "kl": evaluation.kl, "ptx_loss": evaluation.ptx_loss,
-            "answer_length": evaluation.answer_length, "empty": evaluation.empty,
-            "degenerate": evaluation.degenerate, "truncated": evaluation.truncated}  # fmt: skip
+    return {
+        "reward": evaluation.reward,
+        "kl": evaluation.kl,
+        "ptx_loss": evaluation.ptx_loss,
+        "answer_length": evaluation.answer_length,
+        "empty": evaluation.empty,
+        "degenerate": evaluation.degenerate,
+        "truncated": evaluation.truncated,
+    }
 
 
 def read_status(redis: Redis) -> dict[str, Any] | None:

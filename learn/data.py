@@ -49,8 +49,9 @@ def right_pad(sequences: Sequence[list[int]], pad: int) -> tuple[Tensor, Tensor]
 def encode_demonstration(tokenizer: Any, demo: Demonstration, max_len: int) -> Example:
     """Chat template applied; labels IGNORE over the prompt, the answer's ids over the answer; cut at max_len."""
     prompt = str(tokenizer.apply_chat_template(demo.messages, tokenize=False, add_generation_prompt=True))
-    full = str(tokenizer.apply_chat_template([*demo.messages, {"role": "assistant", "content": demo.answer}],
-                                             tokenize=False))  # fmt: skip
+    full = str(
+        tokenizer.apply_chat_template([*demo.messages, {"role": "assistant", "content": demo.answer}], tokenize=False)
+    )
     if not full.startswith(prompt):
         raise DataError("the chat template renders the prompt differently once an answer follows it")
     # Encode the two parts separately: tokenizing the whole text could merge tokens across the boundary and
@@ -88,8 +89,10 @@ def demonstrations_from_rows(rows: Iterable[dict[str, Any]], source: str) -> Ite
                 prompt = row["instruction"] + (f"\n\n{instance['input']}" if instance.get("input") else "")
                 yield Demonstration([{"role": "user", "content": prompt}], instance["output"])
         else:
-            raise DataError(f"{source}, row {n}: expected messages+answer, messages ending with an assistant "
-                            f"turn, or an Alpaca instruction/output; got keys {sorted(row)}")  # fmt: skip
+            raise DataError(
+                f"{source}, row {n}: expected messages+answer, messages ending with an assistant "
+                f"turn, or an Alpaca instruction/output; got keys {sorted(row)}"
+            )
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

@@ -50,17 +50,20 @@ def rm_gate(evaluation: Evaluation, min_accuracy: float, min_pairs: int) -> Gate
     """
     accuracy = evaluation.accuracy
     if evaluation.pairs < min_pairs:
-        return Gate(False, f"held-out accuracy {accuracy:.3f} measured on {evaluation.pairs} pairs, fewer than "
-                           f"{min_pairs}")  # fmt: skip
+        return Gate(
+            False, f"held-out accuracy {accuracy:.3f} measured on {evaluation.pairs} pairs, fewer than {min_pairs}"
+        )
     if not accuracy >= min_accuracy:  # NaN (no held-out pairs yet) does not pass either
         return Gate(False, f"held-out accuracy {accuracy:.3f} < {min_accuracy} ({evaluation.pairs} pairs)")
     return Gate(True, f"held-out accuracy {accuracy:.3f} on {evaluation.pairs} pairs")
 
 
 def _shares(before: PolicyEval, after: PolicyEval, limits: Limits) -> Gate | None:
-    checks = (("empty", after.empty, before.empty, limits.empty_rise),
-              ("empty or looping", after.degenerate, before.degenerate, limits.degenerate_rise),
-              ("cut by the length limit", after.truncated, before.truncated, limits.truncated_rise))  # fmt: skip
+    checks = (
+        ("empty", after.empty, before.empty, limits.empty_rise),
+        ("empty or looping", after.degenerate, before.degenerate, limits.degenerate_rise),
+        ("cut by the length limit", after.truncated, before.truncated, limits.truncated_rise),
+    )
     for what, now, was, rise in checks:
         if not now <= was + rise:  # written so that NaN (no answers measured) fails too
             return Gate(False, f"{now:.0%} of its answers are {what} (the current version: {was:.0%})")
@@ -71,16 +74,23 @@ def _shares(before: PolicyEval, after: PolicyEval, limits: Limits) -> Gate | Non
         ("empty or looping", after.degenerate, before.degenerate, limits.max_degenerate),
     ):
         if not now <= max(cap, was):
-            return Gate(False, f"{now:.0%} of its answers are {what} (the cap: {cap:.0%}, or the current "
-                               f"version's {was:.0%} where higher)")  # fmt: skip
+            return Gate(
+                False,
+                f"{now:.0%} of its answers are {what} (the cap: {cap:.0%}, or the current "
+                f"version's {was:.0%} where higher)",
+            )
     if not after.answer_length >= limits.min_length_ratio * before.answer_length:
-        return Gate(False, f"its answers collapsed to {after.answer_length:.1f} tokens on average (the current "
-                           f"version: {before.answer_length:.1f})")  # fmt: skip
+        return Gate(
+            False,
+            f"its answers collapsed to {after.answer_length:.1f} tokens on average (the current "
+            f"version: {before.answer_length:.1f})",
+        )
     return None
 
 
-def promotion_gate(before: PolicyEval, after: PolicyEval, agreement: Agreement, limits: Limits,
-                   reference_ptx: float | None = None) -> Gate:  # fmt: skip
+def promotion_gate(
+    before: PolicyEval, after: PolicyEval, agreement: Agreement, limits: Limits, reference_ptx: float | None = None
+) -> Gate:
     """May `after` replace `before` (the version users are served)? The first check that fails says why."""
     degenerate = _shares(before, after, limits)
     if degenerate is not None:
@@ -88,26 +98,42 @@ def promotion_gate(before: PolicyEval, after: PolicyEval, agreement: Agreement, 
     if not after.kl <= limits.max_kl:
         return Gate(False, f"KL to the reference {after.kl:.1f} exceeds the budget of {limits.max_kl:g}")
     if agreement.pairs < limits.min_agreement_pairs:
-        return Gate(False, f"only {agreement.pairs} held-out ranked pairs to check it against users (fewer than "
-                           f"{limits.min_agreement_pairs})")  # fmt: skip
+        return Gate(
+            False,
+            f"only {agreement.pairs} held-out ranked pairs to check it against users (fewer than "
+            f"{limits.min_agreement_pairs})",
+        )
     if not agreement.rate >= limits.min_agreement:
-        return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs (below "
-                           f"{limits.min_agreement:.0%})")  # fmt: skip
+        return Gate(
+            False,
+            f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs (below "
+            f"{limits.min_agreement:.0%})",
+        )
     low = share_low(agreement.rate, agreement.pairs)
     if not low > 0.5:  # a coin gives 55% or more of 20 pairs 41% of the time
-        return Gate(False, f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs, not "
-                           f"beyond chance (95% low {low:.0%})")  # fmt: skip
+        return Gate(
+            False,
+            f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs, not "
+            f"beyond chance (95% low {low:.0%})",
+        )
     # The reward model's word counts against a version only where it is beyond the noise of two small samples'
     # means: 16 answers of spread 3 put a mean anywhere within ±1.5 of its value (95%), so "not higher" refused
     # better versions by chance. Users' held-out rankings (above) are the evidence for; this is a check against.
     noise = Z95 * math.hypot(before.reward_se, after.reward_se)
     if not after.reward >= before.reward - noise:
-        return Gate(False, f"mean reward {after.reward:.3f} is below the current version's {before.reward:.3f} "
-                           f"beyond its noise (±{noise:.3f})")  # fmt: skip
+        return Gate(
+            False,
+            f"mean reward {after.reward:.3f} is below the current version's {before.reward:.3f} "
+            f"beyond its noise (±{noise:.3f})",
+        )
     fluency = reference_ptx if reference_ptx is not None else before.ptx_loss
     if fluency is not None and after.ptx_loss is not None and not after.ptx_loss <= limits.max_ptx_ratio * fluency:
-        return Gate(False, f"held-out LM loss {after.ptx_loss:.3f} exceeds {limits.max_ptx_ratio}x the reference's "
-                           f"{fluency:.3f}")  # fmt: skip
-    why = (f"mean reward {before.reward:.3f} → {after.reward:.3f}, agrees with {agreement.rate:.0%} of "
-           f"{agreement.pairs} held-out ranked pairs, {after.empty:.0%} empty, KL {after.kl:.1f}")  # fmt: skip
+        return Gate(
+            False,
+            f"held-out LM loss {after.ptx_loss:.3f} exceeds {limits.max_ptx_ratio}x the reference's {fluency:.3f}",
+        )
+    why = (
+        f"mean reward {before.reward:.3f} → {after.reward:.3f}, agrees with {agreement.rate:.0%} of "
+        f"{agreement.pairs} held-out ranked pairs, {after.empty:.0%} empty, KL {after.kl:.1f}"
+    )
     return Gate(True, why)

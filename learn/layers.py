@@ -59,26 +59,35 @@ def _cut(backbone: Any, start: int, stop: int | None, norm: bool) -> Iterator[No
 def lower(backbone: Any, split: int, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
     """(B, L, H) hidden states after layers [0, split): the embeddings when split is 0."""
     with _cut(backbone, 0, split, norm=False):
-        out: Tensor = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state  # fmt: skip
+        out: Tensor = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
     return out
 
 
 def upper(backbone: Any, split: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
     """(B, L, H) final hidden states (normed) from the output of `lower`: layers [split, n), then the norm."""
     with _cut(backbone, split, None, norm=True):
-        out: Tensor = backbone(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state  # fmt: skip
+        out: Tensor = backbone(
+            inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
     return out
 
 
-def final_hidden(backbone: Any, split: int, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                 below: Tensor | None = None) -> Tensor:  # fmt: skip
+def final_hidden(
+    backbone: Any,
+    split: int,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    below: Tensor | None = None,
+) -> Tensor:
     """(B, L, H) final hidden states: the upper layers on `below` when given (the output of `lower` for this
     batch), else the whole stack."""
     if below is None:
-        out: Tensor = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False).last_hidden_state  # fmt: skip
+        out: Tensor = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return out
     return upper(backbone, split, below, attention_mask, position_ids)
 
@@ -90,8 +99,13 @@ def lora_targets(backbone: Any, split: int) -> dict[str, Any]:
     layer, by their last name part (q_proj, ..., down_proj in Llama)."""
     if not split:
         return {"target_modules": "all-linear"}
-    names = sorted({name.rsplit(".", 1)[-1] for name, module in backbone.layers[0].named_modules()
-                    if isinstance(module, torch.nn.Linear)})  # fmt: skip
+    names = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in backbone.layers[0].named_modules()
+            if isinstance(module, torch.nn.Linear)
+        }
+    )
     return {"target_modules": names, "layers_to_transform": list(range(split, layer_count(backbone)))}
 
 
@@ -125,8 +139,9 @@ def freeze_below(backbone: Any, split: int) -> None:
 
 
 @torch.no_grad()
-def split_matches(backbone: Any, split: int, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                  atol: float = 1e-4) -> bool:  # fmt: skip
+def split_matches(
+    backbone: Any, split: int, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, atol: float = 1e-4
+) -> bool:
     """The split forward equals the whole one on this batch (where a model's forward does more than Llama's,
     such as scaling the embeddings, it would not)."""
     whole = final_hidden(backbone, split, input_ids, attention_mask, position_ids)

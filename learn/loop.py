@@ -53,9 +53,9 @@ def schedule(n_items: int, config: LoopConfig) -> list[list[int]]:
     return batches
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], config: LoopConfig, total_steps: int) -> tuple[
-    torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler
-]:  # fmt: skip
+def make_optimizer(
+    params: Sequence[torch.nn.Parameter], config: LoopConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
     def factor(step: int) -> float:
@@ -68,9 +68,16 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], config: LoopConfig, tot
 
 
 def run_loop(
-    model: torch.nn.Module, n_items: int, step_fn: StepFn, config: LoopConfig, log: MetricsLog,
-    description: str, checkpoint: Path | None = None, show_progress: bool = True, on_step: StepHook | None = None,
-) -> LoopResult:  # fmt: skip
+    model: torch.nn.Module,
+    n_items: int,
+    step_fn: StepFn,
+    config: LoopConfig,
+    log: MetricsLog,
+    description: str,
+    checkpoint: Path | None = None,
+    show_progress: bool = True,
+    on_step: StepHook | None = None,
+) -> LoopResult:
     """Train `model` over `n_items` items with `step_fn` computing each batch's loss; resume from `checkpoint`.
     `on_step` sees each step taken (a benchmark measures the model there), with the model back in eval mode."""
     batches = schedule(n_items, config)
@@ -120,18 +127,31 @@ def save_atomic(path: Path, state: dict[str, Any]) -> None:
     partial.replace(path)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:  # fmt: skip
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    step: int,
+) -> None:
     """Everything needed to go on exactly: trainable weights, optimiser and schedule, step, RNG states."""
     state: dict[str, Any] = {
-        "model": trainable_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "step": step, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-    }  # fmt: skip
+        "model": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+    }
     save_atomic(path, state)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:  # fmt: skip
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> int:
     state = torch.load(path, weights_only=False)
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])

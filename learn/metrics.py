@@ -21,11 +21,13 @@ PPO_FIGURES = {
 }
 PPO = {name: Gauge(f"rankloop_learn_ppo_{name}", doc, registry=REGISTRY) for name, doc in PPO_FIGURES.items()}
 PPO_ITERATIONS = Counter("rankloop_learn_ppo_iterations", "PPO iterations run.", registry=REGISTRY)
-RM_ACCURACY = Gauge("rankloop_learn_rm_heldout_accuracy", "Latest reward model's held-out pairwise accuracy.",
-                    registry=REGISTRY)  # fmt: skip
+RM_ACCURACY = Gauge(
+    "rankloop_learn_rm_heldout_accuracy", "Latest reward model's held-out pairwise accuracy.", registry=REGISTRY
+)
 ROUNDS = Counter("rankloop_learn_rounds", "Learning rounds by outcome.", ["outcome"], registry=REGISTRY)
-ROUND_SECONDS = Gauge("rankloop_learn_round_seconds", "Seconds the last round spent in each phase.", ["phase"],
-                      registry=REGISTRY)  # fmt: skip
+ROUND_SECONDS = Gauge(
+    "rankloop_learn_round_seconds", "Seconds the last round spent in each phase.", ["phase"], registry=REGISTRY
+)
 CANDIDATE = {
     "agreement": "Share of held-out ranked pairs the last new version agreed with (vs its parent).",
     "empty": "Share of the last new version's evaluation answers that are empty.",
@@ -33,8 +35,9 @@ CANDIDATE = {
     "truncated": "Share of the last new version's evaluation answers cut by the length limit.",
     "kl": "The last new version's per-answer KL to the SFT reference.",
 }
-CANDIDATE_GAUGES = {name: Gauge(f"rankloop_learn_candidate_{name}", doc, registry=REGISTRY)
-                    for name, doc in CANDIDATE.items()}  # fmt: skip
+CANDIDATE_GAUGES = {
+    name: Gauge(f"rankloop_learn_candidate_{name}", doc, registry=REGISTRY) for name, doc in CANDIDATE.items()
+}
 
 
 def observe_ppo(figures: dict[str, float]) -> None:

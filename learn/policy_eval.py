@@ -86,8 +86,14 @@ class AnswerCache:
 
 
 @torch.no_grad()
-def sample_answers(models: Models, prompts: Sequence[Prompt], max_new_tokens: int, per_prompt: int = 2,
-                   seed: int = 1234, batch: int = 16) -> Answers:  # fmt: skip
+def sample_answers(
+    models: Models,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    per_prompt: int = 2,
+    seed: int = 1234,
+    batch: int = 16,
+) -> Answers:
     """`per_prompt` answers to each prompt from the policy (fixed seeds), and their KL to the reference."""
     tokenizer, pad = models.tokenizer, pad_id(models.tokenizer)
     queries = [p.ids for p in prompts for _ in range(per_prompt)]
@@ -95,8 +101,14 @@ def sample_answers(models: Models, prompts: Sequence[Prompt], max_new_tokens: in
     truncated: list[bool] = []
     kls: list[float] = []
     for start in range(0, len(queries), batch):
-        chunk = sample(models.policy, queries[start : start + batch], max_new_tokens, int(tokenizer.eos_token_id),
-                       pad, seed=seed + start)  # fmt: skip
+        chunk = sample(
+            models.policy,
+            queries[start : start + batch],
+            max_new_tokens,
+            int(tokenizer.eos_token_id),
+            pad,
+            seed=seed + start,
+        )
         kls += answer_kl(models, chunk, pad).tolist()
         responses += chunk.responses
         truncated += chunk.truncated
@@ -105,31 +117,57 @@ def sample_answers(models: Models, prompts: Sequence[Prompt], max_new_tokens: in
 
 
 @torch.no_grad()
-def measure(models: Models, prompts: Sequence[Prompt], answers: Answers, ptx_loss: float | None, batch: int = 8,
-            n_samples: int = 3) -> PolicyEval:  # fmt: skip
+def measure(
+    models: Models,
+    prompts: Sequence[Prompt],
+    answers: Answers,
+    ptx_loss: float | None,
+    batch: int = 8,
+    n_samples: int = 3,
+) -> PolicyEval:
     """The figures of a policy's answers, scored by the round's reward model (`models.scorer`, or the round's
     reward where there is none)."""
     pad, per_prompt = pad_id(models.tokenizer), max(1, len(answers.queries) // max(1, len(prompts)))
     judge = models.scorer if models.scorer is not None else models.reward
     rewards: list[float] = []
     for start in range(0, len(answers.queries), batch):
-        chunk = Rollouts(answers.queries[start : start + batch], answers.responses[start : start + batch],
-                         answers.truncated[start : start + batch])  # fmt: skip
+        chunk = Rollouts(
+            answers.queries[start : start + batch],
+            answers.responses[start : start + batch],
+            answers.truncated[start : start + batch],
+        )
         rewards += judge(chunk, pack(chunk, pad), None).tolist()
     shares = degenerate.shares(answers.texts, answers.responses, answers.truncated)
-    samples = [{"prompt": prompts[i].messages[-1]["content"], "answer": answers.texts[i * per_prompt]}
-               for i in range(min(n_samples, len(prompts)))]  # fmt: skip
+    samples = [
+        {"prompt": prompts[i].messages[-1]["content"], "answer": answers.texts[i * per_prompt]}
+        for i in range(min(n_samples, len(prompts)))
+    ]
     n = max(1, len(rewards))
     se = statistics.stdev(rewards) / math.sqrt(n) if len(rewards) > 1 else 0.0
-    return PolicyEval(sum(rewards) / n, sum(answers.kl) / n, ptx_loss,
-                      sum(map(len, answers.responses)) / n, len(rewards), samples, shares.empty, shares.degenerate,
-                      shares.truncated, se)  # fmt: skip
+    return PolicyEval(
+        sum(rewards) / n,
+        sum(answers.kl) / n,
+        ptx_loss,
+        sum(map(len, answers.responses)) / n,
+        len(rewards),
+        samples,
+        shares.empty,
+        shares.degenerate,
+        shares.truncated,
+        se,
+    )
 
 
 def evaluate_policy(
-    models: Models, prompts: Sequence[Prompt], ptx_held: Sequence[Example], max_new_tokens: int,
-    per_prompt: int = 2, seed: int = 1234, cache: AnswerCache | None = None, version: str | None = None,
-) -> tuple[PolicyEval, Answers]:  # fmt: skip
+    models: Models,
+    prompts: Sequence[Prompt],
+    ptx_held: Sequence[Example],
+    max_new_tokens: int,
+    per_prompt: int = 2,
+    seed: int = 1234,
+    cache: AnswerCache | None = None,
+    version: str | None = None,
+) -> tuple[PolicyEval, Answers]:
     """The policy's figures: its answers sampled (or `version`'s taken from `cache`, when it holds answers to the
     same prompts), its LM loss on `ptx_held`; the policy is not changed."""
     key = answers_key(prompts, max_new_tokens, per_prompt, seed)
@@ -166,8 +204,9 @@ class Agreement:
 
 
 @torch.no_grad()
-def agreement(policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int, batch: int = 8,
-              split: int = 0) -> Agreement:  # fmt: skip
+def agreement(
+    policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int, batch: int = 8, split: int = 0
+) -> Agreement:
     """`Agreement` of `policy` over `parent` on ranked groups (ties count half; pairs without a preference none).
 
     Where the two compute the same layers below `split` (a round trains only the layers above it), those layers

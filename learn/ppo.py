@@ -90,9 +90,14 @@ class Packed:
         right = bool((attention[:, 0] == 1).all())
         width = int(layers.last_real(attention).max()) + 1 if right else attention.shape[1]
         answers = max(1, int(self.mask[rows].sum(dim=1).max()))
-        return Packed(self.input_ids[rows, :width], attention[:, :width], self.position_ids[rows, :width],
-                      self.answer_ids[rows, :answers], self.mask[rows, :answers],
-                      self.predictors[rows, :answers])  # fmt: skip
+        return Packed(
+            self.input_ids[rows, :width],
+            attention[:, :width],
+            self.position_ids[rows, :width],
+            self.answer_ids[rows, :answers],
+            self.mask[rows, :answers],
+            self.predictors[rows, :answers],
+        )
 
     @property
     def width(self) -> int:
@@ -184,8 +189,9 @@ def _postprocessed_logits(model: Any) -> bool:
 def lower_of(model: Any, split: int, packed: Packed) -> Tensor:
     """(B, L, H) the model's hidden states below layer `split` for this batch (frozen: no gradient)."""
     with torch.no_grad(), adapters_as_wrapped(model) as inner:
-        return layers.lower(layers.backbone_of(inner), split, packed.input_ids, packed.attention_mask,
-                            packed.position_ids)  # fmt: skip
+        return layers.lower(
+            layers.backbone_of(inner), split, packed.input_ids, packed.attention_mask, packed.position_ids
+        )
 
 
 def answer_logits(model: Any, packed: Packed, split: int = 0, below: Tensor | None = None) -> Tensor:
@@ -197,18 +203,21 @@ def answer_logits(model: Any, packed: Packed, split: int = 0, below: Tensor | No
     """
     with adapters_as_wrapped(model) as inner:
         if _postprocessed_logits(inner):
-            out = inner(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                        position_ids=packed.position_ids)  # fmt: skip
+            out = inner(
+                input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids
+            )
             return packed.select(out.logits).float()
         backbone, head = causal_parts(inner)
-        hidden = layers.final_hidden(backbone, split, packed.input_ids, packed.attention_mask, packed.position_ids,
-                                     below)  # fmt: skip
+        hidden = layers.final_hidden(
+            backbone, split, packed.input_ids, packed.attention_mask, packed.position_ids, below
+        )
         logits: Tensor = head(packed.select(hidden)).float()
         return logits
 
 
-def logprobs_and_logits(model: Any, packed: Packed, split: int = 0,
-                        below: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+def logprobs_and_logits(
+    model: Any, packed: Packed, split: int = 0, below: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """((B, A) log-probability of each answer token, zero outside the answers; (N, V) the answer positions' logits)."""
     logits = answer_logits(model, packed, split, below)
     picked = rl_math.token_logprobs(logits, packed.answer_ids[packed.mask.bool()].to(logits.device))
@@ -239,8 +248,14 @@ class ValueModel(torch.nn.Module):
     def hidden(self, packed: Packed, below: Tensor | None = None) -> Tensor:
         """(B, L, H) the backbone's final hidden states; `below` is used only where this backbone's lower layers
         are the policy's."""
-        out: Tensor = layers.final_hidden(self.backbone, self.split, packed.input_ids, packed.attention_mask,
-                                          packed.position_ids, below if self.shares_lower else None)  # fmt: skip
+        out: Tensor = layers.final_hidden(
+            self.backbone,
+            self.split,
+            packed.input_ids,
+            packed.attention_mask,
+            packed.position_ids,
+            below if self.shares_lower else None,
+        )
         return out
 
     def features(self, packed: Packed, below: Tensor | None = None) -> Tensor:
@@ -319,27 +334,42 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         if models.behaviour is not None:
             old = answer_logprobs(models.behaviour, sub, split, models.below_for("behaviour", below))
         # The behaviour policy is the reference itself in a round from the reference (the same weights).
-        ref = old if models.behaviour is models.reference else answer_logprobs(
-            models.reference, sub, split, models.below_for("reference", below))  # fmt: skip
-        subset = Rollouts([rollouts.queries[r] for r in rows], [rollouts.responses[r] for r in rows],
-                          [rollouts.truncated[r] for r in rows])  # fmt: skip
+        ref = (
+            old
+            if models.behaviour is models.reference
+            else answer_logprobs(models.reference, sub, split, models.below_for("reference", below))
+        )
+        subset = Rollouts(
+            [rollouts.queries[r] for r in rows],
+            [rollouts.responses[r] for r in rows],
+            [rollouts.truncated[r] for r in rows],
+        )
         features, scores = _values_and_scores(models, subset, sub, below)
-        found = {"below": below, "logprobs": logprobs, "old": old, "ref": ref, "features": features,
-                 "scores": scores}  # fmt: skip
+        found = {"below": below, "logprobs": logprobs, "old": old, "ref": ref, "features": features, "scores": scores}
         for name, value in found.items():
             _place(parts, name, value, rows, packed)
     values = models.value(parts["features"]) * mask
     truncated = torch.tensor(rollouts.truncated)
     # The KL penalty is the policy's now (it is what the update changes); for answers another version wrote, an
     # estimate on its samples.
-    rewards, kl = rl_math.kl_penalty_rewards(parts["logprobs"], parts["ref"], mask, parts["scores"], beta, truncated,
-                                             config.truncation_penalty)  # fmt: skip
+    rewards, kl = rl_math.kl_penalty_rewards(
+        parts["logprobs"], parts["ref"], mask, parts["scores"], beta, truncated, config.truncation_penalty
+    )
     advantages, returns = rl_math.gae(rewards, values, mask, config.gamma, config.lam)
     # On answers another version wrote, E[log pi - log pi_ref] over its samples is not the policy's KL (with the
     # reference as writer it is minus KL(ref || pi), below 0): weighting each token by pi / pi_old makes it one.
     kl_policy = kl * torch.exp(parts["logprobs"] - parts["old"]).clamp(max=10.0) * mask
-    return Scored(parts["below"], parts["old"], parts["features"], values, parts["scores"], kl, kl_policy,
-                  rl_math.whiten(advantages, mask), returns)  # fmt: skip
+    return Scored(
+        parts["below"],
+        parts["old"],
+        parts["features"],
+        values,
+        parts["scores"],
+        kl,
+        kl_policy,
+        rl_math.whiten(advantages, mask),
+        returns,
+    )
 
 
 def _values_and_scores(models: Models, rollouts: Rollouts, packed: Packed, below: Tensor) -> tuple[Tensor, Tensor]:
@@ -367,10 +397,14 @@ def _place(parts: dict[str, Tensor], name: str, value: Tensor, rows: list[int], 
 
 
 def ppo_step(
-    models: Models, rollouts: Rollouts, config: PPOConfig,
-    kl_controller: rl_math.AdaptiveKLController | rl_math.FixedKLController, optimizer: torch.optim.Optimizer,
-    pad_id: int, ptx_batch: tuple[Tensor, Tensor, Tensor] | None = None,
-) -> dict[str, float]:  # fmt: skip
+    models: Models,
+    rollouts: Rollouts,
+    config: PPOConfig,
+    kl_controller: rl_math.AdaptiveKLController | rl_math.FixedKLController,
+    optimizer: torch.optim.Optimizer,
+    pad_id: int,
+    ptx_batch: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> dict[str, float]:
     """One iteration: returns its metrics (reward, KL, beta, entropy, clip fraction, losses, answer length) and
     where its time went (`score_s`: log-probs, values and rewards; `update_s`: the epochs of mini-batches)."""
     started = time.perf_counter()
@@ -383,17 +417,29 @@ def ppo_step(
     beta = kl_controller.value
     kl_controller.update(kl_per_answer, len(rollouts.queries))
     return {
-        "reward": float(scored.scores.mean()), "kl_per_token": float(rl_math.masked_mean(scored.kl_policy, mask)),
-        "kl_per_answer": kl_per_answer, "beta": beta, "answer_length": float(packed.lengths.float().mean()),
-        "score_s": scored_at - started, "update_s": time.perf_counter() - scored_at, **figures,
-    }  # fmt: skip
+        "reward": float(scored.scores.mean()),
+        "kl_per_token": float(rl_math.masked_mean(scored.kl_policy, mask)),
+        "kl_per_answer": kl_per_answer,
+        "beta": beta,
+        "answer_length": float(packed.lengths.float().mean()),
+        "score_s": scored_at - started,
+        "update_s": time.perf_counter() - scored_at,
+        **figures,
+    }
 
 
-def update(models: Models, packed: Packed, scored: Scored, config: PPOConfig, optimizer: torch.optim.Optimizer,
-           ptx_batch: tuple[Tensor, Tensor, Tensor] | None) -> dict[str, float]:  # fmt: skip
+def update(
+    models: Models,
+    packed: Packed,
+    scored: Scored,
+    config: PPOConfig,
+    optimizer: torch.optim.Optimizer,
+    ptx_batch: tuple[Tensor, Tensor, Tensor] | None,
+) -> dict[str, float]:
     """The epochs of clipped policy and value updates (and the ptx term) on a scored batch; mean figures."""
-    figures: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy",
-                                                       "approx_kl", "ptx_loss")}  # fmt: skip
+    figures: dict[str, list[float]] = {
+        k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy", "approx_kl", "ptx_loss")
+    }
     params = [p for group in optimizer.param_groups for p in group["params"]]
     with_ptx = ptx_batch is not None and config.ptx_coef > 0
     # Below the split nothing trains, so its output is computed once; at split 0 that output is the embeddings,
@@ -414,11 +460,16 @@ def update(models: Models, packed: Packed, scored: Scored, config: PPOConfig, op
             a = sub.mask.shape[1]  # the sub-batch's answer width: per-token tensors are cut to it
             below = scored.below[rows, : sub.width] if frozen else None
             new_logprobs, logits = logprobs_and_logits(models.policy, sub, models.split, below)
-            policy_out = rl_math.clipped_policy_loss(new_logprobs, scored.old_logprobs[rows, :a],
-                                                     scored.advantages[rows, :a], sub.mask, config.clip)  # fmt: skip
-            value_loss, _ = rl_math.clipped_value_loss(models.value(scored.features[rows, :a]) * sub.mask,
-                                                       scored.values[rows, :a], scored.returns[rows, :a], sub.mask,
-                                                       config.value_clip)  # fmt: skip
+            policy_out = rl_math.clipped_policy_loss(
+                new_logprobs, scored.old_logprobs[rows, :a], scored.advantages[rows, :a], sub.mask, config.clip
+            )
+            value_loss, _ = rl_math.clipped_value_loss(
+                models.value(scored.features[rows, :a]) * sub.mask,
+                scored.values[rows, :a],
+                scored.returns[rows, :a],
+                sub.mask,
+                config.value_clip,
+            )
             loss = policy_out.loss + config.value_coef * value_loss
             if ptx_batch is not None and with_ptx:
                 ptx = ptx_loss(models.policy, ptx_batch, models.split, ptx_below)
@@ -461,8 +512,15 @@ def ptx_loss(policy: Any, batch: tuple[Tensor, Tensor, Tensor], split: int = 0, 
     return torch.nn.functional.cross_entropy(logits, targets[labelled])
 
 
-def sample(policy: Any, queries: Sequence[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-           temperature: float = 1.0, seed: int = 0) -> Rollouts:  # fmt: skip
+def sample(
+    policy: Any,
+    queries: Sequence[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> Rollouts:
     """Rollouts with HF `generate` (left-padded batch): responses cut at EOS (kept), truncated when none came."""
     width = max(len(q) for q in queries)
     ids = torch.full((len(queries), width), pad_id, dtype=torch.long)
@@ -475,9 +533,15 @@ def sample(policy: Any, queries: Sequence[list[int]], max_new_tokens: int, eos_i
     # answers of 256 tokens from SmolLM2 on one AMX core: 80 s fp32, 110 s bf16).
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         out = policy.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
-            max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+        )
     responses, truncated = [], []
     for row in out[:, width:].tolist():
         if eos_id in row:

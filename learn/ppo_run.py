@@ -47,8 +47,9 @@ def _default(setting: str) -> Any:
 
 
 def _ppo_default() -> PPOConfig:
-    return PPOConfig(ptx_coef=_default("learn_ptx_coef"), epochs=_default("learn_ppo_epochs"),
-                     seed=_default("learn_seed"))  # fmt: skip
+    return PPOConfig(
+        ptx_coef=_default("learn_ptx_coef"), epochs=_default("learn_ppo_epochs"), seed=_default("learn_seed")
+    )
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,18 @@ class RoundConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RoundConfig:
-        return cls(iterations=settings.learn_ppo_iterations, prompts_per_iteration=settings.learn_prompts_per_iteration,
-                   max_new_tokens=settings.learn_max_new_tokens, lr=settings.learn_ppo_lr,
-                   value_lr=settings.learn_ppo_lr, train_layers=settings.learn_train_layers,
-                   rollouts=settings.learn_rollouts, reward=settings.learn_reward, seed=settings.learn_seed,
-                   ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef, epochs=settings.learn_ppo_epochs,
-                                 seed=settings.learn_seed))  # fmt: skip
+        return cls(
+            iterations=settings.learn_ppo_iterations,
+            prompts_per_iteration=settings.learn_prompts_per_iteration,
+            max_new_tokens=settings.learn_max_new_tokens,
+            lr=settings.learn_ppo_lr,
+            value_lr=settings.learn_ppo_lr,
+            train_layers=settings.learn_train_layers,
+            rollouts=settings.learn_rollouts,
+            reward=settings.learn_reward,
+            seed=settings.learn_seed,
+            ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef, epochs=settings.learn_ppo_epochs, seed=settings.learn_seed),
+        )
 
     def changed(self, ptx_coef: float | None = None, **fields: Any) -> RoundConfig:
         """This configuration with the fields given a value (None: keep), `ptx_coef` going to the PPO part."""
@@ -109,8 +116,9 @@ def zero_reward(rollouts: Rollouts, packed: Any, below: Tensor | None) -> Tensor
     return torch.zeros(len(rollouts.queries))
 
 
-def load_models(policy_folder: Path, reference_folder: Path, reward_folder: Path, config: RoundConfig,
-                served: bool) -> Models:  # fmt: skip
+def load_models(
+    policy_folder: Path, reference_folder: Path, reward_folder: Path, config: RoundConfig, served: bool
+) -> Models:
     """The round's models; `served`: the rollouts are answers the parent wrote, so it is kept as the behaviour
     policy (with LoRA, the policy with its adapters off)."""
     options = PPO_LORA if config.lora else None
@@ -129,13 +137,24 @@ def load_models(policy_folder: Path, reference_folder: Path, reward_folder: Path
     policy.eval()  # no dropout anywhere; gradients still flow
     split = layers.split_point(backbone(policy), config.train_layers)
     scorer = RewardScorer(reward_folder, config.train_layers)
-    scorer.shares_lower = scorer.split == split and layers.same_lower(backbone(policy), backbone(scorer.model),
-                                                                      split)  # fmt: skip
-    shared = {name for name, other in (("reference", reference), ("behaviour", behaviour))
-              if other is not None and layers.same_lower(backbone(policy), backbone(other), split)}  # fmt: skip
+    scorer.shares_lower = scorer.split == split and layers.same_lower(backbone(policy), backbone(scorer.model), split)
+    shared = {
+        name
+        for name, other in (("reference", reference), ("behaviour", behaviour))
+        if other is not None and layers.same_lower(backbone(policy), backbone(other), split)
+    }
     reward: RewardFn = scorer if config.reward == "model" else zero_reward
-    return Models(policy, reference, value_model(scorer, split).eval(), reward, tokenizer, behaviour, split,
-                  frozenset(shared), scorer)  # fmt: skip
+    return Models(
+        policy,
+        reference,
+        value_model(scorer, split).eval(),
+        reward,
+        tokenizer,
+        behaviour,
+        split,
+        frozenset(shared),
+        scorer,
+    )
 
 
 def _frozen(folder: Path) -> Any:
@@ -161,16 +180,25 @@ def iteration_rows(n_items: int, per_iteration: int, iteration: int, seed: int) 
 class PPORound:
     """Iterations of rollouts and PPO updates on a fixed set of training prompts (or served comparisons)."""
 
-    def __init__(self, models: Models, config: RoundConfig, prompts: Sequence[Prompt],
-                 ptx: Sequence[Example] = (), served: Sequence[Served] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        models: Models,
+        config: RoundConfig,
+        prompts: Sequence[Prompt],
+        ptx: Sequence[Example] = (),
+        served: Sequence[Served] = (),
+    ) -> None:
         if not prompts and not served:
             raise ValueError("no training prompts")
         self.models, self.config, self.prompts, self.ptx = models, config, list(prompts), list(ptx)
         self.served = list(served)
-        self.optimizer = torch.optim.AdamW([
-            {"params": trainable(models.policy), "lr": config.lr},
-            {"params": trainable(models.value), "lr": config.value_lr},
-        ], weight_decay=0.0)  # fmt: skip
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": trainable(models.policy), "lr": config.lr},
+                {"params": trainable(models.value), "lr": config.value_lr},
+            ],
+            weight_decay=0.0,
+        )
         self.controller: rl_math.AdaptiveKLController | rl_math.FixedKLController = (
             rl_math.AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
             if config.kl_target is not None
@@ -191,8 +219,11 @@ class PPORound:
         """This iteration's served comparisons, all K answers of each, as rollouts."""
         rows = iteration_rows(len(self.served), self.config.prompts_per_iteration, self.iteration, self.config.seed)
         chosen = [self.served[i] for i in rows]
-        return Rollouts([s.prompt_ids for s in chosen for _ in s.answers], [a for s in chosen for a in s.answers],
-                        [t for s in chosen for t in s.truncated])  # fmt: skip
+        return Rollouts(
+            [s.prompt_ids for s in chosen for _ in s.answers],
+            [a for s in chosen for a in s.answers],
+            [t for s in chosen for t in s.truncated],
+        )
 
     def ptx_batch(self) -> tuple[Tensor, Tensor, Tensor] | None:
         if not self.ptx or self.config.ppo.ptx_coef <= 0:
@@ -205,22 +236,34 @@ class PPORound:
         if self.served:
             return self.served_batch()
         m, config = self.models, self.config
-        return sample(m.policy, [p.ids for p in self.batch()], config.max_new_tokens, int(m.tokenizer.eos_token_id),
-                      self.pad_id, config.temperature, seed=config.seed * 1_000_003 + self.iteration)  # fmt: skip
+        return sample(
+            m.policy,
+            [p.ids for p in self.batch()],
+            config.max_new_tokens,
+            int(m.tokenizer.eos_token_id),
+            self.pad_id,
+            config.temperature,
+            seed=config.seed * 1_000_003 + self.iteration,
+        )
 
     def step(self) -> dict[str, float]:
         """One iteration: take (or sample) rollouts, score, update. Returns its figures, timings included."""
         started = time.perf_counter()
         rollouts = self.rollouts()
         generated = time.perf_counter()
-        figures = ppo_step(self.models, rollouts, self.config.ppo, self.controller, self.optimizer, self.pad_id,
-                           self.ptx_batch())  # fmt: skip
+        figures = ppo_step(
+            self.models, rollouts, self.config.ppo, self.controller, self.optimizer, self.pad_id, self.ptx_batch()
+        )
         self.iteration += 1
         total = time.perf_counter() - started
         tokens = sum(len(r) for r in rollouts.responses)
-        figures.update(generate_s=generated - started, iteration_s=total, rollout_tokens=float(tokens),
-                       generate_tokens_per_s=tokens / max(1e-9, generated - started),
-                       truncated=sum(rollouts.truncated) / len(rollouts.truncated))  # fmt: skip
+        figures.update(
+            generate_s=generated - started,
+            iteration_s=total,
+            rollout_tokens=float(tokens),
+            generate_tokens_per_s=tokens / max(1e-9, generated - started),
+            truncated=sum(rollouts.truncated) / len(rollouts.truncated),
+        )
         figures["other_s"] = max(0.0, total - figures["generate_s"] - figures["score_s"] - figures["update_s"])
         return figures
 
@@ -229,11 +272,15 @@ class PPORound:
     def save(self, path: Path, meta: dict[str, Any]) -> None:
         """Everything the next iteration depends on, written whole or not at all."""
         state = {
-            "meta": meta, "iteration": self.iteration, "policy": trainable_state(self.models.policy),
-            "value": trainable_state(self.models.value), "optimizer": self.optimizer.state_dict(),
-            "controller": self.controller.state(), "torch_rng": torch.get_rng_state(),
+            "meta": meta,
+            "iteration": self.iteration,
+            "policy": trainable_state(self.models.policy),
+            "value": trainable_state(self.models.value),
+            "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state(),
+            "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
-        }  # fmt: skip
+        }
         save_atomic(path, state)
 
     def resume(self, path: Path, meta: dict[str, Any]) -> bool:
@@ -256,8 +303,10 @@ class PPORound:
 class CheckpointMismatch(RuntimeError):
     def __init__(self, path: Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
         differs = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-        super().__init__(f"{path} belongs to another round (differs in {', '.join(differs)}); "
-                         "delete it or pass --fresh to start over")  # fmt: skip
+        super().__init__(
+            f"{path} belongs to another round (differs in {', '.join(differs)}); "
+            "delete it or pass --fresh to start over"
+        )
 
 
 def checkpoint_meta(path: Path) -> dict[str, Any] | None:

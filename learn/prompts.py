@@ -89,8 +89,9 @@ def prompts_from_events(events: Iterable[RankingEvent], max_len: int) -> list[Pr
     for event in events:
         comparison = event.comparison
         if len(comparison.prompt_token_ids) <= max_len:
-            prompts.append(Prompt(prompt_key(comparison.messages), comparison.messages,
-                                  list(comparison.prompt_token_ids)))  # fmt: skip
+            prompts.append(
+                Prompt(prompt_key(comparison.messages), comparison.messages, list(comparison.prompt_token_ids))
+            )
     return prompts
 
 
@@ -109,9 +110,16 @@ def served_from_events(events: Iterable[RankingEvent], max_prompt_len: int) -> l
             continue
         seen.add(comparison.id)
         candidates = [c for c in comparison.candidates if c.token_ids]
-        served.append(Served(comparison.id, prompt_key(comparison.messages), list(comparison.prompt_token_ids),
-                             [list(c.token_ids) for c in candidates], [c.finish_reason == "length" for c in candidates],
-                             comparison.policy_version))  # fmt: skip
+        served.append(
+            Served(
+                comparison.id,
+                prompt_key(comparison.messages),
+                list(comparison.prompt_token_ids),
+                [list(c.token_ids) for c in candidates],
+                [c.finish_reason == "length" for c in candidates],
+                comparison.policy_version,
+            )
+        )
     return served
 
 

@@ -32,8 +32,9 @@ NORM_FILE = "reward_norm.json"
 SCORE_ROWS = 4  # sequences per pass of `score_ids`: few, so that each pass is padded to a length close to its own
 
 
-def load_reward_model(folder: Path, lora: LoraOptions | None = None, dtype: torch.dtype | None = None,
-                      train_layers: int = 0) -> tuple[Any, Any]:  # fmt: skip
+def load_reward_model(
+    folder: Path, lora: LoraOptions | None = None, dtype: torch.dtype | None = None, train_layers: int = 0
+) -> tuple[Any, Any]:
     """A scalar-head model on `folder` (a policy: new random head; a reward model: its trained head), in `dtype`
     (default: the training precision of this machine). With `train_layers`, only the upper that many layers (and
     the final norm and the head) train; the layers below stay the SFT reference's (learn.layers)."""
@@ -42,15 +43,21 @@ def load_reward_model(folder: Path, lora: LoraOptions | None = None, dtype: torc
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1,
-                                                                    dtype=dtype or training_dtype())  # fmt: skip
+    model: Any = AutoModelForSequenceClassification.from_pretrained(
+        folder, num_labels=1, dtype=dtype or training_dtype()
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     split = layers.split_point(layers.backbone_of(model), train_layers)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="SEQ_CLS",
-                            **layers.lora_targets(layers.backbone_of(model), split))  # fmt: skip
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            task_type="SEQ_CLS",
+            **layers.lora_targets(layers.backbone_of(model), split),
+        )
         model = get_peft_model(model, config)
     elif split:
         layers.freeze_below(layers.backbone_of(model), split)
@@ -63,25 +70,35 @@ def _parts(model: Any) -> tuple[Any, Any]:
     return layers.backbone_of(model), inner.score
 
 
-def score_ids(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int = 0,
-              lowers: Sequence[Tensor] | None = None, rows: int = SCORE_ROWS) -> Tensor:  # fmt: skip
+def score_ids(
+    model: Any,
+    sequences: Sequence[list[int]],
+    pad_id: int,
+    split: int = 0,
+    lowers: Sequence[Tensor] | None = None,
+    rows: int = SCORE_ROWS,
+) -> Tensor:
     """(N,) raw scores, each read at its sequence's last token; on the model's device. `lowers`: each sequence's
     hidden states below layer `split` (`compute_lowers`), so that only the layers from `split` up run.
 
     The sequences run `rows` at a time in order of length, each group padded to its own longest: a batch of a
     few prompts' answers mixes lengths, and one padded block did the longest answer's work for every answer."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    parts = [_scores(model, [sequences[i] for i in group], pad_id, split,
-                     None if lowers is None else [lowers[i] for i in group])
-             for group in (order[start : start + rows] for start in range(0, len(order), rows))]  # fmt: skip
+    parts = [
+        _scores(
+            model, [sequences[i] for i in group], pad_id, split, None if lowers is None else [lowers[i] for i in group]
+        )
+        for group in (order[start : start + rows] for start in range(0, len(order), rows))
+    ]
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     scores: Tensor = torch.cat(parts)[inverse.to(parts[0].device)] if parts else torch.zeros(0)
     return scores
 
 
-def _scores(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int,
-            lowers: Sequence[Tensor] | None) -> Tensor:  # fmt: skip
+def _scores(
+    model: Any, sequences: Sequence[list[int]], pad_id: int, split: int, lowers: Sequence[Tensor] | None
+) -> Tensor:
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in right_pad(sequences, pad_id))
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
@@ -102,8 +119,9 @@ def _pad_lowers(lowers: Sequence[Tensor], width: int) -> Tensor:
 
 
 @torch.no_grad()
-def compute_lowers(model: Any, sequences: Sequence[list[int]], pad_id: int, split: int,
-                   batch: int = 16) -> list[Tensor]:  # fmt: skip
+def compute_lowers(
+    model: Any, sequences: Sequence[list[int]], pad_id: int, split: int, batch: int = 16
+) -> list[Tensor]:
     """Each sequence's hidden states below layer `split`, (L_i, H), computed once: they do not change while only
     the upper layers train, so every epoch reuses them. Batches of similar length, so that little is padding."""
     backbone = layers.backbone_of(model)
@@ -119,8 +137,14 @@ def compute_lowers(model: Any, sequences: Sequence[list[int]], pad_id: int, spli
     return [out[i] for i in range(len(sequences))]
 
 
-def group_loss(model: Any, groups: Sequence[RankedGroup], pad_id: int, margin: float = 0.0, split: int = 0,
-               lowers: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+def group_loss(
+    model: Any,
+    groups: Sequence[RankedGroup],
+    pad_id: int,
+    margin: float = 0.0,
+    split: int = 0,
+    lowers: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """K-wise loss over whole prompts; returns (loss, accuracy, scores). `lowers`: as in `score_ids`, one per
     answer of `groups` in order."""
     sequences = [answer for g in groups for answer in g.answers]
@@ -144,8 +168,14 @@ class Evaluation:
 
 
 @torch.no_grad()
-def held_out_accuracy(model: Any, groups: Sequence[RankedGroup], pad_id: int, batch: int = 8, split: int = 0,
-                      lowers: Sequence[Sequence[Tensor]] | None = None) -> Evaluation:  # fmt: skip
+def held_out_accuracy(
+    model: Any,
+    groups: Sequence[RankedGroup],
+    pad_id: int,
+    batch: int = 8,
+    split: int = 0,
+    lowers: Sequence[Sequence[Tensor]] | None = None,
+) -> Evaluation:
     """Pairwise accuracy (over all pairs), mean K-wise loss (over prompts), and the scores' mean and std.
     `lowers`: each group's answers' lower hidden states (as `train_reward_model` takes them)."""
     model.eval()
@@ -163,15 +193,25 @@ def held_out_accuracy(model: Any, groups: Sequence[RankedGroup], pad_id: int, ba
         losses += [float(loss)] * len(chunk)
         all_scores.append(scores)
     scores = torch.cat(all_scores) if all_scores else torch.zeros(0)
-    return Evaluation(correct / total if total else float("nan"), sum(losses) / max(1, len(losses)),
-                      float(scores.mean()) if scores.numel() else 0.0,
-                      float(scores.std()) if scores.numel() > 1 else 0.0, len(groups), int(total))  # fmt: skip
+    return Evaluation(
+        correct / total if total else float("nan"),
+        sum(losses) / max(1, len(losses)),
+        float(scores.mean()) if scores.numel() else 0.0,
+        float(scores.std()) if scores.numel() > 1 else 0.0,
+        len(groups),
+        int(total),
+    )
 
 
 @torch.no_grad()
-def reference_offset(model: Any, groups: Sequence[RankedGroup], pad_id: int, reference: str | None,
-                     batch: int = 16,
-                     lowers: Sequence[Sequence[Tensor]] | None = None) -> tuple[float, str]:  # fmt: skip
+def reference_offset(
+    model: Any,
+    groups: Sequence[RankedGroup],
+    pad_id: int,
+    reference: str | None,
+    batch: int = 16,
+    lowers: Sequence[Sequence[Tensor]] | None = None,
+) -> tuple[float, str]:
     """Mean raw score of the reference policy's answers (all answers when none of them are the reference's).
     `lowers`: as `train_reward_model` takes them, one list per group."""
     own = [i for i, g in enumerate(groups) if reference is not None and g.policy_version == reference]
@@ -181,9 +221,12 @@ def reference_offset(model: Any, groups: Sequence[RankedGroup], pad_id: int, ref
         return 0.0, "none"
     below = None if lowers is None else [h for i in chosen for h in lowers[i]]
     split = frozen_below(model) if below is not None else 0
-    scores = torch.cat([score_ids(model, sequences[i : i + batch], pad_id, split,
-                                  None if below is None else below[i : i + batch])
-                        for i in range(0, len(sequences), batch)])  # fmt: skip
+    scores = torch.cat(
+        [
+            score_ids(model, sequences[i : i + batch], pad_id, split, None if below is None else below[i : i + batch])
+            for i in range(0, len(sequences), batch)
+        ]
+    )
     return float(scores.mean()), basis
 
 
@@ -218,8 +261,14 @@ class RewardScorer:
     @torch.no_grad()
     def __call__(self, rollouts: Any, packed: Any, below: Tensor | None) -> Tensor:
         """(B,) normalised scores of a learn.ppo.Packed batch, read at each sequence's last token."""
-        hidden = layers.final_hidden(self.backbone, self.split, packed.input_ids, packed.attention_mask,
-                                     packed.position_ids, below if self.shares_lower else None)  # fmt: skip
+        hidden = layers.final_hidden(
+            self.backbone,
+            self.split,
+            packed.input_ids,
+            packed.attention_mask,
+            packed.position_ids,
+            below if self.shares_lower else None,
+        )
         return self.from_hidden(hidden, packed)
 
     @torch.no_grad()
@@ -232,10 +281,17 @@ class RewardScorer:
 
 
 def train_reward_model(
-    model: Any, tokenizer: Any, train: Sequence[RankedGroup], held_out: Sequence[RankedGroup], config: LoopConfig,
-    log: MetricsLog, checkpoint: Path | None = None, show_progress: bool = True,
-    lowers: Sequence[Sequence[Tensor]] | None = None, on_step: StepHook | None = None,
-) -> tuple[LoopResult, Evaluation]:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    train: Sequence[RankedGroup],
+    held_out: Sequence[RankedGroup],
+    config: LoopConfig,
+    log: MetricsLog,
+    checkpoint: Path | None = None,
+    show_progress: bool = True,
+    lowers: Sequence[Sequence[Tensor]] | None = None,
+    on_step: StepHook | None = None,
+) -> tuple[LoopResult, Evaluation]:
     """Train on whole prompts (`config.batch_size` prompts per step), then evaluate on the held-out prompts.
 
     Where only the upper layers train (`load_reward_model`'s `train_layers`), each answer's lower hidden states are
@@ -250,8 +306,11 @@ def train_reward_model(
     def step(indices: list[int]) -> tuple[Tensor, dict[str, float]]:
         lowers = None if cached is None else [h for i in indices for h in cached[i]]
         loss, accuracy, scores = group_loss(model, [train[i] for i in indices], pad, split=split, lowers=lowers)
-        return loss, {"accuracy": float(accuracy), "score_mean": float(scores.mean()),
-                      "score_std": float(scores.std()) if scores.numel() > 1 else 0.0}  # fmt: skip
+        return loss, {
+            "accuracy": float(accuracy),
+            "score_mean": float(scores.mean()),
+            "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+        }
 
     result = run_loop(model, len(train), step, config, log, "reward model", checkpoint, show_progress, on_step)
     evaluation = (

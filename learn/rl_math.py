@@ -116,8 +116,10 @@ def check_answer_frame(mask: Tensor) -> None:
         return
     if bool((mask[:, 1:] > mask[:, :-1]).any()) or bool((mask[:, 0] == 0).any()):
         bad = int(((mask[:, 1:] > mask[:, :-1]).any(dim=1) | (mask[:, 0] == 0)).nonzero()[0])
-        raise ValueError(f"row {bad} of the mask is not in the answer frame (1…1 0…0 from column 0): "
-                         f"{mask[bad].tolist()}; cut the answers out of the packed sequences first")  # fmt: skip
+        raise ValueError(
+            f"row {bad} of the mask is not in the answer frame (1…1 0…0 from column 0): "
+            f"{mask[bad].tolist()}; cut the answers out of the packed sequences first"
+        )
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -130,9 +132,14 @@ def last_token_index(mask: Tensor) -> Tensor:
 
 
 def kl_penalty_rewards(
-    logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, scores: Tensor, beta: float | Tensor,
-    truncated: Tensor | None = None, truncation_penalty: float = 0.0,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    scores: Tensor,
+    beta: float | Tensor,
+    truncated: Tensor | None = None,
+    truncation_penalty: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """Per-token rewards: -beta * KL estimate at every answer token, the score added at the answer's last token.
 
     logprobs, ref_logprobs, mask: (B, A), answer frame, of the sampled tokens under the policy and the SFT reference
@@ -186,8 +193,9 @@ class PolicyLoss:
     approx_kl: Tensor  # mean of 0.5 * (log ratio)^2 against the policy that sampled
 
 
-def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
-                        clip: float) -> PolicyLoss:  # fmt: skip
+def clipped_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float
+) -> PolicyLoss:
     """PPO's clipped surrogate (Schulman et al. 2017): mean over answer tokens of max(-A * ratio, -A * clip(ratio,
     1 - clip, 1 + clip)), ratio = pi(y_t) / pi_old(y_t) from log-probabilities; all (B, A), answer frame.
 
@@ -203,8 +211,9 @@ def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tens
     return PolicyLoss(loss, clip_fraction, approx_kl)
 
 
-def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
-                       clip: float) -> tuple[Tensor, Tensor]:  # fmt: skip
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float
+) -> tuple[Tensor, Tensor]:
     """0.5 * mean of max((V - R)^2, (clip(V, V_old ± clip) - R)^2) over the mask; returns (loss, clip fraction).
     All (B, A), answer frame."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)

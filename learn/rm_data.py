@@ -63,8 +63,9 @@ def group_from_event(event_id: str, event: RankingEvent, max_len: int) -> Ranked
     comparison = event.comparison
     answers = [_fit(comparison.prompt_token_ids, c.token_ids, max_len) for c in comparison.candidates]
     lens = tuple(min(len(c.token_ids), max_len) for c in comparison.candidates)
-    return RankedGroup(prompt_key(comparison.messages), answers, event.ranking, comparison.policy_version,
-                       event_id, lens)  # fmt: skip
+    return RankedGroup(
+        prompt_key(comparison.messages), answers, event.ranking, comparison.policy_version, event_id, lens
+    )
 
 
 def _fit(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> list[int]:
@@ -93,8 +94,9 @@ def parse_hh(text: str) -> list[dict[str, str]]:
     return [{"role": roles[parts[i]], "content": parts[i + 1]} for i in range(1, len(parts), 2)]
 
 
-def hh_groups(path: Path, tokenizer: Any, max_len: int, limit: int | None = None,
-              skip: int = 0) -> Iterator[RankedGroup]:  # fmt: skip
+def hh_groups(
+    path: Path, tokenizer: Any, max_len: int, limit: int | None = None, skip: int = 0
+) -> Iterator[RankedGroup]:
     """Pairs of an HH-RLHF file (optionally gzipped) as K=2 groups, chosen first: rows skip..skip+limit."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as lines:

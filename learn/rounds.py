@@ -86,8 +86,9 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         if parent is None:
             raise StoreError("the model store is empty: run `rankloop model import` first")
         folder, after = policies.path(parent), None
-    model, tokenizer = load_reward_model(folder, LoraOptions() if options.lora else None,
-                                         train_layers=options.train_layers)  # fmt: skip
+    model, tokenizer = load_reward_model(
+        folder, LoraOptions() if options.lora else None, train_layers=options.train_layers
+    )
     new = load_groups(options.data, settings, tokenizer, options.max_len, after, options.limit, options.skip)
     train, held = split(new, options.held_out)
     if after is not None:  # the held-out prompts of earlier rounds still measure this one
@@ -101,21 +102,41 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     if not train:
         since = f" after {after}" if after else ""
         raise StoreError(f"{options.data} holds no new ranked prompts to train on{since}")
-    config = LoopConfig(epochs=options.epochs, batch_size=options.batch_prompts,
-                        lr=options.lr or (1e-4 if options.lora else 1e-5), max_steps=options.max_steps)  # fmt: skip
+    config = LoopConfig(
+        epochs=options.epochs,
+        batch_size=options.batch_prompts,
+        lr=options.lr or (1e-4 if options.lora else 1e-5),
+        max_steps=options.max_steps,
+    )
     version = rewards.next_version()
     metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
     pad = int(tokenizer.pad_token_id)
     with MetricsLog(metrics) as log, autocast(options.bf16):
         lowers = group_lowers(model, train, pad)  # once, for every epoch and for the offset
-        result, evaluation = train_reward_model(model, tokenizer, train, held, config, log,
-                                                show_progress=show_progress, lowers=lowers)  # fmt: skip
+        result, evaluation = train_reward_model(
+            model, tokenizer, train, held, config, log, show_progress=show_progress, lowers=lowers
+        )
         offset, basis = reference_offset(model, train, pad, policies.reference(), lowers=lowers)
     last_event = max((g.event_id for g in new if g.event_id), key=event_order, default=after)
-    card = run_card(version, parent, "reward_model", config, result, data=options.data, prompts=len(train),
-                    skipped_prompts=skipped, held_out_prompts=len(held), lora=options.lora, metrics=str(metrics),
-                    eval=vars(evaluation), offset=offset, offset_basis=basis, last_event_id=last_event,
-                    bf16=options.bf16, train_layers=options.train_layers)  # fmt: skip
+    card = run_card(
+        version,
+        parent,
+        "reward_model",
+        config,
+        result,
+        data=options.data,
+        prompts=len(train),
+        skipped_prompts=skipped,
+        held_out_prompts=len(held),
+        lora=options.lora,
+        metrics=str(metrics),
+        eval=vars(evaluation),
+        offset=offset,
+        offset_basis=basis,
+        last_event_id=last_event,
+        bf16=options.bf16,
+        train_layers=options.train_layers,
+    )
     save_reward_model(model, tokenizer, rewards, card, offset, basis)
     return RMResult(version, evaluation, len(train), card, time.perf_counter() - started)
 
@@ -147,8 +168,14 @@ class PPOResult:
     seconds: dict[str, float]  # where the round's time went: load, evaluate_before, iterations, evaluate_after, ...
 
 
-def ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_step: StepHook | None = None,
-              show_progress: bool = True, on_phase: PhaseHook | None = None) -> PPOResult:  # fmt: skip
+def ppo_round(
+    settings: Settings,
+    config: RoundConfig,
+    options: PPOOptions,
+    on_step: StepHook | None = None,
+    show_progress: bool = True,
+    on_phase: PhaseHook | None = None,
+) -> PPOResult:
     """A PPO round from `options.parent` into a new policy version; resumes an interrupted round of the same
     parent, reward model and configuration from its checkpoint."""
     with autocast(options.bf16):
@@ -194,14 +221,27 @@ class RoundData:
     eval_on: str
 
 
-def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_step: StepHook | None,
-               show_progress: bool, clock: Clock) -> PPOResult:  # fmt: skip
+def _ppo_round(
+    settings: Settings,
+    config: RoundConfig,
+    options: PPOOptions,
+    on_step: StepHook | None,
+    show_progress: bool,
+    clock: Clock,
+) -> PPOResult:
     inputs = _resolve(settings, options)
     data = _load(settings, config, options, inputs)
     trainer = PPORound(data.models, config, data.train, data.ptx_train, data.served)
-    meta = {"parent": inputs.parent, "reference": inputs.reference, "reward": inputs.reward,
-            "config": json.dumps(asdict(config)), "prompts": len(data.train), "served": len(data.served),
-            "ptx": len(data.ptx_train), "until": inputs.until}  # fmt: skip
+    meta = {
+        "parent": inputs.parent,
+        "reference": inputs.reference,
+        "reward": inputs.reward,
+        "config": json.dumps(asdict(config)),
+        "prompts": len(data.train),
+        "served": len(data.served),
+        "ptx": len(data.ptx_train),
+        "until": inputs.until,
+    }
     resumed = trainer.resume(inputs.checkpoint, meta)
     answers = AnswerCache(settings.data_dir / "evals" / "answers")
     clock.next("evaluate_before", f"evaluating {inputs.parent}")
@@ -212,10 +252,16 @@ def _ppo_round(settings: Settings, config: RoundConfig, options: PPOOptions, on_
     _train(trainer, config, inputs.checkpoint, meta, metrics, on_step, show_progress)
     clock.next("evaluate_after", "evaluating the new version")
     stored = as_stored(data.models.policy)  # the version as users would get it, not the round's fp32 adapters
-    after, after_answers = evaluate_policy(replace(data.models, policy=stored), data.evaluation_prompts,
-                                           data.ptx_held, config.max_new_tokens, options.eval_samples)  # fmt: skip
-    judged = judge_on_held_out_rankings(settings, data.models, ModelStore(settings.store_dir).path(inputs.parent),
-                                        config, inputs.until, stored)  # fmt: skip
+    after, after_answers = evaluate_policy(
+        replace(data.models, policy=stored),
+        data.evaluation_prompts,
+        data.ptx_held,
+        config.max_new_tokens,
+        options.eval_samples,
+    )
+    judged = judge_on_held_out_rankings(
+        settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, inputs.until, stored
+    )
     reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held)
     clock.next("publish", "writing the new version")
     card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
@@ -253,10 +299,12 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
     if config.rollouts == "served":
         served = served_comparisons(settings, inputs.parent, options.held_out, options.max_prompt_len, inputs.until)
     torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
-    models = load_models(store.path(inputs.parent), store.path(inputs.reference), rewards.path(inputs.reward), config,
-                         bool(served))  # fmt: skip
-    train, held = round_prompts(settings, models.tokenizer, options.prompt_file, options.held_out,
-                                options.max_prompt_len, inputs.until)  # fmt: skip
+    models = load_models(
+        store.path(inputs.parent), store.path(inputs.reference), rewards.path(inputs.reward), config, bool(served)
+    )
+    train, held = round_prompts(
+        settings, models.tokenizer, options.prompt_file, options.held_out, options.max_prompt_len, inputs.until
+    )
     if not train and not served:
         raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
     ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, options.ptx_file, 512, inputs.until)
@@ -264,25 +312,42 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
     return RoundData(models, train, held, served, ptx_train, ptx_held, ptx_source, evaluation_prompts, eval_on)
 
 
-def _evaluate_parent(data: RoundData, config: RoundConfig, options: PPOOptions, inputs: RoundInputs,
-                     answers: AnswerCache, resumed: bool) -> PolicyEval:  # fmt: skip
+def _evaluate_parent(
+    data: RoundData, config: RoundConfig, options: PPOOptions, inputs: RoundInputs, answers: AnswerCache, resumed: bool
+) -> PolicyEval:
     """The parent's evaluation: kept beside the checkpoint, so that a resumed round does not redo it."""
     before_file = inputs.checkpoint.with_suffix(".before.json")
     if resumed and before_file.is_file():
         return PolicyEval(**json.loads(before_file.read_text()))
     # The policy is still its parent here: the parent's answers (kept from when it was made, if it was).
-    before, _ = evaluate_policy(data.models, data.evaluation_prompts, data.ptx_held, config.max_new_tokens,
-                                options.eval_samples, cache=answers, version=inputs.parent)  # fmt: skip
+    before, _ = evaluate_policy(
+        data.models,
+        data.evaluation_prompts,
+        data.ptx_held,
+        config.max_new_tokens,
+        options.eval_samples,
+        cache=answers,
+        version=inputs.parent,
+    )
     before_file.parent.mkdir(parents=True, exist_ok=True)
     before_file.write_text(json.dumps(before.figures()))
     return before
 
 
-def _train(trainer: PPORound, config: RoundConfig, checkpoint: Path, meta: dict[str, Any], metrics: Path,
-           on_step: StepHook | None, show_progress: bool) -> None:  # fmt: skip
+def _train(
+    trainer: PPORound,
+    config: RoundConfig,
+    checkpoint: Path,
+    meta: dict[str, Any],
+    metrics: Path,
+    on_step: StepHook | None,
+    show_progress: bool,
+) -> None:
     """The iterations left, each checkpointed and logged."""
-    with MetricsLog(metrics) as log, step_progress(f"PPO from {meta['parent']}", config.iterations - trainer.iteration,
-                                                   show_progress) as progress:  # fmt: skip
+    with (
+        MetricsLog(metrics) as log,
+        step_progress(f"PPO from {meta['parent']}", config.iterations - trainer.iteration, show_progress) as progress,
+    ):
         for _ in range(trainer.iteration, config.iterations):
             figures = trainer.step()
             trainer.save(checkpoint, meta)  # a kill now loses nothing; a kill during the step, only that step
@@ -295,22 +360,41 @@ def _train(trainer: PPORound, config: RoundConfig, checkpoint: Path, meta: dict[
 Judged = tuple[PolicyEval, PolicyEval, Agreement, float | None]  # before, after, agreement, the reference's ptx loss
 
 
-def _publish(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: RoundInputs, data: RoundData,
-             stored: Any, judged: Judged, metrics: Path) -> Card:  # fmt: skip
+def _publish(
+    settings: Settings,
+    config: RoundConfig,
+    options: PPOOptions,
+    inputs: RoundInputs,
+    data: RoundData,
+    stored: Any,
+    judged: Judged,
+    metrics: Path,
+) -> Card:
     """The new version into the store, its card with the round's figures; the round's checkpoint removed."""
     before, after, agreed, reference_ptx = judged
     store = ModelStore(settings.store_dir)
     version = store.next_version()
-    card = Card(version=version, parent=inputs.parent, made_by="ppo", details={
-        "reward_model": inputs.reward, "reference": inputs.reference, "iterations": config.iterations,
-        "bf16": options.bf16, "config": asdict(config), "train_prompts": len(data.train),
-        "held_out_prompts": len(data.held),
-        "rollouts": f"{len(data.served)} ranked comparisons {inputs.parent} wrote" if data.served else "sampled",
-        "eval_on": data.eval_on, "eval_prompts": len(data.evaluation_prompts),
-        "ptx": {"source": data.ptx_source, "train": len(data.ptx_train), "held_out": len(data.ptx_held)},
-        "eval": {"before": before.figures(), "after": after.figures(), "reference_ptx_loss": reference_ptx},
-        "agreement": agreed.figures(), "metrics": str(metrics),
-    })  # fmt: skip
+    card = Card(
+        version=version,
+        parent=inputs.parent,
+        made_by="ppo",
+        details={
+            "reward_model": inputs.reward,
+            "reference": inputs.reference,
+            "iterations": config.iterations,
+            "bf16": options.bf16,
+            "config": asdict(config),
+            "train_prompts": len(data.train),
+            "held_out_prompts": len(data.held),
+            "rollouts": f"{len(data.served)} ranked comparisons {inputs.parent} wrote" if data.served else "sampled",
+            "eval_on": data.eval_on,
+            "eval_prompts": len(data.evaluation_prompts),
+            "ptx": {"source": data.ptx_source, "train": len(data.ptx_train), "held_out": len(data.ptx_held)},
+            "eval": {"before": before.figures(), "after": after.figures(), "reference_ptx_loss": reference_ptx},
+            "agreement": agreed.figures(),
+            "metrics": str(metrics),
+        },
+    )
     save_policy(stored, data.models.tokenizer, store, card)
     inputs.checkpoint.unlink(missing_ok=True)
     inputs.checkpoint.with_suffix(".before.json").unlink(missing_ok=True)
@@ -322,13 +406,15 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
     part of rankloop's own prompt set (users are never asked those)."""
     if held:
         return held[: options.eval_prompts], "held-out prompts"
-    _, shipped = split_prompts(prompts_from_file(DEFAULT_PROMPTS, tokenizer, options.max_prompt_len), key_of,
-                               options.held_out)  # fmt: skip
+    _, shipped = split_prompts(
+        prompts_from_file(DEFAULT_PROMPTS, tokenizer, options.max_prompt_len), key_of, options.held_out
+    )
     return shipped[: options.eval_prompts], f"held-out prompts of {DEFAULT_PROMPTS.name}"
 
 
-def judge_on_held_out_rankings(settings: Settings, models: Any, parent_folder: Path, config: RoundConfig,
-                               until: str | None, stored: Any) -> Agreement:  # fmt: skip
+def judge_on_held_out_rankings(
+    settings: Settings, models: Any, parent_folder: Path, config: RoundConfig, until: str | None, stored: Any
+) -> Agreement:
     """`Agreement` of the trained policy, as stored (`stored`), with the reward model's held-out rankings (every
     round's so far), relative to its parent."""
     groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024, until=until)

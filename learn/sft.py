@@ -47,9 +47,15 @@ def lm_step(model: Any, examples: Sequence[Example], pad_id: int) -> StepFn:
 
 
 def train_lm(
-    model: Any, tokenizer: Any, examples: Sequence[Example], config: LoopConfig, log: MetricsLog,
-    description: str, checkpoint: Path | None = None, show_progress: bool = True,
-) -> LoopResult:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: LoopConfig,
+    log: MetricsLog,
+    description: str,
+    checkpoint: Path | None = None,
+    show_progress: bool = True,
+) -> LoopResult:
     if not examples:
         raise ValueError("no training examples")
     step = lm_step(model, examples, pad_id(tokenizer))

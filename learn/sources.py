@@ -70,8 +70,16 @@ def load_demonstrations(source: str, settings: Settings, until: str | None = Non
     return list(demonstrations_from_rows(read_jsonl(path), source))
 
 
-def load_groups(source: str, settings: Settings, tokenizer: Any, max_len: int, after: str | None = None,
-                limit: int | None = None, skip: int = 0, until: str | None = None) -> list[RankedGroup]:  # fmt: skip
+def load_groups(
+    source: str,
+    settings: Settings,
+    tokenizer: Any,
+    max_len: int,
+    after: str | None = None,
+    limit: int | None = None,
+    skip: int = 0,
+    until: str | None = None,
+) -> list[RankedGroup]:
     """`feedback` (ranking events, those after event `after` and up to `until` when given) or an HH-RLHF pairwise
     file."""
     if source == FEEDBACK:
@@ -91,8 +99,14 @@ def count_rankings(settings: Settings, after: str | None) -> int:
         return dataset.count("ranking", after)
 
 
-def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, held_out: float, max_len: int,
-                  until: str | None = None) -> tuple[list[Prompt], list[Prompt]]:  # fmt: skip
+def round_prompts(
+    settings: Settings,
+    tokenizer: Any,
+    prompt_file: Path | None,
+    held_out: float,
+    max_len: int,
+    until: str | None = None,
+) -> tuple[list[Prompt], list[Prompt]]:
     """(train, held out) prompts: users' ranked prompts (up to event `until`), then those of `prompt_file`, each
     once. Train leaves out the reward model's held-out prompts too: their rankings judge the round (agreement)."""
     prompts = prompts_from_events((event for _, event in _rankings(settings, until=until)), max_len)
@@ -102,18 +116,23 @@ def round_prompts(settings: Settings, tokenizer: Any, prompt_file: Path | None, 
     return [p for p in train if not is_rm_held_out(p.key, held_out)], held
 
 
-def served_comparisons(settings: Settings, parent: str, held_out: float, max_prompt_len: int,
-                       until: str | None = None) -> list[Served]:  # fmt: skip
+def served_comparisons(
+    settings: Settings, parent: str, held_out: float, max_prompt_len: int, until: str | None = None
+) -> list[Served]:
     """The ranked comparisons `parent` wrote (up to event `until`), as PPO rollouts: each comparison once, none of
     a held-out prompt (the evaluation's, and the reward model's: those judge the round, so it never trains on them).
     """
     served = served_from_events((event for _, event in _rankings(settings, until=until)), max_prompt_len)
-    return [s for s in served if s.policy_version == parent and not is_held_out(s.key, held_out)
-            and not is_rm_held_out(s.key, held_out)]  # fmt: skip
+    return [
+        s
+        for s in served
+        if s.policy_version == parent and not is_held_out(s.key, held_out) and not is_rm_held_out(s.key, held_out)
+    ]
 
 
-def ptx_examples(settings: Settings, tokenizer: Any, ptx_file: Path | None, max_len: int,
-                 until: str | None = None) -> tuple[list[Example], list[Example], str]:  # fmt: skip
+def ptx_examples(
+    settings: Settings, tokenizer: Any, ptx_file: Path | None, max_len: int, until: str | None = None
+) -> tuple[list[Example], list[Example], str]:
     """(train, held out, source) for the ptx term: a text or JSONL file when given, else users' demonstrations."""
     if ptx_file is not None:
         if not ptx_file.is_file():

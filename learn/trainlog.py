@@ -65,7 +65,12 @@ def step_progress(description: str, total: int, enabled: bool = True) -> Iterato
     if not enabled:
         yield StepProgress(None, None)
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[figures]}"))  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[figures]}"),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         yield StepProgress(progress, progress.add_task(description, total=total, figures=""))

@@ -41,8 +41,13 @@ def load_causal_lm(folder: Path, lora: LoraOptions | None = None, train_layers: 
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                            **layers.lora_targets(backbone, split))  # fmt: skip
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            task_type="CAUSAL_LM",
+            **layers.lora_targets(backbone, split),
+        )
         model = get_peft_model(model, config)
     elif split:
         model.get_input_embeddings().requires_grad_(False)  # tied to the LM head in small models: both stay
@@ -79,11 +84,19 @@ def save_policy(model: Any, tokenizer: Any, store: ModelStore, card: Card) -> Pa
     return store.publish(card, fill)
 
 
-def run_card(version: str, parent: str, made_by: str, config: LoopConfig, result: LoopResult,
-             **details: Any) -> Card:  # fmt: skip
+def run_card(version: str, parent: str, made_by: str, config: LoopConfig, result: LoopResult, **details: Any) -> Card:
     """A card that says how the version was made: data, steps, settings and the loss curve (≤ 200 points)."""
     stride = max(1, len(result.losses) // 200)
-    return Card(version=version, parent=parent, made_by=made_by, details={
-        "steps": result.steps, "config": asdict(config), "loss_curve": result.losses[::stride],
-        "loss_curve_stride": stride, "machine": platform.node(), **details,
-    })  # fmt: skip
+    return Card(
+        version=version,
+        parent=parent,
+        made_by=made_by,
+        details={
+            "steps": result.steps,
+            "config": asdict(config),
+            "loss_curve": result.losses[::stride],
+            "loss_curve_stride": stride,
+            "machine": platform.node(),
+            **details,
+        },
+    )

@@ -108,8 +108,12 @@ def _core_budget(settings: Settings) -> CoreBudget:
 
     budget = core_budget(settings, sorted(os.sched_getaffinity(0)), has_cuda())
     if budget.server or budget.learner:
-        console.print("cores: " + "; ".join(f"{k.removeprefix('RANKLOOP_').lower()}={v}"
-                                             for k, v in {**budget.server, **budget.learner}.items()))  # fmt: skip
+        console.print(
+            "cores: "
+            + "; ".join(
+                f"{k.removeprefix('RANKLOOP_').lower()}={v}" for k, v in {**budget.server, **budget.learner}.items()
+            )
+        )
     return budget
 
 

@@ -28,8 +28,11 @@ def training_settings_or_exit() -> Settings:
     if settings.learn_cpus is not None:
         cores = cpu_list(settings.learn_cpus) & os.sched_getaffinity(0)
         if not cores:
-            raise fail(f"RANKLOOP_LEARN_CPUS={settings.learn_cpus} names none of the cores this process may use "
-                       f"({sorted(os.sched_getaffinity(0))})", 2)  # fmt: skip
+            raise fail(
+                f"RANKLOOP_LEARN_CPUS={settings.learn_cpus} names none of the cores this process may use "
+                f"({sorted(os.sched_getaffinity(0))})",
+                2,
+            )
         os.sched_setaffinity(0, cores)
     import torch
 

@@ -52,8 +52,10 @@ def daemon(context: typer.Context) -> None:
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
     client = redis.Redis.from_url(settings.effective_redis_url)
-    console.print(f"learner: a round every {settings.learn_min_rankings} new rankings; "
-                  f"auto-promote {'on' if settings.learn_auto_promote else 'off'}")  # fmt: skip
+    console.print(
+        f"learner: a round every {settings.learn_min_rankings} new rankings; "
+        f"auto-promote {'on' if settings.learn_auto_promote else 'off'}"
+    )
     Learner(settings, client).run(stop)
 
 
@@ -108,8 +110,9 @@ def sft(
     console.print(f"{made_by}: {len(examples)} examples from {source}, from {parent}, {'LoRA' if lora else 'full'}")
     with MetricsLog(metrics) as log:
         result = train_lm(model, tokenizer, examples, config, log, f"{made_by} → {version}")
-    card = run_card(version, parent, made_by, config, result, data=source, examples=len(examples), lora=lora,
-                    metrics=str(metrics))  # fmt: skip
+    card = run_card(
+        version, parent, made_by, config, result, data=source, examples=len(examples), lora=lora, metrics=str(metrics)
+    )
     save_policy(model, tokenizer, store, card)
     console.print(f"wrote {version} (loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}); metrics in {metrics}")
 
@@ -143,17 +146,32 @@ def rm(
     from learn.rounds import RMOptions, rm_round
 
     settings = training_settings_or_exit()
-    options = RMOptions(data, resume_from, base, epochs, lr, batch_prompts, max_len, held_out, lora, limit, skip,
-                        max_steps, bf16=use_bf16(settings.learn_bf16),
-                        train_layers=settings.learn_train_layers)  # fmt: skip
+    options = RMOptions(
+        data,
+        resume_from,
+        base,
+        epochs,
+        lr,
+        batch_prompts,
+        max_len,
+        held_out,
+        lora,
+        limit,
+        skip,
+        max_steps,
+        bf16=use_bf16(settings.learn_bf16),
+        train_layers=settings.learn_train_layers,
+    )
     try:
         result = rm_round(settings, options)
     except (StoreError, DataError, OSError) as exc:
         raise fail(str(exc)) from exc
     evaluation, details = result.evaluation, result.card.details
-    console.print(f"wrote {result.version} from {result.card.parent}: {result.train_prompts} prompts trained on; "
-                  f"held-out accuracy {evaluation.accuracy:.3f} over {evaluation.groups} prompts, loss "
-                  f"{evaluation.loss:.3f}; offset {details['offset']:.3f} ({details['offset_basis']})")  # fmt: skip
+    console.print(
+        f"wrote {result.version} from {result.card.parent}: {result.train_prompts} prompts trained on; "
+        f"held-out accuracy {evaluation.accuracy:.3f} over {evaluation.groups} prompts, loss "
+        f"{evaluation.loss:.3f}; offset {details['offset']:.3f} ({details['offset_basis']})"
+    )
 
 
 @app.command()
@@ -206,26 +224,47 @@ def ppo(
     # The daemon's round (the settings), changed only where a flag says so: the same command resumes its rounds.
     config = RoundConfig.from_settings(settings)
     rate = lr or (config.lr if lora else 1e-5)
-    config = config.changed(ptx_coef, iterations=iterations, prompts_per_iteration=prompts_per_iteration,
-                            max_new_tokens=max_new_tokens, lr=rate, value_lr=rate, init_kl_coef=kl_coef,
-                            kl_target=kl_target, lora=lora, rollouts=source, seed=seed)  # fmt: skip
+    config = config.changed(
+        ptx_coef,
+        iterations=iterations,
+        prompts_per_iteration=prompts_per_iteration,
+        max_new_tokens=max_new_tokens,
+        lr=rate,
+        value_lr=rate,
+        init_kl_coef=kl_coef,
+        kl_target=kl_target,
+        lora=lora,
+        rollouts=source,
+        seed=seed,
+    )
     if fixed_kl:
         config = replace(config, kl_target=None)
-    options = PPOOptions(parent=base, reward=reward, prompt_file=prompts, ptx_file=ptx_data, fresh=fresh,
-                         bf16=use_bf16(settings.learn_bf16))  # fmt: skip
+    options = PPOOptions(
+        parent=base,
+        reward=reward,
+        prompt_file=prompts,
+        ptx_file=ptx_data,
+        fresh=fresh,
+        bf16=use_bf16(settings.learn_bf16),
+    )
     try:
         result = ppo_round(settings, config, options)
     except (StoreError, DataError, OSError, CheckpointMismatch) as exc:
         raise fail(str(exc)) from exc
     before, after = result.before, result.after
     resumed = f" (resumed at iteration {result.resumed_at})" if result.resumed_at else ""
-    console.print(f"wrote {result.version} from {result.parent}{resumed}: held-out mean reward {before.reward:.3f} → "
-                  f"{after.reward:.3f}, KL {after.kl:.2f}, answer length {before.answer_length:.1f} → "
-                  f"{after.answer_length:.1f}, empty {before.empty:.0%} → {after.empty:.0%}; agrees with "
-                  f"{result.agreement.rate:.0%} of {result.agreement.pairs} held-out ranked pairs")  # fmt: skip
+    console.print(
+        f"wrote {result.version} from {result.parent}{resumed}: held-out mean reward {before.reward:.3f} → "
+        f"{after.reward:.3f}, KL {after.kl:.2f}, answer length {before.answer_length:.1f} → "
+        f"{after.answer_length:.1f}, empty {before.empty:.0%} → {after.empty:.0%}; agrees with "
+        f"{result.agreement.rate:.0%} of {result.agreement.pairs} held-out ranked pairs"
+    )
     registered = register(settings, result.card)
-    console.print("registered as ready; promote it with `rankloop promote " + result.version + "`" if registered
-                  else "Redis unreachable: the server registers it when it starts")  # fmt: skip
+    console.print(
+        "registered as ready; promote it with `rankloop promote " + result.version + "`"
+        if registered
+        else "Redis unreachable: the server registers it when it starts"
+    )
 
 
 @app.command()

@@ -68,19 +68,25 @@ def simulate(
         raise fail(exc) from exc
     base = url or f"http://{settings.host}:{settings.port}"
     plan = Plan(base, train, scorer, users, k, noise, rate, duration, rankings, max_tokens, seed=seed)
-    console.print(f"{users} users ranking by `{preference}` (noise {noise}) at {base} for {duration:.0f} s: "
-                  f"{len(train)} prompts ({len(held)} held out for evaluation)")  # fmt: skip
+    console.print(
+        f"{users} users ranking by `{preference}` (noise {noise}) at {base} for {duration:.0f} s: "
+        f"{len(train)} prompts ({len(held)} held out for evaluation)"
+    )
 
     with Live(console=console, refresh_per_second=2) as live:
 
         def show(tally: Tally, elapsed: float) -> None:
             error = f", {tally.errors} errors ({tally.last_error})" if tally.errors else ""
-            live.update(f"{elapsed:5.0f} s  comparisons {tally.comparisons}  rankings {tally.rankings}  "
-                        f"serving {tally.version}{error}")  # fmt: skip
+            live.update(
+                f"{elapsed:5.0f} s  comparisons {tally.comparisons}  rankings {tally.rankings}  "
+                f"serving {tally.version}{error}"
+            )
 
         tally = asyncio.run(run(plan, show))
-    console.print(f"done: {tally.rankings} rankings over {tally.comparisons} comparisons; by version "
-                  f"{json.dumps(tally.versions)}; {tally.errors} errors")  # fmt: skip
+    console.print(
+        f"done: {tally.rankings} rankings over {tally.comparisons} comparisons; by version "
+        f"{json.dumps(tally.versions)}; {tally.errors} errors"
+    )
 
 
 def evaluate(
@@ -117,10 +123,12 @@ def evaluate(
         print(result.to_json())
         return
     rate = result.win_rate
-    console.print(f"{a} vs {b} under `{preference}`: win rate [bold]{rate.rate:.1%}[/] (95% {rate.low:.1%}-"
-                  f"{rate.high:.1%}) over {rate.n} pairs: {rate.wins} wins, {rate.ties} ties, {rate.losses} losses"
-                  f"{' (significant)' if rate.significant() else ''}; mean length {result.length_a:.0f} vs "
-                  f"{result.length_b:.0f} characters; saved to {path}")  # fmt: skip
+    console.print(
+        f"{a} vs {b} under `{preference}`: win rate [bold]{rate.rate:.1%}[/] (95% {rate.low:.1%}-"
+        f"{rate.high:.1%}) over {rate.n} pairs: {rate.wins} wins, {rate.ties} ties, {rate.losses} losses"
+        f"{' (significant)' if rate.significant() else ''}; mean length {result.length_a:.0f} vs "
+        f"{result.length_b:.0f} characters; saved to {path}"
+    )
 
 
 def report(

@@ -31,8 +31,10 @@ def _open() -> tuple[Registry, ModelStore]:
     try:
         sync_store(registry, store)  # versions written by the learner or imported appear here
     except RedisError as exc:
-        raise fail(f"the registry's Redis at {settings.effective_redis_url} is not reachable ({exc}); "
-                   "start the stack (`make run`) or set REDIS_URL") from exc  # fmt: skip
+        raise fail(
+            f"the registry's Redis at {settings.effective_redis_url} is not reachable ({exc}); "
+            "start the stack (`make run`) or set REDIS_URL"
+        ) from exc
     return registry, store
 
 
@@ -56,8 +58,9 @@ def versions(ctx: typer.Context) -> None:
     for info in registry.versions():
         mark = "[bold green]" if info.version == current else ""
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created)) if info.created else ""
-        table.add_row(f"{mark}{info.version}", info.state, info.parent or "", info.made_by, created,
-                      _figures(info.card))  # fmt: skip
+        table.add_row(
+            f"{mark}{info.version}", info.state, info.parent or "", info.made_by, created, _figures(info.card)
+        )
     console.print(table)
 
 

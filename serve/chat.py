@@ -51,9 +51,13 @@ class Prepared:
 
 class ChatService:
     def __init__(
-        self, engine: Engine, comparisons: ComparisonStore, settings: Settings, metrics: ServeMetrics,
+        self,
+        engine: Engine,
+        comparisons: ComparisonStore,
+        settings: Settings,
+        metrics: ServeMetrics,
         served: ServedVersion,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.engine = engine
         self.comparisons = comparisons
         self.settings = settings
@@ -80,29 +84,39 @@ class ChatService:
         context = self.engine.max_model_len
         if len(prompt_ids) >= context:
             raise ApiError(
-                400, f"the prompt is {len(prompt_ids)} tokens; the context holds {context}: shorten the messages",
-                "messages", "context_length_exceeded",
-            )  # fmt: skip
+                400,
+                f"the prompt is {len(prompt_ids)} tokens; the context holds {context}: shorten the messages",
+                "messages",
+                "context_length_exceeded",
+            )
         room = context - len(prompt_ids)
         max_tokens = request.requested_max_tokens()
         if max_tokens is None:
             max_tokens = min(self.settings.default_max_tokens, room)
         elif max_tokens > self.settings.max_tokens_limit:
             raise ApiError(
-                400, f"max_tokens is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}",
-                "max_tokens", "invalid_value",
-            )  # fmt: skip
+                400,
+                f"max_tokens is {max_tokens}; this server allows at most {self.settings.max_tokens_limit}",
+                "max_tokens",
+                "invalid_value",
+            )
         elif max_tokens > room:
             raise ApiError(
-                400, f"the prompt is {len(prompt_ids)} tokens, so max_tokens can be at most {room} "
-                f"(context {context}); it is {max_tokens}", "max_tokens", "context_length_exceeded",
-            )  # fmt: skip
+                400,
+                f"the prompt is {len(prompt_ids)} tokens, so max_tokens can be at most {room} "
+                f"(context {context}); it is {max_tokens}",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         n = request.n or self.settings.default_n
         if request.temperature == 0 and n > 1:
             raise ApiError(
-                400, f"temperature 0 (greedy) makes all {n} candidates the same answer; ask for n=1, or for "
-                "temperature > 0 to get candidates worth ranking", "temperature", "invalid_value",
-            )  # fmt: skip
+                400,
+                f"temperature 0 (greedy) makes all {n} candidates the same answer; ask for n=1, or for "
+                "temperature > 0 to get candidates worth ranking",
+                "temperature",
+                "invalid_value",
+            )
         generation = GenerationRequest(
             request_id=f"chatcmpl-{uuid.uuid4().hex}",
             prompt_token_ids=prompt_ids,
@@ -188,9 +202,13 @@ class ChatService:
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
             body = ChatCompletionChunk(
-                id=gen.request_id, created=created, model=MODEL_NAME, choices=choices, usage=usage,
+                id=gen.request_id,
+                created=created,
+                model=MODEL_NAME,
+                choices=choices,
+                usage=usage,
                 policy_version=prepared.policy_version,
-            )  # fmt: skip
+            )
             return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
 
         for i in range(gen.n):
@@ -258,9 +276,11 @@ class ChatService:
         except RedisError as exc:
             log.error("could not store comparison %s: %s", gen.request_id, exc)
             raise ApiError(
-                503, "the answers could not be stored for ranking (Redis unavailable); retry shortly",
-                code="redis_unavailable", headers={"Retry-After": REDIS_RETRY_AFTER_S},
-            ) from exc  # fmt: skip
+                503,
+                "the answers could not be stored for ranking (Redis unavailable); retry shortly",
+                code="redis_unavailable",
+                headers={"Retry-After": REDIS_RETRY_AFTER_S},
+            ) from exc
         self.metrics.comparisons.inc()
 
 

@@ -28,10 +28,16 @@ RETRY_S = 1.0
 
 
 class RegistryFollower:
-    def __init__(self, redis: Redis, served: ServedVersion, engine: Engine, store: ModelStore,
-                 metrics: ServeMetrics) -> None:  # fmt: skip
+    def __init__(
+        self, redis: Redis, served: ServedVersion, engine: Engine, store: ModelStore, metrics: ServeMetrics
+    ) -> None:
         self.registry, self.served, self.engine, self.store, self.metrics = (
-            AsyncRegistry(redis), served, engine, store, metrics)  # fmt: skip
+            AsyncRegistry(redis),
+            served,
+            engine,
+            store,
+            metrics,
+        )
 
     async def state(self) -> tuple[str | None, int, str]:
         """(current version, epoch, last event id), read in one transaction."""

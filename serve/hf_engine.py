@@ -50,10 +50,15 @@ class HFEngine:
         eos = int(self.tokenizer.eos_token_id)
         sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p, "top_k": 0}
         out = self.model.generate(
-            input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=request.max_tokens,
-            eos_token_id=None if request.ignore_eos else eos, pad_token_id=eos, output_scores=True,
-            return_dict_in_generate=True, **(sampling if request.temperature > 0 else {"do_sample": False}),
-        )  # fmt: skip
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=request.max_tokens,
+            eos_token_id=None if request.ignore_eos else eos,
+            pad_token_id=eos,
+            output_scores=True,
+            return_dict_in_generate=True,
+            **(sampling if request.temperature > 0 else {"do_sample": False}),
+        )
         scores = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
         deltas = []
         for index, row in enumerate(out.sequences[:, prompt.shape[1] :].tolist()):

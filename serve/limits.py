@@ -50,12 +50,16 @@ class BodySizeLimit:
                 await self._refuse(send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({
-            "error": {
-                "message": f"the request body is larger than {self.max_bytes} bytes",
-                "type": "invalid_request_error", "param": None, "code": "body_too_large",
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"the request body is larger than {self.max_bytes} bytes",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "body_too_large",
+                }
             }
-        }).encode()  # fmt: skip
+        ).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -44,9 +44,15 @@ def _build_engine(settings: Settings, version: str, store: ModelStore) -> Engine
 def uvicorn_config(app: FastAPI, host: str, port: int, access_log: bool = False) -> uvicorn.Config:
     # httptools and no per-request log line: at thousands of rankings per second both show in the profile.
     return uvicorn.Config(
-        app, host=host, port=port, log_level="info", access_log=access_log, http="httptools", lifespan="off",
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=access_log,
+        http="httptools",
+        lifespan="off",
         loop="uvloop",
-    )  # fmt: skip
+    )
 
 
 def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int]:

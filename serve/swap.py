@@ -54,8 +54,14 @@ class ServedVersion:
             if self.in_flight == 0:
                 self._idle.set()
 
-    async def swap(self, version: str, epoch: int, load: Callable[[], Awaitable[None]], check_s: float = 0.0,
-                   started_at: float = 0.0) -> SwapTimes:  # fmt: skip
+    async def swap(
+        self,
+        version: str,
+        epoch: int,
+        load: Callable[[], Awaitable[None]],
+        check_s: float = 0.0,
+        started_at: float = 0.0,
+    ) -> SwapTimes:
         """Drain, `load()` the new weights, then serve `version`. If `load` raises, the old version stays served.
         `check_s` and `started_at`: the caller's check of the folder before, kept with the swap's times."""
         async with self._lock:

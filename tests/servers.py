@@ -19,8 +19,14 @@ REPO = Path(__file__).resolve().parents[1]
 def server_process(data: Path, redis_url: str, engine: str, **settings: object) -> Iterator[str]:
     """A server on `data` with `engine` (`fake`, `hf`), other settings as keyword arguments; yields its URL."""
     port = free_port()
-    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_PORT": str(port), "REDIS_URL": redis_url,
-           "RANKLOOP_ENGINE": engine, **{f"RANKLOOP_{k.upper()}": str(v) for k, v in settings.items()}}  # fmt: skip
+    env = {
+        **os.environ,
+        "RANKLOOP_DATA_DIR": str(data),
+        "RANKLOOP_PORT": str(port),
+        "REDIS_URL": redis_url,
+        "RANKLOOP_ENGINE": engine,
+        **{f"RANKLOOP_{k.upper()}": str(v) for k, v in settings.items()},
+    }
     process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env=env, cwd=REPO, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

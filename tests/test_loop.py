@@ -49,8 +49,9 @@ def loop(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[Loop]:
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     train, held = split([[{"role": "user", "content": p}] for p in PROMPTS])
     redis.Redis.from_url(redis_server.url).flushdb()
-    with server_process(data, redis_server.url, "hf", max_model_len=256, max_tokens_limit=32,
-                        default_max_tokens=16) as url:  # fmt: skip
+    with server_process(
+        data, redis_server.url, "hf", max_model_len=256, max_tokens_limit=32, default_max_tokens=16
+    ) as url:
         yield Loop(url, data, train, held)
 
 
@@ -60,19 +61,40 @@ def served(url: str) -> str:
 
 @pytest.mark.slow
 def test_simulated_users_teach_the_served_model_to_be_concise(loop: Loop, redis_server: EmbeddedRedis) -> None:
-    settings = load_settings(data_dir=loop.data, redis_url=redis_server.url, learn_min_rankings=RANKINGS_PER_ROUND,
-                             learn_min_rm_accuracy=0.55, learn_min_rm_heldout_pairs=0, learn_ppo_iterations=8,
-                             learn_prompts_per_iteration=16, learn_max_new_tokens=16, learn_ppo_lr=3e-3,
-                             learn_rm_lr=3e-4, learn_rm_epochs=2, learn_auto_promote=True,
-                             learn_threads=2, learn_prompt_file=loop.data.parent / "prompts.jsonl")  # fmt: skip
+    settings = load_settings(
+        data_dir=loop.data,
+        redis_url=redis_server.url,
+        learn_min_rankings=RANKINGS_PER_ROUND,
+        learn_min_rm_accuracy=0.55,
+        learn_min_rm_heldout_pairs=0,
+        learn_ppo_iterations=8,
+        learn_prompts_per_iteration=16,
+        learn_max_new_tokens=16,
+        learn_ppo_lr=3e-3,
+        learn_rm_lr=3e-4,
+        learn_rm_epochs=2,
+        learn_auto_promote=True,
+        learn_threads=2,
+        learn_prompt_file=loop.data.parent / "prompts.jsonl",
+    )
     client = redis.Redis.from_url(redis_server.url)
     learner, registry = Learner(settings, client), Registry(client)
     consumer = FeedbackConsumer(client, Dataset(settings.dataset_path), "test")
     outcomes = []
     for _ in range(ROUNDS):
-        plan = Plan(loop.url, loop.train, concise, users=1, k=4, noise=0.1, duration_s=600,
-                    max_rankings=RANKINGS_PER_ROUND, max_tokens=16, seed=len(outcomes),
-                    seeded_sampling=True)  # fmt: skip
+        plan = Plan(
+            loop.url,
+            loop.train,
+            concise,
+            users=1,
+            k=4,
+            noise=0.1,
+            duration_s=600,
+            max_rankings=RANKINGS_PER_ROUND,
+            max_tokens=16,
+            seed=len(outcomes),
+            seeded_sampling=True,
+        )
         tally = asyncio.run(simulate(plan))
         assert tally.errors == 0 and tally.rankings >= RANKINGS_PER_ROUND, tally
         consumer.drain()
@@ -85,7 +107,16 @@ def test_simulated_users_teach_the_served_model_to_be_concise(loop: Loop, redis_
     current = registry.current()[0]
     assert current != "v0001", outcomes
     store = ModelStore(settings.store_dir)
-    result = compare(store.path(str(current)), store.path("v0001"), (str(current), "v0001"), "concise", concise,
-                     loop.held, per_prompt=16, max_new_tokens=16, engine="hf")  # fmt: skip
+    result = compare(
+        store.path(str(current)),
+        store.path("v0001"),
+        (str(current), "v0001"),
+        "concise",
+        concise,
+        loop.held,
+        per_prompt=16,
+        max_new_tokens=16,
+        engine="hf",
+    )
     assert result.length_a < result.length_b, (outcomes, result)
     assert result.win_rate.significant(), (outcomes, result.win_rate)

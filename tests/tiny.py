@@ -30,9 +30,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token="<|im_start|>", unk_token="<|endoftext|>",
-    )  # fmt: skip
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -45,10 +48,16 @@ def tiny_llama_folder(folder: Path, with_chat_template: bool = True) -> Path:
     if not with_chat_template:
         tokenizer.chat_template = None
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -98,14 +107,23 @@ def tiny_teachable_folder(folder: Path, prompts: list[str], seed: int = 0) -> Pa
     source = tiny_llama_folder(folder.with_name(folder.name + "-random"))
     model, tokenizer = load_causal_lm(source)
     demos = [
-        Demonstration([{"role": "user", "content": rng.choice(prompts)}],
-                      " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))))
+        Demonstration(
+            [{"role": "user", "content": rng.choice(prompts)}],
+            " ".join(rng.choice(words) for _ in range(rng.randint(1, 12))),
+        )
         for _ in range(256)
-    ]  # fmt: skip
+    ]
     examples = [encode_demonstration(tokenizer, d, 128) for d in demos]
     with MetricsLog(None) as log:
-        train_lm(model, tokenizer, examples, LoopConfig(epochs=3, batch_size=16, lr=3e-3), log, "tiny sft",
-                 show_progress=False)  # fmt: skip
+        train_lm(
+            model,
+            tokenizer,
+            examples,
+            LoopConfig(epochs=3, batch_size=16, lr=3e-3),
+            log,
+            "tiny sft",
+            show_progress=False,
+        )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

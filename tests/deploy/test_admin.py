@@ -20,8 +20,14 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 def _app(tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any, token: str | None) -> Any:
     store = tiny_versions_store(tmp_path)
-    settings = load_settings(max_model_len=256, max_tokens_limit=128, default_max_tokens=64, redis_url=redis_server.url,
-                             data_dir=store.root.parent, admin_token=token)  # fmt: skip
+    settings = load_settings(
+        max_model_len=256,
+        max_tokens_limit=128,
+        default_max_tokens=64,
+        redis_url=redis_server.url,
+        data_dir=store.root.parent,
+        admin_token=token,
+    )
     return create_app(settings, FakeEngine(tokenizer, 256), redis, "v0001")
 
 
@@ -61,8 +67,10 @@ async def test_list_promote_conflict_rollback_and_events(admin: httpx.AsyncClien
     assert shown["state"] == "failed"
     events = (await admin.get("/admin/events", headers=AUTH)).json()["events"]
     assert [(e["action"], e["version"], e["who"]) for e in events] == [
-        ("init", "v0001", "rankloop"), ("promote", "v0002", "ann"), ("rollback", "v0001", "admin-api"),
-    ]  # fmt: skip
+        ("init", "v0001", "rankloop"),
+        ("promote", "v0002", "ann"),
+        ("rollback", "v0001", "admin-api"),
+    ]
     later = (await admin.get(f"/admin/events?after={events[1]['id']}", headers=AUTH)).json()["events"]
     assert [e["epoch"] for e in later] == [3]
 

@@ -16,8 +16,10 @@ def test_on_a_cpu_the_engine_and_the_learner_get_half_the_cores_each(tmp_path: P
     odd = core_budget(load_settings(data_dir=tmp_path), [0, 1, 2], gpu=False)  # the server keeps the odd core
     assert (odd.server, odd.learner["RANKLOOP_LEARN_CPUS"]) == ({"RANKLOOP_CPU_THREADS": "0,1"}, "2")
     two = core_budget(load_settings(data_dir=tmp_path), [0, 1], gpu=False)
-    assert (two.server, two.learner) == ({"RANKLOOP_CPU_THREADS": "0"},
-                                         {"RANKLOOP_LEARN_THREADS": "1", "RANKLOOP_LEARN_CPUS": "1"})  # fmt: skip
+    assert (two.server, two.learner) == (
+        {"RANKLOOP_CPU_THREADS": "0"},
+        {"RANKLOOP_LEARN_THREADS": "1", "RANKLOOP_LEARN_CPUS": "1"},
+    )
 
 
 def test_no_split_where_the_engine_is_on_a_gpu_or_one_core(tmp_path: Path) -> None:
@@ -38,9 +40,11 @@ def test_an_operators_choice_is_left_alone(tmp_path: Path) -> None:
 
 
 def _training_process(tmp_path: Path, cpus: str) -> subprocess.CompletedProcess[str]:
-    code = ("import os, sys, typer\nfrom rankloop.console import training_settings_or_exit\n"
-            "try:\n    training_settings_or_exit()\nexcept typer.Exit as exit:\n    sys.exit(exit.exit_code)\n"
-            "print(sorted(os.sched_getaffinity(0)))")  # fmt: skip
+    code = (
+        "import os, sys, typer\nfrom rankloop.console import training_settings_or_exit\n"
+        "try:\n    training_settings_or_exit()\nexcept typer.Exit as exit:\n    sys.exit(exit.exit_code)\n"
+        "print(sorted(os.sched_getaffinity(0)))"
+    )
     env = {**os.environ, "RANKLOOP_DATA_DIR": str(tmp_path), "RANKLOOP_LEARN_CPUS": cpus}
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
 

@@ -46,12 +46,16 @@ def test_refuses_another_major_version_by_its_marker(tmp_path: Path) -> None:
 def test_dies_with_its_parent(tmp_path: Path) -> None:
     port = free_port()
     parent = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from deploy.redis_server import EmbeddedRedis; "
-         f"s = EmbeddedRedis(Path({str(tmp_path)!r}), {port}); s.start(); print(s.process.pid, flush=True); "
-         "time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from deploy.redis_server import EmbeddedRedis; "
+            f"s = EmbeddedRedis(Path({str(tmp_path)!r}), {port}); s.start(); print(s.process.pid, flush=True); "
+            "time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert parent.stdout is not None
     child_pid = int(parent.stdout.readline())
     parent.kill()  # SIGKILL: no cleanup code of the parent runs

@@ -33,8 +33,10 @@ def test_sync_registers_the_store_and_its_current_version(registry: Registry, st
     assert sync_store(registry, store) == []  # idempotent
     assert registry.current() == ("v0001", 1)
     assert [(v.version, v.state, v.parent) for v in registry.versions()] == [
-        ("v0001", "current", None), ("v0002", "ready", "v0001"), ("v0003", "ready", "v0001"),
-    ]  # fmt: skip
+        ("v0001", "current", None),
+        ("v0002", "ready", "v0001"),
+        ("v0003", "ready", "v0001"),
+    ]
     [event] = registry.events()
     assert (event.epoch, event.action, event.version, event.previous) == (1, "init", "v0001", None)
 
@@ -50,7 +52,7 @@ def test_promote_then_rollback(registry: Registry, store: ModelStore) -> None:
     assert [(e.action, e.version, e.previous, e.who, e.why) for e in events[1:]] == [
         ("promote", "v0002", "v0001", "ann", "better on evals"),
         ("rollback", "v0001", "v0002", "bob", "users complain"),
-    ]  # fmt: skip
+    ]
     assert registry.events(after=events[1].id) == events[2:]
 
 

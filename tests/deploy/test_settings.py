@@ -33,10 +33,16 @@ def test_unknown_environment_key_is_named(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("RANKLOOP_DEFAULT_N", "0"), ("RANKLOOP_DEFAULT_N", "10"), ("RANKLOOP_PORT", "70000"),
-     ("RANKLOOP_CPU_THREADS", "two"), ("RANKLOOP_CPU_THREADS", "3-1"), ("RANKLOOP_LEARN_CPUS", "1-"),
-     ("RANKLOOP_REDIS_URL", "http://x")],
-)  # fmt: skip
+    [
+        ("RANKLOOP_DEFAULT_N", "0"),
+        ("RANKLOOP_DEFAULT_N", "10"),
+        ("RANKLOOP_PORT", "70000"),
+        ("RANKLOOP_CPU_THREADS", "two"),
+        ("RANKLOOP_CPU_THREADS", "3-1"),
+        ("RANKLOOP_LEARN_CPUS", "1-"),
+        ("RANKLOOP_REDIS_URL", "http://x"),
+    ],
+)
 def test_impossible_values_name_the_key(monkeypatch: pytest.MonkeyPatch, key: str, value: str) -> None:
     monkeypatch.setenv(key, value)
     with pytest.raises(SettingsError, match=key.removeprefix("RANKLOOP_").lower()):

@@ -12,8 +12,17 @@ from feedback.stream import FeedbackStream
 
 def demonstration_json(i: int) -> str:
     """A demonstration event as the server writes it (feedback.events), question q<i>, answer a<i>."""
-    return json.dumps({"kind": "demonstration", "messages": [{"role": "user", "content": f"q{i}"}], "answer": f"a{i}",
-                       "user": None, "comparison_id": None, "policy_version": None, "created": 0.0})  # fmt: skip
+    return json.dumps(
+        {
+            "kind": "demonstration",
+            "messages": [{"role": "user", "content": f"q{i}"}],
+            "answer": f"a{i}",
+            "user": None,
+            "comparison_id": None,
+            "policy_version": None,
+            "created": 0.0,
+        }
+    )
 
 
 def append_events(url: str, count: int, start: int = 0) -> list[str]:

@@ -21,8 +21,9 @@ def env(redis_server: EmbeddedRedis, tmp_path: Path, monkeypatch: pytest.MonkeyP
 async def test_rankings_flow_from_the_api_to_an_export(client: httpx.AsyncClient, env: Path) -> None:
     runner = CliRunner()
     for ranking in ([1, 0, 2], [[0, 1], 2]):
-        served = (await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                                  "n": 3})).json()  # fmt: skip
+        served = (
+            await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "n": 3})
+        ).json()
         response = await client.post("/v1/feedback", json={"comparison_id": served["id"], "ranking": ranking})
         assert response.status_code == 201
     demo = {"messages": [{"role": "user", "content": "hi"}], "answer": "Hello!"}

@@ -19,11 +19,17 @@ from feedback.events import (
 from tests.feedback.helpers import demonstration_json
 
 COMPARISON = Comparison(
-    id="chatcmpl-1", messages=[{"role": "user", "content": "Pick a fruit."}], prompt_token_ids=[5, 6, 7],
-    candidates=[StoredCandidate(index=i, text=t, token_ids=[10 + i, 2], logprobs=[-0.5, -0.25], finish_reason="stop")
-                for i, t in enumerate(["pear", "fig"])],
-    policy_version="v0003", created=12.5, sampling={"temperature": 1.0, "top_p": 1.0},
-)  # fmt: skip
+    id="chatcmpl-1",
+    messages=[{"role": "user", "content": "Pick a fruit."}],
+    prompt_token_ids=[5, 6, 7],
+    candidates=[
+        StoredCandidate(index=i, text=t, token_ids=[10 + i, 2], logprobs=[-0.5, -0.25], finish_reason="stop")
+        for i, t in enumerate(["pear", "fig"])
+    ],
+    policy_version="v0003",
+    created=12.5,
+    sampling={"temperature": 1.0, "top_p": 1.0},
+)
 
 
 def spliced(head: str, comparison: Comparison) -> str:
@@ -43,8 +49,15 @@ def test_a_ranking_written_by_the_head_and_the_splice_reads_back_typed(tmp_path:
 
 
 def test_an_event_stored_before_schema_version_still_reads(tmp_path: Path) -> None:
-    old = {"kind": "demonstration", "messages": [{"role": "user", "content": "hi"}], "answer": "hello", "user": None,
-           "comparison_id": "c9", "policy_version": "v0001", "created": 1.0}  # fmt: skip
+    old = {
+        "kind": "demonstration",
+        "messages": [{"role": "user", "content": "hi"}],
+        "answer": "hello",
+        "user": None,
+        "comparison_id": "c9",
+        "policy_version": "v0001",
+        "created": 1.0,
+    }
     with Dataset(tmp_path / "d.sqlite") as dataset:
         dataset.insert([("3-0", "demonstration", json.dumps(old))])
         [(event_id, event)] = dataset.demonstrations()

@@ -9,10 +9,13 @@ from feedback.events import Comparison, DemonstrationEvent, RankingEvent, Stored
 from feedback.export import preference_rows, sft_row, write_rows
 
 PROMPT = [{"role": "user", "content": "Pick a fruit."}]
-CANDIDATES = [StoredCandidate(index=i, text=t, token_ids=[i], logprobs=[-1.0], finish_reason="stop")
-              for i, t in enumerate(["pear", "fig", "apple"])]  # fmt: skip
-COMPARISON = Comparison(id="c1", messages=PROMPT, prompt_token_ids=[1, 2], candidates=CANDIDATES,
-                        policy_version="v0002", created=0.0)  # fmt: skip
+CANDIDATES = [
+    StoredCandidate(index=i, text=t, token_ids=[i], logprobs=[-1.0], finish_reason="stop")
+    for i, t in enumerate(["pear", "fig", "apple"])
+]
+COMPARISON = Comparison(
+    id="c1", messages=PROMPT, prompt_token_ids=[1, 2], candidates=CANDIDATES, policy_version="v0002", created=0.0
+)
 RANKING = RankingEvent(ranking=[[2], [0, 1]], user=None, created=0.0, comparison=COMPARISON)
 
 
@@ -24,15 +27,20 @@ def test_a_ranking_becomes_one_row_per_pair() -> None:
         ("apple", "fig"),
     ]
     assert rows[0] == {
-        "prompt": PROMPT, "chosen": [{"role": "assistant", "content": "apple"}],
-        "rejected": [{"role": "assistant", "content": "pear"}], "rank_group": "5-1", "chosen_index": 2,
-        "rejected_index": 0, "policy_version": "v0002",
-    }  # fmt: skip
+        "prompt": PROMPT,
+        "chosen": [{"role": "assistant", "content": "apple"}],
+        "rejected": [{"role": "assistant", "content": "pear"}],
+        "rank_group": "5-1",
+        "chosen_index": 2,
+        "rejected_index": 0,
+        "policy_version": "v0002",
+    }
 
 
 def test_a_demonstration_becomes_sft_messages() -> None:
-    event = DemonstrationEvent(messages=PROMPT, answer="A pear.", user=None, comparison_id=None, policy_version=None,
-                               created=0.0)  # fmt: skip
+    event = DemonstrationEvent(
+        messages=PROMPT, answer="A pear.", user=None, comparison_id=None, policy_version=None, created=0.0
+    )
     assert sft_row("7-0", event) == {"messages": [*PROMPT, {"role": "assistant", "content": "A pear."}], "id": "7-0"}
 
 

@@ -122,8 +122,9 @@ def test_cycles_under_load_fail_nothing_and_never_mix(swap_stack: tuple[str, Reg
                     try:
                         if stream:
                             text, version = [""], ""
-                            async with http.stream("POST", f"{url}/v1/chat/completions",
-                                                   json={**GREEDY, "stream": True}) as response:  # fmt: skip
+                            async with http.stream(
+                                "POST", f"{url}/v1/chat/completions", json={**GREEDY, "stream": True}
+                            ) as response:
                                 async for line in response.aiter_lines():
                                     if line.startswith("data: {"):
                                         import json
@@ -194,13 +195,20 @@ def test_a_second_server_follows_and_catches_up_after_a_restart(swap_stack: tupl
     url, registry, store = swap_stack
     data = store.root.parent
     redis_url = registry.redis.connection_pool.connection_kwargs
-    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data),
-           "REDIS_URL": f"redis://{redis_url['host']}:{redis_url['port']}/0"}  # fmt: skip
+    env = {
+        **os.environ,
+        "RANKLOOP_DATA_DIR": str(data),
+        "REDIS_URL": f"redis://{redis_url['host']}:{redis_url['port']}/0",
+    }
 
     def start() -> tuple[str, subprocess.Popen[bytes]]:
         port = free_port()
-        process = subprocess.Popen([sys.executable, "-m", "rankloop", "serve"], env={**env, "RANKLOOP_PORT": str(port)},
-                                   start_new_session=True, cwd=REPO)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rankloop", "serve"],
+            env={**env, "RANKLOOP_PORT": str(port)},
+            start_new_session=True,
+            cwd=REPO,
+        )
         second = f"http://127.0.0.1:{port}"
         wait_healthy(second, process, timeout_s=ENGINE_START_S)
         return second, process

@@ -31,11 +31,27 @@ def test_the_report_shows_history_and_samples(tmp_path: Path) -> None:
     store.publish(Card(version="v0002", parent="v0001", made_by="ppo"), stub)
     runs = tmp_path / "runs"
     runs.mkdir()
-    rows = [{"step": i, "time": now + 60 * i, "reward": 0.1 * i, "kl_per_answer": 0.5, "answer_length": 40 - i}
-            for i in range(1, 6)]  # fmt: skip
+    rows = [
+        {"step": i, "time": now + 60 * i, "reward": 0.1 * i, "kl_per_answer": 0.5, "answer_length": 40 - i}
+        for i in range(1, 6)
+    ]
     (runs / "v0001-ppo-r0002.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    save(Judgement("v0002", "v0001", "concise", win_rate([1, 1, 0.5, 0]), 30.0, 45.0, 2, 2, 0, now,
-                    [{"prompt": "Say <hi>", "a": "Hi.", "b": "Hello there, how are you?"}]), tmp_path)  # fmt: skip
+    save(
+        Judgement(
+            "v0002",
+            "v0001",
+            "concise",
+            win_rate([1, 1, 0.5, 0]),
+            30.0,
+            45.0,
+            2,
+            2,
+            0,
+            now,
+            [{"prompt": "Say <hi>", "a": "Hi.", "b": "Hello there, how are you?"}],
+        ),
+        tmp_path,
+    )
     events = [Event("1-0", 1, "promote", "v0002", "v0001", "learner", "better", now + 400)]
 
     page = write_report(settings, events, tmp_path / "report" / "index.html").read_text()

@@ -30,8 +30,9 @@ def server(tmp_path: Path, redis_server: EmbeddedRedis) -> Iterator[tuple[str, P
     data = tmp_path / "data"
     import_model(ModelStore(data / "models"), tiny_llama_folder(tmp_path / "src"))
     redis.Redis.from_url(redis_server.url).flushdb()
-    with server_process(data, redis_server.url, "fake", max_model_len=512, max_tokens_limit=64,
-                        default_max_tokens=32) as url:  # fmt: skip
+    with server_process(
+        data, redis_server.url, "fake", max_model_len=512, max_tokens_limit=64, default_max_tokens=32
+    ) as url:
         yield url, data
 
 
@@ -63,9 +64,15 @@ def ranked(
 def test_rankings_through_the_api_become_a_ready_version(ranked: tuple[Path, redis.Redis]) -> None:
     data, client = ranked
     runner = CliRunner()
-    settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_min_rm_heldout_pairs=0,
-                             learn_ppo_iterations=2, learn_prompts_per_iteration=4, learn_max_new_tokens=8,
-                             learn_threads=1)  # fmt: skip
+    settings = load_settings(
+        learn_min_rankings=PROMPTS,
+        learn_min_rm_accuracy=0.0,
+        learn_min_rm_heldout_pairs=0,
+        learn_ppo_iterations=2,
+        learn_prompts_per_iteration=4,
+        learn_max_new_tokens=8,
+        learn_threads=1,
+    )
     learner = Learner(settings, client)
     assert learner.tick() == "ready v0002"
 
@@ -105,8 +112,12 @@ def test_rankings_through_the_api_become_a_ready_version(ranked: tuple[Path, red
 
 def test_no_ppo_round_on_a_reward_model_judged_on_too_few_pairs(ranked: tuple[Path, redis.Redis]) -> None:
     data, client = ranked
-    settings = load_settings(learn_min_rankings=PROMPTS, learn_min_rm_accuracy=0.0, learn_min_rm_heldout_pairs=10**6,
-                             learn_rm_max_rankings=10)  # fmt: skip
+    settings = load_settings(
+        learn_min_rankings=PROMPTS,
+        learn_min_rm_accuracy=0.0,
+        learn_min_rm_heldout_pairs=10**6,
+        learn_rm_max_rankings=10,
+    )
     learner = Learner(settings, client)
     assert learner.tick() == "reward model below the gate"
 

@@ -25,9 +25,16 @@ from tests.learn.test_ppo_round import make_data_dir
 from tests.tiny import tiny_teachable_folder
 
 
-def ev(reward: float = 0.1, ptx: float | None = 2.0, length: float = 40.0, empty: float = 0.0,
-       degenerate_share: float = 0.0, truncated: float = 0.2, kl: float = 3.0,
-       se: float = 0.0) -> PolicyEval:  # fmt: skip
+def ev(
+    reward: float = 0.1,
+    ptx: float | None = 2.0,
+    length: float = 40.0,
+    empty: float = 0.0,
+    degenerate_share: float = 0.0,
+    truncated: float = 0.2,
+    kl: float = 3.0,
+    se: float = 0.0,
+) -> PolicyEval:
     return PolicyEval(reward, kl, ptx, length, 32, [], empty, degenerate_share, truncated, se)
 
 
@@ -66,8 +73,9 @@ def test_the_rankings_users_held_out_must_agree_and_be_enough() -> None:
     assert not promotion_gate(ev(0.1), ev(5.0), Agreement(float("nan"), 0), Limits(min_agreement_pairs=0)).passed
     # 60% of 30 pairs: 95% interval 0.6 ± 1.96 * sqrt(0.24 / 30) = 0.6 ± 0.175, so its low end is 42.5%.
     chance = promotion_gate(ev(0.1), ev(5.0), Agreement(0.6, 30), Limits())
-    assert not chance.passed and chance.why == ("it agrees with 60% of 30 held-out ranked pairs, not beyond chance "
-                                                "(95% low 42%)")  # fmt: skip
+    assert not chance.passed and chance.why == (
+        "it agrees with 60% of 30 held-out ranked pairs, not beyond chance (95% low 42%)"
+    )
     assert promotion_gate(ev(0.1), ev(5.0), Agreement(0.6, 300), Limits()).passed  # ± 0.055: low 54.5%
 
 
@@ -90,8 +98,9 @@ def test_shares_are_capped_over_rounds_not_only_per_round() -> None:
     # rounds that each rose by the allowance would otherwise reach 20% empty.
     assert promotion_gate(ev(0.1, empty=0.0), ev(0.3, empty=0.02), AGREES, Limits()).passed
     over = promotion_gate(ev(0.1, empty=0.01), ev(0.3, empty=0.03), AGREES, Limits())
-    assert not over.passed and over.why == ("3% of its answers are empty (the cap: 2%, or the current version's 1% "
-                                            "where higher)")  # fmt: skip
+    assert not over.passed and over.why == (
+        "3% of its answers are empty (the cap: 2%, or the current version's 1% where higher)"
+    )
     assert promotion_gate(ev(0.1, degenerate_share=0.06), ev(0.3, degenerate_share=0.1), AGREES, Limits()).passed
     assert not promotion_gate(ev(0.1, degenerate_share=0.08), ev(0.3, degenerate_share=0.12), AGREES, Limits()).passed
     # A parent above the cap may be matched or improved on, never made worse.
@@ -101,8 +110,9 @@ def test_shares_are_capped_over_rounds_not_only_per_round() -> None:
 
 @pytest.mark.parametrize("field", ["reward", "kl", "ptx", "length", "empty", "degenerate_share", "truncated"])
 def test_a_figure_that_is_not_a_number_fails_the_gate(field: str) -> None:
-    assert not promotion_gate(ev(0.1), ev(**{"reward": 0.3, field: float("nan")}), AGREES, Limits(),
-                              reference_ptx=2.0).passed  # fmt: skip
+    assert not promotion_gate(
+        ev(0.1), ev(**{"reward": 0.3, field: float("nan")}), AGREES, Limits(), reference_ptx=2.0
+    ).passed
 
 
 # -- degenerate answers -------------------------------------------------------------------------------------------
@@ -190,12 +200,20 @@ def test_a_version_that_answers_empty_for_its_reward_model_is_not_promoted(
     # The tiny llama taught to end its answers after 1 to 12 words: ending at once is a step away.
     prompts = [f"write a short poem about the sea {i}" for i in range(30)]
     data = make_data_dir(tmp_path, policy=tiny_teachable_folder(tmp_path / "teachable", prompts))
-    settings = load_settings(data_dir=data, redis_url=redis_server.url, learn_threads=1, learn_auto_promote=True,
-                             learn_min_agreement_pairs=0, learn_min_agreement=0.0)  # fmt: skip
-    config = RoundConfig(iterations=16, prompts_per_iteration=8, max_new_tokens=8, lr=1e-2, rollouts="sampled",
-                         train_layers=0)  # fmt: skip
-    result = ppo_round(settings, config, PPOOptions(prompt_file=tmp_path / "prompts.jsonl", eval_samples=2),
-                       show_progress=False)  # fmt: skip
+    settings = load_settings(
+        data_dir=data,
+        redis_url=redis_server.url,
+        learn_threads=1,
+        learn_auto_promote=True,
+        learn_min_agreement_pairs=0,
+        learn_min_agreement=0.0,
+    )
+    config = RoundConfig(
+        iterations=16, prompts_per_iteration=8, max_new_tokens=8, lr=1e-2, rollouts="sampled", train_layers=0
+    )
+    result = ppo_round(
+        settings, config, PPOOptions(prompt_file=tmp_path / "prompts.jsonl", eval_samples=2), show_progress=False
+    )
     # PPO did what its reward model asked: shorter answers, many of them empty, a higher mean reward ...
     assert result.after.empty >= 0.25 > result.before.empty, (result.before, result.after)
     assert result.after.reward > result.before.reward

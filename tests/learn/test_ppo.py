@@ -58,8 +58,9 @@ def test_pack_cuts_the_answers_out_whatever_the_prompt_length_and_padding(side: 
     assert torch.allclose(answers, rl_math_t(-0.6, -0.7, -0.8, 0.0, -0.3, -0.4, -0.5, -0.6).view(2, 4))
     # beta 0.1: rewards -0.1 * KL = +0.06, +0.07, +0.08 and +0.03 ... +0.06; scores 2 and 1 on each answer's last
     # token (column 2 of row 0, a prompt position in the sequence frame; column 3 of row 1).
-    rewards, _ = rl_math.kl_penalty_rewards(answers, torch.zeros_like(answers), packed.mask.double(), rl_math_t(2, 1),
-                                            beta=0.1)  # fmt: skip
+    rewards, _ = rl_math.kl_penalty_rewards(
+        answers, torch.zeros_like(answers), packed.mask.double(), rl_math_t(2, 1), beta=0.1
+    )
     assert torch.allclose(rewards, rl_math_t(0.06, 0.07, 2.08, 0.0, 0.03, 0.04, 0.05, 1.06).view(2, 4))
 
 
@@ -87,11 +88,14 @@ def test_an_answers_rewards_advantages_and_returns_do_not_depend_on_its_prompt_o
         logprobs, values = per_token(packed)
         mask = packed.mask.double()
         scores = torch.tensor([float(sum(a)) / 100 for a in rollouts.responses], dtype=torch.float64)
-        rewards, _ = rl_math.kl_penalty_rewards(logprobs, torch.zeros_like(logprobs), mask, scores, 0.1,
-                                                torch.tensor(rollouts.truncated), -1.0)  # fmt: skip
+        rewards, _ = rl_math.kl_penalty_rewards(
+            logprobs, torch.zeros_like(logprobs), mask, scores, 0.1, torch.tensor(rollouts.truncated), -1.0
+        )
         advantages, returns = rl_math.gae(rewards, values, mask, 1.0, 0.95)
-        return [(rewards[b, :n].tolist(), advantages[b, :n].tolist(), returns[b, :n].tolist())
-                for b, n in enumerate(packed.lengths.long().tolist())]  # fmt: skip
+        return [
+            (rewards[b, :n].tolist(), advantages[b, :n].tolist(), returns[b, :n].tolist())
+            for b, n in enumerate(packed.lengths.long().tolist())
+        ]
 
     for _ in range(25):
         answers = [[rng.randrange(1, 99) for _ in range(rng.randrange(1, 9))] for _ in range(4)]
@@ -147,14 +151,21 @@ def test_kl_is_exactly_zero_before_any_update(parts: tuple[Any, Any, ValueModel,
     policy, _, _, tokenizer = parts
     rollouts = sample(policy, queries(4), 6, tokenizer.eos_token_id, tokenizer.pad_token_id)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
-    stats = ppo_step(models_of(parts, low_half_share(len(tokenizer))), rollouts, PPOConfig(epochs=1),
-                     rl_math.FixedKLController(0.1), optimizer, tokenizer.pad_token_id)  # fmt: skip
+    stats = ppo_step(
+        models_of(parts, low_half_share(len(tokenizer))),
+        rollouts,
+        PPOConfig(epochs=1),
+        rl_math.FixedKLController(0.1),
+        optimizer,
+        tokenizer.pad_token_id,
+    )
     assert stats["kl_per_token"] == 0.0 and stats["kl_per_answer"] == 0.0
     assert stats["answer_length"] == pytest.approx(sum(len(r) for r in rollouts.responses) / 4)
 
 
-def train_on_known_reward(parts: tuple[Any, Any, ValueModel, Any], prompt_len: int, new_tokens: int,
-                          zeroed: bool) -> list[float]:  # fmt: skip
+def train_on_known_reward(
+    parts: tuple[Any, Any, ValueModel, Any], prompt_len: int, new_tokens: int, zeroed: bool
+) -> list[float]:
     """16 PPO iterations on the low-half reward (or on 0: the signal removed); the low-half share of each
     iteration's sampled answers, measured whatever the training reward."""
     policy, _, value, tokenizer = parts
@@ -165,8 +176,9 @@ def train_on_known_reward(parts: tuple[Any, Any, ValueModel, Any], prompt_len: i
     controller = rl_math.AdaptiveKLController(0.05, target=6.0, horizon=10_000)
     config, history = PPOConfig(epochs=4, minibatch=8), []
     for step in range(16):
-        rollouts = sample(policy, queries(16, step, prompt_len), new_tokens, tokenizer.eos_token_id,
-                          tokenizer.pad_token_id, seed=step)  # fmt: skip
+        rollouts = sample(
+            policy, queries(16, step, prompt_len), new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=step
+        )
         history.append(float(share([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)]).mean()))
         figures = ppo_step(models, rollouts, config, controller, optimizer, tokenizer.pad_token_id)
         assert figures["kl_per_token"] < 4.0
@@ -175,8 +187,9 @@ def train_on_known_reward(parts: tuple[Any, Any, ValueModel, Any], prompt_len: i
 
 
 @pytest.mark.parametrize(("prompt_len", "new_tokens"), [(4, 8), (12, 4)], ids=["short-prompts", "long-prompts"])
-def test_a_known_reward_rises_while_kl_stays_bounded(parts: tuple[Any, Any, ValueModel, Any], prompt_len: int,
-                                                     new_tokens: int) -> None:  # fmt: skip
+def test_a_known_reward_rises_while_kl_stays_bounded(
+    parts: tuple[Any, Any, ValueModel, Any], prompt_len: int, new_tokens: int
+) -> None:
     # long-prompts: every prompt (12 tokens) is longer than its answer (at most 4): the frame the old code lost.
     history = train_on_known_reward(parts, prompt_len, new_tokens, zeroed=False)
     first, last = sum(history[:2]) / 2, sum(history[-3:]) / 3
@@ -199,10 +212,18 @@ def test_the_ptx_term_adds_its_own_gradient(parts: tuple[Any, Any, ValueModel, A
     def grads(coef: float) -> list[torch.Tensor]:
         model = copy.deepcopy(policy)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves .grad and the weights
-        models = Models(model, reference, copy.deepcopy(value), sequence_reward(low_half_share(len(tokenizer))),
-                        tokenizer)  # fmt: skip
-        ppo_step(models, rollouts, PPOConfig(**{**one_update.__dict__, "ptx_coef": coef}),
-                 rl_math.FixedKLController(0.1), optimizer, tokenizer.pad_token_id, ptx_batch)  # fmt: skip
+        models = Models(
+            model, reference, copy.deepcopy(value), sequence_reward(low_half_share(len(tokenizer))), tokenizer
+        )
+        ppo_step(
+            models,
+            rollouts,
+            PPOConfig(**{**one_update.__dict__, "ptx_coef": coef}),
+            rl_math.FixedKLController(0.1),
+            optimizer,
+            tokenizer.pad_token_id,
+            ptx_batch,
+        )
         return [p.grad.clone() for p in model.parameters()]
 
     without, with_ptx = grads(0.0), grads(0.5)
@@ -263,13 +284,15 @@ def test_the_split_forward_equals_the_whole_one_and_trains_only_above(tiny_store
     assert not layers.same_lower(backbone, layers.backbone_of(plain), split)
 
 
-def test_scoring_in_groups_of_similar_length_equals_one_pass(parts: tuple[Any, Any, ValueModel, Any],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_scoring_in_groups_of_similar_length_equals_one_pass(
+    parts: tuple[Any, Any, ValueModel, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import learn.ppo
 
     policy, _, _, tokenizer = parts
-    rollouts = sample(policy, queries(12, length=5) + queries(5, seed=1, length=17), 7, tokenizer.eos_token_id,
-                      tokenizer.pad_token_id)  # fmt: skip
+    rollouts = sample(
+        policy, queries(12, length=5) + queries(5, seed=1, length=17), 7, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     models = models_of(parts, low_half_share(len(tokenizer), 5))
     packed = pack(rollouts, tokenizer.pad_token_id)
     sub = packed.rows([12, 3])

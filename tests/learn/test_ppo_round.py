@@ -42,8 +42,9 @@ def make_data_dir(root: Path, offset: float = 0.25, policy: Path | None = None) 
     torch.manual_seed(0)
     model, tokenizer = load_reward_model(store.path("v0001"))
     rewards = ModelStore(data / "reward_models", prefix="r")
-    save_reward_model(model, tokenizer, rewards, Card(version="r0001", parent="v0001", made_by="reward_model"),
-                      offset, "test")  # fmt: skip
+    save_reward_model(
+        model, tokenizer, rewards, Card(version="r0001", parent="v0001", made_by="reward_model"), offset, "test"
+    )
     prompts = root / "prompts.jsonl"
     rows = [json.dumps({"prompt": f"write a short poem about the sea {i}"}) for i in range(30)]
     prompts.write_text("\n".join(rows) + "\n")
@@ -110,11 +111,27 @@ def test_a_checkpoint_of_another_round_is_refused(tmp_path: Path) -> None:
 
 
 def _ppo(data: Path, root: Path, iterations: int, bf16: bool = False) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "RANKLOOP_DATA_DIR": str(data), "RANKLOOP_LEARN_THREADS": "1",
-           "RANKLOOP_LEARN_BF16": str(bf16).lower()}  # fmt: skip
-    argv = [sys.executable, "-m", "rankloop", "learn", "ppo", "--iterations", str(iterations),
-            "--prompts-per-iteration", "4", "--max-new-tokens", "6",
-            "--prompts", str(root / "prompts.jsonl")]  # fmt: skip
+    env = {
+        **os.environ,
+        "RANKLOOP_DATA_DIR": str(data),
+        "RANKLOOP_LEARN_THREADS": "1",
+        "RANKLOOP_LEARN_BF16": str(bf16).lower(),
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "rankloop",
+        "learn",
+        "ppo",
+        "--iterations",
+        str(iterations),
+        "--prompts-per-iteration",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--prompts",
+        str(root / "prompts.jsonl"),
+    ]
     return subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -208,9 +225,16 @@ def test_the_reward_model_gate_wants_accuracy_measured_on_enough_pairs() -> None
 
 
 def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path) -> None:
-    settings = load_settings(data_dir=tmp_path, learn_ppo_iterations=5, learn_ppo_epochs=3, learn_ppo_lr=3e-4,
-                             learn_prompts_per_iteration=12, learn_max_new_tokens=48, learn_ptx_coef=0.25,
-                             learn_seed=7)  # fmt: skip
+    settings = load_settings(
+        data_dir=tmp_path,
+        learn_ppo_iterations=5,
+        learn_ppo_epochs=3,
+        learn_ppo_lr=3e-4,
+        learn_prompts_per_iteration=12,
+        learn_max_new_tokens=48,
+        learn_ptx_coef=0.25,
+        learn_seed=7,
+    )
     config = RoundConfig.from_settings(settings)
     assert (config.iterations, config.ppo.epochs, config.prompts_per_iteration, config.max_new_tokens) == (5, 3, 12, 48)
     assert (config.lr, config.value_lr, config.ppo.ptx_coef, config.seed, config.ppo.seed) == (3e-4, 3e-4, 0.25, 7, 7)

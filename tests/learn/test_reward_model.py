@@ -43,9 +43,11 @@ def separable_groups(n: int, seed: int = 0) -> list[RankedGroup]:
 def test_hh_dialogues_become_messages() -> None:
     text = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: bye"
     assert parse_hh(text) == [
-        {"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"},
-    ]  # fmt: skip
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "bye"},
+    ]
 
 
 def test_the_split_is_by_prompt_and_stable() -> None:
@@ -63,8 +65,9 @@ def test_learns_a_separable_preference_to_full_held_out_accuracy(tiny_store: Mod
     groups = separable_groups(60)
     train, held = groups[:48], groups[48:]
     config = LoopConfig(epochs=6, batch_size=4, lr=2e-3)
-    result, evaluation = train_reward_model(model, tokenizer, train, held, config, MetricsLog(None),
-                                            show_progress=False)  # fmt: skip
+    result, evaluation = train_reward_model(
+        model, tokenizer, train, held, config, MetricsLog(None), show_progress=False
+    )
     assert result.steps == 72
     assert evaluation.accuracy == 1.0 and evaluation.groups == 12
     assert evaluation.pairs == 36  # 12 prompts x C(3,2) pairs, no ties
@@ -87,9 +90,8 @@ def test_kwise_batch_gives_the_loss_and_gradients_of_explicit_pairs(tiny_store: 
             return score_ids(model, [g.answers[i]], pad)
 
         pair_losses = [
-            -torch.nn.functional.logsigmoid(score(w) - score(lo))
-            for w in tier for lo in tier if tier[w] < tier[lo]
-        ]  # fmt: skip
+            -torch.nn.functional.logsigmoid(score(w) - score(lo)) for w in tier for lo in tier if tier[w] < tier[lo]
+        ]
         per_prompt.append(torch.cat(pair_losses).mean())
     explicit = torch.stack(per_prompt).mean()
     explicit_grads = torch.autograd.grad(explicit, [p for p in model.parameters() if p.requires_grad])
@@ -102,8 +104,9 @@ def test_save_and_load_round_trip_scores_exactly_with_the_offset(tiny_store: Mod
     torch.manual_seed(0)
     model, tokenizer = load_reward_model(tiny_store.path("v0001"))
     groups = separable_groups(8)
-    train_reward_model(model, tokenizer, groups, [], LoopConfig(batch_size=4, lr=1e-3), MetricsLog(None),
-                       show_progress=False)  # fmt: skip
+    train_reward_model(
+        model, tokenizer, groups, [], LoopConfig(batch_size=4, lr=1e-3), MetricsLog(None), show_progress=False
+    )
     pad = int(tokenizer.pad_token_id)
     offset, basis = reference_offset(model, groups, pad, "v0001")
     assert basis == "reference answers"

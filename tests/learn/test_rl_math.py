@@ -76,8 +76,10 @@ def test_kwise_equals_the_mean_of_explicit_pairwise_losses_and_gradients() -> No
         members = [n for n in range(9) if groups[n] == g]
         pair_losses = [
             -torch.nn.functional.logsigmoid(scores[a] - scores[b])
-            for a in members for b in members if ranks[a] < ranks[b]
-        ]  # fmt: skip
+            for a in members
+            for b in members
+            if ranks[a] < ranks[b]
+        ]
         explicit.append(torch.stack(pair_losses).mean())
     pairwise = torch.stack(explicit).mean()
     (grad_pairwise,) = torch.autograd.grad(pairwise, scores)
@@ -147,8 +149,9 @@ def test_truncated_answers_and_padding() -> None:
     # Row 0: cut by the length limit, penalty -1: last reward 0 + 2 - 1 = 1. Row 1: two real tokens, score 2 at t=1.
     logprobs = torch.zeros(2, 3, dtype=torch.float64)
     mask = t(1, 1, 1, 1, 1, 0).view(2, 3)
-    rewards, _ = kl_penalty_rewards(logprobs, logprobs, mask, t(2.0, 2.0), beta=0.1,
-                                    truncated=torch.tensor([True, False]), truncation_penalty=-1.0)  # fmt: skip
+    rewards, _ = kl_penalty_rewards(
+        logprobs, logprobs, mask, t(2.0, 2.0), beta=0.1, truncated=torch.tensor([True, False]), truncation_penalty=-1.0
+    )
     assert rewards.tolist() == [[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]]
 
 

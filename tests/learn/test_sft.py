@@ -18,9 +18,8 @@ from rankloop.cli import app
 from tests.tiny import tiny_tokenizer
 
 DEMOS = [
-    Demonstration([{"role": "user", "content": f"what is {a} {b}"}], f"{a} {b} is {a}{b}")
-    for a in "0123" for b in "56"
-]  # fmt: skip
+    Demonstration([{"role": "user", "content": f"what is {a} {b}"}], f"{a} {b} is {a}{b}") for a in "0123" for b in "56"
+]
 
 
 def test_the_prompt_is_masked_and_the_answer_is_the_label() -> None:
@@ -66,8 +65,9 @@ def test_sft_lowers_the_loss(tiny_store: ModelStore, tmp_path: Path) -> None:
     examples = _examples(tokenizer)
     before = evaluate_lm(model, tokenizer, examples)
     with MetricsLog(tmp_path / "m.jsonl") as log:
-        result = train_lm(model, tokenizer, examples, LoopConfig(epochs=15, batch_size=4, lr=3e-3), log, "sft",
-                          show_progress=False)  # fmt: skip
+        result = train_lm(
+            model, tokenizer, examples, LoopConfig(epochs=15, batch_size=4, lr=3e-3), log, "sft", show_progress=False
+        )
     after = evaluate_lm(model, tokenizer, examples)
     assert result.steps == 30
     assert after < 0.5 * before, (before, after)
@@ -84,8 +84,16 @@ def test_resume_continues_exactly_from_the_checkpoint(tiny_store: ModelStore, tm
 
     resumed, _ = load_causal_lm(tiny_store.path("v0001"))
     ckpt = tmp_path / "ckpt.pt"
-    first = train_lm(resumed, tokenizer, examples, LoopConfig(**{**config.__dict__, "max_steps": 3}),
-                     MetricsLog(None), "b", ckpt, show_progress=False)  # fmt: skip
+    first = train_lm(
+        resumed,
+        tokenizer,
+        examples,
+        LoopConfig(**{**config.__dict__, "max_steps": 3}),
+        MetricsLog(None),
+        "b",
+        ckpt,
+        show_progress=False,
+    )
     fresh, _ = load_causal_lm(tiny_store.path("v0001"))  # a new process: weights from the checkpoint only
     rest = train_lm(fresh, tokenizer, examples, config, MetricsLog(None), "c", ckpt, show_progress=False)
     assert (first.steps, rest.resumed_from, rest.steps) == (3, 3, 8)
@@ -98,8 +106,15 @@ def test_lora_trains_adapters_and_saves_a_merged_version(tiny_store: ModelStore)
     model, tokenizer = load_causal_lm(tiny_store.path("v0001"), LoraOptions(r=4, alpha=8, dropout=0.0))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    result = train_lm(model, tokenizer, _examples(tokenizer), LoopConfig(batch_size=4, lr=1e-2), MetricsLog(None),
-                      "lora", show_progress=False)  # fmt: skip
+    result = train_lm(
+        model,
+        tokenizer,
+        _examples(tokenizer),
+        LoopConfig(batch_size=4, lr=1e-2),
+        MetricsLog(None),
+        "lora",
+        show_progress=False,
+    )
     save_policy(model, tokenizer, tiny_store, Card(version="v0002", parent="v0001", made_by="sft"))
     merged, _ = load_causal_lm(tiny_store.path("v0002"))
     assert not any("lora" in n for n in merged.state_dict())

@@ -34,9 +34,11 @@ async def test_response_has_the_openai_shape_plus_policy_version(client: httpx.A
     assert body["id"].startswith("chatcmpl-")
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]  # default n from settings: 4
     assert body["choices"][2] == {
-        "index": 2, "message": {"role": "assistant", "content": "answer 2: you said hello world"},
-        "finish_reason": "stop", "logprobs": None,
-    }  # fmt: skip
+        "index": 2,
+        "message": {"role": "assistant", "content": "answer 2: you said hello world"},
+        "finish_reason": "stop",
+        "logprobs": None,
+    }
 
 
 async def test_comparison_is_stored_with_exact_fields(
@@ -155,8 +157,13 @@ async def test_models_healthz_and_metrics(client: httpx.AsyncClient) -> None:
     assert models["object"] == "list"
     assert [(m["id"], m["policy_version"]) for m in models["data"]] == [("rankloop", "v0001")]
     assert (await client.get("/healthz")).json() == {
-        "status": "ok", "engine": "ok", "redis": "ok", "policy_version": "v0001", "epoch": 0, "swap_error": None,
-    }  # fmt: skip
+        "status": "ok",
+        "engine": "ok",
+        "redis": "ok",
+        "policy_version": "v0001",
+        "epoch": 0,
+        "swap_error": None,
+    }
     await client.post("/v1/chat/completions", json={**ASK, "n": 2})
     await client.post("/v1/chat/completions", json={**ASK, "n": 10})
     text = (await client.get("/metrics")).text

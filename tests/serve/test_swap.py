@@ -105,8 +105,9 @@ async def test_cycles_under_load_fail_nothing_and_never_mix(
         while not stop.is_set():
             if stream:
                 async with replica.http.stream("POST", "/v1/chat/completions", json={**ASK, "stream": True}) as r:
-                    lines = [json.loads(x[6:]) for x in [line async for line in r.aiter_lines()]
-                             if x.startswith("data: {")]  # fmt: skip
+                    lines = [
+                        json.loads(x[6:]) for x in [line async for line in r.aiter_lines()] if x.startswith("data: {")
+                    ]
                     if r.status_code != 200:
                         failures.append(r.status_code)
                         continue
@@ -114,8 +115,10 @@ async def test_cycles_under_load_fail_nothing_and_never_mix(
                 for chunk in lines:
                     for choice in chunk["choices"]:
                         texts[choice["index"]] += choice["delta"].get("content") or ""
-                body = {"policy_version": lines[0]["policy_version"],
-                        "choices": [{"message": {"content": t}} for t in texts]}  # fmt: skip
+                body = {
+                    "policy_version": lines[0]["policy_version"],
+                    "choices": [{"message": {"content": t}} for t in texts],
+                }
             else:
                 response = await replica.http.post("/v1/chat/completions", json=ASK)
                 if response.status_code != 200:

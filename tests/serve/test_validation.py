@@ -63,11 +63,12 @@ async def test_max_tokens_beyond_the_context(client: httpx.AsyncClient, tokenize
     long_text = "the quick brown fox " * 40  # ~160 tokens with this tokenizer: room < 128 in a 256 context
     prompt_len = len(
         tokenizer(
-            tokenizer.apply_chat_template([{"role": "user", "content": long_text}], tokenize=False,
-                                          add_generation_prompt=True),
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": long_text}], tokenize=False, add_generation_prompt=True
+            ),
             add_special_tokens=False,
         )["input_ids"]
-    )  # fmt: skip
+    )
     assert 128 < prompt_len < 256
     error = await _error(client, {"messages": [{"role": "user", "content": long_text}], "max_tokens": 128})
     assert error["param"] == "max_tokens"
