@@ -260,7 +260,7 @@ def _ppo_round(
         options.eval_samples,
     )
     judged = judge_on_held_out_rankings(
-        settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, inputs.until, stored
+        settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, stored
     )
     reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held)
     clock.next("publish", "writing the new version")
@@ -413,11 +413,14 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
 
 
 def judge_on_held_out_rankings(
-    settings: Settings, models: Any, parent_folder: Path, config: RoundConfig, until: str | None, stored: Any
+    settings: Settings, models: Any, parent_folder: Path, config: RoundConfig, stored: Any
 ) -> Agreement:
-    """`Agreement` of the trained policy, as stored (`stored`), with the reward model's held-out rankings (every
-    round's so far), relative to its parent."""
-    groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024, until=until)
+    """`Agreement` of the trained policy, as stored (`stored`), with the reward model's held-out rankings, relative
+    to its parent: the newest JUDGED_GROUPS of them at the time of judging, those that arrived while the round ran
+    included. Neither the reward model nor PPO ever saw a held-out prompt, and the rankings of the round's own
+    time are the most of them: the first round of a young loop has few older ones (54 pairs in the first round of
+    a 60-minute run, while about 24 held-out prompts, some 140 pairs, arrived during it)."""
+    groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024)
     _, held = split(groups, RMOptions.held_out)
     parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
     if parent is None:

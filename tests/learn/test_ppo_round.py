@@ -193,6 +193,9 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
     card = ModelStore(data / "models").card(resumed.version)
     assert resumed.resumed_at == 1
     assert card.details["train_prompts"] + card.details["held_out_prompts"] == usable(12)
+    # The judgement is the exception: it takes the held-out rankings there are when it judges. Of q0..q19 only q16
+    # is a reward-model held-out prompt, and it arrived while the round was stopped: its one pair judged the round.
+    assert resumed.agreement.pairs == 1 and card.details["agreement"]["agreement_pairs"] == 1
     following = ppo_round(settings, config, PPOOptions(parent="v0001"), show_progress=False)
     card = ModelStore(data / "models").card(following.version)
     assert following.resumed_at == 0
