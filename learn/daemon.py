@@ -1,9 +1,10 @@
 """The learner daemon: turns users' rankings into new policy versions, one round at a time.
 
-A round: enough new rankings in the dataset (the feedback consumer fills it) → continue the reward model on them and
-evaluate it on every held-out prompt → if its accuracy clears the gate, a PPO round from the version users are
-served → evaluate the result against that version on held-out prompts → write it to the model store and register it
-`ready` → promote it only where the settings allow and the gate passes; otherwise an operator decides.
+A round: enough new rankings in the dataset (the feedback consumer fills it) → continue the reward model on them
+(the newest RANKLOOP_LEARN_RM_MAX_RANKINGS) and evaluate it on the newest held-out prompts → if its accuracy clears
+the gate, a PPO round from the version users are served → evaluate the result against that version on held-out
+prompts → write it to the model store and register it `ready` → promote it only where the settings allow and
+the gate passes; otherwise an operator decides.
 
 An interrupted PPO round (a crash, a SIGKILL) is resumed from its checkpoint before anything else.
 What the learner is doing is published in Redis (`rankloop learn status` reads it) and in Prometheus metrics.
@@ -102,7 +103,9 @@ class Learner:
         if new < needed:
             self.publish("waiting", f"{new} of {needed} new rankings needed for a round", new_rankings=new)
             return "waiting"
-        self.publish("reward model", f"training on {new} new rankings" + (f" from {latest}" if latest else ""))
+        cap = self.settings.learn_rm_max_rankings
+        taken = f"the newest {cap} of {new}" if new > cap else str(new)
+        self.publish("reward model", f"training on {taken} new rankings" + (f" from {latest}" if latest else ""))
         rm = rm_round(self.settings, rm_options(self.settings, latest), show_progress=self.show_progress)
         self.rm = rm
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)

@@ -46,7 +46,8 @@ def rm_gate(evaluation: Evaluation, min_accuracy: float, min_pairs: int) -> Gate
 
     Why the pair count: on a couple of held-out prompts the accuracy is a coin toss (on 8 pairs one answer more or
     less moves it by 0.125), and a PPO round steered by a reward model no better than chance costs minutes and
-    teaches nothing. Later rounds measure on every held-out prompt so far, so the count grows.
+    teaches nothing. Later rounds measure on the held-out prompts of all rounds so far (the newest 64), so the count
+    grows.
     """
     accuracy = evaluation.accuracy
     if evaluation.pairs < min_pairs:

@@ -5,6 +5,7 @@ and a PPO round from a policy version to a new one. Each writes a new version to
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -29,6 +30,7 @@ from learn.sources import FEEDBACK, last_event_id, load_groups, ptx_examples, ro
 from learn.trainlog import MetricsLog, step_progress
 from learn.weights import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy
 
+log = logging.getLogger("rankloop.learner")
 StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figures)
 PhaseHook = Callable[[str], None]  # what a round starts doing now, in a few words
 # Held-out ranked prompts that judge a round (the reward model's accuracy, the new policy's agreement): the newest
@@ -66,7 +68,8 @@ class RMResult:
 
 
 def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True) -> RMResult:
-    """Train (or continue) the reward model; evaluate on every held-out prompt, old and new."""
+    """Train (or continue) the reward model on the new rankings (the newest `max_train` of them); evaluate it on
+    the newest JUDGED_GROUPS held-out prompts, old and new."""
     started = time.perf_counter()
     from learn.reward_model import (
         group_lowers,
@@ -265,7 +268,12 @@ def _ppo_round(
     reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held)
     clock.next("publish", "writing the new version")
     card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
-    answers.put(card.version, after_answers)  # when this version is the one replaced, its answers are known
+    # After the version is published and its checkpoint gone (a failure here must not resume into a second version):
+    # the cache only saves the next round's evaluation of this version its sampling.
+    try:
+        answers.put(card.version, after_answers)  # when this version is the one replaced, its answers are known
+    except OSError as exc:
+        log.warning("could not keep %s's evaluation answers (%s): the next round samples them again", card.version, exc)
     clock.next("done")
     return PPOResult(card.version, inputs.parent, before, after, judged, reference_ptx, card, start, clock.seconds)
 

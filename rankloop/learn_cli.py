@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from deploy.model_store import ModelStore, StoreError
+from feedback.events import EventError
 from learn.data import DataError, read_texts
 from learn.precision import use_bf16
 from learn.sources import FEEDBACK, load_demonstrations
@@ -100,7 +101,7 @@ def sft(
         else:
             examples = [encode_demonstration(tokenizer, d, max_len) for d in demos]
             made_by, source = "sft", data
-    except (StoreError, DataError, OSError) as exc:
+    except (StoreError, DataError, EventError, OSError) as exc:
         raise fail(str(exc)) from exc
     if not examples:
         raise fail(f"{source} holds no examples to train on")
@@ -164,7 +165,7 @@ def rm(
     )
     try:
         result = rm_round(settings, options)
-    except (StoreError, DataError, OSError) as exc:
+    except (StoreError, DataError, EventError, OSError) as exc:
         raise fail(str(exc)) from exc
     evaluation, details = result.evaluation, result.card.details
     console.print(
@@ -237,6 +238,8 @@ def ppo(
         rollouts=source,
         seed=seed,
     )
+    if kl_target is not None and kl_target <= 0:
+        raise fail(f"--kl-target {kl_target}: give a KL above 0, or --fixed-kl for a fixed beta")
     if fixed_kl:
         config = replace(config, kl_target=None)
     options = PPOOptions(
@@ -249,7 +252,7 @@ def ppo(
     )
     try:
         result = ppo_round(settings, config, options)
-    except (StoreError, DataError, OSError, CheckpointMismatch) as exc:
+    except (StoreError, DataError, EventError, OSError, CheckpointMismatch) as exc:
         raise fail(str(exc)) from exc
     before, after = result.before, result.after
     resumed = f" (resumed at iteration {result.resumed_at})" if result.resumed_at else ""

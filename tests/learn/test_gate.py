@@ -15,7 +15,7 @@ from deploy.settings import load_settings
 from learn import degenerate, layers
 from learn.gate import Limits, promotion_gate
 from learn.policy_eval import Agreement, PolicyEval, agreement
-from learn.ppo import AdapterOff, Packed, backbone
+from learn.ppo import AdapterOff, Packed, PPOConfig, backbone
 from learn.ppo_run import RoundConfig
 from learn.reward_model import RewardScorer
 from learn.rm_data import RankedGroup
@@ -209,7 +209,14 @@ def test_a_version_that_answers_empty_for_its_reward_model_is_not_promoted(
         learn_min_agreement=0.0,
     )
     config = RoundConfig(
-        iterations=16, prompts_per_iteration=8, max_new_tokens=8, lr=1e-2, rollouts="sampled", train_layers=0
+        iterations=16,
+        prompts_per_iteration=8,
+        max_new_tokens=8,
+        lr=1e-2,
+        value_lr=1e-4,
+        rollouts="sampled",
+        train_layers=0,
+        ppo=PPOConfig(ptx_coef=0.5, epochs=4),
     )
     result = ppo_round(
         settings, config, PPOOptions(prompt_file=tmp_path / "prompts.jsonl", eval_samples=2), show_progress=False

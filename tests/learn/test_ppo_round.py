@@ -227,7 +227,9 @@ def test_the_reward_model_gate_wants_accuracy_measured_on_enough_pairs() -> None
     assert rm_gate(ev(0.6, 20), 0.6, 20).passed  # both bounds are inclusive
 
 
-def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path) -> None:
+def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("RANKLOOP_")]:
+        monkeypatch.delenv(name)  # the embedded defaults, whatever the machine running the tests sets
     settings = load_settings(
         data_dir=tmp_path,
         learn_ppo_iterations=5,
