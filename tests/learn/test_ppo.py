@@ -251,7 +251,7 @@ def test_answer_logprobs_equal_the_full_forwards_at_the_answer_positions(tiny_st
         for query, answer in zip(rollouts.queries, rollouts.responses, strict=True):
             ids = torch.tensor([query + answer])
             for name, model in (("plain", plain), ("lora", lora)):
-                lp = rl_math.answer_logprobs(model(input_ids=ids).logits[0, :-1], ids[0, 1:])
+                lp = rl_math.token_logprobs(model(input_ids=ids).logits[0, :-1], ids[0, 1:])
                 expected[name].append(lp[len(query) - 1 :].tolist())
         for side in ("right", "left"):
             packed = pack(rollouts, PAD, side)  # type: ignore[arg-type]
