@@ -105,8 +105,10 @@ class Dataset:
     def counts(self) -> dict[str, int]:
         return {kind: n for kind, n in self.db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind")}
 
-    def ids(self) -> list[str]:
-        return [row[0] for row in self.db.execute("SELECT id FROM events ORDER BY ms, seq")]
+    def ids(self, kind: str | None = None) -> list[str]:
+        """Event ids in stream order, optionally of one kind (nothing decoded)."""
+        where, args = _where(kind, None, None)
+        return [row[0] for row in self.db.execute(f"SELECT id FROM events WHERE {where} ORDER BY ms, seq", args)]
 
     def last_id(self) -> str | None:
         row = self.db.execute("SELECT id FROM events ORDER BY ms DESC, seq DESC LIMIT 1").fetchone()

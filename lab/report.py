@@ -47,7 +47,7 @@ def ranking_times(settings: Settings) -> Series:
     if not settings.dataset_path.is_file():
         return []
     with Dataset(settings.dataset_path) as dataset:
-        stamps = sorted(int(e.id.split("-")[0]) / 1000 for e in dataset.events("ranking"))
+        stamps = sorted(int(event_id.split("-")[0]) / 1000 for event_id in dataset.ids("ranking"))
     return [(t, float(n)) for n, t in enumerate(stamps, start=1)]
 
 
