@@ -35,6 +35,13 @@ class DataError(ValueError):
     """Input that cannot become training examples; the message says which row and why."""
 
 
+def by_length(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Indices of `lengths` in groups of `size` of similar length, shortest first: a pass over a group padded to its
+    own longest does less padded work than one over all of them."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def right_pad(sequences: Sequence[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     """(ids, attention mask), each (N, longest): every sequence left-aligned, `pad` after it."""
     width = max(len(s) for s in sequences)

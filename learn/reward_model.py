@@ -21,7 +21,7 @@ from torch import Tensor
 from deploy.model_store import Card, ModelStore
 from feedback.ranking import pairs
 from learn import layers
-from learn.data import right_pad
+from learn.data import by_length, right_pad
 from learn.loop import LoopConfig, LoopResult, StepHook, run_loop
 from learn.rl_math import kwise_ranking_loss, pack_rankings, pairwise_accuracy
 from learn.rm_data import RankedGroup
@@ -83,16 +83,18 @@ def score_ids(
 
     The sequences run `rows` at a time in order of length, each group padded to its own longest: a batch of a
     few prompts' answers mixes lengths, and one padded block did the longest answer's work for every answer."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    groups = by_length([len(s) for s in sequences], rows)
     parts = [
-        _scores(
-            model, [sequences[i] for i in group], pad_id, split, None if lowers is None else [lowers[i] for i in group]
-        )
-        for group in (order[start : start + rows] for start in range(0, len(order), rows))
+        _scores(model, [sequences[i] for i in g], pad_id, split, None if lowers is None else [lowers[i] for i in g])
+        for g in groups
     ]
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    scores: Tensor = torch.cat(parts)[inverse.to(parts[0].device)] if parts else torch.zeros(0)
+    if not parts:
+        return torch.zeros(0)
+    # Back to the callers' order; cat then index keeps the autograd graph whole (the loss differentiates these).
+    order = torch.tensor([i for g in groups for i in g], dtype=torch.long)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    scores: Tensor = torch.cat(parts)[inverse.to(parts[0].device)]
     return scores
 
 

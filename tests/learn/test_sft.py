@@ -9,7 +9,15 @@ import torch
 from typer.testing import CliRunner
 
 from deploy.model_store import Card, ModelStore
-from learn.data import IGNORE, DataError, Demonstration, demonstrations_from_rows, encode_demonstration, encode_text
+from learn.data import (
+    IGNORE,
+    DataError,
+    Demonstration,
+    by_length,
+    demonstrations_from_rows,
+    encode_demonstration,
+    encode_text,
+)
 from learn.loop import LoopConfig
 from learn.sft import evaluate_lm, train_lm
 from learn.trainlog import MetricsLog, read_metrics
@@ -156,3 +164,8 @@ def test_learn_sft_command_writes_a_version_with_its_card(
     assert tiny_store.current() == "v0001"  # a new version is not served until an operator promotes it
     missing = CliRunner().invoke(app, ["learn", "sft", "--data", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 1 and "nope.jsonl: no such file" in " ".join(missing.output.split())
+
+
+def test_by_length_groups_indices_shortest_first_ties_in_order() -> None:
+    assert by_length([5, 1, 3, 1], 2) == [[1, 3], [2, 0]]
+    assert by_length([2, 9, 4], 2) == [[0, 2], [1]] and by_length([], 3) == []
