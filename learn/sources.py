@@ -6,8 +6,9 @@ PPO's prompts, demonstration events for SFT and PPO's ptx term.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deploy.settings import Settings
 from feedback.dataset import Dataset
@@ -35,29 +36,29 @@ from learn.prompts import (
 from learn.rm_data import RankedGroup, group_from_event, hh_groups, is_held_out, is_rm_held_out
 
 FEEDBACK = "feedback"
+T = TypeVar("T")
 PTX_HELD_OUT_EVERY = 10  # every 10th ptx example is kept to measure fluency (held-out LM loss)
 
 
-def _rankings(settings: Settings, after: str | None = None, until: str | None = None) -> list[tuple[str, RankingEvent]]:
+def _from_dataset(settings: Settings, read: Callable[[Dataset], T], empty: T) -> T:
+    """`read` on the feedback dataset; `empty` where none was written yet (no ranking has arrived)."""
     if not settings.dataset_path.is_file():
-        return []
+        return empty
     with Dataset(settings.dataset_path) as dataset:
-        return list(dataset.rankings(after, until))
+        return read(dataset)
+
+
+def _rankings(settings: Settings, after: str | None = None, until: str | None = None) -> list[tuple[str, RankingEvent]]:
+    return _from_dataset(settings, lambda dataset: list(dataset.rankings(after, until)), [])
 
 
 def _demonstrations(settings: Settings, until: str | None = None) -> list[DemonstrationEvent]:
-    if not settings.dataset_path.is_file():
-        return []
-    with Dataset(settings.dataset_path) as dataset:
-        return [event for _, event in dataset.demonstrations(until)]
+    return _from_dataset(settings, lambda dataset: [event for _, event in dataset.demonstrations(until)], [])
 
 
 def last_event_id(settings: Settings) -> str | None:
     """The newest event in the dataset: a round that reads users' data up to it reads the same data when resumed."""
-    if not settings.dataset_path.is_file():
-        return None
-    with Dataset(settings.dataset_path) as dataset:
-        return dataset.last_id()
+    return _from_dataset(settings, Dataset.last_id, None)
 
 
 def load_demonstrations(source: str, settings: Settings, until: str | None = None) -> list[Demonstration]:
@@ -93,10 +94,7 @@ def load_groups(
 
 def count_rankings(settings: Settings, after: str | None) -> int:
     """Ranking events after event `after`, counted in SQL: the daemon asks at every poll."""
-    if not settings.dataset_path.is_file():
-        return 0
-    with Dataset(settings.dataset_path) as dataset:
-        return dataset.count("ranking", after)
+    return _from_dataset(settings, lambda dataset: dataset.count("ranking", after), 0)
 
 
 def round_prompts(
