@@ -100,14 +100,20 @@ class RoundConfig:
         return replace(self, ppo=ppo, **{name: value for name, value in fields.items() if value is not None})
 
 
-def value_model(scorer: RewardScorer, split: int) -> ValueModel:
+def value_model(scorer: RewardScorer, split: int, from_reward: bool = True) -> ValueModel:
     """The reward model's backbone (frozen) and head as a per-position value model: starts out predicting the
-    normalised reward of each answer prefix."""
+    normalised reward of each answer prefix. `from_reward=False` (the zero-reward control): the head starts at 0,
+    since a head that predicts the reward model's score makes GAE's V(t+1) - V(t) the reward model's preferences,
+    and the control would learn them all the same."""
     backbone, head = _parts(scorer.model)
     value = ValueModel(backbone, head.in_features, split, scorer.shares_lower)
     with torch.no_grad():
-        value.head.weight.copy_(head.weight.float())
-        value.head.bias.fill_(-scorer.offset)
+        if from_reward:
+            value.head.weight.copy_(head.weight.float())
+            value.head.bias.fill_(-scorer.offset)
+        else:
+            value.head.weight.zero_()
+            value.head.bias.zero_()
     return value
 
 
@@ -147,7 +153,7 @@ def load_models(
     return Models(
         policy,
         reference,
-        value_model(scorer, split).eval(),
+        value_model(scorer, split, from_reward=config.reward == "model").eval(),
         reward,
         tokenizer,
         behaviour,

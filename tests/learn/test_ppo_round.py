@@ -63,6 +63,10 @@ def test_the_value_model_starts_as_the_normalised_reward(tmp_path: Path) -> None
     with torch.no_grad():
         values = value(value.features(packed))
     assert torch.allclose(values[packed.mask.bool()], expected, atol=1e-5)
+    # The zero-reward control's value model knows nothing of the reward model: every value starts at 0.
+    control = value_model(scorer, split=0, from_reward=False)
+    with torch.no_grad():
+        assert torch.equal(control(control.features(packed)), torch.zeros_like(values))
     # The reward of whole answers, read from the same packing, is the scorer's on the plain sequences.
     whole = scorer.sequences([[5, 17, 42, 99, 7], [8, 9, 10, 11]])
     assert torch.allclose(scorer(rollouts, packed, None), whole, atol=1e-5)
