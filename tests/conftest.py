@@ -23,6 +23,22 @@ os.environ.pop("REDIS_URL", None)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The whole-loop test's control (tests/test_loop.py): an option, since RANKLOOP_* variables are cleared above.
+    parser.addoption(
+        "--learn-reward",
+        choices=("model", "zero"),
+        default="model",
+        help="the learner's reward in the whole-loop test; zero: the control, which must fail",
+    )
+
+
+@pytest.fixture
+def learn_reward(request: pytest.FixtureRequest) -> str:
+    value: str = request.config.getoption("--learn-reward")
+    return value
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ rankings into versions and promotes them; the served model's answers get shorter
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,8 +61,11 @@ def served(url: str) -> str:
 
 
 @pytest.mark.slow
-def test_simulated_users_teach_the_served_model_to_be_concise(loop: Loop, redis_server: EmbeddedRedis) -> None:
+def test_simulated_users_teach_the_served_model_to_be_concise(
+    loop: Loop, redis_server: EmbeddedRedis, learn_reward: str
+) -> None:
     settings = load_settings(
+        learn_reward=learn_reward,
         data_dir=loop.data,
         redis_url=redis_server.url,
         learn_min_rankings=RANKINGS_PER_ROUND,
@@ -118,5 +122,6 @@ def test_simulated_users_teach_the_served_model_to_be_concise(loop: Loop, redis_
         max_new_tokens=16,
         engine="hf",
     )
+    logging.getLogger(__name__).info("%s vs v0001: %s; %s", current, result.win_rate, outcomes)
     assert result.length_a < result.length_b, (outcomes, result)
     assert result.win_rate.significant(), (outcomes, result.win_rate)
