@@ -50,16 +50,24 @@ async def api_error_handler(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
+def _said(message: str) -> str:
+    # pydantic prefixes the messages of our own validators with "Value error, ", which tells a client nothing.
+    return message.removeprefix("Value error, ")
+
+
 async def validation_error_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0]
     param = _field(tuple(first["loc"])) or None
     if first["type"] == "json_invalid":
-        return error_response(400, f"the body is not valid JSON: {first['msg']}", None, "invalid_json")
+        message = f"the body is not valid JSON: {first['msg']}"
+        if "surrogate" in message or "hex escape" in message:
+            message += " (a lone surrogate: an escape of U+D800-U+DFFF must be one half of a surrogate pair)"
+        return error_response(400, message, None, "invalid_json")
     if first["type"] == "extra_forbidden":
         return error_response(400, f"unknown field '{param}'", param, "unknown_field")
     if first["type"] == "missing" and param is None:
         return error_response(400, "the body must be a JSON object", None, "missing_body")
-    message = "; ".join(f"{_field(tuple(e['loc'])) or 'body'}: {e['msg']}" for e in errors[:5])
+    message = "; ".join(f"{_field(tuple(e['loc'])) or 'body'}: {_said(e['msg'])}" for e in errors[:5])
     return error_response(400, message, param, "invalid_value")

@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+MAX_MESSAGES = 256
+MAX_CONTENT_CHARS = 65_536  # per message: far beyond any context rankloop serves, far below the body limit
+MAX_PARTS = 64  # text parts per message
+MAX_STOP = 4  # OpenAI's limit
+MAX_STOP_CHARS = 64
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _whole_text(value: Any) -> Any:
+    """Refuse text with a lone surrogate (JSON lets a client write "\\ud800" alone; no UTF-8 encodes it, so the
+    tokenizer, Redis or SQLite would fail on it later, or pydantic would refuse it with a message that names no
+    cause). Runs before pydantic's own string check, so every field says the same thing."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        if found:
+            raise ValueError(
+                f"holds a lone surrogate (U+{ord(found.group()):04X} at character {found.start()}): send valid "
+                "Unicode text (a character outside the BMP is written as a surrogate pair, e.g. \\ud83d\\ude00)"
+            )
+    return value
+
+
+WHOLE_TEXT = BeforeValidator(_whole_text)
+Text = Annotated[str, WHOLE_TEXT]
 
 
 class _Strict(BaseModel):
@@ -15,13 +42,21 @@ class _Strict(BaseModel):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
+    name: Annotated[str, Field(max_length=256), WHOLE_TEXT] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _capped(cls, content: str | list[TextPart]) -> str | list[TextPart]:
+        size = len(content) if isinstance(content, str) else sum(len(part.text) for part in content)
+        if size > MAX_CONTENT_CHARS:
+            raise ValueError(f"the message holds {size} characters; a message may hold at most {MAX_CONTENT_CHARS}")
+        return content
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -34,7 +69,7 @@ class StreamOptions(_Strict):
 
 
 class ChatCompletionRequest(_Strict):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     model: str | None = None
     n: int | None = Field(None, ge=1, le=9)
     max_tokens: int | None = Field(None, ge=1)
@@ -42,13 +77,13 @@ class ChatCompletionRequest(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="vLLM extension: generate max_tokens tokens even past EOS")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
+    user: Annotated[str, Field(max_length=256), WHOLE_TEXT] | None = None
 
     @field_validator("messages")
     @classmethod
@@ -58,6 +93,20 @@ class ChatCompletionRequest(_Strict):
         if not messages[-1].text().strip():
             raise ValueError("the last user message is empty")
         return messages
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        # The engines fail on an empty stop string (a 500 on vLLM), and a long list slows every decoding step.
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"{len(stops)} stop sequences; give at most {MAX_STOP}")
+        for text in stops:
+            if not text:
+                raise ValueError("a stop sequence is empty; leave it out or give its text")
+            if len(text) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence has {len(text)} characters; each may have at most {MAX_STOP_CHARS}")
+        return stop
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -8,12 +8,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from api.protocol import ChatMessage
+from api.protocol import MAX_MESSAGES, WHOLE_TEXT, ChatMessage
 
 # Comparison ids are ours ("chatcmpl-<hex>"); the pattern also keeps Redis key names unambiguous.
 ComparisonId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
-UserId = Annotated[str, Field(min_length=1, max_length=256)]
-IdempotencyKey = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_ANSWER_CHARS = 32_768
+UserId = Annotated[str, Field(min_length=1, max_length=256), WHOLE_TEXT]
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=256), WHOLE_TEXT]
 
 
 class _Strict(BaseModel):
@@ -42,9 +43,9 @@ class FeedbackRequest(_Strict):
 
 
 class DemonstrationRequest(_Strict):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     comparison_id: ComparisonId | None = None
-    answer: Annotated[str, Field(min_length=1)]
+    answer: Annotated[str, Field(min_length=1, max_length=MAX_ANSWER_CHARS), WHOLE_TEXT]
     user: UserId | None = None
     idempotency_key: IdempotencyKey | None = None
 
