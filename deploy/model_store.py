@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.durable import fsync_path, fsync_tree, stale, write_text_atomic
+
 REQUIRED_FILES = ("config.json", "tokenizer_config.json", "card.json")
 
 
@@ -48,10 +50,7 @@ class Card:
         return cls(**json.loads((folder / "card.json").read_text()))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+STALE_TMP_S = 3600.0  # a temporary version folder untouched this long has no writer left
 
 
 class ModelStore:
@@ -99,11 +98,11 @@ class ModelStore:
 
     def set_current(self, version: str) -> None:
         self.path(version)
-        _write_atomic(self.root / "CURRENT", version + "\n")
+        write_text_atomic(self.root / "CURRENT", version + "\n")
 
     def set_reference(self, version: str) -> None:
         self.path(version)
-        _write_atomic(self.root / "REFERENCE", version + "\n")
+        write_text_atomic(self.root / "REFERENCE", version + "\n")
 
     @contextmanager
     def new_version(self, card: Card) -> Iterator[Path]:
@@ -120,9 +119,23 @@ class ModelStore:
             if missing or not any(tmp.glob("*.safetensors")):
                 raise StoreError(f"refusing to publish {card.version}: missing {missing or ['*.safetensors']}")
             tmp.chmod(0o755)  # mkdtemp makes it private; versions are read by other processes
+            fsync_tree(tmp)
             os.rename(tmp, final)  # atomic on one filesystem; fails rather than overwrite
+            fsync_path(self.root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def sweep(self, older_than_s: float = STALE_TMP_S) -> list[str]:
+        """Remove what writers that died left behind (`.tmp-*` folders untouched for `older_than_s`); their
+        names. A folder still being filled is newer than that, so a writer running beside this is left alone."""
+        if not self.root.is_dir():
+            return []
+        swept = []
+        for folder in sorted(self.root.glob(".tmp-*")):
+            if folder.is_dir() and stale(folder, older_than_s):
+                shutil.rmtree(folder, ignore_errors=True)
+                swept.append(folder.name)
+        return swept
 
     def publish(self, card: Card, fill: Callable[[Path], None]) -> Path:
         with self.new_version(card) as tmp:

@@ -66,6 +66,9 @@ class Learner:
         self.store = ModelStore(settings.store_dir)
         self.rewards = ModelStore(settings.reward_store_dir, prefix="r")
         self.rm: RMResult | None = None  # the reward-model round before the PPO round in flight, for its summary
+        for store in (self.store, self.rewards):  # the learner is their writer: what a dead one left goes
+            for name in store.sweep():
+                log.warning("removed %s/%s, a version a stopped writer never finished", store.root, name)
 
     def record(self, summary: dict[str, Any]) -> None:
         """Every round's summary, one JSON line each in data_dir/runs/rounds.jsonl: the history an operator plots."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deploy.durable import write_atomic
 from learn.trainlog import MetricsLog, step_progress
 
 StepFn = Callable[[list[int]], tuple[Tensor, dict[str, float]]]  # batch of item indices -> (loss, figures)
@@ -120,11 +121,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:
 
 
 def save_atomic(path: Path, state: dict[str, Any]) -> None:
-    """torch.save `state` to `path` whole or not at all: a crash while saving leaves the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
-    partial.replace(path)
+    """torch.save `state` to `path` whole or not at all, and on disk: a crash while saving leaves the previous file
+    whole."""
+    write_atomic(path, lambda file: torch.save(state, file))
 
 
 def save_checkpoint(
@@ -152,7 +151,7 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> int:
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)  # a checkpoint holds tensors and plain values: never run code
     model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

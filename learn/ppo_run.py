@@ -293,7 +293,7 @@ class PPORound:
         """Continue from `path` when it belongs to this round (same meta); False when there is nothing to resume."""
         if not path.is_file():
             return False
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # tensors and plain values: loading runs no code
         if state["meta"] != meta:
             raise CheckpointMismatch(path, state["meta"], meta)
         self.models.policy.load_state_dict(state["policy"], strict=False)
@@ -320,5 +320,5 @@ def checkpoint_meta(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     # Memory-mapped: the meta without reading the weights and optimiser state (GBs when training all weights).
-    meta: dict[str, Any] = torch.load(path, weights_only=False, mmap=True)["meta"]
+    meta: dict[str, Any] = torch.load(path, weights_only=True, mmap=True)["meta"]
     return meta
