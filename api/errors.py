@@ -40,7 +40,10 @@ def error_response(
 
 
 def _field(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    # FastAPI's first element says where the field was (body, query, path, header): the client knows its name.
+    if loc and loc[0] in ("body", "query", "path", "header", "cookie"):
+        loc = loc[1:]
+    parts = [str(p) for p in loc]
     # pydantic names the union branch that failed ("str", "list[TextPart]"); the user wants the field.
     return ".".join(p for p in parts if not p.startswith(("list[", "str", "function-")))
 

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
@@ -107,7 +107,16 @@ async def rollback_route(body: RollbackBody, admin: AdminDep) -> dict[str, Any]:
     return {"current": version, "epoch": epoch}
 
 
+EVENT_ID = r"^(-|[0-9]{1,20}(-[0-9]{1,20})?)$"  # a Redis stream id; anything else made XRANGE fail (a 500)
+
+
 @router.get("/events")
-async def events(admin: AdminDep, after: str = "-", count: int = 100) -> dict[str, Any]:
+async def events(
+    admin: AdminDep,
+    after: Annotated[
+        str, Query(pattern=EVENT_ID, description="the events after this id (from a listing); - from the start")
+    ] = "-",
+    count: Annotated[int, Query(description="at most this many (1 to 1000; values outside are clamped)")] = 100,
+) -> dict[str, Any]:
     listed = await _call(admin, admin.registry.events, after, min(max(count, 1), 1000))
     return {"events": [asdict(e) for e in listed]}

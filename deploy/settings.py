@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -23,6 +24,9 @@ from pydantic_settings import (
 ENV_PREFIX = "RANKLOOP_"
 # Variables with the prefix that steer the tooling rather than a process.
 _NOT_SETTINGS = {"RANKLOOP_CONFIG", "RANKLOOP_VENV"}
+
+
+MIN_ADMIN_TOKEN = 16
 
 
 class SettingsError(ValueError):
@@ -195,6 +199,18 @@ class Settings(BaseSettings):
             cpu_list(value)
         return value
 
+    @field_validator("admin_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # The admin API promotes and rolls back what every user is served: a short token is guessed.
+        length = len(value.get_secret_value()) if value is not None else 0
+        if 0 < length < MIN_ADMIN_TOKEN:
+            raise ValueError(
+                f"the admin token has {length} characters; use at least {MIN_ADMIN_TOKEN} (for example the output "
+                "of: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            )
+        return value
+
     @field_validator("learn_cpus")
     @classmethod
     def _learn_cpus(cls, value: str | None) -> str | None:
@@ -231,6 +247,11 @@ class Settings(BaseSettings):
         return self.redis_url or f"redis://127.0.0.1:{self.redis_port}/0"
 
     @property
+    def shown_redis_url(self) -> str:
+        """`effective_redis_url` fit to print: its password replaced by ***."""
+        return redact_url(self.effective_redis_url)
+
+    @property
     def store_dir(self) -> Path:
         return self.data_dir / "models"
 
@@ -253,6 +274,16 @@ def unknown_env_keys(environ: dict[str, str] | os._Environ[str]) -> list[str]:
     return sorted(
         key for key in environ if key.startswith(ENV_PREFIX) and key not in known and key not in _NOT_SETTINGS
     )
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (redis://user:PASSWORD@host/0) replaced by ***, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -13,7 +13,7 @@ from rich.console import Console
 from deploy.launcher import CoreBudget, Launcher, core_budget
 from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError
-from deploy.settings import Settings
+from deploy.settings import Settings, redact_url
 from rankloop.console import fail, settings_or_exit
 from rankloop.feedback_cli import app as feedback_app
 from rankloop.learn_cli import app as learn_app
@@ -64,7 +64,7 @@ def redis() -> None:
     """Run the embedded Redis server in the foreground until interrupted."""
     settings = settings_or_exit()
     if settings.redis_url:
-        raise fail(f"REDIS_URL is set ({settings.redis_url}): that server is used, none is started")
+        raise fail(f"REDIS_URL is set ({redact_url(settings.redis_url)}): that server is used, none is started")
     server = _start_redis(settings)
     console.print(f"redis ready at {server.url} (data in {server.data_dir}); Ctrl-C stops it")
     _wait_for_signal()

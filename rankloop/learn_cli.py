@@ -285,7 +285,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     try:
         found = read_status(client)
     except redis.RedisError as exc:
-        raise fail(f"Redis at {settings.effective_redis_url} unreachable: {exc}") from exc
+        raise fail(f"Redis at {settings.shown_redis_url} unreachable: {exc}") from exc
     if found is None:
         raise fail("no learner has reported yet (start one with `rankloop learn` or `rankloop up`)")
     if as_json:

@@ -32,7 +32,7 @@ def _open() -> tuple[Registry, ModelStore]:
         sync_store(registry, store)  # versions written by the learner or imported appear here
     except RedisError as exc:
         raise fail(
-            f"the registry's Redis at {settings.effective_redis_url} is not reachable ({exc}); "
+            f"the registry's Redis at {settings.shown_redis_url} is not reachable ({exc}); "
             "start the stack (`make run`) or set REDIS_URL"
         ) from exc
     return registry, store

@@ -75,6 +75,14 @@ async def test_list_promote_conflict_rollback_and_events(admin: httpx.AsyncClien
     assert [e["epoch"] for e in later] == [3]
 
 
+@pytest.mark.parametrize("after", ["abc", "1-2-3", "-1", "(1", ""])
+async def test_a_bad_event_id_is_400_naming_it(admin: httpx.AsyncClient, after: str) -> None:
+    response = await admin.get("/admin/events", params={"after": after}, headers=AUTH)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "after" and "should match pattern" in error["message"]
+
+
 async def test_without_a_token_the_admin_api_is_off(
     tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.settings import SettingsError, cpu_list, load_settings
+from deploy.settings import SettingsError, cpu_list, load_settings, redact_url
 
 
 def test_defaults_are_valid() -> None:
@@ -41,12 +41,22 @@ def test_unknown_environment_key_is_named(monkeypatch: pytest.MonkeyPatch) -> No
         ("RANKLOOP_CPU_THREADS", "3-1"),
         ("RANKLOOP_LEARN_CPUS", "1-"),
         ("RANKLOOP_REDIS_URL", "http://x"),
+        ("RANKLOOP_ADMIN_TOKEN", "short-token"),
     ],
 )
 def test_impossible_values_name_the_key(monkeypatch: pytest.MonkeyPatch, key: str, value: str) -> None:
     monkeypatch.setenv(key, value)
     with pytest.raises(SettingsError, match=key.removeprefix("RANKLOOP_").lower()):
         load_settings()
+
+
+def test_an_admin_token_of_16_characters_is_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANKLOOP_ADMIN_TOKEN", "x" * 15)
+    with pytest.raises(SettingsError, match="has 15 characters; use at least 16"):
+        load_settings()
+    monkeypatch.setenv("RANKLOOP_ADMIN_TOKEN", "x" * 16)
+    token = load_settings().admin_token
+    assert token is not None and token.get_secret_value() == "x" * 16
 
 
 def test_inconsistent_limits_are_refused() -> None:
@@ -83,3 +93,17 @@ def test_cpu_lists_name_their_cores() -> None:
     for bad in ("", "a", "2-1", "1,,2", "-3"):
         with pytest.raises(ValueError, match="not a CPU list"):
             cpu_list(bad)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@db.example:6379/0", "redis://:***@db.example:6379/0"),
+        ("rediss://ann:hunter2@db.example/1", "rediss://ann:***@db.example/1"),
+        ("redis://db.example:6379/0", "redis://db.example:6379/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_a_redis_password_is_never_shown(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert load_settings(redis_url=url).shown_redis_url == shown
