@@ -169,6 +169,9 @@ class Settings(BaseSettings):
     learn_metrics_port: int | None = Field(
         8001, ge=1, le=65535, description="Port of the learner's Prometheus metrics; unset: none."
     )
+    # Its own address, not the server's `host`: opening the chat API to a network need not open the learner's
+    # figures too, and a scraper in another pod needs them on 0.0.0.0 while the API sits behind a proxy.
+    learn_metrics_host: str = Field("127.0.0.1", description="Address the learner's metrics bind.")
 
     # -- engine ---------------------------------------------------------------------------------
     policy_version: str | None = Field(None, description="Serve this version; unset: the store's current.")

@@ -40,7 +40,7 @@ def daemon(context: typer.Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
     if settings.learn_metrics_port is not None:
         try:
-            serve_metrics(settings.host, settings.learn_metrics_port)
+            serve_metrics(settings.learn_metrics_host, settings.learn_metrics_port)
         except OSError as exc:  # metrics are for operators; a taken port must not stop learning
             console.print(f"[yellow]learner metrics not served on port {settings.learn_metrics_port}: {exc}[/]")
     stop = threading.Event()
