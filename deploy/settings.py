@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the admin API (/admin/); unset: the admin API is disabled."
     )
+    swap_drain_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="A swap aborts generations still running after this long (their choices end 'abort').",
+    )
+    stream_send_timeout_s: float = Field(
+        30.0, gt=0.0, description="A streaming client that reads nothing for this long is disconnected."
+    )
     access_log: bool = Field(False, description="Log a line per HTTP request (costly at thousands per second).")
 
     # -- generation -----------------------------------------------------------------------------

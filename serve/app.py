@@ -36,7 +36,7 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     app.state.metrics = metrics
     app.state.started = int(time.time())
     comparisons = ComparisonStore(redis, settings.comparison_ttl_s)
-    served = ServedVersion(served) if isinstance(served, str) else served
+    served = ServedVersion(served, drain_timeout_s=settings.swap_drain_timeout_s) if isinstance(served, str) else served
     app.state.served = served
     app.state.chat = ChatService(engine, comparisons, settings, metrics, served)
     app.state.feedback = FeedbackService(comparisons, FeedbackStream(redis), settings.idempotency_ttl_s, metrics)

@@ -6,11 +6,12 @@ Routes stay thin; everything a test wants to drive lives here, behind the small 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -33,11 +34,12 @@ from deploy.settings import Settings
 from feedback.comparisons import ComparisonStore
 from feedback.events import Comparison, StoredCandidate
 from serve.engine import Candidate, Engine, GenerationRequest
-from serve.swap import ServedVersion
+from serve.swap import Lease, ServedVersion
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "rankloop"
 REDIS_RETRY_AFTER_S = "5"
+Sink = Callable[[Candidate, str, "str | None"], None]  # (candidate so far, its new text, its finish reason)
 
 
 @dataclass
@@ -164,15 +166,42 @@ class ChatService:
         finally:
             self.metrics.in_flight.dec()
 
+    async def _collect(self, prepared: Prepared, lease: Lease, sink: Sink) -> bool:
+        """Run the generation, each delta to `sink`; True when the lease was aborted (a swap's drain deadline)
+        before the engine finished. Cancelling this (the client left) aborts the engine request too."""
+
+        async def consume() -> None:
+            async with aclosing(self._run(prepared)) as run:
+                async for candidate, text, reason in run:
+                    sink(candidate, text, reason)
+
+        generation = asyncio.create_task(consume())
+        aborted = asyncio.create_task(lease.aborted.wait())
+        try:
+            await asyncio.wait({generation, aborted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            aborted.cancel()
+            if not generation.done():
+                generation.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await generation
+        if not generation.cancelled():
+            generation.result()  # the engine's own errors reach the client as before
+            return False
+        return True
+
     async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         prepared = self.prepare(request)
         candidates: dict[int, Candidate] = {}
-        async with self.served.use() as version, aclosing(self._run(prepared)) as run:
-            prepared.policy_version = version
-            async for candidate, _, _ in run:
-                candidates[candidate.index] = candidate
-        ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(prepared.generation.n)]
-        await self._finish(prepared, ordered)
+
+        def keep(candidate: Candidate, text: str, reason: str | None) -> None:
+            candidates[candidate.index] = candidate
+
+        async with self.served.use() as lease:
+            prepared.policy_version = lease.version
+            cut = await self._collect(prepared, lease, keep)
+        ordered = _ordered(candidates, prepared.generation.n, cut)
+        await self._finish(prepared, ordered, store=not cut)
         return ChatCompletionResponse(
             id=prepared.generation.request_id,
             created=int(time.time()),
@@ -191,12 +220,23 @@ class ChatService:
         return self._sse(prepared)
 
     async def _sse(self, prepared: Prepared) -> AsyncGenerator[str, None]:
-        async with self.served.use() as version, aclosing(self._sse_lines(prepared)) as lines:
-            prepared.policy_version = version
-            async for line in lines:
-                yield line
+        """The SSE lines, written by a task that holds the served version only while the engine generates.
 
-    async def _sse_lines(self, prepared: Prepared) -> AsyncGenerator[str, None]:
+        Why a queue between them: a client that stops reading suspends this generator at its `yield`; were the
+        generation inside it, it would hold the swap gate for as long, and every new request would wait behind
+        the next promotion. The queue holds at most one answer's chunks (n x max_tokens), so it is unbounded."""
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        writer = asyncio.create_task(self._sse_lines(prepared, lines))
+        try:
+            while (line := await lines.get()) is not None:
+                yield line
+        finally:
+            if not writer.done():
+                writer.cancel()  # the client left: abort the generation
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _sse_lines(self, prepared: Prepared, lines: asyncio.Queue[str | None]) -> None:
         gen = prepared.generation
         created = int(time.time())
 
@@ -211,26 +251,37 @@ class ChatService:
             )
             return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
 
-        for i in range(gen.n):
-            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
         candidates: dict[int, Candidate] = {}
-        # aclosing: when the client leaves, closing this generator must reach _run's abort at once, not at GC.
-        async with aclosing(self._run(prepared)) as run:
-            async for candidate, text, reason in run:
-                candidates[candidate.index] = candidate
-                if text:
-                    yield chunk([ChunkChoice(index=candidate.index, delta=Delta(content=text))])
-                if reason is not None:
-                    yield chunk([ChunkChoice(index=candidate.index, delta=Delta(), finish_reason=_reason(candidate))])
-        ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(gen.n)]
+
+        def send(candidate: Candidate, text: str, reason: str | None) -> None:
+            candidates[candidate.index] = candidate
+            if text:
+                lines.put_nowait(chunk([ChunkChoice(index=candidate.index, delta=Delta(content=text))]))
+            if reason is not None:
+                lines.put_nowait(
+                    chunk([ChunkChoice(index=candidate.index, delta=Delta(), finish_reason=_reason(candidate))])
+                )
+
         try:
-            await self._finish(prepared, ordered)
-        except ApiError as exc:
-            yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n"
-        options = prepared.request.stream_options
-        if options is not None and options.include_usage:
-            yield chunk([], self._usage(prepared, ordered))
-        yield "data: [DONE]\n\n"
+            async with self.served.use() as lease:
+                prepared.policy_version = lease.version
+                for i in range(gen.n):
+                    lines.put_nowait(chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))]))
+                cut = await self._collect(prepared, lease, send)
+            unfinished = [i for i in range(gen.n) if i not in candidates or candidates[i].finish_reason is None]
+            ordered = _ordered(candidates, gen.n, cut)
+            for i in unfinished if cut else []:  # each choice the swap cut ends, as the stream's contract says
+                lines.put_nowait(chunk([ChunkChoice(index=i, delta=Delta(), finish_reason="abort")]))
+            try:
+                await self._finish(prepared, ordered, store=not cut)
+            except ApiError as exc:
+                lines.put_nowait(f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n")
+            options = prepared.request.stream_options
+            if options is not None and options.include_usage:
+                lines.put_nowait(chunk([], self._usage(prepared, ordered)))
+            lines.put_nowait("data: [DONE]\n\n")
+        finally:
+            lines.put_nowait(None)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def _usage(self, prepared: Prepared, candidates: list[Candidate]) -> Usage:
@@ -238,11 +289,13 @@ class ChatService:
         completion = sum(len(c.token_ids) for c in candidates)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
-    async def _finish(self, prepared: Prepared, candidates: list[Candidate]) -> None:
+    async def _finish(self, prepared: Prepared, candidates: list[Candidate], store: bool = True) -> None:
+        """Count the request; keep its comparison unless a swap cut it short (half-written answers are not
+        what users should rank)."""
         self.metrics.prompt_tokens.inc(len(prepared.generation.prompt_token_ids))
         self.metrics.completion_tokens.inc(sum(len(c.token_ids) for c in candidates))
         self.metrics.latency.labels("chat").observe(time.monotonic() - prepared.started)
-        if prepared.generation.n >= 2:
+        if store and prepared.generation.n >= 2:
             await self._store(prepared, candidates)
 
     async def _store(self, prepared: Prepared, candidates: list[Candidate]) -> None:
@@ -282,6 +335,16 @@ class ChatService:
                 headers={"Retry-After": REDIS_RETRY_AFTER_S},
             ) from exc
         self.metrics.comparisons.inc()
+
+
+def _ordered(candidates: dict[int, Candidate], n: int, cut: bool) -> list[Candidate]:
+    """The n candidates in order; any the engine did not finish end "abort" (a cut generation, a client gone)."""
+    ordered = [candidates.get(i, Candidate(i, finish_reason="abort")) for i in range(n)]
+    if cut:
+        for candidate in ordered:
+            if candidate.finish_reason is None:
+                candidate.finish_reason = "abort"
+    return ordered
 
 
 def _reason(candidate: Candidate) -> FinishReason | None:

@@ -1,11 +1,18 @@
-"""Refuse request bodies over the size limit before they are read into memory."""
+"""Limits on what one client may hold: request bodies over the size limit are refused before they are read into
+memory, and a streaming client that stops reading is let go."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
+from typing import Any
 
+from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
 
 
 class BodyTooLarge(Exception):
@@ -67,3 +74,25 @@ class BodySizeLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class TimedStreamingResponse(StreamingResponse):
+    """A streaming response whose every send has a deadline. Why: a client that stops reading fills its socket,
+    and each send then waits for ever, holding the connection, its task and its queued answer; after
+    `send_timeout_s` without progress the stream is closed (the connection with it)."""
+
+    def __init__(self, content: Any, send_timeout_s: float, **options: Any) -> None:
+        super().__init__(content, **options)
+        self.send_timeout_s = send_timeout_s
+
+    async def stream_response(self, send: Send) -> None:
+        async def timed(message: Message) -> None:
+            await asyncio.wait_for(send(message), self.send_timeout_s)
+
+        try:
+            await super().stream_response(timed)
+        except TimeoutError:
+            log.warning("a streaming client read nothing for %.0f s: closing its stream", self.send_timeout_s)
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                await close()

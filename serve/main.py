@@ -93,7 +93,7 @@ async def _serve(settings: Settings) -> None:
     engine = _build_engine(settings, version, store)
     await _warm_up(engine)
     redis = Redis.from_url(settings.effective_redis_url)
-    served = ServedVersion(version, epoch)
+    served = ServedVersion(version, epoch, settings.swap_drain_timeout_s)
     app = create_app(settings, engine, redis, served)
     follower = None
     if settings.policy_version is None:

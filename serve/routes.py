@@ -6,11 +6,12 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 from serve.chat import MODEL_NAME, ChatService
+from serve.limits import TimedStreamingResponse
 
 router = APIRouter()
 
@@ -24,7 +25,11 @@ def _chat(request: Request) -> ChatService:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
     service = _chat(request)
     if body.stream:
-        return StreamingResponse(await service.stream(body), media_type="text/event-stream")
+        return TimedStreamingResponse(
+            await service.stream(body),
+            service.settings.stream_send_timeout_s,
+            media_type="text/event-stream",
+        )
     return await service.complete(body)
 
 

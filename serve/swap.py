@@ -4,15 +4,24 @@ Every generation runs inside `ServedVersion.use()`, which hands it the version i
 (new requests wait), drains the generations already inside (they finish on the old weights), loads the new weights,
 sets the version and opens the gate. So no answer mixes two versions, every answer names the version that produced
 it, and no request fails: at worst it waits for the drain and the load.
+
+A generation holds the gate only while the engine writes it: answers are handed to their clients through a queue
+(serve.chat), so a client that stops reading holds its connection, never the swap. The drain has a deadline
+(`drain_timeout_s`): generations still running then are aborted (their unfinished choices end with
+finish_reason "abort" and the comparison is not stored), so one very long answer cannot hold every new request
+waiting behind a promotion.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,13 +33,23 @@ class SwapTimes:
     started_at: float = 0.0  # wall-clock time the server took up the swap (to tell how fast it noticed)
 
 
+@dataclass(eq=False)  # by identity: two generations on one version are two leases
+class Lease:
+    """One generation's hold on the served version: the version it runs on, and the signal to stop early."""
+
+    version: str
+    aborted: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class ServedVersion:
-    def __init__(self, version: str, epoch: int = 0) -> None:
+    def __init__(self, version: str, epoch: int = 0, drain_timeout_s: float = 30.0) -> None:
         self.version = version
         self.epoch = epoch  # the registry epoch this version was served for
+        self.drain_timeout_s = drain_timeout_s
         self.last_error: str | None = None  # the last swap that failed, for /healthz
         self.last_swap: SwapTimes | None = None
-        self.in_flight = 0
+        self.aborted = 0  # generations cut short by a drain deadline, since start
+        self._leases: set[Lease] = set()
         self._open = asyncio.Event()
         self._open.set()
         self._idle = asyncio.Event()
@@ -41,18 +60,40 @@ class ServedVersion:
     def swapping(self) -> bool:
         return not self._open.is_set()
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._leases)
+
     @asynccontextmanager
-    async def use(self) -> AsyncIterator[str]:
-        """Run one generation on the served version; waits while a swap is under way."""
+    async def use(self) -> AsyncIterator[Lease]:
+        """Run one generation on the served version; waits while a swap is under way. The holder must stop
+        generating soon after `lease.aborted` is set."""
         await self._open.wait()
-        self.in_flight += 1
+        lease = Lease(self.version)
+        self._leases.add(lease)
         self._idle.clear()
         try:
-            yield self.version
+            yield lease
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
+            self._leases.discard(lease)
+            if not self._leases:
                 self._idle.set()
+
+    async def _drain(self) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.drain_timeout_s)
+            return
+        except TimeoutError:
+            stragglers = list(self._leases)
+        log.warning(
+            "%d generation(s) still running after the %g s drain deadline: aborting them",
+            len(stragglers),
+            self.drain_timeout_s,
+        )
+        self.aborted += len(stragglers)
+        for lease in stragglers:
+            lease.aborted.set()
+        await self._idle.wait()  # an aborted generation stops at its next step
 
     async def swap(
         self,
@@ -68,7 +109,7 @@ class ServedVersion:
             started = time.monotonic()
             self._open.clear()
             try:
-                await self._idle.wait()
+                await self._drain()
                 drained = time.monotonic()
                 await load()
                 self.version, self.epoch, self.last_error = version, epoch, None
