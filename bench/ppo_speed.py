@@ -9,14 +9,19 @@ the rest) and the share of time outside model compute, for three ways of running
   wrote (as users' ranked comparisons hold them; here sampled once before timing), the ratio taken against it.
 
 Model compute is measured, not inferred: forward hooks on the models (generation's per-token forwards included),
-the backward passes and the optimiser steps are timed; everything else is "outside model compute".
+the backward passes and the optimiser steps are timed (on a GPU, to the GPU's finish); everything else is "outside
+model compute".
 
-    .venv/bin/python bench/ppo_speed.py [--iterations 3] [--prompts 8] [--tokens 256]
+On a GPU (`--device cuda`), the served answers are sampled with HF `generate` on the GPU where vLLM is not
+installed (they are sampled once, before timing, and cost the iterations nothing either way).
+
+    .venv/bin/python bench/ppo_speed.py [--iterations 3] [--prompts 8] [--tokens 256] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
@@ -34,33 +39,42 @@ import torch  # noqa: E402
 from bench.common import bench_store  # noqa: E402
 from bench.report import machine, write_section  # noqa: E402
 from deploy.model_store import Card, ModelStore  # noqa: E402
-from learn.ppo import Models, PPOConfig, causal_parts  # noqa: E402
+from learn.device import device_of, learn_device  # noqa: E402
+from learn.ppo import Models, PPOConfig, causal_parts, sample  # noqa: E402
 from learn.ppo_run import PPORound, RoundConfig, load_models  # noqa: E402
 from learn.precision import autocast, use_bf16  # noqa: E402
 from learn.prompts import Prompt, Served, prompts_from_file  # noqa: E402
 from learn.reward_model import _parts  # noqa: E402
+from learn.weights import pad_id  # noqa: E402
 
 MT_BENCH = REPO.parent / "shared" / "data" / "mt-bench-questions.jsonl"
 THREADS = 2
 
 
 class ComputeClock:
-    """Wall time inside the models: forwards (via hooks), backward passes and optimiser steps."""
+    """Wall time inside the models: forwards (via hooks), backward passes and optimiser steps. On a GPU each timed
+    span starts and ends with the GPU idle, so that it holds the kernels it launched, not only their launching."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.seconds = 0.0
         self._depth = 0
         self._since = 0.0
+        self._gpu = device.type == "cuda"
+
+    def _now(self) -> float:
+        if self._gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def enter(self, *_: Any) -> None:
         if self._depth == 0:
-            self._since = time.perf_counter()
+            self._since = self._now()
         self._depth += 1
 
     def leave(self, *_: Any) -> None:
         self._depth -= 1
         if self._depth == 0:
-            self.seconds += time.perf_counter() - self._since
+            self.seconds += self._now() - self._since
 
     def watch(self, module: torch.nn.Module) -> None:
         module.register_forward_pre_hook(self.enter)
@@ -110,7 +124,7 @@ def ppo_iterations(
     models: Models, config: RoundConfig, prompts: list[Prompt], served: list[Served]
 ) -> list[dict[str, float]]:
     trainer = PPORound(models, config, prompts, served=served)
-    clock = ComputeClock()
+    clock = ComputeClock(trainer.device)
     for module in (*causal_parts(models.policy), models.value, *_parts(models.scorer.model)):
         clock.watch(module)  # the policy and the reward model are called through their parts
     if isinstance(models.reference, torch.nn.Module):  # with LoRA it is the policy itself, adapters off
@@ -133,9 +147,13 @@ def ppo_iterations(
     return rows
 
 
-def served_answers(policy_dir: Path, prompts: list[Prompt], args: argparse.Namespace) -> list[Served]:
-    """K=4 answers per prompt from v0001, as a served comparison holds them: sampled once with vLLM, not timed."""
+def served_answers(policy_dir: Path, prompts: list[Prompt], args: argparse.Namespace, models: Models) -> list[Served]:
+    """K=4 answers per prompt from v0001, as a served comparison holds them: sampled once with vLLM (or, on a GPU
+    machine without vLLM, with HF generate there), not timed."""
     import gc
+
+    if device_of(models.policy).type == "cuda" and importlib.util.find_spec("vllm") is None:
+        return served_by_generate(prompts, args, models)
 
     from deploy.settings import load_settings
     from serve.vllm_engine import configure_cpu_environment
@@ -162,17 +180,33 @@ def served_answers(policy_dir: Path, prompts: list[Prompt], args: argparse.Names
     ]
 
 
+def served_by_generate(prompts: list[Prompt], args: argparse.Namespace, models: Models) -> list[Served]:
+    """The same K=4 answers per prompt, from HF generate with the policy's adapters off (v0001 itself)."""
+    eos, pad = int(models.tokenizer.eos_token_id), pad_id(models.tokenizer)
+    with models.policy.disable_adapter():
+        made = sample(models.policy, [p.ids for p in prompts for _ in range(4)], args.tokens, eos, pad, seed=0)
+    return [
+        Served(f"c{n}", p.key, p.ids, made.responses[4 * n : 4 * n + 4], made.truncated[4 * n : 4 * n + 4], "v0001")
+        for n, p in enumerate(prompts)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=3, help="Measured iterations (one more warms up).")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
+    parser.add_argument("--device", default="cpu", help="Where the iterations run: cpu, cuda or cuda:N.")
+    parser.add_argument("--prompt-file", type=Path, default=MT_BENCH)
+    parser.add_argument("--source", type=Path, help="Model file or folder for v0001 (default: the bundled one).")
     args = parser.parse_args()
-    if not MT_BENCH.is_file():
-        sys.exit(f"skipped: {MT_BENCH} is absent")
+    if not args.prompt_file.is_file():
+        sys.exit(f"skipped: {args.prompt_file} is absent")
+    device = learn_device(args.device)
+    bf16 = use_bf16(None, device)
     torch.set_num_threads(THREADS)
-    store = bench_store(args.data_dir)
+    store = bench_store(args.data_dir, args.source)
     policy_dir = store.path("v0001")
     reward = reward_folder(policy_dir, args.data_dir / "bench-reward")
     results: dict[str, list[dict[str, float]]] = {}
@@ -188,34 +222,45 @@ def main() -> None:
             ppo=PPOConfig(ptx_coef=0.0, epochs=2, minibatch=8),
         )  # type: ignore[arg-type]
         torch.manual_seed(0)
-        models = load_models(policy_dir, policy_dir, reward, config, way.rollouts == "served")
+        models = load_models(policy_dir, policy_dir, reward, config, way.rollouts == "served", device)
         if not prompts:
-            prompts = prompts_from_file(MT_BENCH, models.tokenizer, 256)[: args.prompts * (args.iterations + 1)]
+            prompts = prompts_from_file(args.prompt_file, models.tokenizer, 256)[: args.prompts * (args.iterations + 1)]
         if way.rollouts == "served" and not served:
-            served = served_answers(policy_dir, prompts, args)
+            served = served_answers(policy_dir, prompts, args, models)
         print(f"{way.name}:", flush=True)
-        with autocast(use_bf16(None)):
+        with autocast(bf16, device):
             results[way.name] = ppo_iterations(models, config, prompts, served if way.rollouts == "served" else [])
-    write_section("ppo_speed", report(results, args))
+    section = "ppo_speed" if device.type == "cpu" else f"ppo_speed_{device.type}"
+    write_section(section, report(results, args, device, bf16))
 
 
-def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace) -> str:
+def report(
+    results: dict[str, list[dict[str, float]]], args: argparse.Namespace, device: torch.device, bf16: bool
+) -> str:
     def mean(way: str, key: str) -> float:
         return statistics.mean(r[key] for r in results[way])
 
     base = WAYS[0].name
+    gpu_answers = device.type == "cuda" and importlib.util.find_spec("vllm") is None
     lines = [
-        "## PPO iteration speed (issues 6 and 16)",
+        f"## PPO iteration speed on {device.type.upper()} (issues 6, 16 and 17)",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads; bf16 products "
-        f"{'on' if use_bf16(None) else 'off'} (the machine's default).",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; torch {torch.__version__}; "
+        f"{device if device.type != 'cpu' else f'{THREADS} CPU threads'}; bf16 products {'on' if bf16 else 'off'} "
+        "(the device's default).",
         f"- Command: `.venv/bin/python bench/ppo_speed.py --iterations {args.iterations} --prompts {args.prompts} "
-        f"--tokens {args.tokens}`.",
+        f"--tokens {args.tokens}{'' if device.type == 'cpu' else f' --device {args.device}'}`.",
         f"- SmolLM2-135M policy with LoRA adapters (r 16), reference = policy with adapters off, reward model on "
         f"v0001's backbone, value head on its features; {args.prompts} MT-bench prompts an iteration, up to "
         f"{args.tokens} answer tokens, 2 PPO epochs of mini-batches of 8; mean of {args.iterations} iterations "
         "after one warm-up. `sampled`: one answer a prompt, generated in the iteration; `served`: the K=4 answers "
-        "a served version wrote to each prompt, as users' ranked comparisons hold them.",
+        "a served version wrote to each prompt, as users' ranked comparisons hold them"
+        + (
+            " (here sampled with HF generate on the GPU: vLLM is not installed on this machine)."
+            if gpu_answers
+            else "."
+        )
+        + (" On the GPU, each timed model span waits for the GPU's finish." if device.type == "cuda" else ""),
         "",
         "| way | rollouts (tokens) | generation s | scoring s | update s | rest s | iteration s | outside model "
         "compute | s per 1000 rollout tokens | vs sampled, whole |",

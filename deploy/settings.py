@@ -9,6 +9,7 @@ setting the operator believes is in force and is not.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,7 @@ _NOT_SETTINGS = {"RANKLOOP_CONFIG", "RANKLOOP_VENV"}
 
 
 MIN_ADMIN_TOKEN = 16
+LEARN_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class SettingsError(ValueError):
@@ -107,10 +109,15 @@ class Settings(BaseSettings):
     learn_cpus: str | None = Field(
         None, description="CPU cores the learner may run on, a list such as `1` or `2-3`; unset: any."
     )
+    learn_device: str = Field(
+        "auto",
+        description="Where the learner computes (SFT, reward model, PPO, evaluations): `auto` (the first CUDA GPU "
+        "when there is one, else the CPU), `cpu`, `cuda` or `cuda:N`.",
+    )
     learn_bf16: bool | None = Field(
         None,
-        description="bf16 matrix products in learning rounds; unset: on where the CPU has AMX (about 2x faster "
-        "there, slower on CPUs without it) or on a GPU.",
+        description="bf16 matrix products in learning rounds; unset: on where the learner's device has them fast (a "
+        "GPU with bf16, a CPU with AMX; on other CPUs they are slower than fp32).",
     )
     learn_train_layers: int = Field(
         6, ge=0, description="Upper layers a round trains (PPO's LoRA adapters, the reward model's weights); 0: all."
@@ -220,6 +227,13 @@ class Settings(BaseSettings):
                 f"the admin token has {length} characters; use at least {MIN_ADMIN_TOKEN} (for example the output "
                 "of: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
             )
+        return value
+
+    @field_validator("learn_device")
+    @classmethod
+    def _learn_device(cls, value: str) -> str:
+        if not LEARN_DEVICE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N (N the GPU's index)")
         return value
 
     @field_validator("learn_cpus")

@@ -27,6 +27,7 @@ from deploy.promotion import promote
 from deploy.registry import Registry
 from deploy.settings import Settings
 from learn import metrics
+from learn.device import learn_device, out_of_memory
 from learn.gate import Limits, promotion_gate, rm_gate
 from learn.policy_eval import PolicyEval
 from learn.ppo_run import CheckpointMismatch, RoundConfig, checkpoint_meta
@@ -39,12 +40,21 @@ STATUS_KEY = "rankloop:learner:status"
 log = logging.getLogger("rankloop.learner")
 
 
+def compute(settings: Settings) -> tuple[str, bool]:
+    """(device, bf16) of the learner's rounds: `learn_device` checked against the machine, and bf16 products where
+    the operator says or, unset, where that device has them fast. Raises learn.device.DeviceError."""
+    device = learn_device(settings.learn_device)
+    return str(device), use_bf16(settings.learn_bf16, device)
+
+
 def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
+    device, bf16 = compute(settings)
     return RMOptions(
         resume_from=resume_from,
         epochs=settings.learn_rm_epochs,
         lr=settings.learn_rm_lr,
-        bf16=use_bf16(settings.learn_bf16),
+        bf16=bf16,
+        device=device,
         train_layers=settings.learn_train_layers,
         max_train=settings.learn_rm_max_rankings,
     )
@@ -149,12 +159,14 @@ class Learner:
 
         self.publish("ppo", f"starting from {parent} with {reward}", iteration=0, iterations=config.iterations)
         settings = self.settings
+        device, bf16 = compute(settings)
         options = PPOOptions(
             parent=parent,
             reward=reward,
             prompt_file=settings.learn_prompt_file,
             ptx_file=settings.learn_ptx_file,
-            bf16=use_bf16(settings.learn_bf16),
+            bf16=bf16,
+            device=device,
         )
         result = ppo_round(
             self.settings, config, options, on_step=step, show_progress=self.show_progress, on_phase=phase
@@ -205,8 +217,24 @@ class Learner:
             except Exception as exc:  # a failed round (or Redis away) must not end the daemon: say so, retry later
                 log.exception("learning round failed")
                 with contextlib.suppress(RedisError):
-                    self.publish("error", f"{type(exc).__name__}: {exc}")
+                    self.publish("error", failure(exc, self.settings))
             stop.wait(self.settings.learn_poll_s)
+
+
+def failure(exc: BaseException, settings: Settings) -> str:
+    """What an operator reads of a failed round. Out of GPU memory, the round's memory is given back (the server,
+    in its own process, goes on serving) and the message says what to change."""
+    if out_of_memory(exc):
+        import torch
+
+        torch.cuda.empty_cache()
+        return (
+            f"the round ran out of GPU memory on {settings.learn_device} ({str(exc).splitlines()[0]}); the server "
+            "keeps serving. Give the learner a GPU of its own (RANKLOOP_LEARN_DEVICE=cuda:N), lower the engine's "
+            "share (RANKLOOP_GPU_MEMORY_UTILIZATION), train fewer layers (RANKLOOP_LEARN_TRAIN_LAYERS) or take "
+            "fewer comparisons an iteration (RANKLOOP_LEARN_PROMPTS_PER_ITERATION); the next round tries again"
+        )
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _brief(evaluation: PolicyEval) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 from feedback.ranking import pairs
 from learn import degenerate, layers
 from learn.data import Example
+from learn.device import device_of
 from learn.ppo import Models, Rollouts, answer_logprobs, backbone, lower_of, pack, sample
 from learn.prompts import Prompt
 from learn.rm_data import RankedGroup
@@ -128,6 +129,7 @@ def measure(
     """The figures of a policy's answers, scored by the round's reward model (`models.scorer`, or the round's
     reward where there is none)."""
     pad, per_prompt = pad_id(models.tokenizer), max(1, len(answers.queries) // max(1, len(prompts)))
+    device = device_of(models.policy)
     judge = models.scorer if models.scorer is not None else models.reward
     rewards: list[float] = []
     for start in range(0, len(answers.queries), batch):
@@ -136,7 +138,7 @@ def measure(
             answers.responses[start : start + batch],
             answers.truncated[start : start + batch],
         )
-        rewards += judge(chunk, pack(chunk, pad), None).tolist()
+        rewards += judge(chunk, pack(chunk, pad).to(device), None).tolist()
     shares = degenerate.shares(answers.texts, answers.responses, answers.truncated)
     samples = [
         {"prompt": prompts[i].messages[-1]["content"], "answer": answers.texts[i * per_prompt]}
@@ -184,7 +186,7 @@ def held_out_lm_loss(model: Any, tokenizer: Any, ptx_held: Sequence[Example]) ->
 
 def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:
     """(B,) KL of each answer to the reference: the sum of the per-token log-ratio over the answer."""
-    packed = pack(rollouts, pad)
+    packed = pack(rollouts, pad).to(device_of(models.policy))
     ratio = answer_logprobs(models.policy, packed) - answer_logprobs(models.reference, packed)
     return (ratio * packed.mask).sum(dim=1)
 
@@ -224,11 +226,12 @@ def agreement(
         packed = pack(Rollouts([q for q, _ in rollouts], [r for _, r in rollouts], [False] * len(rollouts)), pad)
         shared = split > 0 and layers.same_lower(backbone(policy), backbone(parent), split)
         cut = split if shared else 0
+        device = device_of(policy)
         for rows in packed.by_length(batch):
-            sub = packed.rows(rows)
+            sub = packed.rows(rows).to(device)
             below = lower_of(policy, split, sub) if shared else None
             ratio = answer_logprobs(policy, sub, cut, below) - answer_logprobs(parent, sub, cut, below)
-            shift[torch.tensor(rows)] = (ratio * sub.mask).sum(dim=1)
+            shift[torch.tensor(rows)] = (ratio * sub.mask).sum(dim=1).cpu()  # one row of figures a batch
     outcomes = [
         outcome(float(shift[index[g, chosen]]), float(shift[index[g, rejected]]))
         for g, group in enumerate(groups)

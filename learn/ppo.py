@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from learn import layers, rl_math
 from learn.data import IGNORE, by_length
+from learn.device import device_of
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Packed:
         after the longest of these rows (a left-padded batch keeps its width), answers after the longest answer."""
         rows = list(index)
         attention = self.attention_mask[rows]
+        # The widths are shapes, so they are read on the host: two scalars a sub-batch, a deliberate sync on a GPU.
         right = bool((attention[:, 0] == 1).all())
         width = int(layers.last_real(attention).max()) + 1 if right else attention.shape[1]
         answers = max(1, int(self.mask[rows].sum(dim=1).max()))
@@ -98,6 +100,10 @@ class Packed:
             self.mask[rows, :answers],
             self.predictors[rows, :answers],
         )
+
+    def to(self, device: torch.device | str) -> Packed:
+        """The batch on `device`, where the models that read it are (once per batch, at the boundary)."""
+        return Packed(*(t.to(device) for t in vars(self).values()))
 
     @property
     def width(self) -> int:
@@ -348,7 +354,7 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         for name, value in found.items():
             _place(parts, name, value, rows, packed)
     values = models.value(parts["features"]) * mask
-    truncated = torch.tensor(rollouts.truncated)
+    truncated = torch.tensor(rollouts.truncated, device=mask.device)
     # The KL penalty is the policy's now (it is what the update changes); for answers another version wrote, an
     # estimate on its samples.
     rewards, kl = rl_math.kl_penalty_rewards(
@@ -388,7 +394,7 @@ def _place(parts: dict[str, Tensor], name: str, value: Tensor, rows: list[int], 
             width = packed.width if name == "below" else packed.mask.shape[1]
             shape = (*shape, width, *value.shape[2:])
         parts[name] = torch.zeros(shape, dtype=value.dtype, device=value.device)
-    index = torch.tensor(rows)
+    index = torch.tensor(rows, device=value.device)
     if value.dim() == 1:
         parts[name][index] = value
     else:
@@ -407,7 +413,7 @@ def ppo_step(
     """One iteration: returns its metrics (reward, KL, beta, entropy, clip fraction, losses, answer length) and
     where its time went (`score_s`: log-probs, values and rewards; `update_s`: the epochs of mini-batches)."""
     started = time.perf_counter()
-    packed = pack(rollouts, pad_id)
+    packed = pack(rollouts, pad_id).to(device_of(models.policy))
     scored = score(models, rollouts, packed, config, kl_controller.value)
     scored_at = time.perf_counter()
     figures = update(models, packed, scored, config, optimizer, ptx_batch)
@@ -436,7 +442,8 @@ def update(
     ptx_batch: tuple[Tensor, Tensor, Tensor] | None,
 ) -> dict[str, float]:
     """The epochs of clipped policy and value updates (and the ptx term) on a scored batch; mean figures."""
-    figures: dict[str, list[float]] = {
+    # Figures stay tensors until the end: reading each on the host would wait for every mini-batch on a GPU.
+    figures: dict[str, list[Tensor]] = {
         k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy", "approx_kl", "ptx_loss")
     }
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -473,24 +480,24 @@ def update(
             if ptx_batch is not None and with_ptx:
                 ptx = ptx_loss(models.policy, ptx_batch, models.split, ptx_below)
                 loss = loss + config.ptx_coef * ptx
-                figures["ptx_loss"].append(float(ptx.detach()))
+                figures["ptx_loss"].append(ptx.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            figures["policy_loss"].append(float(policy_out.loss.detach()))
-            figures["value_loss"].append(float(value_loss.detach()))
-            figures["clip_fraction"].append(float(policy_out.clip_fraction.detach()))
-            figures["approx_kl"].append(float(policy_out.approx_kl.detach()))
+            figures["policy_loss"].append(policy_out.loss.detach())
+            figures["value_loss"].append(value_loss.detach())
+            figures["clip_fraction"].append(policy_out.clip_fraction.detach())
+            figures["approx_kl"].append(policy_out.approx_kl.detach())
             with torch.no_grad():
-                every = torch.ones(1, logits.shape[0])  # the logits are the answer positions' already
-                figures["entropy"].append(float(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every)))
-    return {k: sum(v) / len(v) for k, v in figures.items() if v}
+                every = torch.ones(1, logits.shape[0], device=logits.device)  # the logits are the answers' already
+                figures["entropy"].append(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every))
+    return {k: float(torch.stack([t.float() for t in v]).mean()) for k, v in figures.items() if v}
 
 
 def ptx_lower(policy: Any, split: int, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     input_ids, attention_mask, _ = batch
-    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     with torch.no_grad(), adapters_as_wrapped(policy) as inner:
         return layers.lower(layers.backbone_of(inner), split, input_ids, attention_mask, positions)
 
@@ -499,7 +506,7 @@ def ptx_loss(policy: Any, batch: tuple[Tensor, Tensor, Tensor], split: int = 0, 
     """LM loss (mean over labelled tokens) on a right-padded pre-training batch: (input_ids, attention_mask, labels
     with IGNORE), the LM head on the labelled positions only; `below` as in `answer_logits`."""
     input_ids, attention_mask, labels = batch
-    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     if _postprocessed_logits(policy):
         logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
         return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE)
@@ -527,13 +534,14 @@ def sample(
     for row, query in enumerate(queries):
         ids[row, width - len(query) :] = torch.tensor(query)
         mask[row, width - len(query) :] = 1
-    torch.manual_seed(seed)
-    # Generation in fp32 even inside a bf16 round: its products are one token wide, where bf16 does not pay (16
-    # answers of 256 tokens from SmolLM2 on one AMX core: 80 s fp32, 110 s bf16).
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+    torch.manual_seed(seed)  # the CPU's generator and every GPU's
+    device = device_of(policy)
+    # On a CPU, generation in fp32 even inside a bf16 round: its products are one token wide, where bf16 does not
+    # pay (16 answers of 256 tokens from SmolLM2 on one AMX core: 80 s fp32, 110 s bf16). A GPU keeps the round's.
+    with torch.no_grad(), torch.autocast("cpu", enabled=False) if device.type == "cpu" else nullcontext():
         out = policy.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
             do_sample=True,
             temperature=temperature,
             top_k=0,

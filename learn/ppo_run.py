@@ -30,6 +30,7 @@ from torch import Tensor
 from deploy.settings import Settings
 from learn import layers, rl_math
 from learn.data import Example
+from learn.device import device_of
 from learn.loop import save_atomic, trainable_state
 from learn.ppo import AdapterOff, Models, PPOConfig, RewardFn, Rollouts, ValueModel, backbone, ppo_step, sample
 from learn.prompts import Prompt, Served
@@ -119,30 +120,35 @@ def value_model(scorer: RewardScorer, split: int, from_reward: bool = True) -> V
 
 def zero_reward(rollouts: Rollouts, packed: Any, below: Tensor | None) -> Tensor:
     """The control: no score at all, so that a round optimises the KL penalty and the ptx term only."""
-    return torch.zeros(len(rollouts.queries))
+    return torch.zeros(len(rollouts.queries), device=packed.input_ids.device)
 
 
 def load_models(
-    policy_folder: Path, reference_folder: Path, reward_folder: Path, config: RoundConfig, served: bool
+    policy_folder: Path,
+    reference_folder: Path,
+    reward_folder: Path,
+    config: RoundConfig,
+    served: bool,
+    device: torch.device | str = "cpu",
 ) -> Models:
-    """The round's models; `served`: the rollouts are answers the parent wrote, so it is kept as the behaviour
-    policy (with LoRA, the policy with its adapters off)."""
+    """The round's models, on `device`; `served`: the rollouts are answers the parent wrote, so it is kept as the
+    behaviour policy (with LoRA, the policy with its adapters off)."""
     options = PPO_LORA if config.lora else None
-    policy, tokenizer = load_causal_lm(policy_folder, options, config.train_layers)
+    policy, tokenizer = load_causal_lm(policy_folder, options, config.train_layers, device)
     same = policy_folder.resolve() == reference_folder.resolve()
     if config.lora and same:
         reference: Any = AdapterOff(policy)
     else:
-        reference, _ = load_causal_lm(reference_folder)
+        reference, _ = load_causal_lm(reference_folder, device=device)
         reference.requires_grad_(False)
     behaviour: Any = None  # the parent, which wrote the served answers
     if served and same:
         behaviour = reference  # the same weights: one pass serves both
     elif served:
-        behaviour = AdapterOff(policy) if config.lora else _frozen(policy_folder)
+        behaviour = AdapterOff(policy) if config.lora else _frozen(policy_folder, device)
     policy.eval()  # no dropout anywhere; gradients still flow
     split = layers.split_point(backbone(policy), config.train_layers)
-    scorer = RewardScorer(reward_folder, config.train_layers)
+    scorer = RewardScorer(reward_folder, config.train_layers, device)
     scorer.shares_lower = scorer.split == split and layers.same_lower(backbone(policy), backbone(scorer.model), split)
     shared = {
         name
@@ -153,7 +159,7 @@ def load_models(
     return Models(
         policy,
         reference,
-        value_model(scorer, split, from_reward=config.reward == "model").eval(),
+        value_model(scorer, split, from_reward=config.reward == "model").to(device).eval(),
         reward,
         tokenizer,
         behaviour,
@@ -163,8 +169,8 @@ def load_models(
     )
 
 
-def _frozen(folder: Path) -> Any:
-    model, _ = load_causal_lm(folder)
+def _frozen(folder: Path, device: torch.device | str) -> Any:
+    model, _ = load_causal_lm(folder, device=device)
     return model.requires_grad_(False).eval()
 
 
@@ -212,6 +218,7 @@ class PPORound:
         )
         self.iteration = 0
         self.pad_id = pad_id(models.tokenizer)
+        self.device = device_of(models.policy)
 
     def _generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.iteration * 7 + salt)
@@ -235,7 +242,7 @@ class PPORound:
         if not self.ptx or self.config.ppo.ptx_coef <= 0:
             return None
         rows = torch.randint(len(self.ptx), (self.config.ptx_batch,), generator=self._generator(2)).tolist()
-        batch = collate([self.ptx[i] for i in rows], self.pad_id)
+        batch = {name: t.to(self.device) for name, t in collate([self.ptx[i] for i in rows], self.pad_id).items()}
         return batch["input_ids"], batch["attention_mask"], batch["labels"]
 
     def rollouts(self) -> Rollouts:
@@ -293,7 +300,9 @@ class PPORound:
         """Continue from `path` when it belongs to this round (same meta); False when there is nothing to resume."""
         if not path.is_file():
             return False
-        state = torch.load(path, weights_only=True)  # tensors and plain values: loading runs no code
+        # Tensors and plain values: loading runs no code. Onto the CPU first: a round saved on one GPU resumes on
+        # another device, and load_state_dict puts every tensor where its parameter is.
+        state = torch.load(path, weights_only=True, map_location="cpu")
         if state["meta"] != meta:
             raise CheckpointMismatch(path, state["meta"], meta)
         self.models.policy.load_state_dict(state["policy"], strict=False)
@@ -320,5 +329,5 @@ def checkpoint_meta(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     # Memory-mapped: the meta without reading the weights and optimiser state (GBs when training all weights).
-    meta: dict[str, Any] = torch.load(path, weights_only=True, mmap=True)["meta"]
+    meta: dict[str, Any] = torch.load(path, weights_only=True, mmap=True, map_location="cpu")["meta"]
     return meta

@@ -1,8 +1,9 @@
 """bf16 matrix products for the learner's rounds (`learn_bf16`): on CPUs with AMX tiles they are faster (measured
-on a 2-core AMX machine: a bf16 matmul 3.5x the fp32 one, a reward-model step on SmolLM2-135M about 2x); on CPUs
-without AMX eager bf16 is slower than fp32. Unset, the setting follows the machine (`bf16_pays_off`); bf16 is
-noisier (reward scores moved by up to 0.18 for a spread of 0.42). A bf16 round is as repeatable as an fp32 one: a
-killed and resumed round ends bit-identical to an uninterrupted one (tests/learn/test_ppo_round.py).
+on a 2-core AMX machine: a bf16 matmul 3.5x the fp32 one, a reward-model step on SmolLM2-135M about 2x), and on
+GPUs with bf16 (tensor cores); on CPUs without AMX eager bf16 is slower than fp32. Unset, the setting follows the
+learner's device (`bf16_pays_off`); bf16 is noisier (reward scores moved by up to 0.18 for a spread of 0.42). A
+bf16 round is as repeatable as an fp32 one: a killed and resumed round ends bit-identical to an uninterrupted one
+(tests/learn/test_ppo_round.py).
 
 Autocast keeps the weights, the optimiser state and the losses in fp32: only the products run in bf16, and the
 code that turns model outputs into rewards and log-probabilities already casts them to fp32.
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 
 
-def bf16_pays_off() -> bool:
-    """A GPU with bf16, or a CPU with AMX tiles (Linux reports `amx_bf16` among its flags)."""
-    if torch.cuda.is_available():
+def bf16_pays_off(device: torch.device | str = "cpu") -> bool:
+    """On `device`: a GPU with bf16, or a CPU with AMX tiles (Linux reports `amx_bf16` among its flags)."""
+    if torch.device(device).type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -27,12 +28,13 @@ def bf16_pays_off() -> bool:
     return "amx_bf16" in flags
 
 
-def use_bf16(setting: bool | None) -> bool:
-    """The operator's `learn_bf16`, or where unset whether bf16 products pay off on this machine."""
-    return bf16_pays_off() if setting is None else setting
+def use_bf16(setting: bool | None, device: torch.device | str = "cpu") -> bool:
+    """The operator's `learn_bf16`, or where unset whether bf16 products pay off on the learner's device."""
+    return bf16_pays_off(device) if setting is None else setting
 
 
-def autocast(enabled: bool) -> AbstractContextManager[object]:
-    """bf16 products for a whole round. Without the weight cache: autocast keeps the bf16 copy of each weight until
-    the region ends, so a region around training steps would go on computing with the weights of its first step."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+def autocast(enabled: bool, device: torch.device | str = "cpu") -> AbstractContextManager[object]:
+    """bf16 products for a whole round on `device`. Without the weight cache: autocast keeps the bf16 copy of each
+    weight until the region ends, so a region around training steps would go on computing with the weights of its
+    first step."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)

@@ -26,26 +26,28 @@ from learn.loop import LoopConfig, LoopResult, StepHook, run_loop
 from learn.rl_math import kwise_ranking_loss, pack_rankings, pairwise_accuracy
 from learn.rm_data import RankedGroup
 from learn.trainlog import MetricsLog
-from learn.weights import LoraOptions, training_dtype
+from learn.weights import TRAINING_DTYPE, LoraOptions
 
 NORM_FILE = "reward_norm.json"
 SCORE_ROWS = 4  # sequences per pass of `score_ids`: few, so that each pass is padded to a length close to its own
 
 
 def load_reward_model(
-    folder: Path, lora: LoraOptions | None = None, dtype: torch.dtype | None = None, train_layers: int = 0
+    folder: Path,
+    lora: LoraOptions | None = None,
+    dtype: torch.dtype | None = None,
+    train_layers: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[Any, Any]:
     """A scalar-head model on `folder` (a policy: new random head; a reward model: its trained head), in `dtype`
-    (default: the training precision of this machine). With `train_layers`, only the upper that many layers (and
-    the final norm and the head) train; the layers below stay the SFT reference's (learn.layers)."""
+    (default: the learner's training precision) on `device`. With `train_layers`, only the upper that many layers
+    (and the final norm and the head) train; the layers below stay the SFT reference's (learn.layers)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=1, dtype=dtype or training_dtype()
-    )
+    model: Any = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype or TRAINING_DTYPE)
     model.config.pad_token_id = tokenizer.pad_token_id
     split = layers.split_point(layers.backbone_of(model), train_layers)
     if lora is not None:
@@ -61,7 +63,7 @@ def load_reward_model(
         model = get_peft_model(model, config)
     elif split:
         layers.freeze_below(layers.backbone_of(model), split)
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def _parts(model: Any) -> tuple[Any, Any]:
@@ -114,7 +116,7 @@ def _scores(
 
 def _pad_lowers(lowers: Sequence[Tensor], width: int) -> Tensor:
     """(N, width, H) from per-sequence (L_i, H): zeros after each (right padding, which the mask hides)."""
-    out = torch.zeros((len(lowers), width, lowers[0].shape[-1]), dtype=lowers[0].dtype)
+    out = torch.zeros((len(lowers), width, lowers[0].shape[-1]), dtype=lowers[0].dtype, device=lowers[0].device)
     for row, hidden in enumerate(lowers):
         out[row, : hidden.shape[0]] = hidden
     return out
@@ -126,13 +128,13 @@ def compute_lowers(
 ) -> list[Tensor]:
     """Each sequence's hidden states below layer `split`, (L_i, H), computed once: they do not change while only
     the upper layers train, so every epoch reuses them. Batches of similar length, so that little is padding."""
-    backbone = layers.backbone_of(model)
+    backbone, device = layers.backbone_of(model), next(model.parameters()).device
     out: dict[int, Tensor] = {}
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for start in range(0, len(order), batch):
         rows = order[start : start + batch]
-        ids, mask = right_pad([sequences[i] for i in rows], pad_id)
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        ids, mask = (t.to(device) for t in right_pad([sequences[i] for i in rows], pad_id))
+        positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
         hidden = layers.lower(backbone, split, ids, mask, positions)
         for n, i in enumerate(rows):
             out[i] = hidden[n, : len(sequences[i])].clone()
@@ -240,8 +242,8 @@ class RewardScorer:
     """A saved reward model scoring prompt + answer token ids, with the normalisation applied: PPO's reward
     (`__call__`, on a packed batch, learn.ppo.RewardFn) and plain sequences (`sequences`)."""
 
-    def __init__(self, folder: Path, train_layers: int = 0) -> None:
-        self.model, self.tokenizer = load_reward_model(folder)
+    def __init__(self, folder: Path, train_layers: int = 0, device: torch.device | str = "cpu") -> None:
+        self.model, self.tokenizer = load_reward_model(folder, device=device)
         self.model.eval()
         self.offset = self.read_offset(folder)
         self.split = layers.split_point(layers.backbone_of(self.model), train_layers)

@@ -18,6 +18,7 @@ from deploy.model_store import Card, ModelStore, StoreError
 from deploy.settings import Settings
 from feedback.dataset import event_order
 from learn.data import Example
+from learn.device import device_of
 from learn.loop import LoopConfig
 from learn.policy_eval import Agreement, AnswerCache, PolicyEval, agreement, evaluate_policy, held_out_lm_loss
 from learn.ppo import AdapterOff, Models
@@ -54,6 +55,7 @@ class RMOptions:
     skip: int = 0
     max_steps: int | None = None
     bf16: bool = False  # bf16 matrix products (learn.precision)
+    device: str = "cpu"  # where the round computes (learn.device)
     train_layers: int = 0  # upper layers trained (and the head); 0: all
     max_train: int | None = None  # train on the newest this many new ranked prompts at most; None: all
 
@@ -90,7 +92,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
             raise StoreError("the model store is empty: run `rankloop model import` first")
         folder, after = policies.path(parent), None
     model, tokenizer = load_reward_model(
-        folder, LoraOptions() if options.lora else None, train_layers=options.train_layers
+        folder, LoraOptions() if options.lora else None, train_layers=options.train_layers, device=options.device
     )
     new = load_groups(options.data, settings, tokenizer, options.max_len, after, options.limit, options.skip)
     train, held = split(new, options.held_out)
@@ -114,7 +116,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     version = rewards.next_version()
     metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
     pad = int(tokenizer.pad_token_id)
-    with MetricsLog(metrics) as log, autocast(options.bf16):
+    with MetricsLog(metrics) as log, autocast(options.bf16, options.device):
         lowers = group_lowers(model, train, pad)  # once, for every epoch and for the offset
         result, evaluation = train_reward_model(
             model, tokenizer, train, held, config, log, show_progress=show_progress, lowers=lowers
@@ -138,6 +140,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         offset_basis=basis,
         last_event_id=last_event,
         bf16=options.bf16,
+        device=options.device,
         train_layers=options.train_layers,
     )
     save_reward_model(model, tokenizer, rewards, card, offset, basis)
@@ -156,6 +159,7 @@ class PPOOptions:
     eval_samples: int = 1  # answers per evaluation prompt
     fresh: bool = False  # ignore a checkpoint of an interrupted round
     bf16: bool = False  # bf16 matrix products (learn.precision)
+    device: str = "cpu"  # where the round computes (learn.device)
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ def ppo_round(
 ) -> PPOResult:
     """A PPO round from `options.parent` into a new policy version; resumes an interrupted round of the same
     parent, reward model and configuration from its checkpoint."""
-    with autocast(options.bf16):
+    with autocast(options.bf16, options.device):
         return _ppo_round(settings, config, options, on_step, show_progress, Clock(on_phase))
 
 
@@ -308,7 +312,12 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
         served = served_comparisons(settings, inputs.parent, options.held_out, options.max_prompt_len, inputs.until)
     torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
     models = load_models(
-        store.path(inputs.parent), store.path(inputs.reference), rewards.path(inputs.reward), config, bool(served)
+        store.path(inputs.parent),
+        store.path(inputs.reference),
+        rewards.path(inputs.reward),
+        config,
+        bool(served),
+        options.device,
     )
     train, held = round_prompts(
         settings, models.tokenizer, options.prompt_file, options.held_out, options.max_prompt_len, inputs.until
@@ -391,6 +400,7 @@ def _publish(
             "reference": inputs.reference,
             "iterations": config.iterations,
             "bf16": options.bf16,
+            "device": options.device,
             "config": asdict(config),
             "train_prompts": len(data.train),
             "held_out_prompts": len(data.held),
@@ -432,7 +442,7 @@ def judge_on_held_out_rankings(
     _, held = split(groups, RMOptions.held_out)
     parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
     if parent is None:
-        parent, _ = load_causal_lm(parent_folder)
+        parent, _ = load_causal_lm(parent_folder, device=device_of(models.policy))
     return agreement(stored, parent, held[-JUDGED_GROUPS:], pad_id(models.tokenizer), split=models.split)
 
 

@@ -23,19 +23,23 @@ class LoraOptions:
     dropout: float = 0.05
 
 
-def training_dtype() -> torch.dtype:
-    # bf16 where it helps: on a GPU. On CPUs without AMX, eager bf16 matmuls are slower than fp32.
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+# The weights a learner trains and keeps, on every device: fp32. bf16 enters as the products' precision
+# (learn.precision's autocast, where the device has fast bf16), so the optimiser's updates, smaller than a bf16 step
+# for most weights, are not rounded away.
+TRAINING_DTYPE = torch.float32
 
 
-def load_causal_lm(folder: Path, lora: LoraOptions | None = None, train_layers: int = 0) -> tuple[Any, Any]:
-    """The policy at `folder` for training, with LoRA adapters on every linear layer when `lora` is given. With
-    `train_layers`, only the upper that many layers train (their adapters, or their weights); the layers below
-    and the embeddings stay as they are, so that their output can be computed once per batch (learn.layers)."""
+def load_causal_lm(
+    folder: Path, lora: LoraOptions | None = None, train_layers: int = 0, device: torch.device | str = "cpu"
+) -> tuple[Any, Any]:
+    """The policy at `folder` for training on `device`, with LoRA adapters on every linear layer when `lora` is
+    given. With `train_layers`, only the upper that many layers train (their adapters, or their weights); the
+    layers below and the embeddings stay as they are, so that their output can be computed once per batch
+    (learn.layers)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=training_dtype())
+    model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=TRAINING_DTYPE)
     backbone = layers.backbone_of(model)
     split = layers.split_point(backbone, train_layers)
     if lora is not None:
@@ -52,7 +56,7 @@ def load_causal_lm(folder: Path, lora: LoraOptions | None = None, train_layers: 
     elif split:
         model.get_input_embeddings().requires_grad_(False)  # tied to the LM head in small models: both stay
         layers.freeze_below(backbone, split)
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def pad_id(tokenizer: Any) -> int:

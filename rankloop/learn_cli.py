@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 
 from deploy.model_store import ModelStore, StoreError
+from deploy.settings import Settings
 from feedback.events import EventError
 from learn.data import DataError, read_texts
-from learn.precision import use_bf16
 from learn.sources import FEEDBACK, load_demonstrations
 from rankloop.console import fail, settings_or_exit, training_settings_or_exit
 
@@ -20,6 +20,17 @@ app = typer.Typer(
     invoke_without_command=True,
 )
 console = Console(stderr=True)
+
+
+def compute_or_exit(settings: Settings) -> tuple[str, bool]:
+    """(device, bf16) of this process's training (learn.daemon.compute), or exit saying why the device is not there."""
+    from learn.daemon import compute
+    from learn.device import DeviceError
+
+    try:
+        return compute(settings)
+    except DeviceError as exc:
+        raise fail(str(exc), 2) from exc
 
 
 @app.callback()
@@ -37,6 +48,7 @@ def daemon(context: typer.Context) -> None:
     from learn.metrics import serve_metrics
 
     settings = training_settings_or_exit()
+    device, bf16 = compute_or_exit(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
     if settings.learn_metrics_port is not None:
         try:
@@ -54,8 +66,8 @@ def daemon(context: typer.Context) -> None:
     signal.signal(signal.SIGINT, leave)
     client = redis.Redis.from_url(settings.effective_redis_url)
     console.print(
-        f"learner: a round every {settings.learn_min_rankings} new rankings; "
-        f"auto-promote {'on' if settings.learn_auto_promote else 'off'}"
+        f"learner: a round every {settings.learn_min_rankings} new rankings on {device}"
+        f"{' (bf16 products)' if bf16 else ''}; auto-promote {'on' if settings.learn_auto_promote else 'off'}"
     )
     Learner(settings, client).run(stop)
 
@@ -86,6 +98,7 @@ def sft(
     from learn.weights import LoraOptions, load_causal_lm, run_card, save_policy
 
     settings = training_settings_or_exit()
+    device, _ = compute_or_exit(settings)
     store = ModelStore(settings.store_dir)
     try:
         parent = base or store.current()
@@ -94,7 +107,7 @@ def sft(
         # Read the data before loading the model: a wrong path fails in a moment, not after the weights load.
         texts = read_texts(text) if text is not None else []
         demos = load_demonstrations(data, settings) if text is None else []
-        model, tokenizer = load_causal_lm(store.path(parent), LoraOptions() if lora else None)
+        model, tokenizer = load_causal_lm(store.path(parent), LoraOptions() if lora else None, device=device)
         if text is not None:
             examples = [e for t in texts for e in encode_text(tokenizer, t, max_len)]
             made_by, source = "pretrain", str(text)
@@ -147,6 +160,7 @@ def rm(
     from learn.rounds import RMOptions, rm_round
 
     settings = training_settings_or_exit()
+    device, bf16 = compute_or_exit(settings)
     options = RMOptions(
         data,
         resume_from,
@@ -160,7 +174,8 @@ def rm(
         limit,
         skip,
         max_steps,
-        bf16=use_bf16(settings.learn_bf16),
+        bf16=bf16,
+        device=device,
         train_layers=settings.learn_train_layers,
     )
     try:
@@ -219,6 +234,7 @@ def ppo(
     from learn.rounds import PPOOptions, ppo_round, register
 
     settings = training_settings_or_exit()
+    device, bf16 = compute_or_exit(settings)
     source = rollouts or settings.learn_rollouts
     if source not in ("served", "sampled"):
         raise fail(f"--rollouts {source}: use `served` or `sampled`")
@@ -248,7 +264,8 @@ def ppo(
         prompt_file=prompts,
         ptx_file=ptx_data,
         fresh=fresh,
-        bf16=use_bf16(settings.learn_bf16),
+        bf16=bf16,
+        device=device,
     )
     try:
         result = ppo_round(settings, config, options)
