@@ -15,7 +15,7 @@ model compute".
 On a GPU (`--device cuda`), the served answers are sampled with HF `generate` on the GPU where vLLM is not
 installed (they are sampled once, before timing, and cost the iterations nothing either way).
 
-    .venv/bin/python bench/ppo_speed.py [--iterations 3] [--prompts 8] [--tokens 256] [--device cuda]
+    .venv/bin/python bench/ppo_speed.py [--iterations 3] [--warmup 1] [--prompts 8] [--tokens 256] [--device cuda]
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ WAYS = (Way("sampled, whole", "sampled", 0), Way("sampled, split", "sampled", 6)
 
 
 def ppo_iterations(
-    models: Models, config: RoundConfig, prompts: list[Prompt], served: list[Served]
+    models: Models, config: RoundConfig, prompts: list[Prompt], served: list[Served], warmup: int = 1
 ) -> list[dict[str, float]]:
     trainer = PPORound(models, config, prompts, served=served)
     clock, watched = ComputeClock(), trainer.device.type == "cpu"
@@ -140,7 +140,7 @@ def ppo_iterations(
                 f"{figures['rollout_tokens']:.0f} rollout tokens, model compute {clock.seconds:.1f} s",
                 flush=True,
             )
-            if n:  # the first iteration warms caches up
+            if n >= warmup:  # the first iterations warm caches up (on a GPU: kernels for each new batch shape)
                 rows.append(figures)
     return rows
 
@@ -191,7 +191,8 @@ def served_by_generate(prompts: list[Prompt], args: argparse.Namespace, models: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=3, help="Measured iterations (one more warms up).")
+    parser.add_argument("--iterations", type=int, default=3, help="Measured iterations.")
+    parser.add_argument("--warmup", type=int, default=1, help="Iterations before them, not measured (3 on a GPU).")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
@@ -212,7 +213,7 @@ def main() -> None:
     served: list[Served] = []
     for way in WAYS:
         config = RoundConfig(
-            iterations=args.iterations + 1,
+            iterations=args.iterations + args.warmup,
             prompts_per_iteration=args.prompts,
             max_new_tokens=args.tokens,
             train_layers=way.train_layers,
@@ -222,12 +223,16 @@ def main() -> None:
         torch.manual_seed(0)
         models = load_models(policy_dir, policy_dir, reward, config, way.rollouts == "served", device)
         if not prompts:
-            prompts = prompts_from_file(args.prompt_file, models.tokenizer, 256)[: args.prompts * (args.iterations + 1)]
+            prompts = prompts_from_file(args.prompt_file, models.tokenizer, 256)[
+                : args.prompts * (args.iterations + args.warmup)
+            ]
         if way.rollouts == "served" and not served:
             served = served_answers(policy_dir, prompts, args, models)
         print(f"{way.name}:", flush=True)
         with autocast(bf16, device):
-            results[way.name] = ppo_iterations(models, config, prompts, served if way.rollouts == "served" else [])
+            results[way.name] = ppo_iterations(
+                models, config, prompts, served if way.rollouts == "served" else [], args.warmup
+            )
     section = "ppo_speed" if device.type == "cpu" else f"ppo_speed_{device.type}"
     write_section(section, report(results, args, device, bf16))
 
@@ -246,13 +251,14 @@ def report(
         f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; torch {torch.__version__}; "
         f"{device if device.type != 'cpu' else f'{THREADS} CPU threads'}; bf16 products {'on' if bf16 else 'off'} "
         "(the device's default).",
-        f"- Command: `.venv/bin/python bench/ppo_speed.py --iterations {args.iterations} --prompts {args.prompts} "
+        f"- Command: `.venv/bin/python bench/ppo_speed.py --iterations {args.iterations} --warmup {args.warmup} "
+        f"--prompts {args.prompts} "
         f"--tokens {args.tokens}{'' if device.type == 'cpu' else f' --device {args.device}'}`.",
         f"- SmolLM2-135M policy with LoRA adapters (r 16), reference = policy with adapters off, reward model on "
         f"v0001's backbone, value head on its features; {args.prompts} MT-bench prompts an iteration, up to "
         f"{args.tokens} answer tokens, 2 PPO epochs of mini-batches of 8; mean of {args.iterations} iterations "
-        "after one warm-up. `sampled`: one answer a prompt, generated in the iteration; `served`: the K=4 answers "
-        "a served version wrote to each prompt, as users' ranked comparisons hold them"
+        f"after {args.warmup} not measured. `sampled`: one answer a prompt, generated in the iteration; `served`: "
+        "the K=4 answers a served version wrote to each prompt, as users' ranked comparisons hold them"
         + (
             " (here sampled with HF generate on the GPU: vLLM is not installed on this machine)."
             if gpu_answers
