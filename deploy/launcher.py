@@ -28,15 +28,27 @@ class CoreBudget:
     learner: dict[str, str]
 
 
+# Of one GPU shared by the engine and the learner, what neither takes: CUDA's own context and the allocators' slack.
+GPU_MEMORY_MARGIN = 0.05
+
+
 def core_budget(settings: Settings, cores: list[int], gpu: bool) -> CoreBudget:
-    """How the stack shares this machine's cores when nothing is set: the learner gets half of them.
+    """How the stack shares this machine's cores (and GPU) when nothing is set: the learner gets half of the cores.
 
     With the engine on the CPU, the engine's OpenMP threads take the first half and the learner is pinned to the
     other half, one thread per core: two thread pools spread over the same cores spin and wait on each other's
     preempted threads, and both run several times slower than on half the cores each.
+
+    With the engine on a GPU and the learner on the same one (the first GPU: vLLM's and `learn_device`'s default),
+    the learner may allocate what the engine's `gpu_memory_utilization` leaves, less a margin: a learner that took
+    the engine's share would make vLLM fail its next allocation, and with it the server.
     """
     server: dict[str, str] = {}
     learner: dict[str, str] = {}
+    same_gpu = settings.learn_device in ("auto", "cuda", "cuda:0")
+    if gpu and settings.learn_enabled and same_gpu and settings.learn_gpu_memory_fraction is None:
+        left = max(GPU_MEMORY_MARGIN, 1.0 - settings.gpu_memory_utilization - GPU_MEMORY_MARGIN)
+        learner["RANKLOOP_LEARN_GPU_MEMORY_FRACTION"] = f"{left:.2f}"
     if settings.learn_threads is None:
         learner["RANKLOOP_LEARN_THREADS"] = str(max(1, len(cores) // 2))
     shared_cpu = not gpu and settings.engine == "vllm" and settings.learn_enabled

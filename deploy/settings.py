@@ -114,6 +114,13 @@ class Settings(BaseSettings):
         description="Where the learner computes (SFT, reward model, PPO, evaluations): `auto` (the first CUDA GPU "
         "when there is one, else the CPU), `cpu`, `cuda` or `cuda:N`.",
     )
+    learn_gpu_memory_fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Share of the learner GPU's memory the learner may allocate (a round past it fails, saying so); "
+        "unset: all of it, or under `rankloop up` with the engine on the same GPU, what the engine leaves.",
+    )
     learn_bf16: bool | None = Field(
         None,
         description="bf16 matrix products in learning rounds; unset: on where the learner's device has them fast (a "

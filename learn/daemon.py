@@ -27,7 +27,7 @@ from deploy.promotion import promote
 from deploy.registry import Registry
 from deploy.settings import Settings
 from learn import metrics
-from learn.device import learn_device, out_of_memory
+from learn.device import cap_memory, learn_device, out_of_memory
 from learn.gate import Limits, promotion_gate, rm_gate
 from learn.policy_eval import PolicyEval
 from learn.ppo_run import CheckpointMismatch, RoundConfig, checkpoint_meta
@@ -44,6 +44,7 @@ def compute(settings: Settings) -> tuple[str, bool]:
     """(device, bf16) of the learner's rounds: `learn_device` checked against the machine, and bf16 products where
     the operator says or, unset, where that device has them fast. Raises learn.device.DeviceError."""
     device = learn_device(settings.learn_device)
+    cap_memory(device, settings.learn_gpu_memory_fraction)
     return str(device), use_bf16(settings.learn_bf16, device)
 
 

@@ -39,6 +39,15 @@ def learn_device(setting: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+def cap_memory(device: torch.device, fraction: float | None) -> bool:
+    """Hold this process to `fraction` of a GPU's memory (the rest is the serving engine's); True where a cap was
+    set. Past it PyTorch raises its out-of-memory error, which fails the round and not the server."""
+    if device.type != "cuda" or fraction is None:
+        return False
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return True
+
+
 def device_of(model: Any) -> torch.device:
     """The device of a model's weights (an AdapterOff's too): where its inputs must be."""
     parameter: torch.nn.Parameter = next(iter(model.parameters()))

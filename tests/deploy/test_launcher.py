@@ -25,9 +25,27 @@ def test_on_a_cpu_the_engine_and_the_learner_get_half_the_cores_each(tmp_path: P
 def test_no_split_where_the_engine_is_on_a_gpu_or_one_core(tmp_path: Path) -> None:
     settings = load_settings(data_dir=tmp_path)
     gpu = core_budget(settings, [0, 1, 2, 3], gpu=True)
-    assert (gpu.server, gpu.learner) == ({}, {"RANKLOOP_LEARN_THREADS": "2"})
+    assert (gpu.server, gpu.learner) == (
+        {},
+        {"RANKLOOP_LEARN_THREADS": "2", "RANKLOOP_LEARN_GPU_MEMORY_FRACTION": "0.45"},
+    )
     one = core_budget(settings, [0], gpu=False)
     assert (one.server, one.learner) == ({}, {"RANKLOOP_LEARN_THREADS": "1"})
+
+
+def test_a_learner_on_the_engines_gpu_gets_what_the_engine_leaves(tmp_path: Path) -> None:
+    shared = core_budget(load_settings(data_dir=tmp_path, gpu_memory_utilization=0.6), [0, 1], gpu=True)
+    assert shared.learner == {"RANKLOOP_LEARN_THREADS": "1", "RANKLOOP_LEARN_GPU_MEMORY_FRACTION": "0.35"}
+    assert (
+        core_budget(load_settings(data_dir=tmp_path), [0, 1], gpu=True).learner["RANKLOOP_LEARN_GPU_MEMORY_FRACTION"]
+        == "0.45"
+    )  # vLLM's default half, less the 5% margin
+    for chosen in ({"learn_device": "cuda:1"}, {"learn_device": "cpu"}, {"learn_gpu_memory_fraction": 0.8}):
+        budget = core_budget(load_settings(data_dir=tmp_path, **chosen), [0, 1], gpu=True)
+        assert "RANKLOOP_LEARN_GPU_MEMORY_FRACTION" not in budget.learner, chosen
+    assert (
+        "RANKLOOP_LEARN_GPU_MEMORY_FRACTION" not in core_budget(load_settings(data_dir=tmp_path), [0, 1], False).learner
+    )
 
 
 def test_an_operators_choice_is_left_alone(tmp_path: Path) -> None:

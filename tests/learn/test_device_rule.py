@@ -11,7 +11,7 @@ import torch
 
 from deploy.settings import SettingsError, load_settings
 from learn.daemon import compute, failure
-from learn.device import DeviceError, device_of, learn_device
+from learn.device import DeviceError, cap_memory, device_of, learn_device
 from learn.ppo import Rollouts, pack
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
@@ -49,6 +49,11 @@ def test_a_batch_moves_whole_and_keeps_its_frames() -> None:
     for name, tensor in vars(moved).items():
         assert tensor.device.type == "meta" and tensor.shape == getattr(packed, name).shape, name
     assert moved.width == packed.width == 7
+
+
+def test_a_memory_cap_is_for_gpus_only() -> None:
+    assert not cap_memory(torch.device("cpu"), 0.3)
+    assert not cap_memory(torch.device("cuda", 0), None)  # unset: no cap, and no GPU touched
 
 
 def test_the_model_says_where_its_inputs_go() -> None:
