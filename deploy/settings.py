@@ -147,7 +147,9 @@ class Settings(BaseSettings):
     )
     learn_ppo_iterations: int = Field(6, ge=1, description="PPO iterations per round.")
     learn_seed: int = Field(
-        0, description="Seed of a PPO round: the adapters' initialisation, the rollouts' draw, the mini-batches' order."
+        0,
+        description="Seed of a learning round: the reward model's new head, the PPO adapters' initialisation, the "
+        "rollouts' draw, the order of the batches.",
     )
     learn_ppo_epochs: int = Field(2, ge=1, description="Passes of each PPO iteration's optimiser over its rollouts.")
     learn_ppo_lr: float = Field(5e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")

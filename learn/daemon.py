@@ -8,6 +8,11 @@ the gate passes; otherwise an operator decides.
 
 An interrupted PPO round (a crash, a SIGKILL) is resumed from its checkpoint before anything else.
 What the learner is doing is published in Redis (`rankloop learn status` reads it) and in Prometheus metrics.
+
+Under torchrun every process runs this loop: rank 0 decides (what it reads of the growing dataset and the registry
+is agreed to the others, learn.distributed.agreed), all train their shares of each round, and rank 0 alone writes
+status, versions and the registry. A round that fails in one process ends them all: torchrun restarts the job, which
+resumes the round from its checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from deploy.registry import Registry
 from deploy.settings import Settings
 from learn import metrics
 from learn.device import cap_memory, learn_device, out_of_memory
+from learn.distributed import agreed, barrier, join, world
 from learn.gate import Limits, promotion_gate, rm_gate
 from learn.policy_eval import PolicyEval
 from learn.ppo_run import CheckpointMismatch, RoundConfig, checkpoint_meta
@@ -42,8 +48,9 @@ log = logging.getLogger("rankloop.learner")
 
 def compute(settings: Settings) -> tuple[str, bool]:
     """(device, bf16) of the learner's rounds: `learn_device` checked against the machine, and bf16 products where
-    the operator says or, unset, where that device has them fast. Raises learn.device.DeviceError."""
-    device = learn_device(settings.learn_device)
+    the operator says or, unset, where that device has them fast. Under torchrun, this process joins the others
+    first (each on the GPU of its local rank). Raises learn.device.DeviceError."""
+    _, device = join(learn_device(settings.learn_device))
     cap_memory(device, settings.learn_gpu_memory_fraction)
     return str(device), use_bf16(settings.learn_bf16, device)
 
@@ -58,6 +65,7 @@ def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
         device=device,
         train_layers=settings.learn_train_layers,
         max_train=settings.learn_rm_max_rankings,
+        seed=settings.learn_seed,
     )
 
 
@@ -77,7 +85,7 @@ class Learner:
         self.store = ModelStore(settings.store_dir)
         self.rewards = ModelStore(settings.reward_store_dir, prefix="r")
         self.rm: RMResult | None = None  # the reward-model round before the PPO round in flight, for its summary
-        for store in (self.store, self.rewards):  # the learner is their writer: what a dead one left goes
+        for store in (self.store, self.rewards) if world().main else ():  # their writer: what a dead one left goes
             for name in store.sweep():
                 log.warning("removed %s/%s, a version a stopped writer never finished", store.root, name)
 
@@ -87,6 +95,8 @@ class Learner:
             log.write(0, **summary)
 
     def publish(self, phase: str, detail: str, **extra: Any) -> None:
+        if not world().main:
+            return
         status = {"phase": phase, "detail": detail, "updated": time.time(), **extra}
         previous = self.redis.get(STATUS_KEY)
         if previous and "last_round" not in extra:
@@ -99,7 +109,7 @@ class Learner:
     def tick(self) -> str:
         """One look at the data: run a round when there is reason to; returns what happened, in a few words."""
         checkpoint = self.settings.data_dir / "checkpoints" / "ppo.ckpt"
-        pending = checkpoint_meta(checkpoint)
+        pending = agreed(checkpoint_meta(checkpoint))
         if pending is not None:
             try:
                 return self._ppo(str(pending["parent"]), str(pending["reward"]))
@@ -107,12 +117,14 @@ class Learner:
                 # A round this daemon cannot continue (another command's, or settings changed since): set it
                 # aside rather than fail on it at every poll and never learn again.
                 kept = checkpoint.with_name(f"ppo.{int(time.time())}.set-aside.ckpt")
-                checkpoint.replace(kept)
+                if world().main:
+                    checkpoint.replace(kept)
+                barrier()
                 self.publish("waiting", f"set aside an unfinished round it cannot resume ({exc}): {kept.name}")
                 return "set aside"
-        latest = next(reversed(self.rewards.versions()), None)
+        latest = agreed(next(reversed(self.rewards.versions()), None))
         after = self.rewards.card(latest).details.get("last_event_id") if latest else None
-        new = count_rankings(self.settings, after)
+        new = agreed(count_rankings(self.settings, after))
         needed = self.settings.learn_min_rankings
         if new < needed:
             self.publish("waiting", f"{new} of {needed} new rankings needed for a round", new_rankings=new)
@@ -123,7 +135,9 @@ class Learner:
         rm = rm_round(self.settings, rm_options(self.settings, latest), show_progress=self.show_progress)
         self.rm = rm
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
-        verdict = rm_gate(rm.evaluation, self.settings.learn_min_rm_accuracy, self.settings.learn_min_rm_heldout_pairs)
+        verdict = agreed(
+            rm_gate(rm.evaluation, self.settings.learn_min_rm_accuracy, self.settings.learn_min_rm_heldout_pairs)
+        )
         if not verdict.passed:
             detail = f"{rm.version} {verdict.why}: no PPO round; waiting for rankings"
             self.publish("waiting", detail, last_round={"reward_model": rm.version, "outcome": "rm below gate"})
@@ -138,7 +152,7 @@ class Learner:
             )
             metrics.ROUNDS.labels("rm_below_gate").inc()
             return "reward model below the gate"
-        current = self.registry.current()[0] or self.store.current()
+        current = agreed(self.registry.current()[0] or self.store.current() if world().main else None)
         return self._ppo(str(current), rm.version)
 
     def _ppo(self, parent: str, reward: str) -> str:
@@ -176,6 +190,8 @@ class Learner:
 
     def _finish(self, result: PPOResult) -> str:
         card = result.card
+        if not world().main:  # the version, the registry and the figures are rank 0's to write
+            return f"made {card.version}"
         self.registry.register(card.version, card.parent, card.made_by, card.created, card.details)
         verdict = promotion_gate(
             result.before, result.after, result.agreement, limits(self.settings), result.reference_ptx
@@ -219,6 +235,8 @@ class Learner:
                 log.exception("learning round failed")
                 with contextlib.suppress(RedisError):
                     self.publish("error", failure(exc, self.settings))
+                if not world().alone:
+                    raise  # the others wait in a collective for this one: torchrun restarts them all
             stop.wait(self.settings.learn_poll_s)
 
 

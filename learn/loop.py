@@ -2,7 +2,8 @@
 clipping, a metrics line and a progress tick per step, and checkpoints that resume exactly.
 
 A run's batches are fixed up front from (seed, epochs), so a resumed run skips the steps it already took and meets
-the same batches in the same order as an uninterrupted run would.
+the same batches in the same order as an uninterrupted run would. Under torchrun each process takes its share of
+every batch and the gradients are summed (learn.distributed), which gives the one-process step.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ import torch
 from torch import Tensor
 
 from deploy.durable import write_atomic
+from learn.distributed import World, sum_gradients, total_of, world
 from learn.trainlog import MetricsLog, step_progress
 
 StepFn = Callable[[list[int]], tuple[Tensor, dict[str, float]]]  # batch of item indices -> (loss, figures)
+# Item indices -> how many units the step's loss is a mean over (prompts with a ranked pair, labelled tokens): what
+# weighs each process's share of a batch when several share it.
+UnitsFn = Callable[[list[int]], int]
 StepHook = Callable[[int, int], None]  # (steps taken, steps in the run), after each optimiser step
 
 
@@ -78,9 +83,14 @@ def run_loop(
     checkpoint: Path | None = None,
     show_progress: bool = True,
     on_step: StepHook | None = None,
+    units: UnitsFn | None = None,
 ) -> LoopResult:
     """Train `model` over `n_items` items with `step_fn` computing each batch's loss; resume from `checkpoint`.
-    `on_step` sees each step taken (a benchmark measures the model there), with the model back in eval mode."""
+    `on_step` sees each step taken (a benchmark measures the model there), with the model back in eval mode.
+    `units` is needed where several processes share the batches (learn.distributed)."""
+    processes = world()
+    if not processes.alone and units is None:
+        raise ValueError("a loop shared by several processes needs the units its loss is a mean over")
     batches = schedule(n_items, config)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler = make_optimizer(params, config, len(batches))
@@ -92,19 +102,25 @@ def run_loop(
     model.train()
     with step_progress(description, end - start, show_progress) as progress:
         for step in range(start, end):
-            loss, figures = step_fn(batches[step])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            if processes.alone:
+                loss, figures = step_fn(batches[step])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                shown = float(loss.detach())
+            else:
+                assert units is not None
+                shown, figures = _shared_step(processes, batches[step], step_fn, units, optimizer, params)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             scheduler.step()
-            result.losses.append(float(loss.detach()))
+            result.losses.append(shown)
             result.steps = step + 1
             lr = scheduler.get_last_lr()[0]
             log.write(step + 1, loss=result.losses[-1], lr=lr, grad_norm=grad_norm, **figures)
             progress.advance(loss=result.losses[-1], **figures)
             every = config.checkpoint_every
-            if checkpoint is not None and (step + 1 == end or (every and (step + 1) % every == 0)):
+            due = step + 1 == end or (every and (step + 1) % every == 0)
+            if checkpoint is not None and due and processes.main:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, step + 1)
             if on_step is not None:
                 model.eval()
@@ -112,6 +128,29 @@ def run_loop(
                 model.train()
     model.eval()
     return result
+
+
+def _shared_step(
+    processes: World,
+    batch: list[int],
+    step_fn: StepFn,
+    units: UnitsFn,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+) -> tuple[float, dict[str, float]]:
+    """This process's share of a batch, its loss weighted by its share of the batch's units, the gradients summed
+    over the processes; returns the batch's loss (the same on every process) and this share's figures."""
+    mine = processes.share(batch)
+    own = units(mine) if mine else 0
+    whole = total_of(own)
+    optimizer.zero_grad(set_to_none=True)
+    part, figures = 0.0, dict[str, float]()
+    if mine and whole:
+        loss, figures = step_fn(mine)
+        (loss * (own / whole)).backward()  # type: ignore[no-untyped-call]
+        part = float(loss.detach()) * own
+    sum_gradients(params)
+    return (total_of(part) / whole if whole else 0.0), figures
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:

@@ -24,6 +24,7 @@ from feedback.ranking import pairs
 from learn import degenerate, layers
 from learn.data import Example
 from learn.device import device_of
+from learn.distributed import world
 from learn.ppo import Models, Rollouts, answer_logprobs, backbone, lower_of, pack, sample
 from learn.prompts import Prompt
 from learn.rm_data import RankedGroup
@@ -80,6 +81,8 @@ class AnswerCache:
         return found if found.key == key else None
 
     def put(self, version: str, answers: Answers) -> None:
+        if not world().main:  # several processes sample the same answers; one writes them
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         partial = self.folder / f"{version}.json.partial"
         partial.write_text(json.dumps(asdict(answers)))

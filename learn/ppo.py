@@ -26,6 +26,7 @@ from torch import Tensor
 from learn import layers, rl_math
 from learn.data import IGNORE, by_length
 from learn.device import device_of
+from learn.distributed import sum_gradients, total, world
 
 
 @dataclass(frozen=True)
@@ -328,10 +329,17 @@ SCORE_ROWS = 8  # rows per scoring pass: similar lengths together (Packed.by_len
 @torch.no_grad()
 def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig, beta: float) -> Scored:
     """Every model's view of the batch, computed once before the update, in groups of similar length; then the
-    rewards, GAE and whitened advantages over the whole batch."""
-    mask, split = packed.mask, models.split
+    rewards, GAE and whitened advantages over the whole batch.
+
+    Of several processes (learn.distributed), each computes the rows it owns; the per-token figures are then summed
+    over the processes, so that every process holds the whole batch's, and its rewards, GAE and whitening are the
+    one-process ones. `below` and `features` stay with the rows' owner, the only one to update on them."""
+    mask, split, processes = packed.mask, models.split, world()
+    own = [r for r in range(mask.shape[0]) if processes.owns(r)]
+    lengths = packed.attention_mask.sum(dim=1).tolist()
     parts: dict[str, Tensor] = {}
-    for rows in packed.by_length(SCORE_ROWS):
+    for group in by_length([lengths[r] for r in own], SCORE_ROWS):
+        rows = [own[i] for i in group]
         sub = packed.rows(rows)
         below = lower_of(models.policy, split, sub)
         logprobs = answer_logprobs(models.policy, sub, split, below)
@@ -354,6 +362,13 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         for name, value in found.items():
             _place(parts, name, value, rows, packed)
     values = models.value(parts["features"]) * mask
+    if not processes.alone:
+        owned = torch.zeros_like(mask)
+        owned[own] = 1.0
+        values = values * owned  # a row another process owns has no features here: its value comes from there
+        for name in ("logprobs", "old", "ref", "scores"):
+            total(parts[name])
+        total(values)
     truncated = torch.tensor(rollouts.truncated, device=mask.device)
     # The KL penalty is the policy's now (it is what the update changes); for answers another version wrote, an
     # estimate on its samples.
@@ -413,6 +428,8 @@ def ppo_step(
     """One iteration: returns its metrics (reward, KL, beta, entropy, clip fraction, losses, answer length) and
     where its time went (`score_s`: log-probs, values and rewards; `update_s`: the epochs of mini-batches)."""
     started = time.perf_counter()
+    if len(rollouts.queries) < world().size:
+        raise ValueError(f"{len(rollouts.queries)} rollouts for {world().size} processes: each needs one at least")
     packed = pack(rollouts, pad_id).to(device_of(models.policy))
     scored = score(models, rollouts, packed, config, kl_controller.value)
     scored_at = time.perf_counter()
@@ -441,19 +458,22 @@ def update(
     optimizer: torch.optim.Optimizer,
     ptx_batch: tuple[Tensor, Tensor, Tensor] | None,
 ) -> dict[str, float]:
-    """The epochs of clipped policy and value updates (and the ptx term) on a scored batch; mean figures."""
+    """The epochs of clipped policy and value updates (and the ptx term) on a scored batch; mean figures.
+
+    Of several processes (learn.distributed), each takes the rows it owns of every mini-batch and its share of the
+    ptx examples, each loss weighted by its share of the mini-batch's tokens (of the ptx batch's labelled tokens),
+    and the gradients are summed: the one-process step. The figures are then this process's shares'."""
     # Figures stay tensors until the end: reading each on the host would wait for every mini-batch on a GPU.
     figures: dict[str, list[Tensor]] = {
         k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy", "approx_kl", "ptx_loss")
     }
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    with_ptx = ptx_batch is not None and config.ptx_coef > 0
+    processes = world()
     # Below the split nothing trains, so its output is computed once; at split 0 that output is the embeddings,
     # which do train (all layers are), so every pass starts from the tokens then.
     frozen = models.split > 0
-    ptx_below = (
-        ptx_lower(models.policy, models.split, ptx_batch) if ptx_batch is not None and with_ptx and frozen else None
-    )
+    ptx = _ptx_share(models, ptx_batch, frozen) if ptx_batch is not None and config.ptx_coef > 0 else None
+    lengths = packed.lengths.tolist()  # on the host once: each mini-batch's shares are weighed by them
     generator = torch.Generator().manual_seed(config.seed)
     # Mini-batches in a random order, not grouped by length (which pads less): a mini-batch of short answers
     # alone, all with one sign of advantage, steps the policy towards whatever they share rather than towards what
@@ -462,37 +482,84 @@ def update(
         order = torch.randperm(packed.mask.shape[0], generator=generator).tolist()
         for start in range(0, len(order), config.minibatch):
             rows = order[start : start + config.minibatch]
-            sub = packed.rows(rows)
-            a = sub.mask.shape[1]  # the sub-batch's answer width: per-token tensors are cut to it
-            below = scored.below[rows, : sub.width] if frozen else None
-            new_logprobs, logits = logprobs_and_logits(models.policy, sub, models.split, below)
-            policy_out = rl_math.clipped_policy_loss(
-                new_logprobs, scored.old_logprobs[rows, :a], scored.advantages[rows, :a], sub.mask, config.clip
-            )
-            value_loss, _ = rl_math.clipped_value_loss(
-                models.value(scored.features[rows, :a]) * sub.mask,
-                scored.values[rows, :a],
-                scored.returns[rows, :a],
-                sub.mask,
-                config.value_clip,
-            )
-            loss = policy_out.loss + config.value_coef * value_loss
-            if ptx_batch is not None and with_ptx:
-                ptx = ptx_loss(models.policy, ptx_batch, models.split, ptx_below)
-                loss = loss + config.ptx_coef * ptx
-                figures["ptx_loss"].append(ptx.detach())
+            mine = [r for r in rows if processes.owns(r)]
+            loss: Tensor | None = None
+            if mine:
+                loss = _policy_and_value_loss(models, packed, scored, config, mine, frozen, figures)
+                if not processes.alone:
+                    loss = loss * (sum(lengths[r] for r in mine) / max(1.0, sum(lengths[r] for r in rows)))
+            if ptx is not None and ptx.batch is not None:
+                term = ptx_loss(models.policy, ptx.batch, models.split, ptx.below)
+                figures["ptx_loss"].append(term.detach())
+                weighted = config.ptx_coef * term * ptx.weight if not processes.alone else config.ptx_coef * term
+                loss = weighted if loss is None else loss + weighted
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            if loss is not None:
+                loss.backward()  # type: ignore[no-untyped-call]
+            sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            figures["policy_loss"].append(policy_out.loss.detach())
-            figures["value_loss"].append(value_loss.detach())
-            figures["clip_fraction"].append(policy_out.clip_fraction.detach())
-            figures["approx_kl"].append(policy_out.approx_kl.detach())
-            with torch.no_grad():
-                every = torch.ones(1, logits.shape[0], device=logits.device)  # the logits are the answers' already
-                figures["entropy"].append(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every))
     return {k: float(torch.stack([t.float() for t in v]).mean()) for k, v in figures.items() if v}
+
+
+def _policy_and_value_loss(
+    models: Models,
+    packed: Packed,
+    scored: Scored,
+    config: PPOConfig,
+    rows: list[int],
+    frozen: bool,
+    figures: dict[str, list[Tensor]],
+) -> Tensor:
+    """The clipped policy loss plus the weighted value loss of the given rows (means over their tokens)."""
+    sub = packed.rows(rows)
+    a = sub.mask.shape[1]  # the sub-batch's answer width: per-token tensors are cut to it
+    below = scored.below[rows, : sub.width] if frozen else None
+    new_logprobs, logits = logprobs_and_logits(models.policy, sub, models.split, below)
+    policy_out = rl_math.clipped_policy_loss(
+        new_logprobs, scored.old_logprobs[rows, :a], scored.advantages[rows, :a], sub.mask, config.clip
+    )
+    value_loss, _ = rl_math.clipped_value_loss(
+        models.value(scored.features[rows, :a]) * sub.mask,
+        scored.values[rows, :a],
+        scored.returns[rows, :a],
+        sub.mask,
+        config.value_clip,
+    )
+    figures["policy_loss"].append(policy_out.loss.detach())
+    figures["value_loss"].append(value_loss.detach())
+    figures["clip_fraction"].append(policy_out.clip_fraction.detach())
+    figures["approx_kl"].append(policy_out.approx_kl.detach())
+    with torch.no_grad():
+        every = torch.ones(1, logits.shape[0], device=logits.device)  # the logits are the answers' already
+        figures["entropy"].append(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every))
+    loss: Tensor = policy_out.loss + config.value_coef * value_loss
+    return loss
+
+
+@dataclass(frozen=True)
+class PtxShare:
+    """This process's examples of the ptx batch (None: it has none), their lower hidden states, and their share of
+    the batch's labelled tokens (the weight of their mean loss)."""
+
+    batch: tuple[Tensor, Tensor, Tensor] | None
+    below: Tensor | None
+    weight: float
+
+
+def _ptx_share(models: Models, batch: tuple[Tensor, Tensor, Tensor], frozen: bool) -> PtxShare:
+    processes = world()
+    if not processes.alone:
+        labelled = (batch[2][:, 1:] != IGNORE).sum(dim=1).tolist()
+        mine = processes.share(list(range(len(labelled))))
+        if not mine:
+            return PtxShare(None, None, 0.0)
+        weight = sum(labelled[i] for i in mine) / max(1, sum(labelled))
+        batch = (batch[0][mine], batch[1][mine], batch[2][mine])
+    else:
+        weight = 1.0
+    below = ptx_lower(models.policy, models.split, batch) if frozen else None
+    return PtxShare(batch, below, weight)
 
 
 def ptx_lower(policy: Any, split: int, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:

@@ -31,6 +31,7 @@ from deploy.settings import Settings
 from learn import layers, rl_math
 from learn.data import Example
 from learn.device import device_of
+from learn.distributed import world
 from learn.loop import save_atomic, trainable_state
 from learn.ppo import AdapterOff, Models, PPOConfig, RewardFn, Rollouts, ValueModel, backbone, ppo_step, sample
 from learn.prompts import Prompt, Served
@@ -283,7 +284,10 @@ class PPORound:
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
     def save(self, path: Path, meta: dict[str, Any]) -> None:
-        """Everything the next iteration depends on, written whole or not at all."""
+        """Everything the next iteration depends on, written whole or not at all (by rank 0 of several processes:
+        all hold the same state, and all resume from this one file)."""
+        if not world().main:
+            return
         state = {
             "meta": meta,
             "iteration": self.iteration,

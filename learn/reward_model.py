@@ -316,7 +316,12 @@ def train_reward_model(
             "score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
         }
 
-    result = run_loop(model, len(train), step, config, log, "reward model", checkpoint, show_progress, on_step)
+    def prompts(indices: list[int]) -> int:  # the K-wise loss is a mean over prompts with a ranked pair
+        return sum(1 for i in indices if pairs(train[i].tiers))
+
+    result = run_loop(
+        model, len(train), step, config, log, "reward model", checkpoint, show_progress, on_step, units=prompts
+    )
     evaluation = (
         held_out_accuracy(model, held_out, pad) if held_out else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
     )

@@ -19,6 +19,7 @@ from deploy.settings import Settings
 from feedback.dataset import event_order
 from learn.data import Example
 from learn.device import device_of
+from learn.distributed import agreed, barrier, same_start, world
 from learn.loop import LoopConfig
 from learn.policy_eval import Agreement, AnswerCache, PolicyEval, agreement, evaluate_policy, held_out_lm_loss
 from learn.ppo import AdapterOff, Models
@@ -58,6 +59,7 @@ class RMOptions:
     device: str = "cpu"  # where the round computes (learn.device)
     train_layers: int = 0  # upper layers trained (and the head); 0: all
     max_train: int | None = None  # train on the newest this many new ranked prompts at most; None: all
+    seed: int = 0  # the new head's initialisation and the order of the batches
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,16 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         if parent is None:
             raise StoreError("the model store is empty: run `rankloop model import` first")
         folder, after = policies.path(parent), None
+    torch.manual_seed(options.seed)  # a new head starts at random: the same round starts from the same head
     model, tokenizer = load_reward_model(
         folder, LoraOptions() if options.lora else None, train_layers=options.train_layers, device=options.device
     )
-    new = load_groups(options.data, settings, tokenizer, options.max_len, after, options.limit, options.skip)
+    same_start(model)  # and every process from rank 0's weights
+    # Users keep ranking while the processes read: all read up to the newest event rank 0 saw.
+    until = agreed(last_event_id(settings)) if options.data == FEEDBACK else None
+    new = load_groups(
+        options.data, settings, tokenizer, options.max_len, after, options.limit, options.skip, until=until
+    )
     train, held = split(new, options.held_out)
     if after is not None:  # the held-out prompts of earlier rounds still measure this one
         _, held = split(load_groups(options.data, settings, tokenizer, options.max_len), options.held_out)
@@ -112,6 +120,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         batch_size=options.batch_prompts,
         lr=options.lr or (1e-4 if options.lora else 1e-5),
         max_steps=options.max_steps,
+        seed=options.seed,
     )
     version = rewards.next_version()
     metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
@@ -143,7 +152,9 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         device=options.device,
         train_layers=options.train_layers,
     )
-    save_reward_model(model, tokenizer, rewards, card, offset, basis)
+    if world().main:
+        save_reward_model(model, tokenizer, rewards, card, offset, basis)
+    barrier()  # the others go on once the version is there
     return RMResult(version, evaluation, len(train), card, time.perf_counter() - started)
 
 
@@ -301,7 +312,7 @@ def _resolve(settings: Settings, options: PPOOptions) -> RoundInputs:
         until = pending.get("until")
     else:
         until = last_event_id(settings)
-    return RoundInputs(parent, reference, reward, until, checkpoint)
+    return RoundInputs(parent, reference, reward, agreed(until), checkpoint)
 
 
 def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: RoundInputs) -> RoundData:
@@ -319,6 +330,8 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
         bool(served),
         options.device,
     )
+    same_start(models.policy)
+    same_start(models.value)
     train, held = round_prompts(
         settings, models.tokenizer, options.prompt_file, options.held_out, options.max_prompt_len, inputs.until
     )
@@ -346,8 +359,9 @@ def _evaluate_parent(
         cache=answers,
         version=inputs.parent,
     )
-    before_file.parent.mkdir(parents=True, exist_ok=True)
-    before_file.write_text(json.dumps(before.figures()))
+    if world().main:
+        before_file.parent.mkdir(parents=True, exist_ok=True)
+        before_file.write_text(json.dumps(before.figures()))
     return before
 
 
@@ -413,9 +427,11 @@ def _publish(
             "metrics": str(metrics),
         },
     )
-    save_policy(stored, data.models.tokenizer, store, card)
-    inputs.checkpoint.unlink(missing_ok=True)
-    inputs.checkpoint.with_suffix(".before.json").unlink(missing_ok=True)
+    if world().main:
+        save_policy(stored, data.models.tokenizer, store, card)
+        inputs.checkpoint.unlink(missing_ok=True)
+        inputs.checkpoint.with_suffix(".before.json").unlink(missing_ok=True)
+    barrier()
     return card
 
 

@@ -59,7 +59,11 @@ def train_lm(
     if not examples:
         raise ValueError("no training examples")
     step = lm_step(model, examples, pad_id(tokenizer))
-    return run_loop(model, len(examples), step, config, log, description, checkpoint, show_progress)
+
+    def tokens(indices: list[int]) -> int:  # the LM loss is a mean over the predicted (labelled) tokens
+        return sum(sum(1 for label in examples[i].labels[1:] if label != IGNORE) for i in indices)
+
+    return run_loop(model, len(examples), step, config, log, description, checkpoint, show_progress, units=tokens)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """What a training run shows and keeps: a progress bar on the terminal and one JSON line per step on disk.
 
 The JSONL file is the record an operator plots (`rankloop report`, pandas, jq): every line has `step`, `time`
-and the run's figures.
+and the run's figures. Of several learner processes (learn.distributed), rank 0 alone writes and shows them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
+from learn.distributed import world
+
 
 class MetricsLog:
     """Append-only JSONL metrics; each line flushed at once, so a crash keeps every step logged before it."""
@@ -24,7 +26,7 @@ class MetricsLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._file = None
-        if path is not None:
+        if path is not None and world().main:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8")
 
@@ -62,7 +64,7 @@ class StepProgress:
 
 @contextmanager
 def step_progress(description: str, total: int, enabled: bool = True) -> Iterator[StepProgress]:
-    if not enabled:
+    if not enabled or not world().main:
         yield StepProgress(None, None)
         return
     columns = (

@@ -33,6 +33,14 @@ def compute_or_exit(settings: Settings) -> tuple[str, bool]:
         raise fail(str(exc), 2) from exc
 
 
+def say(text: str) -> None:
+    """Print for the operator: once, from rank 0, when several processes run the stage (torchrun)."""
+    from learn.distributed import world
+
+    if world().main:
+        console.print(text)
+
+
 @app.callback()
 def daemon(context: typer.Context) -> None:
     """The learner daemon (started by `rankloop up`): new rankings → reward model → PPO → a `ready` version."""
@@ -50,7 +58,9 @@ def daemon(context: typer.Context) -> None:
     settings = training_settings_or_exit()
     device, bf16 = compute_or_exit(settings)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s learner %(message)s")
-    if settings.learn_metrics_port is not None:
+    from learn.distributed import world
+
+    if settings.learn_metrics_port is not None and world().main:  # one port, one process: rank 0's figures
         try:
             serve_metrics(settings.learn_metrics_host, settings.learn_metrics_port)
         except OSError as exc:  # metrics are for operators; a taken port must not stop learning
@@ -183,7 +193,7 @@ def rm(
     except (StoreError, DataError, EventError, OSError) as exc:
         raise fail(str(exc)) from exc
     evaluation, details = result.evaluation, result.card.details
-    console.print(
+    say(
         f"wrote {result.version} from {result.card.parent}: {result.train_prompts} prompts trained on; "
         f"held-out accuracy {evaluation.accuracy:.3f} over {evaluation.groups} prompts, loss "
         f"{evaluation.loss:.3f}; offset {details['offset']:.3f} ({details['offset_basis']})"
@@ -273,12 +283,16 @@ def ppo(
         raise fail(str(exc)) from exc
     before, after = result.before, result.after
     resumed = f" (resumed at iteration {result.resumed_at})" if result.resumed_at else ""
-    console.print(
+    say(
         f"wrote {result.version} from {result.parent}{resumed}: held-out mean reward {before.reward:.3f} → "
         f"{after.reward:.3f}, KL {after.kl:.2f}, answer length {before.answer_length:.1f} → "
         f"{after.answer_length:.1f}, empty {before.empty:.0%} → {after.empty:.0%}; agrees with "
         f"{result.agreement.rate:.0%} of {result.agreement.pairs} held-out ranked pairs"
     )
+    from learn.distributed import world
+
+    if not world().main:
+        return
     registered = register(settings, result.card)
     console.print(
         "registered as ready; promote it with `rankloop promote " + result.version + "`"
