@@ -97,6 +97,15 @@ class Learner:
     def publish(self, phase: str, detail: str, **extra: Any) -> None:
         if not world().main:
             return
+        if not world().alone:  # the others are in a round with rank 0: Redis away must not stop it mid-way
+            try:
+                self._publish(phase, detail, **extra)
+            except RedisError as exc:
+                log.warning("status not published (%s): %s: %s", exc, phase, detail)
+            return
+        self._publish(phase, detail, **extra)
+
+    def _publish(self, phase: str, detail: str, **extra: Any) -> None:
         status = {"phase": phase, "detail": detail, "updated": time.time(), **extra}
         previous = self.redis.get(STATUS_KEY)
         if previous and "last_round" not in extra:
@@ -116,7 +125,8 @@ class Learner:
             except CheckpointMismatch as exc:
                 # A round this daemon cannot continue (another command's, or settings changed since): set it
                 # aside rather than fail on it at every poll and never learn again.
-                kept = checkpoint.with_name(f"ppo.{int(time.time())}.set-aside.ckpt")
+                kept = checkpoint.with_name(f"ppo.{agreed(int(time.time()))}.set-aside.ckpt")
+                barrier()  # every process has read the checkpoint and refused it before it moves
                 if world().main:
                     checkpoint.replace(kept)
                 barrier()

@@ -59,14 +59,17 @@ def join(device: torch.device) -> tuple[World, torch.device]:
     """Under torchrun (WORLD_SIZE > 1), join the process group: NCCL between GPUs (each process on the GPU of its
     LOCAL_RANK), gloo between CPUs. Returns this process's world and the device it computes on."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1 or (dist.is_available() and dist.is_initialized()):
+    if dist.is_available() and dist.is_initialized():  # joined before: the device is the one chosen then
+        return world(), torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+    if size <= 1:
         return world(), device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     # A rank that waits longer than this on the others has lost one: it fails, and torchrun restarts the job from
-    # the round's last checkpoint.
-    timeout = timedelta(minutes=10)
+    # the round's last checkpoint. Long enough for what rank 0 does alone while the others wait (writing a version
+    # to a network file system).
+    timeout = timedelta(minutes=30)
     rank = int(os.environ["RANK"])
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
     store = dist.TCPStore(  # type: ignore[attr-defined]  # exported by torch, not declared

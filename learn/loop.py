@@ -142,15 +142,16 @@ def _shared_step(
     over the processes; returns the batch's loss (the same on every process) and this share's figures."""
     mine = processes.share(batch)
     own = units(mine) if mine else 0
-    whole = total_of(own)
+    device = params[0].device  # NCCL sums GPU tensors only
+    whole = total_of(own, device)
     optimizer.zero_grad(set_to_none=True)
     part, figures = 0.0, dict[str, float]()
-    if mine and whole:
+    if mine and own:  # a share without units has a loss of 0/0: it adds nothing (its gradient is zeros)
         loss, figures = step_fn(mine)
         (loss * (own / whole)).backward()  # type: ignore[no-untyped-call]
         part = float(loss.detach()) * own
     sum_gradients(params)
-    return (total_of(part) / whole if whole else 0.0), figures
+    return (total_of(part, device) / whole if whole else 0.0), figures
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, Tensor]:

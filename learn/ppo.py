@@ -282,7 +282,8 @@ def sequence_reward(score: Callable[[list[list[int]]], Tensor]) -> RewardFn:
     """A reward over whole token sequences (prompt + answer), as scripted rewards in tests and controls are."""
 
     def reward(rollouts: Rollouts, packed: Packed, below: Tensor | None) -> Tensor:
-        return score([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)])
+        scores = score([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)])
+        return scores.to(packed.input_ids.device)
 
     return reward
 
@@ -552,9 +553,9 @@ def _ptx_share(models: Models, batch: tuple[Tensor, Tensor, Tensor], frozen: boo
     if not processes.alone:
         labelled = (batch[2][:, 1:] != IGNORE).sum(dim=1).tolist()
         mine = processes.share(list(range(len(labelled))))
-        if not mine:
-            return PtxShare(None, None, 0.0)
         weight = sum(labelled[i] for i in mine) / max(1, sum(labelled))
+        if not weight:  # no example, or none with a labelled token: its mean loss would be 0/0
+            return PtxShare(None, None, 0.0)
         batch = (batch[0][mine], batch[1][mine], batch[2][mine])
     else:
         weight = 1.0

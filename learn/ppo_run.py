@@ -31,7 +31,7 @@ from deploy.settings import Settings
 from learn import layers, rl_math
 from learn.data import Example
 from learn.device import device_of
-from learn.distributed import world
+from learn.distributed import agreed, world
 from learn.loop import save_atomic, trainable_state
 from learn.ppo import AdapterOff, Models, PPOConfig, RewardFn, Rollouts, ValueModel, backbone, ppo_step, sample
 from learn.prompts import Prompt, Served
@@ -250,14 +250,18 @@ class PPORound:
         if self.served:
             return self.served_batch()
         m, config = self.models, self.config
-        return sample(
-            m.policy,
-            [p.ids for p in self.batch()],
-            config.max_new_tokens,
-            int(m.tokenizer.eos_token_id),
-            self.pad_id,
-            config.temperature,
-            seed=config.seed * 1_000_003 + self.iteration,
+        # Of several processes, rank 0's samples: the same seed on two GPUs may still draw another token somewhere,
+        # and batches of different shapes would not sum.
+        return agreed(
+            sample(
+                m.policy,
+                [p.ids for p in self.batch()],
+                config.max_new_tokens,
+                int(m.tokenizer.eos_token_id),
+                self.pad_id,
+                config.temperature,
+                seed=config.seed * 1_000_003 + self.iteration,
+            )
         )
 
     def step(self) -> dict[str, float]:

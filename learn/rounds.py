@@ -122,7 +122,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         max_steps=options.max_steps,
         seed=options.seed,
     )
-    version = rewards.next_version()
+    version = agreed(rewards.next_version())  # rank 0 publishes it; the others must name the same
     metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
     pad = int(tokenizer.pad_token_id)
     with MetricsLog(metrics) as log, autocast(options.bf16, options.device):
@@ -402,9 +402,9 @@ def _publish(
     metrics: Path,
 ) -> Card:
     """The new version into the store, its card with the round's figures; the round's checkpoint removed."""
-    before, after, agreed, reference_ptx = judged
+    before, after, on_rankings, reference_ptx = judged
     store = ModelStore(settings.store_dir)
-    version = store.next_version()
+    version = agreed(store.next_version())
     card = Card(
         version=version,
         parent=inputs.parent,
@@ -423,7 +423,7 @@ def _publish(
             "eval_prompts": len(data.evaluation_prompts),
             "ptx": {"source": data.ptx_source, "train": len(data.ptx_train), "held_out": len(data.ptx_held)},
             "eval": {"before": before.figures(), "after": after.figures(), "reference_ptx_loss": reference_ptx},
-            "agreement": agreed.figures(),
+            "agreement": on_rankings.figures(),
             "metrics": str(metrics),
         },
     )

@@ -102,8 +102,10 @@ def sft(
 ) -> None:
     """Fine-tune a policy on demonstrations (or plain text) into a new policy version."""
     from learn.data import encode_demonstration, encode_text
+    from learn.distributed import agreed, barrier, same_start, world
     from learn.loop import LoopConfig
     from learn.sft import train_lm
+    from learn.sources import last_event_id
     from learn.trainlog import MetricsLog
     from learn.weights import LoraOptions, load_causal_lm, run_card, save_policy
 
@@ -116,8 +118,11 @@ def sft(
             raise StoreError("the model store is empty: run `rankloop model import` first")
         # Read the data before loading the model: a wrong path fails in a moment, not after the weights load.
         texts = read_texts(text) if text is not None else []
-        demos = load_demonstrations(data, settings) if text is None else []
+        # Of several processes, all read the demonstrations up to the newest rank 0 saw (users keep writing them).
+        until = agreed(last_event_id(settings)) if text is None and data == FEEDBACK else None
+        demos = load_demonstrations(data, settings, until) if text is None else []
         model, tokenizer = load_causal_lm(store.path(parent), LoraOptions() if lora else None, device=device)
+        same_start(model)
         if text is not None:
             examples = [e for t in texts for e in encode_text(tokenizer, t, max_len)]
             made_by, source = "pretrain", str(text)
@@ -129,16 +134,18 @@ def sft(
     if not examples:
         raise fail(f"{source} holds no examples to train on")
     config = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr or (2e-4 if lora else 2e-5), max_steps=max_steps)
-    version = store.next_version()
+    version = agreed(store.next_version())
     metrics = settings.data_dir / "runs" / f"{version}-{made_by}.jsonl"
-    console.print(f"{made_by}: {len(examples)} examples from {source}, from {parent}, {'LoRA' if lora else 'full'}")
+    say(f"{made_by}: {len(examples)} examples from {source}, from {parent}, {'LoRA' if lora else 'full'}")
     with MetricsLog(metrics) as log:
         result = train_lm(model, tokenizer, examples, config, log, f"{made_by} → {version}")
     card = run_card(
         version, parent, made_by, config, result, data=source, examples=len(examples), lora=lora, metrics=str(metrics)
     )
-    save_policy(model, tokenizer, store, card)
-    console.print(f"wrote {version} (loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}); metrics in {metrics}")
+    if world().main:
+        save_policy(model, tokenizer, store, card)
+    barrier()
+    say(f"wrote {version} (loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}); metrics in {metrics}")
 
 
 @app.command()
