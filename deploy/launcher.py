@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import httpx
 
 from deploy.redis_server import _die_with_parent
-from deploy.settings import Settings
+from deploy.settings import Settings, cpu_list
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,16 @@ def core_budget(settings: Settings, cores: list[int], gpu: bool) -> CoreBudget:
     other half, one thread per core: two thread pools spread over the same cores spin and wait on each other's
     preempted threads, and both run several times slower than on half the cores each.
 
-    With the engine on a GPU and the learner on the same one (the first GPU: vLLM's and `learn_device`'s default),
-    the learner may allocate what the engine's `gpu_memory_utilization` leaves, less a margin: a learner that took
-    the engine's share would make vLLM fail its next allocation, and with it the server.
+    With the engine on a GPU, it sees the GPUs of `serve_gpus` alone. A learner on one of them (GPU 0 is both
+    defaults) may allocate what the engine's `gpu_memory_utilization` leaves, less a margin: a learner that took the
+    engine's share would make vLLM fail its next allocation, and with it the server.
     """
     server: dict[str, str] = {}
     learner: dict[str, str] = {}
-    same_gpu = settings.learn_device in ("auto", "cuda", "cuda:0")
+    if gpu and settings.engine == "vllm" and "CUDA_VISIBLE_DEVICES" not in os.environ:  # an operator's own wins
+        server["CUDA_VISIBLE_DEVICES"] = settings.serve_gpus
+    learner_gpu = 0 if settings.learn_device in ("auto", "cuda") else int(settings.learn_device.partition(":")[2] or -1)
+    same_gpu = learner_gpu in cpu_list(settings.serve_gpus)
     if gpu and settings.learn_enabled and same_gpu and settings.learn_gpu_memory_fraction is None:
         left = max(GPU_MEMORY_MARGIN, 1.0 - settings.gpu_memory_utilization - GPU_MEMORY_MARGIN)
         learner["RANKLOOP_LEARN_GPU_MEMORY_FRACTION"] = f"{left:.2f}"

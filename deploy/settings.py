@@ -211,6 +211,11 @@ class Settings(BaseSettings):
     )
     cpu_kv_cache_gib: int = Field(2, ge=1, description="KV-cache size on CPU, GiB.")
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="Share of GPU memory for vLLM.")
+    serve_gpus: str = Field(
+        "0",
+        description="GPUs the engine may see under `rankloop up` (its CUDA_VISIBLE_DEVICES), a list such as `0` or "
+        "`2`; a learner on another one (`learn_device` cuda:N) has it to itself.",
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -236,6 +241,12 @@ class Settings(BaseSettings):
                 f"the admin token has {length} characters; use at least {MIN_ADMIN_TOKEN} (for example the output "
                 "of: python -c 'import secrets; print(secrets.token_urlsafe(24))')"
             )
+        return value
+
+    @field_validator("serve_gpus")
+    @classmethod
+    def _gpu_list(cls, value: str) -> str:
+        cpu_list(value)  # the same shape: indices and ranges
         return value
 
     @field_validator("learn_device")

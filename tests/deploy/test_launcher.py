@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from deploy.launcher import core_budget
 from deploy.settings import load_settings
 
@@ -22,18 +24,22 @@ def test_on_a_cpu_the_engine_and_the_learner_get_half_the_cores_each(tmp_path: P
     )
 
 
-def test_no_split_where_the_engine_is_on_a_gpu_or_one_core(tmp_path: Path) -> None:
+def test_no_split_where_the_engine_is_on_a_gpu_or_one_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # an operator's own would be left alone
     settings = load_settings(data_dir=tmp_path)
     gpu = core_budget(settings, [0, 1, 2, 3], gpu=True)
     assert (gpu.server, gpu.learner) == (
-        {},
+        {"CUDA_VISIBLE_DEVICES": "0"},
         {"RANKLOOP_LEARN_THREADS": "2", "RANKLOOP_LEARN_GPU_MEMORY_FRACTION": "0.45"},
     )
     one = core_budget(settings, [0], gpu=False)
     assert (one.server, one.learner) == ({}, {"RANKLOOP_LEARN_THREADS": "1"})
 
 
-def test_a_learner_on_the_engines_gpu_gets_what_the_engine_leaves(tmp_path: Path) -> None:
+def test_a_learner_on_the_engines_gpu_gets_what_the_engine_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     shared = core_budget(load_settings(data_dir=tmp_path, gpu_memory_utilization=0.6), [0, 1], gpu=True)
     assert shared.learner == {"RANKLOOP_LEARN_THREADS": "1", "RANKLOOP_LEARN_GPU_MEMORY_FRACTION": "0.35"}
     assert (
@@ -43,6 +49,13 @@ def test_a_learner_on_the_engines_gpu_gets_what_the_engine_leaves(tmp_path: Path
     for chosen in ({"learn_device": "cuda:1"}, {"learn_device": "cpu"}, {"learn_gpu_memory_fraction": 0.8}):
         budget = core_budget(load_settings(data_dir=tmp_path, **chosen), [0, 1], gpu=True)
         assert "RANKLOOP_LEARN_GPU_MEMORY_FRACTION" not in budget.learner, chosen
+    # The engine on GPU 1 and the learner on GPU 0 (the default): each has its own; on GPU 1 both, a share.
+    apart = core_budget(load_settings(data_dir=tmp_path, serve_gpus="1"), [0, 1], gpu=True)
+    assert apart.server == {"CUDA_VISIBLE_DEVICES": "1"} and "RANKLOOP_LEARN_GPU_MEMORY_FRACTION" not in apart.learner
+    both = core_budget(load_settings(data_dir=tmp_path, serve_gpus="1", learn_device="cuda:1"), [0, 1], gpu=True)
+    assert both.learner["RANKLOOP_LEARN_GPU_MEMORY_FRACTION"] == "0.45"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert core_budget(load_settings(data_dir=tmp_path), [0, 1], gpu=True).server == {}
     assert (
         "RANKLOOP_LEARN_GPU_MEMORY_FRACTION" not in core_budget(load_settings(data_dir=tmp_path), [0, 1], False).learner
     )
