@@ -6,6 +6,7 @@ import pytest
 
 from deploy.model_import import import_model
 from deploy.model_store import ModelStore
+from tests.learn.served import ranked, server  # noqa: F401  (fixtures for the daemon's tests)
 from tests.tiny import tiny_llama_folder
 
 

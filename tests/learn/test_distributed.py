@@ -20,14 +20,18 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from safetensors.torch import load_file
 
 from deploy.model_import import import_model
 from deploy.model_store import ModelStore
+from deploy.registry import Registry
 from deploy.settings import load_settings
 from feedback.dataset import Dataset
+from learn.daemon import read_status
 from tests.learn.events import ranking_event
+from tests.learn.served import PROMPTS
 from tests.learn.test_ppo_round import make_data_dir
 from tests.tiny import tiny_llama_folder
 
@@ -172,3 +176,44 @@ def test_a_rank_killed_mid_round_is_restarted_and_the_round_ends_as_if_uninterru
 
 def test_torchrun_is_there() -> None:
     assert TORCHRUN.is_file() and shutil.which(str(TORCHRUN))
+
+
+def test_the_daemon_under_torchrun_makes_one_version_from_rankings(ranked: tuple[Path, redis.Redis]) -> None:
+    """`torchrun -m rankloop learn` with 2 processes, fed through the real API and Redis: rank 0 decides, both train,
+    and one `ready` version comes out (not one per process), with one status and one line of round history."""
+    data, client = ranked
+    env = {
+        **_env(data),
+        "REDIS_URL": os.environ["REDIS_URL"],  # the `ranked` fixture's
+        "RANKLOOP_LEARN_MIN_RANKINGS": str(PROMPTS),
+        "RANKLOOP_LEARN_MIN_RM_ACCURACY": "0",
+        "RANKLOOP_LEARN_MIN_RM_HELDOUT_PAIRS": "0",
+        "RANKLOOP_LEARN_PPO_ITERATIONS": "2",
+        "RANKLOOP_LEARN_PROMPTS_PER_ITERATION": "4",
+        "RANKLOOP_LEARN_MAX_NEW_TOKENS": "8",
+        "RANKLOOP_LEARN_POLL_S": "1",
+    }
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "rankloop", "learn"]
+    job = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    registry = Registry(client)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and job.poll() is None:
+            status = read_status(client)
+            if status is not None and status.get("last_round", {}).get("version") == "v0002":
+                break
+            time.sleep(1)
+        status = read_status(client)
+        assert status is not None and status["last_round"]["outcome"] == "ready", status
+        time.sleep(3)  # a second round (of another process) would start within the poll
+    finally:
+        job.send_signal(signal.SIGTERM)
+        try:
+            out, _ = job.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            out, _ = job.communicate()
+    assert registry.show("v0002").state == "ready", out.decode(errors="replace")[-3000:]
+    assert ModelStore(data / "models").versions() == ["v0001", "v0002"]
+    assert ModelStore(data / "reward_models", prefix="r").versions() == ["r0001"]
+    assert len((data / "runs" / "rounds.jsonl").read_text().splitlines()) == 1
