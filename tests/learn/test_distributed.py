@@ -88,6 +88,7 @@ PPO = ("ppo", "--iterations", "3", "--prompts-per-iteration", "4", "--lr", "1e-3
 
 
 def test_a_reward_model_round_on_two_processes_is_the_one_process_round(tmp_path: Path) -> None:
+    torch.manual_seed(0)  # the tiny llama's draw: every run of the test meets the same model
     source = tiny_llama_folder(tmp_path / "src")
     roots = {}
     for processes in (1, 2):
@@ -117,6 +118,7 @@ def _version_weights(data: Path) -> dict[str, torch.Tensor]:
 
 def _copies(tmp_path: Path, *names: str) -> list[Path]:
     """Copies of one data folder (the tiny llama is random: each run must start from the same one)."""
+    torch.manual_seed(0)  # the tiny llama's draw: every run of the test meets the same model
     source = _with_rankings(make_data_dir(tmp_path / "source"))
     return [Path(shutil.copytree(source, tmp_path / name)) for name in names]
 
