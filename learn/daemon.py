@@ -97,13 +97,13 @@ class Learner:
     def publish(self, phase: str, detail: str, **extra: Any) -> None:
         if not world().main:
             return
-        if not world().alone:  # the others are in a round with rank 0: Redis away must not stop it mid-way
-            try:
-                self._publish(phase, detail, **extra)
-            except RedisError as exc:
-                log.warning("status not published (%s): %s: %s", exc, phase, detail)
-            return
-        self._publish(phase, detail, **extra)
+        try:
+            self._publish(phase, detail, **extra)
+        except RedisError as exc:
+            if world().alone:
+                raise
+            # The others are in a round with rank 0: Redis away must not stop it mid-way.
+            log.warning("status not published (%s): %s: %s", exc, phase, detail)
 
     def _publish(self, phase: str, detail: str, **extra: Any) -> None:
         status = {"phase": phase, "detail": detail, "updated": time.time(), **extra}
@@ -118,23 +118,23 @@ class Learner:
     def tick(self) -> str:
         """One look at the data: run a round when there is reason to; returns what happened, in a few words."""
         checkpoint = self.settings.data_dir / "checkpoints" / "ppo.ckpt"
-        pending = agreed(checkpoint_meta(checkpoint))
+        pending = agreed(lambda: checkpoint_meta(checkpoint))
         if pending is not None:
             try:
                 return self._ppo(str(pending["parent"]), str(pending["reward"]))
             except CheckpointMismatch as exc:
                 # A round this daemon cannot continue (another command's, or settings changed since): set it
                 # aside rather than fail on it at every poll and never learn again.
-                kept = checkpoint.with_name(f"ppo.{agreed(int(time.time()))}.set-aside.ckpt")
+                kept = checkpoint.with_name(f"ppo.{agreed(lambda: int(time.time()))}.set-aside.ckpt")
                 barrier()  # every process has read the checkpoint and refused it before it moves
                 if world().main:
                     checkpoint.replace(kept)
                 barrier()
                 self.publish("waiting", f"set aside an unfinished round it cannot resume ({exc}): {kept.name}")
                 return "set aside"
-        latest = agreed(next(reversed(self.rewards.versions()), None))
+        latest = agreed(lambda: next(reversed(self.rewards.versions()), None))
         after = self.rewards.card(latest).details.get("last_event_id") if latest else None
-        new = agreed(count_rankings(self.settings, after))
+        new = agreed(lambda: count_rankings(self.settings, after))
         needed = self.settings.learn_min_rankings
         if new < needed:
             self.publish("waiting", f"{new} of {needed} new rankings needed for a round", new_rankings=new)
@@ -145,8 +145,9 @@ class Learner:
         rm = rm_round(self.settings, rm_options(self.settings, latest), show_progress=self.show_progress)
         self.rm = rm
         metrics.RM_ACCURACY.set(rm.evaluation.accuracy)
+        settings = self.settings
         verdict = agreed(
-            rm_gate(rm.evaluation, self.settings.learn_min_rm_accuracy, self.settings.learn_min_rm_heldout_pairs)
+            lambda: rm_gate(rm.evaluation, settings.learn_min_rm_accuracy, settings.learn_min_rm_heldout_pairs)
         )
         if not verdict.passed:
             detail = f"{rm.version} {verdict.why}: no PPO round; waiting for rankings"
@@ -162,7 +163,7 @@ class Learner:
             )
             metrics.ROUNDS.labels("rm_below_gate").inc()
             return "reward model below the gate"
-        current = agreed(self.registry.current()[0] or self.store.current() if world().main else None)
+        current = agreed(lambda: self.registry.current()[0] or self.store.current())
         return self._ppo(str(current), rm.version)
 
     def _ppo(self, parent: str, reward: str) -> str:

@@ -13,7 +13,7 @@ Without torchrun (one process) nothing here communicates, and the code paths red
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -130,12 +130,13 @@ def same_start(module: torch.nn.Module) -> None:
                 dist.broadcast(p.data, src=0)
 
 
-def agreed(value: T) -> T:
-    """Rank 0's `value` on every process: what each would read of data that grows while they read it (the newest
-    ranking, the learner's next move) must be one answer, or their batches and collectives would differ."""
+def agreed(read: Callable[[], T]) -> T:
+    """`read()` on rank 0 alone, its answer on every process: what each would read of data that grows meanwhile
+    (the newest ranking, the learner's next move) must be one answer, or their batches and collectives would
+    differ; and the others need not do the reading (or the sampling) at all."""
     if world().size == 1:
-        return value
-    box: list[object] = [value]
+        return read()
+    box: list[object] = [read() if world().main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]  # type: ignore[return-value]
 

@@ -253,7 +253,7 @@ class PPORound:
         # Of several processes, rank 0's samples: the same seed on two GPUs may still draw another token somewhere,
         # and batches of different shapes would not sum.
         return agreed(
-            sample(
+            lambda: sample(
                 m.policy,
                 [p.ids for p in self.batch()],
                 config.max_new_tokens,

@@ -99,7 +99,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     )
     same_start(model)  # and every process from rank 0's weights
     # Users keep ranking while the processes read: all read up to the newest event rank 0 saw.
-    until = agreed(last_event_id(settings)) if options.data == FEEDBACK else None
+    until = agreed(lambda: last_event_id(settings)) if options.data == FEEDBACK else None
     new = load_groups(
         options.data, settings, tokenizer, options.max_len, after, options.limit, options.skip, until=until
     )
@@ -122,7 +122,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         max_steps=options.max_steps,
         seed=options.seed,
     )
-    version = agreed(rewards.next_version())  # rank 0 publishes it; the others must name the same
+    version = agreed(rewards.next_version)  # rank 0 publishes it; the others must name the same
     metrics = settings.data_dir / "runs" / f"{version}-rm.jsonl"
     pad = int(tokenizer.pad_token_id)
     with MetricsLog(metrics) as log, autocast(options.bf16, options.device):
@@ -305,14 +305,18 @@ def _resolve(settings: Settings, options: PPOOptions) -> RoundInputs:
     checkpoint = settings.data_dir / "checkpoints" / "ppo.ckpt"
     if options.fresh:
         checkpoint.unlink(missing_ok=True)
-    # Users keep ranking while a round runs: the round reads their data up to the newest event at its start, and a
-    # resumed round up to the same event, so that it trains on what it started with.
+    until = agreed(lambda: _until(settings, checkpoint, parent, reward))
+    return RoundInputs(parent, reference, reward, until, checkpoint)
+
+
+def _until(settings: Settings, checkpoint: Path, parent: str, reward: str) -> str | None:
+    """Users keep ranking while a round runs: the round reads their data up to the newest event at its start, and
+    a resumed round up to the same event, so that it trains on what it started with."""
     pending = checkpoint_meta(checkpoint)
     if pending is not None and (pending.get("parent"), pending.get("reward")) == (parent, reward):
-        until = pending.get("until")
-    else:
-        until = last_event_id(settings)
-    return RoundInputs(parent, reference, reward, agreed(until), checkpoint)
+        until: str | None = pending.get("until")
+        return until
+    return last_event_id(settings)
 
 
 def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: RoundInputs) -> RoundData:
@@ -404,7 +408,7 @@ def _publish(
     """The new version into the store, its card with the round's figures; the round's checkpoint removed."""
     before, after, on_rankings, reference_ptx = judged
     store = ModelStore(settings.store_dir)
-    version = agreed(store.next_version())
+    version = agreed(store.next_version)
     card = Card(
         version=version,
         parent=inputs.parent,

@@ -119,7 +119,7 @@ def sft(
         # Read the data before loading the model: a wrong path fails in a moment, not after the weights load.
         texts = read_texts(text) if text is not None else []
         # Of several processes, all read the demonstrations up to the newest rank 0 saw (users keep writing them).
-        until = agreed(last_event_id(settings)) if text is None and data == FEEDBACK else None
+        until = agreed(lambda: last_event_id(settings)) if text is None and data == FEEDBACK else None
         demos = load_demonstrations(data, settings, until) if text is None else []
         model, tokenizer = load_causal_lm(store.path(parent), LoraOptions() if lora else None, device=device)
         same_start(model)
@@ -134,7 +134,7 @@ def sft(
     if not examples:
         raise fail(f"{source} holds no examples to train on")
     config = LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr or (2e-4 if lora else 2e-5), max_steps=max_steps)
-    version = agreed(store.next_version())
+    version = agreed(store.next_version)
     metrics = settings.data_dir / "runs" / f"{version}-{made_by}.jsonl"
     say(f"{made_by}: {len(examples)} examples from {source}, from {parent}, {'LoRA' if lora else 'full'}")
     with MetricsLog(metrics) as log:

@@ -20,7 +20,7 @@ def test_rows_are_dealt_out_in_turn_and_every_row_has_one_owner() -> None:
 
 
 def test_alone_nothing_is_communicated() -> None:
-    assert world() == World() and agreed({"until": "5-0"}) == {"until": "5-0"} and total_of(3) == 3.0
+    assert world() == World() and agreed(lambda: {"until": "5-0"}) == {"until": "5-0"} and total_of(3) == 3.0
 
 
 def _model() -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
