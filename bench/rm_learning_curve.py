@@ -15,6 +15,10 @@ beside TRL's RewardTrainer trained on the same pairs.
    the first N training rankings (4 prompts a step), accuracy on every held-out pair after each epoch; TRL's
    RewardTrainer on the same (chosen, rejected) pairs with the same layers frozen, learning rate and epochs.
 Everything is cached under var/bench-rm-curve, so a stopped run resumes; figures go to BENCHMARKS.md.
+
+`--answers-from var/demo-NAME` takes the answers instead from the comparisons a `bench/loop_demo.py` run's users
+ranked (v0001's, as the server wrote them; held out as the learner splits their prompts), for a curve without an
+hour of generation; its cache and its section of BENCHMARKS.md are its own.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ sys.path.insert(0, str(REPO))
 WORK = REPO / "var" / "bench-rm-curve"
 K, MAX_TOKENS, TEMPERATURE, NOISE, THREADS = 4, 256, 1.0, 0.1, 2
 TRAIN_SAMPLES, HELD_SAMPLES, MAX_LEN, BATCH = 3, 8, 512, 4
+# Users of a demo are shown training prompts only: the served comparisons are split by the reward model's own
+# split, a larger share than the learner's tenth so that the held-out pairs number in the hundreds.
+SERVED_HELD_OUT = 0.3
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,28 @@ def generate(model_dir: Path, out: Path) -> None:
             )
             lines.write(json.dumps(row.__dict__) + "\n")
     out.with_suffix(".partial").replace(out)
+
+
+def served_answers(demo: Path, out: Path) -> None:
+    """The comparisons of a demo's feedback dataset whose answers v0001 wrote, one AnswerSet line each."""
+    from feedback.dataset import Dataset
+    from learn.rm_data import is_rm_held_out, prompt_key
+
+    with Dataset(demo / "feedback.sqlite3") as dataset:
+        events = [e for _, e in dataset.rankings() if e.comparison.policy_version == "v0001"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as lines:
+        for event in events:
+            c = event.comparison
+            row = AnswerSet(
+                c.messages[-1]["content"],
+                c.prompt_token_ids,
+                [a.text for a in c.candidates],
+                [a.token_ids for a in c.candidates],
+                [a.finish_reason == "length" for a in c.candidates],
+                is_rm_held_out(prompt_key(c.messages), SERVED_HELD_OUT),
+            )
+            lines.write(json.dumps(row.__dict__) + "\n")
 
 
 def read_comparisons(path: Path) -> list[AnswerSet]:
@@ -273,7 +302,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--trl-sizes", default="", help="Sizes TRL's side runs at (first configuration only).")
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
+    parser.add_argument("--answers-from", type=Path, help="A loop_demo folder whose users' comparisons to rank.")
     args = parser.parse_args()
+    global WORK, RESULTS
+    if args.answers_from is not None:
+        WORK = REPO / "var" / f"bench-rm-curve-{args.answers_from.name}"
+        RESULTS = WORK / "results.json"
     import torch
 
     from bench.common import bench_store
@@ -283,7 +317,7 @@ def main() -> None:
     model_dir = store.path(store.reference() or "v0001")
     answers = WORK / "answers.jsonl"
     if not answers.is_file():
-        generate(model_dir, answers)
+        served_answers(args.answers_from, answers) if args.answers_from else generate(model_dir, answers)
     if args.answers_only:
         return
     comparisons = read_comparisons(answers)
@@ -333,22 +367,37 @@ def save_results(results: dict[str, Any]) -> None:
 
 def write_report(args: argparse.Namespace, comparisons: list[AnswerSet], results: dict[str, Any]) -> None:
     from bench.report import machine, write_section
+    from learn.precision import use_bf16
 
     cut = sum(sum(c.cut) for c in comparisons) / sum(len(c.cut) for c in comparisons)
     lengths = sorted(len(ids) for c in comparisons for ids in c.token_ids)
+    train_n, held_n = sum(1 for c in comparisons if not c.held_out), sum(1 for c in comparisons if c.held_out)
+    if args.answers_from is None:
+        source = (
+            f"v0001 (SmolLM2-135M-Instruct), K={K} per comparison, temperature {TEMPERATURE}, max_tokens "
+            f"{MAX_TOKENS}: {train_n} comparisons of the training prompts of rankloop's prompt set ({TRAIN_SAMPLES} "
+            f"each), {held_n} of its held-out prompts ({HELD_SAMPLES} each)"
+        )
+    else:
+        source = (
+            f"the comparisons users ranked in {args.answers_from.name} (v0001's answers as the server wrote them, "
+            f"K={K}): {train_n} comparisons to train on, {held_n} held out (a {SERVED_HELD_OUT:.0%} split of their "
+            "prompts); only comparisons that run's preference did not rank all tied are there, so these answers lean "
+            "towards that preference"
+        )
+    title = "" if args.answers_from is None else f", answers from {args.answers_from.name}"
     lines = [
-        "## Reward-model learning curves on ranked SmolLM2 answers (issue 16)",
+        f"## Reward-model learning curves on ranked SmolLM2 answers (issue 16{title})",
         "",
-        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads; bf16 mixed precision on "
-        "both sides where the learner uses it (this machine has AMX).",
+        f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads; "
+        + ("bf16 products on both sides, as the learner uses them here (AMX)." if use_bf16(None) else "fp32 (no AMX).")
+        + "",
         f"- Command: `.venv/bin/python bench/rm_learning_curve.py --preferences {args.preferences} --sizes "
         f"{args.sizes} --configs {args.configs} --epochs {args.epochs}"
         + (f" --trl-sizes {args.trl_sizes}" if args.trl_sizes else "")
+        + (f" --answers-from {args.answers_from}" if args.answers_from else "")
         + "`.",
-        f"- Answers: v0001 (SmolLM2-135M-Instruct), K={K} per comparison, temperature {TEMPERATURE}, max_tokens "
-        f"{MAX_TOKENS}: {sum(1 for c in comparisons if not c.held_out)} comparisons of the training prompts of "
-        f"rankloop's prompt set ({TRAIN_SAMPLES} each), {sum(1 for c in comparisons if c.held_out)} of its held-out "
-        f"prompts ({HELD_SAMPLES} each). Answer length median {lengths[len(lengths) // 2]} tokens; "
+        f"- Answers: {source}. Answer length median {lengths[len(lengths) // 2]} tokens; "
         f"**{cut:.0%} cut by the limit** (the rest ended by themselves).",
         f"- Rankings as simulated users give them (noise {NOISE}; all-tied comparisons give none), in the order "
         "generated; accuracy on every pair of the held-out comparisons ranked without noise. rankloop: K-wise loss, "
@@ -368,7 +417,8 @@ def write_report(args: argparse.Namespace, comparisons: list[AnswerSet], results
         curve = ", ".join(f"{a:.3f}" for a in mine["curve"])
         trl = f"{other['accuracy']:.3f} | {other['seconds']:.0f}" if other else "- | -"
         lines.append(f"| {preference} | {config} | {n} | {mine['pairs']} | {curve} | {mine['seconds']:.0f} | {trl} |")
-    write_section("rm_learning_curve", "\n".join(lines) + "\n")
+    section = "rm_learning_curve" + ("" if args.answers_from is None else f"_{args.answers_from.name}")
+    write_section(section, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -124,10 +124,11 @@ class Settings(BaseSettings):
     learn_bf16: bool | None = Field(
         None,
         description="bf16 matrix products in learning rounds; unset: on where the learner's device has them fast (a "
-        "GPU with bf16, a CPU with AMX; on other CPUs they are slower than fp32).",
+        "GPU with bf16, a CPU with AMX or AVX512-BF16; on other CPUs they are slower than fp32).",
     )
-    learn_train_layers: int = Field(
-        6, ge=0, description="Upper layers a round trains (PPO's LoRA adapters, the reward model's weights); 0: all."
+    learn_train_layers: int = Field(6, ge=0, description="Upper layers PPO trains (its LoRA adapters); 0: all.")
+    learn_rm_train_layers: int = Field(
+        2, ge=0, description="Upper layers the reward model trains (their weights and its head); 0: all."
     )
     learn_rollouts: Literal["served", "sampled"] = Field(
         "served",
@@ -154,7 +155,7 @@ class Settings(BaseSettings):
     learn_ppo_epochs: int = Field(2, ge=1, description="Passes of each PPO iteration's optimiser over its rollouts.")
     learn_ppo_lr: float = Field(5e-4, gt=0.0, description="PPO learning rate (policy LoRA adapters and value model).")
     learn_rm_lr: float = Field(
-        2e-4, gt=0.0, description="Reward-model learning rate (the weights of its upper `learn_train_layers` layers)."
+        2e-4, gt=0.0, description="Reward-model learning rate (its upper `learn_rm_train_layers` layers' weights)."
     )
     learn_rm_epochs: int = Field(
         1, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."

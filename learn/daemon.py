@@ -63,7 +63,7 @@ def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
         lr=settings.learn_rm_lr,
         bf16=bf16,
         device=device,
-        train_layers=settings.learn_train_layers,
+        train_layers=settings.learn_rm_train_layers,
         max_train=settings.learn_rm_max_rankings,
         seed=settings.learn_seed,
     )

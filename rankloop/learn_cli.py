@@ -193,7 +193,7 @@ def rm(
         max_steps,
         bf16=bf16,
         device=device,
-        train_layers=settings.learn_train_layers,
+        train_layers=settings.learn_rm_train_layers,
     )
     try:
         result = rm_round(settings, options)

@@ -127,7 +127,7 @@ def test_a_whole_round_runs_on_the_gpu(tmp_path: Path) -> None:
 
     data = tmp_path / "data"
     import_model(ModelStore(data / "models"), tiny_llama_folder(tmp_path / "src"))
-    settings = load_settings(data_dir=data, learn_device="cuda", learn_train_layers=1)
+    settings = load_settings(data_dir=data, learn_device="cuda", learn_train_layers=1, learn_rm_train_layers=1)
     rng = random.Random(0)
     with Dataset(settings.dataset_path) as dataset:
         dataset.insert([ranking_event(i, rng) for i in range(40)])

@@ -56,6 +56,7 @@ def _env(data: Path) -> dict[str, str]:
         "RANKLOOP_LEARN_DEVICE": "cpu",
         "RANKLOOP_LEARN_BF16": "false",
         "RANKLOOP_LEARN_TRAIN_LAYERS": "1",
+        "RANKLOOP_LEARN_RM_TRAIN_LAYERS": "1",
     }
 
 

@@ -259,8 +259,11 @@ def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path, monkey
 def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path: Path) -> None:
     from learn.daemon import rm_options
 
-    settings = load_settings(data_dir=tmp_path, learn_rm_epochs=3, learn_rm_lr=5e-5, learn_bf16=True)
+    settings = load_settings(
+        data_dir=tmp_path, learn_rm_epochs=3, learn_rm_lr=5e-5, learn_bf16=True, learn_rm_train_layers=4
+    )
     options = rm_options(settings, "r0002")
     assert (options.resume_from, options.epochs, options.lr, options.bf16) == ("r0002", 3, 5e-5, True)
+    assert options.train_layers == 4  # the reward model's own, not PPO's learn_train_layers
     default = rm_options(load_settings(data_dir=tmp_path), None)
-    assert (default.epochs, default.max_train) == (1, 128)  # the defaults
+    assert (default.epochs, default.max_train, default.train_layers) == (1, 128, 2)  # the defaults

@@ -1,8 +1,11 @@
 """`learn_bf16`: matrix products in bf16 inside a round, everything else (and everything outside) in fp32."""
 
+from pathlib import Path
+
+import pytest
 import torch
 
-from learn.precision import autocast
+from learn.precision import autocast, bf16_pays_off
 
 
 def test_bf16_applies_to_products_only_and_only_when_chosen() -> None:
@@ -30,3 +33,19 @@ def test_training_inside_one_bf16_region_sees_its_own_updates() -> None:
             optimizer.zero_grad()
     # each step moves the output towards 0; a cached bf16 weight would repeat the first output
     assert abs(outputs[2]) < abs(outputs[1]) < abs(outputs[0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "pays"),
+    [
+        ("fpu sse avx2 avx512f avx512_vnni", False),  # AVX-512 without bf16: fp32 is faster
+        ("fpu avx512f avx512_bf16 avx512_vnni", True),  # AVX512-BF16 (AMD Zen 4, Intel Cooper Lake)
+        ("fpu avx512_bf16 amx_bf16 amx_tile", True),  # AMX tiles
+        ("fpu avx2 amx_tile", False),  # tiles without their bf16 instructions
+    ],
+)
+def test_bf16_is_the_cpus_default_where_it_has_bf16_instructions(tmp_path: Path, flags: str, pays: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: avx512_bf16 in a name is no flag\nflags\t\t: {flags}\n\n")
+    assert bf16_pays_off("cpu", cpuinfo) is pays
+    assert bf16_pays_off("cpu", tmp_path / "missing") is False  # no cpuinfo (not Linux): fp32
