@@ -14,6 +14,8 @@ beside TRL's RewardTrainer trained on the same pairs.
 3. Training: for each configuration (upper layers trained : learning rate) and size N, rankloop's reward model on
    the first N training rankings (4 prompts a step), accuracy on every held-out pair after each epoch; TRL's
    RewardTrainer on the same (chosen, rejected) pairs with the same layers frozen, learning rate and epochs.
+   A configuration may name a readout (`2:2e-4:sum`, `:mean`): an experiment that reads the score from every
+   token instead of the last (`readout`), measured here before the learner would take it.
 Everything is cached under var/bench-rm-curve, so a stopped run resumes; figures go to BENCHMARKS.md.
 
 `--answers-from var/demo-NAME` takes the answers instead from the comparisons a `bench/loop_demo.py` run's users
@@ -29,6 +31,8 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,10 +179,50 @@ class Lowers:
 class Config:
     train_layers: int
     lr: float
+    readout: str = "last"  # where the score is read: the last token (the learner's), or "sum"/"mean" of all tokens
 
     @property
     def name(self) -> str:
-        return f"{self.train_layers}:{self.lr:g}"
+        return f"{self.train_layers}:{self.lr:g}" + ("" if self.readout == "last" else f":{self.readout}")
+
+    @staticmethod
+    def parse(text: str) -> Config:
+        layers, lr, *readout = text.split(":")
+        return Config(int(layers), float(lr), *readout)
+
+
+@contextmanager
+def readout(kind: str) -> Iterator[None]:
+    """An experiment, in this benchmark only: the reward model's score read from every real token's hidden state
+    (the head is linear, so a sum of per-token scores; a prompt's tokens are the same in its K answers and cancel
+    in their ranking) instead of the last token's, the one place the learner reads it."""
+    import torch
+
+    from learn import layers, reward_model
+
+    if kind == "last":
+        yield
+        return
+    if kind not in ("sum", "mean"):
+        raise SystemExit(f"unknown readout {kind!r}: last, sum or mean")
+    original = reward_model._scores
+
+    def pooled(model: Any, sequences: Any, pad_id: int, split: int, lowers: Any) -> Any:
+        device = next(model.parameters()).device
+        ids, mask = (t.to(device) for t in reward_model.right_pad(sequences, pad_id))
+        positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
+        below = None if lowers is None else reward_model._pad_lowers(lowers, ids.shape[1]).to(device)
+        backbone, head = reward_model._parts(model)
+        hidden = layers.final_hidden(backbone, split, ids, mask, positions, below)
+        per_token = head(hidden).squeeze(-1).float() * mask
+        total = per_token.sum(dim=1)
+        return total / mask.sum(dim=1) if kind == "mean" else total
+
+    reward_model._scores = pooled
+    try:
+        yield
+    finally:
+        reward_model._scores = original
 
 
 def ours(
@@ -298,7 +342,11 @@ def main() -> None:
     parser.add_argument("--answers-only", action="store_true", help="Generate the answers and stop.")
     parser.add_argument("--preferences", default="concise,keyword:important,enthusiastic")
     parser.add_argument("--sizes", default="32,64,128,256")
-    parser.add_argument("--configs", default="6:1e-4", help="Comma-separated TRAIN_LAYERS:LR (0 layers: all).")
+    parser.add_argument(
+        "--configs",
+        default="6:1e-4",
+        help="Comma-separated TRAIN_LAYERS:LR[:READOUT] (0 layers: all; readout last, sum or mean).",
+    )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--trl-sizes", default="", help="Sizes TRL's side runs at (first configuration only).")
     parser.add_argument("--data-dir", type=Path, default=REPO / "var" / "test-data")
@@ -325,7 +373,7 @@ def main() -> None:
     results = load_results()
     sizes = [int(n) for n in args.sizes.split(",")]
     trl_sizes = {int(n) for n in args.trl_sizes.split(",") if n}
-    configs = [Config(int(c.split(":")[0]), float(c.split(":")[1])) for c in args.configs.split(",")]
+    configs = [Config.parse(c) for c in args.configs.split(",")]
     from learn.precision import autocast, use_bf16
 
     bf16 = use_bf16(None)  # as the learner runs on this machine
@@ -338,7 +386,7 @@ def main() -> None:
                     print(f"{preference}: only {len(train)} rankings, fewer than {n}", flush=True)
                     continue
                 if key not in results:
-                    with autocast(bf16):
+                    with autocast(bf16), readout(config.readout):
                         results[key] = {
                             "ours": ours(model_dir, comparisons, lowers, train[:n], held, config, args.epochs)
                         }
@@ -390,7 +438,7 @@ def write_report(args: argparse.Namespace, comparisons: list[AnswerSet], results
         f"## Reward-model learning curves on ranked SmolLM2 answers (issue 16{title})",
         "",
         f"- Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}; {THREADS} threads; "
-        + ("bf16 products on both sides, as the learner uses them here (AMX)." if use_bf16(None) else "fp32 (no AMX).")
+        + ("bf16 products, as the learner uses them on this CPU." if use_bf16(None) else "fp32 products.")
         + "",
         f"- Command: `.venv/bin/python bench/rm_learning_curve.py --preferences {args.preferences} --sizes "
         f"{args.sizes} --configs {args.configs} --epochs {args.epochs}"
