@@ -1,8 +1,9 @@
 """A decoder run in two parts: its frozen lower layers once per batch, its trained upper layers as often as needed.
 
-Learning rounds train only the upper `train_layers` layers of a model (PPO's LoRA adapters sit there, the reward
-model trains its weights there), so the lower layers of the policy, its reference, the version being replaced and
-the reward model stay the SFT reference's weights in every version made here. Their output for a batch is
+Learning rounds train only the upper layers of a model (PPO's LoRA adapters sit in the upper `learn_train_layers`,
+the reward model trains the weights of its upper `learn_rm_train_layers`, fewer), so the layers below PPO's split,
+in the policy, its reference, the version being replaced and the reward model, stay the SFT reference's weights
+in every version made here. Their output for a batch is
 computed once (`lower`); every pass that differs (reference, behaviour policy, reward model, each update epoch)
 runs the upper layers on it (`upper`), and backward stops at the split. On SmolLM2-135M with the upper 6 of 30
 layers trained, an update pass costs about a third of a whole forward and backward.
