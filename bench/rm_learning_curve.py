@@ -196,9 +196,7 @@ def readout(kind: str) -> Iterator[None]:
     """An experiment, in this benchmark only: the reward model's score read from every real token's hidden state
     (the head is linear, so a sum of per-token scores; a prompt's tokens are the same in its K answers and cancel
     in their ranking) instead of the last token's, the one place the learner reads it."""
-    import torch
-
-    from learn import layers, reward_model
+    from learn import reward_model
 
     if kind == "last":
         yield
@@ -208,13 +206,8 @@ def readout(kind: str) -> Iterator[None]:
     original = reward_model._scores
 
     def pooled(model: Any, sequences: Any, pad_id: int, split: int, lowers: Any) -> Any:
-        device = next(model.parameters()).device
-        ids, mask = (t.to(device) for t in reward_model.right_pad(sequences, pad_id))
-        positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-        below = None if lowers is None else reward_model._pad_lowers(lowers, ids.shape[1]).to(device)
-        backbone, head = reward_model._parts(model)
-        hidden = layers.final_hidden(backbone, split, ids, mask, positions, below)
-        per_token = head(hidden).squeeze(-1).float() * mask
+        hidden, mask = reward_model.final_states(model, sequences, pad_id, split, lowers)
+        per_token = reward_model._parts(model)[1](hidden).squeeze(-1).float() * mask
         total = per_token.sum(dim=1)
         return total / mask.sum(dim=1) if kind == "mean" else total
 

@@ -33,7 +33,7 @@ from deploy.registry import Registry
 from deploy.settings import Settings
 from learn import metrics
 from learn.device import cap_memory, learn_device, out_of_memory
-from learn.distributed import agreed, barrier, join, world
+from learn.distributed import agreed, barrier, join, world, written_by_main
 from learn.gate import Limits, promotion_gate, rm_gate
 from learn.policy_eval import PolicyEval
 from learn.ppo_run import CheckpointMismatch, RoundConfig, checkpoint_meta
@@ -127,9 +127,7 @@ class Learner:
                 # aside rather than fail on it at every poll and never learn again.
                 kept = checkpoint.with_name(f"ppo.{agreed(lambda: int(time.time()))}.set-aside.ckpt")
                 barrier()  # every process has read the checkpoint and refused it before it moves
-                if world().main:
-                    checkpoint.replace(kept)
-                barrier()
+                written_by_main(lambda: checkpoint.replace(kept))
                 self.publish("waiting", f"set aside an unfinished round it cannot resume ({exc}): {kept.name}")
                 return "set aside"
         latest = agreed(lambda: next(reversed(self.rewards.versions()), None))

@@ -144,3 +144,11 @@ def agreed(read: Callable[[], T]) -> T:
 def barrier() -> None:
     if world().size > 1:
         dist.barrier()
+
+
+def written_by_main(write: Callable[[], object]) -> None:
+    """`write()` on rank 0 alone, every process going on once it is done: what the others read next (a version,
+    a checkpoint's new place) is then there."""
+    if world().main:
+        write()
+    barrier()

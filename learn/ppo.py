@@ -110,11 +110,13 @@ class Packed:
     def width(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def by_length(self, size: int) -> list[list[int]]:
-        """The rows in groups of `size` of similar sequence length (shortest first): passes over a group padded
-        to its own longest row do less padded work than over the whole batch (on SmolLM2's answers, whose
-        lengths run from a few tokens to the limit, about 40% less)."""
-        return by_length(self.attention_mask.sum(dim=1).tolist(), size)
+    def by_length(self, size: int, rows: Sequence[int] | None = None) -> list[list[int]]:
+        """The rows (all, or those given) in groups of `size` of similar sequence length (shortest first): passes
+        over a group padded to its own longest row do less padded work than over the whole batch (on SmolLM2's
+        answers, whose lengths run from a few tokens to the limit, about 40% less)."""
+        lengths = self.attention_mask.sum(dim=1).tolist()
+        chosen = list(range(len(lengths))) if rows is None else list(rows)
+        return [[chosen[i] for i in group] for group in by_length([lengths[r] for r in chosen], size)]
 
     @property
     def lengths(self) -> Tensor:
@@ -337,10 +339,8 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
     one-process ones. `below` and `features` stay with the rows' owner, the only one to update on them."""
     mask, split, processes = packed.mask, models.split, world()
     own = [r for r in range(mask.shape[0]) if processes.owns(r)]
-    lengths = packed.attention_mask.sum(dim=1).tolist()
     parts: dict[str, Tensor] = {}
-    for group in by_length([lengths[r] for r in own], SCORE_ROWS):
-        rows = [own[i] for i in group]
+    for rows in packed.by_length(SCORE_ROWS, own):
         sub = packed.rows(rows)
         below = lower_of(models.policy, split, sub)
         logprobs = answer_logprobs(models.policy, sub, split, below)
@@ -492,7 +492,7 @@ def update(
             if ptx is not None and ptx.batch is not None:
                 term = ptx_loss(models.policy, ptx.batch, models.split, ptx.below)
                 figures["ptx_loss"].append(term.detach())
-                weighted = config.ptx_coef * term * ptx.weight if not processes.alone else config.ptx_coef * term
+                weighted = config.ptx_coef * term * ptx.weight  # the weight of one process's share is 1
                 loss = weighted if loss is None else loss + weighted
             optimizer.zero_grad(set_to_none=True)
             if loss is not None:

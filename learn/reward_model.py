@@ -103,15 +103,24 @@ def score_ids(
 def _scores(
     model: Any, sequences: Sequence[list[int]], pad_id: int, split: int, lowers: Sequence[Tensor] | None
 ) -> Tensor:
+    hidden, mask = final_states(model, sequences, pad_id, split, lowers)
+    last = layers.last_real(mask)
+    rows = torch.arange(len(sequences), device=hidden.device)
+    scores: Tensor = _parts(model)[1](hidden[rows, last]).squeeze(-1).float()
+    return scores
+
+
+def final_states(
+    model: Any, sequences: Sequence[list[int]], pad_id: int, split: int, lowers: Sequence[Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """(N, L, H) final hidden states of the sequences, right-padded, and their (N, L) attention mask; `lowers` as
+    in `score_ids`."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in right_pad(sequences, pad_id))
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
     below = None if lowers is None else _pad_lowers(lowers, ids.shape[1]).to(device)
-    backbone, head = _parts(model)
-    hidden = layers.final_hidden(backbone, split, ids, mask, positions, below)
-    last = layers.last_real(mask)
-    scores: Tensor = head(hidden[torch.arange(len(sequences), device=device), last]).squeeze(-1).float()
-    return scores
+    hidden = layers.final_hidden(_parts(model)[0], split, ids, mask, positions, below)
+    return hidden, mask
 
 
 def _pad_lowers(lowers: Sequence[Tensor], width: int) -> Tensor:

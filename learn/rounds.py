@@ -19,7 +19,7 @@ from deploy.settings import Settings
 from feedback.dataset import event_order
 from learn.data import Example
 from learn.device import device_of
-from learn.distributed import agreed, barrier, same_start, world
+from learn.distributed import agreed, same_start, world, written_by_main
 from learn.loop import LoopConfig
 from learn.policy_eval import Agreement, AnswerCache, PolicyEval, agreement, evaluate_policy, held_out_lm_loss
 from learn.ppo import AdapterOff, Models
@@ -152,9 +152,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         device=options.device,
         train_layers=options.train_layers,
     )
-    if world().main:
-        save_reward_model(model, tokenizer, rewards, card, offset, basis)
-    barrier()  # the others go on once the version is there
+    written_by_main(lambda: save_reward_model(model, tokenizer, rewards, card, offset, basis))
     return RMResult(version, evaluation, len(train), card, time.perf_counter() - started)
 
 
@@ -431,11 +429,13 @@ def _publish(
             "metrics": str(metrics),
         },
     )
-    if world().main:
+
+    def write() -> None:
         save_policy(stored, data.models.tokenizer, store, card)
         inputs.checkpoint.unlink(missing_ok=True)
         inputs.checkpoint.with_suffix(".before.json").unlink(missing_ok=True)
-    barrier()
+
+    written_by_main(write)
     return card
 
 

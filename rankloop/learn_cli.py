@@ -102,7 +102,7 @@ def sft(
 ) -> None:
     """Fine-tune a policy on demonstrations (or plain text) into a new policy version."""
     from learn.data import encode_demonstration, encode_text
-    from learn.distributed import agreed, barrier, same_start, world
+    from learn.distributed import agreed, same_start, written_by_main
     from learn.loop import LoopConfig
     from learn.sft import train_lm
     from learn.sources import last_event_id
@@ -142,9 +142,7 @@ def sft(
     card = run_card(
         version, parent, made_by, config, result, data=source, examples=len(examples), lora=lora, metrics=str(metrics)
     )
-    if world().main:
-        save_policy(model, tokenizer, store, card)
-    barrier()
+    written_by_main(lambda: save_policy(model, tokenizer, store, card))
     say(f"wrote {version} (loss {result.losses[0]:.3f} → {result.losses[-1]:.3f}); metrics in {metrics}")
 
 
