@@ -46,6 +46,9 @@ TRAIN_SAMPLES, HELD_SAMPLES, MAX_LEN, BATCH = 3, 8, 512, 4
 # Users of a demo are shown training prompts only: the served comparisons are split by the reward model's own
 # split, a larger share than the learner's tenth so that the held-out pairs number in the hundreds.
 SERVED_HELD_OUT = 0.3
+# Each sequence's answer length, for the readouts that pool over the answer's tokens only (`readout`).
+ANSWER_LENS: dict[tuple[int, ...], int] = {}
+READOUTS = ("last", "sum", "mean", "amean", "last+amean")
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,8 @@ def group(c: AnswerSet, tiers: list[list[int]]) -> Any:
     from learn.rm_data import RankedGroup, prompt_key
 
     answers = [(c.prompt_ids + ids)[-MAX_LEN:] for ids in c.token_ids]
+    for sequence, ids in zip(answers, c.token_ids, strict=True):
+        ANSWER_LENS[tuple(sequence)] = min(len(ids), MAX_LEN)
     key = prompt_key([{"role": "user", "content": c.prompt}])
     return RankedGroup(key, answers, tiers, "v0001", None, tuple(min(len(i), MAX_LEN) for i in c.token_ids))
 
@@ -193,23 +198,35 @@ class Config:
 
 @contextmanager
 def readout(kind: str) -> Iterator[None]:
-    """An experiment, in this benchmark only: the reward model's score read from every real token's hidden state
-    (the head is linear, so a sum of per-token scores; a prompt's tokens are the same in its K answers and cancel
-    in their ranking) instead of the last token's, the one place the learner reads it."""
+    """An experiment, in this benchmark only: the reward model's score read from more than the last token's hidden
+    state, the one place the learner reads it. The head is linear, so these are per-token scores pooled:
+    `sum`/`mean` over every real token (a prompt's tokens are the same in its K answers), `amean` over the answer's
+    tokens only, `last+amean` the last token's score plus that mean."""
     from learn import reward_model
 
     if kind == "last":
         yield
         return
-    if kind not in ("sum", "mean"):
-        raise SystemExit(f"unknown readout {kind!r}: last, sum or mean")
+    if kind not in READOUTS:
+        raise SystemExit(f"unknown readout {kind!r}: one of {', '.join(READOUTS)}")
     original = reward_model._scores
 
     def pooled(model: Any, sequences: Any, pad_id: int, split: int, lowers: Any) -> Any:
+        import torch
+
         hidden, mask = reward_model.final_states(model, sequences, pad_id, split, lowers)
         per_token = reward_model._parts(model)[1](hidden).squeeze(-1).float() * mask
-        total = per_token.sum(dim=1)
-        return total / mask.sum(dim=1) if kind == "mean" else total
+        if kind in ("sum", "mean"):
+            total = per_token.sum(dim=1)
+            return total / mask.sum(dim=1) if kind == "mean" else total
+        lengths = torch.tensor([len(s) for s in sequences], device=mask.device)
+        answer = torch.tensor([ANSWER_LENS[tuple(s)] for s in sequences], device=mask.device).clamp(min=1)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        in_answer = (positions >= (lengths - answer)[:, None]) & (positions < lengths[:, None])
+        mean = (per_token * in_answer).sum(dim=1) / answer
+        if kind == "amean":
+            return mean
+        return per_token[torch.arange(len(sequences), device=mask.device), lengths - 1] + mean
 
     reward_model._scores = pooled
     try:
@@ -338,7 +355,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default="6:1e-4",
-        help="Comma-separated TRAIN_LAYERS:LR[:READOUT] (0 layers: all; readout last, sum or mean).",
+        help="Comma-separated TRAIN_LAYERS:LR[:READOUT] (0 layers: all; readout: " + ", ".join(READOUTS) + ").",
     )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--trl-sizes", default="", help="Sizes TRL's side runs at (first configuration only).")
