@@ -14,8 +14,8 @@ beside TRL's RewardTrainer trained on the same pairs.
 3. Training: for each configuration (upper layers trained : learning rate) and size N, rankloop's reward model on
    the first N training rankings (4 prompts a step), accuracy on every held-out pair after each epoch; TRL's
    RewardTrainer on the same (chosen, rejected) pairs with the same layers frozen, learning rate and epochs.
-   A configuration may name a readout (`2:2e-4:sum`, `:mean`): an experiment that reads the score from every
-   token instead of the last (`readout`), measured here before the learner would take it.
+   A configuration may name the reward model's readout (`2:2e-4:mean`, `:last`, the default here:
+   learn.rl_math.sequence_scores); TRL's side always reads the last token.
 Everything is cached under var/bench-rm-curve, so a stopped run resumes; figures go to BENCHMARKS.md.
 
 `--answers-from var/demo-NAME` takes the answers instead from the comparisons a `bench/loop_demo.py` run's users
@@ -31,8 +31,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +44,6 @@ TRAIN_SAMPLES, HELD_SAMPLES, MAX_LEN, BATCH = 3, 8, 512, 4
 # Users of a demo are shown training prompts only: the served comparisons are split by the reward model's own
 # split, a larger share than the learner's tenth so that the held-out pairs number in the hundreds.
 SERVED_HELD_OUT = 0.3
-# Each sequence's answer length, for the readouts that pool over the answer's tokens only (`readout`).
-ANSWER_LENS: dict[tuple[int, ...], int] = {}
-READOUTS = ("last", "sum", "mean", "amean", "last+amean")
 
 
 @dataclass(frozen=True)
@@ -148,8 +143,6 @@ def group(c: AnswerSet, tiers: list[list[int]]) -> Any:
     from learn.rm_data import RankedGroup, prompt_key
 
     answers = [(c.prompt_ids + ids)[-MAX_LEN:] for ids in c.token_ids]
-    for sequence, ids in zip(answers, c.token_ids, strict=True):
-        ANSWER_LENS[tuple(sequence)] = min(len(ids), MAX_LEN)
     key = prompt_key([{"role": "user", "content": c.prompt}])
     return RankedGroup(key, answers, tiers, "v0001", None, tuple(min(len(i), MAX_LEN) for i in c.token_ids))
 
@@ -184,7 +177,7 @@ class Lowers:
 class Config:
     train_layers: int
     lr: float
-    readout: str = "last"  # where the score is read: the last token (the learner's), or "sum"/"mean" of all tokens
+    readout: str = "last"  # how the reward model reads its score (learn.rl_math.READOUTS)
 
     @property
     def name(self) -> str:
@@ -194,45 +187,6 @@ class Config:
     def parse(text: str) -> Config:
         layers, lr, *readout = text.split(":")
         return Config(int(layers), float(lr), *readout)
-
-
-@contextmanager
-def readout(kind: str) -> Iterator[None]:
-    """An experiment, in this benchmark only: the reward model's score read from more than the last token's hidden
-    state, the one place the learner reads it. The head is linear, so these are per-token scores pooled:
-    `sum`/`mean` over every real token (a prompt's tokens are the same in its K answers), `amean` over the answer's
-    tokens only, `last+amean` the last token's score plus that mean."""
-    from learn import reward_model
-
-    if kind == "last":
-        yield
-        return
-    if kind not in READOUTS:
-        raise SystemExit(f"unknown readout {kind!r}: one of {', '.join(READOUTS)}")
-    original = reward_model._scores
-
-    def pooled(model: Any, sequences: Any, pad_id: int, split: int, lowers: Any) -> Any:
-        import torch
-
-        hidden, mask = reward_model.final_states(model, sequences, pad_id, split, lowers)
-        per_token = reward_model._parts(model)[1](hidden).squeeze(-1).float() * mask
-        if kind in ("sum", "mean"):
-            total = per_token.sum(dim=1)
-            return total / mask.sum(dim=1) if kind == "mean" else total
-        lengths = torch.tensor([len(s) for s in sequences], device=mask.device)
-        answer = torch.tensor([ANSWER_LENS[tuple(s)] for s in sequences], device=mask.device).clamp(min=1)
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        in_answer = (positions >= (lengths - answer)[:, None]) & (positions < lengths[:, None])
-        mean = (per_token * in_answer).sum(dim=1) / answer
-        if kind == "amean":
-            return mean
-        return per_token[torch.arange(len(sequences), device=mask.device), lengths - 1] + mean
-
-    reward_model._scores = pooled
-    try:
-        yield
-    finally:
-        reward_model._scores = original
 
 
 def ours(
@@ -253,7 +207,9 @@ def ours(
     from learn.trainlog import MetricsLog
 
     torch.manual_seed(0)
-    model, tokenizer = load_reward_model(model_dir, dtype=torch.float32, train_layers=config.train_layers)
+    model, tokenizer = load_reward_model(
+        model_dir, dtype=torch.float32, train_layers=config.train_layers, readout=config.readout
+    )
     split = layers.split_point(layers.backbone_of(model), config.train_layers)
     pad = int(tokenizer.pad_token_id)
     train_groups = [group(comparisons[r.comparison], r.tiers) for r in train]
@@ -355,7 +311,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default="6:1e-4",
-        help="Comma-separated TRAIN_LAYERS:LR[:READOUT] (0 layers: all; readout: " + ", ".join(READOUTS) + ").",
+        help="Comma-separated TRAIN_LAYERS:LR[:READOUT] (0 layers: all; readout: last or mean).",
     )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--trl-sizes", default="", help="Sizes TRL's side runs at (first configuration only).")
@@ -396,7 +352,7 @@ def main() -> None:
                     print(f"{preference}: only {len(train)} rankings, fewer than {n}", flush=True)
                     continue
                 if key not in results:
-                    with autocast(bf16), readout(config.readout):
+                    with autocast(bf16):
                         results[key] = {
                             "ours": ours(model_dir, comparisons, lowers, train[:n], held, config, args.epochs)
                         }

@@ -130,6 +130,11 @@ class Settings(BaseSettings):
     learn_rm_train_layers: int = Field(
         2, ge=0, description="Upper layers the reward model trains (their weights and its head); 0: all."
     )
+    learn_rm_readout: Literal["mean", "last"] = Field(
+        "mean",
+        description="How a new reward model reads its score: `mean`, of every token's; `last`, the last token's "
+        "(InstructGPT's). The mean learns word-level preferences from far fewer rankings (BENCHMARKS.md).",
+    )
     learn_rollouts: Literal["served", "sampled"] = Field(
         "served",
         description="PPO's rollouts: `served`, the answers users ranked as the served version wrote them (no "

@@ -64,6 +64,7 @@ def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
         bf16=bf16,
         device=device,
         train_layers=settings.learn_rm_train_layers,
+        readout=settings.learn_rm_readout,
         max_train=settings.learn_rm_max_rankings,
         seed=settings.learn_seed,
     )

@@ -1,4 +1,6 @@
-"""The reward model: the policy's backbone with a scalar head, scoring an answer at its last real token.
+"""The reward model: the policy's backbone with a scalar head, scoring prompt + answer from its tokens' final states:
+their mean (the default) or the last real token's (`learn.rl_math.sequence_scores`). The readout is saved in the
+model's config.json (`score_readout`), so whoever loads a reward model reads its scores the way it was trained.
 
 Training takes whole prompts per batch: each of a prompt's K answers goes through the model once per step and all
 C(K,2) pairs are formed from the K scores (learn.rl_math.kwise_ranking_loss), where a pairwise trainer would run
@@ -23,12 +25,13 @@ from feedback.ranking import pairs
 from learn import layers
 from learn.data import by_length, right_pad
 from learn.loop import LoopConfig, LoopResult, StepHook, run_loop
-from learn.rl_math import kwise_ranking_loss, pack_rankings, pairwise_accuracy
+from learn.rl_math import READOUTS, kwise_ranking_loss, pack_rankings, pairwise_accuracy, sequence_scores
 from learn.rm_data import RankedGroup
 from learn.trainlog import MetricsLog
 from learn.weights import TRAINING_DTYPE, LoraOptions
 
 NORM_FILE = "reward_norm.json"
+READOUT_KEY = "score_readout"  # in the model's config; absent: "last", as every reward model before it read
 SCORE_ROWS = 4  # sequences per pass of `score_ids`: few, so that each pass is padded to a length close to its own
 
 
@@ -38,10 +41,12 @@ def load_reward_model(
     dtype: torch.dtype | None = None,
     train_layers: int = 0,
     device: torch.device | str = "cpu",
+    readout: str | None = None,
 ) -> tuple[Any, Any]:
     """A scalar-head model on `folder` (a policy: new random head; a reward model: its trained head), in `dtype`
     (default: the learner's training precision) on `device`. With `train_layers`, only the upper that many layers
-    (and the final norm and the head) train; the layers below stay the SFT reference's (learn.layers)."""
+    (and the final norm and the head) train; the layers below stay the SFT reference's (learn.layers). `readout`
+    (learn.rl_math.READOUTS) sets how it scores from now on; None keeps the folder's."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -49,6 +54,10 @@ def load_reward_model(
         tokenizer.pad_token = tokenizer.eos_token
     model: Any = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=dtype or TRAINING_DTYPE)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if readout is not None:
+        if readout not in READOUTS:
+            raise ValueError(f"unknown reward-model readout {readout!r}: one of {', '.join(READOUTS)}")
+        setattr(model.config, READOUT_KEY, readout)
     split = layers.split_point(layers.backbone_of(model), train_layers)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
@@ -66,6 +75,11 @@ def load_reward_model(
     return model.to(device), tokenizer
 
 
+def readout_of(model: Any) -> str:
+    """How `model` reads its score (learn.rl_math.sequence_scores), as its config says."""
+    return str(getattr(model.config, READOUT_KEY, "last"))
+
+
 def _parts(model: Any) -> tuple[Any, Any]:
     """(backbone, head) of a sequence-classification model, under a LoRA wrapper or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -80,7 +94,7 @@ def score_ids(
     lowers: Sequence[Tensor] | None = None,
     rows: int = SCORE_ROWS,
 ) -> Tensor:
-    """(N,) raw scores, each read at its sequence's last token; on the model's device. `lowers`: each sequence's
+    """(N,) raw scores, read as the model reads them (`readout_of`); on the model's device. `lowers`: each sequence's
     hidden states below layer `split` (`compute_lowers`), so that only the layers from `split` up run.
 
     The sequences run `rows` at a time in order of length, each group padded to its own longest: a batch of a
@@ -104,10 +118,13 @@ def _scores(
     model: Any, sequences: Sequence[list[int]], pad_id: int, split: int, lowers: Sequence[Tensor] | None
 ) -> Tensor:
     hidden, mask = final_states(model, sequences, pad_id, split, lowers)
-    last = layers.last_real(mask)
-    rows = torch.arange(len(sequences), device=hidden.device)
-    scores: Tensor = _parts(model)[1](hidden[rows, last]).squeeze(-1).float()
-    return scores
+    return read(model, hidden, mask)
+
+
+def read(model: Any, hidden: Tensor, mask: Tensor) -> Tensor:
+    """(N,) raw scores from final hidden states (N, L, H) and their mask, padding on either side."""
+    per_token = _parts(model)[1](hidden).squeeze(-1).float()
+    return sequence_scores(per_token, mask, readout_of(model))
 
 
 def final_states(
@@ -273,7 +290,7 @@ class RewardScorer:
 
     @torch.no_grad()
     def __call__(self, rollouts: Any, packed: Any, below: Tensor | None) -> Tensor:
-        """(B,) normalised scores of a learn.ppo.Packed batch, read at each sequence's last token."""
+        """(B,) normalised scores of a learn.ppo.Packed batch (prompt and answer, as the model was trained)."""
         hidden = layers.final_hidden(
             self.backbone,
             self.split,
@@ -287,10 +304,7 @@ class RewardScorer:
     @torch.no_grad()
     def from_hidden(self, hidden: Tensor, packed: Any) -> Tensor:
         """(B,) normalised scores from this model's final hidden states (B, L, H) of a packed batch."""
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, layers.last_real(packed.attention_mask)]
-        scores: Tensor = _parts(self.model)[1](last).squeeze(-1).float()
-        return scores - self.offset
+        return read(self.model, hidden, packed.attention_mask) - self.offset
 
 
 def train_reward_model(

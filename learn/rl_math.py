@@ -76,6 +76,31 @@ def pairwise_accuracy(scores: Tensor, groups: Tensor, ranks: Tensor) -> Tensor:
     return (scores[winners] > scores[losers]).float().mean()
 
 
+READOUTS = ("last", "mean")
+
+
+def sequence_scores(per_token: Tensor, mask: Tensor, readout: str) -> Tensor:
+    """(N,) one score per sequence from the reward model's per-token scores (N, L) (its linear head applied to
+    every position's final hidden state), in the **sequence frame**: `mask` marks each row's real tokens, prompt and
+    answer, padding on either side.
+
+    `last`: the score at the last real token (InstructGPT's readout). `mean`: the mean over every real token. The
+    mean learns word-level preferences (a word said once, a tone kept all along) from far fewer rankings, because
+    every token's state carries gradient instead of one; and since a prompt's tokens are the same in its K answers,
+    the share they take of the mean also tells the answers' lengths apart (BENCHMARKS.md, reward-model curves).
+    """
+    if readout == "last":
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask * positions).argmax(dim=1)
+        return per_token[torch.arange(per_token.shape[0], device=per_token.device), last]
+    if readout == "mean":
+        real = mask.bool()
+        # where, not a product: a padding position's state may be anything, NaN included (a fully masked row)
+        total = torch.where(real, per_token, torch.zeros_like(per_token)).sum(dim=1)
+        return total / real.sum(dim=1).clamp(min=1).to(per_token.dtype)
+    raise ValueError(f"unknown reward-model readout {readout!r}: one of {', '.join(READOUTS)}")
+
+
 # -- masked statistics ----------------------------------------------------------------------------------------
 
 

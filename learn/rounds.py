@@ -58,6 +58,7 @@ class RMOptions:
     bf16: bool = False  # bf16 matrix products (learn.precision)
     device: str = "cpu"  # where the round computes (learn.device)
     train_layers: int = 0  # upper layers trained (and the head); 0: all
+    readout: str = "mean"  # how the model reads its score (learn.rl_math.sequence_scores)
     max_train: int | None = None  # train on the newest this many new ranked prompts at most; None: all
     seed: int = 0  # the new head's initialisation and the order of the batches
 
@@ -95,7 +96,11 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         folder, after = policies.path(parent), None
     torch.manual_seed(options.seed)  # a new head starts at random: the same round starts from the same head
     model, tokenizer = load_reward_model(
-        folder, LoraOptions() if options.lora else None, train_layers=options.train_layers, device=options.device
+        folder,
+        LoraOptions() if options.lora else None,
+        train_layers=options.train_layers,
+        device=options.device,
+        readout=options.readout,
     )
     same_start(model)  # and every process from rank 0's weights
     # Users keep ranking while the processes read: all read up to the newest event rank 0 saw.
@@ -151,6 +156,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         bf16=options.bf16,
         device=options.device,
         train_layers=options.train_layers,
+        readout=options.readout,
     )
     written_by_main(lambda: save_reward_model(model, tokenizer, rewards, card, offset, basis))
     return RMResult(version, evaluation, len(train), card, time.perf_counter() - started)

@@ -192,6 +192,7 @@ def rm(
         bf16=bf16,
         device=device,
         train_layers=settings.learn_rm_train_layers,
+        readout=settings.learn_rm_readout,
     )
     try:
         result = rm_round(settings, options)

@@ -19,6 +19,7 @@ from learn.rl_math import (
     pack_rankings,
     pairwise_accuracy,
     ranking_pairs,
+    sequence_scores,
     token_logprobs,
     whiten,
 )
@@ -118,6 +119,19 @@ def test_whiten() -> None:
 
 
 # -- rewards and advantages -------------------------------------------------------------------------------------
+
+
+def test_sequence_scores_read_the_last_real_token_or_the_mean_with_padding_on_either_side() -> None:
+    # Row 0: prompt 2 tokens + answer 1, right-padded by 1: per-token 1, 2, 3 -> last 3, mean (1+2+3)/3 = 2.
+    # Row 1: left-padded by 2, two real tokens 4, 6 -> last 6, mean 5. Row 2: prompt 3 + answer 1, no padding:
+    # last 8, mean (2+2+2+8)/4 = 3.5. The padding holds NaN, as a fully masked position may: it must not leak.
+    nan = float("nan")
+    per_token = t(1, 2, 3, nan, nan, nan, 4, 6, 2, 2, 2, 8).view(3, 4)
+    mask = i(1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1).view(3, 4)
+    assert sequence_scores(per_token, mask, "last").tolist() == [3.0, 6.0, 8.0]
+    assert sequence_scores(per_token, mask, "mean").tolist() == [2.0, 5.0, 3.5]
+    with pytest.raises(ValueError, match="unknown reward-model readout 'max'"):
+        sequence_scores(per_token, mask, "max")
 
 
 def test_a_mask_in_the_sequence_frame_is_refused() -> None:
