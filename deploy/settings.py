@@ -100,7 +100,9 @@ class Settings(BaseSettings):
     feedback_claim_idle_ms: int = Field(
         60_000, ge=0, description="Take over events a dead consumer left unacknowledged this long."
     )
-    feedback_consumer: str | None = Field(None, description="Consumer name in the group; unset: host-pid.")
+    feedback_consumer: str | None = Field(
+        None, description="Consumer name in the group; unset: the host's name and a hash of the dataset's path."
+    )
 
     # -- learner --------------------------------------------------------------------------------
     learn_threads: int | None = Field(

@@ -2,21 +2,29 @@
 
 Order of work, so that nothing is lost and nothing is counted twice:
 1. on start, this consumer's own pending entries (read from id 0): delivered before a crash, never acknowledged;
-2. entries other consumers left pending longer than `claim_idle_ms` (XAUTOCLAIM): those consumers are dead;
+2. entries other consumers left pending longer than `claim_idle_ms` (XAUTOCLAIM): those consumers are dead; looked
+   for again every `reclaim_s` while running, since a consumer may die at any time, not only before this one starts;
 3. new entries (`>`), blocking.
 Each batch is written to the dataset in one transaction first and acknowledged (XACK) after; a crash between the
 two redelivers the batch, and `INSERT OR IGNORE` on the event id absorbs it. The stream is trimmed only below
 its oldest pending entry (XTRIM MINID), never by length, so nothing unacknowledged is ever trimmed.
+
+A dataset that refuses a write (locked by another writer, disk full) stops nothing: the batch stays pending in
+Redis, the consumer waits (longer each time, up to a minute) and starts again from step 1. An entry that breaks the
+event contract goes to the dataset's `rejected` table (feedback.dataset), counted by `rankloop feedback stats`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
 import socket
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from redis import Redis
@@ -31,6 +39,8 @@ from feedback.stream import STREAM_KEY
 log = logging.getLogger(__name__)
 GROUP = "learner"
 RECONNECT_S = 2.0
+RECLAIM_S = 30.0  # how often a running consumer looks for entries a dead one left
+BACKOFF_S = (1.0, 60.0)  # the first and the longest wait after the dataset refused a batch
 Entry = tuple[str, dict[str, str] | None]  # (id, fields); fields None when the entry was deleted
 
 
@@ -47,8 +57,12 @@ def split_autoclaim(reply: list[Any]) -> AutoClaim:
     return AutoClaim(as_text(reply[0]), _entries(reply[1]), deleted)
 
 
-def default_consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+def default_consumer_name(dataset: Path) -> str:
+    """The same name on every restart of the consumer of one dataset on one host: a restarted consumer finds its
+    own pending entries at once (step 1) instead of waiting `claim_idle_ms` to claim them from its dead self,
+    and the group does not gather a new name per process."""
+    where = hashlib.sha256(str(dataset.resolve()).encode()).hexdigest()[:8]
+    return f"{socket.gethostname()}-{where}"
 
 
 class FeedbackConsumer:
@@ -66,6 +80,7 @@ class FeedbackConsumer:
         self.redis, self.dataset, self.name = redis, dataset, name
         self.batch, self.claim_idle_ms, self.stream, self.group = batch, claim_idle_ms, stream, group
         self.stored = 0  # events new to the dataset, since start
+        self.refused = 0  # batches the dataset refused (and that stayed pending to be stored again), since start
 
     def ensure_group(self) -> None:
         try:
@@ -84,6 +99,11 @@ class FeedbackConsumer:
             if not entries:
                 break
             handled += self._store(entries)
+        return handled + self.claim_dead()
+
+    def claim_dead(self) -> int:
+        """Step 2: store the entries other consumers left pending longer than `claim_idle_ms`."""
+        handled = 0
         cursor = "0-0"
         while True:
             raw = self.redis.xautoclaim(
@@ -113,22 +133,47 @@ class FeedbackConsumer:
         self.trim()
         return handled
 
-    def run(self, stop: threading.Event, block_ms: int = 1000, on_batch: Callable[[int], None] | None = None) -> None:
-        """Consume until `stop` is set: recover first, then follow the stream; ride out Redis outages."""
+    def run(
+        self,
+        stop: threading.Event,
+        block_ms: int = 1000,
+        on_batch: Callable[[int], None] | None = None,
+        reclaim_s: float = RECLAIM_S,
+        backoff_s: tuple[float, float] = BACKOFF_S,
+    ) -> None:
+        """Consume until `stop` is set: recover first, then follow the stream, claiming dead consumers' entries
+        every `reclaim_s`; ride out Redis outages and a dataset that refuses writes."""
+        wait = backoff_s[0]
         while not stop.is_set():
             try:
                 self.ensure_group()
                 self.recover()
-                while not stop.is_set():
-                    n = self.poll(block_ms)
-                    if n:
-                        self.trim()
-                        if on_batch is not None:
-                            on_batch(n)
+                wait = backoff_s[0]  # a full recovery stored everything pending: the dataset writes again
+                self._follow(stop, block_ms, on_batch, reclaim_s)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 # Whatever was read and not acknowledged stays pending and is recovered on reconnection.
                 log.warning("Redis unavailable (%s); retrying in %.0f s", exc, RECONNECT_S)
                 stop.wait(RECONNECT_S)
+            except sqlite3.Error as exc:
+                # Not acknowledged, so still pending: recovered (step 1) once the dataset takes writes again.
+                self.refused += 1
+                log.error("the dataset refused a batch (%s); it stays in Redis, retrying in %.1f s", exc, wait)
+                stop.wait(wait)
+                wait = min(wait * 2, backoff_s[1])
+
+    def _follow(
+        self, stop: threading.Event, block_ms: int, on_batch: Callable[[int], None] | None, reclaim_s: float
+    ) -> None:
+        reclaim_at = time.monotonic() + reclaim_s
+        while not stop.is_set():
+            n = self.poll(block_ms)
+            if time.monotonic() >= reclaim_at:
+                n += self.claim_dead()
+                reclaim_at = time.monotonic() + reclaim_s
+            if n:
+                self.trim()
+                if on_batch is not None:
+                    on_batch(n)
 
     def trim(self) -> int:
         """Delete acknowledged entries: everything below the oldest pending one (or the last delivered)."""

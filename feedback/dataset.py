@@ -47,7 +47,8 @@ class StoredEvent:
 
 
 class Dataset:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_ms: int = 10_000) -> None:
+        """`busy_ms`: how long a write waits for another writer's lock before SQLite refuses it."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None)  # transactions are explicit below
@@ -55,7 +56,7 @@ class Dataset:
         # FULL: a commit is on disk before the consumer acknowledges the stream (NORMAL could lose the
         # last commits on power loss, after Redis was told they were safe).
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:

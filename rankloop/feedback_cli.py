@@ -28,7 +28,7 @@ console = Console(stderr=True)
 def _consumer(settings: Settings) -> tuple[FeedbackConsumer, Dataset]:
     dataset = Dataset(settings.dataset_path)
     redis = Redis.from_url(settings.effective_redis_url)
-    name = settings.feedback_consumer or default_consumer_name()
+    name = settings.feedback_consumer or default_consumer_name(settings.dataset_path)
     consumer = FeedbackConsumer(
         redis, dataset, name, batch=settings.feedback_batch, claim_idle_ms=settings.feedback_claim_idle_ms
     )

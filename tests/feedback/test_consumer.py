@@ -1,15 +1,16 @@
 """The consumer against a real Redis server: every event into the dataset once, the stream trimmed safely."""
 
+import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from redis import Redis
 
 from deploy.redis_server import EmbeddedRedis
-from feedback.consumer import GROUP, FeedbackConsumer, split_autoclaim
+from feedback.consumer import GROUP, FeedbackConsumer, default_consumer_name, split_autoclaim
 from feedback.dataset import Dataset
 from feedback.status import stream_status
 from feedback.stream import STREAM_KEY
@@ -125,3 +126,85 @@ def test_run_follows_new_events_until_stopped(redis_server: EmbeddedRedis, tmp_p
     assert not thread.is_alive()
     with Dataset(path) as seen:
         assert seen.ids() == ids
+
+
+def until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def stored_ids(path: Path) -> list[str]:
+    with Dataset(path) as seen:
+        return seen.ids()
+
+
+def test_a_dataset_that_refuses_writes_stops_nothing_and_loses_nothing(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    Redis.from_url(redis_server.url).flushdb()
+    path = tmp_path / "locked.sqlite3"
+    Dataset(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another writer holds the dataset: every write the consumer tries fails
+    stop, consumers = threading.Event(), []
+
+    def follow() -> None:
+        with Dataset(path, busy_ms=100) as own:
+            consumer = FeedbackConsumer(Redis.from_url(redis_server.url), own, "patient")
+            consumers.append(consumer)
+            consumer.run(stop, 100, backoff_s=(0.2, 0.4))
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        ids = append_events(redis_server.url, 12)
+        assert until(lambda: bool(consumers) and consumers[0].refused >= 2)
+        assert thread.is_alive()
+        status = stream_status(Redis.from_url(redis_server.url))
+        assert status.pending >= 1 and status.pending + status.lag == 12  # read and refused, or not yet read
+        assert stored_ids(path) == []
+        holder.execute("ROLLBACK")
+        assert until(lambda: len(stored_ids(path)) == 12)
+        assert thread.is_alive()
+    finally:
+        holder.close()
+        stop.set()
+        thread.join(timeout=5)
+    assert stored_ids(path) == ids  # each once, in order
+    assert stream_status(Redis.from_url(redis_server.url)).pending == 0
+
+
+def test_a_running_consumer_claims_what_a_consumer_that_died_after_its_start_left(
+    redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    redis = Redis.from_url(redis_server.url)
+    redis.flushdb()
+    path = tmp_path / "heir.sqlite3"
+    ids = append_events(redis_server.url, 6)
+    FeedbackConsumer(redis, Dataset(tmp_path / "unused.sqlite3"), "dead").ensure_group()
+    redis.xreadgroup(GROUP, "dead", {STREAM_KEY: ">"}, count=6)  # read, then the consumer dies: never acknowledged
+    stop = threading.Event()
+
+    def follow() -> None:
+        with Dataset(path) as own:  # too young to claim at start (idle < 1 s): only the periodic look finds them
+            FeedbackConsumer(Redis.from_url(redis_server.url), own, "heir", claim_idle_ms=1000).run(
+                stop, 100, reclaim_s=0.3
+            )
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        assert until(lambda: len(stored_ids(path)) == 6)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert stored_ids(path) == ids
+    assert stream_status(redis).pending == 0
+
+
+def test_the_default_consumer_name_is_the_same_on_every_restart_of_one_dataset(tmp_path: Path) -> None:
+    here, there = tmp_path / "a" / "feedback.sqlite3", tmp_path / "b" / "feedback.sqlite3"
+    assert default_consumer_name(here) == default_consumer_name(tmp_path / "a" / ".." / "a" / "feedback.sqlite3")
+    assert default_consumer_name(here) != default_consumer_name(there)
