@@ -3,7 +3,7 @@
 Layout of the store root::
 
     v0001/            config.json, model.safetensors, tokenizer files, card.json
-    CURRENT           the version served by default (one line)
+    CURRENT           the version served by default, and the registry epoch that made it current (one line)
     REFERENCE         the SFT reference version (one line)
 
 A reader never sees a half-written version: a folder exists under its final name only once complete.
@@ -88,17 +88,42 @@ class ModelStore:
 
     def _pointer(self, name: str) -> str | None:
         file = self.root / name
-        return file.read_text().strip() if file.is_file() else None
+        words = file.read_text().split() if file.is_file() else []
+        return words[0] if words else None
 
     def current(self) -> str | None:
         return self._pointer("CURRENT")
 
+    def current_epoch(self) -> int:
+        """The registry epoch that made `current()` current; 0 where none did (an import, an older store)."""
+        file = self.root / "CURRENT"
+        words = file.read_text().split() if file.is_file() else []
+        return int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+
     def reference(self) -> str | None:
         return self._pointer("REFERENCE")
 
-    def set_current(self, version: str) -> None:
+    def set_current(self, version: str, epoch: int = 0) -> None:
+        """Make `version` the store's current, as of registry `epoch`. Changes that reach the store out of order (two
+        promotions at once) keep the newest: an epoch lower than the one written is ignored."""
         self.path(version)
-        write_text_atomic(self.root / "CURRENT", version + "\n")
+        with self._locked():
+            if epoch and epoch < self.current_epoch():
+                return
+            write_text_atomic(self.root / "CURRENT", f"{version} {epoch}\n" if epoch else version + "\n")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer of the pointers at a time, across processes."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def set_reference(self, version: str) -> None:
         self.path(version)

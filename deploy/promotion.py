@@ -8,12 +8,14 @@ engine: the files must be there, and every tensor must have the name and shape t
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from deploy.model_store import ModelStore, StoreError
 from deploy.registry import Registry, RegistryError
 
 REQUIRED = ("config.json", "tokenizer_config.json")
+log = logging.getLogger(__name__)
 
 
 def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -54,6 +56,8 @@ def check_folder(folder: Path, like: Path | None) -> None:
 
 def sync_store(registry: Registry, store: ModelStore) -> list[str]:
     """Register the store's versions the registry lacks; with no current version yet, make the store's current.
+    A registry behind the store (its epoch below the one the store's current was written with: a Redis restarted
+    empty or one that lost its last writes) takes the store's current back instead of starting over at v0001.
 
     Returns the versions newly registered.
     """
@@ -62,9 +66,18 @@ def sync_store(registry: Registry, store: ModelStore) -> list[str]:
         card = store.card(version)
         if registry.register(version, card.parent, card.made_by, card.created, card.details):
             added.append(version)
-    current, _ = registry.current()
-    if current is None and store.current() is not None:
-        registry.switch(str(store.current()), None, "init", "rankloop", "first start: the model store's current")
+    current, epoch = registry.current()
+    kept, kept_epoch = store.current(), store.current_epoch()
+    if kept is None:
+        return added
+    if current is None and kept_epoch == 0:
+        registry.switch(kept, None, "init", "rankloop", "first start: the model store's current")
+    elif epoch < kept_epoch or current is None:
+        restored = registry.restore(
+            kept, kept_epoch, "rankloop", f"the registry had lost {kept} (epoch {kept_epoch}); kept in the store"
+        )
+        if restored is not None:
+            log.warning("registry restored from the model store: %s at epoch %d", kept, restored)
     return added
 
 
@@ -92,7 +105,12 @@ def promote(
     except RegistryError as exc:
         registry.mark_failed(target, str(exc))
         raise
-    return registry.switch(target, expect, action, who, why)
+    epoch = registry.switch(target, expect, action, who, why)
+    try:
+        store.set_current(target, epoch)  # what a Redis that loses its data is restored from (`sync_store`)
+    except OSError as exc:
+        log.warning("%s is current, but the model store's CURRENT could not be written: %s", target, exc)
+    return epoch
 
 
 def rollback(registry: Registry, store: ModelStore, who: str, why: str, target: str | None = None) -> tuple[str, int]:

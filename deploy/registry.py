@@ -45,6 +45,24 @@ return {'ok', tostring(epoch), id}
 """
 
 
+# A registry behind the model store (a Redis restarted empty, or one that lost its last writes) takes the store's
+# current version back, at an epoch above both its own and the store's, so that no epoch ever goes backwards.
+# KEYS: current, epoch, events, target hash, prefix of version hashes. ARGV: version, store epoch, who, why, time.
+RESTORE_LUA = """
+local current = redis.call('GET', KEYS[1]) or ''
+local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
+if epoch >= tonumber(ARGV[2]) and current ~= '' then return {'current', current} end
+if redis.call('EXISTS', KEYS[4]) == 0 then return {'unknown', ''} end
+if current ~= '' and current ~= ARGV[1] then redis.call('HSET', KEYS[5] .. current, 'state', 'retired') end
+redis.call('HSET', KEYS[4], 'state', 'current')
+redis.call('SET', KEYS[1], ARGV[1])
+epoch = math.max(epoch, tonumber(ARGV[2])) + 1
+redis.call('SET', KEYS[2], epoch)
+local id = redis.call('XADD', KEYS[3], '*', 'epoch', epoch, 'action', 'restore', 'version', ARGV[1],
+  'previous', current, 'who', ARGV[3], 'why', ARGV[4], 'time', ARGV[5])
+return {'ok', tostring(epoch), id}
+"""
+
 # KEYS: the version hash, the ordered set. ARGV: version, score, then field/value pairs. Atomic: never half a version.
 REGISTER_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -98,6 +116,7 @@ class Registry:
         self.redis = redis
         self._switch = redis.register_script(SWITCH_LUA)
         self._register = redis.register_script(REGISTER_LUA)
+        self._restore = redis.register_script(RESTORE_LUA)
 
     def register(self, version: str, parent: str | None, made_by: str, created: float, card: dict[str, Any]) -> bool:
         """Add a version as `ready`; False (and no change) when it is already registered."""
@@ -152,6 +171,19 @@ class Registry:
         if status == "not_ready":
             raise RegistryError(f"version {target} is {detail}, not ready: it cannot be made current")
         return int(detail)
+
+    def restore(self, version: str, store_epoch: int, who: str, why: str) -> int | None:
+        """Make `version` current again at an epoch above the registry's and `store_epoch`, where the registry has
+        no current version or an epoch below `store_epoch` (it lost what the store kept); the new epoch, or None
+        where the registry was not behind."""
+        reply = self._restore(
+            keys=[CURRENT, EPOCH, EVENTS, version_key(version), version_key("")],
+            args=[version, store_epoch, who, why, time.time()],
+        )
+        status = as_text(reply[0])
+        if status == "unknown":
+            raise RegistryError(f"version {version} is not registered (see `rankloop versions`)")
+        return int(as_text(reply[1])) if status == "ok" else None
 
     def mark_failed(self, version: str, error: str) -> None:
         self.redis.hset(version_key(version), mapping={"state": "failed", "error": error[:ERROR_CHARS]})

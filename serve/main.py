@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from deploy.model_store import ModelStore, StoreError
 from deploy.promotion import sync_store
+from deploy.redis_server import persistence_warning
 from deploy.registry import Registry
 from deploy.settings import Settings
 from serve.app import create_app
@@ -63,7 +64,11 @@ def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int]:
     from redis.exceptions import RedisError
 
     try:
-        registry = Registry(SyncRedis.from_url(settings.effective_redis_url))
+        client = SyncRedis.from_url(settings.effective_redis_url)
+        warning = persistence_warning(client)
+        if warning is not None:
+            log.warning("%s", warning)
+        registry = Registry(client)
         sync_store(registry, store)
         current, epoch = registry.current()
         if current is not None:

@@ -137,3 +137,62 @@ def test_operator_commands(
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
     down = runner.invoke(app, ["versions"])
     assert down.exit_code == 1 and "is not reachable" in " ".join(down.output.split())
+
+
+def test_promote_and_rollback_keep_the_current_version_and_its_epoch_in_the_store(
+    registry: Registry, store: ModelStore
+) -> None:
+    sync_store(registry, store)
+    assert (store.current(), store.current_epoch()) == ("v0001", 0)  # as imported
+    promote(registry, store, "v0002", "ann", "evals")
+    assert (store.current(), store.current_epoch()) == ("v0002", 2)
+    rollback(registry, store, "bob", "complaints")
+    assert (store.current(), store.current_epoch()) == ("v0001", 3)
+    store.set_current("v0002", 2)  # a promotion that reaches the disk after a newer one: ignored
+    assert (store.current(), store.current_epoch()) == ("v0001", 3)
+
+
+def test_a_redis_restarted_empty_serves_the_promoted_version_again_not_v0001(
+    registry: Registry, store: ModelStore
+) -> None:
+    sync_store(registry, store)
+    promote(registry, store, "v0002", "ann", "evals")
+    registry.redis.flushdb()  # a Redis without persistence, restarted
+    sync_store(registry, store)
+    assert registry.current() == ("v0002", 3)  # above every epoch a server may have seen (2), never back to 1
+    assert registry.show("v0002").state == "current" and registry.show("v0001").state == "ready"
+    [event] = registry.events()
+    assert (event.action, event.version, event.epoch) == ("restore", "v0002", 3)
+    sync_store(registry, store)  # nothing behind any more: no second restore
+    assert registry.current() == ("v0002", 3) and len(registry.events()) == 1
+
+
+def test_a_registry_that_lost_its_last_writes_is_brought_forward(registry: Registry, store: ModelStore) -> None:
+    sync_store(registry, store)
+    promote(registry, store, "v0002", "ann", "evals")
+    # Redis came back from a snapshot taken before the promotion: v0001 current at epoch 1.
+    registry.redis.set("rankloop:registry:current", "v0001")
+    registry.redis.set("rankloop:registry:epoch", 1)
+    sync_store(registry, store)
+    assert registry.current() == ("v0002", 3)
+    assert registry.show("v0001").state == "retired"
+    assert registry.events()[-1].previous == "v0001"
+
+
+def test_a_redis_that_keeps_nothing_on_disk_is_named_at_start(tmp_path: Path) -> None:
+    from deploy.redis_server import persistence_warning
+    from tests.conftest import free_port
+
+    server = EmbeddedRedis(tmp_path / "redis", free_port())  # its own: the shared server's settings stay
+    server.start()
+    client = Redis.from_url(server.url)
+    try:
+        assert persistence_warning(client) is None  # as rankloop runs it: AOF on
+        client.config_set("appendonly", "no")
+        warning = persistence_warning(client)
+        assert warning is not None and "keeps nothing on disk" in warning and "appendonly yes" in warning
+        client.config_set("save", "3600 1")
+        assert "since its last RDB snapshot" in (persistence_warning(client) or "")
+    finally:
+        client.close()
+        server.kill()
