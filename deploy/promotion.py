@@ -81,6 +81,43 @@ def sync_store(registry: Registry, store: ModelStore) -> list[str]:
     return added
 
 
+def servable(registry: Registry, store: ModelStore) -> tuple[str | None, int, str | None]:
+    """(version, epoch, why not the current one) for a server that starts: the registry's current version, or, where
+    that one is failed or does not fit the reference's architecture (it is then marked failed), the newest version
+    that was current before it and is sound. Starting on a failed version would crash the engine, or serve
+    answers labelled with a version the engine is not running."""
+    current, epoch = registry.current()
+    if current is None:
+        return None, epoch, None
+    why = _unsound(registry, store, current)
+    if why is None:
+        return current, epoch, None
+    seen, candidate = {current}, registry.previous_of(current)
+    while candidate is not None and candidate not in seen and _unsound(registry, store, candidate) is not None:
+        seen.add(candidate)
+        candidate = registry.previous_of(candidate)
+    if candidate is None or candidate in seen:
+        candidate = store.reference()
+    return candidate, epoch, f"{current} is failed ({why}); serving {candidate}, the last sound version, instead"
+
+
+def _unsound(registry: Registry, store: ModelStore, version: str) -> str | None:
+    """Why `version` must not be served, or None."""
+    try:
+        info = registry.show(version)
+    except RegistryError as exc:
+        return str(exc)
+    if info.state == "failed":
+        return info.error or "marked failed"
+    try:
+        reference = store.reference()
+        check_folder(store.path(version), store.path(reference) if reference and reference != version else None)
+    except (RegistryError, StoreError) as exc:
+        registry.mark_failed(version, str(exc))
+        return str(exc)
+    return None
+
+
 def promote(
     registry: Registry,
     store: ModelStore,
@@ -97,7 +134,10 @@ def promote(
         raise RegistryError(f"{target} is already the current version")
     try:
         folder = store.path(target)
-        like = store.path(current) if current else None
+        # The architecture every version shares is the reference's: a current version that does not fit it (one
+        # that failed) must not make a good rollback target look wrong.
+        model = store.reference() or current
+        like = store.path(model) if model else None
     except StoreError as exc:
         raise RegistryError(str(exc)) from exc
     try:

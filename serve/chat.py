@@ -74,6 +74,7 @@ class ChatService:
     # -- validation ---------------------------------------------------------------------------------
     def prepare(self, request: ChatCompletionRequest) -> Prepared:
         """Check the request against the model and limits; raise ApiError naming the field at fault."""
+        self.served.check()  # before a stream starts: its status is still free to be 503
         if request.model not in (None, MODEL_NAME, self.policy_version):
             raise ApiError(
                 404,
@@ -280,6 +281,8 @@ class ChatService:
             if options is not None and options.include_usage:
                 lines.put_nowait(chunk([], self._usage(prepared, ordered)))
             lines.put_nowait("data: [DONE]\n\n")
+        except ApiError as exc:  # the server broke (a failed swap) while this request waited for it
+            lines.put_nowait(f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n")
         finally:
             lines.put_nowait(None)
 

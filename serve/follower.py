@@ -64,7 +64,7 @@ class RegistryFollower:
         """Swap to `current` if the registry's epoch is newer than the one served."""
         if current is None or epoch <= self.served.epoch:
             return
-        if current == self.served.version:
+        if current == self.served.version and self.served.broken is None:  # a broken server loads it again
             self.served.epoch = epoch  # e.g. a rollback to what this replica never left
             return
         await self.swap(current, epoch)
@@ -76,8 +76,14 @@ class RegistryFollower:
             # Reading the headers is file I/O: off the event loop, so answers keep flowing meanwhile.
             await asyncio.to_thread(check_folder, folder, self.store.path(self.served.version))
             checked = time.monotonic() - started
+            serving = self.store.path(self.served.version)
             times = await self.served.swap(
-                version, epoch, lambda: self.engine.load_weights(folder), checked, started_at
+                version,
+                epoch,
+                lambda: self.engine.load_weights(folder),
+                checked,
+                started_at,
+                restore=lambda: self.engine.load_weights(serving),  # a failed load may have left part of it
             )
         except Exception as exc:  # any failure: keep serving the old version, say so everywhere
             await self._failed(version, epoch, exc)

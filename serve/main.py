@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from deploy.model_store import ModelStore, StoreError
-from deploy.promotion import sync_store
+from deploy.promotion import servable, sync_store
 from deploy.redis_server import persistence_warning
 from deploy.registry import Registry
 from deploy.settings import Settings
@@ -56,10 +56,11 @@ def uvicorn_config(app: FastAPI, host: str, port: int, access_log: bool = False)
     )
 
 
-def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int]:
-    """(version, epoch) to start on: the setting's version when pinned, else the registry's current version."""
+def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int, str | None]:
+    """(version, epoch, why not the registry's current) to start on: the setting's version when pinned, else the
+    registry's current version, or the last sound one where that is failed (deploy.promotion.servable)."""
     if settings.policy_version is not None:
-        return settings.policy_version, 0
+        return settings.policy_version, 0, None
     from redis import Redis as SyncRedis
     from redis.exceptions import RedisError
 
@@ -70,15 +71,17 @@ def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int]:
             log.warning("%s", warning)
         registry = Registry(client)
         sync_store(registry, store)
-        current, epoch = registry.current()
-        if current is not None:
-            return current, epoch
+        version, epoch, why = servable(registry, store)
+        if why is not None:
+            log.warning("%s", why)
+        if version is not None:
+            return version, epoch, why
     except RedisError as exc:  # the follower catches up once Redis is back
         log.warning("registry unavailable (%s): starting on the model store's current version", exc)
     version = store.current()
     if version is None:
         raise StoreError(f"the model store {store.root} is empty: run `rankloop model import` first")
-    return version, 0
+    return version, 0, None
 
 
 async def _warm_up(engine: Engine) -> None:
@@ -94,11 +97,12 @@ async def _warm_up(engine: Engine) -> None:
 
 async def _serve(settings: Settings) -> None:
     store = ModelStore(settings.store_dir)
-    version, epoch = _starting_version(settings, store)
+    version, epoch, why = _starting_version(settings, store)
     engine = _build_engine(settings, version, store)
     await _warm_up(engine)
     redis = Redis.from_url(settings.effective_redis_url)
     served = ServedVersion(version, epoch, settings.swap_drain_timeout_s)
+    served.last_error = why  # /healthz shows why it is not the registry's current version
     app = create_app(settings, engine, redis, served)
     follower = None
     if settings.policy_version is None:

@@ -48,13 +48,14 @@ async def healthz(request: Request) -> JSONResponse:
         redis_ok = bool(await service.comparisons.redis.ping())
     except Exception:  # any failure to reach Redis is "down" for the operator
         redis_ok = False
+    engine_ok = engine_ok and service.served.broken is None  # running, but on weights no version names
     body: dict[str, Any] = {
         "status": "ok" if engine_ok and redis_ok else "degraded",
-        "engine": "ok" if engine_ok else "down",
+        "engine": "ok" if engine_ok else ("no weights" if service.served.broken else "down"),
         "redis": "ok" if redis_ok else "down",
         "policy_version": service.policy_version,
         "epoch": service.served.epoch,
-        "swap_error": service.served.last_error,
+        "swap_error": service.served.broken or service.served.last_error,
     }
     if service.served.last_swap is not None:
         body["last_swap"] = asdict(service.served.last_swap)

@@ -10,6 +10,10 @@ A generation holds the gate only while the engine writes it: answers are handed 
 (`drain_timeout_s`): generations still running then are aborted (their unfinished choices end with
 finish_reason "abort" and the comparison is not stored), so one very long answer cannot hold every new request
 waiting behind a promotion.
+
+A load that fails may leave the engine with part of the new weights: the old weights are loaded back (`restore`),
+and where that fails too the server is `broken`: it answers 503 (never an answer labelled with a version it is not
+running) and /healthz says so, until a later swap loads a version whole.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+
+from api.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,7 @@ class ServedVersion:
         self.last_error: str | None = None  # the last swap that failed, for /healthz
         self.last_swap: SwapTimes | None = None
         self.aborted = 0  # generations cut short by a drain deadline, since start
+        self.broken: str | None = None  # why no version can be named for the engine's weights (see the docstring)
         self._leases: set[Lease] = set()
         self._open = asyncio.Event()
         self._open.set()
@@ -64,11 +71,17 @@ class ServedVersion:
     def in_flight(self) -> int:
         return len(self._leases)
 
+    def check(self) -> None:
+        """Raise a 503 ApiError while the server is `broken`."""
+        if self.broken is not None:
+            raise ApiError(503, self.broken, code="no_weights", headers={"Retry-After": "30"})
+
     @asynccontextmanager
     async def use(self) -> AsyncIterator[Lease]:
         """Run one generation on the served version; waits while a swap is under way. The holder must stop
         generating soon after `lease.aborted` is set."""
         await self._open.wait()
+        self.check()
         lease = Lease(self.version)
         self._leases.add(lease)
         self._idle.clear()
@@ -102,19 +115,37 @@ class ServedVersion:
         load: Callable[[], Awaitable[None]],
         check_s: float = 0.0,
         started_at: float = 0.0,
+        restore: Callable[[], Awaitable[None]] | None = None,
     ) -> SwapTimes:
-        """Drain, `load()` the new weights, then serve `version`. If `load` raises, the old version stays served.
-        `check_s` and `started_at`: the caller's check of the folder before, kept with the swap's times."""
+        """Drain, `load()` the new weights, then serve `version`. If `load` raises, `restore()` loads the old
+        weights back and the old version stays served; if that raises too, the server is `broken`. `check_s` and
+        `started_at`: the caller's check of the folder before, kept with the swap's times."""
         async with self._lock:
             started = time.monotonic()
             self._open.clear()
             try:
                 await self._drain()
                 drained = time.monotonic()
-                await load()
-                self.version, self.epoch, self.last_error = version, epoch, None
+                try:
+                    await load()
+                except Exception as exc:
+                    await self._restore(version, exc, restore)
+                    raise
+                self.version, self.epoch, self.last_error, self.broken = version, epoch, None, None
             finally:
                 self._open.set()
             done = time.monotonic()
             self.last_swap = SwapTimes(drained - started, done - drained, done - started, check_s, started_at)
             return self.last_swap
+
+    async def _restore(self, version: str, failure: Exception, restore: Callable[[], Awaitable[None]] | None) -> None:
+        if restore is None:
+            return
+        try:
+            await restore()
+        except Exception as again:
+            self.broken = (
+                f"loading {version} failed ({failure}) and loading {self.version} back failed too ({again}): this "
+                "server serves nothing until a promotion or rollback loads a version whole, or it is restarted"
+            )
+            log.error("%s", self.broken)

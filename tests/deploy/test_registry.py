@@ -196,3 +196,28 @@ def test_a_redis_that_keeps_nothing_on_disk_is_named_at_start(tmp_path: Path) ->
     finally:
         client.close()
         server.kill()
+
+
+def test_a_rollback_from_a_version_that_does_not_fit_takes_a_sound_target(
+    registry: Registry, store: ModelStore
+) -> None:
+    sync_store(registry, store)
+    registry.switch("v0003", "v0001", "promote", "ann", "skipping the check")  # a version of another shape
+    # Checked against the reference's architecture, not the current one's: v0001 is not marked failed.
+    assert rollback(registry, store, "bob", "it does not load") == ("v0001", 3)
+    assert registry.show("v0001").state == "current"
+
+
+def test_a_server_starting_on_a_failed_version_takes_the_last_sound_one(registry: Registry, store: ModelStore) -> None:
+    from deploy.promotion import servable
+
+    sync_store(registry, store)
+    assert servable(registry, store) == ("v0001", 1, None)
+    promote(registry, store, "v0002", "ann", "evals")
+    registry.switch("v0003", "v0002", "promote", "ann", "skipping the check")
+    version, epoch, why = servable(registry, store)
+    assert (version, epoch) == ("v0002", 3)
+    assert why is not None and why.startswith("v0003 is failed") and "serving v0002" in why
+    assert registry.show("v0003").state == "failed"  # found unsound at start: marked so for everyone
+    registry.mark_failed("v0002", "it crashed the engine")
+    assert servable(registry, store)[0] == "v0001"  # the one before

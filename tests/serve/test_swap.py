@@ -187,3 +187,52 @@ async def test_two_replicas_follow_one_promotion(
     finally:
         await first.close()
         await second.close()
+
+
+def failing_load(replica: Replica, fails: set[str]) -> None:
+    """The engine's load fails for these folders after taking part of the weights (the engine then holds them)."""
+    load = replica.engine.load_weights
+
+    async def half_then_fail(folder: Path) -> None:
+        if folder.name in fails:
+            replica.engine.weights = f"half of {folder.name}"
+            raise RuntimeError(f"out of memory loading {folder.name}")
+        await load(folder)
+
+    replica.engine.load_weights = half_then_fail  # type: ignore[method-assign]
+
+
+async def test_a_load_that_fails_halfway_loads_the_old_weights_back(
+    replica: Replica, registry: Registry, store: ModelStore
+) -> None:
+    failing_load(replica, {"v0002"})
+    promote(registry, store, "v0002", "ann", "")
+    await until(lambda: replica.served.epoch == 2)
+    assert replica.served.version == "v0001" and replica.engine.weights == "v0001"  # loaded back, whole
+    response = await replica.http.post("/v1/chat/completions", json=ASK)
+    assert response.status_code == 200 and response.json()["policy_version"] == "v0001"
+    assert made_by(response.json()) == {"v0001"}
+    assert "out of memory loading v0002" in (await replica.http.get("/healthz")).json()["swap_error"]
+    assert registry.show("v0002").state == "failed"
+
+
+async def test_a_server_that_cannot_load_the_old_weights_back_answers_503_until_a_rollback_loads_them(
+    replica: Replica, registry: Registry, store: ModelStore
+) -> None:
+    sound_load = replica.engine.load_weights
+    failing_load(replica, {"v0002", "v0001"})
+    promote(registry, store, "v0002", "ann", "")
+    await until(lambda: replica.served.broken is not None)
+    response = await replica.http.post("/v1/chat/completions", json=ASK)
+    assert response.status_code == 503 and response.headers["retry-after"] == "30"
+    assert "serves nothing until a promotion or rollback" in response.json()["error"]["message"]
+    streamed = await replica.http.post("/v1/chat/completions", json={**ASK, "stream": True})
+    assert streamed.status_code == 503  # refused before the stream starts, never a 200 with no answer
+    health = await replica.http.get("/healthz")
+    assert health.status_code == 503 and health.json()["engine"] == "no weights"
+    replica.engine.load_weights = sound_load  # type: ignore[method-assign]  # the operator freed the memory
+    rollback(registry, store, "ann", "v0002 does not load")
+    await until(lambda: replica.served.broken is None)
+    assert replica.engine.weights == "v0001"
+    response = await replica.http.post("/v1/chat/completions", json=ASK)
+    assert response.status_code == 200 and made_by(response.json()) == {"v0001"}
