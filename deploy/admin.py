@@ -41,8 +41,8 @@ class RollbackBody(BaseModel):
 
 
 class Admin:
-    def __init__(self, redis_url: str, store: ModelStore, token: str) -> None:
-        self.registry = Registry(Redis.from_url(redis_url))
+    def __init__(self, redis: Redis, store: ModelStore, token: str) -> None:
+        self.registry = Registry(redis)
         self.store = store
         self.token = token
 

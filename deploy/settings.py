@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         description="Use this Redis server; unset: start the embedded one.",
     )
     redis_port: int = Field(6390, ge=1, le=65535, description="Port of the embedded Redis server.")
+    redis_timeout_s: float = Field(
+        5.0,
+        gt=0.0,
+        le=300.0,
+        description="A Redis command that has no answer this long fails (clients get a 503) instead of hanging: a "
+        "Redis that is stopped, overloaded or cut off by the network never holds a request, a swap or the learner.",
+    )
 
     # -- HTTP server ----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")

@@ -137,7 +137,8 @@ def _conflict(appended: Appended, key: str | None) -> ApiError:
 def _redis_down() -> ApiError:
     return ApiError(
         503,
-        "feedback could not be stored (Redis unavailable); nothing was recorded, retry shortly",
+        "feedback could not be confirmed as stored (Redis unavailable or not answering); retry shortly: the same "
+        "feedback sent again is recognised and never counted twice",
         code="redis_unavailable",
         headers={"Retry-After": REDIS_RETRY_AFTER_S},
     )

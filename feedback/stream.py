@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from deploy.redis_server import as_text
 
@@ -55,6 +55,9 @@ end
 return {id, 'new', ''}
 """
 MAX_IN_FLIGHT = 4
+# Appends waiting for a pipeline at most: beyond, Redis is not keeping up (or not answering) and a new append is
+# refused at once (a 503 to its client) instead of joining a queue that grows without end.
+MAX_WAITING = 10_000
 APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
 
 Outcome = Literal["new", "duplicate", "conflict", "missing", "out_of_range"]
@@ -67,6 +70,10 @@ class Appended:
     detail: str  # the claim key behind a duplicate or conflict; the candidate count behind out_of_range
 
 
+class Backlog(RedisError):
+    """MAX_WAITING appends already wait for Redis."""
+
+
 @dataclass
 class _Call:
     keys: list[str]
@@ -75,9 +82,10 @@ class _Call:
 
 
 class FeedbackStream:
-    def __init__(self, redis: Redis, stream_key: str = STREAM_KEY) -> None:
+    def __init__(self, redis: Redis, stream_key: str = STREAM_KEY, max_waiting: int = MAX_WAITING) -> None:
         self.redis = redis
         self.stream_key = stream_key
+        self.max_waiting = max_waiting
         self._waiting: list[_Call] = []
         self._senders: set[asyncio.Task[None]] = set()
 
@@ -100,6 +108,8 @@ class FeedbackStream:
         With `embed` (a comparison key), `data` is the head of a JSON object: the comparison is added as its last
         value, after checking that it exists and has more than `max_index` candidates.
         """
+        if len(self._waiting) >= self.max_waiting:
+            raise Backlog(f"{len(self._waiting)} feedback events already wait for Redis")
         keys = [self.stream_key, *claims, *([embed] if embed else [])]
         call = _Call(keys, [ttl_s, fingerprint, kind, data, len(claims), max_index])
         self._waiting.append(call)

@@ -477,9 +477,10 @@ def register(settings: Settings, card: Card) -> bool:
     registers the store's versions then)."""
     import redis
 
+    from deploy.redis_clients import sync_redis
     from deploy.registry import Registry
 
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2)
+    client = sync_redis(settings)
     try:
         Registry(client).register(card.version, card.parent, card.made_by, card.created, card.details)
         return True

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from redis import Redis
 from rich.console import Console
 
+from deploy.redis_clients import sync_redis
 from deploy.settings import Settings
 from feedback.consumer import FeedbackConsumer, default_consumer_name
 from feedback.dataset import Dataset
@@ -27,7 +27,7 @@ console = Console(stderr=True)
 
 def _consumer(settings: Settings) -> tuple[FeedbackConsumer, Dataset]:
     dataset = Dataset(settings.dataset_path)
-    redis = Redis.from_url(settings.effective_redis_url)
+    redis = sync_redis(settings)
     name = settings.feedback_consumer or default_consumer_name(settings.dataset_path)
     consumer = FeedbackConsumer(
         redis, dataset, name, batch=settings.feedback_batch, claim_idle_ms=settings.feedback_claim_idle_ms
@@ -57,7 +57,7 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON o
     """Counts in the dataset by kind, and the stream's length, pending entries and lag."""
     settings = settings_or_exit()
     dataset = Dataset(settings.dataset_path)
-    stream = stream_status(Redis.from_url(settings.effective_redis_url))
+    stream = stream_status(sync_redis(settings))
     counts, rejected = {"ranking": 0, "demonstration": 0, **dataset.counts()}, len(dataset.rejected())
     figures = {"dataset": counts, "rejected": rejected, "stream": asdict(stream)}
     if as_json:

@@ -50,8 +50,7 @@ def daemon(context: typer.Context) -> None:
     import signal
     import threading
 
-    import redis
-
+    from deploy.redis_clients import sync_redis
     from learn.daemon import Learner
     from learn.metrics import serve_metrics
 
@@ -74,7 +73,7 @@ def daemon(context: typer.Context) -> None:
 
     signal.signal(signal.SIGTERM, leave)
     signal.signal(signal.SIGINT, leave)
-    client = redis.Redis.from_url(settings.effective_redis_url)
+    client = sync_redis(settings)
     console.print(
         f"learner: a round every {settings.learn_min_rankings} new rankings on {device}"
         f"{' (bf16 products)' if bf16 else ''}; auto-promote {'on' if settings.learn_auto_promote else 'off'}"
@@ -313,15 +312,16 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     import json
     import time
 
-    import redis
+    from redis.exceptions import RedisError
 
+    from deploy.redis_clients import sync_redis
     from learn.daemon import read_status
 
     settings = settings_or_exit()
-    client = redis.Redis.from_url(settings.effective_redis_url, socket_connect_timeout=2)
+    client = sync_redis(settings)
     try:
         found = read_status(client)
-    except redis.RedisError as exc:
+    except RedisError as exc:
         raise fail(f"Redis at {settings.shown_redis_url} unreachable: {exc}") from exc
     if found is None:
         raise fail("no learner has reported yet (start one with `rankloop learn` or `rankloop up`)")

@@ -8,7 +8,6 @@ import time
 from typing import Annotated
 
 import typer
-from redis import Redis
 from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
@@ -17,6 +16,7 @@ from deploy.model_store import ModelStore
 from deploy.promotion import promote as promote_version
 from deploy.promotion import rollback as rollback_version
 from deploy.promotion import sync_store
+from deploy.redis_clients import sync_redis
 from deploy.registry import Registry, RegistryError
 from rankloop.console import fail, settings_or_exit
 
@@ -26,7 +26,7 @@ console = Console()
 
 def _open() -> tuple[Registry, ModelStore]:
     settings = settings_or_exit()
-    registry = Registry(Redis.from_url(settings.effective_redis_url))
+    registry = Registry(sync_redis(settings))
     store = ModelStore(settings.store_dir)
     try:
         sync_store(registry, store)  # versions written by the learner or imported appear here

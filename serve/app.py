@@ -14,6 +14,7 @@ from api.metrics import RequestCounter, ServeMetrics
 from deploy.admin import Admin
 from deploy.admin import router as admin_router
 from deploy.model_store import ModelStore
+from deploy.redis_clients import sync_redis
 from deploy.settings import Settings
 from feedback.comparisons import ComparisonStore
 from feedback.routes import fast_routes
@@ -46,7 +47,7 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     app.state.admin = None
     if settings.admin_token is not None and settings.admin_token.get_secret_value():
         store = ModelStore(settings.store_dir)
-        app.state.admin = Admin(settings.effective_redis_url, store, settings.admin_token.get_secret_value())
+        app.state.admin = Admin(sync_redis(settings), store, settings.admin_token.get_secret_value())
     else:
         log.warning("admin API disabled: no RANKLOOP_ADMIN_TOKEN configured (there is no default token)")
     app.router.routes[0:0] = fast_routes

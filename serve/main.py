@@ -10,10 +10,10 @@ import time
 import uvicorn
 import uvloop
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from deploy.model_store import ModelStore, StoreError
 from deploy.promotion import servable, sync_store
+from deploy.redis_clients import async_redis, sync_redis
 from deploy.redis_server import persistence_warning
 from deploy.registry import Registry
 from deploy.settings import Settings
@@ -61,11 +61,10 @@ def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int, 
     registry's current version, or the last sound one where that is failed (deploy.promotion.servable)."""
     if settings.policy_version is not None:
         return settings.policy_version, 0, None
-    from redis import Redis as SyncRedis
     from redis.exceptions import RedisError
 
     try:
-        client = SyncRedis.from_url(settings.effective_redis_url)
+        client = sync_redis(settings)
         warning = persistence_warning(client)
         if warning is not None:
             log.warning("%s", warning)
@@ -100,7 +99,7 @@ async def _serve(settings: Settings) -> None:
     version, epoch, why = _starting_version(settings, store)
     engine = _build_engine(settings, version, store)
     await _warm_up(engine)
-    redis = Redis.from_url(settings.effective_redis_url)
+    redis = async_redis(settings)
     served = ServedVersion(version, epoch, settings.swap_drain_timeout_s)
     served.last_error = why  # /healthz shows why it is not the registry's current version
     app = create_app(settings, engine, redis, served)

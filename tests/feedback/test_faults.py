@@ -4,6 +4,7 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -75,3 +76,51 @@ async def _append_again(url: str, i: int):  # type: ignore[no-untyped-def]
         return await stream.append("demonstration", "{}", f"fp{i}", [stream.claim_key("t", str(i))], 600)
     finally:
         await client.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_redis_that_stops_answering_fails_requests_in_time_and_counts_nothing_twice(
+    tmp_path: Path, tokenizer: Any
+) -> None:
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from deploy.redis_clients import async_redis
+    from deploy.settings import load_settings
+    from serve.app import create_app
+    from serve.fake_engine import FakeEngine
+    from serve.swap import ServedVersion
+
+    server = EmbeddedRedis(tmp_path / "redis", free_port())
+    server.start()
+    settings = load_settings(redis_url=server.url, redis_timeout_s=0.5, data_dir=tmp_path)
+    redis = async_redis(settings)
+    app = create_app(settings, FakeEngine(tokenizer), redis, ServedVersion("v0001"))
+    ask = {"messages": [{"role": "user", "content": "name a colour"}], "max_tokens": 8, "n": 2}
+    assert server.process is not None
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            served = (await client.post("/v1/chat/completions", json=ask)).json()
+            ranking = {"comparison_id": served["id"], "ranking": [1, 0], "user": "ann"}
+            os.kill(server.process.pid, signal.SIGSTOP)  # alive, connected, and answering nothing
+            try:
+                for path, body in (("/v1/chat/completions", ask), ("/v1/feedback", ranking)):
+                    started = time.monotonic()
+                    response = await client.post(path, json=body)
+                    took = time.monotonic() - started
+                    assert response.status_code == 503 and took < 3.0, (path, response.status_code, took)
+                    assert response.headers["retry-after"]
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            # The timed-out append may have run once Redis woke: the client's retry is recognised either way.
+            again = await client.post("/v1/feedback", json=ranking)
+            assert again.status_code in (200, 201), again.text  # 200: a duplicate of the append that ran late
+            assert again.json()["duplicate"] == (again.status_code == 200)
+            events = await redis.xrange(STREAM_KEY)
+            assert [e[1][b"kind"] for e in events] == [b"ranking"]  # one ranking, not two
+    finally:
+        await redis.aclose()
+        server.kill()
