@@ -24,7 +24,13 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+}
 
 
 def error_response(

@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from redis import Redis
 
+from api.cross_site import check_json_from_own_origin
 from api.errors import ApiError
 from deploy.model_store import ModelStore
 from deploy.promotion import promote, rollback, sync_store
@@ -77,6 +78,13 @@ async def _call(admin: Admin, fn: Any, *args: Any) -> Any:
 
 
 AdminDep = Annotated[Admin, Depends(_admin)]
+
+
+def _json_from_own_origin(request: Request) -> None:
+    check_json_from_own_origin(request, request.app.state.allowed_origins)
+
+
+Changes = [Depends(_json_from_own_origin)]  # on the routes that change the registry
 router = APIRouter(prefix="/admin")
 
 
@@ -94,14 +102,14 @@ async def show(version: str, admin: AdminDep) -> dict[str, Any]:
     return asdict(info)
 
 
-@router.post("/promote")
+@router.post("/promote", dependencies=Changes)
 async def promote_route(body: PromoteBody, admin: AdminDep) -> dict[str, Any]:
     await _call(admin, sync_store, admin.registry, admin.store)
     epoch = await _call(admin, promote, admin.registry, admin.store, body.version, body.who, body.reason, body.expected)
     return {"current": body.version, "epoch": epoch}
 
 
-@router.post("/rollback")
+@router.post("/rollback", dependencies=Changes)
 async def rollback_route(body: RollbackBody, admin: AdminDep) -> dict[str, Any]:
     version, epoch = await _call(admin, rollback, admin.registry, admin.store, body.who, body.reason, body.version)
     return {"current": version, "epoch": epoch}

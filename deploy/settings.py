@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP server.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
+    allowed_origins: list[str] = Field(
+        [],
+        description="Origins (scheme://host:port) of web pages besides this server's own that may send rankings, "
+        "demonstrations and admin changes from a browser, as a JSON list; every other origin gets a 403.",
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the admin API (/admin/); unset: the admin API is disabled."
     )

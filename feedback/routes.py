@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.routing import Route
 
+from api.cross_site import check_json_from_own_origin
 from feedback.models import Accepted, DemonstrationRequest, FeedbackRequest
 from feedback.service import FeedbackService
 
@@ -48,12 +49,18 @@ def _reply(accepted: Accepted) -> Response:
     )
 
 
+def _allowed(request: Request) -> None:
+    check_json_from_own_origin(request, request.app.state.allowed_origins)
+
+
 async def feedback(request: Request) -> Response:
+    _allowed(request)
     body = await _parse(FeedbackRequest, request)
     return _reply(await _service(request).rank(body))
 
 
 async def demonstrations(request: Request) -> Response:
+    _allowed(request)
     body = await _parse(DemonstrationRequest, request)
     return _reply(await _service(request).demonstrate(body))
 

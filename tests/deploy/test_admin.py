@@ -1,5 +1,6 @@
 """The admin HTTP API: bearer token (401 without, 403 wrong), list, promote, conflicts, rollback, events."""
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,28 @@ async def test_without_a_token_the_admin_api_is_off(
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
         response = await http.get("/admin/versions", headers=AUTH)
     assert response.status_code == 404 and "set RANKLOOP_ADMIN_TOKEN" in response.json()["error"]["message"]
+
+
+async def test_registry_changes_from_another_sites_page_are_refused(
+    tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any
+) -> None:
+    store = tiny_versions_store(tmp_path)
+    settings = load_settings(
+        redis_url=redis_server.url,
+        data_dir=store.root.parent,
+        admin_token=TOKEN,
+        allowed_origins=["https://console.example"],
+    )
+    app = create_app(settings, FakeEngine(tokenizer, 256), redis, "v0001")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as admin:
+        await admin.get("/admin/versions", headers=AUTH)
+        promote = {"version": "v0002", "reason": "evals"}
+        elsewhere = await admin.post("/admin/promote", headers={**AUTH, "origin": "http://evil.example"}, json=promote)
+        assert elsewhere.status_code == 403 and elsewhere.json()["error"]["code"] == "cross_site"
+        plain = await admin.post(
+            "/admin/rollback", headers={**AUTH, "content-type": "text/plain"}, content=json.dumps({"reason": "x"})
+        )
+        assert plain.status_code == 415
+        assert (await admin.get("/admin/versions", headers=AUTH)).json()["epoch"] == 1  # nothing changed
+        listed = await admin.post("/admin/promote", headers={**AUTH, "origin": "https://console.example"}, json=promote)
+        assert listed.json() == {"current": "v0002", "epoch": 2}  # an origin the operator allows

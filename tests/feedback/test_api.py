@@ -196,3 +196,22 @@ async def test_the_api_schema_documents_the_feedback_bodies(client: httpx.AsyncC
     body = paths["/v1/feedback"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"comparison_id", "ranking", "user", "idempotency_key"}
     assert "/v1/demonstrations" in paths
+
+
+async def test_feedback_not_sent_as_json_or_from_another_sites_page_is_refused_and_not_recorded(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    served = await comparison(client)
+    ranking = {"comparison_id": served["id"], "ranking": [0, 1, 2, 3], "user": "ann"}
+    # What a page elsewhere can make a browser send without asking the server first: a text/plain POST.
+    plain = await client.post("/v1/feedback", content=json.dumps(ranking), headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and "Content-Type: application/json" in plain.json()["error"]["message"]
+    form = await client.post("/v1/demonstrations", data={"answer": "x"})
+    assert form.status_code == 415
+    elsewhere = await client.post("/v1/feedback", json=ranking, headers={"origin": "http://evil.example"})
+    assert elsewhere.status_code == 403 and elsewhere.json()["error"]["code"] == "cross_site"
+    assert "http://evil.example" in elsewhere.json()["error"]["message"]
+    assert await stream_events(redis) == []  # nothing of the refused three was recorded
+    own_page = await client.post("/v1/feedback", json=ranking, headers={"origin": "http://test"})
+    assert own_page.status_code == 201
+    assert [e["kind"] for e in await stream_events(redis)] == ["ranking"]
