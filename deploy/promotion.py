@@ -145,7 +145,7 @@ def promote(
     except RegistryError as exc:
         registry.mark_failed(target, str(exc))
         raise
-    epoch = registry.switch(target, expect, action, who, why)
+    epoch = registry.switch(target, expect, action, who, why, above_epoch=store.current_epoch())
     try:
         store.set_current(target, epoch)  # what a Redis that loses its data is restored from (`sync_store`)
     except OSError as exc:

@@ -28,7 +28,8 @@ VERSIONS, CURRENT, EPOCH, EVENTS = (PREFIX + name for name in ("versions", "curr
 STATES = ("ready", "current", "retired", "failed")
 
 # KEYS: current, epoch, events, target hash, prefix of version hashes (as KEYS[5], used to name the old one).
-# ARGV: expected current ('' for none), target version, action, who, why, time.
+# ARGV: expected current ('' for none), target version, action, who, why, time, the lowest epoch allowed minus one
+# (the model store's: a registry behind it must not hand out an epoch servers have already seen).
 SWITCH_LUA = """
 local current = redis.call('GET', KEYS[1]) or ''
 if current ~= ARGV[1] then return {'conflict', current} end
@@ -39,6 +40,10 @@ if current ~= '' then redis.call('HSET', KEYS[5] .. current, 'state', 'retired')
 redis.call('HSET', KEYS[4], 'state', 'current')
 redis.call('SET', KEYS[1], ARGV[2])
 local epoch = redis.call('INCR', KEYS[2])
+if epoch <= tonumber(ARGV[7]) then
+  epoch = tonumber(ARGV[7]) + 1
+  redis.call('SET', KEYS[2], epoch)
+end
 local id = redis.call('XADD', KEYS[3], '*', 'epoch', epoch, 'action', ARGV[3], 'version', ARGV[2],
   'previous', current, 'who', ARGV[4], 'why', ARGV[5], 'time', ARGV[6])
 return {'ok', tostring(epoch), id}
@@ -154,11 +159,12 @@ class Registry:
         current, epoch = self.redis.mget(CURRENT, EPOCH)
         return (as_text(current) if current else None), int(epoch or 0)
 
-    def switch(self, target: str, expected: str | None, action: str, who: str, why: str) -> int:
-        """Make `target` current if `expected` still is; return the new epoch. Raises Conflict or RegistryError."""
+    def switch(self, target: str, expected: str | None, action: str, who: str, why: str, above_epoch: int = 0) -> int:
+        """Make `target` current if `expected` still is; return the new epoch, above `above_epoch` too. Raises
+        Conflict or RegistryError."""
         reply = self._switch(
             keys=[CURRENT, EPOCH, EVENTS, version_key(target), version_key("")],
-            args=[expected or "", target, action, who, why, time.time()],
+            args=[expected or "", target, action, who, why, time.time(), above_epoch],
         )
         status, detail = as_text(reply[0]), as_text(reply[1])
         if status == "conflict":

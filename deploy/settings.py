@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     redis_port: int = Field(6390, ge=1, le=65535, description="Port of the embedded Redis server.")
     redis_timeout_s: float = Field(
         5.0,
-        gt=0.0,
+        ge=2.0,  # the blocking reads (the follower's, the consumer's) block for 1 s
         le=300.0,
         description="A Redis command that has no answer this long fails (clients get a 503) instead of hanging: a "
         "Redis that is stopped, overloaded or cut off by the network never holds a request, a swap or the learner.",
@@ -144,10 +144,10 @@ class Settings(BaseSettings):
     learn_rm_train_layers: int = Field(
         2, ge=0, description="Upper layers the reward model trains (their weights and its head); 0: all."
     )
-    learn_rm_readout: Literal["mean", "last"] = Field(
-        "mean",
-        description="How a new reward model reads its score: `mean`, of every token's; `last`, the last token's "
-        "(InstructGPT's). The mean learns word-level preferences from far fewer rankings (BENCHMARKS.md).",
+    learn_rm_readout: Literal["last", "mean"] = Field(
+        "last",
+        description="How a new reward model reads its score: `last`, the last token's (InstructGPT's); `mean`, of "
+        "every token's, which predicts held-out rankings better but lets PPO buy reward with length (BENCHMARKS.md).",
     )
     learn_rollouts: Literal["served", "sampled"] = Field(
         "served",

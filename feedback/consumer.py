@@ -154,6 +154,11 @@ class FeedbackConsumer:
                 # Whatever was read and not acknowledged stays pending and is recovered on reconnection.
                 log.warning("Redis unavailable (%s); retrying in %.0f s", exc, RECONNECT_S)
                 stop.wait(RECONNECT_S)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis restarted empty (or the stream was deleted): make the group again and go on.
+                log.warning("the consumer group is gone (%s); creating it again", exc)
             except sqlite3.Error as exc:
                 # Not acknowledged, so still pending: recovered (step 1) once the dataset takes writes again.
                 self.refused += 1

@@ -159,7 +159,7 @@ def events_or_none(url: str) -> list[Event]:
 
     from deploy.registry import Registry
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
     try:
         return Registry(client).events(count=10_000)
     except redis.RedisError:

@@ -1,5 +1,5 @@
 """The reward model: the policy's backbone with a scalar head, scoring prompt + answer from its tokens' final states:
-their mean (the default) or the last real token's (`learn.rl_math.sequence_scores`). The readout is saved in the
+the last real token's (the default) or their mean (`learn.rl_math.sequence_scores`). The readout is saved in the
 model's config.json (`score_readout`), so whoever loads a reward model reads its scores the way it was trained.
 
 Training takes whole prompts per batch: each of a prompt's K answers goes through the model once per step and all

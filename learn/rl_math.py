@@ -85,9 +85,10 @@ def sequence_scores(per_token: Tensor, mask: Tensor, readout: str) -> Tensor:
     answer, padding on either side.
 
     `last`: the score at the last real token (InstructGPT's readout). `mean`: the mean over every real token. The
-    mean learns word-level preferences (a word said once, a tone kept all along) from far fewer rankings, because
-    every token's state carries gradient instead of one; and since a prompt's tokens are the same in its K answers,
-    the share they take of the mean also tells the answers' lengths apart (BENCHMARKS.md, reward-model curves).
+    mean predicts held-out rankings better from the same rankings, because every token's state carries gradient
+    instead of one. But a prompt's tokens are the same in its K answers, so the share they take of the mean falls
+    as the answer grows: the mean carries the answer's length, which PPO can then buy reward with (BENCHMARKS.md,
+    the reward-model curves and the keyword:however run).
     """
     if readout == "last":
         positions = torch.arange(mask.shape[1], device=mask.device)

@@ -69,7 +69,7 @@ def group_from_event(event_id: str, event: RankingEvent, max_len: int) -> Ranked
 
 
 def _fit(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> list[int]:
-    # Keep the answer whole and cut the prompt from the left: the score is read at the answer's last token.
+    # Keep the answer whole and cut the prompt from the left: the answer is what the score is about.
     ids = list(prompt_ids) + list(answer_ids)
     return ids[-max_len:]
 

@@ -58,7 +58,7 @@ class RMOptions:
     bf16: bool = False  # bf16 matrix products (learn.precision)
     device: str = "cpu"  # where the round computes (learn.device)
     train_layers: int = 0  # upper layers trained (and the head); 0: all
-    readout: str = "mean"  # how the model reads its score (learn.rl_math.sequence_scores)
+    readout: str = "last"  # how the model reads its score (learn.rl_math.sequence_scores)
     max_train: int | None = None  # train on the newest this many new ranked prompts at most; None: all
     seed: int = 0  # the new head's initialisation and the order of the batches
 

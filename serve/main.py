@@ -80,7 +80,8 @@ def _starting_version(settings: Settings, store: ModelStore) -> tuple[str, int, 
     version = store.current()
     if version is None:
         raise StoreError(f"the model store {store.root} is empty: run `rankloop model import` first")
-    return version, 0, None
+    # The store's epoch, not 0: a Redis that comes back from an older snapshot must not swap this server back.
+    return version, store.current_epoch(), None
 
 
 async def _warm_up(engine: Engine) -> None:

@@ -143,6 +143,7 @@ class ServedVersion:
             return
         try:
             await restore()
+            self.broken = None  # the old weights are whole again, whatever an earlier failure left
         except Exception as again:
             self.broken = (
                 f"loading {version} failed ({failure}) and loading {self.version} back failed too ({again}): this "

@@ -221,3 +221,14 @@ def test_a_server_starting_on_a_failed_version_takes_the_last_sound_one(registry
     assert registry.show("v0003").state == "failed"  # found unsound at start: marked so for everyone
     registry.mark_failed("v0002", "it crashed the engine")
     assert servable(registry, store)[0] == "v0001"  # the one before
+
+
+def test_a_change_on_a_registry_behind_the_store_gets_an_epoch_above_the_stores(
+    registry: Registry, store: ModelStore
+) -> None:
+    sync_store(registry, store)
+    promote(registry, store, "v0002", "ann", "evals")  # epoch 2, in the store too
+    registry.redis.set("rankloop:registry:epoch", 0)  # Redis back from a snapshot with an older counter
+    # Servers have seen epoch 2: the rollback must not be epoch 1, which they would skip, nor be lost in the store.
+    assert rollback(registry, store, "bob", "complaints") == ("v0001", 3)
+    assert (store.current(), store.current_epoch()) == ("v0001", 3)

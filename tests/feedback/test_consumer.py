@@ -208,3 +208,28 @@ def test_the_default_consumer_name_is_the_same_on_every_restart_of_one_dataset(t
     here, there = tmp_path / "a" / "feedback.sqlite3", tmp_path / "b" / "feedback.sqlite3"
     assert default_consumer_name(here) == default_consumer_name(tmp_path / "a" / ".." / "a" / "feedback.sqlite3")
     assert default_consumer_name(here) != default_consumer_name(there)
+
+
+def test_a_running_consumer_goes_on_after_redis_lost_its_group(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    redis = Redis.from_url(redis_server.url)
+    redis.flushdb()
+    path = tmp_path / "again.sqlite3"
+    stop = threading.Event()
+
+    def follow() -> None:
+        with Dataset(path) as own:
+            FeedbackConsumer(Redis.from_url(redis_server.url), own, "steady").run(stop, 100)
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        first = append_events(redis_server.url, 3)
+        assert until(lambda: len(stored_ids(path)) == 3)
+        redis.flushdb()  # as a Redis without persistence, restarted: the stream and the group are gone
+        later = append_events(redis_server.url, 4, start=3)
+        assert until(lambda: len(stored_ids(path)) == 7)
+        assert thread.is_alive()
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert stored_ids(path) == first + later

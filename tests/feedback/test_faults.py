@@ -96,7 +96,7 @@ async def test_a_redis_that_stops_answering_fails_requests_in_time_and_counts_no
 
     server = EmbeddedRedis(tmp_path / "redis", free_port())
     server.start()
-    settings = load_settings(redis_url=server.url, redis_timeout_s=0.5, data_dir=tmp_path)
+    settings = load_settings(redis_url=server.url, redis_timeout_s=2.0, data_dir=tmp_path)
     redis = async_redis(settings)
     app = create_app(settings, FakeEngine(tokenizer), redis, ServedVersion("v0001"))
     ask = {"messages": [{"role": "user", "content": "name a colour"}], "max_tokens": 8, "n": 2}
@@ -111,7 +111,7 @@ async def test_a_redis_that_stops_answering_fails_requests_in_time_and_counts_no
                     started = time.monotonic()
                     response = await client.post(path, json=body)
                     took = time.monotonic() - started
-                    assert response.status_code == 503 and took < 3.0, (path, response.status_code, took)
+                    assert response.status_code == 503 and took < 5.0, (path, response.status_code, took)
                     assert response.headers["retry-after"]
             finally:
                 os.kill(server.process.pid, signal.SIGCONT)
