@@ -78,6 +78,7 @@ def sync_store(registry: Registry, store: ModelStore) -> list[str]:
         )
         if restored is not None:
             log.warning("registry restored from the model store: %s at epoch %d", kept, restored)
+            store.set_current(kept, restored)  # the store keeps the newest epoch, as after a promotion
     return added
 
 

@@ -163,6 +163,7 @@ def test_a_redis_restarted_empty_serves_the_promoted_version_again_not_v0001(
     assert registry.show("v0002").state == "current" and registry.show("v0001").state == "ready"
     [event] = registry.events()
     assert (event.action, event.version, event.epoch) == ("restore", "v0002", 3)
+    assert store.current_epoch() == 3
     sync_store(registry, store)  # nothing behind any more: no second restore
     assert registry.current() == ("v0002", 3) and len(registry.events()) == 1
 
