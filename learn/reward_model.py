@@ -123,6 +123,8 @@ def _scores(
 
 def read(model: Any, hidden: Tensor, mask: Tensor) -> Tensor:
     """(N,) raw scores from final hidden states (N, L, H) and their mask, padding on either side."""
+    # Padding's states zeroed before the head: one NaN there (a fully masked row) would reach the head's gradient.
+    hidden = hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
     per_token = _parts(model)[1](hidden).squeeze(-1).float()
     return sequence_scores(per_token, mask, readout_of(model))
 

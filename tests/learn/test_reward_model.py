@@ -17,6 +17,7 @@ from learn.reward_model import (
     RewardScorer,
     group_loss,
     load_reward_model,
+    read,
     readout_of,
     reference_offset,
     save_reward_model,
@@ -173,7 +174,8 @@ def test_a_mean_readout_is_kept_with_the_model_and_read_the_same_from_a_packed_b
         per_token = [model.score(model.model(torch.tensor([s])).last_hidden_state)[0, :, 0] for s in whole]
     by_hand = torch.stack([p.mean() for p in per_token]) - 0.5
     assert torch.allclose(scorer.sequences(whole), by_hand, atol=1e-5)
-    assert torch.allclose(scorer(rollouts, pack(rollouts, pad), None), by_hand, atol=1e-5)
+    for side in ("right", "left"):
+        assert torch.allclose(scorer(rollouts, pack(rollouts, pad, side), None), by_hand, atol=1e-5), side
     last = torch.stack([p[-1] for p in per_token]) - 0.5
     assert not torch.allclose(by_hand, last, atol=1e-3)  # the two readouts give different numbers here
     with pytest.raises(ValueError, match="unknown reward-model readout"):
@@ -207,3 +209,16 @@ def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     assert again.exit_code == 0, again.output
     second = rewards.card("r0002")
     assert (second.parent, second.details["prompts"], second.details["last_event_id"]) == ("r0001", 15, "1044-0")
+
+
+@pytest.mark.parametrize("readout", ["last", "mean"])
+def test_a_nan_in_the_padding_reaches_neither_the_scores_nor_the_heads_gradient(
+    tiny_store: ModelStore, readout: str
+) -> None:
+    model, _ = load_reward_model(tiny_store.path("v0001"), dtype=torch.float32, readout=readout)
+    hidden = torch.randn(2, 3, model.config.hidden_size)
+    hidden[0, 0] = float("nan")  # left padding of row 0, as a fully masked position may hold
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    scores = read(model, hidden, mask)
+    scores.sum().backward()
+    assert torch.isfinite(scores).all() and torch.isfinite(model.score.weight.grad).all()
