@@ -86,9 +86,12 @@ class ModelStore:
         number = int(existing[-1][len(self.prefix) :]) + 1 if existing else 1
         return f"{self.prefix}{number:04d}"
 
-    def _pointer(self, name: str) -> str | None:
+    def _words(self, name: str) -> list[str]:
         file = self.root / name
-        words = file.read_text().split() if file.is_file() else []
+        return file.read_text().split() if file.is_file() else []
+
+    def _pointer(self, name: str) -> str | None:
+        words = self._words(name)
         return words[0] if words else None
 
     def current(self) -> str | None:
@@ -96,8 +99,7 @@ class ModelStore:
 
     def current_epoch(self) -> int:
         """The registry epoch that made `current()` current; 0 where none did (an import, an older store)."""
-        file = self.root / "CURRENT"
-        words = file.read_text().split() if file.is_file() else []
+        words = self._words("CURRENT")
         return int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
 
     def reference(self) -> str | None:

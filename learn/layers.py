@@ -23,12 +23,6 @@ import torch
 from torch import Tensor
 
 
-def last_real(attention_mask: Tensor) -> Tensor:
-    """(N,) position of each row's last real token, whichever side the padding is on."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask * positions).argmax(dim=1)
-
-
 def backbone_of(model: Any) -> Any:
     """The decoder stack (e.g. LlamaModel) of a causal LM or a scalar-head model, under a LoRA wrapper or not."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model

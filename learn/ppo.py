@@ -91,7 +91,7 @@ class Packed:
         attention = self.attention_mask[rows]
         # The widths are shapes, so they are read on the host: two scalars a sub-batch, a deliberate sync on a GPU.
         right = bool((attention[:, 0] == 1).all())
-        width = int(layers.last_real(attention).max()) + 1 if right else attention.shape[1]
+        width = int(rl_math.last_real(attention).max()) + 1 if right else attention.shape[1]
         answers = max(1, int(self.mask[rows].sum(dim=1).max()))
         return Packed(
             self.input_ids[rows, :width],

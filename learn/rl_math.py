@@ -79,6 +79,12 @@ def pairwise_accuracy(scores: Tensor, groups: Tensor, ranks: Tensor) -> Tensor:
 READOUTS = ("last", "mean")
 
 
+def last_real(mask: Tensor) -> Tensor:
+    """(N,) position of each row's last real token (`mask` 1), whichever side the padding is on."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask * positions).argmax(dim=1)
+
+
 def sequence_scores(per_token: Tensor, mask: Tensor, readout: str) -> Tensor:
     """(N,) one score per sequence from the reward model's per-token scores (N, L) (its linear head applied to
     every position's final hidden state), in the **sequence frame**: `mask` marks each row's real tokens, prompt and
@@ -91,9 +97,7 @@ def sequence_scores(per_token: Tensor, mask: Tensor, readout: str) -> Tensor:
     the reward-model curves and the keyword:however run).
     """
     if readout == "last":
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        last = (mask * positions).argmax(dim=1)
-        return per_token[torch.arange(per_token.shape[0], device=per_token.device), last]
+        return per_token[torch.arange(per_token.shape[0], device=per_token.device), last_real(mask)]
     if readout == "mean":
         real = mask.bool()
         # where, not a product: a padding position's state may be anything, NaN included (a fully masked row)

@@ -36,9 +36,8 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     metrics = ServeMetrics()
     app.state.metrics = metrics
     app.state.started = int(time.time())
-    app.state.allowed_origins = frozenset(
-        o.rstrip("/") for o in settings.allowed_origins
-    )  # besides the server's own (api.cross_site)
+    # Besides the server's own origin (api.cross_site).
+    app.state.allowed_origins = frozenset(o.rstrip("/") for o in settings.allowed_origins)
     comparisons = ComparisonStore(redis, settings.comparison_ttl_s)
     served = ServedVersion(served, drain_timeout_s=settings.swap_drain_timeout_s) if isinstance(served, str) else served
     app.state.served = served

@@ -276,13 +276,13 @@ class ChatService:
             try:
                 await self._finish(prepared, ordered, store=not cut)
             except ApiError as exc:
-                lines.put_nowait(f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n")
+                lines.put_nowait(_error_line(exc))
             options = prepared.request.stream_options
             if options is not None and options.include_usage:
                 lines.put_nowait(chunk([], self._usage(prepared, ordered)))
             lines.put_nowait("data: [DONE]\n\n")
         except ApiError as exc:  # the server broke (a failed swap) while this request waited for it
-            lines.put_nowait(f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n")
+            lines.put_nowait(_error_line(exc))
         finally:
             lines.put_nowait(None)
 
@@ -338,6 +338,11 @@ class ChatService:
                 headers={"Retry-After": REDIS_RETRY_AFTER_S},
             ) from exc
         self.metrics.comparisons.inc()
+
+
+def _error_line(exc: ApiError) -> str:
+    """An error inside a stream already answered 200: an SSE line that says it, in OpenAI's error shape."""
+    return f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n"
 
 
 def _ordered(candidates: dict[int, Candidate], n: int, cut: bool) -> list[Candidate]:

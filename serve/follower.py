@@ -72,11 +72,10 @@ class RegistryFollower:
     async def swap(self, version: str, epoch: int) -> None:
         try:
             started_at, started = time.time(), time.monotonic()
-            folder = self.store.path(version)
+            folder, serving = self.store.path(version), self.store.path(self.served.version)
             # Reading the headers is file I/O: off the event loop, so answers keep flowing meanwhile.
-            await asyncio.to_thread(check_folder, folder, self.store.path(self.served.version))
+            await asyncio.to_thread(check_folder, folder, serving)
             checked = time.monotonic() - started
-            serving = self.store.path(self.served.version)
             times = await self.served.swap(
                 version,
                 epoch,
