@@ -162,6 +162,14 @@ class Settings(BaseSettings):
     learn_min_rm_accuracy: float = Field(
         0.6, ge=0.0, le=1.0, description="Reward-model held-out accuracy below which no PPO round runs."
     )
+    learn_rm_held_out: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Share of ranked prompts that neither the reward model nor PPO trains on: their rankings measure "
+        "the reward model's accuracy and judge a new version's agreement with users (a fifth gives a young loop's "
+        "first round about 300 pairs to be judged on; a tenth left it short of evidence, BENCHMARKS.md).",
+    )
     learn_min_rm_heldout_pairs: int = Field(
         20, ge=0, description="Held-out answer pairs the reward model's accuracy must be measured on before PPO runs."
     )

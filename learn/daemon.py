@@ -65,6 +65,7 @@ def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
         device=device,
         train_layers=settings.learn_rm_train_layers,
         readout=settings.learn_rm_readout,
+        held_out=settings.learn_rm_held_out,
         max_train=settings.learn_rm_max_rankings,
         seed=settings.learn_seed,
     )
@@ -190,6 +191,7 @@ class Learner:
             reward=reward,
             prompt_file=settings.learn_prompt_file,
             ptx_file=settings.learn_ptx_file,
+            rm_held_out=settings.learn_rm_held_out,
             bf16=bf16,
             device=device,
         )

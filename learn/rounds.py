@@ -50,7 +50,7 @@ class RMOptions:
     lr: float | None = None
     batch_prompts: int = 4
     max_len: int = 512
-    held_out: float = 0.1
+    held_out: float = 0.2  # settings.learn_rm_held_out's default
     lora: bool = False
     limit: int | None = None
     skip: int = 0
@@ -168,7 +168,8 @@ class PPOOptions:
     reward: str | None = None  # reward model rNNNN (default: the latest)
     prompt_file: Path | None = None
     ptx_file: Path | None = None
-    held_out: float = 0.1
+    held_out: float = 0.1  # the evaluation's prompts
+    rm_held_out: float = 0.2  # the reward model's, which judge the round (settings.learn_rm_held_out)
     max_prompt_len: int = 384
     eval_prompts: int = 16
     eval_samples: int = 1  # answers per evaluation prompt
@@ -282,7 +283,7 @@ def _ppo_round(
         options.eval_samples,
     )
     judged = judge_on_held_out_rankings(
-        settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, stored
+        settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, stored, options.rm_held_out
     )
     reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held)
     clock.next("publish", "writing the new version")
@@ -328,7 +329,9 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
     store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     served = []
     if config.rollouts == "served":
-        served = served_comparisons(settings, inputs.parent, options.held_out, options.max_prompt_len, inputs.until)
+        served = served_comparisons(
+            settings, inputs.parent, (options.held_out, options.rm_held_out), options.max_prompt_len, inputs.until
+        )
     torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
     models = load_models(
         store.path(inputs.parent),
@@ -341,7 +344,12 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
     same_start(models.policy)
     same_start(models.value)
     train, held = round_prompts(
-        settings, models.tokenizer, options.prompt_file, options.held_out, options.max_prompt_len, inputs.until
+        settings,
+        models.tokenizer,
+        options.prompt_file,
+        (options.held_out, options.rm_held_out),
+        options.max_prompt_len,
+        inputs.until,
     )
     if not train and not served:
         raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
@@ -457,7 +465,7 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
 
 
 def judge_on_held_out_rankings(
-    settings: Settings, models: Any, parent_folder: Path, config: RoundConfig, stored: Any
+    settings: Settings, models: Any, parent_folder: Path, config: RoundConfig, stored: Any, held_out: float
 ) -> Agreement:
     """`Agreement` of the trained policy, as stored (`stored`), with the reward model's held-out rankings, relative
     to its parent: the newest JUDGED_GROUPS of them at the time of judging, those that arrived while the round ran
@@ -465,7 +473,7 @@ def judge_on_held_out_rankings(
     time are the most of them: the first round of a young loop has few older ones (54 pairs in the first round of
     a 60-minute run, while about 24 held-out prompts, some 140 pairs, arrived during it)."""
     groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024)
-    _, held = split(groups, RMOptions.held_out)
+    _, held = split(groups, held_out)
     parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
     if parent is None:
         parent, _ = load_causal_lm(parent_folder, device=device_of(models.policy))

@@ -37,6 +37,8 @@ from learn.rm_data import RankedGroup, group_from_event, hh_groups, is_held_out,
 
 FEEDBACK = "feedback"
 T = TypeVar("T")
+# (the evaluation's share, the reward model's share) of prompts: two independent splits, both kept from PPO.
+HeldOut = tuple[float, float]
 PTX_HELD_OUT_EVERY = 10  # every 10th ptx example is kept to measure fluency (held-out LM loss)
 
 
@@ -101,30 +103,32 @@ def round_prompts(
     settings: Settings,
     tokenizer: Any,
     prompt_file: Path | None,
-    held_out: float,
+    held_out: HeldOut,
     max_len: int,
     until: str | None = None,
 ) -> tuple[list[Prompt], list[Prompt]]:
     """(train, held out) prompts: users' ranked prompts (up to event `until`), then those of `prompt_file`, each
     once. Train leaves out the reward model's held-out prompts too: their rankings judge the round (agreement)."""
+    evaluation, judging = held_out
     prompts = prompts_from_events((event for _, event in _rankings(settings, until=until)), max_len)
     if prompt_file is not None:
         prompts += prompts_from_file(prompt_file, tokenizer, max_len)
-    train, held = split_prompts(unique(prompts, key_of), key_of, held_out)
-    return [p for p in train if not is_rm_held_out(p.key, held_out)], held
+    train, held = split_prompts(unique(prompts, key_of), key_of, evaluation)
+    return [p for p in train if not is_rm_held_out(p.key, judging)], held
 
 
 def served_comparisons(
-    settings: Settings, parent: str, held_out: float, max_prompt_len: int, until: str | None = None
+    settings: Settings, parent: str, held_out: HeldOut, max_prompt_len: int, until: str | None = None
 ) -> list[Served]:
     """The ranked comparisons `parent` wrote (up to event `until`), as PPO rollouts: each comparison once, none of
     a held-out prompt (the evaluation's, and the reward model's: those judge the round, so it never trains on them).
     """
+    evaluation, judging = held_out
     served = served_from_events((event for _, event in _rankings(settings, until=until)), max_prompt_len)
     return [
         s
         for s in served
-        if s.policy_version == parent and not is_held_out(s.key, held_out) and not is_rm_held_out(s.key, held_out)
+        if s.policy_version == parent and not is_held_out(s.key, evaluation) and not is_rm_held_out(s.key, judging)
     ]
 
 

@@ -162,7 +162,12 @@ def rm(
     max_len: Annotated[
         int, typer.Option(min=16, help="Tokens per answer with its prompt (the prompt is cut first).")
     ] = 512,
-    held_out: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of prompts kept for evaluation.")] = 0.1,
+    held_out: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0, max=0.9, help="Share of prompts kept for evaluation (default: RANKLOOP_LEARN_RM_HELD_OUT)."
+        ),
+    ] = None,
     lora: Annotated[bool, typer.Option("--lora/--full")] = False,
     limit: Annotated[int | None, typer.Option(help="Use at most this many prompts.")] = None,
     skip: Annotated[
@@ -183,7 +188,7 @@ def rm(
         lr,
         batch_prompts,
         max_len,
-        held_out,
+        settings.learn_rm_held_out if held_out is None else held_out,
         lora,
         limit,
         skip,
@@ -278,6 +283,7 @@ def ppo(
         reward=reward,
         prompt_file=prompts,
         ptx_file=ptx_data,
+        rm_held_out=settings.learn_rm_held_out,
         fresh=fresh,
         bf16=bf16,
         device=device,

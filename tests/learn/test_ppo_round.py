@@ -197,9 +197,10 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
     card = ModelStore(data / "models").card(resumed.version)
     assert resumed.resumed_at == 1
     assert card.details["train_prompts"] + card.details["held_out_prompts"] == usable(12)
-    # The judgement is the exception: it takes the held-out rankings there are when it judges. Of q0..q19 only q16
-    # is a reward-model held-out prompt, and it arrived while the round was stopped: its one pair judged the round.
-    assert resumed.agreement.pairs == 1 and card.details["agreement"]["agreement_pairs"] == 1
+    # The judgement is the exception: it takes the held-out rankings there are when it judges. Of q0..q19, q9, q12
+    # and q16 are the reward model's held-out prompts (a fifth), and q12 and q16 arrived while the round was
+    # stopped: all three pairs judged the round.
+    assert resumed.agreement.pairs == 3 and card.details["agreement"]["agreement_pairs"] == 3
     following = ppo_round(settings, config, PPOOptions(parent="v0001"), show_progress=False)
     card = ModelStore(data / "models").card(following.version)
     assert following.resumed_at == 0
@@ -210,9 +211,9 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
 def usable(n: int) -> int:
     """Of ranking_event's prompts q0..q(n-1): the evaluation's held-out ones, and the training ones that are not the
     reward model's held-out prompts (their rankings judge the round, so PPO never trains on them)."""
-    fraction = PPOOptions().held_out
+    options = PPOOptions()
     keys = [prompt_key([{"role": "user", "content": f"q{i}"}]) for i in range(n)]
-    return sum(is_held_out(k, fraction) or not is_rm_held_out(k, fraction) for k in keys)
+    return sum(is_held_out(k, options.held_out) or not is_rm_held_out(k, options.rm_held_out) for k in keys)
 
 
 def test_the_reward_model_gate_wants_accuracy_measured_on_enough_pairs() -> None:
@@ -260,10 +261,17 @@ def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path:
     from learn.daemon import rm_options
 
     settings = load_settings(
-        data_dir=tmp_path, learn_rm_epochs=3, learn_rm_lr=5e-5, learn_bf16=True, learn_rm_train_layers=4
+        data_dir=tmp_path,
+        learn_rm_epochs=3,
+        learn_rm_lr=5e-5,
+        learn_bf16=True,
+        learn_rm_train_layers=4,
+        learn_rm_held_out=0.3,
     )
     options = rm_options(settings, "r0002")
     assert (options.resume_from, options.epochs, options.lr, options.bf16) == ("r0002", 3, 5e-5, True)
     assert options.train_layers == 4  # the reward model's own, not PPO's learn_train_layers
+    assert options.held_out == 0.3
     default = rm_options(load_settings(data_dir=tmp_path), None)
     assert (default.epochs, default.max_train, default.train_layers) == (1, 128, 2)  # the defaults
+    assert default.held_out == PPOOptions().rm_held_out == 0.2  # the reward model judged on what PPO left out
