@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 MAX_MESSAGES = 256
 MAX_CONTENT_CHARS = 65_536  # per message: far beyond any context rankloop serves, far below the body limit
 MAX_PARTS = 64  # text parts per message
 MAX_STOP = 4  # OpenAI's limit
 MAX_STOP_CHARS = 64
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -68,6 +69,32 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    # `schema` is a BaseModel attribute: the field is named otherwise and keeps OpenAI's name on the wire.
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Strict):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     model: str | None = None
@@ -84,6 +111,21 @@ class ChatCompletionRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256), WHOLE_TEXT] | None = None
+    logprobs: bool = Field(False, description="Return each answer token's log-probability (OpenAI's shape).")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With `logprobs`: the most likely tokens at each position."
+    )
+    response_format: ResponseFormat | None = None
+    # Named so that their refusal says why (the service checks the served model's chat template), rather than
+    # "extra inputs are not permitted".
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @field_validator("messages")
     @classmethod
@@ -116,6 +158,10 @@ class ChatCompletionRequest(_Strict):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def top(self) -> int | None:
+        """Alternatives per position to report: None, no log-probabilities; 0, the sampled token's only."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -125,11 +171,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # UTF-8 of `token` as decoded (a token inside a multi-byte character decodes to U+FFFD)
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -157,7 +217,7 @@ class ChunkChoice(BaseModel):
     index: int
     delta: Delta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

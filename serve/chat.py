@@ -25,6 +25,7 @@ from api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     FinishReason,
@@ -33,13 +34,15 @@ from api.protocol import (
 from deploy.settings import Settings
 from feedback.comparisons import ComparisonStore
 from feedback.events import Comparison, StoredCandidate
-from serve.engine import Candidate, Engine, GenerationRequest
+from serve.engine import Alternatives, Candidate, CandidateDelta, Engine, EngineInputError, GenerationRequest
+from serve.logprobs import choice_logprobs
+from serve.outputs import json_output, refuse_tools
 from serve.swap import Lease, ServedVersion
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "rankloop"
 REDIS_RETRY_AFTER_S = "5"
-Sink = Callable[[Candidate, str, "str | None"], None]  # (candidate so far, its new text, its finish reason)
+Sink = Callable[[Candidate, CandidateDelta], None]  # (the candidate so far, what it just gained)
 
 
 @dataclass
@@ -82,6 +85,8 @@ class ChatService:
                 "model",
                 "model_not_found",
             )
+        refuse_tools(request, self.engine.tokenizer)
+        json = json_output(request)
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_ids = self._tokenize(messages)
         context = self.engine.max_model_len
@@ -133,6 +138,8 @@ class ChatService:
             frequency_penalty=request.frequency_penalty,
             ignore_eos=request.ignore_eos,
             stream=request.stream,
+            top_logprobs=request.top_logprobs or 0,
+            json=json,
         )
         # The version is fixed when generation starts (ServedVersion.use), not here: a swap may come in between.
         return Prepared(request, generation, messages, "", time.monotonic())
@@ -145,8 +152,8 @@ class ChatService:
         return ids
 
     # -- generation ---------------------------------------------------------------------------------
-    async def _run(self, prepared: Prepared) -> AsyncGenerator[tuple[Candidate, str, str | None], None]:
-        """Yield (candidate, new text, finish reason) as tokens arrive; abort the engine request on cancel."""
+    async def _run(self, prepared: Prepared) -> AsyncGenerator[tuple[Candidate, CandidateDelta], None]:
+        """Yield (candidate, what it gained) as tokens arrive; abort the engine request on cancel."""
         gen = prepared.generation
         candidates = {i: Candidate(i) for i in range(gen.n)}
         first = True
@@ -159,7 +166,7 @@ class ChatService:
                         first = False
                     for delta in deltas:
                         candidates[delta.index].add(delta)
-                        yield candidates[delta.index], delta.text, delta.finish_reason
+                        yield candidates[delta.index], delta
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away: stop spending compute on answers nobody will read.
             await asyncio.shield(self.engine.abort(gen.request_id))
@@ -173,8 +180,8 @@ class ChatService:
 
         async def consume() -> None:
             async with aclosing(self._run(prepared)) as run:
-                async for candidate, text, reason in run:
-                    sink(candidate, text, reason)
+                async for candidate, delta in run:
+                    sink(candidate, delta)
 
         generation = asyncio.create_task(consume())
         aborted = asyncio.create_task(lease.aborted.wait())
@@ -187,7 +194,10 @@ class ChatService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await generation
         if not generation.cancelled():
-            generation.result()  # the engine's own errors reach the client as before
+            try:
+                generation.result()  # the engine's own errors reach the client as before
+            except EngineInputError as exc:
+                raise ApiError(400, f"the engine refused the request: {exc}", code="invalid_request") from exc
             return False
         return True
 
@@ -195,7 +205,7 @@ class ChatService:
         prepared = self.prepare(request)
         candidates: dict[int, Candidate] = {}
 
-        def keep(candidate: Candidate, text: str, reason: str | None) -> None:
+        def keep(candidate: Candidate, delta: CandidateDelta) -> None:
             candidates[candidate.index] = candidate
 
         async with self.served.use() as lease:
@@ -208,7 +218,12 @@ class ChatService:
             created=int(time.time()),
             model=MODEL_NAME,
             choices=[
-                Choice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=_reason(c))
+                Choice(
+                    index=c.index,
+                    message=AssistantMessage(content=c.text),
+                    finish_reason=_reason(c),
+                    logprobs=self._logprobs(prepared, c.token_ids, c.logprobs, c.top),
+                )
                 for c in ordered
             ],
             usage=self._usage(prepared, ordered),
@@ -254,11 +269,13 @@ class ChatService:
 
         candidates: dict[int, Candidate] = {}
 
-        def send(candidate: Candidate, text: str, reason: str | None) -> None:
+        def send(candidate: Candidate, delta: CandidateDelta) -> None:
             candidates[candidate.index] = candidate
-            if text:
-                lines.put_nowait(chunk([ChunkChoice(index=candidate.index, delta=Delta(content=text))]))
-            if reason is not None:
+            logprobs = self._logprobs(prepared, delta.token_ids, delta.logprobs, delta.top)
+            if delta.text or (logprobs is not None and delta.token_ids):
+                content = ChunkChoice(index=candidate.index, delta=Delta(content=delta.text), logprobs=logprobs)
+                lines.put_nowait(chunk([content]))
+            if delta.finish_reason is not None:
                 lines.put_nowait(
                     chunk([ChunkChoice(index=candidate.index, delta=Delta(), finish_reason=_reason(candidate))])
                 )
@@ -287,6 +304,14 @@ class ChatService:
             lines.put_nowait(None)
 
     # -- bookkeeping --------------------------------------------------------------------------------
+    def _logprobs(
+        self, prepared: Prepared, token_ids: list[int], logprobs: list[float], top: list[Alternatives]
+    ) -> ChoiceLogprobs | None:
+        asked = prepared.request.top()
+        if asked is None:
+            return None
+        return choice_logprobs(self.engine.tokenizer, token_ids, logprobs, top, asked)
+
     def _usage(self, prepared: Prepared, candidates: list[Candidate]) -> Usage:
         prompt = len(prepared.generation.prompt_token_ids)
         completion = sum(len(c.token_ids) for c in candidates)

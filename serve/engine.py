@@ -9,9 +9,25 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
+
+
+class EngineInputError(ValueError):
+    """The engine refused a request for what it asked (a JSON schema its grammar compiler cannot take): the
+    client's to fix, a 400."""
+
+
+@dataclass(frozen=True)
+class JsonOutput:
+    """Answers constrained to JSON: a JSON object of any shape, or one that follows `schema`."""
+
+    schema: dict[str, Any] | None = None
+
+
+# Per answer token, its most likely alternatives: (token id, log-probability), most likely first.
+Alternatives = list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,8 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
     stream: bool = True  # False: the engine may deliver each candidate whole, once, when it is done
+    top_logprobs: int = 0  # alternatives per answer token to report (the sampled token's log-prob always is)
+    json: JsonOutput | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,7 @@ class CandidateDelta:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str | None = None
+    top: list[Alternatives] = field(default_factory=list)  # per token where asked for (top_logprobs > 0)
 
 
 @dataclass
@@ -50,11 +69,13 @@ class Candidate:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    top: list[Alternatives] = field(default_factory=list)
 
     def add(self, delta: CandidateDelta) -> None:
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
+        self.top.extend(delta.top)
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 

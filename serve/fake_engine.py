@@ -1,18 +1,21 @@
 """A deterministic engine without a model, for unit tests and for trying the API without weights.
 
 Candidate i answers with a fixed sentence that names i and echoes the user's last words, one token per step,
-so that streaming, `n`, `max_tokens` and the stored token ids all behave as with a real engine.
+so that streaming, `n`, `max_tokens` and the stored token ids all behave as with a real engine. Asked for JSON, it
+wraps that sentence in a JSON object (`{"answer": ...}`, whatever the schema: it has no grammar to follow one);
+asked for alternatives, each token's are the next token ids, after the sampled one (-0.5) at -1.5, -2.5, ...
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from serve.engine import CandidateDelta, GenerationRequest
+from serve.engine import Alternatives, CandidateDelta, GenerationRequest
 
 
 class FakeEngine:
@@ -34,6 +37,8 @@ class FakeEngine:
         said = turns[-2] if len(turns) >= 2 else turns[-1]
         source = f" from {self.weights}" if self.weights else ""
         text = f"answer {index}{source}: you said {said}"
+        if request.json is not None:
+            text = json.dumps({"answer": text})
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
@@ -51,7 +56,7 @@ class FakeEngine:
                     last = step == len(ids) - 1 or step == request.max_tokens - 1
                     reason = None if not last else ("stop" if step == len(ids) - 1 else "length")
                     text = str(self.tokenizer.decode(ids[: step + 1]))[len(str(self.tokenizer.decode(ids[:step]))) :]
-                    deltas.append(CandidateDelta(i, text, [ids[step]], [-0.5], reason))
+                    deltas.append(CandidateDelta(i, text, [ids[step]], [-0.5], reason, _top(ids[step], request)))
                 await asyncio.sleep(self.step_s)
                 yield deltas
         except (asyncio.CancelledError, GeneratorExit):
@@ -79,3 +84,10 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         self.alive = False
+
+
+def _top(token_id: int, request: GenerationRequest) -> list[Alternatives]:
+    """The sampled token first (-0.5), then the ids after it, each a nat less likely than the one before."""
+    if not request.top_logprobs:
+        return []
+    return [[(token_id, -0.5)] + [(token_id + j, -0.5 - j) for j in range(1, request.top_logprobs)]]

@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
-from serve.engine import CandidateDelta, GenerationRequest
+from serve.engine import Alternatives, CandidateDelta, EngineInputError, GenerationRequest
+
+
+def _alternatives(scores: Any, row: int, length: int, top: int) -> list[Alternatives]:
+    """The `top` most likely tokens at each of a row's first `length` steps, under the distribution it was sampled
+    from (`generate`'s scores are the logits after temperature and top-p)."""
+    if not top:
+        return []
+    best = [torch.log_softmax(step[row].float(), -1).topk(top) for step in scores[:length]]
+    return [list(zip(b.indices.tolist(), b.values.tolist(), strict=True)) for b in best]
 
 
 def _load(folder: Path) -> Any:
@@ -34,6 +43,8 @@ class HFEngine:
         self._lock = asyncio.Lock()  # one generation or weight load at a time
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[list[CandidateDelta], None]:
+        if request.json is not None:
+            raise EngineInputError("this server's engine cannot constrain answers to JSON; serve with vLLM for that")
         async with self._lock:
             self.running += 1
             try:
@@ -66,7 +77,8 @@ class HFEngine:
             ids = row[: row.index(eos) + 1] if ended else row  # the end-of-turn token kept, as vLLM reports it
             text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
             logprobs = [float(x) for x in scores[index, : len(ids)]]
-            deltas.append(CandidateDelta(index, text, ids, logprobs, "stop" if ended else "length"))
+            top = _alternatives(out.scores, index, len(ids), request.top_logprobs)
+            deltas.append(CandidateDelta(index, text, ids, logprobs, "stop" if ended else "length", top))
         return deltas
 
     async def abort(self, request_id: str) -> None:

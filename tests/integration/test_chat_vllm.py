@@ -96,3 +96,41 @@ def test_prompt_longer_than_the_context_is_refused(stack: Stack) -> None:
     response = httpx.post(f"{stack.base_url}/v1/chat/completions", json={"messages": long}, timeout=60)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "messages"
+
+
+def test_logprobs_come_from_the_engines_distribution(stack: Stack) -> None:
+    response = _client(stack).chat.completions.create(
+        model="rankloop", messages=QUESTION, n=2, max_tokens=16, temperature=1.0, logprobs=True, top_logprobs=3
+    )
+    stored = _comparison(stack, response.id)
+    for choice, candidate in zip(response.choices, stored["candidates"], strict=True):
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        content = choice.logprobs.content
+        # The same figures PPO reads from the stored comparison, token by token.
+        assert [t.logprob for t in content] == pytest.approx(candidate["logprobs"], abs=1e-6)
+        for token in content:
+            best = [alternative.logprob for alternative in token.top_logprobs]
+            assert len(best) == 3 and best == sorted(best, reverse=True)
+            assert token.logprob <= best[0] + 1e-6  # nothing sampled is likelier than the likeliest
+
+
+def test_answers_follow_a_json_schema(stack: Stack) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"colours": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "required": ["colours"],
+        "additionalProperties": False,
+    }
+    response = _client(stack).chat.completions.create(
+        model="rankloop",
+        messages=QUESTION,
+        n=2,
+        max_tokens=64,
+        temperature=0.8,
+        response_format={"type": "json_schema", "json_schema": {"name": "colours", "schema": schema}},
+    )
+    for choice in response.choices:
+        assert choice.finish_reason == "stop", choice.message.content  # a whole object, not one cut short
+        jsonschema.validate(json.loads(choice.message.content or ""), schema)
