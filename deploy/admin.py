@@ -1,8 +1,9 @@
 """The admin HTTP API under /admin/: list and show versions, promote, roll back, read the events.
 
-Protected by a bearer token from the settings (`RANKLOOP_ADMIN_TOKEN`): no token sent -> 401, a wrong one -> 403.
-There is no default token: without one configured the admin routes answer 404 saying how to enable them, and the
-server says so at start-up. The chat and feedback routes never need the token.
+Protected by a bearer token from the settings (`RANKLOOP_ADMIN_TOKEN`) or, with `RANKLOOP_AUTH=keys`, an API key
+of the admin role: nothing sent -> 401, a wrong token or a key of a lower role -> 403. There is no default token:
+without one configured and without keys the admin routes answer 404 saying how to enable them, and the server says
+so at start-up.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from redis import Redis
 
 from api.cross_site import check_json_from_own_origin
 from api.errors import ApiError
+from deploy.auth import Auth
 from deploy.model_store import ModelStore
 from deploy.promotion import promote, rollback, sync_store
 from deploy.registry import Conflict, Registry, RegistryError
@@ -42,28 +44,38 @@ class RollbackBody(BaseModel):
 
 
 class Admin:
-    def __init__(self, redis: Redis, store: ModelStore, token: str) -> None:
+    def __init__(self, redis: Redis, store: ModelStore, token: str | None) -> None:
         self.registry = Registry(redis)
         self.store = store
-        self.token = token
+        self.token = token  # None: admin keys only
 
-    def check(self, credentials: HTTPAuthorizationCredentials | None) -> None:
-        if credentials is None:
-            raise ApiError(
-                401,
-                "the admin API needs `Authorization: Bearer <token>`",
-                code="unauthorized",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if not secrets.compare_digest(credentials.credentials.encode(), self.token.encode()):
-            raise ApiError(403, "wrong admin token", code="forbidden")
+    def is_token(self, credentials: HTTPAuthorizationCredentials) -> bool:
+        return self.token is not None and secrets.compare_digest(credentials.credentials.encode(), self.token.encode())
 
 
-def _admin(request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Admin:
+async def _admin(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Admin:
     admin: Admin | None = request.app.state.admin
     if admin is None:
-        raise ApiError(404, "the admin API is disabled: set RANKLOOP_ADMIN_TOKEN to enable it", code="not_found")
-    admin.check(credentials)
+        raise ApiError(
+            404,
+            "the admin API is disabled: set RANKLOOP_ADMIN_TOKEN, or RANKLOOP_AUTH=keys with keys of the admin role",
+            code="not_found",
+        )
+    if credentials is None:
+        raise ApiError(
+            401,
+            "the admin API needs `Authorization: Bearer <token>` (the admin token or an admin's API key)",
+            code="unauthorized",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if admin.is_token(credentials):
+        return admin
+    auth: Auth = request.app.state.auth
+    if auth.mode != "keys":
+        raise ApiError(403, "wrong admin token", code="forbidden")
+    await auth.identify(request, "admin")
     return admin
 
 

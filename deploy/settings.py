@@ -85,6 +85,17 @@ class Settings(BaseSettings):
         description="Origins (scheme://host:port) of web pages besides this server's own that may send rankings, "
         "demonstrations and admin changes from a browser, as a JSON list; every other origin gets a 403.",
     )
+    auth: Literal["open", "keys"] = Field(
+        "open",
+        description="`keys`: chat, feedback and admin routes want `Authorization: Bearer <key>` (`rankloop keys "
+        "create`); `open`: anyone who reaches the server, allowed only on a loopback `host`.",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="The key rankloop's own clients (`rankloop simulate`) send to a server with `auth=keys`."
+    )
+    auth_open_anywhere: bool = Field(
+        False, description="Allow `auth=open` on an address other machines reach (a proxy in front checks users)."
+    )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token of the admin API (/admin/); unset: the admin API is disabled."
     )

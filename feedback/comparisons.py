@@ -1,8 +1,9 @@
 """Comparisons: the K candidate answers of one prompt, kept in Redis until users rank them.
 
 A comparison is written once, when its last candidate is complete, as a hash with a TTL: `json` (the whole
-comparison) and `k` (its number of candidates). The feedback append script embeds `json` in the ranking event
-verbatim and checks indices against `k`, without decoding the JSON inside Redis (that would cost ~25x more).
+comparison), `k` (its number of candidates) and `asker` (the API key's name that asked, empty when open). The
+feedback append script embeds `json` in the ranking event verbatim, checks indices against `k` and the ranker
+against `asker`, without decoding the JSON inside Redis (that would cost ~25x more).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ KEY_PREFIX = "rankloop:comparison:"
 # already ranked.
 PUT_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'json', ARGV[1], 'k', ARGV[2])
+redis.call('HSET', KEYS[1], 'json', ARGV[1], 'k', ARGV[2], 'asker', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
@@ -34,7 +35,9 @@ class ComparisonStore:
 
     async def put(self, comparison: Comparison) -> None:
         raw = comparison.model_dump_json()
-        written = await self._put(keys=[self.key(comparison.id)], args=[raw, len(comparison.candidates), self.ttl_s])
+        written = await self._put(
+            keys=[self.key(comparison.id)], args=[raw, len(comparison.candidates), self.ttl_s, comparison.asker or ""]
+        )
         if not written:
             raise KeyError(f"comparison {comparison.id} already exists")
 

@@ -35,6 +35,7 @@ class Comparison(BaseModel):
     policy_version: str
     created: float
     sampling: dict[str, Any] = Field(default_factory=dict)  # empty in comparisons stored before it was kept
+    asker: str | None = None  # the API key's name that asked (RANKLOOP_AUTH=keys); None: open, or stored before
 
 
 class RankingEvent(BaseModel):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.routing import Route
 
 from api.cross_site import check_json_from_own_origin
+from deploy.auth import identify
 from feedback.models import Accepted, DemonstrationRequest, FeedbackRequest
 from feedback.service import FeedbackService
 
@@ -55,14 +56,16 @@ def _allowed(request: Request) -> None:
 
 async def feedback(request: Request) -> Response:
     _allowed(request)
+    key = await identify(request, "user")
     body = await _parse(FeedbackRequest, request)
-    return _reply(await _service(request).rank(body))
+    return _reply(await _service(request).rank(body, key))
 
 
 async def demonstrations(request: Request) -> Response:
     _allowed(request)
+    key = await identify(request, "user")
     body = await _parse(DemonstrationRequest, request)
-    return _reply(await _service(request).demonstrate(body))
+    return _reply(await _service(request).demonstrate(body, key))
 
 
 # The OpenAPI schema and docs come from these FastAPI routes ...

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from api.errors import ApiError
 from api.metrics import ServeMetrics
+from deploy.keys import KeyRecord
 from feedback.comparisons import ComparisonStore
 from feedback.events import DemonstrationEvent, ranking_head
 from feedback.models import Accepted, DemonstrationRequest, FeedbackRequest, fingerprint
@@ -33,19 +34,23 @@ class FeedbackService:
         self.claim_ttl_s = claim_ttl_s
         self.metrics = metrics
 
-    async def rank(self, request: FeedbackRequest) -> Accepted:
+    async def rank(self, request: FeedbackRequest, key: KeyRecord | None = None) -> Accepted:
+        """Append a ranking; `key`, with RANKLOOP_AUTH=keys, names its user and limits what it may rank."""
+        user, asker = _who(request.user, key)
         try:
             tiers = to_tiers(request.ranking, k=None)  # the upper bound is checked beside the comparison, in Redis
         except RankingError as exc:
             raise ApiError(400, str(exc), "ranking", "invalid_ranking") from exc
         top = max(index for tier in tiers for index in tier)
-        head = ranking_head(tiers, request.user, time.time())
-        digest = fingerprint(request.comparison_id, [sorted(tier) for tier in tiers], request.user)
-        claims = [self.stream.claim_key("ranked", request.comparison_id, request.user or "")]
+        head = ranking_head(tiers, user, time.time())
+        digest = fingerprint(request.comparison_id, [sorted(tier) for tier in tiers], user)
+        claims = [self.stream.claim_key("ranked", request.comparison_id, user or "")]
         embed = self.comparisons.key(request.comparison_id)
-        appended = await self._append("ranking", head, digest, claims, request, embed, top)
+        appended = await self._append("ranking", head, digest, claims, request, embed, top, asker)
         if appended.outcome == "missing":
             raise _unknown(request.comparison_id)
+        if appended.outcome == "not_asker":
+            raise _not_asker(request.comparison_id)
         if appended.outcome == "out_of_range":
             raise ApiError(400, out_of_range(top, int(appended.detail)), "ranking", "invalid_ranking")
         return Accepted(
@@ -56,9 +61,10 @@ class FeedbackService:
             pairs=len(pairs(tiers)),
         )
 
-    async def demonstrate(self, request: DemonstrationRequest) -> Accepted:
+    async def demonstrate(self, request: DemonstrationRequest, key: KeyRecord | None = None) -> Accepted:
+        user, asker = _who(request.user, key)
         try:
-            event = await self._demonstration_event(request)
+            event = await self._demonstration_event(request, user, asker)
         except RedisError as exc:
             raise _redis_down() from exc
         digest = fingerprint(event.messages, event.answer, event.user)
@@ -80,13 +86,14 @@ class FeedbackService:
         request: FeedbackRequest | DemonstrationRequest,
         embed: str | None = None,
         top: int = -1,
+        asker: str = "",
     ) -> Appended:
         key = request.idempotency_key
         if key is not None:
             # The client's key is checked first: reusing it for another body is the client's error to hear about.
             claims = [self.stream.claim_key("key", key), *claims]
         try:
-            appended = await self.stream.append(kind, data, digest, claims, self.claim_ttl_s, embed, top)
+            appended = await self.stream.append(kind, data, digest, claims, self.claim_ttl_s, embed, top, asker)
         except RedisError as exc:
             raise _redis_down() from exc
         self.metrics.feedback.labels(kind, appended.outcome).inc()
@@ -94,11 +101,15 @@ class FeedbackService:
             raise _conflict(appended, key)
         return appended
 
-    async def _demonstration_event(self, request: DemonstrationRequest) -> DemonstrationEvent:
+    async def _demonstration_event(
+        self, request: DemonstrationRequest, user: str | None, asker: str
+    ) -> DemonstrationEvent:
         if request.comparison_id is not None:
             comparison = await self.comparisons.get(request.comparison_id)
             if comparison is None:
                 raise _unknown(request.comparison_id)
+            if asker and comparison.asker != asker:
+                raise _not_asker(request.comparison_id)
             messages, version = comparison.messages, comparison.policy_version
         else:
             assert request.messages is not None  # the model validator allows exactly one of the two
@@ -106,11 +117,37 @@ class FeedbackService:
         return DemonstrationEvent(
             messages=messages,
             answer=request.answer,
-            user=request.user,
+            user=user,
             comparison_id=request.comparison_id,
             policy_version=version,
             created=time.time(),
         )
+
+
+def _who(said: str | None, key: KeyRecord | None) -> tuple[str | None, str]:
+    """(the event's user, the name that must have asked for the comparison: "" for anyone). With a key, the user is
+    the key's name, and a `user` key may only rank or demonstrate on what it asked for itself."""
+    if key is None:
+        return said, ""
+    if said is not None and said != key.name:
+        raise ApiError(
+            403,
+            f"`user` is '{said}', but the API key is {key.name}'s: leave `user` out (the key names the user) "
+            f"or send '{key.name}'",
+            "user",
+            "user_mismatch",
+        )
+    return key.name, "" if key.may("rater") else key.name
+
+
+def _not_asker(comparison_id: str) -> ApiError:
+    return ApiError(
+        403,
+        f"comparison '{comparison_id}' was asked for by another user: only its asker, or a key of the rater role, "
+        "may rank it or write a demonstration for it",
+        "comparison_id",
+        "not_your_comparison",
+    )
 
 
 def _unknown(comparison_id: str) -> ApiError:

@@ -61,6 +61,7 @@ class Plan:
     temperature: float = 1.0
     seed: int = 0
     seeded_sampling: bool = False  # each request carries a seed from the user's RNG: with one user, a rerun repeats
+    api_key: str | None = None  # RANKLOOP_AUTH=keys: every simulated user asks and ranks as this key's holder
 
 
 class Pacer:
@@ -101,9 +102,9 @@ async def one_user(user: int, plan: Plan, http: httpx.AsyncClient, pacer: Pacer,
             tiers = rank([plan.scorer(prompt, a) for a in answers], plan.noise, rng)
             if len(tiers) < 2:
                 continue  # all answers equally good to this user: nothing to say
-            sent = await http.post(
-                "/v1/feedback", json={"comparison_id": body["id"], "ranking": tiers, "user": f"sim-{user}"}
-            )
+            # With a key, the key names the user (a different `user` would be refused).
+            who = {} if plan.api_key else {"user": f"sim-{user}"}
+            sent = await http.post("/v1/feedback", json={"comparison_id": body["id"], "ranking": tiers, **who})
             sent.raise_for_status()
             tally.rankings += 1
             tally.version = body["policy_version"]
@@ -120,7 +121,8 @@ async def simulate(plan: Plan, on_tick: Callable[[Tally, float], None] | None = 
     started = time.monotonic()
     deadline = started + plan.duration_s
     timeout = httpx.Timeout(600.0, connect=10.0)  # answers wait out a swap's drain and load
-    async with httpx.AsyncClient(base_url=plan.url, timeout=timeout) as http:
+    headers = {"Authorization": f"Bearer {plan.api_key}"} if plan.api_key else {}
+    async with httpx.AsyncClient(base_url=plan.url, timeout=timeout, headers=headers) as http:
         users = [asyncio.create_task(one_user(u, plan, http, pacer, tally, deadline)) for u in range(plan.users)]
         while not all(u.done() for u in users):
             await asyncio.wait(users, timeout=tick_s)

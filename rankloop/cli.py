@@ -10,12 +10,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from deploy.auth import ExposedError, check_exposure
 from deploy.launcher import CoreBudget, Launcher, core_budget
 from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError
 from deploy.settings import Settings, redact_url
 from rankloop.console import fail, settings_or_exit
 from rankloop.feedback_cli import app as feedback_app
+from rankloop.keys_cli import app as keys_app
 from rankloop.learn_cli import app as learn_app
 from rankloop.loop_cli import evaluate as evaluate_command
 from rankloop.loop_cli import report as report_command
@@ -30,6 +32,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(feedback_app, name="feedback")
 app.add_typer(learn_app, name="learn")
 app.add_typer(versions_app, name="versions")
+app.add_typer(keys_app, name="keys")
 app.command("promote")(promote_command)
 app.command("rollback")(rollback_command)
 app.command("simulate")(simulate_command)
@@ -43,11 +46,19 @@ def serve() -> None:
     """Run the HTTP server and the vLLM engine (needs a Redis server: `rankloop redis` or REDIS_URL)."""
     from serve.main import run
 
-    settings = settings_or_exit()
+    settings = _exposure_checked(settings_or_exit())
     try:
         run(settings)
     except StoreError as exc:
         raise fail(str(exc)) from exc
+
+
+def _exposure_checked(settings: Settings) -> Settings:
+    try:
+        check_exposure(settings)
+    except ExposedError as exc:
+        raise fail(str(exc)) from exc
+    return settings
 
 
 def _start_redis(settings: Settings) -> EmbeddedRedis:
@@ -74,7 +85,7 @@ def redis() -> None:
 @app.command()
 def up() -> None:
     """Start the whole stack here: embedded Redis (unless REDIS_URL), the server, the feedback consumer, the learner."""
-    settings = settings_or_exit()
+    settings = _exposure_checked(settings_or_exit())
     store = ModelStore(settings.store_dir)
     if store.is_empty():
         model_import(source=None, if_empty=True)

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.live import Live
 
 from deploy.model_store import ModelStore, StoreError
+from deploy.settings import Settings
 from lab.preferences import PreferenceError, load_scorer
 from learn.data import DataError
 from learn.prompts import DEFAULT_PROMPTS as PROMPT_SET
@@ -40,6 +41,10 @@ def _prompts(files: list[Path] | None) -> list[list[dict[str, str]]]:
     return read_prompts(paths)
 
 
+def _key(settings: Settings) -> str | None:
+    return settings.api_key.get_secret_value() if settings.api_key is not None else None
+
+
 def simulate(
     preference: PreferenceOption = "concise",
     users: Annotated[int, typer.Option(min=1, help="Concurrent users.")] = 4,
@@ -55,6 +60,10 @@ def simulate(
     prompts: PromptsOption = None,
     url: Annotated[str | None, typer.Option(help="The server (default: this machine's, from the settings).")] = None,
     seed: int = 0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="With RANKLOOP_AUTH=keys: a key of the rater role (default: RANKLOOP_API_KEY)."),
+    ] = None,
 ) -> None:
     """Simulated users chat and rank through the public HTTP API by a scripted preference."""
     from lab.simulate import Plan, Tally, split
@@ -67,7 +76,8 @@ def simulate(
     except (PreferenceError, DataError) as exc:
         raise fail(exc) from exc
     base = url or f"http://{settings.host}:{settings.port}"
-    plan = Plan(base, train, scorer, users, k, noise, rate, duration, rankings, max_tokens, seed=seed)
+    key = api_key or _key(settings)
+    plan = Plan(base, train, scorer, users, k, noise, rate, duration, rankings, max_tokens, seed=seed, api_key=key)
     console.print(
         f"{users} users ranking by `{preference}` (noise {noise}) at {base} for {duration:.0f} s: "
         f"{len(train)} prompts ({len(held)} held out for evaluation)"

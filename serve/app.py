@@ -13,6 +13,7 @@ from api.errors import ApiError, api_error_handler, error_response, validation_e
 from api.metrics import RequestCounter, ServeMetrics
 from deploy.admin import Admin
 from deploy.admin import router as admin_router
+from deploy.auth import Auth
 from deploy.model_store import ModelStore
 from deploy.redis_clients import sync_redis
 from deploy.settings import Settings
@@ -46,10 +47,11 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     app.include_router(router)
     app.include_router(feedback_router)
     app.include_router(admin_router)
+    app.state.auth = Auth(settings.auth, redis)
     app.state.admin = None
-    if settings.admin_token is not None and settings.admin_token.get_secret_value():
-        store = ModelStore(settings.store_dir)
-        app.state.admin = Admin(sync_redis(settings), store, settings.admin_token.get_secret_value())
+    token = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""
+    if token or settings.auth == "keys":  # the admin token, or keys of the admin role
+        app.state.admin = Admin(sync_redis(settings), ModelStore(settings.store_dir), token or None)
     else:
         log.warning("admin API disabled: no RANKLOOP_ADMIN_TOKEN configured (there is no default token)")
     app.router.routes[0:0] = fast_routes

@@ -52,6 +52,7 @@ class Prepared:
     messages: list[dict[str, str]]
     policy_version: str
     started: float
+    asker: str | None = None  # the API key's name (RANKLOOP_AUTH=keys): who may rank the comparison
 
 
 class ChatService:
@@ -75,7 +76,7 @@ class ChatService:
         return self.served.version
 
     # -- validation ---------------------------------------------------------------------------------
-    def prepare(self, request: ChatCompletionRequest) -> Prepared:
+    def prepare(self, request: ChatCompletionRequest, asker: str | None = None) -> Prepared:
         """Check the request against the model and limits; raise ApiError naming the field at fault."""
         self.served.check()  # before a stream starts: its status is still free to be 503
         if request.model not in (None, MODEL_NAME, self.policy_version):
@@ -142,7 +143,7 @@ class ChatService:
             json=json,
         )
         # The version is fixed when generation starts (ServedVersion.use), not here: a swap may come in between.
-        return Prepared(request, generation, messages, "", time.monotonic())
+        return Prepared(request, generation, messages, "", time.monotonic(), asker)
 
     def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -201,8 +202,8 @@ class ChatService:
             return False
         return True
 
-    async def complete(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        prepared = self.prepare(request)
+    async def complete(self, request: ChatCompletionRequest, asker: str | None = None) -> ChatCompletionResponse:
+        prepared = self.prepare(request, asker)
         candidates: dict[int, Candidate] = {}
 
         def keep(candidate: Candidate, delta: CandidateDelta) -> None:
@@ -230,9 +231,9 @@ class ChatService:
             policy_version=prepared.policy_version,
         )
 
-    async def stream(self, request: ChatCompletionRequest) -> AsyncGenerator[str, None]:
+    async def stream(self, request: ChatCompletionRequest, asker: str | None = None) -> AsyncGenerator[str, None]:
         """Validate now (errors become HTTP 4xx), then return the SSE body as an async iterator."""
-        prepared = self.prepare(request)
+        prepared = self.prepare(request, asker)
         return self._sse(prepared)
 
     async def _sse(self, prepared: Prepared) -> AsyncGenerator[str, None]:
@@ -344,6 +345,7 @@ class ChatService:
             ],
             policy_version=prepared.policy_version,
             created=time.time(),
+            asker=prepared.asker,
             sampling={
                 "temperature": gen.temperature,
                 "top_p": gen.top_p,

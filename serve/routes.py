@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
+from deploy.auth import identify
 from serve.chat import MODEL_NAME, ChatService
 from serve.limits import TimedStreamingResponse
 
@@ -24,13 +25,15 @@ def _chat(request: Request) -> ChatService:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
     service = _chat(request)
+    key = await identify(request, "user")
+    asker = key.name if key is not None else None
     if body.stream:
         return TimedStreamingResponse(
-            await service.stream(body),
+            await service.stream(body, asker),
             service.settings.stream_send_timeout_s,
             media_type="text/event-stream",
         )
-    return await service.complete(body)
+    return await service.complete(body, asker)
 
 
 @router.get("/v1/models")

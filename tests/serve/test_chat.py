@@ -58,7 +58,9 @@ async def test_comparison_is_stored_with_exact_fields(
         "policy_version",
         "created",
         "sampling",
+        "asker",
     }
+    assert stored["asker"] is None  # RANKLOOP_AUTH=open: nobody is named
     assert stored["id"] == body["id"]
     assert stored["messages"] == [{"role": "user", "content": "hello world"}]
     assert stored["prompt_token_ids"] == engine.requests[0].prompt_token_ids
