@@ -26,11 +26,19 @@ class ApiError(Exception):
 
 _TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
+    409: "invalid_request_error",
+    429: "requests",  # OpenAI's type for a request quota
     403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
 }
+
+
+def error_type(status: int) -> str:
+    """OpenAI's `type` for an HTTP status."""
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 def error_response(
@@ -40,8 +48,7 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=code))
+    body = ErrorResponse(error=ErrorBody(message=message, type=error_type(status), param=param, code=code))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 

@@ -160,6 +160,8 @@ def main() -> None:
             "RANKLOOP_PORT": "8106",
             "RANKLOOP_ENGINE": "fake",
             "REDIS_URL": redis_server.url,
+            # Its load spreads ~20k rankings a run over 1000 comparisons, each from a new user: far past the cap.
+            "RANKLOOP_MAX_RANKINGS_PER_COMPARISON": "0",
         }
         bare = start(
             [sys.executable, "-m", "bench.bare_feedback", "8105"], {"PYTHONPATH": str(REPO)}, bare_url, "bench-bare.log"

@@ -172,7 +172,7 @@ def main() -> None:
     result = ppo_round(
         settings,
         config,
-        PPOOptions(rm_held_out=settings.learn_rm_held_out, bf16=bf16, device=device),
+        PPOOptions(bf16=bf16, device=device),
         show_progress=False,
         on_phase=lambda saying: print(saying, flush=True),
     )

@@ -1,7 +1,8 @@
 """The admin HTTP API under /admin/: list and show versions, promote, roll back, read the events.
 
 Protected by a bearer token from the settings (`RANKLOOP_ADMIN_TOKEN`) or, with `RANKLOOP_AUTH=keys`, an API key
-of the admin role: nothing sent -> 401, a wrong token or a key of a lower role -> 403. There is no default token:
+of the admin role: nothing sent, or an unknown or revoked key -> 401; a wrong token (without keys) or a key of a
+lower role -> 403; a change made with a key is logged under the key's name. There is no default token:
 without one configured and without keys the admin routes answer 404 saying how to enable them, and the server says
 so at start-up.
 """
@@ -75,8 +76,15 @@ async def _admin(
     auth: Auth = request.app.state.auth
     if auth.mode != "keys":
         raise ApiError(403, "wrong admin token", code="forbidden")
-    await auth.identify(request, "admin")
+    key = await auth.identify(request, "admin")
+    request.state.admin_key = key.name if key is not None else None  # the registry's `who`, not the body's
     return admin
+
+
+def _who(request: Request, said: str) -> str:
+    """Who made a change, for the registry's event log: an admin key's name, else what the token holder said."""
+    key: str | None = getattr(request.state, "admin_key", None)
+    return key or said
 
 
 async def _call(admin: Admin, fn: Any, *args: Any) -> Any:
@@ -115,15 +123,17 @@ async def show(version: str, admin: AdminDep) -> dict[str, Any]:
 
 
 @router.post("/promote", dependencies=Changes)
-async def promote_route(body: PromoteBody, admin: AdminDep) -> dict[str, Any]:
+async def promote_route(body: PromoteBody, admin: AdminDep, request: Request) -> dict[str, Any]:
     await _call(admin, sync_store, admin.registry, admin.store)
-    epoch = await _call(admin, promote, admin.registry, admin.store, body.version, body.who, body.reason, body.expected)
+    who = _who(request, body.who)
+    epoch = await _call(admin, promote, admin.registry, admin.store, body.version, who, body.reason, body.expected)
     return {"current": body.version, "epoch": epoch}
 
 
 @router.post("/rollback", dependencies=Changes)
-async def rollback_route(body: RollbackBody, admin: AdminDep) -> dict[str, Any]:
-    version, epoch = await _call(admin, rollback, admin.registry, admin.store, body.who, body.reason, body.version)
+async def rollback_route(body: RollbackBody, admin: AdminDep, request: Request) -> dict[str, Any]:
+    who = _who(request, body.who)
+    version, epoch = await _call(admin, rollback, admin.registry, admin.store, who, body.reason, body.version)
     return {"current": version, "epoch": epoch}
 
 

@@ -109,6 +109,19 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(False, description="Log a line per HTTP request (costly at thousands per second).")
 
+    # -- quotas (deploy.quota): per API key, and per client address other than this machine's; 0: none -----
+    quota_chat_per_minute: int = Field(120, ge=0, description="Chat requests a minute per key and per address.")
+    quota_tokens_per_minute: int = Field(
+        100_000, ge=0, description="Generated tokens a minute per key and per address (all candidates counted)."
+    )
+    quota_rankings_per_minute: int = Field(240, ge=0, description="Rankings a minute per key and per address.")
+    quota_demonstrations_per_minute: int = Field(
+        30, ge=0, description="Demonstrations a minute per key and per address."
+    )
+    max_rankings_per_comparison: int = Field(
+        16, ge=0, description="Rankings one comparison takes at most (from different users); 0: no cap."
+    )
+
     # -- generation -----------------------------------------------------------------------------
     default_n: int = Field(4, ge=1, le=9, description="Candidates per prompt when a request gives no `n`.")
     default_max_tokens: int = Field(256, ge=1, description="Answer length limit when a request gives none.")

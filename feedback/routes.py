@@ -16,6 +16,8 @@ from starlette.routing import Route
 
 from api.cross_site import check_json_from_own_origin
 from deploy.auth import identify
+from deploy.keys import KeyRecord
+from deploy.quota import Quotas
 from feedback.models import Accepted, DemonstrationRequest, FeedbackRequest
 from feedback.service import FeedbackService
 
@@ -54,10 +56,16 @@ def _allowed(request: Request) -> None:
     check_json_from_own_origin(request, request.app.state.allowed_origins)
 
 
+async def _quota(request: Request, key: KeyRecord | None, kind: str) -> None:
+    quotas: Quotas = request.app.state.quotas
+    await quotas.take_for(request, key.name if key is not None else None, {kind: 1})
+
+
 async def feedback(request: Request) -> Response:
     _allowed(request)
     key = await identify(request, "user")
     body = await _parse(FeedbackRequest, request)
+    await _quota(request, key, "ranking")
     return _reply(await _service(request).rank(body, key))
 
 
@@ -65,6 +73,7 @@ async def demonstrations(request: Request) -> Response:
     _allowed(request)
     key = await identify(request, "user")
     body = await _parse(DemonstrationRequest, request)
+    await _quota(request, key, "demonstration")
     return _reply(await _service(request).demonstrate(body, key))
 
 

@@ -27,12 +27,18 @@ REDIS_RETRY_AFTER_S = "5"
 
 class FeedbackService:
     def __init__(
-        self, comparisons: ComparisonStore, stream: FeedbackStream, claim_ttl_s: int, metrics: ServeMetrics
+        self,
+        comparisons: ComparisonStore,
+        stream: FeedbackStream,
+        claim_ttl_s: int,
+        metrics: ServeMetrics,
+        max_rankings: int = 0,
     ) -> None:
         self.comparisons = comparisons
         self.stream = stream
         self.claim_ttl_s = claim_ttl_s
         self.metrics = metrics
+        self.max_rankings = max_rankings  # per comparison; 0: no cap
 
     async def rank(self, request: FeedbackRequest, key: KeyRecord | None = None) -> Accepted:
         """Append a ranking; `key`, with RANKLOOP_AUTH=keys, names its user and limits what it may rank."""
@@ -46,11 +52,20 @@ class FeedbackService:
         digest = fingerprint(request.comparison_id, [sorted(tier) for tier in tiers], user)
         claims = [self.stream.claim_key("ranked", request.comparison_id, user or "")]
         embed = self.comparisons.key(request.comparison_id)
-        appended = await self._append("ranking", head, digest, claims, request, embed, top, asker)
+        owner = user if key is not None else None
+        appended = await self._append("ranking", head, digest, claims, request, embed, top, asker, owner)
         if appended.outcome == "missing":
             raise _unknown(request.comparison_id)
         if appended.outcome == "not_asker":
             raise _not_asker(request.comparison_id)
+        if appended.outcome == "full":
+            raise ApiError(
+                409,
+                f"comparison '{request.comparison_id}' already has {appended.detail} rankings, the most one "
+                "comparison takes: ask for new answers to rank",
+                "comparison_id",
+                "comparison_full",
+            )
         if appended.outcome == "out_of_range":
             raise ApiError(400, out_of_range(top, int(appended.detail)), "ranking", "invalid_ranking")
         return Accepted(
@@ -69,7 +84,8 @@ class FeedbackService:
             raise _redis_down() from exc
         digest = fingerprint(event.messages, event.answer, event.user)
         claims = [self.stream.claim_key("demo", digest)]
-        appended = await self._append("demonstration", event.model_dump_json(), digest, claims, request)
+        owner = user if key is not None else None
+        appended = await self._append("demonstration", event.model_dump_json(), digest, claims, request, owner=owner)
         return Accepted(
             id=appended.event_id,
             duplicate=appended.outcome == "duplicate",
@@ -87,18 +103,26 @@ class FeedbackService:
         embed: str | None = None,
         top: int = -1,
         asker: str = "",
+        owner: str | None = None,
     ) -> Appended:
+        """Append through the stream; `owner`, an API key's name, keeps its idempotency keys apart from others'
+        (a key holder must not be able to take, or learn of, another's)."""
         key = request.idempotency_key
+        idempotency = None
         if key is not None:
             # The client's key is checked first: reusing it for another body is the client's error to hear about.
-            claims = [self.stream.claim_key("key", key), *claims]
+            idempotency = (
+                self.stream.claim_key("key", key) if owner is None else self.stream.claim_key("key", owner, key)
+            )
+            claims = [idempotency, *claims]
         try:
-            appended = await self.stream.append(kind, data, digest, claims, self.claim_ttl_s, embed, top, asker)
+            cap = self.max_rankings if kind == "ranking" else 0
+            appended = await self.stream.append(kind, data, digest, claims, self.claim_ttl_s, embed, top, asker, cap)
         except RedisError as exc:
             raise _redis_down() from exc
         self.metrics.feedback.labels(kind, appended.outcome).inc()
         if appended.outcome == "conflict":
-            raise _conflict(appended, key)
+            raise _conflict(appended, key if appended.detail == idempotency else None)
         return appended
 
     async def _demonstration_event(
@@ -161,7 +185,8 @@ def _unknown(comparison_id: str) -> ApiError:
 
 
 def _conflict(appended: Appended, key: str | None) -> ApiError:
-    if key is not None and appended.detail.endswith(":key:" + key):
+    """409: `key`, the idempotency key when its claim was the one already held; else the ranking's."""
+    if key is not None:
         message = f"idempotency_key '{key}' was already used for a different submission (event {appended.event_id})"
         return ApiError(409, message, "idempotency_key", "idempotency_key_reused")
     message = (

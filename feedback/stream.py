@@ -26,8 +26,8 @@ CLAIM_PREFIX = "rankloop:claim:"
 # KEYS[1]: the stream; KEYS[2 .. 1+n]: claim keys (n = ARGV[5]); KEYS[2+n], when present: the comparison to embed
 # (a hash, see feedback.comparisons).
 # ARGV: ttl seconds, fingerprint, kind, event JSON (or its head, to which the comparison and "}" are added),
-# n, the largest candidate index the event names, and the name that must have asked for the comparison ("":
-# anyone may rank it).
+# n, the largest candidate index the event names, the name that must have asked for the comparison ("": anyone
+# may rank it), and the most rankings the comparison takes (0: no cap; its hash counts them in `rankings`).
 # A claim key holds "<event id> <fingerprint>". A key already held decides: the same fingerprint means a retry
 # (answer with the original id), another one a conflict. Claims are checked before the comparison, so a retry
 # still gets its original id after the comparison expired.
@@ -44,10 +44,13 @@ for i = 2, 1 + nclaims do
 end
 local data = ARGV[4]
 if #KEYS > 1 + nclaims then
-  local found = redis.call('HMGET', KEYS[#KEYS], 'k', 'json', 'asker')
+  local found = redis.call('HMGET', KEYS[#KEYS], 'k', 'json', 'asker', 'rankings')
   if not found[2] then return {'', 'missing', ''} end
   if ARGV[7] ~= '' and found[3] ~= ARGV[7] then return {'', 'not_asker', ''} end
   if tonumber(ARGV[6]) >= tonumber(found[1]) then return {'', 'out_of_range', found[1]} end
+  local cap = tonumber(ARGV[8])
+  if cap > 0 and tonumber(found[4] or '0') >= cap then return {'', 'full', ARGV[8]} end
+  if cap > 0 then redis.call('HINCRBY', KEYS[#KEYS], 'rankings', 1) end
   data = data .. found[2] .. '}'
 end
 local id = redis.call('XADD', KEYS[1], '*', 'kind', ARGV[3], 'data', data)
@@ -62,7 +65,7 @@ MAX_IN_FLIGHT = 4
 MAX_WAITING = 10_000
 APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
 
-Outcome = Literal["new", "duplicate", "conflict", "missing", "out_of_range", "not_asker"]
+Outcome = Literal["new", "duplicate", "conflict", "missing", "out_of_range", "not_asker", "full"]
 
 
 @dataclass(frozen=True)
@@ -105,17 +108,18 @@ class FeedbackStream:
         embed: str | None = None,
         max_index: int = -1,
         asker: str = "",
+        cap: int = 0,
     ) -> Appended:
         """Append one event unless a claim key already holds one; see APPEND_LUA.
 
         With `embed` (a comparison key), `data` is the head of a JSON object: the comparison is added as its last
         value, after checking that it exists, has more than `max_index` candidates and, where `asker` is given, was
-        asked for by `asker`.
+        asked for by `asker`, and has had fewer than `cap` rankings (where `cap` > 0).
         """
         if len(self._waiting) >= self.max_waiting:
             raise Backlog(f"{len(self._waiting)} feedback events already wait for Redis")
         keys = [self.stream_key, *claims, *([embed] if embed else [])]
-        call = _Call(keys, [ttl_s, fingerprint, kind, data, len(claims), max_index, asker])
+        call = _Call(keys, [ttl_s, fingerprint, kind, data, len(claims), max_index, asker, cap])
         self._waiting.append(call)
         if len(self._senders) < MAX_IN_FLIGHT:
             sender = asyncio.create_task(self._send())

@@ -65,7 +65,7 @@ def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
         device=device,
         train_layers=settings.learn_rm_train_layers,
         readout=settings.learn_rm_readout,
-        held_out=settings.learn_rm_held_out,
+        held_out=settings.learn_rm_held_out if resume_from is None else None,  # a chain keeps its split
         max_train=settings.learn_rm_max_rankings,
         seed=settings.learn_seed,
     )
@@ -191,7 +191,6 @@ class Learner:
             reward=reward,
             prompt_file=settings.learn_prompt_file,
             ptx_file=settings.learn_ptx_file,
-            rm_held_out=settings.learn_rm_held_out,
             bf16=bf16,
             device=device,
         )

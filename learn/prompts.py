@@ -95,10 +95,23 @@ def prompts_from_events(events: Iterable[RankingEvent], max_len: int) -> list[Pr
     return prompts
 
 
+def _plain(sampling: dict[str, Any]) -> bool:
+    """Sampled from the version's own distribution, unchanged."""
+    changed = (
+        sampling.get("temperature", 1.0) != 1.0,
+        sampling.get("top_p", 1.0) != 1.0,
+        sampling.get("presence_penalty", 0.0) != 0.0,
+        sampling.get("frequency_penalty", 0.0) != 0.0,
+        bool(sampling.get("json", False)),
+    )
+    return not any(changed)
+
+
 def served_from_events(events: Iterable[RankingEvent], max_prompt_len: int) -> list[Served]:
     """Each ranked comparison once (several users may rank one), prompts longer than `max_prompt_len` left out, and
-    those sampled at another temperature or top_p than 1: PPO's ratio is taken against the version's plain
-    distribution, of which answers sampled sharper or truncated are not samples (their ratios would be biased)."""
+    those sampled at another temperature or top_p than 1, with penalties or constrained to JSON: PPO's ratio is
+    taken against the version's plain distribution, of which such answers are not samples (their ratios would be
+    biased)."""
     seen: set[str] = set()
     served = []
     for event in events:
@@ -106,7 +119,7 @@ def served_from_events(events: Iterable[RankingEvent], max_prompt_len: int) -> l
         if comparison.id in seen or len(comparison.prompt_token_ids) > max_prompt_len:
             continue
         sampling = comparison.sampling  # empty in events stored before sampling was kept: the defaults
-        if sampling.get("temperature", 1.0) != 1.0 or sampling.get("top_p", 1.0) != 1.0:
+        if not _plain(sampling):
             continue
         seen.add(comparison.id)
         candidates = [c for c in comparison.candidates if c.token_ids]

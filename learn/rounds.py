@@ -37,8 +37,10 @@ StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figur
 PhaseHook = Callable[[str], None]  # what a round starts doing now, in a few words
 # Held-out ranked prompts that judge a round (the reward model's accuracy, the new policy's agreement): the newest
 # this many: with K=4 about 350 answer pairs (a 95% interval of about +-0.05 around a share), and a cost that stops
-# growing with the loop's age (each round adds a tenth of its prompts to the held-out side).
+# growing with the loop's age (each round adds its held-out share of its prompts, a fifth by default).
 JUDGED_GROUPS = 64
+LEGACY_HELD_OUT = 0.1  # the share of reward models whose cards predate the setting
+DEFAULT_HELD_OUT = 0.2  # settings.learn_rm_held_out's default
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,9 @@ class RMOptions:
     lr: float | None = None
     batch_prompts: int = 4
     max_len: int = 512
-    held_out: float = 0.2  # settings.learn_rm_held_out's default
+    # Share of prompts held out; None: a continued model keeps its chain's (with another share, prompts it trained
+    # on would be held out: the buckets nest), a new one takes the default of settings.learn_rm_held_out.
+    held_out: float | None = None
     lora: bool = False
     limit: int | None = None
     skip: int = 0
@@ -61,6 +65,11 @@ class RMOptions:
     readout: str = "last"  # how the model reads its score (learn.rl_math.sequence_scores)
     max_train: int | None = None  # train on the newest this many new ranked prompts at most; None: all
     seed: int = 0  # the new head's initialisation and the order of the batches
+
+
+def held_out_of(rewards: ModelStore, version: str) -> float:
+    """The share of ranked prompts reward model `version` (and its chain) never trained on."""
+    return float(rewards.card(version).details.get("held_out", LEGACY_HELD_OUT))
 
 
 @dataclass(frozen=True)
@@ -86,9 +95,12 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
 
     policies, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     parent: str | None
+    fraction = options.held_out if options.held_out is not None else DEFAULT_HELD_OUT
     if options.resume_from is not None:
         folder, parent = rewards.path(options.resume_from), options.resume_from
         after = rewards.card(options.resume_from).details.get("last_event_id")
+        if options.held_out is None:
+            fraction = held_out_of(rewards, options.resume_from)
     else:
         parent = options.base or policies.reference()
         if parent is None:
@@ -108,9 +120,9 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     new = load_groups(
         options.data, settings, tokenizer, options.max_len, after, options.limit, options.skip, until=until
     )
-    train, held = split(new, options.held_out)
+    train, held = split(new, fraction)
     if after is not None:  # the held-out prompts of earlier rounds still measure this one
-        _, held = split(load_groups(options.data, settings, tokenizer, options.max_len), options.held_out)
+        _, held = split(load_groups(options.data, settings, tokenizer, options.max_len), fraction)
     held = held[-JUDGED_GROUPS:]
     # Users rank faster than a round learns: the backlog of a round's length would make the next round that much
     # longer, and so on. The newest are the ones the served version wrote, PPO's own rollouts; the older stay in
@@ -147,6 +159,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         prompts=len(train),
         skipped_prompts=skipped,
         held_out_prompts=len(held),
+        held_out=fraction,
         lora=options.lora,
         metrics=str(metrics),
         eval=vars(evaluation),
@@ -168,8 +181,7 @@ class PPOOptions:
     reward: str | None = None  # reward model rNNNN (default: the latest)
     prompt_file: Path | None = None
     ptx_file: Path | None = None
-    held_out: float = 0.1  # the evaluation's prompts
-    rm_held_out: float = 0.2  # the reward model's, which judge the round (settings.learn_rm_held_out)
+    held_out: float = 0.1  # the evaluation's prompts (the reward model's own share judges the round)
     max_prompt_len: int = 384
     eval_prompts: int = 16
     eval_samples: int = 1  # answers per evaluation prompt
@@ -229,6 +241,7 @@ class RoundInputs:
     reward: str
     until: str | None  # a resumed round reads up to the same event as when it started
     checkpoint: Path
+    judging: float  # the reward model's held-out share: those prompts' rankings judge the round, PPO never sees them
 
 
 @dataclass(frozen=True)
@@ -283,7 +296,7 @@ def _ppo_round(
         options.eval_samples,
     )
     judged = judge_on_held_out_rankings(
-        settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, stored, options.rm_held_out
+        settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, stored, inputs.judging
     )
     reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held)
     clock.next("publish", "writing the new version")
@@ -311,7 +324,7 @@ def _resolve(settings: Settings, options: PPOOptions) -> RoundInputs:
     if options.fresh:
         checkpoint.unlink(missing_ok=True)
     until = agreed(lambda: _until(settings, checkpoint, parent, reward))
-    return RoundInputs(parent, reference, reward, until, checkpoint)
+    return RoundInputs(parent, reference, reward, until, checkpoint, held_out_of(rewards, reward))
 
 
 def _until(settings: Settings, checkpoint: Path, parent: str, reward: str) -> str | None:
@@ -330,7 +343,7 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
     served = []
     if config.rollouts == "served":
         served = served_comparisons(
-            settings, inputs.parent, (options.held_out, options.rm_held_out), options.max_prompt_len, inputs.until
+            settings, inputs.parent, (options.held_out, inputs.judging), options.max_prompt_len, inputs.until
         )
     torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
     models = load_models(
@@ -347,7 +360,7 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
         settings,
         models.tokenizer,
         options.prompt_file,
-        (options.held_out, options.rm_held_out),
+        (options.held_out, inputs.judging),
         options.max_prompt_len,
         inputs.until,
     )

@@ -165,7 +165,10 @@ def rm(
     held_out: Annotated[
         float | None,
         typer.Option(
-            min=0.0, max=0.9, help="Share of prompts kept for evaluation (default: RANKLOOP_LEARN_RM_HELD_OUT)."
+            min=0.0,
+            max=0.9,
+            help="Share of prompts kept for evaluation (default: RANKLOOP_LEARN_RM_HELD_OUT; with --from, the share "
+            "that model was trained with).",
         ),
     ] = None,
     lora: Annotated[bool, typer.Option("--lora/--full")] = False,
@@ -188,7 +191,8 @@ def rm(
         lr,
         batch_prompts,
         max_len,
-        settings.learn_rm_held_out if held_out is None else held_out,
+        # A new model: the setting's share; a continued one: its chain's, unless the operator says otherwise.
+        settings.learn_rm_held_out if held_out is None and resume_from is None else held_out,
         lora,
         limit,
         skip,
@@ -283,7 +287,6 @@ def ppo(
         reward=reward,
         prompt_file=prompts,
         ptx_file=ptx_data,
-        rm_held_out=settings.learn_rm_held_out,
         fresh=fresh,
         bf16=bf16,
         device=device,

@@ -62,7 +62,9 @@ def simulate(
     seed: int = 0,
     api_key: Annotated[
         str | None,
-        typer.Option(help="With RANKLOOP_AUTH=keys: a key of the rater role (default: RANKLOOP_API_KEY)."),
+        typer.Option(
+            help="With RANKLOOP_AUTH=keys: the key the users send (default: RANKLOOP_API_KEY); its quotas apply."
+        ),
     ] = None,
 ) -> None:
     """Simulated users chat and rank through the public HTTP API by a scripted preference."""

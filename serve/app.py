@@ -15,6 +15,7 @@ from deploy.admin import Admin
 from deploy.admin import router as admin_router
 from deploy.auth import Auth
 from deploy.model_store import ModelStore
+from deploy.quota import Quotas
 from deploy.redis_clients import sync_redis
 from deploy.settings import Settings
 from feedback.comparisons import ComparisonStore
@@ -43,7 +44,10 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     served = ServedVersion(served, drain_timeout_s=settings.swap_drain_timeout_s) if isinstance(served, str) else served
     app.state.served = served
     app.state.chat = ChatService(engine, comparisons, settings, metrics, served)
-    app.state.feedback = FeedbackService(comparisons, FeedbackStream(redis), settings.idempotency_ttl_s, metrics)
+    app.state.feedback = FeedbackService(
+        comparisons, FeedbackStream(redis), settings.idempotency_ttl_s, metrics, settings.max_rankings_per_comparison
+    )
+    app.state.quotas = Quotas(redis, settings)
     app.include_router(router)
     app.include_router(feedback_router)
     app.include_router(admin_router)

@@ -11,13 +11,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from api.errors import ApiError
+from api.errors import ApiError, error_type
 from api.metrics import ServeMetrics
 from api.protocol import (
     AssistantMessage,
@@ -45,6 +45,17 @@ REDIS_RETRY_AFTER_S = "5"
 Sink = Callable[[Candidate, CandidateDelta], None]  # (the candidate so far, what it just gained)
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who asked, as the route found out: the API key's name (RANKLOOP_AUTH=keys), who then may rank the
+    comparison; the quota check a valid request passes before it generates (429 when spent); and what to charge
+    with the tokens it generated, whole or cut short (deploy.quota)."""
+
+    asker: str | None = None
+    admit: Callable[[], Awaitable[None]] | None = None
+    charge: Callable[[int], Awaitable[None]] | None = None
+
+
 @dataclass
 class Prepared:
     request: ChatCompletionRequest
@@ -52,7 +63,7 @@ class Prepared:
     messages: list[dict[str, str]]
     policy_version: str
     started: float
-    asker: str | None = None  # the API key's name (RANKLOOP_AUTH=keys): who may rank the comparison
+    caller: Caller = Caller()
 
 
 class ChatService:
@@ -69,6 +80,7 @@ class ChatService:
         self.settings = settings
         self.metrics = metrics
         self.served = served
+        self._charging: set[asyncio.Task[None]] = set()
         metrics.served_version.set(int(served.version.lstrip("v") or 0))
 
     @property
@@ -76,7 +88,7 @@ class ChatService:
         return self.served.version
 
     # -- validation ---------------------------------------------------------------------------------
-    def prepare(self, request: ChatCompletionRequest, asker: str | None = None) -> Prepared:
+    def prepare(self, request: ChatCompletionRequest, caller: Caller = Caller()) -> Prepared:
         """Check the request against the model and limits; raise ApiError naming the field at fault."""
         self.served.check()  # before a stream starts: its status is still free to be 503
         if request.model not in (None, MODEL_NAME, self.policy_version):
@@ -87,7 +99,15 @@ class ChatService:
                 "model_not_found",
             )
         refuse_tools(request, self.engine.tokenizer)
-        json = json_output(request)
+        constraint = json_output(request)
+        if constraint is not None and not self.engine.supports_json:
+            raise ApiError(
+                400,
+                "this server's engine cannot constrain answers to JSON (RANKLOOP_ENGINE=hf); leave out "
+                "response_format, or serve with vLLM",
+                "response_format",
+                "unsupported_value",
+            )
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt_ids = self._tokenize(messages)
         context = self.engine.max_model_len
@@ -140,10 +160,10 @@ class ChatService:
             ignore_eos=request.ignore_eos,
             stream=request.stream,
             top_logprobs=request.top_logprobs or 0,
-            json=json,
+            json=constraint,
         )
         # The version is fixed when generation starts (ServedVersion.use), not here: a swap may come in between.
-        return Prepared(request, generation, messages, "", time.monotonic(), asker)
+        return Prepared(request, generation, messages, "", time.monotonic(), caller)
 
     def _tokenize(self, messages: list[dict[str, str]]) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -151,6 +171,14 @@ class ChatService:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids: list[int] = tokenizer(str(text), add_special_tokens=False)["input_ids"]
         return ids
+
+    async def _admitted(self, request: ChatCompletionRequest, caller: Caller) -> Prepared:
+        """A request checked against the model and limits, then against the caller's quota: an invalid request
+        costs no quota, and a request over it generates nothing."""
+        prepared = self.prepare(request, caller)
+        if caller.admit is not None:
+            await caller.admit()
+        return prepared
 
     # -- generation ---------------------------------------------------------------------------------
     async def _run(self, prepared: Prepared) -> AsyncGenerator[tuple[Candidate, CandidateDelta], None]:
@@ -169,9 +197,14 @@ class ChatService:
                         candidates[delta.index].add(delta)
                         yield candidates[delta.index], delta
         except (asyncio.CancelledError, GeneratorExit):
-            # The client went away: stop spending compute on answers nobody will read.
+            # The client went away: stop spending compute on answers nobody will read, and charge what was
+            # generated (a client that leaves before the end must not escape its token quota). Awaiting here
+            # would be cancelled in turn: the charge runs on its own.
             await asyncio.shield(self.engine.abort(gen.request_id))
+            self._charge_later(prepared, _generated(candidates))
             raise
+        else:
+            await self._charge(prepared, _generated(candidates))
         finally:
             self.metrics.in_flight.dec()
 
@@ -202,8 +235,8 @@ class ChatService:
             return False
         return True
 
-    async def complete(self, request: ChatCompletionRequest, asker: str | None = None) -> ChatCompletionResponse:
-        prepared = self.prepare(request, asker)
+    async def complete(self, request: ChatCompletionRequest, caller: Caller = Caller()) -> ChatCompletionResponse:
+        prepared = await self._admitted(request, caller)
         candidates: dict[int, Candidate] = {}
 
         def keep(candidate: Candidate, delta: CandidateDelta) -> None:
@@ -231,9 +264,9 @@ class ChatService:
             policy_version=prepared.policy_version,
         )
 
-    async def stream(self, request: ChatCompletionRequest, asker: str | None = None) -> AsyncGenerator[str, None]:
+    async def stream(self, request: ChatCompletionRequest, caller: Caller = Caller()) -> AsyncGenerator[str, None]:
         """Validate now (errors become HTTP 4xx), then return the SSE body as an async iterator."""
-        prepared = self.prepare(request, asker)
+        prepared = await self._admitted(request, caller)
         return self._sse(prepared)
 
     async def _sse(self, prepared: Prepared) -> AsyncGenerator[str, None]:
@@ -313,6 +346,20 @@ class ChatService:
             return None
         return choice_logprobs(self.engine.tokenizer, token_ids, logprobs, top, asked)
 
+    async def _charge(self, prepared: Prepared, tokens: int) -> None:
+        charge = prepared.caller.charge
+        if charge is None or tokens == 0:  # a cost of 0 would be a check, not a charge
+            return
+        try:
+            await charge(tokens)
+        except ApiError as exc:  # the answer is written: it is the caller's next request that waits
+            log.warning("%d generated tokens not charged to the quota: %s", tokens, exc.message)
+
+    def _charge_later(self, prepared: Prepared, tokens: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._charge(prepared, tokens))
+        self._charging.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._charging.discard)
+
     def _usage(self, prepared: Prepared, candidates: list[Candidate]) -> Usage:
         prompt = len(prepared.generation.prompt_token_ids)
         completion = sum(len(c.token_ids) for c in candidates)
@@ -345,13 +392,17 @@ class ChatService:
             ],
             policy_version=prepared.policy_version,
             created=time.time(),
-            asker=prepared.asker,
+            asker=prepared.caller.asker,
             sampling={
                 "temperature": gen.temperature,
                 "top_p": gen.top_p,
                 "max_tokens": gen.max_tokens,
                 "seed": gen.seed,
                 "n": gen.n,
+                # What else shaped the answers: PPO takes only plain samples of the version as its rollouts.
+                "presence_penalty": gen.presence_penalty,
+                "frequency_penalty": gen.frequency_penalty,
+                "json": gen.json is not None,
             },
         )
         try:
@@ -368,8 +419,14 @@ class ChatService:
 
 
 def _error_line(exc: ApiError) -> str:
-    """An error inside a stream already answered 200: an SSE line that says it, in OpenAI's error shape."""
-    return f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error'}})}\n\n"
+    """An error inside a stream already answered 200: an SSE line that says it, in OpenAI's error shape (the
+    status it would have had as its type: a schema the engine refuses is the client's to fix, a failed swap not)."""
+    body = {"message": exc.message, "type": error_type(exc.status), "param": exc.param, "code": exc.code}
+    return f"data: {json.dumps({'error': body})}\n\n"
+
+
+def _generated(candidates: dict[int, Candidate]) -> int:
+    return sum(len(c.token_ids) for c in candidates.values())
 
 
 def _ordered(candidates: dict[int, Candidate], n: int, cut: bool) -> list[Candidate]:

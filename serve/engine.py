@@ -85,6 +85,7 @@ class Engine(Protocol):
 
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
+    supports_json: bool  # can constrain answers to JSON (GenerationRequest.json)
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[list[CandidateDelta], None]:
         """Yield, per engine step, the deltas of the candidates that advanced. Cancelling it aborts the request."""

@@ -19,6 +19,8 @@ from serve.engine import Alternatives, CandidateDelta, GenerationRequest
 
 
 class FakeEngine:
+    supports_json = True
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_model_len: int = 2048, step_s: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len

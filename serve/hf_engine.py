@@ -33,6 +33,8 @@ def _load(folder: Path) -> Any:
 
 
 class HFEngine:
+    supports_json = False
+
     def __init__(self, folder: Path, max_model_len: int) -> None:
         from transformers import AutoTokenizer, PreTrainedTokenizerBase
 

@@ -11,7 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 from deploy.auth import identify
-from serve.chat import MODEL_NAME, ChatService
+from deploy.quota import Quotas
+from serve.chat import MODEL_NAME, Caller, ChatService
 from serve.limits import TimedStreamingResponse
 
 router = APIRouter()
@@ -25,15 +26,33 @@ def _chat(request: Request) -> ChatService:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletionResponse | Response:
     service = _chat(request)
-    key = await identify(request, "user")
-    asker = key.name if key is not None else None
+    caller = await _caller(request)
     if body.stream:
         return TimedStreamingResponse(
-            await service.stream(body, asker),
+            await service.stream(body, caller),
             service.settings.stream_send_timeout_s,
             media_type="text/event-stream",
         )
-    return await service.complete(body, asker)
+    return await service.complete(body, caller)
+
+
+async def _caller(request: Request) -> Caller:
+    """Who asks (401/403 without a fitting key), and their quota: checked once the request is valid (429 when
+    spent), charged with the tokens generated."""
+    key = await identify(request, "user")
+    name = key.name if key is not None else None
+    quotas: Quotas = request.app.state.quotas
+    holders = quotas.holders(name, request.client.host if request.client is not None else None)
+    if not holders:
+        return Caller(name)
+
+    async def admit() -> None:
+        await quotas.take(holders, {"chat": 1, "tokens": 0})
+
+    async def charge(tokens: int) -> None:
+        await quotas.take(holders, {"tokens": -tokens})
+
+    return Caller(name, admit, charge)
 
 
 @router.get("/v1/models")

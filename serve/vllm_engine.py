@@ -24,6 +24,8 @@ def configure_cpu_environment(settings: Settings) -> None:
 
 
 class VllmEngine:
+    supports_json = True  # structured outputs (xgrammar, guidance, outlines)
+
     def __init__(self, llm: Any, tokenizer: Any, max_model_len: int) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
@@ -139,6 +141,9 @@ def _delta(completion: Any, top: int) -> CandidateDelta:
             # vLLM gives the top k, plus the sampled token where it is not among them.
             ranked = sorted(position.items(), key=lambda item: -float(item[1].logprob))[:top]
             alternatives.append([(t, float(e.logprob)) for t, e in ranked])
+    missing = len(token_ids) - len(logprobs)  # never seen; a token without its figure must not fail the answer
+    logprobs += [float("nan")] * missing
+    alternatives += [[] for _ in range(missing if top else 0)]
     return CandidateDelta(
         completion.index, completion.text, token_ids, logprobs, completion.finish_reason, alternatives
     )

@@ -19,7 +19,9 @@ TOKEN = "s3cret-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _app(tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any, token: str | None) -> Any:
+def _app(
+    tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any, token: str | None, auth: str = "open"
+) -> Any:
     store = tiny_versions_store(tmp_path)
     settings = load_settings(
         max_model_len=256,
@@ -28,6 +30,7 @@ def _app(tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: A
         redis_url=redis_server.url,
         data_dir=store.root.parent,
         admin_token=token,
+        auth=auth,
     )
     return create_app(settings, FakeEngine(tokenizer, 256), redis, "v0001")
 
@@ -117,3 +120,20 @@ async def test_registry_changes_from_another_sites_page_are_refused(
         assert (await admin.get("/admin/versions", headers=AUTH)).json()["epoch"] == 1  # nothing changed
         listed = await admin.post("/admin/promote", headers={**AUTH, "origin": "https://console.example"}, json=promote)
         assert listed.json() == {"current": "v0002", "epoch": 2}  # an origin the operator allows
+
+
+async def test_an_admin_key_operates_under_its_own_name(
+    tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any
+) -> None:
+    import redis as sync_redis_module
+
+    from deploy.keys import KeyStore
+
+    keys = KeyStore(sync_redis_module.Redis.from_url(redis_server.url))
+    ops = {"Authorization": f"Bearer {keys.create('ops', 'admin')}"}
+    app = _app(tmp_path, redis, redis_server, tokenizer, None, auth="keys")  # no admin token: keys alone
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        promoted = await http.post("/admin/promote", headers=ops, json={"version": "v0002", "who": "someone-else"})
+        assert promoted.status_code == 200, promoted.text
+        events = (await http.get("/admin/events", headers=ops)).json()["events"]
+    assert [(e["action"], e["who"]) for e in events] == [("init", "rankloop"), ("promote", "ops")]

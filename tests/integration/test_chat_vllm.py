@@ -119,7 +119,7 @@ def test_answers_follow_a_json_schema(stack: Stack) -> None:
 
     schema = {
         "type": "object",
-        "properties": {"colours": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "properties": {"colours": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
         "required": ["colours"],
         "additionalProperties": False,
     }
@@ -127,7 +127,7 @@ def test_answers_follow_a_json_schema(stack: Stack) -> None:
         model="rankloop",
         messages=QUESTION,
         n=2,
-        max_tokens=64,
+        max_tokens=128,  # the schema bounds the object to about 60 tokens: every answer ends by itself
         temperature=0.8,
         response_format={"type": "json_schema", "json_schema": {"name": "colours", "schema": schema}},
     )

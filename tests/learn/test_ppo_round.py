@@ -30,6 +30,7 @@ from learn.rounds import PPOOptions, ppo_round
 from tests.learn.events import ranking_event
 from tests.tiny import tiny_llama_folder, tiny_tokenizer
 
+RM_HELD_OUT = 0.2  # r0001's held-out share, as the learner makes reward models by default
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -43,7 +44,12 @@ def make_data_dir(root: Path, offset: float = 0.25, policy: Path | None = None) 
     model, tokenizer = load_reward_model(store.path("v0001"))
     rewards = ModelStore(data / "reward_models", prefix="r")
     save_reward_model(
-        model, tokenizer, rewards, Card(version="r0001", parent="v0001", made_by="reward_model"), offset, "test"
+        model,
+        tokenizer,
+        rewards,
+        Card(version="r0001", parent="v0001", made_by="reward_model", details={"held_out": RM_HELD_OUT}),
+        offset,
+        "test",
     )
     prompts = root / "prompts.jsonl"
     rows = [json.dumps({"prompt": f"write a short poem about the sea {i}"}) for i in range(30)]
@@ -95,10 +101,13 @@ def test_long_prompts_are_left_out(tmp_path: Path) -> None:
 
 def test_served_rollouts_are_answers_sampled_from_the_plain_distribution() -> None:
     rng = random.Random(0)
-    events = [RankingEvent.model_validate_json(ranking_event(i, rng)[2]) for i in range(4)]
+    events = [RankingEvent.model_validate_json(ranking_event(i, rng)[2]) for i in range(7)]
     events[1].comparison.sampling = {"temperature": 0.7, "top_p": 1.0}
     events[2].comparison.sampling = {"temperature": 1.0, "top_p": 0.9}
     events[3].comparison.sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 64}
+    events[4].comparison.sampling = {"temperature": 1.0, "presence_penalty": 0.5}
+    events[5].comparison.sampling = {"temperature": 1.0, "frequency_penalty": -0.1}
+    events[6].comparison.sampling = {"temperature": 1.0, "json": True}  # a grammar masked the distribution
     events.append(events[0])  # ranked twice: one rollout
     assert [s.comparison_id for s in served_from_events(events, max_prompt_len=64)] == ["c0", "c3"]
 
@@ -211,9 +220,9 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
 def usable(n: int) -> int:
     """Of ranking_event's prompts q0..q(n-1): the evaluation's held-out ones, and the training ones that are not the
     reward model's held-out prompts (their rankings judge the round, so PPO never trains on them)."""
-    options = PPOOptions()
+    fraction = PPOOptions().held_out
     keys = [prompt_key([{"role": "user", "content": f"q{i}"}]) for i in range(n)]
-    return sum(is_held_out(k, options.held_out) or not is_rm_held_out(k, options.rm_held_out) for k in keys)
+    return sum(is_held_out(k, fraction) or not is_rm_held_out(k, RM_HELD_OUT) for k in keys)
 
 
 def test_the_reward_model_gate_wants_accuracy_measured_on_enough_pairs() -> None:
@@ -271,7 +280,8 @@ def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path:
     options = rm_options(settings, "r0002")
     assert (options.resume_from, options.epochs, options.lr, options.bf16) == ("r0002", 3, 5e-5, True)
     assert options.train_layers == 4  # the reward model's own, not PPO's learn_train_layers
-    assert options.held_out == 0.3
+    assert options.held_out is None  # continuing r0002: its chain's share, whatever the setting says now
+    assert rm_options(settings, None).held_out == 0.3  # a new reward model: the setting's
     default = rm_options(load_settings(data_dir=tmp_path), None)
     assert (default.epochs, default.max_train, default.train_layers) == (1, 128, 2)  # the defaults
-    assert default.held_out == PPOOptions().rm_held_out == 0.2  # the reward model judged on what PPO left out
+    assert default.held_out == RM_HELD_OUT  # a new reward model's share: the setting's default

@@ -209,6 +209,12 @@ def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     assert again.exit_code == 0, again.output
     second = rewards.card("r0002")
     assert (second.parent, second.details["prompts"], second.details["last_event_id"]) == ("r0001", 15, "1044-0")
+    assert (card.details["held_out"], second.details["held_out"]) == (0.2, 0.0)  # what each was trained with
+    with Dataset(data_dir / "feedback.sqlite3") as dataset:
+        dataset.insert([ranking_event(i, rng) for i in range(45, 60)])
+    third = runner.invoke(app, ["learn", "rm", "--from", "r0002"])  # no --held-out: the chain's share
+    assert third.exit_code == 0, third.output
+    assert (rewards.card("r0003").details["held_out"], rewards.card("r0003").details["prompts"]) == (0.0, 15)
 
 
 @pytest.mark.parametrize("readout", ["last", "mean"])

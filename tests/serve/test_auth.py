@@ -83,8 +83,8 @@ async def test_a_ranking_is_its_keys_and_only_the_asker_or_a_rater_may_rank(
     assert mismatch.status_code == 403 and mismatch.json()["error"]["param"] == "user"
     assert await redis.xlen(STREAM_KEY) == 0  # neither refusal stored anything
 
-    assert (await _rank(app_client, ann, asked)).status_code == 201
-    assert (await _rank(app_client, rita, asked, user="rita")).status_code == 201
+    assert (await _rank(app_client, ann, asked, user="ann")).status_code == 201
+    assert (await _rank(app_client, rita, asked)).status_code == 201
     events = await redis.xrange(STREAM_KEY)
     import json
 
@@ -179,3 +179,13 @@ def test_open_is_for_loopback_only(host: str, loopback: bool) -> None:
             check_exposure(settings)
         check_exposure(load_settings(host=host, auth="keys"))
         check_exposure(load_settings(host=host, auth_open_anywhere=True))
+
+
+async def test_idempotency_keys_are_each_holders_own(app_client: httpx.AsyncClient, keys: KeyStore) -> None:
+    ann, rita = keys.create("ann", "user"), keys.create("rita", "rater")
+    first, second = await _ask(app_client, ann), await _ask(app_client, rita)
+    assert (await _rank(app_client, ann, first, idempotency_key="k1")).status_code == 201
+    # The same key from another holder is theirs: neither a conflict nor a view of ann's event.
+    assert (await _rank(app_client, rita, second, idempotency_key="k1")).status_code == 201
+    reused = await _rank(app_client, ann, first, idempotency_key="k1", ranking=[0, 1])
+    assert reused.status_code == 409 and reused.json()["error"]["code"] == "idempotency_key_reused"

@@ -65,7 +65,16 @@ async def test_comparison_is_stored_with_exact_fields(
     assert stored["messages"] == [{"role": "user", "content": "hello world"}]
     assert stored["prompt_token_ids"] == engine.requests[0].prompt_token_ids
     assert stored["policy_version"] == "v0001"
-    assert stored["sampling"] == {"temperature": 0.7, "top_p": 1.0, "max_tokens": 32, "seed": 5, "n": 3}
+    assert stored["sampling"] == {
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "max_tokens": 32,
+        "seed": 5,
+        "n": 3,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "json": False,
+    }
     for candidate, choice in zip(stored["candidates"], body["choices"], strict=True):
         assert candidate["index"] == choice["index"]
         assert candidate["text"] == choice["message"]["content"]
