@@ -24,6 +24,16 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def redis_unavailable(what: str) -> ApiError:
+    """503 for a request that needs Redis to decide (`what` cannot be checked) while Redis does not answer."""
+    return ApiError(
+        503,
+        f"{what} cannot be checked (Redis unavailable); retry shortly",
+        code="redis_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
 _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",

@@ -15,7 +15,7 @@ from fastapi import Request
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.errors import ApiError
+from api.errors import ApiError, redis_unavailable
 from deploy.keys import KeyRecord, Role, lookup
 from deploy.settings import Settings
 
@@ -67,12 +67,7 @@ class Auth:
         try:
             record = await lookup(self.redis, key.strip())
         except RedisError as exc:
-            raise ApiError(
-                503,
-                "API keys cannot be checked (Redis unavailable); retry shortly",
-                code="redis_unavailable",
-                headers={"Retry-After": "5"},
-            ) from exc
+            raise redis_unavailable("API keys") from exc
         if record is None or record.revoked is not None:
             raise ApiError(
                 401,

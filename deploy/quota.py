@@ -19,7 +19,7 @@ from fastapi import Request
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from api.errors import ApiError
+from api.errors import ApiError, redis_unavailable
 from deploy.auth import is_loopback
 from deploy.settings import Settings
 
@@ -125,12 +125,7 @@ class Quotas:
         try:
             wait_ms, worst = (int(x) for x in await self._take(keys=keys, args=args))
         except RedisError as exc:
-            raise ApiError(
-                503,
-                "quotas cannot be checked (Redis unavailable); retry shortly",
-                code="redis_unavailable",
-                headers={"Retry-After": "5"},
-            ) from exc
+            raise redis_unavailable("quotas") from exc
         if wait_ms > 0:
             kind = kinds[worst - 1]
             seconds = max(1, math.ceil(wait_ms / 1000))

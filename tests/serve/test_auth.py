@@ -189,3 +189,22 @@ async def test_idempotency_keys_are_each_holders_own(app_client: httpx.AsyncClie
     assert (await _rank(app_client, rita, second, idempotency_key="k1")).status_code == 201
     reused = await _rank(app_client, ann, first, idempotency_key="k1", ranking=[0, 1])
     assert reused.status_code == 409 and reused.json()["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_keys_and_quotas_without_redis_are_a_503(unused_port: int) -> None:
+    from starlette.requests import Request
+
+    from api.errors import ApiError
+    from deploy.auth import Auth
+    from deploy.quota import Quotas
+
+    away = Redis.from_url(f"redis://127.0.0.1:{unused_port}/0", socket_connect_timeout=1)
+    request = Request({"type": "http", "headers": [(b"authorization", b"Bearer rk_x")], "app": None})
+    with pytest.raises(ApiError) as keys:
+        await Auth("keys", away).identify(request, "user")
+    with pytest.raises(ApiError) as quotas:
+        await Quotas(away, load_settings()).take(["key:ann"], {"chat": 1})
+    for refused, what in ((keys.value, "API keys"), (quotas.value, "quotas")):
+        assert (refused.status, refused.headers) == (503, {"Retry-After": "5"})
+        assert refused.message.startswith(f"{what} cannot be checked")
+    await away.aclose()
