@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.protocol import ErrorBody, ErrorResponse
 
@@ -69,6 +70,15 @@ def _field(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc]
     # pydantic names the union branch that failed ("str", "list[TextPart]"); the user wants the field.
     return ".".join(p for p in parts if not p.startswith(("list[", "str", "function-")))
+
+
+async def http_error_handler(_: Request, exc: Exception) -> JSONResponse:
+    """Errors the framework raises itself (a body that is not UTF-8 never reaches validation), in the same shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    message = str(exc.detail)
+    if "parsing the body" in message:
+        return error_response(400, "the body could not be parsed: send UTF-8 encoded JSON", None, "invalid_json")
+    return error_response(exc.status_code, message, None, None, dict(exc.headers or {}) or None)
 
 
 async def api_error_handler(_: Request, exc: Exception) -> JSONResponse:

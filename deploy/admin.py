@@ -148,5 +148,7 @@ async def events(
     ] = "-",
     count: Annotated[int, Query(description="at most this many (1 to 1000; values outside are clamped)")] = 100,
 ) -> dict[str, Any]:
+    if after != "-" and any(int(part) >= 2**64 for part in after.split("-")):
+        raise ApiError(400, f"after: {after} is beyond any stream id (each part < 2^64)", "after", "invalid_value")
     listed = await _call(admin, admin.registry.events, after, min(max(count, 1), 1000))
     return {"events": [asdict(e) for e in listed]}

@@ -83,7 +83,13 @@ for path, endpoint, model in (
     ("/v1/demonstrations", demonstrations, DemonstrationRequest),
 ):
     router.add_api_route(
-        path, endpoint, methods=["POST"], status_code=201, response_model=Accepted, openapi_extra=_body_schema(model)
+        path,
+        endpoint,
+        methods=["POST"],
+        status_code=201,
+        response_model=Accepted,
+        responses={200: {"model": Accepted, "description": "A retry of an event already accepted (`duplicate`)"}},
+        openapi_extra=_body_schema(model),
     )
 
 # ... and requests go to these plain routes, placed first in the app: FastAPI's per-request dependency solving and

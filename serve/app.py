@@ -8,9 +8,11 @@ import time
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.errors import ApiError, api_error_handler, error_response, validation_error_handler
+from api.errors import ApiError, api_error_handler, error_response, http_error_handler, validation_error_handler
 from api.metrics import RequestCounter, ServeMetrics
+from api.openapi import document
 from deploy.admin import Admin
 from deploy.admin import router as admin_router
 from deploy.auth import Auth
@@ -60,12 +62,14 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
         log.warning("admin API disabled: no RANKLOOP_ADMIN_TOKEN configured (there is no default token)")
     app.router.routes[0:0] = fast_routes
     app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     @app.exception_handler(404)
     async def not_found(request: Request, _: Exception) -> Response:
         return error_response(404, f"no route {request.method} {request.url.path}", code="not_found")
 
+    document(app)
     app.add_middleware(RequestCounter, counter=metrics.requests)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

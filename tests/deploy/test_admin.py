@@ -87,6 +87,11 @@ async def test_a_bad_event_id_is_400_naming_it(admin: httpx.AsyncClient, after: 
     assert error["param"] == "after" and "should match pattern" in error["message"]
 
 
+async def test_an_event_id_beyond_64_bits_is_400_not_a_redis_error(admin: httpx.AsyncClient) -> None:
+    response = await admin.get("/admin/events", params={"after": "94098142493396444558"}, headers=AUTH)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "after", response.text
+
+
 async def test_without_a_token_the_admin_api_is_off(
     tmp_path: Path, redis: Redis, redis_server: EmbeddedRedis, tokenizer: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
