@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 KEYS_KEY = "rankloop:keys"
+LIVE_KEY = "rankloop:keys:live"  # name → digest of its live key: HSETNX makes "one live key a name" atomic
 PREFIX = "rk_"
 Role = Literal["user", "rater", "admin"]
 ROLES: tuple[Role, ...] = ("user", "rater", "admin")
@@ -64,11 +66,14 @@ class KeyStore:
         """A new key for `name` (which no live key may have); returns the key, which nothing keeps."""
         if role not in ROLES:
             raise KeyError_(f"role '{role}' is not one of {', '.join(ROLES)}")
-        if any(r.name == name and r.revoked is None for r in self.records()):
-            raise KeyError_(f"'{name}' already has a key: revoke it first, or choose another name")
+        if not re.match(NAME_PATTERN, name):
+            raise KeyError_(f"name '{name}': use 1 to 64 letters, digits and . _ @ -")
         key = PREFIX + secrets.token_urlsafe(32)
+        # Claim the name first: of two operators creating one name at once, one gets it and the other hears so.
+        if not self.redis.hsetnx(LIVE_KEY, name, digest(key)):
+            raise KeyError_(f"'{name}' already has a key: revoke it first, or choose another name")
         record = KeyRecord(name, role, time.time(), hint=key[: len(PREFIX) + 4])
-        self.redis.hsetnx(KEYS_KEY, digest(key), json.dumps(asdict(record)))
+        self.redis.hset(KEYS_KEY, digest(key), json.dumps(asdict(record)))
         return key
 
     def revoke(self, name: str) -> int:
@@ -79,6 +84,7 @@ class KeyStore:
             if record.name == name and record.revoked is None:
                 self.redis.hset(KEYS_KEY, found, json.dumps({**asdict(record), "revoked": time.time()}))
                 revoked += 1
+        self.redis.hdel(LIVE_KEY, name)
         if not revoked:
             raise KeyError_(f"no live key named '{name}' (`rankloop keys list` shows them)")
         return revoked

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import re
 from typing import Annotated
 
 import typer
@@ -11,7 +10,7 @@ from redis.exceptions import RedisError
 from rich.console import Console
 from rich.table import Table
 
-from deploy.keys import NAME_PATTERN, KeyError_, KeyStore, Role
+from deploy.keys import KeyError_, KeyStore, Role
 from deploy.redis_clients import sync_redis
 from rankloop.console import fail, settings_or_exit
 
@@ -37,8 +36,6 @@ def create(
     ] = "user",
 ) -> None:
     """Make a key and print it once: it is stored only as a hash."""
-    if not re.match(NAME_PATTERN, name):
-        raise fail(f"name '{name}': use 1 to 64 letters, digits and . _ @ -", 2)
     try:
         key = _store().create(name, role)
     except KeyError_ as exc:

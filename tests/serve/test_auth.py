@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from typer.testing import CliRunner
 
 from deploy.auth import ExposedError, check_exposure, is_loopback
-from deploy.keys import KEYS_KEY, KeyStore, digest
+from deploy.keys import KEYS_KEY, LIVE_KEY, KeyStore, digest
 from deploy.redis_server import EmbeddedRedis
 from deploy.settings import load_settings
 from feedback.stream import STREAM_KEY
@@ -126,7 +126,7 @@ async def test_the_admin_api_wants_an_admin_key(app_client: httpx.AsyncClient, k
 
 
 def test_keys_are_stored_hashed_and_listed_with_their_history(keys: KeyStore) -> None:
-    keys.redis.delete(KEYS_KEY)
+    keys.redis.delete(KEYS_KEY, LIVE_KEY)
     key = keys.create("ann", "rater")
     assert key.startswith("rk_") and len(key) > 40
     raw = keys.redis.hgetall(KEYS_KEY)
@@ -145,7 +145,7 @@ def test_the_cli_prints_the_key_alone_on_stdout(redis_server: EmbeddedRedis, mon
     from rankloop.cli import app
 
     monkeypatch.setenv("RANKLOOP_REDIS_URL", redis_server.url)
-    sync_redis_module.Redis.from_url(redis_server.url).delete(KEYS_KEY)
+    sync_redis_module.Redis.from_url(redis_server.url).delete(KEYS_KEY, LIVE_KEY)
     runner = CliRunner()
     made = runner.invoke(app, ["keys", "create", "sim", "--role", "rater"])
     assert made.exit_code == 0, made.output
@@ -154,7 +154,8 @@ def test_the_cli_prints_the_key_alone_on_stdout(redis_server: EmbeddedRedis, mon
     listed = runner.invoke(app, ["keys", "list"])
     assert "sim" in listed.stdout and "rater" in listed.stdout and key not in listed.stdout
     assert runner.invoke(app, ["keys", "revoke", "sim"]).exit_code == 0
-    assert runner.invoke(app, ["keys", "create", "bad name"]).exit_code == 2
+    refused = runner.invoke(app, ["keys", "create", "bad name"])
+    assert refused.exit_code == 1 and "use 1 to 64 letters" in refused.output
 
 
 @pytest.mark.parametrize(
