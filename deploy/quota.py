@@ -84,11 +84,13 @@ class Quotas:
         }
         self._take = redis.register_script(TAKE_LUA)
 
-    async def take_for(self, request: Request, key_name: str | None, costs: dict[str, int]) -> list[str]:
-        """`take` for an HTTP request's holders; returns them, to charge the same ones later."""
-        holders = self.holders(key_name, request.client.host if request.client is not None else None)
-        await self.take(holders, costs)
-        return holders
+    async def take_for(self, request: Request, key_name: str | None, costs: dict[str, int]) -> None:
+        """`take` from an HTTP request's holders."""
+        await self.take(self.holders_of(request, key_name), costs)
+
+    def holders_of(self, request: Request, key_name: str | None) -> list[str]:
+        """`holders` of an HTTP request: its key's name, else the address it came from."""
+        return self.holders(key_name, request.client.host if request.client is not None else None)
 
     @staticmethod
     def holders(key_name: str | None, address: str | None) -> list[str]:

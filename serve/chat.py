@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -201,10 +201,10 @@ class ChatService:
             # generated (a client that leaves before the end must not escape its token quota). Awaiting here
             # would be cancelled in turn: the charge runs on its own.
             await asyncio.shield(self.engine.abort(gen.request_id))
-            self._charge_later(prepared, _generated(candidates))
+            self._charge_later(prepared, _generated(candidates.values()))
             raise
         else:
-            await self._charge(prepared, _generated(candidates))
+            await self._charge(prepared, _generated(candidates.values()))
         finally:
             self.metrics.in_flight.dec()
 
@@ -362,14 +362,14 @@ class ChatService:
 
     def _usage(self, prepared: Prepared, candidates: list[Candidate]) -> Usage:
         prompt = len(prepared.generation.prompt_token_ids)
-        completion = sum(len(c.token_ids) for c in candidates)
+        completion = _generated(candidates)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def _finish(self, prepared: Prepared, candidates: list[Candidate], store: bool = True) -> None:
         """Count the request; keep its comparison unless a swap cut it short (half-written answers are not
         what users should rank)."""
         self.metrics.prompt_tokens.inc(len(prepared.generation.prompt_token_ids))
-        self.metrics.completion_tokens.inc(sum(len(c.token_ids) for c in candidates))
+        self.metrics.completion_tokens.inc(_generated(candidates))
         self.metrics.latency.labels("chat").observe(time.monotonic() - prepared.started)
         if store and prepared.generation.n >= 2:
             await self._store(prepared, candidates)
@@ -425,8 +425,9 @@ def _error_line(exc: ApiError) -> str:
     return f"data: {json.dumps({'error': body})}\n\n"
 
 
-def _generated(candidates: dict[int, Candidate]) -> int:
-    return sum(len(c.token_ids) for c in candidates.values())
+def _generated(candidates: Iterable[Candidate]) -> int:
+    """Answer tokens written: the usage, the metric and the quota's charge count the same."""
+    return sum(len(c.token_ids) for c in candidates)
 
 
 def _ordered(candidates: dict[int, Candidate], n: int, cut: bool) -> list[Candidate]:

@@ -42,7 +42,7 @@ async def _caller(request: Request) -> Caller:
     key = await identify(request, "user")
     name = key.name if key is not None else None
     quotas: Quotas = request.app.state.quotas
-    holders = quotas.holders(name, request.client.host if request.client is not None else None)
+    holders = quotas.holders_of(request, name)
     if not holders:
         return Caller(name)
 
