@@ -320,8 +320,15 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
 
 
 def label(preference: str, settings: dict[str, str]) -> str:
-    """A run's name: the preference, and `-control` where PPO's reward was replaced by 0."""
-    return preference.replace(":", "-") + ("-control" if settings.get("LEARN_REWARD") == "zero" else "")
+    """A run's name: the preference, `-control` where PPO's reward was replaced by 0, and each other setting the
+    run changed (`-learn_ppo_iterations-4`), so that a trial of a setting keeps the default run's folder and section."""
+    changed = "".join(
+        f"-{key.lower()}-{value}"
+        for key, value in sorted(settings.items())
+        if key != "LEARN_REWARD" and DEFAULT_SETTINGS.get(key) != value
+    )
+    control = "-control" if settings.get("LEARN_REWARD") == "zero" else ""
+    return preference.replace(":", "-") + control + changed.replace("/", "_")
 
 
 def report(record: dict[str, Any], data: Path) -> None:
