@@ -35,6 +35,27 @@ def redis_unavailable(what: str) -> ApiError:
     )
 
 
+REDIS_FULL_RETRY_AFTER_S = "30"
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether Redis refused a write for want of memory (its maxmemory reached under `noeviction`), as a command's
+    error (`OOM ...`) or a script's (its message carries the command's)."""
+    return "OOM command not allowed" in str(exc)
+
+
+def redis_full(what: str) -> ApiError:
+    """503 for a write Redis refused, full: nothing was stored, and nothing stored was evicted to make room."""
+    return ApiError(
+        503,
+        f"{what} could not be stored: Redis is full (its maxmemory is reached, and it evicts nothing); retry later. "
+        "Operators: see `rankloop feedback stats` (a stopped learner leaves the stream unconsumed) and raise "
+        "RANKLOOP_REDIS_MAXMEMORY if memory allows",
+        code="redis_full",
+        headers={"Retry-After": REDIS_FULL_RETRY_AFTER_S},
+    )
+
+
 _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",

@@ -223,7 +223,8 @@ def render(runs: list[WrkResult], accepted: int, stored: int, steal: float, args
             "same 2 cores as wrk and Redis.",
             "- The feedback consumer (`rankloop feedback consume`) runs throughout, as `rankloop up` runs it, moving "
             "events into the SQLite dataset; after the runs it is stopped and the stream drained.",
-            "- rankloop: validate, then one Lua call (claims, comparison lookup and embedding, XADD) on the embedded "
+            "- rankloop: validate, then one Lua call (claims, comparison lookup, the comparison streamed before its "
+            "first ranking, XADD) on the embedded "
             "Redis with AOF everysec; calls that arrive while earlier ones are on the wire go together in one pipeline "
             "(up to 4 pipelines in flight).",
             "",

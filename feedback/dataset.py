@@ -1,8 +1,10 @@
-"""The durable feedback dataset: every accepted event once, in SQLite (WAL), keyed by its stream id.
+"""The durable feedback dataset: every accepted event once, in SQLite (WAL), keyed by its stream id, and every
+ranked comparison once, keyed by its id.
 
 The consumer writes here before it acknowledges the stream, so an event is acknowledged only once it is
-on disk; `INSERT OR IGNORE` on the event id makes a redelivered event a no-op instead of a duplicate. Events are
-checked against their contract (feedback.events) before they are written and read back as typed objects.
+on disk; `INSERT OR IGNORE` on the event id (on the comparison id) makes a redelivered entry a no-op instead of a
+duplicate. Entries are checked against their contract (feedback.events) before they are written; rankings are read
+back joined with their comparisons, as typed objects.
 """
 
 from __future__ import annotations
@@ -13,7 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from feedback.events import DemonstrationEvent, EventError, RankingEvent, about, read_event
+from feedback.events import (
+    Comparison,
+    ComparisonEvent,
+    DemonstrationEvent,
+    EventError,
+    RankingEvent,
+    RankingRecord,
+    about,
+    joined,
+    read_event,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +42,12 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_order ON events (ms, seq);
 CREATE INDEX IF NOT EXISTS events_kind ON events (kind, ms, seq);
+CREATE TABLE IF NOT EXISTS comparisons (  -- each ranked comparison once, however many rankings name it
+    id TEXT PRIMARY KEY,           -- the comparison's id (the chat completion's)
+    event_id TEXT NOT NULL,        -- the stream entry that brought it
+    policy_version TEXT,
+    data TEXT NOT NULL             -- the comparison as JSON (feedback.events.Comparison)
+);
 CREATE TABLE IF NOT EXISTS rejected (  -- entries that broke the contract, kept with the reason
     id TEXT PRIMARY KEY,
     kind TEXT NOT NULL,
@@ -69,22 +87,35 @@ class Dataset:
         self.close()
 
     def insert(self, events: list[tuple[str, str, str]]) -> int:
-        """Write (id, kind, data JSON) rows in one transaction; return how many events were new.
+        """Write (id, kind, data JSON) stream entries in one transaction; return how many events were new (a
+        comparison entry goes to the comparisons table and is not counted).
 
         An entry that breaks the contract (feedback.events) goes to the `rejected` table with the reason instead:
         kept for an operator, and never in the way of the consumer, which would otherwise stop on it at every
         redelivery, nor of the learner."""
-        rows, rejected = [], []
+        rows, comparisons, rejected = [], [], []
         for event_id, kind, data in events:
             try:
-                rows.append(_row(event_id, kind, data))
+                entry = read_event(event_id, kind, data)
             except EventError as exc:
                 log.error("%s; kept in the rejected table", exc)
                 rejected.append((event_id, kind, data, str(exc)))
+                continue
+            if isinstance(entry, ComparisonEvent):
+                comparison = entry.comparison
+                comparisons.append((comparison.id, event_id, comparison.policy_version, comparison.model_dump_json()))
+            else:
+                rows.append(_row(event_id, kind, entry, data))
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            # Comparisons first: a ranking of the same batch takes its policy version from its comparison.
+            self.db.executemany("INSERT OR IGNORE INTO comparisons VALUES (?, ?, ?, ?)", comparisons)
             before = self.db.total_changes
-            self.db.executemany("INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.executemany(
+                "INSERT OR IGNORE INTO events VALUES (?, ?, ?, ?, ?, ?, "
+                "COALESCE(?, (SELECT policy_version FROM comparisons WHERE id = ?)), ?)",
+                rows,
+            )
             added = self.db.total_changes - before
             self.db.executemany("INSERT OR IGNORE INTO rejected VALUES (?, ?, ?, ?)", rejected)
             self.db.execute("COMMIT")
@@ -106,6 +137,9 @@ class Dataset:
     def counts(self) -> dict[str, int]:
         return {kind: n for kind, n in self.db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind")}
 
+    def comparison_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM comparisons").fetchone()[0])
+
     def ids(self, kind: str | None = None) -> list[str]:
         """Event ids in stream order, optionally of one kind (nothing decoded)."""
         where, args = _where(kind, None, None)
@@ -119,11 +153,25 @@ class Dataset:
         self, kind: str | None = None, after: str | None = None, until: str | None = None
     ) -> Iterator[StoredEvent]:
         """Typed events in stream order, optionally of one kind, optionally only those after event id `after` and
-        up to event id `until` (included)."""
+        up to event id `until` (included); a ranking joined with its comparison. A ranking whose comparison is not
+        here yet (another consumer of the group still holds it) is passed over, with a warning."""
         where, args = _where(kind, after, until)
-        query = f"SELECT id, kind, data FROM events WHERE {where} ORDER BY ms, seq"
-        for event_id, event_kind, data in self.db.execute(query, args):
-            yield StoredEvent(event_id, event_kind, read_event(event_id, event_kind, data))
+        query = (
+            "SELECT e.id, e.kind, e.data, c.data FROM events e "
+            f"LEFT JOIN comparisons c ON e.kind = 'ranking' AND c.id = e.comparison_id WHERE {where} ORDER BY ms, seq"
+        )
+        missing = 0
+        for event_id, event_kind, data, comparison in self.db.execute(query, args):
+            event = read_event(event_id, event_kind, data)
+            if isinstance(event, RankingRecord):
+                if comparison is None:
+                    missing += 1
+                    continue
+                event = joined(event, Comparison.model_validate_json(comparison))
+            assert not isinstance(event, ComparisonEvent)  # never stored among the events
+            yield StoredEvent(event_id, event_kind, event)
+        if missing:
+            log.warning("%d rankings passed over: their comparisons are not in the dataset yet", missing)
 
     def rankings(self, after: str | None = None, until: str | None = None) -> Iterator[tuple[str, RankingEvent]]:
         """(id, event) of the ranking events, as `events` chooses them."""
@@ -159,8 +207,11 @@ def _where(kind: str | None, after: str | None, until: str | None) -> tuple[str,
     return " AND ".join(conditions), args
 
 
-def _row(event_id: str, kind: str, data: str) -> tuple[object, ...]:
+def _row(
+    event_id: str, kind: str, event: RankingRecord | RankingEvent | DemonstrationEvent, data: str
+) -> tuple[object, ...]:
+    """The events table's row; its policy version, where None, is looked up from the comparison id (the last
+    but one value) on insert."""
     ms, seq = event_order(event_id)
-    event = read_event(event_id, kind, data)
     comparison_id, policy_version = about(event)
-    return event_id, ms, seq, kind, comparison_id, event.user, policy_version, data
+    return event_id, ms, seq, kind, comparison_id, event.user, policy_version, comparison_id, data

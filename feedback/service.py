@@ -13,16 +13,17 @@ import time
 
 from redis.exceptions import RedisError
 
-from api.errors import ApiError
+from api.errors import ApiError, out_of_memory, redis_full
 from api.metrics import ServeMetrics
 from deploy.keys import KeyRecord
 from feedback.comparisons import ComparisonStore
-from feedback.events import DemonstrationEvent, ranking_head
+from feedback.events import SCHEMA_VERSION, DemonstrationEvent, RankingRecord
 from feedback.models import Accepted, DemonstrationRequest, FeedbackRequest, fingerprint
 from feedback.ranking import RankingError, out_of_range, pairs, to_tiers
 from feedback.stream import Appended, FeedbackStream
 
 REDIS_RETRY_AFTER_S = "5"
+BACKLOG_RETRY_AFTER_S = "30"
 
 
 class FeedbackService:
@@ -48,12 +49,14 @@ class FeedbackService:
         except RankingError as exc:
             raise ApiError(400, str(exc), "ranking", "invalid_ranking") from exc
         top = max(index for tier in tiers for index in tier)
-        head = ranking_head(tiers, user, time.time())
+        record = RankingRecord(ranking=tiers, user=user, created=time.time(), comparison_id=request.comparison_id)
         digest = fingerprint(request.comparison_id, [sorted(tier) for tier in tiers], user)
         claims = [self.stream.claim_key("ranked", request.comparison_id, user or "")]
         embed = self.comparisons.key(request.comparison_id)
         owner = user if key is not None else None
-        appended = await self._append("ranking", head, digest, claims, request, embed, top, asker, owner)
+        appended = await self._append(
+            "ranking", record.model_dump_json(), digest, claims, request, embed, top, asker, owner
+        )
         if appended.outcome == "missing":
             raise _unknown(request.comparison_id)
         if appended.outcome == "not_asker":
@@ -119,10 +122,12 @@ class FeedbackService:
             cap = self.max_rankings if kind == "ranking" else 0
             appended = await self.stream.append(kind, data, digest, claims, self.claim_ttl_s, embed, top, asker, cap)
         except RedisError as exc:
-            raise _redis_down() from exc
+            raise redis_full(f"the {kind}") if out_of_memory(exc) else _redis_down() from exc
         self.metrics.feedback.labels(kind, appended.outcome).inc()
         if appended.outcome == "conflict":
             raise _conflict(appended, key if appended.detail == idempotency else None)
+        if appended.outcome == "backlog":
+            raise _backlog(int(appended.detail))
         return appended
 
     async def _demonstration_event(
@@ -139,6 +144,7 @@ class FeedbackService:
             assert request.messages is not None  # the model validator allows exactly one of the two
             messages, version = [{"role": m.role, "content": m.text()} for m in request.messages], None
         return DemonstrationEvent(
+            schema_version=SCHEMA_VERSION,
             messages=messages,
             answer=request.answer,
             user=user,
@@ -194,6 +200,17 @@ def _conflict(appended: Appended, key: str | None) -> ApiError:
         "a ranking cannot be changed once accepted"
     )
     return ApiError(409, message, "ranking", "already_ranked")
+
+
+def _backlog(length: int) -> ApiError:
+    return ApiError(
+        503,
+        f"feedback is paused: {length} events wait in Redis for the learner's consumer to store them, the most it "
+        "keeps; retry later. Operators: is the learner (or `rankloop feedback consume`) running? See "
+        "`rankloop feedback stats`",
+        code="feedback_backlog",
+        headers={"Retry-After": BACKLOG_RETRY_AFTER_S},
+    )
 
 
 def _redis_down() -> ApiError:

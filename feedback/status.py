@@ -10,6 +10,18 @@ from deploy.redis_server import as_text
 from feedback.consumer import GROUP
 from feedback.stream import STREAM_KEY
 
+BACKLOG_WARNING_SHARE = 0.8
+
+
+def backlog_warning(length: int, bound: int) -> str | None:
+    """A warning when the stream holds more than BACKLOG_WARNING_SHARE of its bound (feedback.stream)."""
+    if not bound or length <= BACKLOG_WARNING_SHARE * bound:
+        return None
+    return (
+        f"the feedback stream holds {length} entries of at most {bound}: at the bound feedback is refused (503); "
+        "is the learner (or `rankloop feedback consume`) running?"
+    )
+
 
 @dataclass(frozen=True)
 class StreamStatus:

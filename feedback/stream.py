@@ -19,18 +19,22 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from deploy.redis_server import as_text
+from feedback.events import comparison_head
 
 STREAM_KEY = "rankloop:feedback"
 CLAIM_PREFIX = "rankloop:claim:"
 
-# KEYS[1]: the stream; KEYS[2 .. 1+n]: claim keys (n = ARGV[5]); KEYS[2+n], when present: the comparison to embed
-# (a hash, see feedback.comparisons).
-# ARGV: ttl seconds, fingerprint, kind, event JSON (or its head, to which the comparison and "}" are added),
-# n, the largest candidate index the event names, the name that must have asked for the comparison ("": anyone
-# may rank it), and the most rankings the comparison takes (0: no cap; its hash counts them in `rankings`).
+# KEYS[1]: the stream; KEYS[2 .. 1+n]: claim keys (n = ARGV[5]); KEYS[2+n], when present: the comparison a ranking
+# ranks (a hash, see feedback.comparisons).
+# ARGV: ttl seconds, fingerprint, kind, event JSON, n, the largest candidate index the event names, the name that
+# must have asked for the comparison ("": anyone may rank it), the most rankings the comparison takes (0: no cap;
+# its hash counts them in `rankings`), the most entries the stream may hold (0: no bound), and the head of a
+# comparison entry (feedback.events.comparison_head).
 # A claim key holds "<event id> <fingerprint>". A key already held decides: the same fingerprint means a retry
-# (answer with the original id), another one a conflict. Claims are checked before the comparison, so a retry
-# still gets its original id after the comparison expired.
+# (answer with the original id), another one a conflict. Claims are checked before the bound and the comparison,
+# so a retry still gets its original id after the comparison expired or while the stream is full.
+# A comparison's first ranking streams the comparison itself first (its JSON spliced in, never decoded here), and
+# the hash remembers that entry's id in `streamed`: later rankings name the comparison and add nothing else.
 APPEND_LUA = """
 local nclaims = tonumber(ARGV[5])
 for i = 2, 1 + nclaims do
@@ -42,18 +46,27 @@ for i = 2, 1 + nclaims do
     return {string.sub(held, 1, sep - 1), status, KEYS[i]}
   end
 end
-local data = ARGV[4]
+local bound = tonumber(ARGV[9])
+if bound > 0 then
+  local length = redis.call('XLEN', KEYS[1])
+  if length >= bound then return {'', 'backlog', tostring(length)} end
+end
 if #KEYS > 1 + nclaims then
-  local found = redis.call('HMGET', KEYS[#KEYS], 'k', 'json', 'asker', 'rankings')
-  if not found[2] then return {'', 'missing', ''} end
+  local comparison = KEYS[#KEYS]
+  local found = redis.call('HMGET', comparison, 'k', 'streamed', 'asker', 'rankings')
+  if not found[1] then return {'', 'missing', ''} end
   if ARGV[7] ~= '' and found[3] ~= ARGV[7] then return {'', 'not_asker', ''} end
   if tonumber(ARGV[6]) >= tonumber(found[1]) then return {'', 'out_of_range', found[1]} end
   local cap = tonumber(ARGV[8])
   if cap > 0 and tonumber(found[4] or '0') >= cap then return {'', 'full', ARGV[8]} end
-  if cap > 0 then redis.call('HINCRBY', KEYS[#KEYS], 'rankings', 1) end
-  data = data .. found[2] .. '}'
+  if cap > 0 then redis.call('HINCRBY', comparison, 'rankings', 1) end
+  if not found[2] then
+    local json = redis.call('HGET', comparison, 'json')
+    local streamed = redis.call('XADD', KEYS[1], '*', 'kind', 'comparison', 'data', ARGV[10] .. json .. '}')
+    redis.call('HSET', comparison, 'streamed', streamed)
+  end
 end
-local id = redis.call('XADD', KEYS[1], '*', 'kind', ARGV[3], 'data', data)
+local id = redis.call('XADD', KEYS[1], '*', 'kind', ARGV[3], 'data', ARGV[4])
 for i = 2, 1 + nclaims do
   redis.call('SET', KEYS[i], id .. ' ' .. ARGV[2], 'EX', ARGV[1])
 end
@@ -64,15 +77,18 @@ MAX_IN_FLIGHT = 4
 # refused at once (a 503 to its client) instead of joining a queue that grows without end.
 MAX_WAITING = 10_000
 APPEND_SHA = hashlib.sha1(APPEND_LUA.encode()).hexdigest()
+COMPARISON_HEAD = comparison_head()
 
-Outcome = Literal["new", "duplicate", "conflict", "missing", "out_of_range", "not_asker", "full"]
+Outcome = Literal["new", "duplicate", "conflict", "missing", "out_of_range", "not_asker", "full", "backlog"]
 
 
 @dataclass(frozen=True)
 class Appended:
     event_id: str  # empty when nothing was appended and no earlier event decided (missing, out_of_range)
     outcome: Outcome
-    detail: str  # the claim key behind a duplicate or conflict; the candidate count behind out_of_range
+    # the claim key behind a duplicate or conflict; the candidate count behind out_of_range; the stream's length
+    # behind backlog
+    detail: str
 
 
 class Backlog(RedisError):
@@ -87,10 +103,16 @@ class _Call:
 
 
 class FeedbackStream:
-    def __init__(self, redis: Redis, stream_key: str = STREAM_KEY, max_waiting: int = MAX_WAITING) -> None:
+    def __init__(
+        self, redis: Redis, stream_key: str = STREAM_KEY, max_waiting: int = MAX_WAITING, max_backlog: int = 0
+    ) -> None:
+        """`max_backlog`: the most entries the stream holds (0: no bound). The consumer trims what it stored, so
+        the stream holds what it has not stored yet: while it is down, appends are refused beyond the bound
+        (outcome `backlog`) instead of filling Redis."""
         self.redis = redis
         self.stream_key = stream_key
         self.max_waiting = max_waiting
+        self.max_backlog = max_backlog
         self._waiting: list[_Call] = []
         self._senders: set[asyncio.Task[None]] = set()
 
@@ -112,14 +134,17 @@ class FeedbackStream:
     ) -> Appended:
         """Append one event unless a claim key already holds one; see APPEND_LUA.
 
-        With `embed` (a comparison key), `data` is the head of a JSON object: the comparison is added as its last
-        value, after checking that it exists, has more than `max_index` candidates and, where `asker` is given, was
-        asked for by `asker`, and has had fewer than `cap` rankings (where `cap` > 0).
+        With `embed` (a comparison key), the event ranks that comparison: it is appended after checking that the
+        comparison exists, has more than `max_index` candidates and, where `asker` is given, was asked for by
+        `asker`, and has had fewer than `cap` rankings (where `cap` > 0); the comparison itself goes on the stream
+        just before its first ranking.
         """
         if len(self._waiting) >= self.max_waiting:
             raise Backlog(f"{len(self._waiting)} feedback events already wait for Redis")
         keys = [self.stream_key, *claims, *([embed] if embed else [])]
-        call = _Call(keys, [ttl_s, fingerprint, kind, data, len(claims), max_index, asker, cap])
+        args: list[str | int] = [ttl_s, fingerprint, kind, data, len(claims), max_index, asker, cap]
+        args += [self.max_backlog, COMPARISON_HEAD]
+        call = _Call(keys, args)
         self._waiting.append(call)
         if len(self._senders) < MAX_IN_FLIGHT:
             sender = asyncio.create_task(self._send())

@@ -13,7 +13,7 @@ from rich.console import Console
 from deploy.auth import ExposedError, check_exposure
 from deploy.launcher import CoreBudget, Launcher, core_budget
 from deploy.model_store import ModelStore, StoreError
-from deploy.redis_server import EmbeddedRedis, RedisDataError
+from deploy.redis_server import EmbeddedRedis, RedisDataError, maxmemory_bytes
 from deploy.settings import Settings, redact_url
 from rankloop.console import fail, settings_or_exit
 from rankloop.feedback_cli import app as feedback_app
@@ -62,7 +62,7 @@ def _exposure_checked(settings: Settings) -> Settings:
 
 
 def _start_redis(settings: Settings) -> EmbeddedRedis:
-    server = EmbeddedRedis(settings.redis_dir, settings.redis_port)
+    server = EmbeddedRedis(settings.redis_dir, settings.redis_port, maxmemory=maxmemory_bytes(settings.redis_maxmemory))
     try:
         server.start()
     except RedisDataError as exc:

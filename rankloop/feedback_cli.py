@@ -14,11 +14,12 @@ import typer
 from rich.console import Console
 
 from deploy.redis_clients import sync_redis
+from deploy.redis_server import memory_warning
 from deploy.settings import Settings
 from feedback.consumer import FeedbackConsumer, default_consumer_name
 from feedback.dataset import Dataset
 from feedback.export import Format, preference_rows, sft_row, write_rows
-from feedback.status import stream_status
+from feedback.status import backlog_warning, stream_status
 from rankloop.console import settings_or_exit
 
 app = typer.Typer(help="The feedback pipeline: rankings and demonstrations.", no_args_is_help=True)
@@ -54,23 +55,41 @@ def consume(once: Annotated[bool, typer.Option("--once", help="Store what is the
 
 @app.command()
 def stats(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False) -> None:
-    """Counts in the dataset by kind, and the stream's length, pending entries and lag."""
+    """Counts in the dataset by kind; the stream's length against its bound, pending entries and lag; Redis's
+    memory against its limit."""
     settings = settings_or_exit()
     dataset = Dataset(settings.dataset_path)
-    stream = stream_status(sync_redis(settings))
+    client = sync_redis(settings)
+    stream, memory = stream_status(client), client.info("memory")
     counts, rejected = {"ranking": 0, "demonstration": 0, **dataset.counts()}, len(dataset.rejected())
-    figures = {"dataset": counts, "rejected": rejected, "stream": asdict(stream)}
+    bound, compared = settings.feedback_max_backlog, dataset.comparison_count()
+    used, limit = int(memory["used_memory"]), int(memory.get("maxmemory", 0))
+    warnings = [w for w in (memory_warning(memory), backlog_warning(stream.length, bound)) if w]
+    figures = {
+        "dataset": counts,
+        "comparisons": compared,
+        "rejected": rejected,
+        "stream": {**asdict(stream), "max_backlog": bound},
+        "redis_memory": {"used_bytes": used, "max_bytes": limit},
+        "warnings": warnings,
+    }
     if as_json:
         print(json.dumps(figures))
         return
     print(f"dataset   {settings.dataset_path}")
     for kind, count in counts.items():
         print(f"  {kind + 's':<16}{count}")
+    print(f"  {'comparisons':<16}{compared} (each stored once, however many rankings name it)")
     if rejected:
         print(f"  {'rejected':<16}{rejected} (entries that broke the event contract; see the log)")
     print("stream")
-    print(f"  {'length':<16}{stream.length}\n  {'pending':<16}{stream.pending}\n  {'lag':<16}{stream.lag}")
+    share = f" of at most {bound} ({stream.length / bound:.0%})" if bound else " (no bound)"
+    print(f"  {'length':<16}{stream.length}{share}\n  {'pending':<16}{stream.pending}\n  {'lag':<16}{stream.lag}")
     print(f"  {'consumers':<16}{stream.consumers}")
+    print("redis")
+    print(f"  {'memory':<16}{used / 1024**2:.1f} MiB" + (f" of {limit / 1024**2:.0f} MiB" if limit else " (no limit)"))
+    for warning in warnings:
+        print(f"warning: {warning}")
 
 
 @app.command()

@@ -47,7 +47,11 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     app.state.served = served
     app.state.chat = ChatService(engine, comparisons, settings, metrics, served)
     app.state.feedback = FeedbackService(
-        comparisons, FeedbackStream(redis), settings.idempotency_ttl_s, metrics, settings.max_rankings_per_comparison
+        comparisons,
+        FeedbackStream(redis, max_backlog=settings.feedback_max_backlog),
+        settings.idempotency_ttl_s,
+        metrics,
+        settings.max_rankings_per_comparison,
     )
     app.state.quotas = Quotas(redis, settings)
     app.include_router(router)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
-from api.errors import ApiError, error_type
+from api.errors import ApiError, error_type, out_of_memory, redis_full
 from api.metrics import ServeMetrics
 from api.protocol import (
     AssistantMessage,
@@ -409,6 +409,8 @@ class ChatService:
             await self.comparisons.put(comparison)
         except RedisError as exc:
             log.error("could not store comparison %s: %s", gen.request_id, exc)
+            if out_of_memory(exc):
+                raise redis_full("the answers (to rank)") from exc
             raise ApiError(
                 503,
                 "the answers could not be stored for ranking (Redis unavailable); retry shortly",

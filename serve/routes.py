@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from api.protocol import ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList
 from deploy.auth import identify
 from deploy.quota import Quotas
+from deploy.redis_server import memory_warning
 from serve.chat import MODEL_NAME, Caller, ChatService
 from serve.limits import TimedStreamingResponse
 
@@ -66,8 +67,10 @@ async def models(request: Request) -> ModelList:
 async def healthz(request: Request) -> JSONResponse:
     service = _chat(request)
     engine_ok = await service.engine.healthy()
+    memory: dict[str, Any] | None = None
     try:
         redis_ok = bool(await service.comparisons.redis.ping())
+        memory = await service.comparisons.redis.info("memory")
     except Exception:  # any failure to reach Redis is "down" for the operator
         redis_ok = False
     engine_ok = engine_ok and service.served.broken is None  # running, but on weights no version names
@@ -79,6 +82,12 @@ async def healthz(request: Request) -> JSONResponse:
         "epoch": service.served.epoch,
         "swap_error": service.served.broken or service.served.last_error,
     }
+    if memory is not None:
+        limit = int(memory.get("maxmemory", 0))
+        body["redis_memory"] = {"used_bytes": int(memory["used_memory"]), "max_bytes": limit}
+        warning = memory_warning(memory)
+        if warning is not None:  # a warning, not a failure: Redis still takes writes
+            body["warnings"] = [warning]
     if service.served.last_swap is not None:
         body["last_swap"] = asdict(service.served.last_swap)
     return JSONResponse(body, status_code=200 if engine_ok and redis_ok else 503)

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from deploy.settings import load_settings
-from feedback.events import RankingEvent
+from feedback.events import ComparisonEvent, RankingRecord
 from serve.app import create_app
 from serve.fake_engine import FakeEngine
 
@@ -24,13 +24,18 @@ async def comparison(client: httpx.AsyncClient, n: int = 4) -> dict[str, Any]:
     return body
 
 
+async def kinds(redis: Redis) -> list[str]:
+    """The kinds of the stream's entries, in order: a comparison's first ranking streams the comparison before it."""
+    return [e["kind"] for e in await stream_events(redis)]
+
+
 async def stream_events(redis: Redis) -> list[dict[str, Any]]:
     return [
         {"id": i.decode(), "kind": f[b"kind"].decode(), **json.loads(f[b"data"])} for i, f in await redis.xrange(STREAM)
     ]
 
 
-async def test_a_ranking_becomes_one_self_contained_event(client: httpx.AsyncClient, redis: Redis) -> None:
+async def test_a_ranking_streams_its_comparison_once_and_then_names_it(client: httpx.AsyncClient, redis: Redis) -> None:
     served = await comparison(client)
     response = await client.post(
         "/v1/feedback", json={"comparison_id": served["id"], "ranking": [[2], [0, 3], 1], "user": "ann"}
@@ -39,16 +44,23 @@ async def test_a_ranking_becomes_one_self_contained_event(client: httpx.AsyncCli
     body = response.json()
     # 2 beats 0 and 3 (2 pairs), 0 and 3 tie (none), both beat 1 (2), 2 beats 1 (1): 5 pairs.
     assert body == {"id": body["id"], "duplicate": False, "kind": "ranking", "comparison_id": served["id"], "pairs": 5}
-    [event] = await stream_events(redis)
-    assert set(event) == {"id", "kind", "schema_version", "ranking", "user", "created", "comparison"}
-    assert event["id"] == body["id"] and event["kind"] == "ranking"
-    assert event["ranking"] == [[2], [0, 3], [1]] and event["user"] == "ann"
-    # The comparison travels whole: prompt, candidate texts, token ids, logprobs, policy version.
-    assert event["comparison"] == json.loads(await redis.hget(f"rankloop:comparison:{served['id']}", "json"))
-    assert event["comparison"]["messages"] == ASK["messages"] and event["comparison"]["policy_version"] == "v0001"
-    texts = [c["text"] for c in event["comparison"]["candidates"]]
+    second = await client.post("/v1/feedback", json={"comparison_id": served["id"], "ranking": [1, 0], "user": "bo"})
+    assert second.status_code == 201
+    entry, event, other = await stream_events(redis)
+    # The comparison travels whole, once, before its first ranking: prompt, texts, token ids, logprobs, version.
+    assert entry["kind"] == "comparison" and entry["id"] < event["id"]
+    assert entry["comparison"] == json.loads(await redis.hget(f"rankloop:comparison:{served['id']}", "json"))
+    assert entry["comparison"]["messages"] == ASK["messages"] and entry["comparison"]["policy_version"] == "v0001"
+    texts = [c["text"] for c in entry["comparison"]["candidates"]]
     assert texts == [c["message"]["content"] for c in served["choices"]]
-    RankingEvent.model_validate(event, strict=False)  # the learner's model of it reads it back
+    assert await redis.hget(f"rankloop:comparison:{served['id']}", "streamed") == entry["id"].encode()
+    # Each ranking names it.
+    assert set(event) == {"id", "kind", "schema_version", "ranking", "user", "created", "comparison_id"}
+    assert event["id"] == body["id"] and event["kind"] == "ranking" and event["schema_version"] == 2
+    assert event["ranking"] == [[2], [0, 3], [1]] and event["user"] == "ann" and event["comparison_id"] == served["id"]
+    assert other["ranking"] == [[1], [0]] and other["user"] == "bo" and other["comparison_id"] == served["id"]
+    RankingRecord.model_validate(event, strict=False)  # the dataset's model of it reads it back
+    ComparisonEvent.model_validate(entry, strict=False)
 
 
 async def test_a_retry_returns_the_original_event(client: httpx.AsyncClient, redis: Redis) -> None:
@@ -58,7 +70,7 @@ async def test_a_retry_returns_the_original_event(client: httpx.AsyncClient, red
     again = await client.post("/v1/feedback", json={**ranking, "ranking": [3, 1, [0], 2]})  # same order, other form
     assert first.status_code == 201 and again.status_code == 200
     assert again.json() == {**first.json(), "duplicate": True}
-    assert await redis.xlen(STREAM) == 1
+    assert await kinds(redis) == ["comparison", "ranking"]
 
 
 async def test_ranking_again_differently_is_a_conflict(client: httpx.AsyncClient, redis: Redis) -> None:
@@ -68,10 +80,10 @@ async def test_ranking_again_differently_is_a_conflict(client: httpx.AsyncClient
     assert other.status_code == 409
     error = other.json()["error"]
     assert error["code"] == "already_ranked" and first.json()["id"] in error["message"]
-    assert await redis.xlen(STREAM) == 1
+    assert await kinds(redis) == ["comparison", "ranking"]
     # Another user may rank the same comparison.
     third = await client.post("/v1/feedback", json={"comparison_id": served["id"], "ranking": [1, 0], "user": "d"})
-    assert third.status_code == 201 and await redis.xlen(STREAM) == 2
+    assert third.status_code == 201 and await kinds(redis) == ["comparison", "ranking", "ranking"]
 
 
 async def test_an_idempotency_key_reused_for_another_body_is_refused(client: httpx.AsyncClient, redis: Redis) -> None:
@@ -89,7 +101,7 @@ async def test_an_idempotency_key_reused_for_another_body_is_refused(client: htt
     assert reused.status_code == 409
     assert reused.json()["error"]["code"] == "idempotency_key_reused"
     assert reused.json()["error"]["param"] == "idempotency_key"
-    assert await redis.xlen(STREAM) == 1
+    assert await kinds(redis) == ["comparison", "ranking"]
 
 
 @pytest.mark.parametrize("key", [None, "retry-7"])
@@ -102,7 +114,7 @@ async def test_concurrent_duplicates_make_exactly_one_event(
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 39 + [201]
     assert len({r.json()["id"] for r in responses}) == 1
-    assert await redis.xlen(STREAM) == 1
+    assert await kinds(redis) == ["comparison", "ranking"]
 
 
 async def test_bad_rankings_are_refused_by_name_and_nothing_is_written(client: httpx.AsyncClient, redis: Redis) -> None:
@@ -214,4 +226,4 @@ async def test_feedback_not_sent_as_json_or_from_another_sites_page_is_refused_a
     assert await stream_events(redis) == []  # nothing of the refused three was recorded
     own_page = await client.post("/v1/feedback", json=ranking, headers={"origin": "http://test"})
     assert own_page.status_code == 201
-    assert [e["kind"] for e in await stream_events(redis)] == ["ranking"]
+    assert await kinds(redis) == ["comparison", "ranking"]

@@ -31,12 +31,15 @@ async def test_rankings_flow_from_the_api_to_an_export(client: httpx.AsyncClient
 
     stats = json.loads(runner.invoke(app, ["feedback", "stats", "--json"]).stdout)
     assert stats["dataset"] == {"ranking": 0, "demonstration": 0}
-    assert stats["stream"]["lag"] == 3 and stats["stream"]["length"] == 3
+    # Each comparison streamed once before its ranking, then the two rankings and the demonstration.
+    assert stats["stream"]["lag"] == 5 and stats["stream"]["length"] == 5
+    assert stats["stream"]["max_backlog"] == 20_000 and stats["warnings"] == []
 
     consumed = runner.invoke(app, ["feedback", "consume", "--once"])
     assert consumed.exit_code == 0, consumed.output
     stats = json.loads(runner.invoke(app, ["feedback", "stats", "--json"]).stdout)
     assert stats["dataset"] == {"ranking": 2, "demonstration": 1} and stats["rejected"] == 0
+    assert stats["comparisons"] == 2
     assert (stats["stream"]["pending"], stats["stream"]["lag"]) == (0, 0)
 
     out = env / "pairs.jsonl"

@@ -1,5 +1,6 @@
-"""The event contract: what the server writes is what the dataset and the learner read back, typed; what breaks
-the contract is never stored; events stored before `schema_version` existed still read."""
+"""The event contract: what the server writes is what the dataset and the learner read back, typed; a comparison
+is kept once however many rankings name it; what breaks the contract is never stored; events stored under schema 1
+(a ranking with its comparison inside) and before `schema_version` existed still read."""
 
 import json
 from pathlib import Path
@@ -9,11 +10,13 @@ import pytest
 from feedback.dataset import Dataset
 from feedback.events import (
     Comparison,
+    ComparisonEvent,
     DemonstrationEvent,
     EventError,
     RankingEvent,
+    RankingRecord,
     StoredCandidate,
-    ranking_head,
+    comparison_head,
     read_event,
 )
 from tests.feedback.helpers import demonstration_json
@@ -32,20 +35,78 @@ COMPARISON = Comparison(
 )
 
 
-def spliced(head: str, comparison: Comparison) -> str:
-    """What the append script makes of a ranking: the head, the comparison's stored JSON verbatim, a brace."""
-    return head + comparison.model_dump_json() + "}"
+def spliced(comparison: Comparison) -> str:
+    """What the append script streams before a comparison's first ranking: the head, the stored JSON, a brace."""
+    return comparison_head() + comparison.model_dump_json() + "}"
 
 
-def test_a_ranking_written_by_the_head_and_the_splice_reads_back_typed(tmp_path: Path) -> None:
-    data = spliced(ranking_head([[1], [0]], "ann", 99.0), COMPARISON)
-    expected = RankingEvent(ranking=[[1], [0]], user="ann", created=99.0, comparison=COMPARISON)
-    assert read_event("5-0", "ranking", data) == expected and expected.schema_version == 1
+def record(user: str | None, created: float = 99.0, ranking: list[list[int]] | None = None) -> str:
+    tiers = ranking or [[1], [0]]
+    return RankingRecord(ranking=tiers, user=user, created=created, comparison_id=COMPARISON.id).model_dump_json()
+
+
+def embedded(user: str | None, created: float) -> str:
+    """A ranking as schema 1 stored it: the comparison inside."""
+    return json.dumps(
+        {
+            "kind": "ranking",
+            "schema_version": 1,
+            "ranking": [[1], [0]],
+            "user": user,
+            "created": created,
+            "comparison": json.loads(COMPARISON.model_dump_json()),
+        }
+    )
+
+
+def test_a_comparison_and_its_ranking_read_back_joined(tmp_path: Path) -> None:
+    assert read_event("4-0", "comparison", spliced(COMPARISON)) == ComparisonEvent(comparison=COMPARISON)
+    expected = RankingEvent(schema_version=2, ranking=[[1], [0]], user="ann", created=99.0, comparison=COMPARISON)
     with Dataset(tmp_path / "d.sqlite") as dataset:
-        dataset.insert([("5-0", "ranking", data)])
+        assert dataset.insert([("4-0", "comparison", spliced(COMPARISON)), ("5-0", "ranking", record("ann"))]) == 1
         assert list(dataset.rankings()) == [("5-0", expected)]
+        # The index columns of a ranking that names its comparison: its policy version is the comparison's.
         row = dataset.db.execute("SELECT comparison_id, user, policy_version FROM events").fetchone()
         assert row == ("chatcmpl-1", "ann", "v0003")
+
+
+def test_a_comparison_is_stored_once_however_many_rank_it(tmp_path: Path) -> None:
+    with Dataset(tmp_path / "d.sqlite") as dataset:
+        dataset.insert([("4-0", "comparison", spliced(COMPARISON)), ("5-0", "ranking", record("ann"))])
+        # A second user's ranking, then the whole batch redelivered: one comparison, two rankings.
+        dataset.insert([("6-0", "ranking", record("bob", 100.0, [[0], [1]]))])
+        assert dataset.insert([("4-0", "comparison", spliced(COMPARISON)), ("5-0", "ranking", record("ann"))]) == 0
+        assert dataset.comparison_count() == 1 and dataset.counts() == {"ranking": 2}
+        events = [event for _, event in dataset.rankings()]
+        assert [(e.user, e.ranking, e.comparison) for e in events] == [
+            ("ann", [[1], [0]], COMPARISON),
+            ("bob", [[0], [1]], COMPARISON),
+        ]
+        [stored] = dataset.db.execute("SELECT length(data) FROM events WHERE user = 'bob'").fetchone()
+        assert stored < 200  # the ranking alone: the comparison is not copied into it
+
+
+def test_a_ranking_whose_comparison_has_not_arrived_is_passed_over_until_it_does(tmp_path: Path) -> None:
+    with Dataset(tmp_path / "d.sqlite") as dataset:
+        dataset.insert([("5-0", "ranking", record("ann"))])  # another consumer still holds the comparison
+        assert list(dataset.rankings()) == [] and dataset.count("ranking") == 1
+        dataset.insert([("4-0", "comparison", spliced(COMPARISON))])
+        assert [event_id for event_id, _ in dataset.rankings()] == ["5-0"]
+        row = dataset.db.execute("SELECT policy_version FROM events").fetchone()
+        assert row == (None,)  # looked up when the ranking was written: the index column stays empty
+
+
+def test_a_schema_1_ranking_with_its_comparison_inside_still_reads(tmp_path: Path) -> None:
+    expected = RankingEvent(ranking=[[1], [0]], user="ann", created=99.0, comparison=COMPARISON)
+    assert read_event("5-0", "ranking", embedded("ann", 99.0)) == expected and expected.schema_version == 1
+    with Dataset(tmp_path / "d.sqlite") as dataset:
+        dataset.insert([("5-0", "ranking", embedded("ann", 99.0)), ("7-0", "ranking", record("bob"))])
+        dataset.insert([("6-0", "comparison", spliced(COMPARISON))])
+        events = list(dataset.rankings())
+        assert [(i, e.user, e.schema_version, e.comparison) for i, e in events] == [
+            ("5-0", "ann", 1, COMPARISON),
+            ("7-0", "bob", 2, COMPARISON),
+        ]
 
 
 def test_an_event_stored_before_schema_version_still_reads(tmp_path: Path) -> None:
@@ -69,9 +130,13 @@ def test_an_event_stored_before_schema_version_still_reads(tmp_path: Path) -> No
     ("kind", "data", "says"),
     [
         ("ranking", "{}", "kind"),
-        ("ranking", json.dumps({"kind": "ranking", "ranking": [[0]], "user": None, "created": 1.0}), "comparison"),
-        ("demonstration", spliced(ranking_head([[0], [1]], None, 1.0), COMPARISON), "filed as demonstration"),
-        ("ranking", json.dumps({"kind": "ranking", "schema_version": 2}), "schema_version"),
+        ("ranking", json.dumps({"kind": "ranking", "ranking": [[0]], "user": None, "created": 1.0}), "comparison_id"),
+        ("demonstration", record(None), "filed as demonstration"),
+        ("demonstration", spliced(COMPARISON), "filed as demonstration"),
+        ("ranking", json.dumps(json.loads(embedded(None, 1.0)) | {"schema_version": 3}), "schema_version"),
+        ("ranking", json.dumps(json.loads(record(None)) | {"schema_version": 1}), "schema_version"),
+        ("comparison", json.dumps({"kind": "comparison", "schema_version": 2}), "comparison"),
+        ("ranking", json.dumps({"kind": "vote"}), "`kind` must be one of"),
         ("ranking", "not json", "invalid"),
     ],
 )
@@ -88,8 +153,7 @@ def test_an_event_that_breaks_the_contract_is_set_aside(tmp_path: Path, kind: st
 
 
 def test_count_after_an_event_is_done_in_sql(tmp_path: Path) -> None:
-    data = spliced(ranking_head([[1], [0]], None, 1.0), COMPARISON)
     with Dataset(tmp_path / "d.sqlite") as dataset:
-        dataset.insert([(f"{ms}-{seq}", "ranking", data) for ms, seq in [(9, 5), (9, 10), (10, 0)]])
+        dataset.insert([(f"{ms}-{seq}", "ranking", record(None)) for ms, seq in [(9, 5), (9, 10), (10, 0)]])
         assert [dataset.count("ranking", after) for after in (None, "9-5", "9-10", "10-0")] == [3, 2, 1, 0]
         assert dataset.count("demonstration") == 0

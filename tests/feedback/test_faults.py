@@ -120,7 +120,7 @@ async def test_a_redis_that_stops_answering_fails_requests_in_time_and_counts_no
             assert again.status_code in (200, 201), again.text  # 200: a duplicate of the append that ran late
             assert again.json()["duplicate"] == (again.status_code == 200)
             events = await redis.xrange(STREAM_KEY)
-            assert [e[1][b"kind"] for e in events] == [b"ranking"]  # one ranking, not two
+            assert [e[1][b"kind"] for e in events] == [b"comparison", b"ranking"]  # one ranking, not two
     finally:
         await redis.aclose()
         server.kill()

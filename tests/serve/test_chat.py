@@ -167,7 +167,9 @@ async def test_models_healthz_and_metrics(client: httpx.AsyncClient) -> None:
     models = (await client.get("/v1/models")).json()
     assert models["object"] == "list"
     assert [(m["id"], m["policy_version"]) for m in models["data"]] == [("rankloop", "v0001")]
-    assert (await client.get("/healthz")).json() == {
+    health = (await client.get("/healthz")).json()
+    memory = health.pop("redis_memory")
+    assert health == {
         "status": "ok",
         "engine": "ok",
         "redis": "ok",
@@ -175,6 +177,8 @@ async def test_models_healthz_and_metrics(client: httpx.AsyncClient) -> None:
         "epoch": 0,
         "swap_error": None,
     }
+    # The shared test server runs with a quarter of this machine's memory as its limit, and uses little of it.
+    assert 0 < memory["used_bytes"] < 0.8 * memory["max_bytes"]
     await client.post("/v1/chat/completions", json={**ASK, "n": 2})
     await client.post("/v1/chat/completions", json={**ASK, "n": 10})
     text = (await client.get("/metrics")).text

@@ -59,7 +59,7 @@ async def test_a_keys_rankings_are_counted_and_the_one_over_is_not_stored(
             body = {"comparison_id": comparison_id, "ranking": [0, 1]}
             assert (await http.post("/v1/feedback", json=body, headers=headers)).status_code == 201
         _over(await http.post("/v1/feedback", json={"comparison_id": asked[2], "ranking": [0, 1]}, headers=headers))
-    assert await redis.xlen(STREAM_KEY) == 2
+    assert await redis.xlen(STREAM_KEY) == 4  # two rankings, each after its comparison
 
 
 async def test_an_address_is_counted_and_this_machine_is_not(engine: FakeEngine, redis: Redis) -> None:
@@ -98,7 +98,7 @@ async def test_a_comparison_takes_a_capped_number_of_rankings(engine: FakeEngine
         ]
     assert [r.status_code for r in sent] == [201, 201, 409, 200]  # the last: a's retry, recognised as before
     assert sent[2].json()["error"]["code"] == "comparison_full"
-    assert await redis.xlen(STREAM_KEY) == 2
+    assert await redis.xlen(STREAM_KEY) == 3  # the comparison once, two rankings
 
 
 async def test_a_bucket_refills_at_its_rate(redis: Redis) -> None:
