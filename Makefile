@@ -12,6 +12,7 @@ run: venv
 	$(BIN)/rankloop up
 
 test: venv
+	@bash deploy/install_chromium.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports

@@ -35,6 +35,9 @@ WHOLE_TEXT = BeforeValidator(_whole_text)
 Text = Annotated[str, WHOLE_TEXT]
 
 
+MAX_N = 9  # candidates a request may ask for (n)
+
+
 class _Strict(BaseModel):
     # Unknown fields are refused by name rather than ignored: a misspelt `max_token` silently ignored
     # would produce answers of an unexpected length.
@@ -98,7 +101,7 @@ ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Fie
 class ChatCompletionRequest(_Strict):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     model: str | None = None
-    n: int | None = Field(None, ge=1, le=9)
+    n: int | None = Field(None, ge=1, le=MAX_N)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)

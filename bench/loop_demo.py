@@ -36,10 +36,10 @@ from redis import Redis  # noqa: E402
 
 from bench.report import machine, write_section  # noqa: E402
 from deploy.launcher import stop_group, wait_healthy  # noqa: E402
+from deploy.learner_status import read_status  # noqa: E402
 from deploy.model_store import ModelStore  # noqa: E402
 from deploy.registry import Registry  # noqa: E402
 from deploy.settings import load_settings  # noqa: E402
-from learn.daemon import read_status  # noqa: E402
 
 RANKLOOP = [sys.executable, "-m", "rankloop"]
 PORTS = {"RANKLOOP_PORT": "8790", "RANKLOOP_REDIS_PORT": "6790", "RANKLOOP_LEARN_METRICS_PORT": "8791"}

@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="Answer length limit when a request gives none.")
     max_tokens_limit: int = Field(1024, ge=1, description="Largest `max_tokens` a request may ask for.")
     comparison_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long a comparison stays rankable.")
+    web_show_versions: bool = Field(
+        False,
+        description="The chat page names the version that wrote each answer. Off by default: a rater who knows "
+        "which version wrote an answer ranks the label, not the answer.",
+    )
 
     # -- feedback -------------------------------------------------------------------------------
     idempotency_ttl_s: int = Field(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from redis import Redis
 
-from deploy.redis_server import as_text
+from deploy.redis_server import as_text, memory_warning
 from feedback.consumer import GROUP
+from feedback.dataset import Dataset
 from feedback.stream import STREAM_KEY
 
 BACKLOG_WARNING_SHARE = 0.8
@@ -51,3 +54,21 @@ def _count_after(redis: Redis, stream: str, last_id: str, page: int = 1000) -> i
         last: bytes | str = entries[-1][0]  # type: ignore[assignment]  # an entry id is never None
         start = "(" + as_text(last)
     return count
+
+
+def health(redis: Redis, dataset_path: Path, max_backlog: int) -> dict[str, Any]:
+    """The pipeline's figures, as `rankloop feedback stats --json` prints them and the console shows them: counts in
+    the dataset by kind, the stream against its bound, Redis's memory against its limit, and warnings."""
+    with Dataset(dataset_path) as dataset:
+        counts = {"ranking": 0, "demonstration": 0, **dataset.counts()}
+        compared, rejected = dataset.comparison_count(), len(dataset.rejected())
+    stream, memory = stream_status(redis), redis.info("memory")
+    warnings = [w for w in (memory_warning(memory), backlog_warning(stream.length, max_backlog)) if w]
+    return {
+        "dataset": counts,
+        "comparisons": compared,
+        "rejected": rejected,
+        "stream": {**asdict(stream), "max_backlog": max_backlog},
+        "redis_memory": {"used_bytes": int(memory["used_memory"]), "max_bytes": int(memory.get("maxmemory", 0))},
+        "warnings": warnings,
+    }

@@ -10,69 +10,26 @@ runs/, the evaluations under evals/ and the registry's events.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.model_store import ModelStore
 from deploy.registry import Event
 from deploy.settings import Settings
+from feedback.history import PPO_FIGURES, LearningHistory, Series, learning_history, win_rate_files
 from lab.judge import Judgement
-
-Series = list[tuple[float, float]]  # (unix time, value)
 
 
 @dataclass
-class History:
-    rankings: Series = field(default_factory=list)  # cumulative count
-    rm_accuracy: Series = field(default_factory=list)
-    ppo: dict[str, Series] = field(default_factory=dict)  # figure -> points
-    win_rates: dict[str, Series] = field(default_factory=dict)  # preference -> points (version's creation time)
-    win_labels: dict[str, list[str]] = field(default_factory=dict)
+class History(LearningHistory):
     events: list[Event] = field(default_factory=list)
     latest: Judgement | None = None
 
 
-PPO_PLOTS = {
-    "reward": "mean reward (PPO rollouts)",
-    "kl_per_answer": "KL to the reference per answer",
-    "ptx_loss": "ptx loss",
-    "answer_length": "answer length (tokens)",
-}
-
-
-def ranking_times(settings: Settings) -> Series:
-    from feedback.dataset import Dataset
-
-    if not settings.dataset_path.is_file():
-        return []
-    with Dataset(settings.dataset_path) as dataset:
-        stamps = sorted(int(event_id.split("-")[0]) / 1000 for event_id in dataset.ids("ranking"))
-    return [(t, float(n)) for n, t in enumerate(stamps, start=1)]
-
-
 def collect(settings: Settings, events: list[Event]) -> History:
-    history = History(rankings=ranking_times(settings), events=events)
-    rewards = ModelStore(settings.reward_store_dir, prefix="r")
-    for version in rewards.versions():
-        card = rewards.card(version)
-        accuracy = card.details.get("eval", {}).get("accuracy")
-        if isinstance(accuracy, float) and accuracy == accuracy:  # NaN: nothing was held out
-            history.rm_accuracy.append((card.created, accuracy))
-    for log in sorted((settings.data_dir / "runs").glob("*-ppo-*.jsonl")):
-        for row in map(json.loads, log.read_text().splitlines()):
-            for figure in PPO_PLOTS:
-                if figure in row:
-                    history.ppo.setdefault(figure, []).append((row["time"], row[figure]))
-    store = ModelStore(settings.store_dir)
-    comparisons = [Judgement.read(p) for p in sorted((settings.data_dir / "evals").glob("*-vs-v0001-*.json"))]
-    for comparison in sorted(comparisons, key=lambda c: c.created):
-        when = store.card(comparison.a).created if comparison.a in store.versions() else comparison.created
-        history.win_rates.setdefault(comparison.preference, []).append((when, comparison.win_rate.rate))
-        history.win_labels.setdefault(comparison.preference, []).append(comparison.a)
-        history.latest = comparison
-    for series in (*history.ppo.values(), *history.win_rates.values()):
-        series.sort()
+    history = History(**vars(learning_history(settings)), events=events)
+    files = win_rate_files(settings.data_dir)
+    judged = sorted((Judgement.read(p) for p in files), key=lambda j: j.created)
+    history.latest = judged[-1] if judged else None
     return history
 
 
@@ -87,7 +44,7 @@ def plot(history: History, folder: Path, origin: float) -> list[tuple[str, str]]
         ("rankings.png", "rankings received", history.rankings),
         ("rm_accuracy.png", "reward model held-out accuracy", history.rm_accuracy),
     ]
-    charts += [(f"ppo_{k}.png", title, history.ppo.get(k, [])) for k, title in PPO_PLOTS.items()]
+    charts += [(f"ppo_{k}.png", title, history.ppo.get(k, [])) for k, title in PPO_FIGURES.items()]
     charts += [
         (f"win_rate_{i}.png", f"win rate vs v0001 ({name})", points)
         for i, (name, points) in enumerate(history.win_rates.items())

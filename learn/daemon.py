@@ -27,6 +27,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
+from deploy.learner_status import STATUS_KEY
 from deploy.model_store import ModelStore
 from deploy.promotion import promote
 from deploy.registry import Registry
@@ -42,7 +43,6 @@ from learn.rounds import PPOOptions, PPOResult, RMOptions, RMResult, ppo_round, 
 from learn.sources import count_rankings
 from learn.trainlog import MetricsLog
 
-STATUS_KEY = "rankloop:learner:status"
 log = logging.getLogger("rankloop.learner")
 
 
@@ -277,8 +277,3 @@ def _brief(evaluation: PolicyEval) -> dict[str, Any]:
         "degenerate": evaluation.degenerate,
         "truncated": evaluation.truncated,
     }
-
-
-def read_status(redis: Redis) -> dict[str, Any] | None:
-    raw = redis.get(STATUS_KEY)
-    return json.loads(raw) if raw else None

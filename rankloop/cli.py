@@ -101,7 +101,9 @@ def up() -> None:
         launcher.rankloop("feedback consumer", "feedback", "consume")
         if settings.learn_enabled:
             launcher.rankloop("learner", "learn", env={**os.environ, **budget.learner})
-        console.print(f"serving on http://{settings.host}:{settings.port} once the engine is ready; Ctrl-C stops")
+        url = f"http://{settings.host}:{settings.port}"
+        console.print(f"serving on {url} once the engine is ready (chat and rank: {url}/, the console: {url}/console)")
+        console.print("Ctrl-C stops the stack")
         ended = launcher.wait_any()
         code = ended.process.returncode
         console.print(f"[red]{ended.name} exited with {code}; stopping the stack[/]")

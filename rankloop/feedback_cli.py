@@ -6,7 +6,6 @@ import json
 import logging
 import signal
 import threading
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -14,12 +13,11 @@ import typer
 from rich.console import Console
 
 from deploy.redis_clients import sync_redis
-from deploy.redis_server import memory_warning
 from deploy.settings import Settings
 from feedback.consumer import FeedbackConsumer, default_consumer_name
 from feedback.dataset import Dataset
 from feedback.export import Format, preference_rows, sft_row, write_rows
-from feedback.status import backlog_warning, stream_status
+from feedback.status import health
 from rankloop.console import settings_or_exit
 
 app = typer.Typer(help="The feedback pipeline: rankings and demonstrations.", no_args_is_help=True)
@@ -58,21 +56,11 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON o
     """Counts in the dataset by kind; the stream's length against its bound, pending entries and lag; Redis's
     memory against its limit."""
     settings = settings_or_exit()
-    dataset = Dataset(settings.dataset_path)
     client = sync_redis(settings)
-    stream, memory = stream_status(client), client.info("memory")
-    counts, rejected = {"ranking": 0, "demonstration": 0, **dataset.counts()}, len(dataset.rejected())
-    bound, compared = settings.feedback_max_backlog, dataset.comparison_count()
-    used, limit = int(memory["used_memory"]), int(memory.get("maxmemory", 0))
-    warnings = [w for w in (memory_warning(memory), backlog_warning(stream.length, bound)) if w]
-    figures = {
-        "dataset": counts,
-        "comparisons": compared,
-        "rejected": rejected,
-        "stream": {**asdict(stream), "max_backlog": bound},
-        "redis_memory": {"used_bytes": used, "max_bytes": limit},
-        "warnings": warnings,
-    }
+    figures = health(client, settings.dataset_path, settings.feedback_max_backlog)
+    counts, stream = figures["dataset"], figures["stream"]
+    bound, compared, rejected = stream["max_backlog"], figures["comparisons"], figures["rejected"]
+    used, limit = figures["redis_memory"]["used_bytes"], figures["redis_memory"]["max_bytes"]
     if as_json:
         print(json.dumps(figures))
         return
@@ -83,12 +71,12 @@ def stats(as_json: Annotated[bool, typer.Option("--json", help="Print one JSON o
     if rejected:
         print(f"  {'rejected':<16}{rejected} (entries that broke the event contract; see the log)")
     print("stream")
-    share = f" of at most {bound} ({stream.length / bound:.0%})" if bound else " (no bound)"
-    print(f"  {'length':<16}{stream.length}{share}\n  {'pending':<16}{stream.pending}\n  {'lag':<16}{stream.lag}")
-    print(f"  {'consumers':<16}{stream.consumers}")
+    share = f" of at most {bound} ({stream['length'] / bound:.0%})" if bound else " (no bound)"
+    print(f"  {'length':<16}{stream['length']}{share}\n  {'pending':<16}{stream['pending']}")
+    print(f"  {'lag':<16}{stream['lag']}\n  {'consumers':<16}{stream['consumers']}")
     print("redis")
     print(f"  {'memory':<16}{used / 1024**2:.1f} MiB" + (f" of {limit / 1024**2:.0f} MiB" if limit else " (no limit)"))
-    for warning in warnings:
+    for warning in figures["warnings"]:
         print(f"warning: {warning}")
 
 

@@ -323,8 +323,8 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 
     from redis.exceptions import RedisError
 
+    from deploy.learner_status import read_status
     from deploy.redis_clients import sync_redis
-    from learn.daemon import read_status
 
     settings = settings_or_exit()
     client = sync_redis(settings)

@@ -28,6 +28,9 @@ from feedback.stream import FeedbackStream
 from serve.chat import ChatService
 from serve.engine import Engine
 from serve.limits import BodySizeLimit
+from serve.operator_api import router as operator_router
+from serve.pages import router as pages_router
+from serve.pages import static
 from serve.routes import router
 from serve.swap import ServedVersion
 
@@ -40,6 +43,7 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     metrics = ServeMetrics()
     app.state.metrics = metrics
     app.state.started = int(time.time())
+    app.state.settings = settings
     # Besides the server's own origin (api.cross_site).
     app.state.allowed_origins = frozenset(o.rstrip("/") for o in settings.allowed_origins)
     comparisons = ComparisonStore(redis, settings.comparison_ttl_s)
@@ -57,6 +61,9 @@ def create_app(settings: Settings, engine: Engine, redis: Redis, served: ServedV
     app.include_router(router)
     app.include_router(feedback_router)
     app.include_router(admin_router)
+    app.include_router(operator_router)
+    app.include_router(pages_router)
+    app.mount("/static", static, name="static")
     app.state.auth = Auth(settings.auth, redis)
     app.state.admin = None
     token = settings.admin_token.get_secret_value() if settings.admin_token is not None else ""

@@ -8,9 +8,10 @@ import redis
 import torch
 from typer.testing import CliRunner
 
+from deploy.learner_status import read_status
 from deploy.registry import Registry
 from deploy.settings import load_settings
-from learn.daemon import Learner, read_status
+from learn.daemon import Learner
 from rankloop.cli import app
 from tests.learn.served import PROMPTS
 

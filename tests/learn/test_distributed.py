@@ -24,12 +24,12 @@ import redis
 import torch
 from safetensors.torch import load_file
 
+from deploy.learner_status import read_status
 from deploy.model_import import import_model
 from deploy.model_store import ModelStore
 from deploy.registry import Registry
 from deploy.settings import load_settings
 from feedback.dataset import Dataset
-from learn.daemon import read_status
 from tests.learn.events import ranking_event
 from tests.learn.served import PROMPTS
 from tests.learn.test_ppo_round import make_data_dir

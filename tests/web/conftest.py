@@ -1,0 +1,79 @@
+"""The web pages in a real browser: Debian's Chromium driven by Playwright (pytest-playwright's fixtures), against
+a real server process (fake engine, real Redis).
+
+Playwright's own browser download cannot be reached everywhere; the tests use the system's Chromium and skip, saying
+how to install it, where there is none."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from deploy.model_store import Card
+from deploy.redis_server import EmbeddedRedis
+from feedback.consumer import FeedbackConsumer
+from feedback.dataset import Dataset
+from feedback.events import DemonstrationEvent, RankingEvent
+from tests.servers import REPO, server_process
+from tests.tiny import tiny_versions_store
+
+TOKEN = "web-console-admin-token-0123"
+SCREENSHOTS = Path(os.environ.get("RANKLOOP_SCREENSHOTS", REPO / "var" / "screenshots"))
+
+
+def chromium() -> str | None:
+    for candidate in (os.environ.get("RANKLOOP_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
+    found = chromium()
+    if found is None:
+        pytest.skip(
+            "no Chromium for the browser tests: `apt-get install chromium` (Debian, Ubuntu), or point "
+            "RANKLOOP_CHROMIUM at a Chromium or Chrome binary"
+        )
+    return {**browser_type_launch_args, "executable_path": found}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) -> Iterator[tuple[str, Path]]:
+    """A server (fake engine, the tiny versions v0001-v0003 and v0004, another copy of v0001; the admin API on) and
+    its data folder."""
+    root = tmp_path_factory.mktemp("site")
+    store = tiny_versions_store(root)
+    store.publish(Card("v0004", "v0001", "sft"), lambda f: shutil.copytree(store.path("v0002"), f, dirs_exist_ok=True))
+    settings = {
+        "admin_token": TOKEN,
+        "max_model_len": 256,
+        "max_tokens_limit": 128,
+        "default_max_tokens": 64,
+        "web_show_versions": "true",
+    }
+    with server_process(store.root.parent, redis_server.url, "fake", **settings) as url:
+        yield url, store.root.parent
+
+
+def stored(redis_url: str, dataset_path: Path) -> tuple[list[RankingEvent], list[DemonstrationEvent]]:
+    """What the feedback stream holds, moved into the dataset as the learner would: rankings and demonstrations."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with Dataset(dataset_path) as dataset:
+            FeedbackConsumer(client, dataset, "web-tests").drain()
+            return [e for _, e in dataset.rankings()], [e for _, e in dataset.demonstrations()]
+    finally:
+        client.close()
+
+
+def screenshot(page: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)

@@ -1,0 +1,116 @@
+"""The chat-and-rank page in Chromium: ask, K answers, rank by keyboard (with a tie and an undo) and by dragging,
+write a better answer; what the page showed is what the dataset holds."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from playwright.sync_api import Page, expect
+
+from deploy.redis_server import EmbeddedRedis
+from tests.web.conftest import screenshot, stored
+
+
+def ask(page: Page, url: str, text: str, k: int = 4) -> str:
+    """Ask `text` for `k` answers; returns the comparison id once every answer is written and rankable."""
+    page.goto(url)
+    page.get_by_label("Answers to compare").fill(str(k))
+    page.get_by_label("Your message").fill(text)
+    page.keyboard.press("Enter")
+    expect(page.locator("#rank-panel")).to_be_visible()
+    expect(page.locator(".answer")).to_have_count(k)
+    expect(page.locator(".answer.streaming")).to_have_count(0)
+    comparison: str = page.evaluate("() => document.querySelector('#answers').dataset.comparison")
+    return comparison
+
+
+def test_keyboard_ranking_with_a_tie_is_stored_as_shown(
+    page: Page, site: tuple[str, Path], redis_server: EmbeddedRedis
+) -> None:
+    url, data = site
+    comparison = ask(page, url, "Name three rivers")
+    expect(page.locator("#answer-0 .text")).to_contain_text("you said Name three rivers")
+    expect(page.locator("#answer-0 .version")).to_have_text(" · v0001")  # web_show_versions is on here
+    page.locator("#rank-panel").focus()
+    for key in ("2", "Backspace", "3", "1", "=", "4"):  # 2 undone; C, then A tied with C, then D
+        page.keyboard.press(key)
+    expect(page.locator("#ranking-shown")).to_have_text("Ranking: C = A > D")
+    expect(page.locator("#ranked .rank-item")).to_have_count(3)
+    expect(page.locator("#unranked .rank-item")).to_have_text([re.compile(r"^Answer B")])
+    screenshot(page, "chat-ranking")
+    page.keyboard.press("Enter")
+    expect(page.locator("#ranking-result")).to_contain_text("Ranking submitted (event ")
+    # The conversation goes on from the answer ranked best (C, the first of its tier).
+    expect(page.locator("#conversation .turn.assistant")).to_contain_text("answer 2")
+
+    rankings, _ = stored(redis_server.url, data / "feedback.sqlite3")
+    mine = [r for r in rankings if r.comparison.id == comparison]
+    assert [r.ranking for r in mine] == [[[2, 0], [3]]]
+
+
+def test_retrying_a_submission_is_a_duplicate_not_a_second_ranking(
+    page: Page, site: tuple[str, Path], redis_server: EmbeddedRedis
+) -> None:
+    url, data = site
+    comparison = ask(page, url, "Say hello", k=2)
+    page.locator("#rank-panel").focus()
+    page.keyboard.press("2")
+    page.keyboard.press("1")
+    # The first submission's reply is lost on the way back: the page keeps its idempotency key and retries.
+    page.route("**/v1/feedback", lambda route: (route.fetch(), route.abort())[1], times=1)
+    page.keyboard.press("Enter")
+    expect(page.locator("#status")).to_contain_text("Submitting the ranking failed")
+    page.get_by_role("button", name="Submit ranking").click()
+    expect(page.locator("#ranking-result")).to_contain_text("was submitted already (event ")
+    rankings, _ = stored(redis_server.url, data / "feedback.sqlite3")
+    assert [r.ranking for r in rankings if r.comparison.id == comparison] == [[[1], [0]]]
+
+
+def test_drag_and_drop_ranking(page: Page, site: tuple[str, Path], redis_server: EmbeddedRedis) -> None:
+    url, data = site
+    comparison = ask(page, url, "Rank me by dragging", k=3)
+
+    def drag(label: str, target: str) -> None:
+        source = page.locator("#unranked .rank-item", has_text=label).bounding_box()
+        box = page.locator(target).bounding_box()
+        assert source is not None and box is not None
+        page.mouse.move(source["x"] + 20, source["y"] + source["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(box["x"] + 30, box["y"] + box["height"] - 4, steps=12)
+        page.mouse.up()
+
+    drag("Answer C", "#ranked")
+    expect(page.locator("#ranked .rank-item")).to_have_count(1)
+    drag("Answer A", "#ranked")
+    expect(page.locator("#ranking-shown")).to_have_text("Ranking: C > A")
+    page.get_by_role("button", name="Submit ranking").click()
+    expect(page.locator("#ranking-result")).to_contain_text("Ranking submitted")
+    rankings, _ = stored(redis_server.url, data / "feedback.sqlite3")
+    assert [r.ranking for r in rankings if r.comparison.id == comparison] == [[[2], [0]]]
+
+
+def test_a_better_answer_is_stored_as_a_demonstration(
+    page: Page, site: tuple[str, Path], redis_server: EmbeddedRedis
+) -> None:
+    url, data = site
+    comparison = ask(page, url, "What is the capital of France?", k=2)
+    page.get_by_text("Write a better answer").click()
+    page.get_by_label("Your answer to the same message").fill("Paris.")
+    page.get_by_role("button", name="Send your answer").click()
+    expect(page.locator("#demo-result")).to_contain_text("Your answer was saved (event ")
+    _, demonstrations = stored(redis_server.url, data / "feedback.sqlite3")
+    mine = [d for d in demonstrations if d.comparison_id == comparison]
+    assert [d.answer for d in mine] == ["Paris."]
+    assert mine[0].messages[-1]["content"] == "What is the capital of France?"
+
+
+def test_the_page_fits_a_phone(page: Page, site: tuple[str, Path]) -> None:
+    url, _ = site
+    page.set_viewport_size({"width": 375, "height": 800})
+    ask(page, url, "A question asked on a phone, with a long answer to wrap")
+    page.locator("#rank-panel").focus()
+    page.keyboard.press("1")
+    page.keyboard.press("2")
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    screenshot(page, "chat-phone")
