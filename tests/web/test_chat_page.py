@@ -6,9 +6,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import redis
 from playwright.sync_api import Page, expect
 
 from deploy.redis_server import EmbeddedRedis
+from feedback.comparisons import KEY_PREFIX
 from tests.web.conftest import screenshot, stored
 
 
@@ -47,6 +49,16 @@ def test_keyboard_ranking_with_a_tie_is_stored_as_shown(
     rankings, _ = stored(redis_server.url, data / "feedback.sqlite3")
     mine = [r for r in rankings if r.comparison.id == comparison]
     assert [r.ranking for r in mine] == [[[2, 0], [3]]]
+
+    # The next question is asked in the conversation that C's answer continued.
+    with page.expect_request("**/v1/chat/completions") as asked:
+        page.get_by_label("Your message").fill("And a fourth?")
+        page.keyboard.press("Enter")
+    assert [(m["role"], m["content"]) for m in asked.value.post_data_json["messages"]] == [
+        ("user", "Name three rivers"),
+        ("assistant", "answer 2: you said Name three rivers"),
+        ("user", "And a fourth?"),
+    ]
 
 
 def test_retrying_a_submission_is_a_duplicate_not_a_second_ranking(
@@ -105,7 +117,27 @@ def test_a_better_answer_is_stored_as_a_demonstration(
     assert mine[0].messages[-1]["content"] == "What is the capital of France?"
 
 
-def test_the_page_fits_a_phone(page: Page, site: tuple[str, Path]) -> None:
+def test_an_expired_comparison_is_said_so(page: Page, site: tuple[str, Path], redis_server: EmbeddedRedis) -> None:
+    url, _ = site
+    comparison = ask(page, url, "Asked long ago", k=2)
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(KEY_PREFIX + comparison)  # what its TTL does after RANKLOOP_COMPARISON_TTL_S
+    client.close()
+    page.locator("#rank-panel").focus()
+    for key in ("1", "2", "Enter"):
+        page.keyboard.press(key)
+    expect(page.locator("#status")).to_have_text(
+        "This comparison has expired or is unknown to the server; ask again to get new answers."
+    )
+    expect(page.locator("#ranking-result")).to_have_text("")
+
+
+LABELLED = """() => Array.from(document.querySelectorAll('input, textarea, select, button'))
+    .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute('aria-label') && !el.textContent.trim())
+    .map((el) => el.outerHTML)"""
+
+
+def test_the_page_fits_a_phone_and_every_control_is_labelled(page: Page, site: tuple[str, Path]) -> None:
     url, _ = site
     page.set_viewport_size({"width": 375, "height": 800})
     ask(page, url, "A question asked on a phone, with a long answer to wrap")
@@ -113,4 +145,5 @@ def test_the_page_fits_a_phone(page: Page, site: tuple[str, Path]) -> None:
     page.keyboard.press("1")
     page.keyboard.press("2")
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
+    assert page.evaluate(LABELLED) == []
     screenshot(page, "chat-phone")

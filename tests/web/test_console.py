@@ -87,6 +87,21 @@ def test_a_promotion_from_the_console_reaches_the_chat_page(
     expect(page.locator("#answer-0 .text")).to_contain_text("from v0002")
 
 
+def test_a_rollback_from_the_console(page: Page, site: tuple[str, Path]) -> None:
+    url, _ = site
+    sign_in(page, url, TOKEN)
+    expect(page.locator("#versions tbody tr")).to_have_count(4)
+    before = page.locator("#current").inner_text()
+    page.get_by_role("button", name="Roll back…").click()
+    page.get_by_label("Roll back to").select_option("v0004")
+    page.get_by_label("Reason (kept in the event log)").fill("back to a known one")
+    page.get_by_role("button", name="Confirm").click()
+    expect(page.locator("#status")).to_contain_text("Rolled back: v0004 is now current")
+    expect(page.locator("#events tbody tr").first).to_contain_text(f"rollbackv0004{before}")
+    page.reload()  # the token is kept for this tab's session: no second sign-in
+    expect(page.locator("#current")).to_have_text("v0004")
+
+
 def test_a_stale_promotion_says_someone_else_changed_it(page: Page, site: tuple[str, Path]) -> None:
     url, _ = site
     page.clock.install()  # the page's 5-second refresh waits: the page goes on showing what it read
