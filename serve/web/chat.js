@@ -25,11 +25,15 @@ function say(message, kind = "info") {
   status.dataset.kind = kind;
 }
 
+const STORAGE_DOWN = ["redis_unavailable", "redis_full", "feedback_backlog"];
+
 function explain(error, doing) {
-  if (!(error instanceof ApiError)) return `${doing} failed: ${error}`;
-  if (error.status === 0) return `${doing} failed: ${error.message}`;
-  if (error.code === "redis_unavailable" || error.code === "redis_full" || error.status === 503) {
+  if (!(error instanceof ApiError) || error.status === 0) return `${doing} failed: ${error.message || error}`;
+  if (STORAGE_DOWN.includes(error.code)) {
     return `${doing} failed: the server cannot store anything right now (${error.message}). Nothing was recorded; try again in a moment.`;
+  }
+  if (error.status === 429 || error.status === 503) {
+    return `${doing} failed: ${error.message}. Nothing was recorded; try again in a moment.`;
   }
   return `${doing} failed: ${error.message}`;
 }

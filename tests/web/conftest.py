@@ -50,6 +50,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) 
     """A server (fake engine, the tiny versions v0001-v0003 and v0004, another copy of v0001; the admin API on) and
     its data folder."""
     root = tmp_path_factory.mktemp("site")
+    fresh(redis_server.url)
     store = tiny_versions_store(root)
     store.publish(Card("v0004", "v0001", "sft"), lambda f: shutil.copytree(store.path("v0002"), f, dirs_exist_ok=True))
     settings = {
@@ -61,6 +62,13 @@ def site(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) 
     }
     with server_process(store.root.parent, redis_server.url, "fake", **settings) as url:
         yield url, store.root.parent
+
+
+def fresh(redis_url: str) -> None:
+    """Nothing left in the session's Redis by earlier tests: a registry there would name another current version."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
 
 
 def stored(redis_url: str, dataset_path: Path) -> tuple[list[RankingEvent], list[DemonstrationEvent]]:

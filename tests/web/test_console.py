@@ -143,6 +143,7 @@ def test_with_redis_stopped_the_page_says_so_and_nothing_is_recorded(
         fragile.stop()
         page.keyboard.press("Enter")
         expect(page.locator("#status")).to_contain_text("Submitting the ranking failed")
+        expect(page.locator("#status")).to_contain_text("the server cannot store anything right now")
         expect(page.locator("#status")).to_contain_text("Nothing was recorded")
         expect(page.locator("#ranking-result")).to_have_text("")
 
