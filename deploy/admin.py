@@ -42,6 +42,7 @@ class RollbackBody(BaseModel):
     version: str | None = Field(None, max_length=64, description="Default: the previous current version.")
     reason: str = Field("", max_length=2000)
     who: str = Field("admin-api", min_length=1, max_length=256)
+    expected: str | None = Field(None, description="Refuse unless this is still the current version.")
 
 
 class Admin:
@@ -133,7 +134,9 @@ async def promote_route(body: PromoteBody, admin: AdminDep, request: Request) ->
 @router.post("/rollback", dependencies=Changes)
 async def rollback_route(body: RollbackBody, admin: AdminDep, request: Request) -> dict[str, Any]:
     who = _who(request, body.who)
-    version, epoch = await _call(admin, rollback, admin.registry, admin.store, who, body.reason, body.version)
+    version, epoch = await _call(
+        admin, rollback, admin.registry, admin.store, who, body.reason, body.version, body.expected
+    )
     return {"current": version, "epoch": epoch}
 
 
@@ -147,8 +150,12 @@ async def events(
         str, Query(pattern=EVENT_ID, description="the events after this id (from a listing); - from the start")
     ] = "-",
     count: Annotated[int, Query(description="at most this many (1 to 1000; values outside are clamped)")] = 100,
+    newest: Annotated[bool, Query(description="the newest `count` events (oldest first); `after` is ignored")] = False,
 ) -> dict[str, Any]:
     if after != "-" and any(int(part) >= 2**64 for part in after.split("-")):
         raise ApiError(400, f"after: {after} is beyond any stream id (each part < 2^64)", "after", "invalid_value")
-    listed = await _call(admin, admin.registry.events, after, min(max(count, 1), 1000))
+    count = min(max(count, 1), 1000)
+    if newest:
+        return {"events": [asdict(e) for e in await _call(admin, admin.registry.latest_events, count)]}
+    listed = await _call(admin, admin.registry.events, after, count)
     return {"events": [asdict(e) for e in listed]}

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from deploy.model_store import ModelStore, StoreError
-from deploy.registry import Registry, RegistryError
+from deploy.registry import Conflict, Registry, RegistryError
 
 REQUIRED = ("config.json", "tokenizer_config.json")
 log = logging.getLogger(__name__)
@@ -154,11 +154,16 @@ def promote(
     return epoch
 
 
-def rollback(registry: Registry, store: ModelStore, who: str, why: str, target: str | None = None) -> tuple[str, int]:
-    """Go back to `target`, or to the version that was current before the current one; return (version, epoch)."""
+def rollback(
+    registry: Registry, store: ModelStore, who: str, why: str, target: str | None = None, expected: str | None = None
+) -> tuple[str, int]:
+    """Go back to `target`, or to the version that was current before the current one; return (version, epoch).
+    With `expected`, only while that is still the current version (Conflict otherwise)."""
     current, _ = registry.current()
     if current is None:
         raise RegistryError("there is no current version to roll back from")
+    if expected is not None and current != expected:
+        raise Conflict(f"the current version is {current}, not {expected}: someone changed it meanwhile")
     previous = target or registry.previous_of(current)
     if previous is None:
         raise RegistryError(f"{current} has no previous version to roll back to; name one")

@@ -198,6 +198,11 @@ class Registry:
         start = after if after == "-" else f"({after}"
         return [_event(i, f) for i, f in self._range(start, count)]
 
+    def latest_events(self, count: int = 100) -> list[Event]:
+        """The newest `count` events, oldest first."""
+        entries: Any = self.redis.xrevrange(EVENTS, max="+", min="-", count=count)
+        return [_event(i, f) for i, f in reversed(list(entries or []))]
+
     def _range(self, start: str = "-", count: int | None = None) -> list[tuple[Any, Any]]:
         entries: Any = self.redis.xrange(EVENTS, min=start, max="+", count=count)
         return list(entries or [])

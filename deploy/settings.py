@@ -215,7 +215,12 @@ class Settings(BaseSettings):
     learn_min_rm_heldout_pairs: int = Field(
         20, ge=0, description="Held-out answer pairs the reward model's accuracy must be measured on before PPO runs."
     )
-    learn_ppo_iterations: int = Field(6, ge=1, description="PPO iterations per round.")
+    learn_ppo_iterations: int = Field(
+        4,
+        ge=1,
+        description="PPO iterations per round. Four: rounds of 7-9 minutes on 2 CPU cores, compounding, learned more "
+        "within an hour than six did in rounds of 15-22 (BENCHMARKS.md).",
+    )
     learn_seed: int = Field(
         0,
         description="Seed of a learning round: the reward model's new head, the PPO adapters' initialisation, the "
@@ -230,7 +235,7 @@ class Settings(BaseSettings):
         1, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
     )
     learn_rm_max_rankings: int = Field(
-        128,
+        64,
         ge=1,
         description="A reward-model round trains on the newest this many new ranked prompts at most (the older "
         "are passed over), so that a round's length does not grow with the backlog that piled up during the last.",

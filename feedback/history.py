@@ -7,6 +7,7 @@ dataset's rankings, the reward models' cards, the PPO metrics logs under runs/ a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,9 @@ def learning_history(settings: Settings) -> LearningHistory:
         if isinstance(accuracy, float) and accuracy == accuracy:  # NaN: nothing was held out
             history.rm_accuracy.append((card.created, accuracy))
     for log in sorted((settings.data_dir / "runs").glob("*-ppo-*.jsonl")):
-        for row in map(json.loads, log.read_text().splitlines()):
+        for row in rows_of(log):
             for figure in PPO_FIGURES:
-                if figure in row:
+                if _finite(row.get(figure)) and _finite(row.get("time")):
                     history.ppo.setdefault(figure, []).append((row["time"], row[figure]))
     store = ModelStore(settings.store_dir)
     versions = set(store.versions())
@@ -71,6 +72,24 @@ def learning_history(settings: Settings) -> LearningHistory:
     for series in (*history.ppo.values(), *history.win_rates.values()):
         series.sort()
     return history
+
+
+def rows_of(log: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics log; a line being written (or cut by a kill) is passed over, not an error."""
+    rows = []
+    for line in log.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _finite(value: Any) -> bool:
+    """A number JSON can carry: a diverged run's NaN or infinity is left out of the series."""
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def thinned(series: Series, at_most: int) -> Series:

@@ -59,9 +59,11 @@ def _count_after(redis: Redis, stream: str, last_id: str, page: int = 1000) -> i
 def health(redis: Redis, dataset_path: Path, max_backlog: int) -> dict[str, Any]:
     """The pipeline's figures, as `rankloop feedback stats --json` prints them and the console shows them: counts in
     the dataset by kind, the stream against its bound, Redis's memory against its limit, and warnings."""
-    with Dataset(dataset_path) as dataset:
-        counts = {"ranking": 0, "demonstration": 0, **dataset.counts()}
-        compared, rejected = dataset.comparison_count(), len(dataset.rejected())
+    counts, compared, rejected = {"ranking": 0, "demonstration": 0}, 0, 0
+    if dataset_path.is_file():  # a reader does not create the learner's dataset where there is none
+        with Dataset(dataset_path) as dataset:
+            counts.update(dataset.counts())
+            compared, rejected = dataset.comparison_count(), len(dataset.rejected())
     stream, memory = stream_status(redis), redis.info("memory")
     warnings = [w for w in (memory_warning(memory), backlog_warning(stream.length, max_backlog)) if w]
     return {

@@ -8,6 +8,7 @@ library they use, SortableJS (MIT, serve/web/vendor/), gives drag-and-drop ranki
 
 from __future__ import annotations
 
+import mimetypes
 import os
 from os import PathLike
 from pathlib import Path
@@ -23,6 +24,9 @@ from api.protocol import MAX_N
 from deploy.settings import Settings
 
 WEB = Path(__file__).with_name("web")
+# Modules must be sent as JavaScript whatever the host's mime.types says (Python 3.11 maps .js to
+# application/javascript, which browsers take too; text/javascript is the standard's name).
+mimetypes.add_type("text/javascript", ".js")
 # The pages run only what this server sends: no inline script, no other origin, not framed by another site.
 HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'",

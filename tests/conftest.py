@@ -85,3 +85,10 @@ async def client(engine: FakeEngine, redis: Redis) -> AsyncIterator[httpx.AsyncC
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         yield http
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The browser tests run last: Playwright's sync API keeps an event loop running in this thread until the
+    session ends, and asyncio tests after it would fail to start their own."""
+    web = [item for item in items if "tests/web/" in item.nodeid.replace("\\", "/")]
+    items[:] = [item for item in items if item not in web] + web

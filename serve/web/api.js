@@ -79,17 +79,21 @@ export async function streamChat(body, token, onChunk) {
       throw new ApiError(0, "The connection to the server was lost while the answers were written.");
     }
     if (read.done) break;
-    buffer += decoder.decode(read.value, { stream: true });
+    // Events end with a blank line; a proxy on the way may have turned "\n" into "\r\n".
+    buffer += decoder.decode(read.value, { stream: true }).replace(/\r\n?/g, "\n");
     let end;
     while ((end = buffer.indexOf("\n\n")) >= 0) {
       const event = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       for (const line of event.split("\n")) {
-        if (!line.startsWith("data: ")) continue;
-        const data = line.slice(6);
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).replace(/^ /, "");
         if (data === "[DONE]") return;
         const parsed = JSON.parse(data);
-        if (parsed.error) throw new ApiError(503, parsed.error.message, parsed.error.code);
+        if (parsed.error) {
+          const status = parsed.error.type === "invalid_request_error" ? 400 : 503;
+          throw new ApiError(status, parsed.error.message, parsed.error.code);
+        }
         onChunk(parsed);
       }
     }

@@ -1,5 +1,5 @@
-// The chat-and-rank page: ask, watch K answers stream in side by side, rank them (keys or drag), optionally write a
-// better one; the conversation then goes on from the answer ranked best.
+// The chat-and-rank page: ask, watch K answers stream in side by side, rank them (keys, buttons or drag), optionally
+// write a better one; the conversation then goes on from the answer ranked best.
 
 import { ApiError, getJson, newKey, postJson, streamChat } from "./api.js";
 import { Ranking } from "./ranking.js";
@@ -7,12 +7,16 @@ import { Ranking } from "./ranking.js";
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "rankloop.apiKey";
 const letters = "ABCDEFGHI";
+const STORAGE_DOWN = ["redis_unavailable", "redis_full", "feedback_backlog"];
+// Keys typed here belong to the control, not to the ranking.
+const OWN_KEYS = "a, button, summary, select, input, textarea, [contenteditable]";
 
 const state = {
   config: null,
-  history: [], // the conversation sent with each request: {role, content}
-  round: null, // the comparison on screen: {id, texts, versions, done, ranking, rankKey, demoKey, submitted}
+  history: [], // the conversation so far, as sent with the next request: {role, content}
+  round: null, // the comparison on screen (see ask)
   busy: false,
+  sortables: [],
 };
 
 function token() {
@@ -24,8 +28,6 @@ function say(message, kind = "info") {
   status.textContent = message;
   status.dataset.kind = kind;
 }
-
-const STORAGE_DOWN = ["redis_unavailable", "redis_full", "feedback_backlog"];
 
 function explain(error, doing) {
   if (!(error instanceof ApiError) || error.status === 0) return `${doing} failed: ${error.message || error}`;
@@ -50,6 +52,24 @@ function addTurn(role, text, note = "") {
   body.textContent = text;
   item.append(who, body);
   $("conversation").append(item);
+  return item;
+}
+
+// A question whose answers were never ranked is not part of the conversation the next request carries.
+function leaveOut(round) {
+  if (!round || round.phase === "sent" || !round.turn) return;
+  round.turn.classList.add("left-out");
+  round.turn.querySelector(".who").textContent = "You (not ranked: left out of the conversation)";
+}
+
+function newConversation() {
+  if (state.busy) return;
+  state.history = [];
+  state.round = null;
+  $("conversation").replaceChildren();
+  $("round").hidden = true;
+  say("A new conversation: ask anything.");
+  $("prompt").focus();
 }
 
 // -- the answers ----------------------------------------------------------------------------------------------
@@ -57,11 +77,12 @@ function answerCard(i) {
   const card = document.createElement("article");
   card.className = "answer streaming";
   card.id = `answer-${i}`;
-  card.setAttribute("aria-label", `Answer ${i + 1}`);
+  card.setAttribute("aria-label", `Answer ${letters[i]}`);
   const head = document.createElement("h3");
-  head.innerHTML = `<span class="key">${i + 1}</span> Answer ${letters[i]}<span class="version"></span>`;
-  const text = document.createElement("div");
-  text.className = "text";
+  const key = Object.assign(document.createElement("span"), { className: "key", textContent: String(i + 1) });
+  const version = Object.assign(document.createElement("span"), { className: "version" });
+  head.append(key, ` Answer ${letters[i]}`, version);
+  const text = Object.assign(document.createElement("div"), { className: "text" });
   card.append(head, text);
   return card;
 }
@@ -71,7 +92,6 @@ function onChunk(chunk) {
   round.id = chunk.id;
   $("answers").dataset.comparison = chunk.id;
   for (const choice of chunk.choices) {
-    round.versions[choice.index] = chunk.policy_version;
     const card = $(`answer-${choice.index}`);
     if (choice.delta && choice.delta.content) {
       round.texts[choice.index] += choice.delta.content;
@@ -80,43 +100,54 @@ function onChunk(chunk) {
     if (choice.finish_reason) {
       card.classList.remove("streaming");
       card.dataset.finish = choice.finish_reason;
+      if (choice.finish_reason === "abort") round.aborted = true;
     }
     if (state.config.show_versions) card.querySelector(".version").textContent = ` · ${chunk.policy_version}`;
   }
+}
+
+function chosenK() {
+  const k = Number($("k").value);
+  return Number.isInteger(k) && k >= 2 && k <= state.config.max_n ? k : null;
 }
 
 async function ask(event) {
   event.preventDefault();
   const text = $("prompt").value.trim();
   if (!text || state.busy) return;
-  const k = Number($("k").value) || state.config.default_n;
-  if (k < 2 || k > state.config.max_n) {
-    say(`Choose between 2 and ${state.config.max_n} answers to compare.`, "error");
+  const k = chosenK();
+  if (k === null) {
+    say(`Choose a whole number of answers to compare, from 2 to ${state.config.max_n}.`, "error");
     return;
   }
-  state.busy = true;
-  $("ask").disabled = true;
+  leaveOut(state.round);
   const messages = [...state.history, { role: "user", content: text }];
   state.round = {
     id: null,
+    messages,
     texts: Array(k).fill(""),
-    versions: Array(k).fill(null),
     ranking: new Ranking(k),
     rankKey: newKey(),
     demoKey: newKey(),
-    submitted: false,
+    phase: "streaming", // then "ranking", "sending", "sent" or "closed" (expired, refused for good)
+    attempted: false, // a submission went out: the ranking no longer changes, so a retry is the same request
+    aborted: false,
+    turn: null,
   };
   $("answers").replaceChildren(...Array.from({ length: k }, (_, i) => answerCard(i)));
   $("round").hidden = false;
   $("rank-panel").hidden = true;
-  $("ranking-result").textContent = "";
-  $("demo-result").textContent = "";
+  for (const id of ["ranking-result", "demo-result"]) $(id).textContent = "";
   $("demo-text").value = "";
   say(`Writing ${k} answers…`, "busy");
   try {
+    state.busy = true;
+    $("ask").disabled = true;
     await streamChat({ messages, n: k }, token(), onChunk);
-    state.history = messages;
-    addTurn("user", text);
+    if (state.round.aborted) {
+      throw new ApiError(503, "a new version went live while the answers were written, so they were cut short and cannot be ranked; ask again");
+    }
+    state.round.turn = addTurn("user", text);
     $("prompt").value = "";
     showRanking();
     say(`${k} answers written. Rank them, best first.`);
@@ -137,46 +168,53 @@ function snippet(i) {
   return text.length > 80 ? `${text.slice(0, 80)}…` : text || "(empty answer)";
 }
 
-function rankItem(i, position, tie) {
+function smallButton(text, label, pressed, onClick) {
+  const button = Object.assign(document.createElement("button"), { type: "button", className: "tie", textContent: text });
+  button.setAttribute("aria-label", label);
+  if (pressed !== null) button.setAttribute("aria-pressed", String(pressed));
+  button.disabled = !editable();
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+function rankItem(i, place, position, tie) {
   const item = document.createElement("li");
   item.className = "rank-item";
   item.dataset.index = String(i);
   const label = document.createElement("span");
   label.className = "label";
-  label.textContent = `Answer ${letters[i]}`;
-  const text = document.createElement("span");
-  text.className = "snippet";
-  text.textContent = snippet(i);
+  label.textContent = place === null ? `Answer ${letters[i]}` : `${place}. Answer ${letters[i]}`;
+  const text = Object.assign(document.createElement("span"), { className: "snippet", textContent: snippet(i) });
   item.append(label, text);
-  if (position !== null) {
-    item.dataset.place = String(position);
-    if (position > 0) {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "tie";
-      button.textContent = tie ? "tied with above" : "tie with above";
-      button.setAttribute("aria-pressed", String(tie));
-      button.addEventListener("click", () => change(() => state.round.ranking.toggleTie(i)));
-      item.append(button);
-    }
-    if (tie) item.classList.add("tied");
+  if (place === null) {
+    item.append(smallButton("rank next", `Rank answer ${letters[i]} next`, null, () => change((r) => r.pick(i))));
+  } else if (position > 0) {
+    const said = tie ? "tied with above" : "tie with above";
+    const name = `Tie answer ${letters[i]} with the one above`;
+    item.append(smallButton(said, name, tie, () => change((r) => r.toggleTie(i))));
   }
+  if (tie) item.classList.add("tied");
   return item;
 }
 
+function editable() {
+  const round = state.round;
+  return Boolean(round) && round.phase === "ranking" && !round.attempted;
+}
+
 function renderRanking() {
-  const ranking = state.round.ranking;
+  const round = state.round;
+  const ranking = round.ranking;
   let place = 0;
   const ranked = ranking.ranked.map(({ index, tie }, position) => {
     if (!tie) place += 1;
-    const item = rankItem(index, position, tie);
-    item.querySelector(".label").textContent = `${place}. Answer ${letters[index]}`;
-    return item;
+    return rankItem(index, place, position, tie);
   });
   $("ranked").replaceChildren(...ranked);
-  $("unranked").replaceChildren(...ranking.unranked.map((i) => rankItem(i, null, false)));
-  $("submit-ranking").disabled = !ranking.ready() || state.round.submitted;
+  $("unranked").replaceChildren(...ranking.unranked.map((i) => rankItem(i, null, 0, false)));
+  $("submit-ranking").disabled = !ranking.ready() || round.phase !== "ranking";
   $("ranking-shown").textContent = ranking.ready() ? `Ranking: ${describe(ranking.tiers())}` : "";
+  for (const sortable of state.sortables) sortable.option("disabled", !editable());
 }
 
 function describe(tiers) {
@@ -184,10 +222,18 @@ function describe(tiers) {
 }
 
 function change(apply) {
-  if (state.round && !state.round.submitted && apply()) renderRanking();
+  if (!editable()) {
+    if (state.round && state.round.attempted && state.round.phase === "ranking") {
+      say("This ranking was sent once already: it is retried as it is. Ask again for new answers.", "error");
+    }
+    if (state.round) renderRanking(); // undo what a drag moved on screen
+    return;
+  }
+  if (apply(state.round.ranking)) renderRanking();
 }
 
 function showRanking() {
+  state.round.phase = "ranking";
   $("rank-panel").hidden = false;
   renderRanking();
   $("rank-panel").focus();
@@ -196,53 +242,67 @@ function showRanking() {
 function enableDragging() {
   if (!globalThis.Sortable) return; // without the library, keys and buttons still rank
   const read = (id) => Array.from($(id).children, (el) => Number(el.dataset.index));
-  for (const list of ["ranked", "unranked"]) {
+  state.sortables = ["ranked", "unranked"].map((list) =>
     globalThis.Sortable.create($(list), {
       group: "ranking",
       animation: 120,
+      handle: ".label", // the rest of an answer scrolls the page on a phone
+      delay: 150,
+      delayOnTouchOnly: true,
       forceFallback: true, // pointer events: the same on mouse and touch
-      filter: "button",
-      preventOnFilter: false,
-      onEnd: () => change(() => (state.round.ranking.reorder(read("ranked"), read("unranked")), true)),
-    });
-  }
+      onEnd: () => change((ranking) => (ranking.reorder(read("ranked"), read("unranked")), true)),
+    }),
+  );
+}
+
+function bestOf(payload) {
+  const first = payload[0];
+  return Array.isArray(first) ? first[0] : first;
 }
 
 async function submitRanking() {
   const round = state.round;
-  if (!round || round.submitted || !round.ranking.ready()) return;
-  $("submit-ranking").disabled = true;
-  const body = { comparison_id: round.id, ranking: round.ranking.payload(), idempotency_key: round.rankKey };
+  if (!round || round.phase !== "ranking" || !round.ranking.ready()) return;
+  round.phase = "sending";
+  round.attempted = true;
+  renderRanking();
+  const payload = round.ranking.payload();
+  const body = { comparison_id: round.id, ranking: payload, idempotency_key: round.rankKey };
   try {
     const { status, body: accepted } = await postJson("/v1/feedback", body, token());
-    round.submitted = true;
+    round.phase = "sent";
     const again = status === 200 && accepted.duplicate;
     $("ranking-result").textContent = again
       ? `This ranking was submitted already (event ${accepted.id}).`
       : `Ranking submitted (event ${accepted.id}).`;
     say("Thank you. Ask a follow-up: the conversation goes on from the answer you ranked best.");
-    const best = round.ranking.tiers()[0][0];
-    state.history = [...state.history, { role: "assistant", content: round.texts[best] }];
+    const best = bestOf(payload);
+    state.history = [...round.messages, { role: "assistant", content: round.texts[best] }];
     addTurn("assistant", round.texts[best], `answer ${letters[best]}, ranked best`);
-    renderRanking();
   } catch (error) {
     if (error.status === 404) {
+      round.phase = "closed";
       say("This comparison has expired or is unknown to the server; ask again to get new answers.", "error");
+    } else if (error.status === 409 || error.status === 400 || error.status === 403) {
+      round.phase = "closed"; // refused for good: sending it again cannot change that
+      say(`The ranking was not recorded: ${error.message}`, "error");
     } else {
-      say(explain(error, "Submitting the ranking"), "error"); // the same key: a retry is safe
-      $("submit-ranking").disabled = false;
+      round.phase = "ranking"; // the same request (same key) may be retried
+      say(explain(error, "Submitting the ranking"), "error");
     }
   }
+  renderRanking();
 }
 
 async function submitDemonstration() {
   const round = state.round;
   const answer = $("demo-text").value.trim();
-  if (!round || !round.id) return;
+  if (!round || !round.id || round.demoSending) return;
   if (!answer) {
     say("Write your answer first.", "error");
     return;
   }
+  round.demoSending = true;
   $("submit-demo").disabled = true;
   try {
     const body = { comparison_id: round.id, answer, idempotency_key: round.demoKey };
@@ -254,24 +314,24 @@ async function submitDemonstration() {
   } catch (error) {
     say(explain(error, "Sending your answer"), "error");
   } finally {
+    round.demoSending = false;
     $("submit-demo").disabled = false;
   }
 }
 
-// Number keys pick, "=" ties, Backspace undoes, Enter submits; not while typing in a text field.
+// Number keys pick, "=" ties, Backspace undoes, Enter submits; not while a control has the key.
 function onKey(event) {
   const round = state.round;
   if (!round || $("rank-panel").hidden || event.ctrlKey || event.metaKey || event.altKey) return;
-  const target = event.target;
-  if (target instanceof HTMLTextAreaElement || target instanceof HTMLInputElement) return;
+  if (event.target instanceof Element && event.target.closest(OWN_KEYS)) return;
   const digit = Number(event.key);
   if (Number.isInteger(digit) && digit >= 1 && digit <= round.texts.length) {
-    change(() => round.ranking.pick(digit - 1));
+    change((ranking) => ranking.pick(digit - 1));
   } else if (event.key === "=") {
-    change(() => round.ranking.tieLast());
+    change((ranking) => ranking.tieLast());
   } else if (event.key === "Backspace") {
-    change(() => round.ranking.undo());
-  } else if (event.key === "Enter" && !(target instanceof HTMLButtonElement)) {
+    change((ranking) => ranking.undo());
+  } else if (event.key === "Enter") {
     submitRanking();
   } else {
     return;
@@ -295,11 +355,15 @@ async function start() {
   }
   $("ask-form").addEventListener("submit", ask);
   $("prompt").addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey) {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
       event.preventDefault(); // Enter sends, Shift+Enter starts a new line
       $("ask-form").requestSubmit();
     }
   });
+  $("demo-text").addEventListener("input", () => {
+    if (state.round) state.round.demoKey = newKey(); // another text, another demonstration; the same text, a retry
+  });
+  $("new-conversation").addEventListener("click", newConversation);
   enableDragging();
   $("submit-ranking").addEventListener("click", submitRanking);
   $("submit-demo").addEventListener("click", submitDemonstration);

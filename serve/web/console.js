@@ -6,7 +6,8 @@ import { lineChart } from "./charts.js";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_STORE = "rankloop.adminToken";
-const REFRESH_MS = 5000;
+const REFRESH_MS = 5000; // versions, learner, events
+const SLOW_EVERY = 6; // history and feedback health every sixth refresh (30 s): they read the dataset and logs
 const CHARTS = [
   ["rankings", "rankings received"],
   ["rm_accuracy", "reward model held-out accuracy"],
@@ -16,8 +17,11 @@ const CHARTS = [
   ["ppo.answer_length", "answer length (tokens)"],
 ];
 
-let current = null; // the current version as last read: the `expected` guard of a promotion
+let current = null; // the current version as last shown
 let timer = null;
+let refreshes = 0;
+let shownVersions = ""; // what the versions table was drawn from: redrawn only when it changes (focus stays)
+let history = { win_rates: {}, win_labels: {} };
 
 const token = () => sessionStorage.getItem(TOKEN_STORE);
 
@@ -105,8 +109,11 @@ function versionRow(info, wins) {
   return row;
 }
 
-async function loadVersions(history) {
+async function loadVersions() {
   const listed = await getJson("/admin/versions", token());
+  const drawn = JSON.stringify([listed, history.win_rates]);
+  if (drawn === shownVersions) return;
+  shownVersions = drawn;
   current = listed.current;
   $("current").textContent = listed.current || "none";
   $("epoch").textContent = String(listed.epoch);
@@ -163,7 +170,7 @@ function showFeedback(health) {
   );
 }
 
-function showCharts(history) {
+function showCharts() {
   const series = (path) => path.split(".").reduce((node, key) => (node ? node[key] : undefined), history);
   const charts = [];
   for (const [path, title] of CHARTS) {
@@ -178,9 +185,8 @@ function showCharts(history) {
 }
 
 async function loadEvents() {
-  const { events } = await getJson("/admin/events?count=1000", token());
+  const { events } = await getJson("/admin/events?newest=true&count=50", token());
   const rows = events
-    .slice(-50)
     .reverse()
     .map((e) => {
       const row = document.createElement("tr");
@@ -190,23 +196,38 @@ async function loadEvents() {
   $("events").querySelector("tbody").replaceChildren(...rows);
 }
 
+async function loadSlow() {
+  history = await getJson("/admin/history", token());
+  showCharts();
+  showFeedback(await getJson("/admin/feedback", token()));
+}
+
+async function loadFast() {
+  showLearner(await getJson("/admin/learner", token()));
+  await loadEvents();
+}
+
+// Every panel loads on its own: one that fails (say, an unreadable log) leaves the others, and promoting, working.
 async function refresh() {
-  try {
-    const history = await getJson("/admin/history", token());
-    await loadVersions(history);
-    showCharts(history);
-    showLearner(await getJson("/admin/learner", token()));
-    showFeedback(await getJson("/admin/feedback", token()));
-    await loadEvents();
-    return true;
-  } catch (error) {
-    if (error instanceof ApiError && (error.status === 401 || error.status === 403 || error.status === 404)) {
-      signOut(`Refused: ${error.message}`);
-    } else {
-      say(`Could not load the console: ${error.message}`, "error");
-    }
+  const slow = refreshes++ % SLOW_EVERY === 0;
+  const results = await Promise.allSettled([loadVersions(), loadFast(), slow ? loadSlow() : Promise.resolve()]);
+  const refused = results.find((r) => r.status === "rejected" && [401, 403, 404].includes(r.reason.status));
+  if (refused) {
+    signOut(`Refused: ${refused.reason.message}`);
     return false;
   }
+  const failed = results.find((r) => r.status === "rejected");
+  if (failed) say(`Part of the console could not be loaded: ${failed.reason.message}`, "error");
+  return true;
+}
+
+// The next refresh once this one is done (never two at once), and none while a dialog is open.
+function schedule() {
+  clearTimeout(timer);
+  timer = setTimeout(async () => {
+    if (!$("confirm").open) await refresh();
+    if (!$("console").hidden) schedule();
+  }, REFRESH_MS);
 }
 
 // -- promote and roll back --------------------------------------------------------------------------------------
@@ -216,9 +237,13 @@ function confirmDialog(text, withTarget) {
     $("confirm-text").textContent = text;
     $("target-row").hidden = !withTarget;
     $("reason").value = "";
+    dialog.returnValue = ""; // Escape closes with the last value otherwise: it must not confirm
     dialog.addEventListener(
       "close",
-      () => resolve(dialog.returnValue === "ok" ? { reason: $("reason").value.trim(), target: $("target").value } : null),
+      () => {
+        const reason = $("reason").value.trim();
+        resolve(dialog.returnValue === "ok" && reason ? { reason, target: $("target").value } : null);
+      },
       { once: true },
     );
     dialog.showModal();
@@ -240,20 +265,17 @@ async function change(doing, url, body) {
 }
 
 async function promote(version) {
-  const answer = await confirmDialog(`Promote ${version}? Every server will answer with it (now: ${current}).`, false);
+  const seen = current; // the guard: what this operator saw when deciding, not what a refresh shows later
+  const answer = await confirmDialog(`Promote ${version}? Every server will answer with it (now: ${seen}).`, false);
   if (!answer) return;
-  await change(`Promoted ${version}`, "/admin/promote", {
-    version,
-    reason: answer.reason,
-    who: "console",
-    expected: current,
-  });
+  await change(`Promoted ${version}`, "/admin/promote", { version, reason: answer.reason, who: "console", expected: seen });
 }
 
 async function rollback() {
-  const answer = await confirmDialog(`Roll back from ${current}?`, true);
+  const seen = current;
+  const answer = await confirmDialog(`Roll back from ${seen}?`, true);
   if (!answer) return;
-  const body = { reason: answer.reason, who: "console" };
+  const body = { reason: answer.reason, who: "console", expected: seen };
   if (answer.target) body.version = answer.target;
   await change("Rolled back", "/admin/rollback", body);
 }
@@ -261,7 +283,9 @@ async function rollback() {
 // -- signing in -------------------------------------------------------------------------------------------------
 function signOut(message) {
   sessionStorage.removeItem(TOKEN_STORE);
-  clearInterval(timer);
+  clearTimeout(timer);
+  shownVersions = "";
+  refreshes = 0;
   $("console").hidden = true;
   $("signin").hidden = false;
   $("signout").hidden = true;
@@ -274,9 +298,8 @@ async function open() {
   $("signin").hidden = true;
   $("console").hidden = false;
   $("signout").hidden = false;
-  say("");
-  clearInterval(timer);
-  timer = setInterval(refresh, REFRESH_MS);
+  if ($("status").dataset.kind !== "error") say("");
+  schedule();
 }
 
 $("signin").addEventListener("submit", (event) => {
@@ -286,4 +309,5 @@ $("signin").addEventListener("submit", (event) => {
 });
 $("signout").addEventListener("click", () => signOut("Signed out."));
 $("rollback").addEventListener("click", rollback);
+$("confirm-cancel").addEventListener("click", () => $("confirm").close("cancel"));
 if (token()) open();

@@ -65,7 +65,9 @@ async def test_list_promote_conflict_rollback_and_events(admin: httpx.AsyncClien
     assert stale.status_code == 409 and "someone changed it first" in stale.json()["error"]["message"]
     refused = await admin.post("/admin/promote", headers=AUTH, json={"version": "v0003"})
     assert refused.status_code == 400 and "does not fit" in refused.json()["error"]["message"]
-    back = await admin.post("/admin/rollback", headers=AUTH, json={"reason": "complaints"})
+    stale_back = await admin.post("/admin/rollback", headers=AUTH, json={"reason": "late", "expected": "v0001"})
+    assert stale_back.status_code == 409 and "not v0001" in stale_back.json()["error"]["message"]
+    back = await admin.post("/admin/rollback", headers=AUTH, json={"reason": "complaints", "expected": "v0002"})
     assert back.json() == {"current": "v0001", "epoch": 3}
     shown = (await admin.get("/admin/versions/v0003", headers=AUTH)).json()
     assert shown["state"] == "failed"
@@ -77,6 +79,8 @@ async def test_list_promote_conflict_rollback_and_events(admin: httpx.AsyncClien
     ]
     later = (await admin.get(f"/admin/events?after={events[1]['id']}", headers=AUTH)).json()["events"]
     assert [e["epoch"] for e in later] == [3]
+    newest = (await admin.get("/admin/events?newest=true&count=2", headers=AUTH)).json()["events"]
+    assert [e["epoch"] for e in newest] == [2, 3]  # the newest two, oldest first
 
 
 @pytest.mark.parametrize("after", ["abc", "1-2-3", "-1", "(1", ""])

@@ -259,7 +259,7 @@ def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path, monkey
     assert (config.lr, config.value_lr, config.ppo.ptx_coef, config.seed, config.ppo.seed) == (3e-4, 3e-4, 0.25, 7, 7)
     # The embedded defaults are the settings' alone: a config made without settings is the default settings' one.
     assert RoundConfig() == RoundConfig.from_settings(load_settings(data_dir=tmp_path))
-    assert RoundConfig().ppo.epochs == 2 and RoundConfig().iterations == 6
+    assert RoundConfig().ppo.epochs == 2 and RoundConfig().iterations == 4
     # A flag changes what it names and nothing else; the round's seed is the mini-batches' seed too.
     changed = config.changed(0.5, iterations=None, seed=3, kl_target=2.0)
     assert (changed.iterations, changed.ppo.ptx_coef, changed.ppo.epochs) == (5, 0.5, 3)
@@ -283,5 +283,5 @@ def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path:
     assert options.held_out is None  # continuing r0002: its chain's share, whatever the setting says now
     assert rm_options(settings, None).held_out == 0.3  # a new reward model: the setting's
     default = rm_options(load_settings(data_dir=tmp_path), None)
-    assert (default.epochs, default.max_train, default.train_layers) == (1, 128, 2)  # the defaults
+    assert (default.epochs, default.max_train, default.train_layers) == (1, 64, 2)  # the defaults
     assert default.held_out == RM_HELD_OUT  # a new reward model's share: the setting's default

@@ -62,7 +62,8 @@ async def test_pages_and_their_files_come_with_security_headers(web: httpx.Async
         assert marker in answer.text, path
         assert answer.headers["content-security-policy"].startswith("default-src 'self'"), path
         assert answer.headers["x-content-type-options"] == "nosniff"
-    assert (await web.get("/static/../app.py")).status_code == 404
+    for escape in ("/static/%2e%2e/app.py", "/static/..%2fapp.py", "/static/%2e%2e%2fpages.py"):
+        assert (await web.get(httpx.URL(f"http://test{escape}"))).status_code == 404, escape
     missing = await web.get("/static/nothing.js")
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
 

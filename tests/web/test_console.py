@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -102,6 +103,29 @@ def test_a_rollback_from_the_console(page: Page, site: tuple[str, Path]) -> None
     expect(page.locator("#current")).to_have_text("v0004")
 
 
+def test_escape_or_cancel_changes_nothing(page: Page, site: tuple[str, Path]) -> None:
+    url, _ = site
+    sign_in(page, url, TOKEN)
+    expect(page.locator("#versions tbody tr")).to_have_count(4)
+    first, second = [v for v in ("v0001", "v0002", "v0004") if v != page.locator("#current").inner_text()][:2]
+    events = page.locator("#events tbody tr").count()
+    page.get_by_role("button", name=f"Promote {first}").click()
+    page.get_by_label("Reason (kept in the event log)").fill("this one")
+    page.get_by_role("button", name="Confirm").click()
+    expect(page.locator("#current")).to_have_text(first)
+    for close in ("Escape", "Cancel"):  # after a confirmed dialog, closing the next one must not confirm it
+        page.get_by_role("button", name=f"Promote {second}").click()
+        page.get_by_label("Reason (kept in the event log)").fill("no, wait")
+        if close == "Escape":
+            page.keyboard.press("Escape")
+        else:
+            page.get_by_role("button", name="Cancel").click()
+        expect(page.locator("#confirm")).to_be_hidden()
+    page.reload()
+    expect(page.locator("#current")).to_have_text(first)
+    expect(page.locator("#events tbody tr")).to_have_count(events + 1)
+
+
 def test_a_stale_promotion_says_someone_else_changed_it(page: Page, site: tuple[str, Path]) -> None:
     url, _ = site
     page.clock.install()  # the page's 5-second refresh waits: the page goes on showing what it read
@@ -123,10 +147,11 @@ def test_a_stale_promotion_says_someone_else_changed_it(page: Page, site: tuple[
 
 
 @pytest.fixture
-def fragile(tmp_path: Path) -> EmbeddedRedis:
+def fragile(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path / "redis", free_port())
     server.start()
-    return server
+    yield server
+    server.stop()
 
 
 def test_with_redis_stopped_the_page_says_so_and_nothing_is_recorded(
