@@ -27,6 +27,13 @@ def ask(page: Page, url: str, text: str, k: int = 4) -> str:
     return comparison
 
 
+def press(page: Page, *keys: str) -> None:
+    """Keys pressed on the ranking panel, one after the other."""
+    page.locator("#rank-panel").focus()
+    for key in keys:
+        page.keyboard.press(key)
+
+
 def test_keyboard_ranking_with_a_tie_is_stored_as_shown(
     page: Page, site: tuple[str, Path], redis_server: EmbeddedRedis
 ) -> None:
@@ -34,9 +41,7 @@ def test_keyboard_ranking_with_a_tie_is_stored_as_shown(
     comparison = ask(page, url, "Name three rivers")
     expect(page.locator("#answer-0 .text")).to_contain_text("you said Name three rivers")
     expect(page.locator("#answer-0 .version")).to_have_text(" · v0001")  # web_show_versions is on here
-    page.locator("#rank-panel").focus()
-    for key in ("2", "Backspace", "3", "1", "=", "4"):  # 2 undone; C, then A tied with C, then D
-        page.keyboard.press(key)
+    press(page, "2", "Backspace", "3", "1", "=", "4")  # 2 undone; C, then A tied with C, then D
     expect(page.locator("#ranking-shown")).to_have_text("Ranking: C = A > D")
     expect(page.locator("#ranked .rank-item")).to_have_count(3)
     expect(page.locator("#unranked .rank-item")).to_have_text([re.compile(r"^Answer B")])
@@ -66,9 +71,7 @@ def test_retrying_a_submission_is_a_duplicate_not_a_second_ranking(
 ) -> None:
     url, data = site
     comparison = ask(page, url, "Say hello", k=2)
-    page.locator("#rank-panel").focus()
-    page.keyboard.press("2")
-    page.keyboard.press("1")
+    press(page, "2", "1")
     sent: list[dict[str, object]] = []
     page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/feedback") else None)
     # The first submission's reply is lost on the way back: the page keeps its idempotency key and retries.
@@ -130,9 +133,7 @@ def test_an_expired_comparison_is_said_so(page: Page, site: tuple[str, Path], re
     client = redis.Redis.from_url(redis_server.url)
     client.delete(KEY_PREFIX + comparison)  # what its TTL does after RANKLOOP_COMPARISON_TTL_S
     client.close()
-    page.locator("#rank-panel").focus()
-    for key in ("1", "2", "Enter"):
-        page.keyboard.press(key)
+    press(page, "1", "2", "Enter")
     expect(page.locator("#status")).to_have_text(
         "This comparison has expired or is unknown to the server; ask again to get new answers."
     )
@@ -148,9 +149,7 @@ def test_the_page_fits_a_phone_and_every_control_is_labelled(page: Page, site: t
     url, _ = site
     page.set_viewport_size({"width": 375, "height": 800})
     ask(page, url, "A question asked on a phone, with a long answer to wrap")
-    page.locator("#rank-panel").focus()
-    page.keyboard.press("1")
-    page.keyboard.press("2")
+    press(page, "1", "2")
     assert page.evaluate("() => document.documentElement.scrollWidth") <= 375
     assert page.evaluate(LABELLED) == []
     screenshot(page, "chat-phone")

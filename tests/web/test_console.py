@@ -21,7 +21,7 @@ from tests.conftest import free_port
 from tests.servers import server_process
 from tests.tiny import tiny_versions_store
 from tests.web.conftest import TOKEN, screenshot
-from tests.web.test_chat_page import ask
+from tests.web.test_chat_page import ask, press
 
 
 def sign_in(page: Page, url: str, token: str) -> None:
@@ -162,9 +162,7 @@ def test_with_redis_stopped_the_page_says_so_and_nothing_is_recorded(
         store.root.parent, fragile.url, "fake", max_model_len=256, max_tokens_limit=128, default_max_tokens=64
     ) as url:
         comparison = ask(page, url, "Asked while Redis runs", k=2)
-        page.locator("#rank-panel").focus()
-        page.keyboard.press("1")
-        page.keyboard.press("2")
+        press(page, "1", "2")
         fragile.stop()
         page.keyboard.press("Enter")
         expect(page.locator("#status")).to_contain_text("Submitting the ranking failed")

@@ -13,7 +13,7 @@ from deploy.redis_server import EmbeddedRedis
 from tests.servers import server_process
 from tests.tiny import tiny_versions_store
 from tests.web.conftest import fresh, stored
-from tests.web.test_chat_page import ask
+from tests.web.test_chat_page import ask, press
 
 
 def test_with_api_keys_the_page_asks_for_one_and_ranks_as_its_owner(
@@ -33,9 +33,7 @@ def test_with_api_keys_the_page_asks_for_one_and_ranks_as_its_owner(
         page.get_by_label("API key").fill(key)
         page.get_by_label("API key").press("Tab")
         comparison = ask(page, url, "Who am I?", k=2)
-        page.locator("#rank-panel").focus()
-        for pressed in ("2", "1", "Enter"):
-            page.keyboard.press(pressed)
+        press(page, "2", "1", "Enter")
         expect(page.locator("#ranking-result")).to_contain_text("Ranking submitted")
         page.reload()
         expect(page.get_by_label("API key")).to_have_value(key)  # kept for this tab's session
