@@ -40,6 +40,7 @@ from deploy.learner_status import read_status  # noqa: E402
 from deploy.model_store import ModelStore  # noqa: E402
 from deploy.registry import Registry  # noqa: E402
 from deploy.settings import load_settings  # noqa: E402
+from feedback.history import rows_of  # noqa: E402
 
 RANKLOOP = [sys.executable, "-m", "rankloop"]
 PORTS = {"RANKLOOP_PORT": "8790", "RANKLOOP_REDIS_PORT": "6790", "RANKLOOP_LEARN_METRICS_PORT": "8791"}
@@ -118,7 +119,7 @@ def learning_figures(data: Path, current: str) -> dict[str, Any]:
     store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
     figures: dict[str, Any] = {"reward_models": rewards.versions(), "policies": store.versions()}
     rounds = data / "runs" / "rounds.jsonl"
-    figures["rounds"] = [json.loads(line) for line in rounds.read_text().splitlines()] if rounds.is_file() else []
+    figures["rounds"] = rows_of(rounds) if rounds.is_file() else []
     accuracies = [rewards.card(r).details.get("eval", {}).get("accuracy") for r in rewards.versions()]
     figures["rm_accuracy"] = accuracies
     phases: dict[str, float] = {}

@@ -75,7 +75,8 @@ def learning_history(settings: Settings) -> LearningHistory:
 
 
 def rows_of(log: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics log; a line being written (or cut by a kill) is passed over, not an error."""
+    """The rows of a metrics log (JSON lines, as learn.trainlog.MetricsLog writes them); a blank line, or one being
+    written or cut by a kill, is passed over, not an error."""
     rows = []
     for line in log.read_text().splitlines():
         try:

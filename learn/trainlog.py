@@ -46,10 +46,6 @@ class MetricsLog:
         self.close()
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 class StepProgress:
     """A progress bar over training steps with the latest figures beside it; silent when `enabled` is False."""
 

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from deploy.model_store import Card, ModelStore
+from feedback.history import rows_of
 from learn.data import (
     IGNORE,
     DataError,
@@ -20,7 +21,7 @@ from learn.data import (
 )
 from learn.loop import LoopConfig
 from learn.sft import evaluate_lm, train_lm
-from learn.trainlog import MetricsLog, read_metrics
+from learn.trainlog import MetricsLog
 from learn.weights import LoraOptions, as_stored, load_causal_lm, save_policy
 from rankloop.cli import app
 from tests.tiny import tiny_tokenizer
@@ -79,7 +80,7 @@ def test_sft_lowers_the_loss(tiny_store: ModelStore, tmp_path: Path) -> None:
     after = evaluate_lm(model, tokenizer, examples)
     assert result.steps == 30
     assert after < 0.5 * before, (before, after)
-    lines = read_metrics(tmp_path / "m.jsonl")
+    lines = rows_of(tmp_path / "m.jsonl")
     assert [line["step"] for line in lines] == list(range(1, 31))
     assert {"loss", "lr", "grad_norm", "tokens", "time"} <= set(lines[0])
 

@@ -24,6 +24,8 @@ from tests.servers import REPO, server_process
 from tests.tiny import tiny_versions_store
 
 TOKEN = "web-console-admin-token-0123"
+# A tiny model's context: room for the fake engine's answers, within the settings' checks.
+LIMITS = {"max_model_len": 256, "max_tokens_limit": 128, "default_max_tokens": 64}
 SCREENSHOTS = Path(os.environ.get("RANKLOOP_SCREENSHOTS", REPO / "var" / "screenshots"))
 
 
@@ -53,13 +55,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) 
     fresh(redis_server.url)
     store = tiny_versions_store(root)
     store.publish(Card("v0004", "v0001", "sft"), lambda f: shutil.copytree(store.path("v0002"), f, dirs_exist_ok=True))
-    settings = {
-        "admin_token": TOKEN,
-        "max_model_len": 256,
-        "max_tokens_limit": 128,
-        "default_max_tokens": 64,
-        "web_show_versions": "true",
-    }
+    settings = {"admin_token": TOKEN, "web_show_versions": "true", **LIMITS}
     with server_process(store.root.parent, redis_server.url, "fake", **settings) as url:
         yield url, store.root.parent
 

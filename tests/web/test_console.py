@@ -20,7 +20,7 @@ from feedback.stream import STREAM_KEY
 from tests.conftest import free_port
 from tests.servers import server_process
 from tests.tiny import tiny_versions_store
-from tests.web.conftest import TOKEN, screenshot
+from tests.web.conftest import LIMITS, TOKEN, screenshot
 from tests.web.test_chat_page import ask, press
 
 
@@ -158,9 +158,7 @@ def test_with_redis_stopped_the_page_says_so_and_nothing_is_recorded(
     page: Page, tmp_path: Path, fragile: EmbeddedRedis
 ) -> None:
     store = tiny_versions_store(tmp_path)
-    with server_process(
-        store.root.parent, fragile.url, "fake", max_model_len=256, max_tokens_limit=128, default_max_tokens=64
-    ) as url:
+    with server_process(store.root.parent, fragile.url, "fake", **LIMITS) as url:
         comparison = ask(page, url, "Asked while Redis runs", k=2)
         press(page, "1", "2")
         fragile.stop()

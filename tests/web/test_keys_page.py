@@ -12,7 +12,7 @@ from deploy.keys import KeyStore
 from deploy.redis_server import EmbeddedRedis
 from tests.servers import server_process
 from tests.tiny import tiny_versions_store
-from tests.web.conftest import fresh, stored
+from tests.web.conftest import LIMITS, fresh, stored
 from tests.web.test_chat_page import ask, press
 
 
@@ -24,8 +24,7 @@ def test_with_api_keys_the_page_asks_for_one_and_ranks_as_its_owner(
     key = KeyStore(client).create("ada", "user")
     client.close()
     store = tiny_versions_store(tmp_path)
-    limits = {"max_model_len": 256, "max_tokens_limit": 128, "default_max_tokens": 64}
-    with server_process(store.root.parent, redis_server.url, "fake", auth="keys", **limits) as url:
+    with server_process(store.root.parent, redis_server.url, "fake", auth="keys", **LIMITS) as url:
         page.goto(url)
         page.get_by_label("Your message").fill("Who am I?")
         page.keyboard.press("Enter")
