@@ -47,12 +47,28 @@ def _load(source: Path, console: Console) -> tuple[object, object]:
     return model, tokenizer
 
 
+def import_if_empty(store: ModelStore, source: Path | None = None, console: Console | None = None) -> str | None:
+    """`import_model` where the store has no version yet; None where it has one. Safe to run from several processes
+    at once (every serving replica does at its start): one imports, the others wait for it and find its version."""
+    console = console or Console(stderr=True)
+    with store.importing():
+        if not store.is_empty():
+            console.print(f"model store {store.root} has {', '.join(store.versions())}: nothing to import")
+            return None
+        return _import(store, source, console)
+
+
 def import_model(store: ModelStore, source: Path | None = None, console: Console | None = None) -> str:
     """Write ``source`` (default: the bundled SmolLM2-135M-Instruct) as the next version.
 
     The first version of a store also becomes the current version and the SFT reference.
     """
     console = console or Console(stderr=True)
+    with store.importing():
+        return _import(store, source, console)
+
+
+def _import(store: ModelStore, source: Path | None, console: Console) -> str:
     source = source or bundled_gguf()
     started = time.monotonic()
     with console.status("loading weights…"):

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,13 +114,22 @@ class ModelStore:
                 return
             write_text_atomic(self.root / "CURRENT", f"{version} {epoch}\n" if epoch else version + "\n")
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> AbstractContextManager[None]:
         """One writer of the pointers at a time, across processes."""
+        return self._flocked(".lock")
+
+    def importing(self) -> AbstractContextManager[None]:
+        """One import at a time, across processes and machines that share the store: replicas that start together
+        each run `rankloop model import --if-empty`, and the later ones must find the first one's version, not add
+        theirs. Its own lock file: an import sets the pointers (`_locked`) while it holds this one."""
+        return self._flocked(".import.lock")
+
+    @contextmanager
+    def _flocked(self, name: str) -> Iterator[None]:
         import fcntl
 
         self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / ".lock").open("a") as lock:
+        with (self.root / name).open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

@@ -136,18 +136,20 @@ def model_import(
         Path | None,
         typer.Option("--from", help="A local Hugging Face folder or .gguf file (default: SmolLM2-135M)."),
     ] = None,
-    if_empty: Annotated[bool, typer.Option("--if-empty", help="Do nothing when the store has a version.")] = False,
+    if_empty: Annotated[
+        bool, typer.Option("--if-empty", help="Do nothing when the store has a version (safe from replicas at once).")
+    ] = False,
 ) -> None:
     """Convert a model into the next policy version (the first one also becomes the SFT reference)."""
-    from deploy.model_import import import_model
+    from deploy.model_import import import_if_empty, import_model
 
     settings = settings_or_exit()
     store = ModelStore(settings.store_dir)
-    if if_empty and not store.is_empty():
-        console.print(f"model store {store.root} has {', '.join(store.versions())}: nothing to import")
-        return
     try:
-        import_model(store, source, console)
+        if if_empty:
+            import_if_empty(store, source, console)
+        else:
+            import_model(store, source, console)
     except (StoreError, OSError, ValueError) as exc:
         raise fail(str(exc)) from exc
 

@@ -78,7 +78,7 @@ def test_rankloop_containers_run_its_commands_with_its_settings_and_secrets() ->
     for workload in workloads():
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
-        for container in pod["containers"]:
+        for container in pod.get("initContainers", []) + pod["containers"]:
             if not container["image"].startswith("rankloop:"):
                 continue  # Redis
             assert container["command"][0] == "rankloop"
@@ -91,6 +91,14 @@ def test_rankloop_containers_run_its_commands_with_its_settings_and_secrets() ->
             volumes = {v["name"]: v for v in pod["volumes"]}
             mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/data")
             assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_pods_that_read_the_model_store_fill_an_empty_one_first() -> None:
+    for name in ("rankloop-serve", "rankloop-learner"):
+        pod = named("Deployment", name)["spec"]["template"]["spec"]
+        [init] = pod["initContainers"]
+        assert init["command"] == ["rankloop", "model", "import", "--if-empty"]  # one import, however many replicas
+        assert init["image"] == pod["containers"][0]["image"]
 
 
 def test_servers_listen_everywhere_only_with_keys_and_are_probed_where_they_answer() -> None:
