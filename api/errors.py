@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import OutOfMemoryError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.protocol import ErrorBody, ErrorResponse
@@ -39,9 +40,10 @@ REDIS_FULL_RETRY_AFTER_S = "30"
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """Whether Redis refused a write for want of memory (its maxmemory reached under `noeviction`), as a command's
-    error (`OOM ...`) or a script's (its message carries the command's)."""
-    return "OOM command not allowed" in str(exc)
+    """Whether Redis refused a write for want of memory (its maxmemory reached under `noeviction`): a command's
+    `OOM` error, which redis-py raises as OutOfMemoryError without the code in its message (Redis 7 also answers so
+    for a write in a script), or Redis 6.2's script error, whose message carries the command's."""
+    return isinstance(exc, OutOfMemoryError) or "OOM command not allowed" in str(exc)
 
 
 def redis_full(what: str) -> ApiError:

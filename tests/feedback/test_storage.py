@@ -84,8 +84,8 @@ async def test_feedback_pauses_at_the_backlog_bound_and_resumes_once_consumed(
 
 
 @pytest.fixture
-def small_redis(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, sync_redis_module.Redis]]:
-    server = EmbeddedRedis(tmp_path / "redis", free_port(), maxmemory=64 * 1024**2)
+def small_redis(tmp_path: Path, redis_binary: Path | None) -> Iterator[tuple[EmbeddedRedis, sync_redis_module.Redis]]:
+    server = EmbeddedRedis(tmp_path / "redis", free_port(), redis_binary, maxmemory=64 * 1024**2)
     server.start()
     client = sync_redis_module.Redis.from_url(server.url)
     try:

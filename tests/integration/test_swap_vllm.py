@@ -49,7 +49,7 @@ def _perturbed(source: Path, target: Path) -> None:
 
 @pytest.fixture(scope="module")
 def swap_stack(
-    real_store: ModelStore, tmp_path_factory: pytest.TempPathFactory
+    real_store: ModelStore, tmp_path_factory: pytest.TempPathFactory, redis_binary: Path | None
 ) -> Iterator[tuple[str, Registry, ModelStore]]:
     data = tmp_path_factory.mktemp("swap-data")
     store = ModelStore(data / "models")
@@ -57,7 +57,7 @@ def swap_stack(
     store.set_current("v0001")
     store.set_reference("v0001")
     store.publish(Card("v0002", "v0001", "test"), lambda f: _perturbed(real_store.path("v0001"), f))
-    with EmbeddedRedis(data / "redis", free_port()) as redis_server:
+    with EmbeddedRedis(data / "redis", free_port(), executable=redis_binary) as redis_server:
         registry = Registry(Redis.from_url(redis_server.url))
         sync_store(registry, store)
         port = free_port()

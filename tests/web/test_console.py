@@ -147,8 +147,8 @@ def test_a_stale_promotion_says_someone_else_changed_it(page: Page, site: tuple[
 
 
 @pytest.fixture
-def fragile(tmp_path: Path) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(tmp_path / "redis", free_port())
+def fragile(tmp_path: Path, redis_binary: Path | None) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis", free_port(), executable=redis_binary)
     server.start()
     yield server
     server.stop()
