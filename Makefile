@@ -12,7 +12,8 @@ run: venv
 	$(BIN)/rankloop up
 
 test: venv
-	@bash deploy/install_chromium.sh
+	@[ -n "$${RANKLOOP_CHROMIUM:-}" ] || bash deploy/apt_install.sh chromium chromium "the browser tests"
+	@bash deploy/apt_install.sh nginx nginx "the test of replicas behind a balancer"
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports

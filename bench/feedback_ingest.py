@@ -64,10 +64,11 @@ def parse_wrk(name: str, output: str) -> WrkResult:
     return WrkResult(name, requests, rps, latency("50"), latency("99"), errors)
 
 
-def wrk(name: str, url: str, seconds: int, connections: int, prefix: str) -> WrkResult:
+def wrk(name: str, url: str, seconds: int, connections: int, prefix: str, script: str = "feedback.lua") -> WrkResult:
+    """One wrk run of bench/`script` (new rankings of the comparisons seeded under `prefix`, by default)."""
     run = str(time.time_ns())
     env = {**os.environ, "BENCH_COMPARISONS": str(COMPARISONS), "BENCH_PREFIX": prefix, "BENCH_RUN": run}
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(REPO / "bench/feedback.lua"), url]
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(REPO / "bench" / script), url]
     output = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
     result = parse_wrk(name, output)
     print(
