@@ -199,18 +199,37 @@ class Agreement:
     """How a new policy moved on rankings it never trained on: the share of held-out ranked pairs whose preferred
     answer it made more likely, relative to its parent, than the other (log pi/pi_parent summed over each answer).
     Neither the reward model nor PPO saw these rankings, so a policy that only fooled its reward model does not
-    move them, and a policy that learned what users prefer does."""
+    move them, and a policy that learned what users prefer does. `detrended`: the same share less what each
+    answer's length alone predicts (`detrended()`), recorded beside it, not gated on (BENCHMARKS.md, "Agreement with
+    held-out rankings")."""
 
     rate: float
     pairs: int
+    detrended: float = float("nan")
 
     def figures(self) -> dict[str, float]:
-        return {"agreement": self.rate, "agreement_pairs": float(self.pairs)}
+        return {"agreement": self.rate, "agreement_pairs": float(self.pairs), "agreement_detrended": self.detrended}
+
+
+def detrended(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each answer's log pi/pi_parent, summed over its tokens, less its length times the mean per-token shift of all
+    the answers. Why look at it: a policy that moved makes its parent's own answers less likely by some amount a
+    token on average, so the raw sums fall with length, and for a preference that follows length the shorter (or
+    longer) answer of a pair looks preferred whatever the policy learned. Measured on `concise` runs it does not
+    tell learning from drift either (a round with its reward zeroed: 0.558; one with it: 0.473), so the gate keeps
+    the raw share."""
+    per_token = shift.sum() / lengths.sum().clamp(min=1)
+    return shift - per_token * lengths
 
 
 @torch.no_grad()
 def agreement(
-    policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int, batch: int = 8, split: int = 0
+    policy: Any,
+    parent: Any,
+    groups: Sequence[RankedGroup],
+    pad: int,
+    batch: int = 8,
+    split: int = 0,
 ) -> Agreement:
     """`Agreement` of `policy` over `parent` on ranked groups (ties count half; pairs without a preference none).
 
@@ -235,10 +254,17 @@ def agreement(
             below = lower_of(policy, split, sub) if shared else None
             ratio = answer_logprobs(policy, sub, cut, below) - answer_logprobs(parent, sub, cut, below)
             shift[torch.tensor(rows)] = (ratio * sub.mask).sum(dim=1).cpu()  # one row of figures a batch
-    outcomes = [
-        outcome(float(shift[index[g, chosen]]), float(shift[index[g, rejected]]))
+    judged = [
+        (index[g, chosen], index[g, rejected])
         for g, group in enumerate(groups)
         for chosen, rejected in pairs(group.tiers)
         if (g, chosen) in index and (g, rejected) in index
     ]
-    return Agreement(sum(outcomes) / len(outcomes) if outcomes else float("nan"), len(outcomes))
+    lengths = torch.tensor([len(answer) for _, answer in rollouts], dtype=shift.dtype)
+    return Agreement(share_agreeing(shift, judged), len(judged), share_agreeing(detrended(shift, lengths), judged))
+
+
+def share_agreeing(shift: torch.Tensor, judged: Sequence[tuple[int, int]]) -> float:
+    """The share of (preferred, other) answer pairs whose preferred one `shift` moved further (ties count half)."""
+    outcomes = [outcome(float(shift[chosen]), float(shift[other])) for chosen, other in judged]
+    return sum(outcomes) / len(outcomes) if outcomes else float("nan")

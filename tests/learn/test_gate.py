@@ -14,7 +14,7 @@ from deploy.registry import Registry
 from deploy.settings import load_settings
 from learn import degenerate, layers
 from learn.gate import Limits, promotion_gate
-from learn.policy_eval import Agreement, PolicyEval, agreement
+from learn.policy_eval import Agreement, PolicyEval, agreement, detrended
 from learn.ppo import AdapterOff, Packed, PPOConfig, backbone
 from learn.ppo_run import RoundConfig
 from learn.reward_model import RewardScorer
@@ -152,6 +152,15 @@ def test_agreement_counts_the_pairs_the_new_policy_moved_towards_the_users_choic
     # Pairs: (a: 0 over 1) agrees; (b: 0 over 1) disagrees; (b: 0 over 2): the same answer, no shift: a tie (0.5).
     assert found.pairs == 3 and found.rate == pytest.approx((1 + 0 + 0.5) / 3)
     assert agreement(parent, parent, groups, pad=0).rate == 0.5  # no move at all: every pair a tie
+
+
+def test_detrending_takes_out_what_length_alone_predicts() -> None:
+    # Summed log-ratios -3, -6, 2 over answers of 1, 2 and 4 tokens: -7 over 7 tokens, -1 a token on average.
+    shift, lengths = torch.tensor([-3.0, -6.0, 2.0]), torch.tensor([1.0, 2.0, 4.0])
+    assert detrended(shift, lengths).tolist() == [-2.0, -4.0, 6.0]
+    # A policy that only drifted (the same shift a token everywhere) moved no answer beyond its length.
+    drift = -0.5 * torch.tensor([3.0, 10.0, 41.0])
+    assert detrended(drift, torch.tensor([3.0, 10.0, 41.0])).tolist() == [0.0, 0.0, 0.0]
 
 
 def test_agreement_runs_the_shared_lower_layers_once_and_finds_the_same_shifts(tiny_store: ModelStore) -> None:
