@@ -65,6 +65,13 @@ def default_consumer_name(dataset: Path) -> str:
     return f"{socket.gethostname()}-{where}"
 
 
+def group_gone(exc: ResponseError) -> bool:
+    """Whether Redis refused for want of the stream or the consumer group (Redis restarted empty, or the stream
+    deleted): Redis 6.2 says NOGROUP on the next read; Redis 7 also ends a read blocked on a stream deleted under it
+    with `UNBLOCKED the stream key no longer exists`."""
+    return "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)
+
+
 class FeedbackConsumer:
     def __init__(
         self,
@@ -155,7 +162,7 @@ class FeedbackConsumer:
                 log.warning("Redis unavailable (%s); retrying in %.0f s", exc, RECONNECT_S)
                 stop.wait(RECONNECT_S)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not group_gone(exc):
                     raise
                 # Redis restarted empty (or the stream was deleted): make the group again and go on.
                 log.warning("the consumer group is gone (%s); creating it again", exc)
