@@ -1,0 +1,118 @@
+"""What moves a policy when PPO's reward is zeroed: one PPO round from v0001 with the reward-model score replaced
+by 0 (`RANKLOOP_LEARN_REWARD=zero`, as the loop demo's control), under variants of the other terms (the ptx term's
+weight, the KL penalty's), on a copy of a demo run's data (its rankings, served answers and reward models); each
+new version's answer length and its win rate over v0001 under the run's preference. Figures go to BENCHMARKS.md.
+
+    .venv/bin/python bench/control_drift.py var/demo-concise-control [--reward r0002] [--variants ptx=0.5,ptx=0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.loop_demo import RANKLOOP, judged  # noqa: E402
+from bench.report import machine, write_section  # noqa: E402
+from deploy.model_store import ModelStore  # noqa: E402
+from deploy.settings import load_settings  # noqa: E402
+
+OPTIONS = {"ptx": "--ptx-coef", "kl": "--kl-coef"}  # name=value
+FLAGS = {"fixed": "--fixed-kl"}  # bare names
+
+
+def flags_of(variant: str) -> list[str]:
+    """`ptx=0+kl=0+fixed` -> the `rankloop learn ppo` options it stands for."""
+    found: list[str] = []
+    for part in variant.split("+"):
+        name, _, value = part.partition("=")
+        found += [OPTIONS[name], value] if value else [FLAGS[name]]
+    return found
+
+
+def copied(run: Path, work: Path) -> Path:
+    """The run's stores (hard links: versions are never rewritten in place) and its dataset, in `work`."""
+    data = work / "data"
+    data.mkdir(parents=True)
+    for name in ("models", "reward_models"):
+        subprocess.run(["cp", "-al", str(run / name), str(data / name)], check=True)
+    shutil.copy(run / "feedback.sqlite3", data / "feedback.sqlite3")
+    return data
+
+
+def one_round(env: dict[str, str], reward: str, variant: str) -> tuple[str, float]:
+    """A round from v0001 with the variant's options; the new version and the minutes it took."""
+    flags = flags_of(variant)
+    started = time.monotonic()
+    # The daemon's ptx texts (RANKLOOP_LEARN_PTX_FILE); `learn ppo` alone takes users' demonstrations by default.
+    ptx = ["--ptx-data", env["RANKLOOP_LEARN_PTX_FILE"]] if env.get("RANKLOOP_LEARN_PTX_FILE") else []
+    argv = [*RANKLOOP, "learn", "ppo", "--from", "v0001", "--reward", reward, *ptx, *flags]
+    subprocess.run(argv, env=env, check=True)
+    store = ModelStore(load_settings(data_dir=Path(env["RANKLOOP_DATA_DIR"])).store_dir)
+    return store.versions()[-1], (time.monotonic() - started) / 60
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a loop demo's data folder")
+    parser.add_argument("--reward", default="r0002")
+    parser.add_argument("--variants", default="ptx=0.5,ptx=0", help="comma-separated; `ptx=0+kl=0+fixed` combines")
+    parser.add_argument("--samples", type=int, default=4)
+    args = parser.parse_args()
+    record = json.loads((args.run / "demo.json").read_text())
+    preference, settings = record["args"]["preference"], record["settings"]
+    work = Path(tempfile.mkdtemp(prefix="bench-drift-"))
+    data = copied(args.run, work)
+    env = {
+        **os.environ,
+        **{f"RANKLOOP_{k}": v for k, v in settings.items()},
+        "RANKLOOP_LEARN_REWARD": "zero",
+        "RANKLOOP_DATA_DIR": str(data),
+    }
+    rows = []
+    for variant in args.variants.split(","):
+        version, minutes = one_round(env, args.reward, variant)
+        card: dict[str, Any] = ModelStore(data / "models").card(version).details
+        before, after = card["eval"]["before"], card["eval"]["after"]
+        result = judged(env, version, preference, args.samples)
+        rate = result["win_rate"]
+        pairs = rate["wins"] + rate["ties"] + rate["losses"]
+        rows.append(
+            f"| {variant} | {version} | {before['answer_length']:.0f} → {after['answer_length']:.0f} tokens; "
+            f"{result['length_b']:.0f} → {result['length_a']:.0f} characters judged | {after['kl']:.1f} | "
+            f"{card['agreement']['agreement']:.3f} | **{rate['rate']:.1%}** ({rate['low']:.1%}-{rate['high']:.1%}, "
+            f"{pairs} pairs) | {minutes:.1f} |"
+        )
+        print(rows[-1], flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        f"## What moves a policy with its reward zeroed: one round from v0001 on `{args.run.name}` (issue 16)",
+        "",
+        f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}.",
+        "",
+        f"Command: `.venv/bin/python bench/control_drift.py {args.run} --reward {args.reward} --variants "
+        f"{args.variants}`",
+        "",
+        f"One PPO round each (default settings, the run's: {', '.join(f'{k}={v}' for k, v in settings.items())}), "
+        f"from v0001 against {args.reward} with its score replaced by 0, on the run's rankings and served answers; "
+        f"judged against v0001 under `{preference}` on held-out prompts, {args.samples} answers each.",
+        "",
+        "| variant | version | answer length, v0001 → it | KL | agreement | win rate over v0001 (95%) | minutes |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    write_section(f"control_drift_{args.run.name}", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
