@@ -60,13 +60,13 @@ class Traffic:
             self.failed.append(why)
 
 
-def user(url: str, name: str, traffic: Traffic) -> None:
+def user(url: str, name: str, traffic: Traffic, ask: dict[str, object] = ASK) -> None:
     """Chat, then rank the answers; a request that fails is sent again (the same ranking again is answered as a
     duplicate of the first where that one was stored after all)."""
-    with httpx.Client(base_url=url, timeout=20) as http:
+    with httpx.Client(base_url=url, timeout=120) as http:
         while not traffic.stop.is_set():
             try:
-                response = http.post("/v1/chat/completions", json=ASK)
+                response = http.post("/v1/chat/completions", json=ask)
             except httpx.TransportError as exc:
                 traffic.fail(f"chat: {exc!r}")
                 continue
@@ -76,6 +76,8 @@ def user(url: str, name: str, traffic: Traffic) -> None:
             body = response.json()
             with traffic.lock:
                 traffic.answers.append(body)
+            if len(body["choices"]) < 2:
+                continue  # one answer: nothing to rank
             ranking = {"comparison_id": body["id"], "ranking": [1, 0], "user": name}
             for _ in range(10):
                 try:
