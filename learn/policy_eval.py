@@ -224,12 +224,7 @@ def detrended(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def agreement(
-    policy: Any,
-    parent: Any,
-    groups: Sequence[RankedGroup],
-    pad: int,
-    batch: int = 8,
-    split: int = 0,
+    policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int, batch: int = 8, split: int = 0
 ) -> Agreement:
     """`Agreement` of `policy` over `parent` on ranked groups (ties count half; pairs without a preference none).
 

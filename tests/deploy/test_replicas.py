@@ -59,6 +59,24 @@ class Traffic:
         with self.lock:
             self.failed.append(why)
 
+    def finish(self, users: list[threading.Thread], timeout_s: float = 60) -> None:
+        self.stop.set()
+        for thread in users:
+            thread.join(timeout=timeout_s)
+
+
+def stored_rankings(client: redis.Redis, data: Path) -> list[str]:
+    """The ids of the rankings in the stream, once the consumer has moved them into the data folder's dataset."""
+    with Dataset(load_settings(data_dir=data).dataset_path) as dataset:
+        FeedbackConsumer(client, dataset, "replicas-test").drain()
+        return [stored_id for stored_id, _ in dataset.rankings()]
+
+
+def weights_named(texts: list[str]) -> set[str | None]:
+    """The weights the fake engine says wrote each answer (`answer 0 from v0002: ...`); None where it names none
+    (the version a server started on)."""
+    return {text.split(" from ", 1)[1].split(":", 1)[0] if " from " in text else None for text in texts}
+
 
 def user(url: str, name: str, traffic: Traffic, ask: dict[str, object] = ASK) -> None:
     """Chat, then rank the answers; a request that fails is sent again (the same ranking again is answered as a
@@ -159,17 +177,13 @@ def test_three_replicas_behind_nginx_follow_promotions_survive_a_kill_and_lose_n
             wait_healthy(replicas[2], processes[2], timeout_s=120)
             all_serve(replicas, "v0004", within_s=5)  # caught up on the registry at its start
             time.sleep(3)
-            traffic.stop.set()
-            for thread in users:
-                thread.join(timeout=60)
+            traffic.finish(users)
     finally:
         traffic.stop.set()
         for process in processes:
             stop_group(process)
 
-    with Dataset(load_settings(data_dir=data).dataset_path) as dataset:
-        FeedbackConsumer(client, dataset, "replicas-test").drain()
-        stored = [stored_id for stored_id, _ in dataset.rankings()]
+    stored = stored_rankings(client, data)
     client.close()
     assert len(stored) == len(set(stored)) == len(traffic.accepted) and set(stored) == traffic.accepted
     assert len(traffic.answers) > 30  # enough traffic to mean something
@@ -180,7 +194,7 @@ def test_three_replicas_behind_nginx_follow_promotions_survive_a_kill_and_lose_n
         texts = [choice["message"]["content"] for choice in body["choices"]]  # type: ignore[index]
         # The fake engine names the weights it swapped in; a version a replica started on (v0001, or v0004 after
         # the restart) it does not name.
-        named = {text.split(" from ", 1)[1].split(":", 1)[0] if " from " in text else None for text in texts}
+        named = weights_named(texts)
         assert named in ({version}, {None}) and (named == {version} or version in ("v0001", "v0004")), (version, texts)
         labels.append(version)
     assert {"v0001", "v0002", "v0004"} <= set(labels) and labels[-1] == "v0004"

@@ -17,11 +17,17 @@ import redis
 from deploy.launcher import stop_group, wait_healthy
 from deploy.model_store import Card, ModelStore
 from deploy.redis_server import EmbeddedRedis
-from deploy.settings import load_settings
-from feedback.consumer import FeedbackConsumer
-from feedback.dataset import Dataset
 from tests.conftest import free_port
-from tests.deploy.test_replicas import TOKEN, Traffic, all_serve, nginx, promote, user
+from tests.deploy.test_replicas import (
+    TOKEN,
+    Traffic,
+    all_serve,
+    nginx,
+    promote,
+    stored_rankings,
+    user,
+    weights_named,
+)
 from tests.integration.conftest import ENGINE_START_S
 from tests.integration.test_swap_vllm import _perturbed
 from tests.servers import balancer, start_server
@@ -63,17 +69,13 @@ def test_a_real_engine_replica_behind_nginx_follows_a_promotion_with_every_answe
             promote(url, "v0002")
             all_serve(replicas, "v0002", within_s=120)
             time.sleep(10)
-            traffic.stop.set()
-            for thread in users:
-                thread.join(timeout=180)
+            traffic.finish(users, timeout_s=180)
     finally:
         traffic.stop.set()
         for process in processes:
             stop_group(process)
 
-    with Dataset(load_settings(data_dir=data).dataset_path) as dataset:
-        FeedbackConsumer(client, dataset, "replicas-vllm-test").drain()
-        stored = [stored_id for stored_id, _ in dataset.rankings()]
+    stored = stored_rankings(client, data)
     client.close()
     assert len(stored) == len(set(stored)) == len(traffic.accepted) and set(stored) == traffic.accepted
     assert not traffic.failed, traffic.failed[:5]
@@ -82,8 +84,7 @@ def test_a_real_engine_replica_behind_nginx_follows_a_promotion_with_every_answe
         version = str(body["policy_version"])
         texts = [choice["message"]["content"] for choice in body["choices"]]  # type: ignore[index]
         if all(text.startswith("answer ") for text in texts):  # the fake engine's
-            named = {text.split(" from ", 1)[1].split(":", 1)[0] if " from " in text else None for text in texts}
-            assert named == ({version} if version == "v0002" else {None}), (version, texts)
+            assert weights_named(texts) == ({version} if version == "v0002" else {None}), (version, texts)
         elif len(texts) == 1:  # vLLM's, greedy: v0001 names a fruit, v0002 answers nothing
             assert (texts[0].strip() == "") == (version == "v0002"), (version, texts)
             real[version] += 1
