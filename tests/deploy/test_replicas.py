@@ -65,11 +65,13 @@ class Traffic:
             thread.join(timeout=timeout_s)
 
 
-def stored_rankings(client: redis.Redis, data: Path) -> list[str]:
-    """The ids of the rankings in the stream, once the consumer has moved them into the data folder's dataset."""
+def assert_accepted_rankings_stored_once(client: redis.Redis, data: Path, traffic: Traffic) -> None:
+    """Once the consumer has moved the stream into the data folder's dataset, it holds every ranking the API
+    accepted, each once, and nothing else."""
     with Dataset(load_settings(data_dir=data).dataset_path) as dataset:
         FeedbackConsumer(client, dataset, "replicas-test").drain()
-        return [stored_id for stored_id, _ in dataset.rankings()]
+        stored = [stored_id for stored_id, _ in dataset.rankings()]
+    assert len(stored) == len(set(stored)) == len(traffic.accepted) and set(stored) == traffic.accepted
 
 
 def weights_named(texts: list[str]) -> set[str | None]:
@@ -183,9 +185,8 @@ def test_three_replicas_behind_nginx_follow_promotions_survive_a_kill_and_lose_n
         for process in processes:
             stop_group(process)
 
-    stored = stored_rankings(client, data)
+    assert_accepted_rankings_stored_once(client, data, traffic)
     client.close()
-    assert len(stored) == len(set(stored)) == len(traffic.accepted) and set(stored) == traffic.accepted
     assert len(traffic.answers) > 30  # enough traffic to mean something
     assert failed_down <= USERS and answered_down > 10, (traffic.failed, answered_down)
     labels = []
