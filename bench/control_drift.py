@@ -4,6 +4,7 @@ weight, the KL penalty's), on a copy of a demo run's data (its rankings, served 
 new version's answer length and its win rate over v0001 under the run's preference. Figures go to BENCHMARKS.md.
 
     .venv/bin/python bench/control_drift.py var/demo-concise-control [--reward r0002] [--variants ptx=0.5,ptx=0]
+        [--set LEARN_PTX_FILE= --set LEARN_PTX_SOURCE=reference]
 """
 
 from __future__ import annotations
@@ -54,9 +55,8 @@ def one_round(env: dict[str, str], reward: str, variant: str) -> tuple[str, floa
     """A round from v0001 with the variant's options; the new version and the minutes it took."""
     flags = flags_of(variant)
     started = time.monotonic()
-    # The daemon's ptx texts (RANKLOOP_LEARN_PTX_FILE); `learn ppo` alone takes users' demonstrations by default.
-    ptx = ["--ptx-data", env["RANKLOOP_LEARN_PTX_FILE"]] if env.get("RANKLOOP_LEARN_PTX_FILE") else []
-    argv = [*RANKLOOP, "learn", "ppo", "--from", "v0001", "--reward", reward, *ptx, *flags]
+    # `learn ppo` takes its ptx texts from the settings, as the daemon does: the run's, or those --set gives.
+    argv = [*RANKLOOP, "learn", "ppo", "--from", "v0001", "--reward", reward, *flags]
     subprocess.run(argv, env=env, check=True)
     store = ModelStore(load_settings(data_dir=Path(env["RANKLOOP_DATA_DIR"])).store_dir)
     return store.versions()[-1], (time.monotonic() - started) / 60
@@ -68,9 +68,17 @@ def main() -> None:
     parser.add_argument("--reward", default="r0002")
     parser.add_argument("--variants", default="ptx=0.5,ptx=0", help="comma-separated; `ptx=0+kl=0+fixed` combines")
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a RANKLOOP_ setting over the run's (KEY=: unset)",
+    )
     args = parser.parse_args()
     record = json.loads((args.run / "demo.json").read_text())
-    preference, settings = record["args"]["preference"], record["settings"]
+    preference, changes = record["args"]["preference"], dict(item.split("=", 1) for item in args.set)
+    settings = {k: v for k, v in {**record["settings"], **changes}.items() if v}
     work = Path(tempfile.mkdtemp(prefix="bench-drift-"))
     data = copied(args.run, work)
     env = {
@@ -101,7 +109,7 @@ def main() -> None:
         f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}.",
         "",
         f"Command: `.venv/bin/python bench/control_drift.py {args.run} --reward {args.reward} --variants "
-        f"{args.variants}`",
+        f"{args.variants}{''.join(f' --set {k}={v}' for k, v in changes.items())}`",
         "",
         f"One PPO round each (default settings, the run's: {', '.join(f'{k}={v}' for k, v in settings.items())}), "
         f"from v0001 against {args.reward} with its score replaced by 0, on the run's rankings and served answers; "
@@ -111,7 +119,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
-    write_section(f"control_drift_{args.run.name}", "\n".join(lines))
+    changed = "".join(f"-{k.lower()}-{v}" for k, v in sorted(changes.items()) if v)
+    write_section(f"control_drift_{args.run.name}{changed.replace('/', '_')}", "\n".join(lines))
 
 
 if __name__ == "__main__":

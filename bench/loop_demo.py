@@ -46,7 +46,9 @@ RANKLOOP = [sys.executable, "-m", "rankloop"]
 PORTS = {"RANKLOOP_PORT": "8790", "RANKLOOP_REDIS_PORT": "6790", "RANKLOOP_LEARN_METRICS_PORT": "8791"}
 DEFAULT_SETTINGS = {  # the demonstration's choices, on top of the embedded defaults; --set overrides them
     "LEARN_AUTO_PROMOTE": "true",
-    "LEARN_PTX_FILE": str(REPO.parent / "shared" / "data" / "alpaca-seed-tasks.jsonl"),
+    # The ptx term on v0001's own answers: texts that teach no preference (the Alpaca seed tasks' short answers,
+    # used before, taught `concise` with the reward zeroed), and the held-out LM-loss check has its texts.
+    "LEARN_PTX_SOURCE": "reference",
 }
 
 

@@ -250,6 +250,11 @@ class Settings(BaseSettings):
     learn_ptx_file: Path | None = Field(
         None, description="Text (or JSONL) for PPO's pre-training term; unset: users' demonstrations."
     )
+    learn_ptx_source: Literal["demonstrations", "reference"] = Field(
+        "demonstrations",
+        description="PPO's pre-training texts where no file is set: users' demonstrations, or `reference`: every "
+        "answer the SFT reference wrote to users' ranked prompts, whatever its rank.",
+    )
     learn_ptx_coef: float = Field(0.5, ge=0.0, description="Weight of the pre-training term in PPO.")
     learn_auto_promote: bool = Field(
         False, description="Promote a new version by itself when it passes the evaluation gate."

@@ -191,6 +191,7 @@ class Learner:
             reward=reward,
             prompt_file=settings.learn_prompt_file,
             ptx_file=settings.learn_ptx_file,
+            ptx_source=settings.learn_ptx_source,
             bf16=bf16,
             device=device,
         )

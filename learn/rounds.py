@@ -28,7 +28,16 @@ from learn.precision import autocast
 from learn.prompts import DEFAULT_PROMPTS, Prompt, Served, key_of, prompts_from_file, split_prompts
 from learn.reward_model import Evaluation
 from learn.rm_data import split
-from learn.sources import FEEDBACK, last_event_id, load_groups, ptx_examples, round_prompts, served_comparisons
+from learn.sources import (
+    FEEDBACK,
+    PtxFromReference,
+    PtxSource,
+    last_event_id,
+    load_groups,
+    ptx_examples,
+    round_prompts,
+    served_comparisons,
+)
 from learn.trainlog import MetricsLog, step_progress
 from learn.weights import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy
 
@@ -181,6 +190,7 @@ class PPOOptions:
     reward: str | None = None  # reward model rNNNN (default: the latest)
     prompt_file: Path | None = None
     ptx_file: Path | None = None
+    ptx_source: PtxSource = "demonstrations"  # where no file is given (learn.sources.ptx_examples)
     held_out: float = 0.1  # the evaluation's prompts (the reward model's own share judges the round)
     max_prompt_len: int = 384
     eval_prompts: int = 16
@@ -366,7 +376,12 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
     )
     if not train and not served:
         raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
-    ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, options.ptx_file, 512, inputs.until)
+    ptx = options.ptx_file or (
+        PtxFromReference(inputs.reference, (options.held_out, inputs.judging))
+        if options.ptx_source == "reference"
+        else None
+    )
+    ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, ptx, 512, inputs.until)
     evaluation_prompts, eval_on = evaluation_set(models.tokenizer, held, options)
     return RoundData(models, train, held, served, ptx_train, ptx_held, ptx_source, evaluation_prompts, eval_on)
 

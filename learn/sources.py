@@ -7,13 +7,15 @@ PPO's prompts, demonstration events for SFT and PPO's ptx term.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from deploy.settings import Settings
 from feedback.dataset import Dataset
 from feedback.events import DemonstrationEvent, RankingEvent
 from learn.data import (
+    IGNORE,
     DataError,
     Demonstration,
     Example,
@@ -132,15 +134,47 @@ def served_comparisons(
     ]
 
 
+PtxSource = Literal["demonstrations", "reference"]
+
+
+@dataclass(frozen=True)
+class PtxFromReference:
+    """The ptx term on the answers `version` (the SFT reference) wrote to users' prompts, none of a held-out one."""
+
+    version: str
+    held_out: HeldOut
+
+
+def reference_answers(served: list[Served], max_len: int) -> list[list[Example]]:
+    """Every answer of each comparison, whatever users thought of it, as an example with the loss on the answer:
+    samples of the reference's own distribution, so that the term holds the policy near it (its gradient at the
+    reference is zero in expectation) without teaching any preference, which the chosen answers alone would."""
+    return [
+        [
+            Example((s.prompt_ids + answer)[:max_len], ([IGNORE] * len(s.prompt_ids) + answer)[:max_len])
+            for answer in s.answers
+        ]
+        for s in served
+    ]
+
+
 def ptx_examples(
-    settings: Settings, tokenizer: Any, ptx_file: Path | None, max_len: int, until: str | None = None
+    settings: Settings, tokenizer: Any, ptx: Path | PtxFromReference | None, max_len: int, until: str | None = None
 ) -> tuple[list[Example], list[Example], str]:
-    """(train, held out, source) for the ptx term: a text or JSONL file when given, else users' demonstrations."""
-    if ptx_file is not None:
-        if not ptx_file.is_file():
-            raise DataError(f"--ptx-data {ptx_file}: no such file")
-        examples = [e for t in read_texts(ptx_file) for e in encode_text(tokenizer, t, max_len)]
-        source = str(ptx_file)
+    """(train, held out, source) for the ptx term: a text or JSONL file, the reference's answers, or (None) users'
+    demonstrations (up to event `until`)."""
+    if isinstance(ptx, PtxFromReference):
+        served = served_comparisons(settings, ptx.version, ptx.held_out, max_len, until)
+        # Held out by comparison: a comparison's K answers share their prompt, which the fluency check must not see.
+        groups = reference_answers(served, max_len)
+        held = [e for group in groups[::PTX_HELD_OUT_EVERY] for e in group]
+        train = [e for i, group in enumerate(groups) if i % PTX_HELD_OUT_EVERY for e in group]
+        return train, held, f"{ptx.version}'s answers to users' prompts"
+    if ptx is not None:
+        if not ptx.is_file():
+            raise DataError(f"--ptx-data {ptx}: no such file")
+        examples = [e for t in read_texts(ptx) for e in encode_text(tokenizer, t, max_len)]
+        source = str(ptx)
     else:
         demos = load_demonstrations(FEEDBACK, settings, until)
         examples = [encode_demonstration(tokenizer, d, max_len) for d in demos]

@@ -227,7 +227,14 @@ def ppo(
     ] = None,
     prompts: Annotated[Path | None, typer.Option(help="Extra prompts (JSONL) besides users' ranked ones.")] = None,
     ptx_data: Annotated[
-        Path | None, typer.Option(help="Text or JSONL for the pre-training term (default: users' demonstrations).")
+        Path | None, typer.Option(help="Text or JSONL for the pre-training term (default: RANKLOOP_LEARN_PTX_FILE).")
+    ] = None,
+    ptx_source: Annotated[
+        str | None,
+        typer.Option(
+            help="Where no file is set: `demonstrations` (users') or `reference` (the SFT reference's answers to "
+            "users' prompts; default: RANKLOOP_LEARN_PTX_SOURCE)."
+        ),
     ] = None,
     ptx_coef: Annotated[
         float | None, typer.Option(min=0.0, help="Weight of the pre-training term (default: settings).")
@@ -263,6 +270,11 @@ def ppo(
     if source not in ("served", "sampled"):
         raise fail(f"--rollouts {source}: use `served` or `sampled`")
     # The daemon's round (the settings), changed only where a flag says so: the same command resumes its rounds.
+    ptx_from = settings.learn_ptx_source
+    if ptx_source is not None:
+        if ptx_source not in ("demonstrations", "reference"):
+            raise fail(f"--ptx-source {ptx_source}: use `demonstrations` or `reference`")
+        ptx_from = "reference" if ptx_source == "reference" else "demonstrations"
     config = RoundConfig.from_settings(settings)
     rate = lr or (config.lr if lora else 1e-5)
     config = config.changed(
@@ -286,7 +298,8 @@ def ppo(
         parent=base,
         reward=reward,
         prompt_file=prompts,
-        ptx_file=ptx_data,
+        ptx_file=ptx_data or settings.learn_ptx_file,
+        ptx_source=ptx_from,
         fresh=fresh,
         bf16=bf16,
         device=device,

@@ -1,0 +1,78 @@
+"""PPO's pre-training term on the SFT reference's own answers (`RANKLOOP_LEARN_PTX_SOURCE=reference`): every answer
+it wrote to a training prompt, whatever its rank, none of a held-out prompt or of a later version, held out by
+comparison."""
+
+import random
+from pathlib import Path
+
+from deploy.model_store import ModelStore
+from deploy.settings import load_settings
+from feedback.dataset import Dataset
+from feedback.events import RankingEvent
+from learn.data import IGNORE
+from learn.ppo_run import RoundConfig
+from learn.rm_data import is_held_out, is_rm_held_out, prompt_key
+from learn.rounds import PPOOptions, ppo_round
+from learn.sources import PTX_HELD_OUT_EVERY, PtxFromReference, ptx_examples
+from tests.learn.events import BAD, GOOD, ranking_event
+from tests.learn.test_ppo_round import RM_HELD_OUT, make_data_dir
+from tests.tiny import tiny_tokenizer
+
+HELD_OUT = (0.1, RM_HELD_OUT)
+
+
+def events(n: int, later: set[int]) -> list[tuple[str, str, str]]:
+    """Rankings q0..q(n-1) of v0001's answers, but those in `later`, which v0002 wrote."""
+    rng, rows = random.Random(0), []
+    for i in range(n):
+        event_id, kind, data = ranking_event(i, rng)
+        if i in later:
+            event = RankingEvent.model_validate_json(data)
+            event.comparison.policy_version = "v0002"
+            data = event.model_dump_json()
+        rows.append((event_id, kind, data))
+    return rows
+
+
+def trained_on(i: int) -> bool:
+    key = prompt_key([{"role": "user", "content": f"q{i}"}])
+    return not is_held_out(key, HELD_OUT[0]) and not is_rm_held_out(key, HELD_OUT[1])
+
+
+def test_the_reference_answers_are_all_it_wrote_to_training_prompts(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    rows = events(40, later={3, 4})
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert(rows)
+    train, held, source = ptx_examples(settings, tiny_tokenizer(), PtxFromReference("v0001", HELD_OUT), 512)
+    expected = [i for i in range(40) if trained_on(i) and i not in (3, 4)]
+    assert source == "v0001's answers to users' prompts"
+    assert len(train) + len(held) == 2 * len(expected)  # both answers of every comparison, the worse one too
+    everything = train + held
+    assert sorted(e.input_ids[-1] for e in everything) == sorted([GOOD, BAD] * len(expected))
+    comparisons = [RankingEvent.model_validate_json(data).comparison for _, _, data in rows]
+    by_prompt = {tuple(c.prompt_token_ids): i for i, c in enumerate(comparisons)}
+    for example in everything:
+        prompt, answer = example.input_ids[:4], example.input_ids[4:]
+        assert by_prompt[tuple(prompt)] in expected
+        assert example.labels == [IGNORE] * 4 + answer  # the loss on the answer alone
+    # Held out by comparison: every tenth comparison's two answers, none of whose prompts is trained on.
+    assert len(held) == 2 * len(expected[::PTX_HELD_OUT_EVERY])
+    assert {tuple(e.input_ids[:4]) for e in held}.isdisjoint({tuple(e.input_ids[:4]) for e in train})
+
+
+def test_a_round_takes_its_ptx_texts_from_the_reference(tmp_path: Path) -> None:
+    data = make_data_dir(tmp_path)
+    settings = load_settings(data_dir=data, learn_threads=1)
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert(events(20, later=set()))
+    config = RoundConfig(iterations=1, prompts_per_iteration=4, max_new_tokens=4)
+    result = ppo_round(settings, config, PPOOptions(ptx_source="reference"), show_progress=False)
+    ptx = ModelStore(data / "models").card(result.version).details["ptx"]
+    usable = [i for i in range(20) if trained_on(i)]
+    assert ptx == {
+        "source": "v0001's answers to users' prompts",
+        "train": 2 * (len(usable) - len(usable[::PTX_HELD_OUT_EVERY])),
+        "held_out": 2 * len(usable[::PTX_HELD_OUT_EVERY]),
+    }
+    assert result.after.ptx_loss is not None and result.reference_ptx is not None  # the fluency check has its texts
