@@ -1,0 +1,69 @@
+"""Versions as LoRA adapters: two rounds' adapters compose into one whose delta is their sum (worked by hand), and
+the folder written is one PEFT reads back onto the base to give the merged model's logits exactly."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from learn.adapters import Adapter, compose, from_peft, load_adapter, save_adapter
+from tests.tiny import tiny_llama_folder
+
+
+def test_composed_adapters_add_their_deltas() -> None:
+    # first: rank 1 on q, delta 2·[[1, 0], [0, 0]]; then: rank 1 on q and on v.
+    first = Adapter({"q": (torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0], [0.0]]))})
+    then = Adapter(
+        {
+            "q": (torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [0.5]])),
+            "v": (torch.tensor([[1.0, 1.0]]), torch.tensor([[3.0], [0.0]])),
+        }
+    )
+    both = compose(first, then)
+    assert both.rank == 2
+    assert torch.equal(both.delta("q"), torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
+    assert torch.equal(both.delta("v"), torch.tensor([[3.0, 3.0], [0.0, 0.0]]))  # zeros where `first` had none
+    assert torch.equal(both.modules["v"][0][0], torch.zeros(2))
+
+
+def lora_round(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A LoRA model on `model` whose adapters are random, as if a round had trained them (scaling alpha/r = 2)."""
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, parameter in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    return peft
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_a_chain_of_two_rounds_is_one_adapter_on_the_base(tmp_path: Path) -> None:
+    folder = tiny_llama_folder(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    first = lora_round(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), seed=1)
+    adapter = from_peft(first)
+    parent = first.merge_and_unload()  # what the store keeps as the first version
+    second = lora_round(parent, seed=2)
+    adapter = compose(adapter, from_peft(second))
+    merged = second.merge_and_unload()
+    save_adapter(adapter, tmp_path / "adapter", base=str(folder), dtype=torch.float32)
+    assert load_adapter(tmp_path / "adapter").rank == 8
+    assert not torch.allclose(logits(base, ids), logits(merged, ids), atol=1e-3)  # the rounds changed something
+    served = PeftModel.from_pretrained(base, tmp_path / "adapter")  # (injects the adapter into `base`)
+    assert torch.allclose(logits(served, ids), logits(merged, ids), atol=1e-5)
+
+
+def test_an_adapter_round_trips_through_its_folder(tmp_path: Path) -> None:
+    adapter = Adapter({"model.layers.0.mlp.down_proj": (torch.randn(4, 8), torch.randn(6, 4))})
+    save_adapter(adapter, tmp_path, base="v0001", dtype=torch.float32)
+    loaded = load_adapter(tmp_path)
+    assert torch.equal(loaded.delta("model.layers.0.mlp.down_proj"), adapter.delta("model.layers.0.mlp.down_proj"))
+    with pytest.raises(KeyError):
+        loaded.delta("model.layers.1.mlp.down_proj")
