@@ -182,6 +182,12 @@ class Settings(BaseSettings):
         description="bf16 matrix products in learning rounds; unset: on where the learner's device has them fast (a "
         "GPU with bf16, a CPU with AMX or AVX512-BF16; on other CPUs they are slower than fp32).",
     )
+    max_adapter_rank: Literal[0, 8, 16, 32, 64, 128, 256] = Field(
+        64,
+        description="A LoRA version is kept as one adapter on its full-weight base (beside its merged weights) while "
+        "the chain's rank stays within this (each round adds its own); above, as full weights only, a new base. "
+        "0: no adapters.",
+    )
     learn_train_layers: int = Field(6, ge=0, description="Upper layers PPO trains (its LoRA adapters); 0: all.")
     learn_rm_train_layers: int = Field(
         2, ge=0, description="Upper layers the reward model trains (their weights and its head); 0: all."

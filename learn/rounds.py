@@ -39,7 +39,7 @@ from learn.sources import (
     served_comparisons,
 )
 from learn.trainlog import MetricsLog, step_progress
-from learn.weights import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy
+from learn.weights import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy, version_adapter
 
 log = logging.getLogger("rankloop.learner")
 StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figures)
@@ -471,9 +471,12 @@ def _publish(
             "metrics": str(metrics),
         },
     )
+    adapter = version_adapter(data.models.policy, store, inputs.parent, settings.max_adapter_rank)
+    if adapter is not None:
+        card.details["adapter"] = {"base": adapter[1], "rank": adapter[0].rank}
 
     def write() -> None:
-        save_policy(stored, data.models.tokenizer, store, card)
+        save_policy(stored, data.models.tokenizer, store, card, adapter)
         inputs.checkpoint.unlink(missing_ok=True)
         inputs.checkpoint.with_suffix(".before.json").unlink(missing_ok=True)
 

@@ -13,6 +13,7 @@ import torch
 
 from deploy.model_store import Card, ModelStore
 from learn import layers
+from learn.adapters import Adapter, compose, from_peft, load_adapter, save_adapter
 from learn.loop import LoopConfig, LoopResult
 
 
@@ -76,16 +77,37 @@ def as_stored(model: Any) -> Any:
     return copy.to(torch.bfloat16).to(dtype).eval()
 
 
-def save_policy(model: Any, tokenizer: Any, store: ModelStore, card: Card) -> Path:
-    """Write a full model folder (LoRA merged in, bf16 like the other versions) as a new version, atomically."""
+ADAPTER = "adapter"  # a version's folder holds its adapter on its base here (learn.adapters), when it has one
+
+
+def save_policy(
+    model: Any, tokenizer: Any, store: ModelStore, card: Card, adapter: tuple[Adapter, str] | None = None
+) -> Path:
+    """Write a full model folder (LoRA merged in, bf16 like the other versions) as a new version, atomically;
+    with `adapter` (the version as an adapter, and the base it applies to) that too, in `adapter/`."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
 
     def fill(folder: Path) -> None:
         model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+        if adapter is not None:
+            save_adapter(adapter[0], folder / ADAPTER, base=adapter[1])
 
     return store.publish(card, fill)
+
+
+def version_adapter(model: Any, store: ModelStore, parent: str, max_rank: int) -> tuple[Adapter, str] | None:
+    """`model`'s LoRA adapter as an adapter on a full-weight base: on the parent where the parent has full weights
+    only, composed with the parent's adapter (on the same base) where it has one; None without LoRA, or where the
+    chain's rank would pass `max_rank` (the version is then a base itself)."""
+    if not hasattr(model, "merge_and_unload"):
+        return None
+    own, base = from_peft(model), parent
+    inherited = store.card(parent).details.get(ADAPTER)
+    if inherited is not None:
+        own, base = compose(load_adapter(store.path(parent) / ADAPTER), own), inherited["base"]
+    return (own, base) if 0 < own.rank <= max_rank else None
 
 
 def run_card(version: str, parent: str, made_by: str, config: LoopConfig, result: LoopResult, **details: Any) -> Card:

@@ -67,3 +67,38 @@ def test_an_adapter_round_trips_through_its_folder(tmp_path: Path) -> None:
     assert torch.equal(loaded.delta("model.layers.0.mlp.down_proj"), adapter.delta("model.layers.0.mlp.down_proj"))
     with pytest.raises(KeyError):
         loaded.delta("model.layers.1.mlp.down_proj")
+
+
+def test_rounds_keep_their_versions_as_adapters_on_the_first_base(tmp_path: Path) -> None:
+    """Two LoRA rounds: v0002 is an adapter on v0001, v0003 one on v0001 too (both rounds' deltas), whose PEFT
+    folder on v0001 gives v0003's stored weights' logits; with a rank limit of one round's, v0003 is a base."""
+    import random
+
+    from deploy.model_store import ModelStore
+    from deploy.settings import load_settings
+    from feedback.dataset import Dataset
+    from learn.ppo_run import RoundConfig
+    from learn.rounds import PPOOptions, ppo_round
+    from tests.learn.events import ranking_event
+    from tests.learn.test_ppo_round import make_data_dir
+
+    data = make_data_dir(tmp_path)
+    settings = load_settings(data_dir=data, learn_threads=1)
+    rng = random.Random(0)
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert([ranking_event(i, rng) for i in range(12)])
+    config = RoundConfig(iterations=1, prompts_per_iteration=4, max_new_tokens=4, lr=0.05, value_lr=0.05)
+    for parent in ("v0001", "v0002"):
+        ppo_round(settings, config, PPOOptions(parent=parent), show_progress=False)
+    store = ModelStore(data / "models")
+    assert store.card("v0002").details["adapter"] == {"base": "v0001", "rank": 16}
+    assert store.card("v0003").details["adapter"] == {"base": "v0001", "rank": 32}
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    stored = AutoModelForCausalLM.from_pretrained(store.path("v0003"), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(store.path("v0001"), dtype=torch.float32)
+    assert (logits(base, ids) - logits(stored, ids)).abs().max() > 0.5  # the rounds moved it (by 1.18)
+    served = PeftModel.from_pretrained(base, store.path("v0003") / "adapter")
+    assert torch.allclose(logits(served, ids), logits(stored, ids), atol=0.02)  # bf16 roundings apart (0.004)
+    narrow = load_settings(data_dir=data, learn_threads=1, max_adapter_rank=16)
+    ppo_round(narrow, config, PPOOptions(parent="v0002"), show_progress=False)
+    assert "adapter" not in store.card("v0004").details and not (store.path("v0004") / "adapter").exists()
