@@ -1,10 +1,12 @@
 """The policy registry in Redis: which versions exist, their state, which one is current, and every change.
 
 Keys (prefix `rankloop:registry:`):
-- `version:<v>`: a hash per version: state (ready, current, retired, failed), parent, made_by, created, card, error;
+- `version:<v>`: a hash per version: state (ready, current, retired, failed, rejected), parent, made_by, created,
+  card, error;
 - `versions`: an ordered set of the versions (score: the version number);
 - `current`: the current version; `epoch`: a counter bumped by every change of `current`;
-- `events`: a stream of changes (epoch, action, version, previous, who, why, time).
+- `events`: a stream of changes (epoch, action, version, previous, who, why, time);
+- `canary`: the version users judge beside the current one, while a canary runs (deploy.canary).
 
 Promote and rollback are one compare-and-set script: it checks the expected current version and the target's
 state, then retires the old version, moves the pointer, bumps the epoch and appends the event, atomically.
@@ -24,10 +26,13 @@ from redis.asyncio import Redis as AsyncRedis
 from deploy.redis_server import as_text
 
 PREFIX = "rankloop:registry:"
-VERSIONS, CURRENT, EPOCH, EVENTS = (PREFIX + name for name in ("versions", "current", "epoch", "events"))
-STATES = ("ready", "current", "retired", "failed")
+VERSIONS, CURRENT, EPOCH, EVENTS, CANARY = (
+    PREFIX + name for name in ("versions", "current", "epoch", "events", "canary")
+)
+STATES = ("ready", "current", "retired", "failed", "rejected")
 
-# KEYS: current, epoch, events, target hash, prefix of version hashes (as KEYS[5], used to name the old one).
+# KEYS: current, epoch, events, target hash, prefix of version hashes (as KEYS[5], used to name the old one), the
+# canary (any change of the current version ends it: it compared its candidate with the old one).
 # ARGV: expected current ('' for none), target version, action, who, why, time, the lowest epoch allowed minus one
 # (the model store's: a registry behind it must not hand out an epoch servers have already seen).
 SWITCH_LUA = """
@@ -43,6 +48,14 @@ local epoch = redis.call('INCR', KEYS[2])
 if epoch <= tonumber(ARGV[7]) then
   epoch = tonumber(ARGV[7]) + 1
   redis.call('SET', KEYS[2], epoch)
+end
+local candidate = redis.call('HGET', KEYS[6], 'version')
+if candidate then
+  redis.call('DEL', KEYS[6])
+  local outcome = 'ended: the current version changed'
+  if candidate == ARGV[2] then outcome = 'promoted' end
+  redis.call('XADD', KEYS[3], '*', 'epoch', epoch, 'action', 'canary_stop', 'version', candidate,
+    'previous', current, 'who', ARGV[4], 'why', outcome, 'time', ARGV[6])
 end
 local id = redis.call('XADD', KEYS[3], '*', 'epoch', epoch, 'action', ARGV[3], 'version', ARGV[2],
   'previous', current, 'who', ARGV[4], 'why', ARGV[5], 'time', ARGV[6])
@@ -163,7 +176,7 @@ class Registry:
         """Make `target` current if `expected` still is; return the new epoch, above `above_epoch` too. Raises
         Conflict or RegistryError."""
         reply = self._switch(
-            keys=[CURRENT, EPOCH, EVENTS, version_key(target), version_key("")],
+            keys=[CURRENT, EPOCH, EVENTS, version_key(target), version_key(""), CANARY],
             args=[expected or "", target, action, who, why, time.time(), above_epoch],
         )
         status, detail = as_text(reply[0]), as_text(reply[1])

@@ -1,0 +1,107 @@
+"""The canary in the registry on a real Redis server: start and stop with their events, the refusals that say what
+to do, a rejected candidate that no promotion takes, and a change of the current version that ends the canary."""
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+
+from deploy.canary import Canaries, Canary
+from deploy.model_store import Card, ModelStore
+from deploy.promotion import promote, rollback, sync_store
+from deploy.redis_server import EmbeddedRedis
+from deploy.registry import Registry, RegistryError
+from tests.tiny import tiny_versions_store
+
+
+@pytest.fixture
+def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ModelStore:
+    """v0001 current; v0002 and v0003 full-weight versions; v0004 and v0005 adapters on v0001."""
+    store = tiny_versions_store(tmp_path)
+    for version in ("v0004", "v0005"):
+        card = Card(version, "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 16}})
+        store.publish(card, lambda f: [shutil.copy(p, f / p.name) for p in store.path("v0001").iterdir()])
+    return store
+
+
+def test_a_canary_starts_and_stops_with_its_events(redis: Redis, store: ModelStore) -> None:
+    registry, canaries = Registry(redis), Canaries(redis)
+    sync_store(registry, store)
+    started = canaries.start(store, "v0004", share=0.25, split=2, who="ann", why="try it")
+    assert canaries.running() == started == Canary("v0004", "v0001", 0.25, 2, started.started, "ann")
+    assert canaries.stop("bob", "enough") == "v0004"
+    assert canaries.running() is None
+    assert [(e.action, e.version, e.previous, e.who, e.why) for e in registry.events()[1:]] == [
+        ("canary_start", "v0004", "v0001", "ann", "try it"),
+        ("canary_stop", "v0004", "v0001", "bob", "stopped: enough"),
+    ]
+    assert registry.show("v0004").state == "ready"  # stopped, not judged
+
+
+@pytest.mark.parametrize(
+    ("version", "share", "split", "message"),
+    [
+        ("v0004", 0.0, 2, "--share 0.0: give the share of comparisons to mix, above 0 and at most 1"),
+        ("v0004", 1.5, 2, "--share 1.5"),
+        ("v0004", 0.25, 0, "--split 0: the candidate writes at least 1 answer"),
+        ("v0002", 0.25, 2, "v0002 runs on v0002's weights and v0001 on v0001's: a server cannot answer with both"),
+        ("v0001", 0.25, 2, "v0001 is the current version already"),
+        ("v0009", 0.25, 2, "version v0009 is not registered"),
+    ],
+)
+def test_refusals_say_what_to_do(
+    redis: Redis, store: ModelStore, version: str, share: float, split: int, message: str
+) -> None:
+    sync_store(Registry(redis), store)
+    with pytest.raises(RegistryError, match=message.replace("(", r"\(")):
+        Canaries(redis).start(store, version, share, split, "ann")
+    assert Canaries(redis).running() is None
+
+
+def test_one_canary_at_a_time(redis: Redis, store: ModelStore) -> None:
+    sync_store(Registry(redis), store)
+    canaries = Canaries(redis)
+    with pytest.raises(RegistryError, match="no canary is running"):
+        canaries.stop("ann")
+    canaries.start(store, "v0004", 0.25, 2, "ann")
+    with pytest.raises(RegistryError, match="a canary of v0004 is running: stop it first"):
+        canaries.start(store, "v0005", 0.25, 2, "bob")
+    with pytest.raises(RegistryError, match="the running canary is v0004, not v0005"):
+        canaries.stop("bob", expected="v0005")
+    assert canaries.running() is not None and canaries.running().version == "v0004"  # type: ignore[union-attr]
+
+
+def test_a_rejected_candidate_is_never_promoted(redis: Redis, store: ModelStore) -> None:
+    registry, canaries = Registry(redis), Canaries(redis)
+    sync_store(registry, store)
+    canaries.start(store, "v0004", 0.25, 2, "learner")
+    canaries.stop("learner", "upper bound 0.41", expected="v0004", rejected=True)
+    assert registry.show("v0004").state == "rejected"
+    with pytest.raises(RegistryError, match="version v0004 is rejected, not ready"):
+        promote(registry, store, "v0004", "ann", "")
+    with pytest.raises(RegistryError, match="v0004 is rejected, not ready: it cannot be a canary"):
+        canaries.start(store, "v0004", 0.25, 2, "ann")
+
+
+def test_a_change_of_the_current_version_ends_the_canary(redis: Redis, store: ModelStore) -> None:
+    registry, canaries = Registry(redis), Canaries(redis)
+    sync_store(registry, store)
+    canaries.start(store, "v0004", 0.25, 2, "ann")
+    promote(registry, store, "v0004", "learner", "won its canary")
+    assert canaries.running() is None
+    actions = [(e.action, e.version, e.why) for e in registry.events()[2:]]
+    assert actions == [("canary_stop", "v0004", "promoted"), ("promote", "v0004", "won its canary")]
+    canaries.start(store, "v0005", 0.25, 2, "ann")  # against v0004 now
+    rollback(registry, store, "bob", "users complain")
+    assert canaries.running() is None
+    assert registry.events()[-2].why == "ended: the current version changed"
