@@ -27,6 +27,9 @@ class StoredCandidate(BaseModel):
     token_ids: list[int]
     logprobs: list[float] = Field(description="log-probability of each sampled token, as the engine reported it")
     finish_reason: str | None
+    # The version that wrote this answer where it is not the comparison's (a canary's mixed comparison); None: the
+    # comparison's `policy_version`.
+    policy_version: str | None = None
 
 
 class Comparison(BaseModel):

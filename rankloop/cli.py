@@ -15,6 +15,7 @@ from deploy.launcher import CoreBudget, Launcher, core_budget
 from deploy.model_store import ModelStore, StoreError
 from deploy.redis_server import EmbeddedRedis, RedisDataError, maxmemory_bytes
 from deploy.settings import Settings, redact_url
+from rankloop.canary_cli import canary_app, leaderboard
 from rankloop.console import fail, settings_or_exit
 from rankloop.feedback_cli import app as feedback_app
 from rankloop.keys_cli import app as keys_app
@@ -33,6 +34,8 @@ app.add_typer(feedback_app, name="feedback")
 app.add_typer(learn_app, name="learn")
 app.add_typer(versions_app, name="versions")
 app.add_typer(keys_app, name="keys")
+app.add_typer(canary_app, name="canary")
+app.command("leaderboard")(leaderboard)
 app.command("promote")(promote_command)
 app.command("rollback")(rollback_command)
 app.command("simulate")(simulate_command)

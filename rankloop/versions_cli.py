@@ -24,7 +24,7 @@ versions_app = typer.Typer(help="Policy versions: list them, show one.", invoke_
 console = Console()
 
 
-def _open() -> tuple[Registry, ModelStore]:
+def open_registry() -> tuple[Registry, ModelStore]:
     settings = settings_or_exit()
     registry = Registry(sync_redis(settings))
     store = ModelStore(settings.store_dir)
@@ -50,7 +50,7 @@ def versions(ctx: typer.Context) -> None:
     """List the versions: state, parent, how made, when, eval figures; the current one marked."""
     if ctx.invoked_subcommand is not None:
         return
-    registry, _ = _open()
+    registry, _ = open_registry()
     current, epoch = registry.current()
     table = Table(title=f"policy versions (current {current or 'none'}, epoch {epoch})")
     for column in ("version", "state", "parent", "made by", "created", "eval"):
@@ -67,7 +67,7 @@ def versions(ctx: typer.Context) -> None:
 @versions_app.command("show")
 def show(version: str) -> None:
     """Everything the registry knows of one version, as JSON."""
-    registry, _ = _open()
+    registry, _ = open_registry()
     try:
         info = registry.show(version)
     except RegistryError as exc:
@@ -80,7 +80,7 @@ def promote(
     reason: Annotated[str, typer.Option(help="Why; kept in the events stream.")] = "",
 ) -> None:
     """Make VERSION the one users talk to (servers follow within a second)."""
-    registry, store = _open()
+    registry, store = open_registry()
     try:
         epoch = promote_version(registry, store, version, getpass.getuser(), reason)
     except RegistryError as exc:
@@ -93,7 +93,7 @@ def rollback(
     reason: Annotated[str, typer.Option(help="Why; kept in the events stream.")] = "",
 ) -> None:
     """Go back to the previous current version, or to VERSION."""
-    registry, store = _open()
+    registry, store = open_registry()
     try:
         target, epoch = rollback_version(registry, store, getpass.getuser(), reason, version)
     except RegistryError as exc:

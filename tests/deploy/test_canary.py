@@ -105,3 +105,41 @@ def test_a_change_of_the_current_version_ends_the_canary(redis: Redis, store: Mo
     rollback(registry, store, "bob", "users complain")
     assert canaries.running() is None
     assert registry.events()[-2].why == "ended: the current version changed"
+
+
+def test_operator_commands(
+    redis: Redis, store: ModelStore, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import time
+
+    from typer.testing import CliRunner
+
+    from deploy.settings import load_settings
+    from feedback.dataset import Dataset
+    from rankloop.cli import app
+    from tests.feedback.test_standings import CANDIDATE_FIRST, CURRENT_FIRST, ranking
+
+    monkeypatch.setenv("RANKLOOP_DATA_DIR", str(store.root.parent))
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.setenv("COLUMNS", "200")
+    runner = CliRunner()
+    started = runner.invoke(app, ["canary", "start", "v0002"])
+    assert started.exit_code == 1 and "a server cannot answer with both" in " ".join(started.output.split())
+    started = runner.invoke(app, ["canary", "start", "v0004", "--share", "0.5", "--split", "1"])
+    assert started.exit_code == 0, started.output
+    assert "canary v0004 against v0001: 50% of comparisons, 1 answer(s) each" in started.output
+    assert "no ranking of a mixed comparison yet" in runner.invoke(app, ["canary", "status"]).output
+    now = int(time.time() * 1000) + 1000
+    rows = [ranking(n, now + n, CANDIDATE_FIRST if n % 4 else CURRENT_FIRST) for n in range(8)]
+    with Dataset(load_settings().dataset_path) as dataset:
+        dataset.insert([(i, k, d.replace('"v0002"', '"v0004"')) for i, k, d in rows])
+    status = runner.invoke(app, ["canary", "status"])
+    assert status.exit_code == 0 and "75.0%" in status.output and "32" in status.output, status.output
+    board = json.loads(runner.invoke(app, ["leaderboard", "--json"]).output)
+    assert (board["rankings"], board["pairs"], list(board["strengths"])) == (8, 32, ["v0004", "v0001"])
+    assert board["against_current"][0]["rate"] == pytest.approx(0.75)
+    stopped = runner.invoke(app, ["canary", "stop", "--reject", "--reason", "users prefer v0001"])
+    assert stopped.exit_code == 0 and "canary v0004 stopped and rejected" in stopped.output
+    assert Registry(redis).show("v0004").state == "rejected"
+    assert "no canary is running" in runner.invoke(app, ["canary", "status"]).output
