@@ -82,13 +82,13 @@ async def _admin(
     return admin
 
 
-def _who(request: Request, said: str) -> str:
+def who_asked(request: Request, said: str) -> str:
     """Who made a change, for the registry's event log: an admin key's name, else what the token holder said."""
     key: str | None = getattr(request.state, "admin_key", None)
     return key or said
 
 
-async def _call(admin: Admin, fn: Any, *args: Any) -> Any:
+async def registry_call(admin: Admin, fn: Any, *args: Any) -> Any:
     """Registry calls are short blocking Redis round trips: run them off the event loop."""
     try:
         return await asyncio.to_thread(fn, *args)
@@ -111,30 +111,32 @@ router = APIRouter(prefix="/admin")
 
 @router.get("/versions")
 async def versions(admin: AdminDep) -> dict[str, Any]:
-    await _call(admin, sync_store, admin.registry, admin.store)
-    current, epoch = await _call(admin, admin.registry.current)
-    listed = await _call(admin, admin.registry.versions)
+    await registry_call(admin, sync_store, admin.registry, admin.store)
+    current, epoch = await registry_call(admin, admin.registry.current)
+    listed = await registry_call(admin, admin.registry.versions)
     return {"current": current, "epoch": epoch, "versions": [asdict(v) for v in listed]}
 
 
 @router.get("/versions/{version}")
 async def show(version: str, admin: AdminDep) -> dict[str, Any]:
-    info = await _call(admin, admin.registry.show, version)
+    info = await registry_call(admin, admin.registry.show, version)
     return asdict(info)
 
 
 @router.post("/promote", dependencies=Changes)
 async def promote_route(body: PromoteBody, admin: AdminDep, request: Request) -> dict[str, Any]:
-    await _call(admin, sync_store, admin.registry, admin.store)
-    who = _who(request, body.who)
-    epoch = await _call(admin, promote, admin.registry, admin.store, body.version, who, body.reason, body.expected)
+    await registry_call(admin, sync_store, admin.registry, admin.store)
+    who = who_asked(request, body.who)
+    epoch = await registry_call(
+        admin, promote, admin.registry, admin.store, body.version, who, body.reason, body.expected
+    )
     return {"current": body.version, "epoch": epoch}
 
 
 @router.post("/rollback", dependencies=Changes)
 async def rollback_route(body: RollbackBody, admin: AdminDep, request: Request) -> dict[str, Any]:
-    who = _who(request, body.who)
-    version, epoch = await _call(
+    who = who_asked(request, body.who)
+    version, epoch = await registry_call(
         admin, rollback, admin.registry, admin.store, who, body.reason, body.version, body.expected
     )
     return {"current": version, "epoch": epoch}
@@ -156,6 +158,6 @@ async def events(
         raise ApiError(400, f"after: {after} is beyond any stream id (each part < 2^64)", "after", "invalid_value")
     count = min(max(count, 1), 1000)
     if newest:
-        return {"events": [asdict(e) for e in await _call(admin, admin.registry.latest_events, count)]}
-    listed = await _call(admin, admin.registry.events, after, count)
+        return {"events": [asdict(e) for e in await registry_call(admin, admin.registry.latest_events, count)]}
+    listed = await registry_call(admin, admin.registry.events, after, count)
     return {"events": [asdict(e) for e in listed]}
