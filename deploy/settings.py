@@ -265,6 +265,16 @@ class Settings(BaseSettings):
     learn_auto_promote: bool = Field(
         False, description="Promote a new version by itself when it passes the evaluation gate."
     )
+    promote_on: Literal["reward", "canary"] = Field(
+        "reward",
+        description="What promotes a version that passed the gate: `reward`, the gate itself (with "
+        "LEARN_AUTO_PROMOTE); `canary`, users: it goes to a canary, and the learner promotes it when the lower end "
+        "of its win rate over the current version passes one half after CANARY_MIN_PAIRS pairs, or rejects it when "
+        "the upper end falls below.",
+    )
+    canary_share: float = Field(0.25, gt=0.0, le=1.0, description="Share of comparisons a learner's canary mixes.")
+    canary_split: int = Field(2, ge=1, description="Answers of a mixed comparison the candidate writes.")
+    canary_min_pairs: int = Field(200, ge=1, description="Head-to-head pairs before a canary is decided.")
     learn_max_ptx_ratio: float = Field(
         1.1, gt=0.0, description="Gate: held-out LM loss at most this times the SFT reference's."
     )

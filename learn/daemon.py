@@ -32,7 +32,7 @@ from deploy.model_store import ModelStore
 from deploy.promotion import promote
 from deploy.registry import Registry
 from deploy.settings import Settings
-from learn import metrics
+from learn import canary_rule, metrics
 from learn.device import cap_memory, learn_device, out_of_memory
 from learn.distributed import agreed, barrier, join, world, written_by_main
 from learn.gate import Limits, promotion_gate, rm_gate
@@ -118,7 +118,13 @@ class Learner:
         log.info("%s: %s", phase, detail)
 
     def tick(self) -> str:
-        """One look at the data: run a round when there is reason to; returns what happened, in a few words."""
+        """One look at the data: decide a canary users have judged, run a round when there is reason to; returns
+        what happened, in a few words."""
+        if self.settings.promote_on == "canary" and world().main:
+            decided = canary_rule.judge(self.settings, self.registry, self.store)
+            if decided is not None:
+                self.publish("waiting", f"canary {decided}")
+                metrics.ROUNDS.labels(f"canary_{decided.split()[0]}").inc()
         checkpoint = self.settings.data_dir / "checkpoints" / "ppo.ckpt"
         pending = agreed(lambda: checkpoint_meta(checkpoint))
         if pending is not None:
@@ -209,7 +215,12 @@ class Learner:
             result.before, result.after, result.agreement, limits(self.settings), result.reference_ptx
         )
         outcome = "ready"
-        if verdict.passed and self.settings.learn_auto_promote:
+        refused = None
+        if verdict.passed and self.settings.promote_on == "canary":
+            refused = canary_rule.begin(self.settings, self.registry, self.store, card.version, verdict.why)
+            outcome = "canary" if refused is None else outcome
+        # Where no canary can run (one runs already; a version on other weights than the current's), the gate alone.
+        if verdict.passed and outcome == "ready" and self.settings.learn_auto_promote:
             promote(
                 self.registry,
                 self.store,
@@ -228,6 +239,7 @@ class Learner:
             "outcome": outcome,
             "gate": verdict.why,
             "passed": verdict.passed,
+            **({"no_canary": refused} if refused else {}),
             "before": _brief(result.before),
             "after": _brief(result.after),
             **result.agreement.figures(),

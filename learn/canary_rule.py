@@ -1,0 +1,45 @@
+"""The learner's side of `RANKLOOP_PROMOTE_ON=canary`: a version that passed the gate goes to users first, and
+their rankings decide (feedback.leaderboard's rule): promoted when the lower end of its win rate over the current
+version passes one half, rejected when the upper end falls below, after `canary_min_pairs` pairs."""
+
+from __future__ import annotations
+
+from deploy.canary import Canaries
+from deploy.model_store import ModelStore
+from deploy.promotion import promote
+from deploy.registry import Registry, RegistryError
+from deploy.settings import Settings
+from feedback.leaderboard import canary_verdict
+from feedback.standings import standings
+
+
+def begin(settings: Settings, registry: Registry, store: ModelStore, version: str, why: str) -> str | None:
+    """Start `version`'s canary; None when started, else why not (another canary runs, or the two versions do not
+    run on the same weights)."""
+    try:
+        Canaries(registry.redis).start(
+            store, version, settings.canary_share, settings.canary_split, "learner", f"passed the gate: {why}"
+        )
+    except RegistryError as exc:
+        return str(exc)
+    return None
+
+
+def judge(settings: Settings, registry: Registry, store: ModelStore) -> str | None:
+    """Decide the running canary where users' rankings allow: 'promoted vX', 'rejected vX' or None (no canary, or
+    not decided yet)."""
+    canaries = Canaries(registry.redis)
+    canary = canaries.running()
+    if canary is None:
+        return None
+    board = standings(settings.dataset_path, canary.current, canary.started)
+    versus = next((h for h in board.against_current if h.candidate == canary.version), None)
+    verdict = canary_verdict(versus, settings.canary_min_pairs)
+    if verdict == "continue" or versus is None:
+        return None
+    figures = f"win rate {versus.rate:.1%} (95% {versus.low:.1%}-{versus.high:.1%}) over {versus.pairs} pairs"
+    if verdict == "promote":
+        promote(registry, store, canary.version, "learner", f"won its canary: {figures}", expected=canary.current)
+        return f"promoted {canary.version}"
+    canaries.stop("learner", f"lost its canary: {figures}", expected=canary.version, rejected=True)
+    return f"rejected {canary.version}"
