@@ -2,7 +2,7 @@
 
 Layout of the store root::
 
-    v0001/            config.json, model.safetensors, tokenizer files, card.json
+    v0001/            config.json, model.safetensors, tokenizer files, card.json (and adapter/, see below)
     CURRENT           the version served by default, and the registry epoch that made it current (one line)
     REFERENCE         the SFT reference version (one line)
 
@@ -26,6 +26,9 @@ from typing import Any
 from deploy.durable import fsync_path, fsync_tree, stale, write_text_atomic
 
 REQUIRED_FILES = ("config.json", "tokenizer_config.json", "card.json")
+# A version kept as a LoRA adapter on a base version too (card details `adapter`: base, rank) holds it here, in
+# PEFT's folder format (learn.adapters writes it).
+ADAPTER_FOLDER, ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter", "adapter_config.json", "adapter_model.safetensors"
 
 
 class StoreError(RuntimeError):

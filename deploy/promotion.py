@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from deploy.model_store import ModelStore, StoreError
+from deploy.model_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ModelStore, StoreError
 from deploy.registry import Conflict, Registry, RegistryError
 
 REQUIRED = ("config.json", "tokenizer_config.json")
@@ -52,6 +52,21 @@ def check_folder(folder: Path, like: Path | None) -> None:
         raise RegistryError(
             f"{folder} does not fit the served architecture: tensors {names} are missing, extra or of another shape"
         )
+
+
+def check_adapter(folder: Path) -> None:
+    """A version's adapter folder is whole (its config and weights, a config that names its rank): raises
+    RegistryError saying what is missing, before an engine is asked to load it."""
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / name).is_file()]
+    if missing:
+        raise RegistryError(f"{folder} lacks {', '.join(missing)}: the version's adapter is incomplete")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        rank = int(config["r"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RegistryError(f"{folder / ADAPTER_CONFIG} is not an adapter's config ({exc})") from exc
+    if rank < 1:
+        raise RegistryError(f"{folder / ADAPTER_CONFIG} gives rank {rank}")
 
 
 def sync_store(registry: Registry, store: ModelStore) -> list[str]:

@@ -182,6 +182,12 @@ class Settings(BaseSettings):
         description="bf16 matrix products in learning rounds; unset: on where the learner's device has them fast (a "
         "GPU with bf16, a CPU with AMX or AVX512-BF16; on other CPUs they are slower than fp32).",
     )
+    serve_adapters: bool = Field(
+        True,
+        description="Serve a version kept as an adapter (MAX_ADAPTER_RANK) as that adapter on its base's weights: "
+        "switching between versions of one base is then instant, with no drain. false: merged weights, a reload "
+        "each time.",
+    )
     max_adapter_rank: Literal[0, 8, 16, 32, 64, 128, 256] = Field(
         64,
         description="A LoRA version is kept as one adapter on its full-weight base (beside its merged weights) while "

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+from deploy.model_store import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+CONFIG, WEIGHTS = ADAPTER_CONFIG, ADAPTER_WEIGHTS
 PREFIX = "base_model.model."  # PEFT's prefix of a module's name in a saved adapter
 
 

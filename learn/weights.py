@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from deploy.model_store import Card, ModelStore
+from deploy.model_store import ADAPTER_FOLDER, Card, ModelStore
 from learn import layers
 from learn.adapters import Adapter, compose, from_peft, load_adapter, save_adapter
 from learn.loop import LoopConfig, LoopResult
@@ -77,9 +77,6 @@ def as_stored(model: Any) -> Any:
     return copy.to(torch.bfloat16).to(dtype).eval()
 
 
-ADAPTER = "adapter"  # a version's folder holds its adapter on its base here (learn.adapters), when it has one
-
-
 def save_policy(
     model: Any, tokenizer: Any, store: ModelStore, card: Card, adapter: tuple[Adapter, str] | None = None
 ) -> Path:
@@ -92,7 +89,7 @@ def save_policy(
         model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
         if adapter is not None:
-            save_adapter(adapter[0], folder / ADAPTER, base=adapter[1])
+            save_adapter(adapter[0], folder / ADAPTER_FOLDER, base=adapter[1])
 
     return store.publish(card, fill)
 
@@ -104,9 +101,9 @@ def version_adapter(model: Any, store: ModelStore, parent: str, max_rank: int) -
     if not hasattr(model, "merge_and_unload"):
         return None
     own, base = from_peft(model), parent
-    inherited = store.card(parent).details.get(ADAPTER)
+    inherited = store.card(parent).details.get("adapter")
     if inherited is not None:
-        own, base = compose(load_adapter(store.path(parent) / ADAPTER), own), inherited["base"]
+        own, base = compose(load_adapter(store.path(parent) / ADAPTER_FOLDER), own), inherited["base"]
     return (own, base) if 0 < own.rank <= max_rank else None
 
 

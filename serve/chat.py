@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.exceptions import RedisError
 
@@ -211,6 +211,8 @@ class ChatService:
     async def _collect(self, prepared: Prepared, lease: Lease, sink: Sink) -> bool:
         """Run the generation, each delta to `sink`; True when the lease was aborted (a swap's drain deadline)
         before the engine finished. Cancelling this (the client left) aborts the engine request too."""
+        # The lease's adapter: the version it labels the answer with is the one that writes it.
+        prepared.generation = replace(prepared.generation, adapter=lease.adapter)
 
         async def consume() -> None:
             async with aclosing(self._run(prepared)) as run:

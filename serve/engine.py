@@ -31,6 +31,19 @@ Alternatives = list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A version served as a LoRA adapter on the weights the engine holds (learn.adapters wrote its folder)."""
+
+    version: str
+    folder: Path
+
+    @property
+    def number(self) -> int:
+        """A positive id unique to the version (vLLM's LoRA id; 0 would mean none)."""
+        return int("".join(c for c in self.version if c.isdigit()) or 0) + 1
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
@@ -46,6 +59,7 @@ class GenerationRequest:
     stream: bool = True  # False: the engine may deliver each candidate whole, once, when it is done
     top_logprobs: int = 0  # alternatives per answer token to report (the sampled token's log-prob always is)
     json: JsonOutput | None = None
+    adapter: AdapterRef | None = None  # None: the engine's own weights
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class Engine(Protocol):
     tokenizer: PreTrainedTokenizerBase
     max_model_len: int
     supports_json: bool  # can constrain answers to JSON (GenerationRequest.json)
+    supports_adapters: bool  # can answer with a LoRA adapter on its weights (GenerationRequest.adapter)
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[list[CandidateDelta], None]:
         """Yield, per engine step, the deltas of the candidates that advanced. Cancelling it aborts the request."""
@@ -101,6 +116,11 @@ class Engine(Protocol):
 
     async def load_weights(self, folder: Path) -> None:
         """Replace the weights with those in `folder` (checked beforehand); called with no generation running."""
+        ...
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        """Load `adapter` now, so that the first answer with it does not wait for the load; raises where it cannot
+        be served (files, rank). Generations keep running meanwhile."""
         ...
 
     async def shutdown(self) -> None: ...

@@ -4,6 +4,7 @@ Candidate i answers with a fixed sentence that names i and echoes the user's las
 so that streaming, `n`, `max_tokens` and the stored token ids all behave as with a real engine. Asked for JSON, it
 wraps that sentence in a JSON object (`{"answer": ...}`, whatever the schema: it has no grammar to follow one);
 asked for alternatives, each token's are the next token ids, after the sampled one (-0.5) at -1.5, -2.5, ...
+Each answer names the weights it was written with: the folder last loaded, or the adapter's version.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from serve.engine import Alternatives, CandidateDelta, GenerationRequest
+from serve.engine import AdapterRef, Alternatives, CandidateDelta, GenerationRequest
 
 
 class FakeEngine:
     supports_json = True
+    supports_adapters = True  # an answer with an adapter names the adapter's version instead of the weights
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_model_len: int = 2048, step_s: float = 0.0) -> None:
         self.tokenizer = tokenizer
@@ -30,6 +32,7 @@ class FakeEngine:
         self.alive = True
         self.running = 0
         self.weights: str | None = None  # the folder name last loaded; answers name it, to tell versions apart
+        self.adapters: list[str] = []  # the versions whose adapters were loaded, in order
         self.load_s = 0.0
 
     def answer(self, index: int, request: GenerationRequest) -> list[int]:
@@ -37,7 +40,8 @@ class FakeEngine:
         lines = str(self.tokenizer.decode(request.prompt_token_ids, skip_special_tokens=True)).splitlines()
         turns = [line.strip() for line in lines if line.strip()]
         said = turns[-2] if len(turns) >= 2 else turns[-1]
-        source = f" from {self.weights}" if self.weights else ""
+        named = request.adapter.version if request.adapter is not None else self.weights
+        source = f" from {named}" if named else ""
         text = f"answer {index}{source}: you said {said}"
         if request.json is not None:
             text = json.dumps({"answer": text})
@@ -83,6 +87,12 @@ class FakeEngine:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}/config.json")
         self.weights = folder.name
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        await asyncio.sleep(self.load_s / 10)  # an adapter is a small fraction of the weights
+        if not (adapter.folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter.folder}/adapter_config.json")
+        self.adapters.append(adapter.version)
 
     async def shutdown(self) -> None:
         self.alive = False

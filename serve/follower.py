@@ -4,7 +4,8 @@ On start it reads the current version, the epoch and the events stream's last id
 on XREAD from that id: an event appended while this replica was away (or restarting) is still read, which pub/sub
 would have lost. Events for an epoch it already serves are ignored; several queued events lead to one swap, to the
 newest current version. A folder that fails the check never reaches the engine (a bad reload kills vLLM's engine):
-the server keeps the old version and the registry marks the target `failed` with the reason.
+the server keeps the old version and the registry marks the target `failed` with the reason. A version kept as an
+adapter on the weights the engine holds is switched to without a reload (serve.swap.ServedVersion.switch).
 """
 
 from __future__ import annotations
@@ -12,19 +13,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.metrics import ServeMetrics
-from deploy.model_store import ModelStore
-from deploy.promotion import check_folder
+from deploy.model_store import ADAPTER_FOLDER, ModelStore
+from deploy.promotion import check_adapter, check_folder
 from deploy.registry import AsyncRegistry
-from serve.engine import Engine
+from serve.engine import AdapterRef, Engine
 from serve.swap import ServedVersion
 
 log = logging.getLogger(__name__)
 RETRY_S = 1.0
+
+
+def serving_plan(store: ModelStore, version: str, adapters: bool) -> tuple[str, AdapterRef | None]:
+    """(the version whose full weights to load, the adapter to serve on them) for `version`: its base and its
+    adapter where the engine serves adapters and the version has one, else its own merged weights."""
+    adapter = store.card(version).details.get("adapter") if adapters else None
+    folder = store.path(version) / ADAPTER_FOLDER
+    if adapter is None or not folder.is_dir() or adapter["base"] not in store.versions():
+        return version, None
+    return str(adapter["base"]), AdapterRef(version, folder)
 
 
 class RegistryFollower:
@@ -72,18 +84,30 @@ class RegistryFollower:
     async def swap(self, version: str, epoch: int) -> None:
         try:
             started_at, started = time.time(), time.monotonic()
-            folder, serving = self.store.path(version), self.store.path(self.served.version)
-            # Reading the headers is file I/O: off the event loop, so answers keep flowing meanwhile.
-            await asyncio.to_thread(check_folder, folder, serving)
-            checked = time.monotonic() - started
-            times = await self.served.swap(
-                version,
-                epoch,
-                lambda: self.engine.load_weights(folder),
-                checked,
-                started_at,
-                restore=lambda: self.engine.load_weights(serving),  # a failed load may have left part of it
-            )
+            base, adapter = await asyncio.to_thread(serving_plan, self.store, version, self.engine.supports_adapters)
+            if base == self.served.base and self.served.broken is None:
+                # Same weights: only the adapter changes (or goes, to serve the base itself).
+                if adapter is not None:
+                    await asyncio.to_thread(check_adapter, adapter.folder)
+                    await self.engine.add_adapter(adapter)
+                times = await self.served.switch(version, epoch, adapter, time.monotonic() - started, started_at)
+            else:
+                folder, serving = self.store.path(base), self.store.path(self.served.base)
+                # Reading the headers is file I/O: off the event loop, so answers keep flowing meanwhile.
+                await asyncio.to_thread(check_folder, folder, serving)
+                if adapter is not None:
+                    await asyncio.to_thread(check_adapter, adapter.folder)
+                checked = time.monotonic() - started
+                times = await self.served.swap(
+                    version,
+                    epoch,
+                    lambda: self._load(folder, adapter),
+                    checked,
+                    started_at,
+                    restore=lambda: self.engine.load_weights(serving),  # a failed load may have left part of it
+                    base=base,
+                    adapter=adapter,
+                )
         except Exception as exc:  # any failure: keep serving the old version, say so everywhere
             await self._failed(version, epoch, exc)
             return
@@ -91,6 +115,11 @@ class RegistryFollower:
         self.metrics.swap_seconds.labels("load").observe(times.load_s)
         self.metrics.served_version.set(int(version.lstrip("v") or 0))
         log.info("now serving %s (epoch %d): drain %.3f s, load %.3f s", version, epoch, times.drain_s, times.load_s)
+
+    async def _load(self, folder: Path, adapter: AdapterRef | None) -> None:
+        await self.engine.load_weights(folder)
+        if adapter is not None:
+            await self.engine.add_adapter(adapter)
 
     async def _failed(self, version: str, epoch: int, exc: Exception) -> None:
         message = f"swap to {version} failed: {exc}"

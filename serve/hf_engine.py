@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from serve.engine import Alternatives, CandidateDelta, EngineInputError, GenerationRequest
+from serve.engine import AdapterRef, Alternatives, CandidateDelta, EngineInputError, GenerationRequest
 
 
 def _alternatives(scores: Any, row: int, length: int, top: int) -> list[Alternatives]:
@@ -34,6 +34,7 @@ def _load(folder: Path) -> Any:
 
 class HFEngine:
     supports_json = False
+    supports_adapters = False  # every version is served from its merged weights
 
     def __init__(self, folder: Path, max_model_len: int) -> None:
         from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -95,6 +96,9 @@ class HFEngine:
     async def load_weights(self, folder: Path) -> None:
         async with self._lock:  # never between two steps of a generation
             self.model = await asyncio.to_thread(_load, folder)
+
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        raise NotImplementedError("the hf engine serves merged weights only")
 
     async def shutdown(self) -> None:
         return None

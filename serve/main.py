@@ -19,14 +19,14 @@ from deploy.registry import Registry
 from deploy.settings import Settings
 from serve.app import create_app
 from serve.engine import Engine, GenerationRequest
-from serve.follower import RegistryFollower
+from serve.follower import RegistryFollower, serving_plan
 from serve.swap import ServedVersion
 
 log = logging.getLogger("rankloop.serve")
 
 
-def _build_engine(settings: Settings, version: str, store: ModelStore) -> Engine:
-    model_dir = store.path(version)
+def _build_engine(settings: Settings, base: str, store: ModelStore) -> Engine:
+    model_dir = store.path(base)
     if settings.engine == "fake":
         from transformers import AutoTokenizer
 
@@ -98,10 +98,14 @@ async def _warm_up(engine: Engine) -> None:
 async def _serve(settings: Settings) -> None:
     store = ModelStore(settings.store_dir)
     version, epoch, why = _starting_version(settings, store)
-    engine = _build_engine(settings, version, store)
+    adapters = settings.engine != "hf" and settings.serve_adapters and settings.max_adapter_rank > 0
+    base, adapter = serving_plan(store, version, adapters)
+    engine = _build_engine(settings, base, store)
+    if adapter is not None:
+        await engine.add_adapter(adapter)
     await _warm_up(engine)
     redis = async_redis(settings)
-    served = ServedVersion(version, epoch, settings.swap_drain_timeout_s)
+    served = ServedVersion(version, epoch, settings.swap_drain_timeout_s, base, adapter)
     served.last_error = why  # /healthz shows why it is not the registry's current version
     app = create_app(settings, engine, redis, served)
     follower = None

@@ -11,6 +11,10 @@ A generation holds the gate only while the engine writes it: answers are handed 
 finish_reason "abort" and the comparison is not stored), so one very long answer cannot hold every new request
 waiting behind a promotion.
 
+A version kept as a LoRA adapter on the weights the engine already holds is served by `switch` instead: the next
+generation takes the new adapter, those under way keep theirs (each lease holds its own), with no gate, no drain
+and no reload; each answer is still labelled with the version that wrote it.
+
 A load that fails may leave the engine with part of the new weights: the old weights are loaded back (`restore`),
 and where that fails too the server is `broken`: it answers 503 (never an answer labelled with a version it is not
 running) and /healthz says so, until a later swap loads a version whole.
@@ -26,6 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from api.errors import ApiError
+from serve.engine import AdapterRef
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +46,26 @@ class SwapTimes:
 
 @dataclass(eq=False)  # by identity: two generations on one version are two leases
 class Lease:
-    """One generation's hold on the served version: the version it runs on, and the signal to stop early."""
+    """One generation's hold on the served version: the version it runs on (and its adapter, where it is served
+    as one), and the signal to stop early."""
 
     version: str
+    adapter: AdapterRef | None = None
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class ServedVersion:
-    def __init__(self, version: str, epoch: int = 0, drain_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        version: str,
+        epoch: int = 0,
+        drain_timeout_s: float = 30.0,
+        base: str | None = None,
+        adapter: AdapterRef | None = None,
+    ) -> None:
         self.version = version
+        self.base = base or version  # the version whose full weights the engine holds
+        self.adapter = adapter  # the version as an adapter on them; None: the base itself is served
         self.epoch = epoch  # the registry epoch this version was served for
         self.drain_timeout_s = drain_timeout_s
         self.last_error: str | None = None  # the last swap that failed, for /healthz
@@ -82,7 +98,7 @@ class ServedVersion:
         generating soon after `lease.aborted` is set."""
         await self._open.wait()
         self.check()
-        lease = Lease(self.version)
+        lease = Lease(self.version, self.adapter)
         self._leases.add(lease)
         self._idle.clear()
         try:
@@ -116,10 +132,13 @@ class ServedVersion:
         check_s: float = 0.0,
         started_at: float = 0.0,
         restore: Callable[[], Awaitable[None]] | None = None,
+        base: str | None = None,
+        adapter: AdapterRef | None = None,
     ) -> SwapTimes:
-        """Drain, `load()` the new weights, then serve `version`. If `load` raises, `restore()` loads the old
-        weights back and the old version stays served; if that raises too, the server is `broken`. `check_s` and
-        `started_at`: the caller's check of the folder before, kept with the swap's times."""
+        """Drain, `load()` the new weights (`base`'s, default `version`'s), then serve `version` (as `adapter` on
+        them, where given). If `load` raises, `restore()` loads the old weights back and the old version stays
+        served; if that raises too, the server is `broken`. `check_s` and `started_at`: the caller's check of the
+        folder before, kept with the swap's times."""
         async with self._lock:
             started = time.monotonic()
             self._open.clear()
@@ -132,10 +151,23 @@ class ServedVersion:
                     await self._restore(version, exc, restore)
                     raise
                 self.version, self.epoch, self.last_error, self.broken = version, epoch, None, None
+                self.base, self.adapter = base or version, adapter
             finally:
                 self._open.set()
             done = time.monotonic()
             self.last_swap = SwapTimes(drained - started, done - drained, done - started, check_s, started_at)
+            return self.last_swap
+
+    async def switch(
+        self, version: str, epoch: int, adapter: AdapterRef | None, load_s: float = 0.0, started_at: float = 0.0
+    ) -> SwapTimes:
+        """Serve `version` as `adapter` on the weights the engine holds (None: those weights' own version) from
+        the next generation on, with no pause and no drain: generations under way finish with the adapter they
+        started with (their lease keeps it) and are labelled with their own version. `load_s`: the caller's
+        loading of the adapter beforehand, kept with the swap's times."""
+        async with self._lock:  # never in the middle of a reload
+            self.version, self.epoch, self.adapter, self.last_error = version, epoch, adapter, None
+            self.last_swap = SwapTimes(0.0, load_s, load_s, 0.0, started_at)
             return self.last_swap
 
     async def _restore(self, version: str, failure: Exception, restore: Callable[[], Awaitable[None]] | None) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from deploy.hardware import has_cuda
 from deploy.settings import Settings
-from serve.engine import Alternatives, CandidateDelta, EngineInputError, GenerationRequest, JsonOutput
+from serve.engine import AdapterRef, Alternatives, CandidateDelta, EngineInputError, GenerationRequest, JsonOutput
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +23,17 @@ def configure_cpu_environment(settings: Settings) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
 
 
+MAX_LORAS = 2  # adapters in one batch: the current version's and a canary's
+
+
 class VllmEngine:
     supports_json = True  # structured outputs (xgrammar, guidance, outlines)
 
-    def __init__(self, llm: Any, tokenizer: Any, max_model_len: int) -> None:
+    def __init__(self, llm: Any, tokenizer: Any, max_model_len: int, adapters: bool = False) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.supports_adapters = adapters  # started with LoRA (RANKLOOP_SERVE_ADAPTERS, a rank limit above 0)
 
     @classmethod
     def start(cls, settings: Settings, model_dir: Path) -> VllmEngine:
@@ -51,7 +55,8 @@ class VllmEngine:
             enforce_eager=eager,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             disable_log_stats=True,
-            enable_prefix_caching=True,
+            enable_prefix_caching=True,  # keyed by adapter too: cached prefixes never cross versions
+            **lora_arguments(settings),
         )
         log.info(
             "starting vLLM on %s (%s) with %s",
@@ -61,7 +66,7 @@ class VllmEngine:
         )
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return cls(llm, tokenizer, settings.max_model_len)
+        return cls(llm, tokenizer, settings.max_model_len, adapters=bool(lora_arguments(settings)))
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[list[CandidateDelta], None]:
         from vllm import SamplingParams
@@ -87,8 +92,9 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
         )
         prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+        lora = _lora_request(request.adapter)
         try:
-            async for output in self.llm.generate(prompt, params, request.request_id):
+            async for output in self.llm.generate(prompt, params, request.request_id, lora_request=lora):
                 yield [_delta(c, request.top_logprobs) for c in output.outputs]
         except VLLMValidationError as exc:  # raised before the first token: what the request asked for
             raise EngineInputError(str(exc)) from exc
@@ -116,8 +122,34 @@ class VllmEngine:
         finally:
             await self.llm.resume_generation()
 
+    async def add_adapter(self, adapter: AdapterRef) -> None:
+        if not self.supports_adapters:
+            raise RuntimeError("this engine was started without adapters (RANKLOOP_SERVE_ADAPTERS=false)")
+        if not await self.llm.add_lora(_lora_request(adapter)):
+            raise RuntimeError(f"vLLM did not load {adapter.version}'s adapter from {adapter.folder}")
+
     async def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def lora_arguments(settings: Settings) -> dict[str, Any]:
+    """vLLM's LoRA settings where versions are served as adapters; none otherwise (LoRA costs some throughput)."""
+    if not settings.serve_adapters or settings.max_adapter_rank == 0:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_lora_rank": settings.max_adapter_rank,
+        "max_loras": MAX_LORAS,
+        "max_cpu_loras": 2 * MAX_LORAS,  # the last few stay loaded: a rollback to one is a switch too
+    }
+
+
+def _lora_request(adapter: AdapterRef | None) -> Any:
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(adapter.version, adapter.number, str(adapter.folder))
 
 
 def _structured(json: JsonOutput | None) -> Any:
