@@ -55,6 +55,9 @@ return {'ok', running}
 """
 
 
+NO_ADAPTERS = "servers answer with one version at a time unless RANKLOOP_SERVE_ADAPTERS=true: no canary can run"
+
+
 @dataclass(frozen=True)
 class Canary:
     version: str  # the candidate

@@ -183,10 +183,11 @@ class Settings(BaseSettings):
         "GPU with bf16, a CPU with AMX or AVX512-BF16; on other CPUs they are slower than fp32).",
     )
     serve_adapters: bool = Field(
-        True,
+        False,
         description="Serve a version kept as an adapter (MAX_ADAPTER_RANK) as that adapter on its base's weights: "
-        "switching between versions of one base is then instant, with no drain. false: merged weights, a reload "
-        "each time.",
+        "switching between versions of one base is then instant, with no drain, and a canary can run. false: "
+        "merged weights, a reload each time (off by default until vLLM's LoRA serving is measured on this "
+        "project's workloads).",
     )
     max_adapter_rank: Literal[0, 8, 16, 32, 64, 128, 256] = Field(
         64,

@@ -4,7 +4,7 @@ version passes one half, rejected when the upper end falls below, after `canary_
 
 from __future__ import annotations
 
-from deploy.canary import Canaries
+from deploy.canary import NO_ADAPTERS, Canaries
 from deploy.model_store import ModelStore
 from deploy.promotion import promote
 from deploy.registry import Registry, RegistryError
@@ -14,8 +14,10 @@ from feedback.standings import standings
 
 
 def begin(settings: Settings, registry: Registry, store: ModelStore, version: str, why: str) -> str | None:
-    """Start `version`'s canary; None when started, else why not (another canary runs, or the two versions do not
-    run on the same weights)."""
+    """Start `version`'s canary; None when started, else why not (servers do not serve adapters, another canary
+    runs, or the two versions do not run on the same weights)."""
+    if not settings.serve_adapters:
+        return NO_ADAPTERS
     try:
         Canaries(registry.redis).start(
             store, version, settings.canary_share, settings.canary_split, "learner", f"passed the gate: {why}"

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from deploy.canary import Canaries
+from deploy.canary import NO_ADAPTERS, Canaries
 from deploy.registry import RegistryError
 from feedback.standings import Standings, standings
 from rankloop.console import fail, settings_or_exit
@@ -31,6 +31,8 @@ def start(
     reason: Annotated[str, typer.Option(help="Why; kept in the events stream.")] = "",
 ) -> None:
     """Put VERSION's answers beside the current version's in a share of comparisons."""
+    if not settings_or_exit().serve_adapters:
+        raise fail(NO_ADAPTERS)
     registry, store = open_registry()
     try:
         canary = Canaries(registry.redis).start(store, version, share, split, getpass.getuser(), reason)

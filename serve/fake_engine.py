@@ -21,9 +21,11 @@ from serve.engine import AdapterRef, Alternatives, CandidateDelta, GenerationReq
 
 class FakeEngine:
     supports_json = True
-    supports_adapters = True  # an answer with an adapter names the adapter's version instead of the weights
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_model_len: int = 2048, step_s: float = 0.0) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_model_len: int = 2048, step_s: float = 0.0, adapters: bool = True
+    ) -> None:
+        self.supports_adapters = adapters  # an answer with an adapter names the adapter's version, not the weights
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.step_s = step_s

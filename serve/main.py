@@ -32,7 +32,8 @@ def _build_engine(settings: Settings, base: str, store: ModelStore) -> Engine:
 
         from serve.fake_engine import FakeEngine
 
-        return FakeEngine(AutoTokenizer.from_pretrained(model_dir), settings.max_model_len)
+        adapters = settings.serve_adapters and settings.max_adapter_rank > 0
+        return FakeEngine(AutoTokenizer.from_pretrained(model_dir), settings.max_model_len, adapters=adapters)
     if settings.engine == "hf":
         from serve.hf_engine import HFEngine
 
@@ -100,7 +101,7 @@ async def _serve(settings: Settings) -> None:
     version, epoch, why = _starting_version(settings, store)
     adapters = settings.engine != "hf" and settings.serve_adapters and settings.max_adapter_rank > 0
     base, adapter = serving_plan(store, version, adapters)
-    engine = _build_engine(settings, base, store)
+    engine = _build_engine(settings, base, store)  # whether it serves adapters: the same settings
     if adapter is not None:
         await engine.add_adapter(adapter)
     await _warm_up(engine)

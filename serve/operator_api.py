@@ -11,8 +11,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.errors import ApiError
 from deploy.admin import AdminDep, Changes, registry_call, who_asked
-from deploy.canary import Canaries
+from deploy.canary import NO_ADAPTERS, Canaries
 from deploy.learner_status import read_status
 from deploy.promotion import sync_store
 from deploy.settings import Settings
@@ -79,6 +80,8 @@ class StopBody(BaseModel):
 @router.post("/canary", dependencies=Changes)
 async def start_canary(body: CanaryBody, admin: AdminDep, request: Request) -> dict[str, Any]:
     """Put the candidate's answers beside the current version's in `share` of comparisons."""
+    if not _settings(request).serve_adapters:
+        raise ApiError(409, NO_ADAPTERS, code="no_adapters")
     canaries, who = Canaries(admin.registry.redis), who_asked(request, body.who)
     await registry_call(admin, sync_store, admin.registry, admin.store)  # versions the learner wrote since
     canary = await registry_call(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from deploy.canary import Canaries
+from deploy.canary import NO_ADAPTERS, Canaries
 from deploy.model_store import Card, ModelStore
 from deploy.promotion import sync_store
 from deploy.redis_server import EmbeddedRedis
@@ -40,7 +40,12 @@ def settings(tmp_path: Path, redis_server: EmbeddedRedis) -> Settings:
     card = Card("v0004", "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 16}})
     store.publish(card, lambda f: [shutil.copy(p, f / p.name) for p in store.path("v0001").iterdir()])
     return load_settings(
-        data_dir=tmp_path, redis_url=redis_server.url, promote_on="canary", canary_min_pairs=32, canary_split=2
+        data_dir=tmp_path,
+        redis_url=redis_server.url,
+        promote_on="canary",
+        canary_min_pairs=32,
+        canary_split=2,
+        serve_adapters=True,
     )
 
 
@@ -95,3 +100,7 @@ def test_the_learner_sends_a_version_that_passed_the_gate_to_a_canary(redis: Red
     assert learner.registry.current()[0] == "v0004"
     # A version on other weights than the current's cannot be a canary: the gate alone promotes it, as it says.
     assert learner._finish(result_for("v0002", store, parent="v0004")) == "promoted v0002"
+    # Nor can any where servers answer with one version at a time.
+    alone = Learner(settings.model_copy(update={"learn_auto_promote": False, "serve_adapters": False}), redis)
+    assert alone._finish(result_for("v0003", store, parent="v0002")) == "ready v0003"
+    assert canary_rule.begin(alone.settings, alone.registry, store, "v0004", "") == NO_ADAPTERS

@@ -32,7 +32,7 @@ def settings(tmp_path: Path, redis_server: EmbeddedRedis) -> Settings:
     store = tiny_versions_store(tmp_path)  # v0001 current, v0002 and v0003 full weights
     card = Card("v0004", "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 16}})
     store.publish(card, lambda f: [shutil.copy(p, f / p.name) for p in store.path("v0001").iterdir()])
-    return load_settings(data_dir=tmp_path, redis_url=redis_server.url, admin_token=TOKEN)
+    return load_settings(data_dir=tmp_path, redis_url=redis_server.url, admin_token=TOKEN, serve_adapters=True)
 
 
 @pytest.fixture
@@ -93,3 +93,13 @@ async def test_refusals_say_what_to_fix(
     assert (await web.get("/admin/canary", headers=ADMIN)).json()["canary"] is None
     stop = await web.post("/admin/canary/stop", headers=ADMIN, json={})
     assert stop.status_code == 400 and "no canary is running" in stop.text
+
+
+async def test_no_canary_where_servers_answer_with_one_version(
+    settings: Settings, engine: FakeEngine, redis: Redis
+) -> None:
+    await redis.flushdb()
+    app = create_app(settings.model_copy(update={"serve_adapters": False}), engine, redis, "v0001")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as web:
+        answer = await web.post("/admin/canary", headers=ADMIN, json={"version": "v0004"})
+    assert answer.status_code == 409 and "RANKLOOP_SERVE_ADAPTERS=true" in answer.text
