@@ -188,11 +188,19 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None
 
 
+WRITER = (
+    "The version that wrote this answer (rankloop's extension): in a canary's comparisons some answers are the "
+    "candidate version's. Given where the operator shows versions (RANKLOOP_WEB_SHOW_VERSIONS); null otherwise, so "
+    "that rankers judge the answers, not their authors."
+)
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None = None
+    policy_version: str | None = Field(default=None, description=WRITER)
 
 
 class Usage(BaseModel):
@@ -221,6 +229,7 @@ class ChunkChoice(BaseModel):
     delta: Delta
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
+    policy_version: str | None = Field(default=None, description=WRITER + " In a stream, on each choice's first chunk.")
 
 
 class ChatCompletionChunk(BaseModel):

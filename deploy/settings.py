@@ -136,8 +136,8 @@ class Settings(BaseSettings):
     comparison_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long a comparison stays rankable.")
     web_show_versions: bool = Field(
         False,
-        description="The chat page names the version that wrote each answer. Off by default: a rater who knows "
-        "which version wrote an answer ranks the label, not the answer.",
+        description="The chat page and the API's choices name the version that wrote each answer. Off by default: "
+        "a rater who knows which version wrote an answer ranks the label, not the answer.",
     )
 
     # -- feedback -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from feedback.events import RankingEvent
+from feedback.events import RankingEvent, StoredCandidate
 from learn.data import DataError, read_jsonl
 from learn.rm_data import is_held_out, prompt_key
 
@@ -108,7 +108,8 @@ def _plain(sampling: dict[str, Any]) -> bool:
 
 
 def served_from_events(events: Iterable[RankingEvent], max_prompt_len: int) -> list[Served]:
-    """Each ranked comparison once (several users may rank one), prompts longer than `max_prompt_len` left out, and
+    """Each ranked comparison once (several users may rank one), split by the version that wrote each answer (a
+    canary's comparison holds two), prompts longer than `max_prompt_len` left out, and
     those sampled at another temperature or top_p than 1, with penalties or constrained to JSON: PPO's ratio is
     taken against the version's plain distribution, of which such answers are not samples (their ratios would be
     biased)."""
@@ -122,17 +123,22 @@ def served_from_events(events: Iterable[RankingEvent], max_prompt_len: int) -> l
         if not _plain(sampling):
             continue
         seen.add(comparison.id)
-        candidates = [c for c in comparison.candidates if c.token_ids]
-        served.append(
+        # A canary's comparison holds two versions' answers: each version's are rollouts of that version alone.
+        writers: dict[str, list[StoredCandidate]] = {}
+        for c in comparison.candidates:
+            if c.token_ids:
+                writers.setdefault(c.policy_version or comparison.policy_version, []).append(c)
+        served += [
             Served(
                 comparison.id,
                 prompt_key(comparison.messages),
                 list(comparison.prompt_token_ids),
                 [list(c.token_ids) for c in candidates],
                 [c.finish_reason == "length" for c in candidates],
-                comparison.policy_version,
+                writer,
             )
-        )
+            for writer, candidates in writers.items()
+        ]
     return served
 
 

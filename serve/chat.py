@@ -9,11 +9,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from redis.exceptions import RedisError
 
@@ -56,6 +57,15 @@ class Caller:
     charge: Callable[[int], Awaitable[None]] | None = None
 
 
+@dataclass(frozen=True)
+class Part:
+    """One engine request of an answer: its candidates fill `positions` of the K, written by `version`."""
+
+    generation: GenerationRequest
+    positions: list[int]
+    version: str
+
+
 @dataclass
 class Prepared:
     request: ChatCompletionRequest
@@ -64,6 +74,15 @@ class Prepared:
     policy_version: str
     started: float
     caller: Caller = Caller()
+    parts: list[Part] = field(default_factory=list)  # fixed with the version, when generation starts
+
+    def writers(self) -> list[str]:
+        """The version that writes each of the K candidates."""
+        found = [self.policy_version] * self.generation.n
+        for part in self.parts:
+            for position in part.positions:
+                found[position] = part.version
+        return found
 
 
 class ChatService:
@@ -188,7 +207,7 @@ class ChatService:
         first = True
         self.metrics.in_flight.inc()
         try:
-            async with aclosing(self.engine.generate(gen)) as steps:
+            async with aclosing(self._steps(prepared.parts)) as steps:
                 async for deltas in steps:
                     if first and deltas:
                         self.metrics.first_token.observe(time.monotonic() - prepared.started)
@@ -200,7 +219,8 @@ class ChatService:
             # The client went away: stop spending compute on answers nobody will read, and charge what was
             # generated (a client that leaves before the end must not escape its token quota). Awaiting here
             # would be cancelled in turn: the charge runs on its own.
-            await asyncio.shield(self.engine.abort(gen.request_id))
+            for part in prepared.parts:
+                await asyncio.shield(self.engine.abort(part.generation.request_id))
             self._charge_later(prepared, _generated(candidates.values()))
             raise
         else:
@@ -208,11 +228,71 @@ class ChatService:
         finally:
             self.metrics.in_flight.dec()
 
+    async def _steps(self, parts: list[Part]) -> AsyncGenerator[list[CandidateDelta], None]:
+        """The engine's steps of every part, each delta at its position among the K; one part streams straight
+        through, several are merged as their steps arrive."""
+        if len(parts) == 1 and parts[0].positions == list(range(parts[0].generation.n)):
+            async with aclosing(self.engine.generate(parts[0].generation)) as steps:
+                async for deltas in steps:
+                    yield deltas
+            return
+        queue: asyncio.Queue[list[CandidateDelta] | Exception | None] = asyncio.Queue()
+
+        async def pump(part: Part) -> None:
+            try:
+                async with aclosing(self.engine.generate(part.generation)) as steps:
+                    async for deltas in steps:
+                        queue.put_nowait([replace(d, index=part.positions[d.index]) for d in deltas])
+                queue.put_nowait(None)
+            except Exception as exc:  # the caller raises it, as it would a single generation's
+                queue.put_nowait(exc)
+
+        pumps = [asyncio.create_task(pump(part)) for part in parts]
+        try:
+            running = len(pumps)
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    def _parts(self, prepared: Prepared, lease: Lease) -> list[Part]:
+        """The lease's version writes the answer, with its adapter; while a canary runs, in its share of
+        comparisons the candidate writes `split` of the K, at random positions (rankers cannot tell which)."""
+        gen = replace(prepared.generation, adapter=lease.adapter)
+        canary, n = lease.canary, gen.n
+        if canary is None or not 0 < canary.split < n or random.random() >= canary.share:
+            return [Part(gen, list(range(n)), lease.version)]
+        order = random.sample(range(n), n)
+        theirs, ours = sorted(order[: canary.split]), sorted(order[canary.split :])
+        candidate = replace(
+            gen,
+            request_id=f"{gen.request_id}-canary",
+            n=len(theirs),
+            adapter=canary.adapter,
+            seed=None if gen.seed is None else gen.seed + 1,  # not the current version's samples again
+        )
+        return [Part(replace(gen, n=len(ours)), ours, lease.version), Part(candidate, theirs, canary.version)]
+
+    def _begin(self, prepared: Prepared, lease: Lease) -> None:
+        """Fix the version that answers (and a canary's share of the answer) as the generation starts."""
+        prepared.policy_version = lease.version
+        prepared.parts = self._parts(prepared, lease)
+
+    def _shown(self, prepared: Prepared, index: int) -> str | None:
+        """Choice `index`'s writer where the operator shows versions (WRITER in api.protocol)."""
+        return prepared.writers()[index] if self.settings.web_show_versions else None
+
     async def _collect(self, prepared: Prepared, lease: Lease, sink: Sink) -> bool:
         """Run the generation, each delta to `sink`; True when the lease was aborted (a swap's drain deadline)
         before the engine finished. Cancelling this (the client left) aborts the engine request too."""
-        # The lease's adapter: the version it labels the answer with is the one that writes it.
-        prepared.generation = replace(prepared.generation, adapter=lease.adapter)
 
         async def consume() -> None:
             async with aclosing(self._run(prepared)) as run:
@@ -245,7 +325,7 @@ class ChatService:
             candidates[candidate.index] = candidate
 
         async with self.served.use() as lease:
-            prepared.policy_version = lease.version
+            self._begin(prepared, lease)
             cut = await self._collect(prepared, lease, keep)
         ordered = _ordered(candidates, prepared.generation.n, cut)
         await self._finish(prepared, ordered, store=not cut)
@@ -259,6 +339,7 @@ class ChatService:
                     message=AssistantMessage(content=c.text),
                     finish_reason=_reason(c),
                     logprobs=self._logprobs(prepared, c.token_ids, c.logprobs, c.top),
+                    policy_version=self._shown(prepared, c.index),
                 )
                 for c in ordered
             ],
@@ -318,9 +399,12 @@ class ChatService:
 
         try:
             async with self.served.use() as lease:
-                prepared.policy_version = lease.version
+                self._begin(prepared, lease)
                 for i in range(gen.n):
-                    lines.put_nowait(chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))]))
+                    first = ChunkChoice(
+                        index=i, delta=Delta(role="assistant", content=""), policy_version=self._shown(prepared, i)
+                    )
+                    lines.put_nowait(chunk([first]))
                 cut = await self._collect(prepared, lease, send)
             unfinished = [i for i in range(gen.n) if i not in candidates or candidates[i].finish_reason is None]
             ordered = _ordered(candidates, gen.n, cut)
@@ -389,8 +473,9 @@ class ChatService:
                     token_ids=c.token_ids,
                     logprobs=c.logprobs,
                     finish_reason=c.finish_reason,
+                    policy_version=writer if writer != prepared.policy_version else None,
                 )
-                for c in candidates
+                for c, writer in zip(candidates, prepared.writers(), strict=True)
             ],
             policy_version=prepared.policy_version,
             created=time.time(),

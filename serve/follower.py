@@ -19,11 +19,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.metrics import ServeMetrics
+from deploy.canary import running_canary
 from deploy.model_store import ADAPTER_FOLDER, ModelStore
 from deploy.promotion import check_adapter, check_folder
 from deploy.registry import AsyncRegistry
 from serve.engine import AdapterRef, Engine
-from serve.swap import ServedVersion
+from serve.swap import CanaryServing, ServedVersion
 
 log = logging.getLogger(__name__)
 RETRY_S = 1.0
@@ -61,6 +62,7 @@ class RegistryFollower:
             try:
                 current, epoch, last_id = await self.state()
                 await self.catch_up(current, epoch)
+                await self.follow_canary()
                 while True:
                     newest = await self.registry.wait_for_events(last_id, block_ms)
                     if newest is None:
@@ -68,6 +70,7 @@ class RegistryFollower:
                     last_id = newest
                     current, epoch, _ = await self.state()
                     await self.catch_up(current, epoch)
+                    await self.follow_canary()
             except RedisError as exc:
                 log.warning("registry unavailable (%s); retrying in %.0f s", exc, RETRY_S)
                 await asyncio.sleep(RETRY_S)
@@ -80,6 +83,28 @@ class RegistryFollower:
             self.served.epoch = epoch  # e.g. a rollback to what this replica never left
             return
         await self.swap(current, epoch)
+
+    async def follow_canary(self) -> None:
+        """Mix comparisons for the registry's canary where this server can: its candidate an adapter on the weights
+        served, judged against the version served here (a replica not caught up yet mixes nothing)."""
+        canary = await running_canary(self.registry.redis)
+        if canary is None or canary.current != self.served.version or not self.engine.supports_adapters:
+            self.served.canary = None
+            return
+        if self.served.canary is not None and self.served.canary.version == canary.version:
+            return
+        try:
+            base, adapter = await asyncio.to_thread(serving_plan, self.store, canary.version, True)
+            if adapter is None or base != self.served.base:
+                raise ValueError(f"{canary.version} does not run on {self.served.base}'s weights")
+            await asyncio.to_thread(check_adapter, adapter.folder)
+            await self.engine.add_adapter(adapter)
+        except Exception as exc:  # the canary collects nothing here; the current version is served as before
+            log.error("cannot serve canary %s beside %s: %s", canary.version, self.served.version, exc)
+            self.served.canary = None
+            return
+        self.served.canary = CanaryServing(canary.version, adapter, canary.share, canary.split)
+        log.info("canary %s: %.0f%% of comparisons mixed", canary.version, 100 * canary.share)
 
     async def swap(self, version: str, epoch: int) -> None:
         try:

@@ -44,13 +44,25 @@ class SwapTimes:
     started_at: float = 0.0  # wall-clock time the server took up the swap (to tell how fast it noticed)
 
 
+@dataclass(frozen=True)
+class CanaryServing:
+    """A canary this server can answer with: its candidate as an adapter on the served weights, the share of
+    comparisons to mix and how many of their answers the candidate writes (deploy.canary)."""
+
+    version: str
+    adapter: AdapterRef
+    share: float
+    split: int
+
+
 @dataclass(eq=False)  # by identity: two generations on one version are two leases
 class Lease:
     """One generation's hold on the served version: the version it runs on (and its adapter, where it is served
-    as one), and the signal to stop early."""
+    as one), the canary beside it when one runs, and the signal to stop early."""
 
     version: str
     adapter: AdapterRef | None = None
+    canary: CanaryServing | None = None
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -66,6 +78,7 @@ class ServedVersion:
         self.version = version
         self.base = base or version  # the version whose full weights the engine holds
         self.adapter = adapter  # the version as an adapter on them; None: the base itself is served
+        self.canary: CanaryServing | None = None  # set by the follower while a canary it can serve runs
         self.epoch = epoch  # the registry epoch this version was served for
         self.drain_timeout_s = drain_timeout_s
         self.last_error: str | None = None  # the last swap that failed, for /healthz
@@ -98,7 +111,7 @@ class ServedVersion:
         generating soon after `lease.aborted` is set."""
         await self._open.wait()
         self.check()
-        lease = Lease(self.version, self.adapter)
+        lease = Lease(self.version, self.adapter, self.canary)
         self._leases.add(lease)
         self._idle.clear()
         try:
@@ -151,7 +164,7 @@ class ServedVersion:
                     await self._restore(version, exc, restore)
                     raise
                 self.version, self.epoch, self.last_error, self.broken = version, epoch, None, None
-                self.base, self.adapter = base or version, adapter
+                self.base, self.adapter, self.canary = base or version, adapter, None  # the registry ended it
             finally:
                 self._open.set()
             done = time.monotonic()
@@ -167,6 +180,7 @@ class ServedVersion:
         loading of the adapter beforehand, kept with the swap's times."""
         async with self._lock:  # never in the middle of a reload
             self.version, self.epoch, self.adapter, self.last_error = version, epoch, adapter, None
+            self.canary = None  # any change of the current version ends a canary (the follower reads it again)
             self.last_swap = SwapTimes(0.0, load_s, load_s, 0.0, started_at)
             return self.last_swap
 

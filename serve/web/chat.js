@@ -102,7 +102,11 @@ function onChunk(chunk) {
       card.dataset.finish = choice.finish_reason;
       if (choice.finish_reason === "abort") round.aborted = true;
     }
-    if (state.config.show_versions) card.querySelector(".version").textContent = ` · ${chunk.policy_version}`;
+    if (state.config.show_versions) {
+      // A canary's comparison mixes versions: each choice names its own on its first chunk.
+      card.dataset.writer = choice.policy_version || card.dataset.writer || chunk.policy_version;
+      card.querySelector(".version").textContent = ` · ${card.dataset.writer}`;
+    }
   }
 }
 

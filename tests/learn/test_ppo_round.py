@@ -112,6 +112,16 @@ def test_served_rollouts_are_answers_sampled_from_the_plain_distribution() -> No
     assert [s.comparison_id for s in served_from_events(events, max_prompt_len=64)] == ["c0", "c3"]
 
 
+def test_a_canarys_comparison_is_a_rollout_of_each_version_that_wrote_in_it() -> None:
+    event = RankingEvent.model_validate_json(ranking_event(0, random.Random(0))[2])
+    event.comparison.candidates[1].policy_version = "v0009"  # the canary wrote candidate 1
+    [ours, theirs] = served_from_events([event], max_prompt_len=64)
+    candidates = event.comparison.candidates
+    assert (ours.policy_version, ours.answers) == ("v0001", [candidates[0].token_ids])
+    assert (theirs.policy_version, theirs.answers) == ("v0009", [candidates[1].token_ids])
+    assert ours.comparison_id == theirs.comparison_id == "c0"
+
+
 def test_a_checkpoint_of_another_round_is_refused(tmp_path: Path) -> None:
     data = make_data_dir(tmp_path)
     settings = load_settings(data_dir=data, learn_threads=1)

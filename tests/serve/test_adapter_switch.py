@@ -4,48 +4,22 @@ of the version it is labelled with, and an answer under way when a promotion lan
 
 import asyncio
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import torch
 
-from deploy.model_store import ADAPTER_FOLDER, Card, ModelStore
+from deploy.model_store import ModelStore
 from deploy.promotion import promote, rollback
 from deploy.registry import Registry
-from learn.adapters import Adapter, save_adapter
-from tests.serve.replicas import ASK, Replica, until
-from tests.tiny import tiny_versions_store
-
-ADAPTERS = ("v0004", "v0005")
+from tests.serve.replicas import ADAPTERS, ASK, Replica, adapters_store, until, writer
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
-    """v0001 current, v0002 and v0003 full weights, v0004 and v0005 adapters on v0001."""
-    store = tiny_versions_store(tmp_path)
-    for version in ADAPTERS:
-        card = Card(version, "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 4}})
-
-        def fill(folder: Path) -> None:
-            for file in store.path("v0001").iterdir():
-                shutil.copy(file, folder / file.name)
-            save_adapter(
-                Adapter({"model.layers.1.mlp.down_proj": (torch.zeros(4, 128), torch.zeros(64, 4))}),
-                folder / ADAPTER_FOLDER,
-                "v0001",
-            )
-
-        store.publish(card, fill)
-    return store
-
-
-def writer(text: str) -> str:
-    """The version whose weights or adapter wrote an answer (the fake engine names it; the base names none)."""
-    return next((v for v in ("v0002", *ADAPTERS) if f" from {v}" in text), "v0001")
+    return adapters_store(tmp_path)
 
 
 async def streamed(http: httpx.AsyncClient, ask: dict[str, Any]) -> tuple[int, str, list[str]]:
