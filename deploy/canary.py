@@ -21,10 +21,12 @@ from deploy.model_store import ModelStore
 from deploy.redis_server import as_text
 from deploy.registry import CANARY, CURRENT, EPOCH, EVENTS, RegistryError, version_key
 
-# KEYS: canary, current, epoch, events, the candidate's hash. ARGV: version, share, split, who, why, time.
+# KEYS: canary, current, epoch, events, the candidate's hash. ARGV: version, share, split, who, why, time, the
+# current version the caller checked the candidate against ('' for none).
 START_LUA = """
 local current = redis.call('GET', KEYS[2]) or ''
 if current == '' then return {'no_current', ''} end
+if current ~= ARGV[7] then return {'changed', current} end
 if current == ARGV[1] then return {'is_current', current} end
 local running = redis.call('HGET', KEYS[1], 'version')
 if running then return {'running', running} end
@@ -86,18 +88,20 @@ class Canaries:
             raise RegistryError(f"--share {share}: give the share of comparisons to mix, above 0 and at most 1")
         if split < 1:
             raise RegistryError(f"--split {split}: the candidate writes at least 1 answer of a mixed comparison")
-        current = self.redis.get(CURRENT)
-        if current is not None and version in store.versions():
+        raw = self.redis.get(CURRENT)
+        current = as_text(raw) if raw is not None else ""
+        if current and version in store.versions():
             # One engine serves both only as adapters of one base (or one of them the base itself).
-            theirs, ours = base_of(store, version), base_of(store, as_text(current))
+            theirs, ours = base_of(store, version), base_of(store, current)
             if theirs != ours:
                 raise RegistryError(
-                    f"{version} runs on {theirs}'s weights and {as_text(current)} on {ours}'s: a server cannot answer "
+                    f"{version} runs on {theirs}'s weights and {current} on {ours}'s: a server cannot answer "
                     "with both at once; promote it, or train the candidate from the current version"
                 )
         now = time.time()
         reply = self._start(
-            keys=[CANARY, CURRENT, EPOCH, EVENTS, version_key(version)], args=[version, share, split, who, why, now]
+            keys=[CANARY, CURRENT, EPOCH, EVENTS, version_key(version)],
+            args=[version, share, split, who, why, now, current],
         )
         status, detail = as_text(reply[0]), as_text(reply[1])
         if status == "ok":
@@ -125,6 +129,7 @@ class Canaries:
 def _refusal(status: str, detail: str, version: str) -> str:
     return {
         "no_current": "no version is current yet: a canary compares a candidate with the current version",
+        "changed": f"the current version changed to {detail} meanwhile: look at `rankloop versions` and try again",
         "is_current": f"{version} is the current version already",
         "running": f"a canary of {detail} is running: stop it first (`rankloop canary stop`)",
         "unknown": f"version {version} is not registered (see `rankloop versions`)",

@@ -30,6 +30,7 @@ VERSIONS, CURRENT, EPOCH, EVENTS, CANARY = (
     PREFIX + name for name in ("versions", "current", "epoch", "events", "canary")
 )
 STATES = ("ready", "current", "retired", "failed", "rejected")
+SWITCHES = ("init", "promote", "rollback", "restore")  # the events that change the current version
 
 # KEYS: current, epoch, events, target hash, prefix of version hashes (as KEYS[5], used to name the old one), the
 # canary (any change of the current version ends it: it compared its candidate with the old one).
@@ -65,7 +66,8 @@ return {'ok', tostring(epoch), id}
 
 # A registry behind the model store (a Redis restarted empty, or one that lost its last writes) takes the store's
 # current version back, at an epoch above both its own and the store's, so that no epoch ever goes backwards.
-# KEYS: current, epoch, events, target hash, prefix of version hashes. ARGV: version, store epoch, who, why, time.
+# KEYS: current, epoch, events, target hash, prefix of version hashes, the canary (ended: it compared its candidate
+# with a version the registry had lost). ARGV: version, store epoch, who, why, time.
 RESTORE_LUA = """
 local current = redis.call('GET', KEYS[1]) or ''
 local epoch = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -74,6 +76,7 @@ if redis.call('EXISTS', KEYS[4]) == 0 then return {'unknown', ''} end
 if current ~= '' and current ~= ARGV[1] then redis.call('HSET', KEYS[5] .. current, 'state', 'retired') end
 redis.call('HSET', KEYS[4], 'state', 'current')
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[6])
 epoch = math.max(epoch, tonumber(ARGV[2])) + 1
 redis.call('SET', KEYS[2], epoch)
 local id = redis.call('XADD', KEYS[3], '*', 'epoch', epoch, 'action', 'restore', 'version', ARGV[1],
@@ -196,7 +199,7 @@ class Registry:
         no current version or an epoch below `store_epoch` (it lost what the store kept); the new epoch, or None
         where the registry was not behind."""
         reply = self._restore(
-            keys=[CURRENT, EPOCH, EVENTS, version_key(version), version_key("")],
+            keys=[CURRENT, EPOCH, EVENTS, version_key(version), version_key(""), CANARY],
             args=[version, store_epoch, who, why, time.time()],
         )
         status = as_text(reply[0])
@@ -224,7 +227,7 @@ class Registry:
         """The version that was current before `version` last became current."""
         for event_id, fields in reversed(self._range()):
             event = _event(event_id, fields)
-            if event.version == version:
+            if event.version == version and event.action in SWITCHES:
                 return event.previous
         return None
 

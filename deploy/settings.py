@@ -57,6 +57,9 @@ def cpu_list(value: str) -> set[int]:
     return cores
 
 
+ADAPTER_RANKS = (0, 8, 16, 32, 64, 128, 256)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
@@ -189,7 +192,7 @@ class Settings(BaseSettings):
         "merged weights, a reload each time (off by default until vLLM's LoRA serving is measured on this "
         "project's workloads).",
     )
-    max_adapter_rank: Literal[0, 8, 16, 32, 64, 128, 256] = Field(
+    max_adapter_rank: int = Field(
         64,
         description="A LoRA version is kept as one adapter on its full-weight base (beside its merged weights) while "
         "the chain's rank stays within this (each round adds its own); above, as full weights only, a new base. "
@@ -282,6 +285,9 @@ class Settings(BaseSettings):
     canary_share: float = Field(0.25, gt=0.0, le=1.0, description="Share of comparisons a learner's canary mixes.")
     canary_split: int = Field(2, ge=1, description="Answers of a mixed comparison the candidate writes.")
     canary_min_pairs: int = Field(200, ge=1, description="Head-to-head pairs before a canary is decided.")
+    canary_max_pairs: int = Field(
+        4000, ge=1, description="Head-to-head pairs after which an undecided canary ends without a winner."
+    )
     learn_max_ptx_ratio: float = Field(
         1.1, gt=0.0, description="Gate: held-out LM loss at most this times the SFT reference's."
     )
@@ -326,6 +332,14 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value or None
+
+    @field_validator("max_adapter_rank")
+    @classmethod
+    def _adapter_rank(cls, value: int) -> int:
+        # The ranks vLLM serves (its max_lora_rank), or 0 for none.
+        if value not in ADAPTER_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, ADAPTER_RANKS))} (0: no adapters)")
+        return value
 
     @field_validator("cpu_threads")
     @classmethod

@@ -22,6 +22,7 @@ Format = Literal["jsonl", "parquet"]
 def preference_rows(event_id: str, event: RankingEvent) -> Iterator[dict[str, Any]]:
     comparison = event.comparison
     texts = {c.index: c.text for c in comparison.candidates}
+    writers = {c.index: c.policy_version or comparison.policy_version for c in comparison.candidates}
     for chosen, rejected in pairs(event.ranking):
         yield {
             "prompt": comparison.messages,
@@ -30,7 +31,9 @@ def preference_rows(event_id: str, event: RankingEvent) -> Iterator[dict[str, An
             "rank_group": event_id,
             "chosen_index": chosen,
             "rejected_index": rejected,
-            "policy_version": comparison.policy_version,
+            "policy_version": comparison.policy_version,  # the version served (a canary's candidate may be beside it)
+            "chosen_policy_version": writers[chosen],
+            "rejected_policy_version": writers[rejected],
         }
 
 

@@ -114,16 +114,17 @@ def head_to_head(rankings: Iterable[list[Outcome]], candidate: str, current: str
     return HeadToHead(candidate, current, rate, max(0.0, rate - half), min(1.0, rate + half), pairs, n)
 
 
-Verdict = Literal["promote", "reject", "continue"]
+Verdict = Literal["promote", "reject", "undecided", "continue"]
 
 
-def canary_verdict(result: HeadToHead | None, min_pairs: int) -> Verdict:
+def canary_verdict(result: HeadToHead | None, min_pairs: int, max_pairs: int | None = None) -> Verdict:
     """After at least `min_pairs` pairs: promote when the interval is wholly above one half, reject when wholly
-    below; otherwise the canary goes on collecting."""
+    below; otherwise the canary goes on collecting, up to `max_pairs` (then `undecided`: the two are too close for
+    users to tell apart, and the canary ends without a winner rather than run for ever)."""
     if result is None or result.pairs < min_pairs:
         return "continue"
     if result.low > 0.5:
         return "promote"
     if result.high < 0.5:
         return "reject"
-    return "continue"
+    return "undecided" if max_pairs is not None and result.pairs >= max_pairs else "continue"

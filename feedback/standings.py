@@ -22,8 +22,11 @@ class Standings:
 
 
 def writers(comparison: Comparison) -> list[str]:
-    """The version that wrote each candidate, by index."""
-    return [c.policy_version or comparison.policy_version for c in comparison.candidates]
+    """The version that wrote each candidate, at its index."""
+    found = [comparison.policy_version] * (max((c.index for c in comparison.candidates), default=-1) + 1)
+    for c in comparison.candidates:
+        found[c.index] = c.policy_version or comparison.policy_version
+    return found
 
 
 def standings(dataset_path: Path, current: str | None, since: float | None = None) -> Standings:

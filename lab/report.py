@@ -60,7 +60,8 @@ def plot(history: History, folder: Path, origin: float) -> list[tuple[str, str]]
         figure, axes = plt.subplots(figsize=(7, 3))
         axes.plot([hours(t) for t, _ in points], [v for _, v in points], marker="." if len(points) < 60 else None)
         for event in history.events:
-            axes.axvline(hours(event.time), color="green" if event.action == "promote" else "red", alpha=0.4)
+            if event.action in ("promote", "rollback"):  # (canary events change no served version)
+                axes.axvline(hours(event.time), color="green" if event.action == "promote" else "red", alpha=0.4)
         axes.set_title(title)
         axes.set_xlabel("hours since the first ranking")
         figure.tight_layout()

@@ -3,8 +3,10 @@ and read in PEFT's folder format (which vLLM serves with `enable_lora`).
 
 A round trains LoRA on its parent's weights. Where the parent is itself an adapter on a base, the new version is the
 base plus both deltas: B1·A1·s1 + B2·A2·s2 = [B1·s1 | B2·s2]·[A1 ; A2], one adapter of rank r1 + r2 whose scaling
-is folded into B (PEFT's alpha = r). Exact, with no approximation; the rank grows by one round's with every version
-in the chain, so that a store keeps a version as an adapter only up to a rank limit and a full-weight copy always.
+is folded into B (PEFT's alpha = r). The composition is exact; what the adapter serves differs from the stored
+merged weights (what the gate judged) by the bf16 rounding of each merge along the chain, well below a round's
+change (tests/learn/test_adapters.py measures both). The rank grows by one round's with every version in the chain,
+so that a store keeps a version as an adapter only up to a rank limit, and a full-weight copy always.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ version passes one half, rejected when the upper end falls below, after `canary_
 
 from __future__ import annotations
 
+import contextlib
+
 from deploy.canary import NO_ADAPTERS, Canaries
 from deploy.model_store import ModelStore
 from deploy.promotion import promote
@@ -36,12 +38,22 @@ def judge(settings: Settings, registry: Registry, store: ModelStore) -> str | No
         return None
     board = standings(settings.dataset_path, canary.current, canary.started)
     versus = next((h for h in board.against_current if h.candidate == canary.version), None)
-    verdict = canary_verdict(versus, settings.canary_min_pairs)
+    verdict = canary_verdict(versus, settings.canary_min_pairs, settings.canary_max_pairs)
     if verdict == "continue" or versus is None:
         return None
     figures = f"win rate {versus.rate:.1%} (95% {versus.low:.1%}-{versus.high:.1%}) over {versus.pairs} pairs"
-    if verdict == "promote":
-        promote(registry, store, canary.version, "learner", f"won its canary: {figures}", expected=canary.current)
-        return f"promoted {canary.version}"
-    canaries.stop("learner", f"lost its canary: {figures}", expected=canary.version, rejected=True)
-    return f"rejected {canary.version}"
+    try:
+        if verdict == "promote":
+            why = f"won its canary: {figures}"
+            promote(registry, store, canary.version, "learner", why, expected=canary.current)
+            return f"promoted {canary.version}"
+        lost = verdict == "reject"
+        why = f"lost its canary: {figures}" if lost else f"undecided: {figures}"
+        canaries.stop("learner", why, expected=canary.version, rejected=lost)
+        return f"{'rejected' if lost else 'undecided'} {canary.version}"
+    except RegistryError as exc:
+        # Someone changed the current version or the canary meanwhile, or the candidate's folder failed its
+        # check (marked failed): end what is left of this canary rather than fail at every poll.
+        with contextlib.suppress(RegistryError):
+            canaries.stop("learner", f"could not act on its verdict ({verdict}): {exc}", expected=canary.version)
+        return f"abandoned {canary.version}: {exc}"

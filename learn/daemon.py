@@ -27,6 +27,7 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
+from deploy.canary import Canaries
 from deploy.learner_status import STATUS_KEY
 from deploy.model_store import ModelStore
 from deploy.promotion import promote
@@ -124,7 +125,7 @@ class Learner:
             decided = canary_rule.judge(self.settings, self.registry, self.store)
             if decided is not None:
                 self.publish("waiting", f"canary {decided}")
-                metrics.ROUNDS.labels(f"canary_{decided.split()[0]}").inc()
+                metrics.ROUNDS.labels(f"canary_{decided.split()[0].rstrip(':')}").inc()
         checkpoint = self.settings.data_dir / "checkpoints" / "ppo.ckpt"
         pending = agreed(lambda: checkpoint_meta(checkpoint))
         if pending is not None:
@@ -214,13 +215,16 @@ class Learner:
         verdict = promotion_gate(
             result.before, result.after, result.agreement, limits(self.settings), result.reference_ptx
         )
-        outcome = "ready"
-        refused = None
+        outcome, refused, held = "ready", None, False
         if verdict.passed and self.settings.promote_on == "canary":
-            refused = canary_rule.begin(self.settings, self.registry, self.store, card.version, verdict.why)
-            outcome = "canary" if refused is None else outcome
-        # Where no canary can run (one runs already; a version on other weights than the current's), the gate alone.
-        if verdict.passed and outcome == "ready" and self.settings.learn_auto_promote:
+            running = Canaries(self.redis).running()
+            if running is not None:  # users are judging another: this one waits, ready, for an operator
+                refused, held = f"a canary of {running.version} is running", True
+            else:
+                refused = canary_rule.begin(self.settings, self.registry, self.store, card.version, verdict.why)
+                outcome = "canary" if refused is None else outcome
+        # Where no canary can run at all (no adapters served; a version on other weights), the gate alone.
+        if verdict.passed and outcome == "ready" and not held and self.settings.learn_auto_promote:
             promote(
                 self.registry,
                 self.store,

@@ -63,9 +63,11 @@ def group_from_event(event_id: str, event: RankingEvent, max_len: int) -> Ranked
     comparison = event.comparison
     answers = [_fit(comparison.prompt_token_ids, c.token_ids, max_len) for c in comparison.candidates]
     lens = tuple(min(len(c.token_ids), max_len) for c in comparison.candidates)
-    return RankedGroup(
-        prompt_key(comparison.messages), answers, event.ranking, comparison.policy_version, event_id, lens
-    )
+    # A canary's comparison holds two versions' answers: no one version wrote the group (the normalisation, which
+    # averages the reference's answers, leaves it out).
+    writers = {c.policy_version or comparison.policy_version for c in comparison.candidates}
+    version = comparison.policy_version if len(writers) == 1 else None
+    return RankedGroup(prompt_key(comparison.messages), answers, event.ranking, version, event_id, lens)
 
 
 def _fit(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> list[int]:

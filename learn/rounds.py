@@ -381,7 +381,9 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
         if options.ptx_source == "reference"
         else None
     )
-    ptx_train, ptx_held, ptx_source = ptx_examples(settings, models.tokenizer, ptx, 512, inputs.until)
+    ptx_train, ptx_held, ptx_source = ptx_examples(
+        settings, models.tokenizer, ptx, 512, inputs.until, max_prompt_len=options.max_prompt_len
+    )
     evaluation_prompts, eval_on = evaluation_set(models.tokenizer, held, options)
     return RoundData(models, train, held, served, ptx_train, ptx_held, ptx_source, evaluation_prompts, eval_on)
 

@@ -159,12 +159,18 @@ def reference_answers(served: list[Served], max_len: int) -> list[list[Example]]
 
 
 def ptx_examples(
-    settings: Settings, tokenizer: Any, ptx: Path | PtxFromReference | None, max_len: int, until: str | None = None
+    settings: Settings,
+    tokenizer: Any,
+    ptx: Path | PtxFromReference | None,
+    max_len: int,
+    until: str | None = None,
+    max_prompt_len: int = 384,
 ) -> tuple[list[Example], list[Example], str]:
-    """(train, held out, source) for the ptx term: a text or JSONL file, the reference's answers, or (None) users'
-    demonstrations (up to event `until`)."""
+    """(train, held out, source) for the ptx term: a text or JSONL file, the reference's answers (of prompts up to
+    `max_prompt_len` tokens, so that an answer keeps room within `max_len`), or (None) users' demonstrations (up to
+    event `until`)."""
     if isinstance(ptx, PtxFromReference):
-        served = served_comparisons(settings, ptx.version, ptx.held_out, max_len, until)
+        served = served_comparisons(settings, ptx.version, ptx.held_out, max_prompt_len, until)
         # Held out by comparison: a comparison's K answers share their prompt, which the fluency check must not see.
         groups = reference_answers(served, max_len)
         held = [e for group in groups[::PTX_HELD_OUT_EVERY] for e in group]

@@ -102,6 +102,8 @@ def version_adapter(model: Any, store: ModelStore, parent: str, max_rank: int) -
         return None
     own, base = from_peft(model), parent
     inherited = store.card(parent).details.get("adapter")
+    if inherited is not None and not (store.path(parent) / ADAPTER_FOLDER).is_dir():
+        return None  # the parent's adapter is gone: this version can only be a base of its own
     if inherited is not None:
         own, base = compose(load_adapter(store.path(parent) / ADAPTER_FOLDER), own), inherited["base"]
     return (own, base) if 0 < own.rank <= max_rank else None

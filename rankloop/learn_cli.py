@@ -298,7 +298,8 @@ def ppo(
         parent=base,
         reward=reward,
         prompt_file=prompts,
-        ptx_file=ptx_data or settings.learn_ptx_file,
+        # An explicit --ptx-source is taken over the settings' file; --ptx-data over both.
+        ptx_file=ptx_data or (None if ptx_source is not None else settings.learn_ptx_file),
         ptx_source=ptx_from,
         fresh=fresh,
         bf16=bf16,

@@ -239,13 +239,15 @@ class ChatService:
         queue: asyncio.Queue[list[CandidateDelta] | Exception | None] = asyncio.Queue()
 
         async def pump(part: Part) -> None:
+            failure: Exception | None = None
             try:
                 async with aclosing(self.engine.generate(part.generation)) as steps:
                     async for deltas in steps:
                         queue.put_nowait([replace(d, index=part.positions[d.index]) for d in deltas])
-                queue.put_nowait(None)
             except Exception as exc:  # the caller raises it, as it would a single generation's
-                queue.put_nowait(exc)
+                failure = exc
+            finally:  # whatever ends it (a cancel too), the merge never waits for this part again
+                queue.put_nowait(failure)
 
         pumps = [asyncio.create_task(pump(part)) for part in parts]
         try:
@@ -277,7 +279,8 @@ class ChatService:
             request_id=f"{gen.request_id}-canary",
             n=len(theirs),
             adapter=canary.adapter,
-            seed=None if gen.seed is None else gen.seed + 1,  # not the current version's samples again
+            # vLLM seeds the i-th of n samples seed + i: past the current version's, so no draws are shared.
+            seed=None if gen.seed is None else gen.seed + len(ours),
         )
         return [Part(replace(gen, n=len(ours)), ours, lease.version), Part(candidate, theirs, canary.version)]
 

@@ -91,19 +91,21 @@ class RegistryFollower:
         if canary is None or canary.current != self.served.version or not self.engine.supports_adapters:
             self.served.canary = None
             return
-        if self.served.canary is not None and self.served.canary.version == canary.version:
+        serving = self.served.canary
+        if serving is not None and (serving.version, serving.started) == (canary.version, canary.started):
             return
         try:
             base, adapter = await asyncio.to_thread(serving_plan, self.store, canary.version, True)
-            if adapter is None or base != self.served.base:
+            if base != self.served.base:
                 raise ValueError(f"{canary.version} does not run on {self.served.base}'s weights")
-            await asyncio.to_thread(check_adapter, adapter.folder)
-            await self.engine.add_adapter(adapter)
+            if adapter is not None:
+                await asyncio.to_thread(check_adapter, adapter.folder)
+                await self.engine.add_adapter(adapter)
         except Exception as exc:  # the canary collects nothing here; the current version is served as before
             log.error("cannot serve canary %s beside %s: %s", canary.version, self.served.version, exc)
             self.served.canary = None
             return
-        self.served.canary = CanaryServing(canary.version, adapter, canary.share, canary.split)
+        self.served.canary = CanaryServing(canary.version, adapter, canary.share, canary.split, canary.started)
         log.info("canary %s: %.0f%% of comparisons mixed", canary.version, 100 * canary.share)
 
     async def swap(self, version: str, epoch: int) -> None:

@@ -50,9 +50,10 @@ class CanaryServing:
     comparisons to mix and how many of their answers the candidate writes (deploy.canary)."""
 
     version: str
-    adapter: AdapterRef
+    adapter: AdapterRef | None  # None: the candidate is the served weights' own version (the current an adapter)
     share: float
     split: int
+    started: float  # the registry's canary it serves (a restarted one with other figures is another)
 
 
 @dataclass(eq=False)  # by identity: two generations on one version are two leases

@@ -16,8 +16,12 @@ def test_defaults_are_valid() -> None:
 def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANKLOOP_PORT", "9001")
     monkeypatch.setenv("RANKLOOP_DEFAULT_N", "3")
+    monkeypatch.setenv("RANKLOOP_MAX_ADAPTER_RANK", "32")
+    monkeypatch.setenv("RANKLOOP_LEARN_PTX_SOURCE", "reference")
+    monkeypatch.setenv("RANKLOOP_PROMOTE_ON", "canary")
     settings = load_settings()
-    assert (settings.port, settings.default_n) == (9001, 3)
+    assert (settings.port, settings.default_n, settings.max_adapter_rank) == (9001, 3, 32)
+    assert (settings.learn_ptx_source, settings.promote_on) == ("reference", "canary")
 
 
 def test_redis_url_without_prefix_is_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,6 +46,8 @@ def test_unknown_environment_key_is_named(monkeypatch: pytest.MonkeyPatch) -> No
         ("RANKLOOP_LEARN_CPUS", "1-"),
         ("RANKLOOP_REDIS_URL", "http://x"),
         ("RANKLOOP_ADMIN_TOKEN", "short-token"),
+        ("RANKLOOP_MAX_ADAPTER_RANK", "33"),
+        ("RANKLOOP_CANARY_SHARE", "0"),
     ],
 )
 def test_impossible_values_name_the_key(monkeypatch: pytest.MonkeyPatch, key: str, value: str) -> None:

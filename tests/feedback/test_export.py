@@ -34,7 +34,20 @@ def test_a_ranking_becomes_one_row_per_pair() -> None:
         "chosen_index": 2,
         "rejected_index": 0,
         "policy_version": "v0002",
+        "chosen_policy_version": "v0002",
+        "rejected_policy_version": "v0002",
     }
+
+
+def test_a_canarys_pair_names_the_version_of_each_answer() -> None:
+    mixed = RANKING.model_copy(deep=True)
+    mixed.comparison.candidates[2].policy_version = "v0003"  # the canary wrote "apple"
+    first = next(preference_rows("5-1", mixed))
+    assert (first["policy_version"], first["chosen_policy_version"], first["rejected_policy_version"]) == (
+        "v0002",
+        "v0003",
+        "v0002",
+    )
 
 
 def test_a_demonstration_becomes_sft_messages() -> None:

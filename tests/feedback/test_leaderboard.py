@@ -59,7 +59,7 @@ def test_the_win_rate_takes_each_ranking_as_one_observation() -> None:
 
 
 def verdict_of(low: float, high: float, pairs: int) -> str:
-    return canary_verdict(HeadToHead("c", "p", (low + high) / 2, low, high, pairs, pairs // 4), min_pairs=40)
+    return canary_verdict(HeadToHead("c", "p", (low + high) / 2, low, high, pairs, pairs // 4), 40, max_pairs=1000)
 
 
 def test_the_canary_ends_only_on_enough_pairs_and_a_clear_interval() -> None:
@@ -68,4 +68,6 @@ def test_the_canary_ends_only_on_enough_pairs_and_a_clear_interval() -> None:
     assert verdict_of(0.2, 0.45, 40) == "reject"
     assert verdict_of(0.45, 0.7, 400) == "continue"  # within noise of one half
     assert verdict_of(0.5, 0.7, 400) == "continue"  # the bound must exceed one half
+    assert verdict_of(0.45, 0.55, 1000) == "undecided"  # too close to tell apart: it ends without a winner
+    assert verdict_of(0.51, 0.6, 1000) == "promote"
     assert canary_verdict(None, min_pairs=0) == "continue"

@@ -93,6 +93,9 @@ def test_the_learner_sends_a_version_that_passed_the_gate_to_a_canary(redis: Red
     sync_store(learner.registry, store)
     assert learner._finish(result_for("v0004", store)) == "canary v0004"
     assert learner.registry.current()[0] == "v0001"  # not promoted: users decide
+    # Another version that passes while users judge this one waits, ready: the gate must not cut the canary short.
+    assert learner._finish(result_for("v0003", store)) == "ready v0003"
+    assert learner.registry.current()[0] == "v0001" and Canaries(redis).running() is not None
     canary = Canaries(redis).running()
     assert canary is not None and (canary.version, canary.share, canary.split) == ("v0004", 0.25, 2)
     rank(settings, candidate_first=8, current_first=0)
@@ -102,5 +105,27 @@ def test_the_learner_sends_a_version_that_passed_the_gate_to_a_canary(redis: Red
     assert learner._finish(result_for("v0002", store, parent="v0004")) == "promoted v0002"
     # Nor can any where servers answer with one version at a time.
     alone = Learner(settings.model_copy(update={"learn_auto_promote": False, "serve_adapters": False}), redis)
-    assert alone._finish(result_for("v0003", store, parent="v0002")) == "ready v0003"
+    assert alone._finish(result_for("v0003", store, parent="v0002")) == "ready v0003"  # (sync: still ready)
     assert canary_rule.begin(alone.settings, alone.registry, store, "v0004", "") == NO_ADAPTERS
+
+
+def test_a_canary_users_cannot_tell_apart_ends_undecided(redis: Redis, settings: Settings) -> None:
+    registry, store = Registry(redis), ModelStore(settings.store_dir)
+    sync_store(registry, store)
+    canary_rule.begin(settings, registry, store, "v0004", "agrees")
+    close = settings.model_copy(update={"canary_max_pairs": 64})
+    rank(settings, candidate_first=8, current_first=8)  # 64 pairs, rate 0.5
+    assert canary_rule.judge(close, registry, store) == "undecided v0004"
+    assert Canaries(redis).running() is None and registry.show("v0004").state == "ready"
+
+
+def test_a_verdict_that_cannot_be_carried_out_ends_the_canary(redis: Redis, settings: Settings) -> None:
+    registry, store = Registry(redis), ModelStore(settings.store_dir)
+    sync_store(registry, store)
+    canary_rule.begin(settings, registry, store, "v0004", "agrees")
+    rank(settings, candidate_first=8, current_first=0)
+    (store.path("v0004") / "config.json").unlink()  # its folder no longer passes the check
+    decided = canary_rule.judge(settings, registry, store)
+    assert decided is not None and decided.startswith("abandoned v0004: ")
+    assert Canaries(redis).running() is None and registry.current()[0] == "v0001"
+    assert registry.show("v0004").state == "failed"

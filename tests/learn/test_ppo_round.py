@@ -25,7 +25,7 @@ from learn.ppo import Rollouts, pack
 from learn.ppo_run import CheckpointMismatch, RoundConfig, value_model
 from learn.prompts import messages_of, prompts_from_file, served_from_events
 from learn.reward_model import RewardScorer, load_reward_model, save_reward_model
-from learn.rm_data import is_held_out, is_rm_held_out, prompt_key
+from learn.rm_data import group_from_event, is_held_out, is_rm_held_out, prompt_key
 from learn.rounds import PPOOptions, ppo_round
 from tests.learn.events import ranking_event
 from tests.tiny import tiny_llama_folder, tiny_tokenizer
@@ -120,6 +120,10 @@ def test_a_canarys_comparison_is_a_rollout_of_each_version_that_wrote_in_it() ->
     assert (ours.policy_version, ours.answers) == ("v0001", [candidates[0].token_ids])
     assert (theirs.policy_version, theirs.answers) == ("v0009", [candidates[1].token_ids])
     assert ours.comparison_id == theirs.comparison_id == "c0"
+    # For the reward model it is one ranking like any other, but no one version wrote it (the normalisation
+    # averages the reference's own answers).
+    group = group_from_event("1000-0", event, 64)
+    assert group is not None and group.policy_version is None and group.tiers == event.ranking
 
 
 def test_a_checkpoint_of_another_round_is_refused(tmp_path: Path) -> None:

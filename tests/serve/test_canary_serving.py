@@ -90,3 +90,24 @@ async def test_users_who_prefer_the_candidate_get_it_promoted(
         assert replica.served.canary is None and replica.engine.weights is None  # an adapter switch
     finally:
         await replica.close()
+
+
+async def test_a_canary_of_the_base_beside_its_adapter(
+    redis: Redis, redis_server: EmbeddedRedis, store: ModelStore, registry: Registry, tokenizer: Any
+) -> None:
+    """The current version an adapter (v0004 on v0001), the candidate the base itself: one engine answers with
+    both, the candidate's answers without an adapter."""
+    from deploy.promotion import promote
+
+    replica = Replica(redis, store, tokenizer)
+    try:
+        promote(registry, store, "v0004", "ops", "")
+        await until(lambda: replica.served.version == "v0004")
+        Canaries(registry.redis).start(store, "v0001", share=1.0, split=1, who="ops")
+        await until(lambda: replica.served.canary is not None)
+        body = await ask(replica.http)
+        assert sorted(writer(c["message"]["content"]) for c in body["choices"]) == ["v0001", "v0004", "v0004", "v0004"]
+        stored = await ComparisonStore(redis, 60).get(body["id"])
+        assert stored is not None and sorted(c.policy_version or "" for c in stored.candidates) == ["", "", "", "v0001"]
+    finally:
+        await replica.close()
