@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from deploy.redis_server import EmbeddedRedis, redis_executable, server_version
@@ -77,6 +78,15 @@ def redis_server(redis_binary: Path | None, tmp_path_factory: pytest.TempPathFac
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def sync_redis(redis_server: EmbeddedRedis) -> Iterator[SyncRedis]:
+    """A blocking client of the session's Redis, emptied first."""
+    client = SyncRedis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 to do, a rejected candidate that no promotion takes, and a change of the current version that ends the canary."""
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from tests.tiny import tiny_versions_store
 
 
 @pytest.fixture
-def redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    client.flushdb()
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
     """v0001 current; v0002 and v0003 full-weight versions; v0004 and v0005 adapters on v0001."""
     store = tiny_versions_store(tmp_path)
@@ -34,8 +25,8 @@ def store(tmp_path: Path) -> ModelStore:
     return store
 
 
-def test_a_canary_starts_and_stops_with_its_events(redis: Redis, store: ModelStore) -> None:
-    registry, canaries = Registry(redis), Canaries(redis)
+def test_a_canary_starts_and_stops_with_its_events(sync_redis: Redis, store: ModelStore) -> None:
+    registry, canaries = Registry(sync_redis), Canaries(sync_redis)
     sync_store(registry, store)
     started = canaries.start(store, "v0004", share=0.25, split=2, who="ann", why="try it")
     assert canaries.running() == started == Canary("v0004", "v0001", 0.25, 2, started.started, "ann")
@@ -60,17 +51,17 @@ def test_a_canary_starts_and_stops_with_its_events(redis: Redis, store: ModelSto
     ],
 )
 def test_refusals_say_what_to_do(
-    redis: Redis, store: ModelStore, version: str, share: float, split: int, message: str
+    sync_redis: Redis, store: ModelStore, version: str, share: float, split: int, message: str
 ) -> None:
-    sync_store(Registry(redis), store)
+    sync_store(Registry(sync_redis), store)
     with pytest.raises(RegistryError, match=message.replace("(", r"\(")):
-        Canaries(redis).start(store, version, share, split, "ann")
-    assert Canaries(redis).running() is None
+        Canaries(sync_redis).start(store, version, share, split, "ann")
+    assert Canaries(sync_redis).running() is None
 
 
-def test_one_canary_at_a_time(redis: Redis, store: ModelStore) -> None:
-    sync_store(Registry(redis), store)
-    canaries = Canaries(redis)
+def test_one_canary_at_a_time(sync_redis: Redis, store: ModelStore) -> None:
+    sync_store(Registry(sync_redis), store)
+    canaries = Canaries(sync_redis)
     with pytest.raises(RegistryError, match="no canary is running"):
         canaries.stop("ann")
     canaries.start(store, "v0004", 0.25, 2, "ann")
@@ -81,8 +72,8 @@ def test_one_canary_at_a_time(redis: Redis, store: ModelStore) -> None:
     assert canaries.running() is not None and canaries.running().version == "v0004"  # type: ignore[union-attr]
 
 
-def test_a_rejected_candidate_is_never_promoted(redis: Redis, store: ModelStore) -> None:
-    registry, canaries = Registry(redis), Canaries(redis)
+def test_a_rejected_candidate_is_never_promoted(sync_redis: Redis, store: ModelStore) -> None:
+    registry, canaries = Registry(sync_redis), Canaries(sync_redis)
     sync_store(registry, store)
     canaries.start(store, "v0004", 0.25, 2, "learner")
     canaries.stop("learner", "upper bound 0.41", expected="v0004", rejected=True)
@@ -93,8 +84,8 @@ def test_a_rejected_candidate_is_never_promoted(redis: Redis, store: ModelStore)
         canaries.start(store, "v0004", 0.25, 2, "ann")
 
 
-def test_a_change_of_the_current_version_ends_the_canary(redis: Redis, store: ModelStore) -> None:
-    registry, canaries = Registry(redis), Canaries(redis)
+def test_a_change_of_the_current_version_ends_the_canary(sync_redis: Redis, store: ModelStore) -> None:
+    registry, canaries = Registry(sync_redis), Canaries(sync_redis)
     sync_store(registry, store)
     canaries.start(store, "v0004", 0.25, 2, "ann")
     promote(registry, store, "v0004", "learner", "won its canary")
@@ -108,7 +99,7 @@ def test_a_change_of_the_current_version_ends_the_canary(redis: Redis, store: Mo
 
 
 def test_operator_commands(
-    redis: Redis, store: ModelStore, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+    sync_redis: Redis, store: ModelStore, redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
     import time
@@ -144,5 +135,5 @@ def test_operator_commands(
     assert board["against_current"][0]["rate"] == pytest.approx(0.75)
     stopped = runner.invoke(app, ["canary", "stop", "--reject", "--reason", "users prefer v0001"])
     assert stopped.exit_code == 0 and "canary v0004 stopped and rejected" in stopped.output
-    assert Registry(redis).show("v0004").state == "rejected"
+    assert Registry(sync_redis).show("v0004").state == "rejected"
     assert "no canary is running" in runner.invoke(app, ["canary", "status"]).output

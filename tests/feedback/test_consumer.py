@@ -18,14 +18,6 @@ from tests.feedback.helpers import append_events, demonstration_json
 
 
 @pytest.fixture
-def sync_redis(redis_server: EmbeddedRedis) -> Iterator[Redis]:
-    client = Redis.from_url(redis_server.url)
-    client.flushdb()
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def dataset(tmp_path: Path) -> Iterator[Dataset]:
     data = Dataset(tmp_path / "feedback.sqlite3")
     yield data
