@@ -77,7 +77,7 @@ class StopBody(BaseModel):
     who: str = Field("admin-api", min_length=1, max_length=256)
 
 
-@router.post("/canary", dependencies=Changes)
+@router.post("/canary/start", dependencies=Changes)
 async def start_canary(body: CanaryBody, admin: AdminDep, request: Request) -> dict[str, Any]:
     """Put the candidate's answers beside the current version's in `share` of comparisons."""
     if not _settings(request).serve_adapters:

@@ -40,11 +40,15 @@ def settings(tmp_path: Path, redis_server: EmbeddedRedis) -> Settings:
     )
 
 
+LAST_ID = [0]  # the newest event id's milliseconds: each call's rankings come after the last call's
+
+
 def rank(settings: Settings, candidate_first: int, current_first: int) -> None:
     """Rankings of mixed comparisons (v0004 wrote 2 of 4 answers: 4 pairs each), accepted from now on."""
-    now = int(time.time() * 1000) + 1000
+    start = max(int(time.time() * 1000) + 1000, LAST_ID[0] + 1)
     tiers = [CANDIDATE_FIRST] * candidate_first + [CURRENT_FIRST] * current_first
-    rows = [ranking(n, now + n, t) for n, t in enumerate(tiers)]
+    rows = [ranking(start + n, start + n, t) for n, t in enumerate(tiers)]
+    LAST_ID[0] = start + len(tiers)
     with Dataset(settings.dataset_path) as dataset:
         dataset.insert([(i, k, d.replace('"v0002"', '"v0004"')) for i, k, d in rows])
 

@@ -44,7 +44,7 @@ async def web(settings: Settings, engine: FakeEngine, redis: Redis) -> AsyncIter
 
 
 async def test_routes_need_the_admin_token(web: httpx.AsyncClient) -> None:
-    for method, path in (("GET", "/admin/canary"), ("POST", "/admin/canary"), ("GET", "/admin/leaderboard")):
+    for method, path in (("GET", "/admin/canary"), ("POST", "/admin/canary/start"), ("GET", "/admin/leaderboard")):
         assert (await web.request(method, path, json={} if method == "POST" else None)).status_code == 401, path
 
 
@@ -52,7 +52,7 @@ async def test_a_canary_through_the_api(
     web: httpx.AsyncClient, settings: Settings, redis_server: EmbeddedRedis
 ) -> None:
     assert (await web.get("/admin/canary", headers=ADMIN)).json() == {"canary": None, "standings": None}
-    started = await web.post("/admin/canary", headers=ADMIN, json={"version": "v0004", "share": 0.5, "split": 1})
+    started = await web.post("/admin/canary/start", headers=ADMIN, json={"version": "v0004", "share": 0.5, "split": 1})
     assert started.status_code == 200, started.text
     canary = started.json()["canary"]
     assert (canary["version"], canary["current"], canary["share"], canary["split"]) == ("v0004", "v0001", 0.5, 1)
@@ -87,7 +87,7 @@ async def test_a_canary_through_the_api(
 async def test_refusals_say_what_to_fix(
     web: httpx.AsyncClient, body: dict[str, object], status: int, says: str
 ) -> None:
-    answer = await web.post("/admin/canary", headers=ADMIN, json=body)
+    answer = await web.post("/admin/canary/start", headers=ADMIN, json=body)
     assert answer.status_code == status, answer.text
     assert says in answer.text
     assert (await web.get("/admin/canary", headers=ADMIN)).json()["canary"] is None
@@ -101,5 +101,5 @@ async def test_no_canary_where_servers_answer_with_one_version(
     await redis.flushdb()
     app = create_app(settings.model_copy(update={"serve_adapters": False}), engine, redis, "v0001")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as web:
-        answer = await web.post("/admin/canary", headers=ADMIN, json={"version": "v0004"})
+        answer = await web.post("/admin/canary/start", headers=ADMIN, json={"version": "v0004"})
     assert answer.status_code == 409 and "RANKLOOP_SERVE_ADAPTERS=true" in answer.text

@@ -38,6 +38,7 @@ async def test_response_has_the_openai_shape_plus_policy_version(client: httpx.A
         "message": {"role": "assistant", "content": "answer 2: you said hello world"},
         "finish_reason": "stop",
         "logprobs": None,
+        "policy_version": None,  # each choice's writer, shown only where the operator turns versions on
     }
 
 
