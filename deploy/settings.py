@@ -333,6 +333,11 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value or None
 
+    @property
+    def adapters_served(self) -> bool:
+        """Whether servers answer with versions kept as adapters (and so can run a canary)."""
+        return self.serve_adapters and self.max_adapter_rank > 0
+
     @field_validator("max_adapter_rank")
     @classmethod
     def _adapter_rank(cls, value: int) -> int:

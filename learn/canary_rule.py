@@ -18,7 +18,7 @@ from feedback.standings import standings
 def begin(settings: Settings, registry: Registry, store: ModelStore, version: str, why: str) -> str | None:
     """Start `version`'s canary; None when started, else why not (servers do not serve adapters, another canary
     runs, or the two versions do not run on the same weights)."""
-    if not settings.serve_adapters:
+    if not settings.adapters_served:
         return NO_ADAPTERS
     try:
         Canaries(registry.redis).start(

@@ -31,7 +31,7 @@ def start(
     reason: Annotated[str, typer.Option(help="Why; kept in the events stream.")] = "",
 ) -> None:
     """Put VERSION's answers beside the current version's in a share of comparisons."""
-    if not settings_or_exit().serve_adapters:
+    if not settings_or_exit().adapters_served:
         raise fail(NO_ADAPTERS)
     registry, store = open_registry()
     try:

@@ -32,8 +32,9 @@ def _build_engine(settings: Settings, base: str, store: ModelStore) -> Engine:
 
         from serve.fake_engine import FakeEngine
 
-        adapters = settings.serve_adapters and settings.max_adapter_rank > 0
-        return FakeEngine(AutoTokenizer.from_pretrained(model_dir), settings.max_model_len, adapters=adapters)
+        return FakeEngine(
+            AutoTokenizer.from_pretrained(model_dir), settings.max_model_len, adapters=settings.adapters_served
+        )
     if settings.engine == "hf":
         from serve.hf_engine import HFEngine
 
@@ -99,8 +100,7 @@ async def _warm_up(engine: Engine) -> None:
 async def _serve(settings: Settings) -> None:
     store = ModelStore(settings.store_dir)
     version, epoch, why = _starting_version(settings, store)
-    adapters = settings.engine != "hf" and settings.serve_adapters and settings.max_adapter_rank > 0
-    base, adapter = serving_plan(store, version, adapters)
+    base, adapter = serving_plan(store, version, settings.engine != "hf" and settings.adapters_served)
     engine = _build_engine(settings, base, store)  # whether it serves adapters: the same settings
     if adapter is not None:
         await engine.add_adapter(adapter)

@@ -80,7 +80,7 @@ class StopBody(BaseModel):
 @router.post("/canary/start", dependencies=Changes)
 async def start_canary(body: CanaryBody, admin: AdminDep, request: Request) -> dict[str, Any]:
     """Put the candidate's answers beside the current version's in `share` of comparisons."""
-    if not _settings(request).serve_adapters:
+    if not _settings(request).adapters_served:
         raise ApiError(409, NO_ADAPTERS, code="no_adapters")
     canaries, who = Canaries(admin.registry.redis), who_asked(request, body.who)
     await registry_call(admin, sync_store, admin.registry, admin.store)  # versions the learner wrote since

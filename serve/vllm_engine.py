@@ -134,7 +134,7 @@ class VllmEngine:
 
 def lora_arguments(settings: Settings) -> dict[str, Any]:
     """vLLM's LoRA settings where versions are served as adapters; none otherwise (LoRA costs some throughput)."""
-    if not settings.serve_adapters or settings.max_adapter_rank == 0:
+    if not settings.adapters_served:
         return {}
     return {
         "enable_lora": True,

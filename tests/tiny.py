@@ -127,3 +127,22 @@ def tiny_teachable_folder(folder: Path, prompts: list[str], seed: int = 0) -> Pa
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def publish_adapter_version(store: ModelStore, version: str, base: str = "v0001", rank: int = 16) -> None:
+    """`version` as a round keeps an adapter version: `base`'s weights copied, a card naming it a rank-`rank` adapter
+    on `base`, and that adapter (zero: it answers as `base` does) in its folder."""
+    import shutil
+
+    import torch
+
+    from deploy.model_store import ADAPTER_FOLDER, Card
+    from learn.adapters import Adapter, save_adapter
+
+    def fill(folder: Path) -> None:
+        for file in store.path(base).iterdir():
+            shutil.copy(file, folder / file.name)
+        zero = Adapter({"model.layers.1.mlp.down_proj": (torch.zeros(rank, 128), torch.zeros(64, rank))})
+        save_adapter(zero, folder / ADAPTER_FOLDER, base)
+
+    store.publish(Card(version, base, "ppo", details={"adapter": {"base": base, "rank": rank}}), fill)

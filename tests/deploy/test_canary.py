@@ -1,18 +1,17 @@
 """The canary in the registry on a real Redis server: start and stop with their events, the refusals that say what
 to do, a rejected candidate that no promotion takes, and a change of the current version that ends the canary."""
 
-import shutil
 from pathlib import Path
 
 import pytest
 from redis import Redis
 
 from deploy.canary import Canaries, Canary
-from deploy.model_store import Card, ModelStore
+from deploy.model_store import ModelStore
 from deploy.promotion import promote, rollback, sync_store
 from deploy.redis_server import EmbeddedRedis
 from deploy.registry import Registry, RegistryError
-from tests.tiny import tiny_versions_store
+from tests.tiny import publish_adapter_version, tiny_versions_store
 
 
 @pytest.fixture
@@ -20,8 +19,7 @@ def store(tmp_path: Path) -> ModelStore:
     """v0001 current; v0002 and v0003 full-weight versions; v0004 and v0005 adapters on v0001."""
     store = tiny_versions_store(tmp_path)
     for version in ("v0004", "v0005"):
-        card = Card(version, "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 16}})
-        store.publish(card, lambda f: [shutil.copy(p, f / p.name) for p in store.path("v0001").iterdir()])
+        publish_adapter_version(store, version)
     return store
 
 

@@ -2,7 +2,6 @@
 being promoted, users who prefer it get it promoted, users who prefer the current version get it rejected, and
 nothing is decided before enough pairs."""
 
-import shutil
 import time
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from redis import Redis
 
 from deploy.canary import NO_ADAPTERS, Canaries
-from deploy.model_store import Card, ModelStore
+from deploy.model_store import ModelStore
 from deploy.promotion import sync_store
 from deploy.redis_server import EmbeddedRedis
 from deploy.registry import Registry
@@ -21,15 +20,14 @@ from learn.daemon import Learner
 from learn.rounds import PPOResult
 from tests.feedback.test_standings import CANDIDATE_FIRST, CURRENT_FIRST, ranking
 from tests.learn.test_gate import AGREES, ev
-from tests.tiny import tiny_versions_store
+from tests.tiny import publish_adapter_version, tiny_versions_store
 
 
 @pytest.fixture
 def settings(tmp_path: Path, redis_server: EmbeddedRedis) -> Settings:
     """v0001 current; v0002 full weights; v0004 an adapter on v0001."""
     store = tiny_versions_store(tmp_path)
-    card = Card("v0004", "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 16}})
-    store.publish(card, lambda f: [shutil.copy(p, f / p.name) for p in store.path("v0001").iterdir()])
+    publish_adapter_version(store, "v0004")
     return load_settings(
         data_dir=tmp_path,
         redis_url=redis_server.url,

@@ -1,24 +1,21 @@
 """An in-process server replica over the fake engine with its registry follower, for the swap tests."""
 
 import asyncio
-import shutil
 from pathlib import Path
 from typing import Any
 
 import httpx
-import torch
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from deploy.model_store import ADAPTER_FOLDER, Card, ModelStore
+from deploy.model_store import ModelStore
 from deploy.registry import Registry
 from deploy.settings import load_settings
-from learn.adapters import Adapter, save_adapter
 from serve.app import create_app
 from serve.fake_engine import FakeEngine
 from serve.follower import RegistryFollower
 from serve.swap import ServedVersion
-from tests.tiny import tiny_versions_store
+from tests.tiny import publish_adapter_version, tiny_versions_store
 
 ADAPTERS = ("v0004", "v0005")
 ASK = {"messages": [{"role": "user", "content": "hello world"}], "max_tokens": 32, "n": 2}
@@ -60,18 +57,7 @@ def adapters_store(tmp_path: Path) -> ModelStore:
     """v0001 current, v0002 and v0003 full weights, v0004 and v0005 adapters on v0001."""
     store = tiny_versions_store(tmp_path)
     for version in ADAPTERS:
-        card = Card(version, "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 4}})
-
-        def fill(folder: Path) -> None:
-            for file in store.path("v0001").iterdir():
-                shutil.copy(file, folder / file.name)
-            save_adapter(
-                Adapter({"model.layers.1.mlp.down_proj": (torch.zeros(4, 128), torch.zeros(64, 4))}),
-                folder / ADAPTER_FOLDER,
-                "v0001",
-            )
-
-        store.publish(card, fill)
+        publish_adapter_version(store, version, rank=4)
     return store
 
 

@@ -3,7 +3,6 @@ leaderboard of users' rankings, stop with a rejection; refusals and bad bodies a
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +12,6 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from deploy.model_store import Card
 from deploy.redis_server import EmbeddedRedis
 from deploy.registry import Registry
 from deploy.settings import Settings, load_settings
@@ -21,7 +19,7 @@ from feedback.dataset import Dataset
 from serve.app import create_app
 from serve.fake_engine import FakeEngine
 from tests.feedback.test_standings import CANDIDATE_FIRST, CURRENT_FIRST, ranking
-from tests.tiny import tiny_versions_store
+from tests.tiny import publish_adapter_version, tiny_versions_store
 
 TOKEN = "canary-admin-token-0123"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -30,8 +28,7 @@ ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture
 def settings(tmp_path: Path, redis_server: EmbeddedRedis) -> Settings:
     store = tiny_versions_store(tmp_path)  # v0001 current, v0002 and v0003 full weights
-    card = Card("v0004", "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 16}})
-    store.publish(card, lambda f: [shutil.copy(p, f / p.name) for p in store.path("v0001").iterdir()])
+    publish_adapter_version(store, "v0004")
     return load_settings(data_dir=tmp_path, redis_url=redis_server.url, admin_token=TOKEN, serve_adapters=True)
 
 
