@@ -1,0 +1,161 @@
+"""serve.lora_kernels: LoRA products grouped by adapter give vLLM's CPU ops' results (where those are right), add
+nothing to rows without an adapter (index -1), and are what vLLM's CPU wrapper calls once the plugin is loaded."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+from serve import lora_kernels
+
+vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops")
+
+
+def test_shrink_by_hand() -> None:
+    # Two adapter slots of rank 1 on 2 inputs: A0 = [1, 2], A1 = [3, -1]; rows use slots 1, -1 (none), 0.
+    a = torch.tensor([[[1.0, 2.0]], [[3.0, -1.0]]])
+    x = torch.tensor([[1.0, 1.0], [5.0, 5.0], [2.0, 0.5]])
+    out = torch.full((3, 2), 7.0)  # column 1 lies past the rank: untouched
+    lora_kernels.bgmv_shrink(x, a, out, torch.tensor([1, -1, 0]), scaling=0.5)
+    # row 0: 0.5 * (3*1 - 1*1) = 1; row 1: no adapter, 0; row 2: 0.5 * (1*2 + 2*0.5) = 1.5
+    assert out.tolist() == [[1.0, 7.0], [0.0, 7.0], [1.5, 7.0]]
+
+
+def test_expand_slice_by_hand() -> None:
+    # Rank 1 into output columns 1..2: B0 = [[1], [2]], B1 = [[-1], [4]]; rows use slots 0, 1, -1.
+    b = torch.tensor([[[1.0], [2.0]], [[-1.0], [4.0]]])
+    x = torch.tensor([[2.0], [3.0], [9.0]])
+    out = torch.ones(3, 4)
+    lora_kernels.bgmv_expand_slice(x, b, out, torch.tensor([0, 1, -1]), slice_offset=1, slice_size=2)
+    assert out.tolist() == [[1.0, 3.0, 5.0, 1.0], [1.0, -2.0, 13.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+    lora_kernels.bgmv_expand_slice(x, b, out, torch.tensor([0, 1, -1]), 1, 2, add_inputs=False)
+    assert out.tolist() == [[1.0, 2.0, 4.0, 1.0], [1.0, -3.0, 12.0, 1.0], [1.0, 0.0, 0.0, 1.0]]
+
+
+def weights(slots: int, rows: int, cols: int, four_d: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    w = torch.randn(slots, rows, cols, dtype=dtype)
+    return w.unsqueeze(1) if four_d else w
+
+
+@pytest.mark.parametrize("four_d", [False, True])
+@pytest.mark.parametrize("indices", [[0, 0, 0, 0, 0], [1, 0, 1, 1, 0], [2, 2, 0, 1, 2]])
+def test_as_vllms_ops_wherever_every_row_has_an_adapter(indices: list[int], four_d: bool) -> None:
+    torch.manual_seed(0)
+    index = torch.tensor(indices)
+    x = torch.randn(len(indices), 12)
+    a, b = weights(3, 4, 12, four_d), weights(3, 10, 4, four_d)
+    shrunk, expected = torch.zeros(len(indices), 4), torch.zeros(len(indices), 4)
+    lora_kernels.bgmv_shrink(x, a, shrunk, index, 0.5)
+    vllm_ops.bgmv_shrink(x, a, expected, index, 0.5)
+    torch.testing.assert_close(shrunk, expected)
+    start = torch.randn(len(indices), 16)
+    for add in (True, False):
+        ours, theirs = start.clone(), start.clone()
+        lora_kernels.bgmv_expand_slice(shrunk, b, ours, index, 3, 10, add)
+        vllm_ops.bgmv_expand_slice(shrunk, b, theirs, index, 3, 10, add)
+        torch.testing.assert_close(ours, theirs)
+        ours, theirs = start.clone(), start.clone()
+        lora_kernels.bgmv_expand(shrunk, b, ours, index, add)
+        vllm_ops.bgmv_expand(shrunk, b, theirs, index, add)
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_bf16_outputs_round_the_fp32_product_once() -> None:
+    # vLLM's layers hand over bf16 inputs, weights and outputs; the product runs in fp32 and rounds once.
+    torch.manual_seed(2)
+    index = torch.tensor([0, 1, 1, 0])
+    y = torch.randn(4, 8)
+    b = weights(2, 32, 8, True, torch.bfloat16)
+    start = torch.randn(4, 32, dtype=torch.bfloat16)
+    ours = start.clone()
+    lora_kernels.bgmv_expand(y, b, ours, index, add_inputs=True)
+    exact = start.float() + torch.einsum("ti,toi->to", y, b[index, 0].float())
+    torch.testing.assert_close(ours, exact.to(torch.bfloat16), rtol=1.6e-2, atol=1e-2)
+
+
+def test_an_adapter_of_lower_rank_than_the_slots_is_multiplied_at_its_own() -> None:
+    # Slot 0 holds a rank-2 adapter padded with zeros to rank 4 (as vLLM pads to max_lora_rank): same result, and
+    # a new adapter written into the slot in place (as vLLM loads one) is seen.
+    torch.manual_seed(3)
+    a = torch.zeros(2, 1, 4, 6)
+    a[0, 0, :2] = torch.randn(2, 6)
+    x = torch.randn(3, 6)
+    out = torch.full((3, 4), 9.0)
+    lora_kernels.bgmv_shrink(x, a, out, torch.tensor([0, 0, 0]), 2.0)
+    torch.testing.assert_close(out, 2.0 * x @ a[0, 0].T)
+    a[0, 0, 2] = 1.0  # rank 3 now
+    lora_kernels.bgmv_shrink(x, a, out, torch.tensor([0, 0, 0]), 2.0)
+    torch.testing.assert_close(out, 2.0 * x @ a[0, 0].T)
+    assert out[:, 2].abs().sum() > 0 and out[:, 3].abs().sum() == 0
+
+
+def test_prefill_gives_each_sequence_its_adapter() -> None:
+    # Sequences of 2, 3 and 1 tokens on slots 1, -1, 0: as the per-token call with [1, 1, -1, -1, -1, 0].
+    torch.manual_seed(1)
+    x, a = torch.randn(6, 8), torch.randn(2, 3, 8)
+    lengths, per_sequence = torch.tensor([2, 3, 1]), torch.tensor([1, -1, 0])
+    ours, per_token = torch.zeros(6, 3), torch.zeros(6, 3)
+    lora_kernels.sgmv_shrink(x, a, ours, torch.tensor([0, 2, 5]), lengths, per_sequence, 3, 3, 6, 1.0)
+    lora_kernels.bgmv_shrink(x, a, per_token, torch.tensor([1, 1, -1, -1, -1, 0]), 1.0)
+    torch.testing.assert_close(ours, per_token)
+    assert ours[2:5].abs().sum() == 0  # the sequence without an adapter
+    torch.testing.assert_close(ours[:2], x[:2] @ a[1].T)
+
+
+def test_vllms_cpu_ops_add_the_last_slots_adapter_to_rows_without_one() -> None:
+    # Why these ops exist beside speed: index -1 wraps round to the last slot in vLLM's CPU ops.
+    a = torch.tensor([[[1.0]], [[2.0]]])
+    x = torch.tensor([[3.0]])
+    theirs, ours = torch.zeros(1, 1), torch.zeros(1, 1)
+    vllm_ops.bgmv_shrink(x, a, theirs, torch.tensor([-1]), 1.0)
+    lora_kernels.bgmv_shrink(x, a, ours, torch.tensor([-1]), 1.0)
+    assert (theirs.item(), ours.item()) == (6.0, 0.0)
+
+
+def test_the_plugin_is_registered_and_replaces_the_cpu_wrappers_ops() -> None:
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("rankloop_lora_kernels") == "serve.lora_kernels:register"
+    original = {name: getattr(punica_cpu, name) for name in lora_kernels.OPS}
+    update = punica_cpu.PunicaWrapperCPU.update_metadata
+    try:
+        lora_kernels.register()
+        wrapped = punica_cpu.PunicaWrapperCPU.update_metadata
+        lora_kernels.register()  # vLLM may load a plugin more than once: wrapped once
+        assert punica_cpu.PunicaWrapperCPU.update_metadata is wrapped is not update
+        assert all(getattr(punica_cpu, name) is getattr(lora_kernels, name) for name in lora_kernels.OPS)
+    finally:
+        for name, op in original.items():
+            setattr(punica_cpu, name, op)
+        setattr(punica_cpu.PunicaWrapperCPU, "update_metadata", update)  # noqa: B010
+
+
+def test_a_slots_matrices_are_kept_while_it_holds_the_same_adapter() -> None:
+    a = torch.tensor([[[1.0]], [[2.0]]])
+    x, out, index = torch.tensor([[1.0]]), torch.zeros(1, 1), torch.tensor([1])
+    try:
+        lora_kernels.note_slots([7, 8])
+        lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
+        a[1, 0, 0] = 5.0  # written without a word to the wrapper: the kept matrix of adapter 8 is used
+        lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
+        assert out.item() == 2.0
+        lora_kernels.note_slots([7, 9])  # vLLM loaded adapter 9 into slot 1
+        lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
+        assert out.item() == 5.0
+    finally:
+        lora_kernels.note_slots([])
+
+
+def test_indices_rewritten_in_place_are_read_afresh() -> None:
+    # vLLM refills one index buffer each step; what was worked out for the last step must not be reused.
+    a = torch.tensor([[[1.0]], [[2.0]]])
+    x = torch.tensor([[1.0], [1.0]])
+    index, out = torch.tensor([0, 0]), torch.zeros(2, 1)
+    lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
+    assert out.flatten().tolist() == [1.0, 1.0]
+    index.copy_(torch.tensor([1, -1]))
+    lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
+    assert out.flatten().tolist() == [2.0, 0.0]
