@@ -1,16 +1,17 @@
 """LoRA products for vLLM's CPU backend, grouped by adapter: registered as a vLLM plugin (entry point group
-`vllm.general_plugins`, loaded in each of vLLM's processes), they replace the PyTorch ops its CPU LoRA wrapper calls.
+`vllm.general_plugins`, loaded in each of vLLM's processes), they replace what its CPU LoRA wrapper calls.
 
 vLLM's own CPU ops gather every token's adapter matrices (`weights[indices]`: a tokens x out x rank tensor per
 layer and step) and contract them with einsum: with them, SmolLM2 served as an adapter had not finished the
 MT-bench workload after five minutes where merged weights took under one (bench/adapter_serving.py). Here the
-tokens of each adapter take one matrix product with that adapter's weights, as the merged model's layers do. Index -1 means "no adapter" (vLLM's
-convention): those rows get nothing added, where vLLM's CPU ops wrap -1 round to the last adapter slot and would
-add that adapter to a base version's answers whenever two adapters are loaded.
+tokens of each adapter take one matrix product with that adapter's weights, and a linear layer's slices (q, k, v)
+share one pair of products. Index -1 means "no adapter" (vLLM's convention): those rows get nothing added, where
+vLLM's CPU ops wrap -1 round to the last adapter slot and would add that adapter to a base version's answers
+whenever two adapters are loaded.
 
-The functions keep vLLM's signatures (vllm.lora.ops.torch_ops) and its conventions: weights are (slots, [1,]
-out, in), padded with zeros to vLLM's max_lora_rank; `sgmv_*` (prefill) give each sequence's index to its tokens.
-Products run in fp32 at each adapter's own rank (the padding cut off) and round once into the output's dtype.
+The ops keep vLLM's signatures (vllm.lora.ops.torch_ops) and its conventions: weights are (slots, [1,] out, in),
+padded with zeros to vLLM's max_lora_rank; `sgmv_*` (prefill) give each sequence's index to its tokens. Products
+run in fp32 at each adapter's own rank (the padding cut off) and round once into the output's dtype.
 """
 
 from __future__ import annotations
@@ -201,6 +202,69 @@ def sgmv_expand_slice(
     bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
 
 
+def add_lora_linear(
+    self: Any,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: tuple[torch.Tensor, ...],
+    lora_b_stacked: tuple[torch.Tensor, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    **kwargs: Any,
+) -> None:
+    """vLLM's PunicaWrapperCPU.add_lora_linear in two products per adapter, whatever the layer's slices:
+    y[:, slices] += (x @ [A_1 .. A_n]) @ blockdiag(B_1 .. B_n) * scale. vLLM's runs a shrink and an expand per slice
+    (six for a fused q/k/v projection), and on a small model each call's fixed cost is much of the layer's time."""
+    if self.is_prefill:
+        if self.no_lora:  # vLLM's shortcut: one sequence, no adapter
+            return
+        _, lengths, per_sequence, *_ = self.prefill_metadata
+        indices = per_token(per_sequence, lengths)
+    else:
+        indices = self.token_lora_indices
+    inputs = x.view(-1, x.shape[-1])
+    output = y.view(-1, y.shape[-1])[:, : sum(output_slices)]
+    for slot, rows in groups(indices):
+        a, b = stacked(lora_a_stacked, lora_b_stacked, output_slices, slot, scale)
+        if a.shape[1]:
+            delta = (inputs[rows].float() @ a) @ b
+            if isinstance(rows, slice):
+                output.add_(delta)
+            else:
+                output[rows] += delta.to(output.dtype)
+
+
+def stacked(
+    a_slices: tuple[torch.Tensor, ...],
+    b_slices: tuple[torch.Tensor, ...],
+    widths: tuple[int, ...],
+    slot: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot `slot`'s adapters of a layer's slices as one (in, R) matrix, `scale` folded in, and one block-diagonal
+    (R, sum of widths) matrix, each slice at its adapter's own rank; kept while the slot holds the same adapter."""
+    owner = _slots[slot] if _slots is not None and slot < len(_slots) else None
+    key = (tuple(t.data_ptr() for t in (*a_slices, *b_slices)), widths, slot, scale, owner)
+    found = _stacked.get(key) if owner is not None else None
+    if found is None:
+        pairs = [(matrix(a, slot, -2), matrix(b, slot, -1)) for a, b in zip(a_slices, b_slices, strict=True)]
+        ranks = [min(a.shape[1], b.shape[0]) for a, b in pairs]  # past either's rank a term is 0
+        a_all = torch.cat([a[:, :r] for (a, _), r in zip(pairs, ranks, strict=True)], dim=1) * scale
+        b_all = torch.zeros(sum(ranks), sum(widths))
+        row = col = 0
+        for (_, b), r, width in zip(pairs, ranks, widths, strict=True):
+            b_all[row : row + r, col : col + width] = b[:r, :width]
+            row, col = row + r, col + width
+        found = (a_all, b_all)
+        if owner is not None:
+            if len(_stacked) >= CACHED:
+                _stacked.clear()
+            _stacked[key] = found
+    return found
+
+
+_stacked: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
 OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 
 
@@ -217,6 +281,7 @@ def register() -> None:
         return
     for name in OPS:
         setattr(punica_cpu, name, globals()[name])
+    setattr(wrapper, "add_lora_linear", add_lora_linear)  # noqa: B010 (mypy: a method assigned)
     update = wrapper.update_metadata
 
     def update_metadata(self: Any, mapping: Any, lora_index_to_id: list[int | None], *args: Any, **kw: Any) -> None:

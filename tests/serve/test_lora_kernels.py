@@ -4,6 +4,7 @@ nothing to rows without an adapter (index -1), and are what vLLM's CPU wrapper c
 from __future__ import annotations
 
 from importlib.metadata import entry_points
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,17 +121,19 @@ def test_the_plugin_is_registered_and_replaces_the_cpu_wrappers_ops() -> None:
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert plugins.get("rankloop_lora_kernels") == "serve.lora_kernels:register"
     original = {name: getattr(punica_cpu, name) for name in lora_kernels.OPS}
-    update = punica_cpu.PunicaWrapperCPU.update_metadata
+    update, linear = punica_cpu.PunicaWrapperCPU.update_metadata, punica_cpu.PunicaWrapperCPU.add_lora_linear
     try:
         lora_kernels.register()
         wrapped = punica_cpu.PunicaWrapperCPU.update_metadata
         lora_kernels.register()  # vLLM may load a plugin more than once: wrapped once
         assert punica_cpu.PunicaWrapperCPU.update_metadata is wrapped is not update
         assert all(getattr(punica_cpu, name) is getattr(lora_kernels, name) for name in lora_kernels.OPS)
+        assert punica_cpu.PunicaWrapperCPU.add_lora_linear is lora_kernels.add_lora_linear
     finally:
         for name, op in original.items():
             setattr(punica_cpu, name, op)
         setattr(punica_cpu.PunicaWrapperCPU, "update_metadata", update)  # noqa: B010
+        setattr(punica_cpu.PunicaWrapperCPU, "add_lora_linear", linear)  # noqa: B010
 
 
 def test_a_slots_matrices_are_kept_while_it_holds_the_same_adapter() -> None:
@@ -159,3 +162,49 @@ def test_indices_rewritten_in_place_are_read_afresh() -> None:
     index.copy_(torch.tensor([1, -1]))
     lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
     assert out.flatten().tolist() == [2.0, 0.0]
+
+
+def linear_layer(seed: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """A q/k/v-like layer of three slices (widths 6, 2, 2) on 8 inputs, two adapter slots padded to rank 4; slot
+    0 holds rank-2 adapters (zeros past it), slot 1 rank-4."""
+    torch.manual_seed(seed)
+    a = tuple(torch.randn(2, 1, 4, 8) for _ in range(3))
+    b = tuple(torch.randn(2, 1, width, 4) for width in (6, 2, 2))
+    for t in a:
+        t[0, 0, 2:] = 0
+    for t in b:
+        t[0, 0, :, 2:] = 0
+    return torch.randn(5, 8), a, b
+
+
+def by_hand(
+    x: torch.Tensor, a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], slots: list[int]
+) -> torch.Tensor:
+    rows = []
+    for token, slot in zip(x, slots, strict=True):
+        if slot < 0:
+            rows.append(torch.zeros(10))
+        else:
+            rows.append(torch.cat([0.5 * (token @ ai[slot, 0].T) @ bi[slot, 0].T for ai, bi in zip(a, b, strict=True)]))
+    return torch.stack(rows)
+
+
+def test_a_layers_slices_share_one_pair_of_products() -> None:
+    x, a, b = linear_layer(4)
+    slots = [1, 0, -1, 1, 0]
+    wrapper = SimpleNamespace(is_prefill=False, token_lora_indices=torch.tensor(slots))
+    y = torch.ones(5, 12)  # two columns past the layer's slices: untouched
+    lora_kernels.add_lora_linear(wrapper, y, x, a, b, 0.5, (6, 2, 2))
+    torch.testing.assert_close(y[:, :10], 1.0 + by_hand(x, a, b, slots))
+    assert (y[:, 10:] == 1.0).all()
+
+
+def test_prefill_slices_take_each_sequences_adapter() -> None:
+    x, a, b = linear_layer(5)
+    lengths, per_sequence = torch.tensor([3, 2]), torch.tensor([-1, 0])
+    wrapper = SimpleNamespace(
+        is_prefill=True, no_lora=False, prefill_metadata=(torch.tensor([0, 3]), lengths, per_sequence, 2, 3, 5)
+    )
+    y = torch.zeros(5, 10)
+    lora_kernels.add_lora_linear(wrapper, y, x, a, b, 0.5, (6, 2, 2))
+    torch.testing.assert_close(y, by_hand(x, a, b, [-1, -1, -1, 0, 0]))
