@@ -189,8 +189,8 @@ class Settings(BaseSettings):
         False,
         description="Serve a version kept as an adapter (MAX_ADAPTER_RANK) as that adapter on its base's weights: "
         "switching between versions of one base is then instant, with no drain, and a canary can run. false: "
-        "merged weights, a reload each time (off by default until vLLM's LoRA serving is measured on this "
-        "project's workloads).",
+        "merged weights, a reload each time (the default: on 2 CPU cores adapters cost 30-45% of serving "
+        "throughput, BENCHMARKS.md).",
     )
     max_adapter_rank: int = Field(
         64,
