@@ -6,8 +6,8 @@ layer and step) and contract them with einsum: with them, SmolLM2 served as an a
 MT-bench workload after five minutes where merged weights took under one (bench/adapter_serving.py). Here the
 tokens of each adapter take one matrix product with that adapter's weights, and a linear layer's slices (q, k, v)
 share one pair of products. Index -1 means "no adapter" (vLLM's convention): those rows get nothing added, where
-vLLM's CPU ops wrap -1 round to the last adapter slot and would add that adapter to a base version's answers
-whenever two adapters are loaded.
+vLLM's CPU ops wrap -1 round to the last adapter slot and add whatever it holds (an adapter loaded there, or one
+it held before: a freed slot keeps its weights) to a base version's answers.
 
 The ops keep vLLM's signatures (vllm.lora.ops.torch_ops) and its conventions: weights are (slots, [1,] out, in),
 padded with zeros to vLLM's max_lora_rank; `sgmv_*` (prefill) give each sequence's index to its tokens. Products
@@ -17,6 +17,7 @@ run in fp32 at each adapter's own rank (the padding cut off) and round once into
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,7 +25,6 @@ import torch
 log = logging.getLogger(__name__)
 
 NO_ADAPTER = -1
-CACHED = 8192  # trimmed matrices kept (a few per LoRA layer and slot); the cache starts afresh past it
 
 
 def groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | slice]]:
@@ -49,36 +49,32 @@ def _groups(indices: torch.Tensor) -> list[tuple[int, torch.Tensor | slice]]:
 
 
 _last_groups: dict[str, Any] = {}
+# Products' matrices, kept until vLLM writes another adapter into a slot (`adapters_changed`).
 _trimmed: dict[tuple[object, ...], torch.Tensor] = {}
-# The adapter id in each of vLLM's slots, as its LoRA wrapper was last told (update_metadata, wrapped by
-# `register`); None until then, and then nothing is cached: a slot's weights are known only by its adapter's id.
-_slots: list[int | None] | None = None
+_stacked: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def note_slots(lora_index_to_id: list[int | None]) -> None:
-    """Record which adapter each slot holds; vLLM writes an adapter's weights into its slot before it says so."""
-    global _slots
-    _slots = list(lora_index_to_id)
+def adapters_changed() -> None:
+    """Forget every kept matrix: vLLM has written an adapter into a slot (`register` calls this after each of its
+    LoRA manager's activations; a direct caller that writes into the weights calls it too)."""
+    _trimmed.clear()
+    _stacked.clear()
+    _last_groups.clear()
 
 
 def matrix(weights: torch.Tensor, slot: int, trim: int) -> torch.Tensor:
     """Slot `slot` of `weights` ((slots, [1,] out, in)) transposed to (in, out) in fp32, without the zero rows
     (trim=-2: A, padded to vLLM's max_lora_rank) or zero columns (trim=-1: B) that pad an adapter of lower rank:
-    an exact product at the adapter's own rank. Kept while the slot holds the same adapter."""
-    owner = _slots[slot] if _slots is not None and slot < len(_slots) else None
-    key = (weights.data_ptr(), tuple(weights.shape), weights.dtype, slot, trim, owner)
-    found = _trimmed.get(key) if owner is not None else None
+    an exact product at the adapter's own rank. Kept until `adapters_changed`."""
+    key = (weights.data_ptr(), tuple(weights.shape), tuple(weights.stride()), weights.dtype, slot, trim)
+    found = _trimmed.get(key)
     if found is None:
         m = weights[slot]
         m = (m.squeeze(0) if m.dim() == 3 else m).to(torch.float32, copy=True)
         used = m.abs().amax(dim=0 if trim == -1 else 1)  # per rank: B's columns, A's rows
         nonzero = used.nonzero()
         rank = int(nonzero[-1]) + 1 if nonzero.numel() else 0
-        found = (m[:, :rank] if trim == -1 else m[:rank]).T.contiguous()
-        if owner is not None:
-            if len(_trimmed) >= CACHED:
-                _trimmed.clear()
-            _trimmed[key] = found
+        found = _trimmed[key] = (m[:, :rank] if trim == -1 else m[:rank]).T.contiguous()
     return found
 
 
@@ -105,17 +101,20 @@ def bgmv_expand(
     lora_indices_tensor: torch.Tensor,
     add_inputs: bool = True,
 ) -> None:
-    """output[:, :out] (+)= inputs @ B.T, each row with its own adapter's B. As vLLM's op: one input row against
-    several output rows writes the first output row only, and the shorter of the two widths counts."""
-    rows_out = 1 if inputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
+    """output[:, :out] (+)= inputs @ B.T, each row with its own adapter's B, over the narrower of the two widths.
+    As vLLM's op, one input row against several output rows goes to every one of them."""
     width = min(lora_b_weights.shape[-2], output_tensor.shape[1])
-    _expand(
-        inputs[:rows_out],
-        lora_b_weights[..., :width, :],
-        output_tensor[:rows_out, :width],
-        lora_indices_tensor[:rows_out],
-        add_inputs,
-    )
+    weights, output = lora_b_weights[..., :width, :], output_tensor[:, :width]
+    if inputs.shape[0] == 1 and output.shape[0] != 1:
+        row = torch.zeros(1, width, dtype=torch.float32)
+        _expand(inputs, weights, row, lora_indices_tensor[:1], add=True)
+        if add_inputs:
+            output.add_(row)
+        else:
+            output.copy_(row.expand_as(output))
+        return
+    rows = output.shape[0]
+    _expand(inputs[:rows], weights, output, lora_indices_tensor[:rows], add_inputs)
 
 
 def bgmv_expand_slice(
@@ -140,11 +139,15 @@ def _expand(
     for slot, rows in groups(indices):
         b = matrix(weights, slot, -1)  # (rank, out)
         if b.shape[0]:
-            delta = inputs[rows, : b.shape[0]].float() @ b
-            if isinstance(rows, slice):
-                output.add_(delta)
-            else:
-                output[rows] += delta.to(output.dtype)
+            _add(output, rows, inputs[rows, : b.shape[0]].float() @ b)
+
+
+def _add(output: torch.Tensor, rows: torch.Tensor | slice, delta: torch.Tensor) -> None:
+    """output[rows] += delta (fp32), rounded once into the output's dtype, whichever rows."""
+    if isinstance(rows, slice):
+        output.add_(delta)
+    else:
+        output[rows] = (output[rows].float() + delta).to(output.dtype)
 
 
 def per_token(lora_indices_tensor: torch.Tensor, seq_len_tensor: torch.Tensor) -> torch.Tensor:
@@ -224,14 +227,12 @@ def add_lora_linear(
         indices = self.token_lora_indices
     inputs = x.view(-1, x.shape[-1])
     output = y.view(-1, y.shape[-1])[:, : sum(output_slices)]
+    if not kwargs.get("add_inputs", True):  # vLLM's GPU path asks for the product alone; kept for parity
+        output.zero_()
     for slot, rows in groups(indices):
         a, b = stacked(lora_a_stacked, lora_b_stacked, output_slices, slot, scale)
         if a.shape[1]:
-            delta = (inputs[rows].float() @ a) @ b
-            if isinstance(rows, slice):
-                output.add_(delta)
-            else:
-                output[rows] += delta.to(output.dtype)
+            _add(output, rows, (inputs[rows].float() @ a) @ b)
 
 
 def stacked(
@@ -242,52 +243,52 @@ def stacked(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Slot `slot`'s adapters of a layer's slices as one (in, R) matrix, `scale` folded in, and one block-diagonal
-    (R, sum of widths) matrix, each slice at its adapter's own rank; kept while the slot holds the same adapter."""
-    owner = _slots[slot] if _slots is not None and slot < len(_slots) else None
-    key = (tuple(t.data_ptr() for t in (*a_slices, *b_slices)), widths, slot, scale, owner)
-    found = _stacked.get(key) if owner is not None else None
+    (R, sum of widths) matrix, each slice at its adapter's own rank; kept until `adapters_changed`."""
+    key = (tuple(t.data_ptr() for t in (*a_slices, *b_slices)), widths, slot, scale)
+    found = _stacked.get(key)
     if found is None:
         pairs = [(matrix(a, slot, -2), matrix(b, slot, -1)) for a, b in zip(a_slices, b_slices, strict=True)]
         ranks = [min(a.shape[1], b.shape[0]) for a, b in pairs]  # past either's rank a term is 0
         a_all = torch.cat([a[:, :r] for (a, _), r in zip(pairs, ranks, strict=True)], dim=1) * scale
-        b_all = torch.zeros(sum(ranks), sum(widths))
+        b_all = torch.zeros(sum(ranks), sum(widths), dtype=torch.float32)
         row = col = 0
         for (_, b), r, width in zip(pairs, ranks, widths, strict=True):
             b_all[row : row + r, col : col + width] = b[:r, :width]
             row, col = row + r, col + width
-        found = (a_all, b_all)
-        if owner is not None:
-            if len(_stacked) >= CACHED:
-                _stacked.clear()
-            _stacked[key] = found
+        found = _stacked[key] = (a_all, b_all)
     return found
 
-
-_stacked: dict[tuple[object, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
 
 
 def register() -> None:
-    """vLLM's plugin hook: point its CPU LoRA wrapper at these ops (it imported vLLM's by name), and have it say
-    which adapter each slot holds. Safe to run more than once, and where vLLM runs on a GPU (its GPU wrapper never
-    calls these)."""
+    """vLLM's plugin hook: point its CPU LoRA wrapper at these ops (it imported vLLM's by name) and at the fused
+    linear product, and have its LoRA manager say when it writes an adapter into a slot. Safe to run more than
+    once, and where vLLM runs on a GPU (its GPU wrapper never calls these)."""
     try:
+        from vllm.lora import model_manager
         from vllm.lora.punica_wrapper import punica_cpu
-    except ImportError:  # a vLLM without the CPU wrapper: nothing to replace
+    except ImportError:  # a vLLM without LoRA on CPU: nothing to replace
         return
-    wrapper = punica_cpu.PunicaWrapperCPU
-    if getattr(wrapper.update_metadata, "notes_slots", False):
+    manager = model_manager.LoRAModelManager
+    if getattr(manager.activate_adapter, "tells_kernels", False):
         return
     for name in OPS:
         setattr(punica_cpu, name, globals()[name])
-    setattr(wrapper, "add_lora_linear", add_lora_linear)  # noqa: B010 (mypy: a method assigned)
-    update = wrapper.update_metadata
-
-    def update_metadata(self: Any, mapping: Any, lora_index_to_id: list[int | None], *args: Any, **kw: Any) -> None:
-        update(self, mapping, lora_index_to_id, *args, **kw)
-        note_slots(lora_index_to_id)
-
-    update_metadata.notes_slots = True  # type: ignore[attr-defined]
-    setattr(wrapper, "update_metadata", update_metadata)  # noqa: B010 (mypy: a method assigned)
+    setattr(punica_cpu.PunicaWrapperCPU, "add_lora_linear", add_lora_linear)  # noqa: B010 (mypy: a method)
+    setattr(manager, "activate_adapter", telling(manager.activate_adapter))  # noqa: B010
     log.info("vLLM's CPU LoRA products grouped by adapter (serve.lora_kernels)")
+
+
+def telling(activate: Callable[..., bool]) -> Callable[..., bool]:
+    """`activate` (LoRAModelManager.activate_adapter), followed by `adapters_changed` when it wrote a slot."""
+
+    def activate_adapter(self: Any, *args: Any, **kwargs: Any) -> bool:
+        written = activate(self, *args, **kwargs)
+        if written:
+            adapters_changed()
+        return written
+
+    activate_adapter.tells_kernels = True  # type: ignore[attr-defined]
+    return activate_adapter

@@ -3,6 +3,7 @@ nothing to rows without an adapter (index -1), and are what vLLM's CPU wrapper c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from types import SimpleNamespace
 
@@ -12,6 +13,14 @@ import torch
 from serve import lora_kernels
 
 vllm_ops = pytest.importorskip("vllm.lora.ops.torch_ops")
+
+
+@pytest.fixture(autouse=True)
+def fresh() -> Iterator[None]:
+    """Each test starts with nothing kept (the ops keep matrices between calls, as between a step's layers)."""
+    lora_kernels.adapters_changed()
+    yield
+    lora_kernels.adapters_changed()
 
 
 def test_shrink_by_hand() -> None:
@@ -63,22 +72,20 @@ def test_as_vllms_ops_wherever_every_row_has_an_adapter(indices: list[int], four
         torch.testing.assert_close(ours, theirs)
 
 
-def test_bf16_outputs_round_the_fp32_product_once() -> None:
-    # vLLM's layers hand over bf16 inputs, weights and outputs; the product runs in fp32 and rounds once.
-    torch.manual_seed(2)
-    index = torch.tensor([0, 1, 1, 0])
-    y = torch.randn(4, 8)
-    b = weights(2, 32, 8, True, torch.bfloat16)
-    start = torch.randn(4, 32, dtype=torch.bfloat16)
-    ours = start.clone()
-    lora_kernels.bgmv_expand(y, b, ours, index, add_inputs=True)
-    exact = start.float() + torch.einsum("ti,toi->to", y, b[index, 0].float())
-    torch.testing.assert_close(ours, exact.to(torch.bfloat16), rtol=1.6e-2, atol=1e-2)
+@pytest.mark.parametrize("index", [[0], [0, 1]])  # one adapter (the whole batch) and two (rows gathered)
+def test_bf16_outputs_take_the_fp32_sum_rounded_once(index: list[int]) -> None:
+    # 1 + (1 + 2^-9) * 2^-8 = 1 + 2^-8 + 2^-17: just past half a bf16 step (2^-7) above 1, so it rounds up to
+    # 1 + 2^-7. Rounding the product to bf16 first (2^-8) would leave an exact tie, which rounds to 1.
+    y = torch.full((len(index), 1), 1.0 + 2.0**-9)
+    b = torch.full((2, 1, 1, 1), 2.0**-8, dtype=torch.bfloat16)
+    out = torch.ones(len(index), 1, dtype=torch.bfloat16)
+    lora_kernels.bgmv_expand(y, b, out, torch.tensor(index), add_inputs=True)
+    assert out.float().flatten().tolist() == [1.0 + 2.0**-7] * len(index)
 
 
 def test_an_adapter_of_lower_rank_than_the_slots_is_multiplied_at_its_own() -> None:
-    # Slot 0 holds a rank-2 adapter padded with zeros to rank 4 (as vLLM pads to max_lora_rank): same result, and
-    # a new adapter written into the slot in place (as vLLM loads one) is seen.
+    # Slot 0 holds a rank-2 adapter padded with zeros to rank 4 (as vLLM pads to max_lora_rank): the same result.
+    # A rank-3 adapter written into the slot is seen once the ops are told (vLLM's manager tells them).
     torch.manual_seed(3)
     a = torch.zeros(2, 1, 4, 6)
     a[0, 0, :2] = torch.randn(2, 6)
@@ -86,10 +93,24 @@ def test_an_adapter_of_lower_rank_than_the_slots_is_multiplied_at_its_own() -> N
     out = torch.full((3, 4), 9.0)
     lora_kernels.bgmv_shrink(x, a, out, torch.tensor([0, 0, 0]), 2.0)
     torch.testing.assert_close(out, 2.0 * x @ a[0, 0].T)
-    a[0, 0, 2] = 1.0  # rank 3 now
+    assert out[:, 2:].abs().sum() == 0
+    a[0, 0, 2] = 1.0
+    lora_kernels.bgmv_shrink(x, a, out, torch.tensor([0, 0, 0]), 2.0)
+    assert out[:, 2].abs().sum() == 0  # kept: nobody said the slot changed
+    lora_kernels.adapters_changed()
     lora_kernels.bgmv_shrink(x, a, out, torch.tensor([0, 0, 0]), 2.0)
     torch.testing.assert_close(out, 2.0 * x @ a[0, 0].T)
     assert out[:, 2].abs().sum() > 0 and out[:, 3].abs().sum() == 0
+
+
+def test_one_input_row_goes_to_every_output_row_and_a_wider_b_is_cut() -> None:
+    # As vLLM's bgmv_expand: a single input row against 3 output rows; B (3 wide) into an output 2 wide.
+    b = torch.tensor([[[1.0], [2.0], [3.0]]])
+    for add, expected in ((True, [[3.0, 5.0]] * 3), (False, [[2.0, 4.0]] * 3)):
+        ours, theirs = torch.ones(3, 2), torch.ones(3, 2)
+        lora_kernels.bgmv_expand(torch.tensor([[2.0]]), b, ours, torch.tensor([0]), add)
+        vllm_ops.bgmv_expand(torch.tensor([[2.0]]), b, theirs, torch.tensor([0]), add)
+        assert ours.tolist() == theirs.tolist() == expected
 
 
 def test_prefill_gives_each_sequence_its_adapter() -> None:
@@ -116,52 +137,41 @@ def test_vllms_cpu_ops_add_the_last_slots_adapter_to_rows_without_one() -> None:
 
 
 def test_the_plugin_is_registered_and_replaces_the_cpu_wrappers_ops() -> None:
+    from vllm.lora import model_manager
     from vllm.lora.punica_wrapper import punica_cpu
 
     plugins = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert plugins.get("rankloop_lora_kernels") == "serve.lora_kernels:register"
     original = {name: getattr(punica_cpu, name) for name in lora_kernels.OPS}
-    update, linear = punica_cpu.PunicaWrapperCPU.update_metadata, punica_cpu.PunicaWrapperCPU.add_lora_linear
+    manager, wrapper = model_manager.LoRAModelManager, punica_cpu.PunicaWrapperCPU
+    activate, linear = manager.activate_adapter, wrapper.add_lora_linear
     try:
         lora_kernels.register()
-        wrapped = punica_cpu.PunicaWrapperCPU.update_metadata
+        wrapped = manager.activate_adapter
         lora_kernels.register()  # vLLM may load a plugin more than once: wrapped once
-        assert punica_cpu.PunicaWrapperCPU.update_metadata is wrapped is not update
+        assert manager.activate_adapter is wrapped and getattr(wrapped, "tells_kernels", False)
         assert all(getattr(punica_cpu, name) is getattr(lora_kernels, name) for name in lora_kernels.OPS)
-        assert punica_cpu.PunicaWrapperCPU.add_lora_linear is lora_kernels.add_lora_linear
+        assert wrapper.add_lora_linear is lora_kernels.add_lora_linear
     finally:
         for name, op in original.items():
             setattr(punica_cpu, name, op)
-        setattr(punica_cpu.PunicaWrapperCPU, "update_metadata", update)  # noqa: B010
-        setattr(punica_cpu.PunicaWrapperCPU, "add_lora_linear", linear)  # noqa: B010
+        setattr(manager, "activate_adapter", activate)  # noqa: B010
+        setattr(wrapper, "add_lora_linear", linear)  # noqa: B010
 
 
-def test_a_slots_matrices_are_kept_while_it_holds_the_same_adapter() -> None:
-    a = torch.tensor([[[1.0]], [[2.0]]])
-    x, out, index = torch.tensor([[1.0]]), torch.zeros(1, 1), torch.tensor([1])
-    try:
-        lora_kernels.note_slots([7, 8])
-        lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
-        a[1, 0, 0] = 5.0  # written without a word to the wrapper: the kept matrix of adapter 8 is used
-        lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
-        assert out.item() == 2.0
-        lora_kernels.note_slots([7, 9])  # vLLM loaded adapter 9 into slot 1
-        lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
-        assert out.item() == 5.0
-    finally:
-        lora_kernels.note_slots([])
-
-
-def test_indices_rewritten_in_place_are_read_afresh() -> None:
-    # vLLM refills one index buffer each step; what was worked out for the last step must not be reused.
-    a = torch.tensor([[[1.0]], [[2.0]]])
-    x = torch.tensor([[1.0], [1.0]])
-    index, out = torch.tensor([0, 0]), torch.zeros(2, 1)
+def test_an_activation_that_writes_a_slot_forgets_the_kept_matrices() -> None:
+    a = torch.tensor([[[1.0]]])
+    x, out, index = torch.tensor([[1.0]]), torch.zeros(1, 1), torch.tensor([0])
     lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
-    assert out.flatten().tolist() == [1.0, 1.0]
-    index.copy_(torch.tensor([1, -1]))
+    outcomes = iter([False, True])  # already active (nothing written), then written into a slot
+    activate = lora_kernels.telling(lambda manager, lora_id: next(outcomes))
+    a[0, 0, 0] = 5.0
+    assert activate(None, 7) is False
     lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
-    assert out.flatten().tolist() == [2.0, 0.0]
+    assert out.item() == 1.0
+    assert activate(None, 8) is True
+    lora_kernels.bgmv_shrink(x, a, out, index, 1.0)
+    assert out.item() == 5.0
 
 
 def linear_layer(seed: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
