@@ -3,7 +3,8 @@ RANKLOOP_SERVE_ADAPTERS=true follows a promotion to v0002 (v0001 plus a rank-8 a
 writes a round's version) without reloading weights, and a rollback to v0001. Greedy answers are labelled with the
 version that wrote them, v0002's differ from v0001's and follow the adapter as transformers computes it, and each
 version answers exactly as before after switching away and back (prefix caching is on: no cached prefix crosses
-versions). A canary of v0002 beside v0001 mixes each comparison, every choice labelled with its writer."""
+versions), also with two adapters loaded. A canary of v0002 beside v0001 mixes each comparison, every choice
+labelled with its writer."""
 
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ PROMPTS = [
 TOKENS = 8
 
 
-def adapter_version(store: ModelStore) -> list[str]:
-    """v0002: v0001 with a random rank-8 LoRA on every attention and MLP projection, stored as a round's version
+def adapter_version(store: ModelStore, version: str = "v0002", seed: int = 0) -> list[str]:
+    """`version`: v0001 with a random rank-8 LoRA on every attention and MLP projection, stored as a round's version
     (merged weights and the adapter on v0001); returns its greedy answers' first tokens as transformers gives them."""
     from peft import LoraConfig, get_peft_model
 
@@ -49,7 +50,7 @@ def adapter_version(store: ModelStore) -> list[str]:
     from learn.weights import load_causal_lm, save_policy
 
     model, tokenizer = load_causal_lm(store.path("v0001"))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     for name, parameter in model.named_parameters():
@@ -58,7 +59,7 @@ def adapter_version(store: ModelStore) -> list[str]:
             # on near-ties between bf16 and fp32.
             torch.nn.init.normal_(parameter, std=0.1)
     expected = [greedy(model, tokenizer, prompt) for prompt in PROMPTS]
-    card = Card("v0002", "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 8}})
+    card = Card(version, "v0001", "ppo", details={"adapter": {"base": "v0001", "rank": 8}})
     save_policy(model, tokenizer, store, card, (from_peft(model), "v0001"))
     return expected
 
@@ -113,6 +114,7 @@ def adapter_server(
     store.set_current("v0001")
     store.set_reference("v0001")
     expected = adapter_version(store)
+    adapter_version(store, "v0003", seed=1)
     registry = Registry(client)
     sync_store(registry, store)
     port = free_port()
@@ -145,8 +147,15 @@ def test_adapter_versions_switch_without_a_reload_and_share_a_canary(adapter_ser
     promote(registry, store, "v0002", "test", "again")
     serving(url, "v0002")
     assert answers(url) == ({"v0002"}, adapted)
+    promote(registry, store, "v0003", "test", "a second adapter")  # into vLLM's second (last) adapter slot
+    serving(url, "v0003")
+    labels, other = answers(url)
+    assert labels == {"v0003"} and other != adapted
+    # With both slots loaded, v0001's rows (no adapter, index -1) get nothing: vLLM's own CPU ops wrap -1 round
+    # to the last slot and would answer with v0003 here (serve/lora_kernels.py).
     rollback(registry, store, "test", "for the canary", target="v0001")
     serving(url, "v0001")
+    assert answers(url) == ({"v0001"}, base)
     assert all(a != b for a, b in zip(adapted, base, strict=True)), (adapted, base)  # the adapter changed each
     # vLLM's bf16 LoRA against transformers' fp32: the answers agree where no near-tie decides a token.
     agree = sum(a == e for a, e in zip(adapted, adapter_server.expected, strict=True))
