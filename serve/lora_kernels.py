@@ -7,7 +7,8 @@ MT-bench workload after five minutes where merged weights took under one (bench/
 tokens of each adapter take one matrix product with that adapter's weights, and a linear layer's slices (q, k, v)
 share one pair of products. Index -1 means "no adapter" (vLLM's convention): those rows get nothing added, where
 vLLM's CPU ops wrap -1 round to the last adapter slot and add whatever it holds (an adapter loaded there, or one
-it held before: a freed slot keeps its weights) to a base version's answers.
+it held before: a freed slot keeps its weights) to a base version's answers whenever they share a batch with an
+adapter's (a canary of an adapter beside its base; a batch of base answers alone skips LoRA altogether).
 
 The ops keep vLLM's signatures (vllm.lora.ops.torch_ops) and its conventions: weights are (slots, [1,] out, in),
 padded with zeros to vLLM's max_lora_rank; `sgmv_*` (prefill) give each sequence's index to its tokens. Products

@@ -151,8 +151,9 @@ def test_adapter_versions_switch_without_a_reload_and_share_a_canary(adapter_ser
     serving(url, "v0003")
     labels, other = answers(url)
     assert labels == {"v0003"} and other != adapted
-    # With both slots loaded, v0001's rows (no adapter, index -1) get nothing: vLLM's own CPU ops wrap -1 round
-    # to the last slot and would answer with v0003 here (serve/lora_kernels.py).
+    # Both of vLLM's adapter slots are loaded from here on: in the canary below, v0001's rows (no adapter, index
+    # -1) share batches with v0002's and must get nothing. vLLM's own CPU ops wrap -1 round to the last slot and
+    # add v0003 to them (VLLM_PLUGINS=none fails the canary check; serve/lora_kernels.py).
     rollback(registry, store, "test", "for the canary", target="v0001")
     serving(url, "v0001")
     assert answers(url) == ({"v0001"}, base)
