@@ -70,13 +70,18 @@ def matrix(weights: torch.Tensor, slot: int, trim: int) -> torch.Tensor:
     key = (weights.data_ptr(), tuple(weights.shape), tuple(weights.stride()), weights.dtype, slot, trim)
     found = _trimmed.get(key)
     if found is None:
-        m = weights[slot]
-        m = (m.squeeze(0) if m.dim() == 3 else m).to(torch.float32, copy=True)
-        used = m.abs().amax(dim=0 if trim == -1 else 1)  # per rank: B's columns, A's rows
-        nonzero = used.nonzero()
-        rank = int(nonzero[-1]) + 1 if nonzero.numel() else 0
-        found = _trimmed[key] = (m[:, :rank] if trim == -1 else m[:rank]).T.contiguous()
+        found = _trimmed[key] = _trim(weights, slot, trim)
     return found
+
+
+def _trim(weights: torch.Tensor, slot: int, trim: int) -> torch.Tensor:
+    """`matrix`'s work, not kept (`stacked` keeps its own concatenation, not the pieces)."""
+    m = weights[slot]
+    m = (m.squeeze(0) if m.dim() == 3 else m).to(torch.float32, copy=True)
+    used = m.abs().amax(dim=0 if trim == -1 else 1)  # per rank: B's columns, A's rows
+    nonzero = used.nonzero()
+    rank = int(nonzero[-1]) + 1 if nonzero.numel() else 0
+    return (m[:, :rank] if trim == -1 else m[:rank]).T.contiguous()
 
 
 def bgmv_shrink(
@@ -248,7 +253,7 @@ def stacked(
     key = (tuple(t.data_ptr() for t in (*a_slices, *b_slices)), widths, slot, scale)
     found = _stacked.get(key)
     if found is None:
-        pairs = [(matrix(a, slot, -2), matrix(b, slot, -1)) for a, b in zip(a_slices, b_slices, strict=True)]
+        pairs = [(_trim(a, slot, -2), _trim(b, slot, -1)) for a, b in zip(a_slices, b_slices, strict=True)]
         ranks = [min(a.shape[1], b.shape[0]) for a, b in pairs]  # past either's rank a term is 0
         a_all = torch.cat([a[:, :r] for (a, _), r in zip(pairs, ranks, strict=True)], dim=1) * scale
         b_all = torch.zeros(sum(ranks), sum(widths), dtype=torch.float32)
