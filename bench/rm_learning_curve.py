@@ -14,7 +14,7 @@ beside TRL's RewardTrainer trained on the same pairs.
 3. Training: for each configuration (upper layers trained : learning rate) and size N, rankloop's reward model on
    the first N training rankings (4 prompts a step), accuracy on every held-out pair after each epoch; TRL's
    RewardTrainer on the same (chosen, rejected) pairs with the same layers frozen, learning rate and epochs.
-   A configuration may name the reward model's readout (`2:2e-4:mean`, `:last`, the default here:
+   A configuration may name the reward model's readout (`2:2e-4:mean`, `:lme`, `:last`, the default here:
    learn.rl_math.sequence_scores); TRL's side always reads the last token.
 Everything is cached under var/bench-rm-curve, so a stopped run resumes; figures go to BENCHMARKS.md.
 
@@ -311,7 +311,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         default="6:1e-4",
-        help="Comma-separated TRAIN_LAYERS:LR[:READOUT] (0 layers: all; readout: last or mean).",
+        help="Comma-separated TRAIN_LAYERS:LR[:READOUT] (0 layers: all; readout: last, mean or lme).",
     )
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--trl-sizes", default="", help="Sizes TRL's side runs at (first configuration only).")

@@ -202,7 +202,7 @@ class Settings(BaseSettings):
     learn_rm_train_layers: int = Field(
         2, ge=0, description="Upper layers the reward model trains (their weights and its head); 0: all."
     )
-    learn_rm_readout: Literal["last", "mean"] = Field(
+    learn_rm_readout: Literal["last", "mean", "lme"] = Field(
         "last",
         description="How a new reward model reads its score: `last`, the last token's (InstructGPT's); `mean`, of "
         "every token's, which predicts held-out rankings better but lets PPO buy reward with length (BENCHMARKS.md).",

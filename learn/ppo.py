@@ -74,6 +74,13 @@ class Packed:
         keep = self.mask.to(picked.device, picked.dtype).reshape(*self.mask.shape, *([1] * (picked.dim() - 2)))
         return picked * keep
 
+    def answer_positions(self) -> Tensor:
+        """(B, L) 1 at the sequence positions that hold answer tokens (each predicted from the position before)."""
+        mask = self.mask.to(self.attention_mask.device, self.attention_mask.dtype)
+        positions = self.predictors.to(self.attention_mask.device) + 1
+        # scatter_add, not an assignment: positions outside the answers (predictor 0, mask 0) add nothing
+        return torch.zeros_like(self.attention_mask).scatter_add_(1, positions, mask).clamp(max=1)
+
     def select(self, per_position: Tensor) -> Tensor:
         """(B, L, ...) -> (N, ...): the entries at the N answer tokens' predicting positions, row by row."""
         rows = torch.arange(self.predictors.shape[0], device=per_position.device)[:, None]

@@ -1,6 +1,7 @@
 """The reward model: the policy's backbone with a scalar head, scoring prompt + answer from its tokens' final states:
-the last real token's (the default) or their mean (`learn.rl_math.sequence_scores`). The readout is saved in the
-model's config.json (`score_readout`), so whoever loads a reward model reads its scores the way it was trained.
+the last real token's, their mean, or a soft maximum over the answer's (`learn.rl_math.sequence_scores`). The readout
+is saved in the model's config.json (`score_readout`), so whoever loads a reward model reads its scores the way it was
+trained.
 
 Training takes whole prompts per batch: each of a prompt's K answers goes through the model once per step and all
 C(K,2) pairs are formed from the K scores (learn.rl_math.kwise_ranking_loss), where a pairwise trainer would run
@@ -93,15 +94,25 @@ def score_ids(
     split: int = 0,
     lowers: Sequence[Tensor] | None = None,
     rows: int = SCORE_ROWS,
+    answer_lens: Sequence[int] | None = None,
 ) -> Tensor:
     """(N,) raw scores, read as the model reads them (`readout_of`); on the model's device. `lowers`: each sequence's
     hidden states below layer `split` (`compute_lowers`), so that only the layers from `split` up run.
+    `answer_lens`: how many tokens at the end of each sequence are the answer, for a readout that pools the answer
+    (learn.rl_math.sequence_scores); None: unknown, the whole sequence is pooled.
 
     The sequences run `rows` at a time in order of length, each group padded to its own longest: a batch of a
     few prompts' answers mixes lengths, and one padded block did the longest answer's work for every answer."""
     groups = by_length([len(s) for s in sequences], rows)
     parts = [
-        _scores(model, [sequences[i] for i in g], pad_id, split, None if lowers is None else [lowers[i] for i in g])
+        _scores(
+            model,
+            [sequences[i] for i in g],
+            pad_id,
+            split,
+            None if lowers is None else [lowers[i] for i in g],
+            None if answer_lens is None else [answer_lens[i] for i in g],
+        )
         for g in groups
     ]
     if not parts:
@@ -115,18 +126,32 @@ def score_ids(
 
 
 def _scores(
-    model: Any, sequences: Sequence[list[int]], pad_id: int, split: int, lowers: Sequence[Tensor] | None
+    model: Any,
+    sequences: Sequence[list[int]],
+    pad_id: int,
+    split: int,
+    lowers: Sequence[Tensor] | None,
+    answer_lens: Sequence[int] | None,
 ) -> Tensor:
     hidden, mask = final_states(model, sequences, pad_id, split, lowers)
-    return read(model, hidden, mask)
+    return read(model, hidden, mask, None if answer_lens is None else right_padded_answers(mask, answer_lens))
 
 
-def read(model: Any, hidden: Tensor, mask: Tensor) -> Tensor:
-    """(N,) raw scores from final hidden states (N, L, H) and their mask, padding on either side."""
+def right_padded_answers(mask: Tensor, answer_lens: Sequence[int]) -> Tensor:
+    """(N, L) 1 at each right-padded sequence's last `answer_lens[n]` real tokens (its answer), else 0."""
+    ends = mask.sum(dim=1, keepdim=True)
+    starts = ends - torch.tensor(list(answer_lens), device=mask.device).unsqueeze(1)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return ((positions >= starts) & (positions < ends)).to(mask.dtype)
+
+
+def read(model: Any, hidden: Tensor, mask: Tensor, answer: Tensor | None = None) -> Tensor:
+    """(N,) raw scores from final hidden states (N, L, H), their mask and their answers' mask (sequence frame,
+    padding on either side; learn.rl_math.sequence_scores)."""
     # Padding's states zeroed before the head: one NaN there (a fully masked row) would reach the head's gradient.
     hidden = hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
     per_token = _parts(model)[1](hidden).squeeze(-1).float()
-    return sequence_scores(per_token, mask, readout_of(model))
+    return sequence_scores(per_token, mask, readout_of(model), answer)
 
 
 def final_states(
@@ -180,7 +205,7 @@ def group_loss(
     """K-wise loss over whole prompts; returns (loss, accuracy, scores). `lowers`: as in `score_ids`, one per
     answer of `groups` in order."""
     sequences = [answer for g in groups for answer in g.answers]
-    scores = score_ids(model, sequences, pad_id, split, lowers)
+    scores = score_ids(model, sequences, pad_id, split, lowers, answer_lens=answer_lens_of(groups))
     packed_groups, ranks = (t.to(scores.device) for t in pack_rankings([(len(g.answers), g.tiers) for g in groups]))
     loss = kwise_ranking_loss(scores, packed_groups, ranks, margin)
     return loss, pairwise_accuracy(scores.detach(), packed_groups, ranks), scores.detach()
@@ -253,9 +278,17 @@ def reference_offset(
         return 0.0, "none"
     below = None if lowers is None else [h for i in chosen for h in lowers[i]]
     split = frozen_below(model) if below is not None else 0
+    lens = answer_lens_of([groups[i] for i in chosen])
     scores = torch.cat(
         [
-            score_ids(model, sequences[i : i + batch], pad_id, split, None if below is None else below[i : i + batch])
+            score_ids(
+                model,
+                sequences[i : i + batch],
+                pad_id,
+                split,
+                None if below is None else below[i : i + batch],
+                answer_lens=None if lens is None else lens[i : i + batch],
+            )
             for i in range(0, len(sequences), batch)
         ]
     )
@@ -283,8 +316,9 @@ class RewardScorer:
         return float(json.loads(norm.read_text())["offset"]) if norm.is_file() else 0.0
 
     @torch.no_grad()
-    def sequences(self, sequences: Sequence[list[int]]) -> Tensor:
-        return score_ids(self.model, sequences, int(self.tokenizer.pad_token_id)) - self.offset
+    def sequences(self, sequences: Sequence[list[int]], answer_lens: Sequence[int] | None = None) -> Tensor:
+        pad = int(self.tokenizer.pad_token_id)
+        return score_ids(self.model, sequences, pad, answer_lens=answer_lens) - self.offset
 
     @property
     def backbone(self) -> Any:
@@ -306,7 +340,7 @@ class RewardScorer:
     @torch.no_grad()
     def from_hidden(self, hidden: Tensor, packed: Any) -> Tensor:
         """(B,) normalised scores from this model's final hidden states (B, L, H) of a packed batch."""
-        return read(self.model, hidden, packed.attention_mask) - self.offset
+        return read(self.model, hidden, packed.attention_mask, packed.answer_positions()) - self.offset
 
 
 def train_reward_model(
@@ -352,6 +386,13 @@ def train_reward_model(
     )
     log.write(result.steps, **evaluation.figures())
     return result, evaluation
+
+
+def answer_lens_of(groups: Sequence[RankedGroup]) -> list[int] | None:
+    """Each answer's length in tokens, in the order of the groups' answers; None where a group does not know them."""
+    if any(len(g.answer_lens) != len(g.answers) for g in groups):
+        return None
+    return [n for g in groups for n in g.answer_lens]
 
 
 def group_lowers(model: Any, groups: Sequence[RankedGroup], pad_id: int) -> list[list[Tensor]] | None:

@@ -76,7 +76,7 @@ def pairwise_accuracy(scores: Tensor, groups: Tensor, ranks: Tensor) -> Tensor:
     return (scores[winners] > scores[losers]).float().mean()
 
 
-READOUTS = ("last", "mean")
+READOUTS = ("last", "mean", "lme")
 
 
 def last_real(mask: Tensor) -> Tensor:
@@ -85,24 +85,36 @@ def last_real(mask: Tensor) -> Tensor:
     return (mask * positions).argmax(dim=1)
 
 
-def sequence_scores(per_token: Tensor, mask: Tensor, readout: str) -> Tensor:
+def sequence_scores(per_token: Tensor, mask: Tensor, readout: str, answer: Tensor | None = None) -> Tensor:
     """(N,) one score per sequence from the reward model's per-token scores (N, L) (its linear head applied to
     every position's final hidden state), in the **sequence frame**: `mask` marks each row's real tokens, prompt and
-    answer, padding on either side.
+    answer, padding on either side; `answer` (same frame) marks the answer's tokens, where a readout needs them.
 
     `last`: the score at the last real token (InstructGPT's readout). `mean`: the mean over every real token. The
     mean predicts held-out rankings better from the same rankings, because every token's state carries gradient
     instead of one. But a prompt's tokens are the same in its K answers, so the share they take of the mean falls
     as the answer grows: the mean carries the answer's length, which PPO can then buy reward with (BENCHMARKS.md,
     the reward-model curves and the keyword:however run).
+
+    `lme`: log-mean-exp over the answer's tokens, log(mean_t exp(s_t)): a soft maximum. One token can carry the
+    answer (a word users want, anywhere in it), every token's state gets gradient in proportion to its share, and
+    the prompt takes no part, so its share cannot carry the length. A row with no answer token (an empty answer cut
+    to nothing) reads its last real token; without `answer`, every real token counts as the answer.
     """
     if readout == "last":
         return per_token[torch.arange(per_token.shape[0], device=per_token.device), last_real(mask)]
+    real = mask.bool()
     if readout == "mean":
-        real = mask.bool()
         # where, not a product: a padding position's state may be anything, NaN included (a fully masked row)
         total = torch.where(real, per_token, torch.zeros_like(per_token)).sum(dim=1)
         return total / real.sum(dim=1).clamp(min=1).to(per_token.dtype)
+    if readout == "lme":
+        pooled = real if answer is None else real & answer.bool()
+        # A row with nothing to pool pools its last real token alone: a row of -inf only would give NaN gradients.
+        last = F.one_hot(last_real(mask), per_token.shape[1]).bool()
+        pooled = torch.where(pooled.any(dim=1, keepdim=True), pooled, last)
+        masked = torch.where(pooled, per_token, torch.full_like(per_token, float("-inf")))
+        return torch.logsumexp(masked, dim=1) - torch.log(pooled.sum(dim=1).to(per_token.dtype))
     raise ValueError(f"unknown reward-model readout {readout!r}: one of {', '.join(READOUTS)}")
 
 

@@ -3,6 +3,7 @@ round-trips through the store exactly, and it trains from the feedback dataset i
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,13 +39,14 @@ def separable_groups(n: int, seed: int = 0, anywhere: bool = False) -> list[Rank
         prompt = [rng.randrange(10, 90) for _ in range(rng.randrange(3, 8))]
         endings = [GOOD, MID, BAD]
         rng.shuffle(endings)
-        answers = []
+        answers, lens = [], []
         for end in endings:
             body = [rng.randrange(10, 90) for _ in range(rng.randrange(1, 5))]
             at = rng.randrange(len(body) + 1) if anywhere else len(body)
             answers.append(prompt + body[:at] + [end] + body[at:])
+            lens.append(len(body) + 1)
         order = sorted(range(3), key=lambda i: [GOOD, MID, BAD].index(endings[i]))
-        groups.append(RankedGroup(f"p{p:03d}", answers, [[i] for i in order], "v0001"))
+        groups.append(RankedGroup(f"p{p:03d}", answers, [[i] for i in order], "v0001", answer_lens=tuple(lens)))
     return groups
 
 
@@ -81,17 +83,19 @@ def test_learns_a_separable_preference_to_full_held_out_accuracy(tiny_store: Mod
     assert evaluation.pairs == 36  # 12 prompts x C(3,2) pairs, no ties
 
 
+@pytest.mark.parametrize("readout", ["mean", "lme"])
 @pytest.mark.parametrize("shuffled", [False, True])
-def test_the_mean_readout_learns_a_marker_said_anywhere_in_the_answer(tiny_store: ModelStore, shuffled: bool) -> None:
-    # 33 of the 36 held-out pairs on this seed (a random 2-layer model; SmolLM2's curves are in BENCHMARKS.md);
-    # with the rankings shuffled among a prompt's answers there is nothing to learn and it stays near half.
+def test_a_pooled_readout_learns_a_marker_said_anywhere_in_the_answer(
+    tiny_store: ModelStore, shuffled: bool, readout: str
+) -> None:
+    # mean: 31 of the 36 held-out pairs on this seed, lme: 36 (a random 2-layer model; SmolLM2's curves are in
+    # BENCHMARKS.md); with the rankings shuffled among a prompt's answers there is nothing to learn and it stays
+    # near half (9 and 19 of 36).
     torch.manual_seed(0)
-    model, tokenizer = load_reward_model(tiny_store.path("v0001"), readout="mean")
+    model, tokenizer = load_reward_model(tiny_store.path("v0001"), readout=readout)
     groups = separable_groups(60, anywhere=True)
     rng = random.Random(1)
-    train = (
-        [RankedGroup(g.prompt_key, g.answers, rng.sample(g.tiers, 3)) for g in groups[:48]] if shuffled else groups[:48]
-    )
+    train = [replace(g, tiers=rng.sample(g.tiers, 3)) for g in groups[:48]] if shuffled else groups[:48]
     _, evaluation = train_reward_model(
         model,
         tokenizer,
@@ -180,6 +184,33 @@ def test_a_mean_readout_is_kept_with_the_model_and_read_the_same_from_a_packed_b
     assert not torch.allclose(by_hand, last, atol=1e-3)  # the two readouts give different numbers here
     with pytest.raises(ValueError, match="unknown reward-model readout"):
         load_reward_model(tiny_store.path("v0001"), readout="first")
+
+
+def test_an_lme_readout_pools_the_answer_alone_from_ids_and_from_a_packed_batch(
+    tiny_store: ModelStore, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model, tokenizer = load_reward_model(tiny_store.path("v0001"), dtype=torch.float32, readout="lme")
+    torch.nn.init.normal_(model.score.weight)
+    pad = int(tokenizer.pad_token_id)
+    rewards = ModelStore(tmp_path / "rewards", prefix="r")
+    folder = save_reward_model(model, tokenizer, rewards, Card("r0001", "v0001", "reward_model"), 0.5, "test")
+    scorer = RewardScorer(folder)
+    assert readout_of(scorer.model) == "lme"
+    # A prompt longer than its answer and one shorter: log-mean-exp of the head over the answer's tokens only.
+    rollouts = Rollouts([[5, 17, 42, 7, 3], [8]], [[99], [9, 10, 11]], [False, False])
+    whole = [[5, 17, 42, 7, 3, 99], [8, 9, 10, 11]]
+    with torch.no_grad():
+        per_token = [model.score(model.model(torch.tensor([s])).last_hidden_state)[0, :, 0] for s in whole]
+    answers = [per_token[0][-1:], per_token[1][-3:]]
+    by_hand = torch.stack([torch.log(a.exp().mean()) for a in answers]) - 0.5
+    assert torch.allclose(scorer.sequences(whole, answer_lens=[1, 3]), by_hand, atol=1e-5)
+    for side in ("right", "left"):
+        assert torch.allclose(scorer(rollouts, pack(rollouts, pad, side), None), by_hand, atol=1e-5), side
+    # Where the answers' lengths are unknown every token is pooled, prompt included: other numbers.
+    everything = torch.stack([torch.log(p.exp().mean()) for p in per_token]) - 0.5
+    assert torch.allclose(scorer.sequences(whole), everything, atol=1e-5)
+    assert not torch.allclose(by_hand, everything, atol=1e-3)
 
 
 def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(

@@ -134,6 +134,41 @@ def test_sequence_scores_read_the_last_real_token_or_the_mean_with_padding_on_ei
         sequence_scores(per_token, mask, "max")
 
 
+def test_lme_pools_the_answer_tokens_by_log_mean_exp_with_padding_on_either_side() -> None:
+    # Row 0: prompt 1 token + answer 2, right-padded: log((e^2 + e^3) / 2) = 2 + log((1 + e) / 2) = 2.6201145.
+    # Row 1: left-padded by 2, prompt 4 then answer 6: log(e^6 / 1) = 6. Row 2: prompt of 4, its answer cut to
+    # nothing: its last real token alone, 8. Without answer masks every real token is pooled: row 0 gives
+    # log((e + e^2 + e^3) / 3) = 2.3089937, row 1 log((e^4 + e^6) / 2) = 5.4337808, row 2
+    # log((3 e^2 + e^8) / 4) = 6.6211144.
+    nan = float("nan")
+    per_token = t(1, 2, 3, nan, nan, nan, 4, 6, 2, 2, 2, 8).view(3, 4).requires_grad_()
+    mask = i(1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1).view(3, 4)
+    answer = i(0, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0).view(3, 4)
+    scores = sequence_scores(per_token, mask, "lme", answer)
+    assert scores.tolist() == pytest.approx([2.6201145, 6.0, 8.0], abs=1e-6)
+    pooled_all = sequence_scores(per_token, mask, "lme").tolist()
+    assert pooled_all == pytest.approx([2.3089937, 5.4337808, 6.6211144], abs=1e-6)
+    # Gradients: a softmax over each row's pooled tokens, nothing (and no NaN) elsewhere, the empty answer's last token.
+    scores.sum().backward()
+    assert per_token.grad is not None
+    share = 1 / (1 + math.e)  # e^2 / (e^2 + e^3)
+    expected = [0, share, 1 - share, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+    assert per_token.grad.view(-1).tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lme_of_an_answer_does_not_depend_on_its_prompt() -> None:
+    # The same answer scores (0.5, -1, 3) after prompts of 1 and 5 tokens with anything in them, right and left padded.
+    short = t(9.0, 0.5, -1.0, 3.0, 0.0, 0.0, 0.0, 0.0)
+    long = t(-7.0, 100.0, 2.0, 2.0, 1.0, 0.5, -1.0, 3.0)
+    left = t(0.0, 0.0, 0.0, 0.0, 9.0, 0.5, -1.0, 3.0)
+    per_token = torch.stack([short, long, left])
+    mask = torch.stack([i(1, 1, 1, 1, 0, 0, 0, 0), i(1, 1, 1, 1, 1, 1, 1, 1), i(0, 0, 0, 0, 1, 1, 1, 1)])
+    answer = torch.stack([i(0, 1, 1, 1, 0, 0, 0, 0), i(0, 0, 0, 0, 0, 1, 1, 1), i(0, 0, 0, 0, 0, 1, 1, 1)])
+    scores = sequence_scores(per_token, mask, "lme", answer)
+    by_hand = math.log((math.exp(0.5) + math.exp(-1.0) + math.exp(3.0)) / 3)
+    assert scores.tolist() == pytest.approx([by_hand] * 3, abs=1e-6)
+
+
 def test_a_mask_in_the_sequence_frame_is_refused() -> None:
     # Prompt [1, 2, 3, 4, 5], answer [6, 7, 8] packed as one sequence: the positions predicting the answer are 4-6
     # of 7, so the mask in the sequence's frame is 0 0 0 0 1 1 1. Read as answer-aligned, "the last token" would be
