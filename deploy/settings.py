@@ -250,7 +250,7 @@ class Settings(BaseSettings):
         1e-3,
         gt=0.0,
         description="Reward-model learning rate (its upper `learn_rm_train_layers` layers' weights): with the `lme` "
-        "readout 1e-3 learns in one pass what 2e-4 had not in three (BENCHMARKS.md).",
+        "readout, one pass over 64 rankings reached 0.70 held-out accuracy at 1e-3 and 0.63 at 2e-4 (BENCHMARKS.md).",
     )
     learn_rm_epochs: int = Field(
         1, ge=1, description="Passes of a reward-model round over its new rankings (more where rankings are few)."
