@@ -204,10 +204,10 @@ class Settings(BaseSettings):
     )
     learn_rm_readout: Literal["last", "mean", "lme"] = Field(
         "lme",
-        description="How a new reward model reads its score: `lme`, the log-mean-exp of its answer tokens' scores (a "
-        "soft maximum: a word said once anywhere can carry it; on the curves in BENCHMARKS.md 0.85-0.98 held-out "
-        "accuracy at 128 rankings where `last` gave 0.58-0.77); `last`, the last token's (InstructGPT's); `mean`, "
-        "of every token's, prompt included, which lets PPO buy reward with length.",
+        description="How a new reward model reads its score (a continued one keeps its own): `lme`, the log-mean-exp "
+        "of its answer tokens' scores (a soft maximum: a word said once anywhere can carry it; on the curves in "
+        "BENCHMARKS.md 0.79-0.98 held-out accuracy at 128 rankings where `last` gave 0.58-0.77); `last`, the last "
+        "token's (InstructGPT's); `mean`, of every token's, prompt included, which lets PPO buy reward with length.",
     )
     learn_rollouts: Literal["served", "sampled"] = Field(
         "served",

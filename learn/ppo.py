@@ -77,8 +77,8 @@ class Packed:
     def answer_positions(self) -> Tensor:
         """(B, L) 1 at the sequence positions that hold answer tokens (each predicted from the position before)."""
         mask = self.mask.to(self.attention_mask.device, self.attention_mask.dtype)
-        positions = self.predictors.to(self.attention_mask.device) + 1
-        # scatter_add, not an assignment: positions outside the answers (predictor 0, mask 0) add nothing
+        # Outside the answers (mask 0) index 0, which exists however narrow the batch, adding nothing to it.
+        positions = torch.where(mask.bool(), self.predictors.to(mask.device) + 1, 0)
         return torch.zeros_like(self.attention_mask).scatter_add_(1, positions, mask).clamp(max=1)
 
     def select(self, per_position: Tensor) -> Tensor:

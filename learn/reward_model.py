@@ -26,7 +26,14 @@ from feedback.ranking import pairs
 from learn import layers
 from learn.data import by_length, right_pad
 from learn.loop import LoopConfig, LoopResult, StepHook, run_loop
-from learn.rl_math import READOUTS, kwise_ranking_loss, pack_rankings, pairwise_accuracy, sequence_scores
+from learn.rl_math import (
+    ANSWER_READOUTS,
+    READOUTS,
+    kwise_ranking_loss,
+    pack_rankings,
+    pairwise_accuracy,
+    sequence_scores,
+)
 from learn.rm_data import RankedGroup
 from learn.trainlog import MetricsLog
 from learn.weights import TRAINING_DTYPE, LoraOptions
@@ -205,7 +212,8 @@ def group_loss(
     """K-wise loss over whole prompts; returns (loss, accuracy, scores). `lowers`: as in `score_ids`, one per
     answer of `groups` in order."""
     sequences = [answer for g in groups for answer in g.answers]
-    scores = score_ids(model, sequences, pad_id, split, lowers, answer_lens=answer_lens_of(groups))
+    lens = answer_lens_of(groups, readout_of(model))
+    scores = score_ids(model, sequences, pad_id, split, lowers, answer_lens=lens)
     packed_groups, ranks = (t.to(scores.device) for t in pack_rankings([(len(g.answers), g.tiers) for g in groups]))
     loss = kwise_ranking_loss(scores, packed_groups, ranks, margin)
     return loss, pairwise_accuracy(scores.detach(), packed_groups, ranks), scores.detach()
@@ -278,7 +286,7 @@ def reference_offset(
         return 0.0, "none"
     below = None if lowers is None else [h for i in chosen for h in lowers[i]]
     split = frozen_below(model) if below is not None else 0
-    lens = answer_lens_of([groups[i] for i in chosen])
+    lens = answer_lens_of([groups[i] for i in chosen], readout_of(model))
     scores = torch.cat(
         [
             score_ids(
@@ -388,11 +396,15 @@ def train_reward_model(
     return result, evaluation
 
 
-def answer_lens_of(groups: Sequence[RankedGroup]) -> list[int] | None:
-    """Each answer's length in tokens, in the order of the groups' answers; None where a group does not know them."""
-    if any(len(g.answer_lens) != len(g.answers) for g in groups):
-        return None
-    return [n for g in groups for n in g.answer_lens]
+def answer_lens_of(groups: Sequence[RankedGroup], readout: str = "last") -> list[int] | None:
+    """Each answer's length in tokens, in the order of the groups' answers; None where a group does not know them.
+    Raises ValueError where `readout` pools the answer and they are unknown: PPO scores answers in that frame, and
+    a model trained on prompt and answer pooled together would be read in another than it learned."""
+    if all(len(g.answer_lens) == len(g.answers) for g in groups):
+        return [n for g in groups for n in g.answer_lens]
+    if readout in ANSWER_READOUTS:
+        raise ValueError(f"the {readout!r} readout needs each answer's length in tokens: these rankings lack them")
+    return None
 
 
 def group_lowers(model: Any, groups: Sequence[RankedGroup], pad_id: int) -> list[list[Tensor]] | None:

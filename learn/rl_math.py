@@ -77,6 +77,7 @@ def pairwise_accuracy(scores: Tensor, groups: Tensor, ranks: Tensor) -> Tensor:
 
 
 READOUTS = ("last", "mean", "lme")
+ANSWER_READOUTS = ("lme",)  # the readouts that pool the answer's tokens, so need to know where the answer is
 
 
 def last_real(mask: Tensor) -> Tensor:
@@ -98,8 +99,9 @@ def sequence_scores(per_token: Tensor, mask: Tensor, readout: str, answer: Tenso
 
     `lme`: log-mean-exp over the answer's tokens, log(mean_t exp(s_t)): a soft maximum. One token can carry the
     answer (a word users want, anywhere in it), every token's state gets gradient in proportion to its share, and
-    the prompt takes no part, so its share cannot carry the length. A row with no answer token (an empty answer cut
-    to nothing) reads its last real token; without `answer`, every real token counts as the answer.
+    the prompt's tokens are not pooled (they shape the answer's states, as in any readout), so no prompt share of the
+    pool can carry the length. A row with no answer token (an empty answer cut to nothing) reads its last real token;
+    without `answer`, every real token is pooled.
     """
     if readout == "last":
         return per_token[torch.arange(per_token.shape[0], device=per_token.device), last_real(mask)]

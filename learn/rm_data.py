@@ -78,10 +78,15 @@ def _fit(prompt_ids: list[int], answer_ids: list[int], max_len: int) -> list[int
 
 def encode_pair(tokenizer: Any, messages: list[dict[str, str]], answer: str, max_len: int) -> list[int]:
     """Prompt rendered with the chat template, then the answer and the end-of-turn token, as the policy emits them."""
+    return encode_answer(tokenizer, messages, answer, max_len)[0]
+
+
+def encode_answer(tokenizer: Any, messages: list[dict[str, str]], answer: str, max_len: int) -> tuple[list[int], int]:
+    """`encode_pair`'s ids and how many of them, at the end, are the answer (a readout pooling the answer needs it)."""
     prompt = str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return _fit(prompt_ids, answer_ids, max_len)
+    return _fit(prompt_ids, answer_ids, max_len), min(len(answer_ids), max_len)
 
 
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -113,6 +118,7 @@ def hh_groups(
             if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
                 continue  # the two must share the dialogue and differ in the last Assistant turn
             prompt = chosen[:-1]
-            answers = [encode_pair(tokenizer, prompt, c[-1]["content"], max_len) for c in (chosen, rejected)]
+            encoded = [encode_answer(tokenizer, prompt, c[-1]["content"], max_len) for c in (chosen, rejected)]
             taken += 1
-            yield RankedGroup(prompt_key(prompt), answers, [[0], [1]])
+            answers, lens = [ids for ids, _ in encoded], tuple(n for _, n in encoded)
+            yield RankedGroup(prompt_key(prompt), answers, [[0], [1]], answer_lens=lens)

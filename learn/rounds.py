@@ -97,6 +97,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     from learn.reward_model import (
         group_lowers,
         load_reward_model,
+        readout_of,
         reference_offset,
         save_reward_model,
         train_reward_model,
@@ -121,7 +122,8 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         LoraOptions() if options.lora else None,
         train_layers=options.train_layers,
         device=options.device,
-        readout=options.readout,
+        # A continued model keeps the readout its head learned (its config's), whatever the setting says now.
+        readout=options.readout if options.resume_from is None else None,
     )
     same_start(model)  # and every process from rank 0's weights
     # Users keep ranking while the processes read: all read up to the newest event rank 0 saw.
@@ -178,7 +180,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         bf16=options.bf16,
         device=options.device,
         train_layers=options.train_layers,
-        readout=options.readout,
+        readout=readout_of(model),
     )
     written_by_main(lambda: save_reward_model(model, tokenizer, rewards, card, offset, basis))
     return RMResult(version, evaluation, len(train), card, time.perf_counter() - started)

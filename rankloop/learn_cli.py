@@ -157,7 +157,9 @@ def rm(
         str | None, typer.Option(help="Policy whose backbone starts a new reward model (default: the SFT reference).")
     ] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 1,
-    lr: Annotated[float | None, typer.Option(help="Learning rate (default 1e-5 full, 1e-4 LoRA).")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (default: RANKLOOP_LEARN_RM_LR; with --lora 1e-4).")
+    ] = None,
     batch_prompts: Annotated[int, typer.Option(min=1, help="Whole prompts (all their answers) per step.")] = 4,
     max_len: Annotated[
         int, typer.Option(min=16, help="Tokens per answer with its prompt (the prompt is cut first).")
@@ -188,7 +190,7 @@ def rm(
         resume_from,
         base,
         epochs,
-        lr,
+        lr if lr is not None or lora else settings.learn_rm_lr,
         batch_prompts,
         max_len,
         # A new model: the setting's share; a continued one: its chain's, unless the operator says otherwise.

@@ -64,6 +64,25 @@ def test_pack_cuts_the_answers_out_whatever_the_prompt_length_and_padding(side: 
     assert torch.allclose(rewards, rl_math_t(0.06, 0.07, 2.08, 0.0, 0.03, 0.04, 0.05, 1.06).view(2, 4))
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_answer_positions_mark_the_answer_tokens_in_the_sequence_frame(side: str) -> None:
+    # Row 0: prompt of 5, answer of 3; row 1: prompt of 2, answer of 4; row 2: prompt of 1, an empty answer.
+    rollouts = Rollouts([[1, 2, 3, 4, 5], [1, 2], [9]], [[6, 7, 8], [3, 4, 5, 6], []], [False, True, True])
+    packed = pack(rollouts, PAD, side)
+    marked = packed.answer_positions()
+    for row in range(3):
+        real = packed.input_ids[row][packed.attention_mask[row].bool()].tolist()
+        tokens = packed.input_ids[row][marked[row].bool()].tolist()
+        assert tokens == rollouts.responses[row] and real[len(real) - len(tokens) :] == tokens
+    assert marked.sum(dim=1).tolist() == [3, 4, 0]
+    # A sub-batch keeps them: rows 1 and 2 alone, cut to their own width.
+    sub = packed.rows([1, 2])
+    assert sub.input_ids[sub.answer_positions().bool()].tolist() == [3, 4, 5, 6]
+    # One token wide (a one-token prompt, its answer empty): nothing marked, nothing out of range.
+    narrow = pack(Rollouts([[9]], [[]], [True]), PAD, side)
+    assert narrow.answer_positions().tolist() == [[0]]
+
+
 def rl_math_t(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 

@@ -25,7 +25,7 @@ from learn.reward_model import (
     score_ids,
     train_reward_model,
 )
-from learn.rm_data import RankedGroup, parse_hh, prompt_key, split
+from learn.rm_data import RankedGroup, hh_groups, parse_hh, prompt_key, split
 from learn.trainlog import MetricsLog
 from rankloop.cli import app
 from tests.learn.events import BAD, GOOD, MID, ranking_event
@@ -90,7 +90,7 @@ def test_a_pooled_readout_learns_a_marker_said_anywhere_in_the_answer(
 ) -> None:
     # mean: 31 of the 36 held-out pairs on this seed, lme: 36 (a random 2-layer model; SmolLM2's curves are in
     # BENCHMARKS.md); with the rankings shuffled among a prompt's answers there is nothing to learn and it stays
-    # near half (9 and 19 of 36).
+    # well under the trained figure (9 and 19 of 36).
     torch.manual_seed(0)
     model, tokenizer = load_reward_model(tiny_store.path("v0001"), readout=readout)
     groups = separable_groups(60, anywhere=True)
@@ -213,6 +213,41 @@ def test_an_lme_readout_pools_the_answer_alone_from_ids_and_from_a_packed_batch(
     assert not torch.allclose(by_hand, everything, atol=1e-3)
 
 
+def test_training_and_the_offset_pool_each_answer_where_ppo_does(tiny_store: ModelStore) -> None:
+    # The K-wise loss's scores and the reference offset come from the answers alone under lme, as PPO reads them
+    # (RewardScorer, the previous test); rankings that do not say where their answers start are refused.
+    torch.manual_seed(0)
+    model, tokenizer = load_reward_model(tiny_store.path("v0001"), dtype=torch.float32, readout="lme")
+    torch.nn.init.normal_(model.score.weight)
+    pad = int(tokenizer.pad_token_id)
+    groups = separable_groups(3, seed=2)
+    sequences = [a for g in groups for a in g.answers]
+    lens = [n for g in groups for n in g.answer_lens]
+    with torch.no_grad():
+        answers_only = score_ids(model, sequences, pad, answer_lens=lens)
+        _, _, scores = group_loss(model, groups, pad)
+        offset, _ = reference_offset(model, groups, pad, "v0001")
+    assert torch.allclose(scores, answers_only, atol=1e-5)
+    assert offset == pytest.approx(float(answers_only.mean()), abs=1e-5)
+    assert not torch.allclose(answers_only, score_ids(model, sequences, pad), atol=1e-3)  # prompts pooled too
+    unknown = [replace(g, answer_lens=()) for g in groups]
+    with pytest.raises(ValueError, match="'lme' readout needs each answer's length"):
+        group_loss(model, unknown, pad)
+    last, _ = load_reward_model(tiny_store.path("v0001"), dtype=torch.float32)
+    group_loss(last, unknown, pad)  # the last token needs no lengths
+
+
+def test_hh_pairs_know_where_their_answers_start(tmp_path: Path, tiny_store: ModelStore) -> None:
+    _, tokenizer = load_reward_model(tiny_store.path("v0001"))
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (group,) = hh_groups(path, tokenizer, 512)
+    for ids, n, text in zip(group.answers, group.answer_lens, ["hello there", "no"], strict=True):
+        expected = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert ids[-n:] == expected
+
+
 def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     tiny_store: ModelStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,6 +257,7 @@ def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     with Dataset(data_dir / "feedback.sqlite3") as dataset:
         dataset.insert([ranking_event(i, rng) for i in range(30)])
     runner = CliRunner()
+    monkeypatch.setenv("RANKLOOP_LEARN_RM_READOUT", "last")
     first = runner.invoke(app, ["learn", "rm", "--held-out", "0.2", "--lr", "1e-3", "--epochs", "2"])
     assert first.exit_code == 0, first.output
     rewards = ModelStore(data_dir / "reward_models", prefix="r")
@@ -236,9 +272,12 @@ def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     assert nothing_new.exit_code == 1 and "no new ranked prompts" in " ".join(nothing_new.output.split())
     with Dataset(data_dir / "feedback.sqlite3") as dataset:
         dataset.insert([ranking_event(i, rng) for i in range(30, 45)])
+    monkeypatch.setenv("RANKLOOP_LEARN_RM_READOUT", "lme")  # a new model's; the chain keeps the one its head learned
     again = runner.invoke(app, ["learn", "rm", "--from", "r0001", "--held-out", "0"])
     assert again.exit_code == 0, again.output
     second = rewards.card("r0002")
+    assert (card.details["readout"], second.details["readout"]) == ("last", "last")
+    assert readout_of(load_reward_model(rewards.path("r0002"))[0]) == "last"
     assert (second.parent, second.details["prompts"], second.details["last_event_id"]) == ("r0001", 15, "1044-0")
     assert (card.details["held_out"], second.details["held_out"]) == (0.2, 0.0)  # what each was trained with
     with Dataset(data_dir / "feedback.sqlite3") as dataset:
@@ -248,7 +287,7 @@ def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     assert (rewards.card("r0003").details["held_out"], rewards.card("r0003").details["prompts"]) == (0.0, 15)
 
 
-@pytest.mark.parametrize("readout", ["last", "mean"])
+@pytest.mark.parametrize("readout", ["last", "mean", "lme"])
 def test_a_nan_in_the_padding_reaches_neither_the_scores_nor_the_heads_gradient(
     tiny_store: ModelStore, readout: str
 ) -> None:
