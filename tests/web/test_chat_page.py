@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import redis
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Page, Route, expect
 
 from deploy.redis_server import EmbeddedRedis
 from feedback.comparisons import KEY_PREFIX
@@ -71,11 +71,21 @@ def test_retrying_a_submission_is_a_duplicate_not_a_second_ranking(
 ) -> None:
     url, data = site
     comparison = ask(page, url, "Say hello", k=2)
-    press(page, "2", "1")
     sent: list[dict[str, object]] = []
     page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/feedback") else None)
     # The first submission's reply is lost on the way back: the page keeps its idempotency key and retries.
-    page.route("**/v1/feedback", lambda route: (route.fetch(), route.abort())[1], times=1)
+    lost: list[Route] = []
+
+    def lose_the_first_reply(route: Route) -> None:
+        if lost:
+            route.continue_()
+            return
+        lost.append(route)
+        route.fetch()  # the server stores it ...
+        route.abort()  # ... and the page never hears back
+
+    page.route("**/v1/feedback", lose_the_first_reply)
+    press(page, "2", "1")
     page.keyboard.press("Enter")
     expect(page.locator("#status")).to_contain_text("Submitting the ranking failed")
     page.keyboard.press("1")  # a ranking sent once no longer changes: a retry is the same request
