@@ -396,7 +396,7 @@ def train_reward_model(
     return result, evaluation
 
 
-def answer_lens_of(groups: Sequence[RankedGroup], readout: str = "last") -> list[int] | None:
+def answer_lens_of(groups: Sequence[RankedGroup], readout: str) -> list[int] | None:
     """Each answer's length in tokens, in the order of the groups' answers; None where a group does not know them.
     Raises ValueError where `readout` pools the answer and they are unknown: PPO scores answers in that frame, and
     a model trained on prompt and answer pooled together would be read in another than it learned."""

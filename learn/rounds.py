@@ -146,7 +146,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     config = LoopConfig(
         epochs=options.epochs,
         batch_size=options.batch_prompts,
-        lr=options.lr or (1e-4 if options.lora else 1e-5),
+        lr=options.lr or (1e-4 if options.lora else settings.learn_rm_lr),
         max_steps=options.max_steps,
         seed=options.seed,
     )

@@ -190,7 +190,7 @@ def rm(
         resume_from,
         base,
         epochs,
-        lr if lr is not None or lora else settings.learn_rm_lr,
+        lr,
         batch_prompts,
         max_len,
         # A new model: the setting's share; a continued one: its chain's, unless the operator says otherwise.
