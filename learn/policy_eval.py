@@ -163,6 +163,52 @@ def measure(
     )
 
 
+class LossCache:
+    """Versions' held-out LM losses (data_dir/evals/lm_loss.json), by version and `loss_key` of the texts: the
+    fluency check's texts stop changing once a loop has enough of them (learn.sources.PTX_HELD_OUT_MAX), and then
+    the reference's and a parent's losses are read here instead of computed again each round."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _all(self) -> dict[str, float]:
+        try:
+            found: dict[str, float] = json.loads(self.path.read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: computed again, and written whole
+            return {}
+        return found
+
+    def get(self, version: str, key: str) -> float | None:
+        return self._all().get(f"{version}/{key}")
+
+    def put(self, version: str, key: str, loss: float) -> None:
+        if not world().main:
+            return
+        losses = self._all() | {f"{version}/{key}": loss}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        partial.write_text(json.dumps(losses, indent=0))
+        partial.replace(self.path)
+
+
+def loss_key(examples: Sequence[Example], bf16: bool) -> str:
+    """What a held-out LM loss was computed on: the texts, and the precision of the products (bf16 moves it)."""
+    parts = [[[e.input_ids, e.labels] for e in examples], bf16]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Caches:
+    """Where a round keeps what it already knows of a version: its sampled answers and its held-out LM loss."""
+
+    answers: AnswerCache
+    losses: LossCache
+
+    @classmethod
+    def under(cls, folder: Path) -> Caches:
+        return cls(AnswerCache(folder / "answers"), LossCache(folder / "lm_loss.json"))
+
+
 def evaluate_policy(
     models: Models,
     prompts: Sequence[Prompt],
@@ -170,21 +216,36 @@ def evaluate_policy(
     max_new_tokens: int,
     per_prompt: int = 2,
     seed: int = 1234,
-    cache: AnswerCache | None = None,
+    caches: Caches | None = None,
     version: str | None = None,
 ) -> tuple[PolicyEval, Answers]:
-    """The policy's figures: its answers sampled (or `version`'s taken from `cache`, when it holds answers to the
-    same prompts), its LM loss on `ptx_held`; the policy is not changed."""
+    """The policy's figures: its answers sampled (or `version`'s taken from `caches`, when they hold answers to the
+    same prompts), its LM loss on `ptx_held` (or `version`'s from `caches`); the policy is not changed."""
     key = answers_key(prompts, max_new_tokens, per_prompt, seed)
-    found = cache.get(version, key) if cache is not None and version is not None else None
+    found = caches.answers.get(version, key) if caches is not None and version is not None else None
     answers = found or sample_answers(models, prompts, max_new_tokens, per_prompt, seed)
-    if cache is not None and version is not None and found is None:
-        cache.put(version, answers)
-    return measure(models, prompts, answers, held_out_lm_loss(models.policy, models.tokenizer, ptx_held)), answers
+    if caches is not None and version is not None and found is None:
+        caches.answers.put(version, answers)
+    known = (caches.losses, version) if caches is not None and version is not None else None
+    ptx_loss = held_out_lm_loss(models.policy, models.tokenizer, ptx_held, known)
+    return measure(models, prompts, answers, ptx_loss), answers
 
 
-def held_out_lm_loss(model: Any, tokenizer: Any, ptx_held: Sequence[Example]) -> float | None:
-    return evaluate_lm(model, tokenizer, ptx_held) if ptx_held else None
+def held_out_lm_loss(
+    model: Any, tokenizer: Any, ptx_held: Sequence[Example], known: tuple[LossCache, str] | None = None
+) -> float | None:
+    """The model's LM loss on `ptx_held`; `known`: (the cache, the model's version), where it is read if there and
+    written if not."""
+    if not ptx_held:
+        return None
+    key = loss_key(ptx_held, torch.is_autocast_enabled(device_of(model).type))
+    found = known[0].get(known[1], key) if known is not None else None
+    if found is not None:
+        return found
+    loss = evaluate_lm(model, tokenizer, ptx_held)
+    if known is not None:
+        known[0].put(known[1], key, loss)
+    return loss
 
 
 def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:

@@ -21,7 +21,15 @@ from learn.data import Example
 from learn.device import device_of
 from learn.distributed import agreed, same_start, world, written_by_main
 from learn.loop import LoopConfig
-from learn.policy_eval import Agreement, AnswerCache, PolicyEval, agreement, evaluate_policy, held_out_lm_loss
+from learn.policy_eval import (
+    Agreement,
+    Caches,
+    PolicyEval,
+    agreement,
+    evaluate_policy,
+    held_out_lm_loss,
+    loss_key,
+)
 from learn.ppo import AdapterOff, Models
 from learn.ppo_run import PPORound, RoundConfig, checkpoint_meta, load_models
 from learn.precision import autocast
@@ -291,9 +299,9 @@ def _ppo_round(
         "until": inputs.until,
     }
     resumed = trainer.resume(inputs.checkpoint, meta)
-    answers = AnswerCache(settings.data_dir / "evals" / "answers")
+    caches = Caches.under(settings.data_dir / "evals")
     clock.next("evaluate_before", f"evaluating {inputs.parent}")
-    before = _evaluate_parent(data, config, options, inputs, answers, resumed)
+    before = _evaluate_parent(data, config, options, inputs, caches, resumed)
     metrics = settings.data_dir / "runs" / f"{inputs.parent}-ppo-{inputs.reward}.jsonl"
     start = trainer.iteration
     clock.next("iterations")
@@ -310,15 +318,19 @@ def _ppo_round(
     judged = judge_on_held_out_rankings(
         settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, stored, inputs.judging
     )
-    reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held)
+    known = (caches.losses, inputs.reference)
+    reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held, known)
     clock.next("publish", "writing the new version")
     card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
     # After the version is published and its checkpoint gone (a failure here must not resume into a second version):
-    # the cache only saves the next round's evaluation of this version its sampling.
-    try:
-        answers.put(card.version, after_answers)  # when this version is the one replaced, its answers are known
+    # the caches only save the next round's evaluation of this version its sampling and its LM loss.
+    try:  # when this version is the one replaced, its answers and its loss are known
+        caches.answers.put(card.version, after_answers)
+        if after.ptx_loss is not None:
+            bf16 = torch.is_autocast_enabled(device_of(stored).type)
+            caches.losses.put(card.version, loss_key(data.ptx_held, bf16), after.ptx_loss)
     except OSError as exc:
-        log.warning("could not keep %s's evaluation answers (%s): the next round samples them again", card.version, exc)
+        log.warning("could not keep %s's evaluation figures (%s): the next round computes them", card.version, exc)
     clock.next("done")
     return PPOResult(card.version, inputs.parent, before, after, judged, reference_ptx, card, start, clock.seconds)
 
@@ -391,7 +403,7 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
 
 
 def _evaluate_parent(
-    data: RoundData, config: RoundConfig, options: PPOOptions, inputs: RoundInputs, answers: AnswerCache, resumed: bool
+    data: RoundData, config: RoundConfig, options: PPOOptions, inputs: RoundInputs, caches: Caches, resumed: bool
 ) -> PolicyEval:
     """The parent's evaluation: kept beside the checkpoint, so that a resumed round does not redo it."""
     before_file = inputs.checkpoint.with_suffix(".before.json")
@@ -404,7 +416,7 @@ def _evaluate_parent(
         data.ptx_held,
         config.max_new_tokens,
         options.eval_samples,
-        cache=answers,
+        caches=caches,
         version=inputs.parent,
     )
     if world().main:

@@ -5,10 +5,13 @@ comparison."""
 import random
 from pathlib import Path
 
+import pytest
+
 from deploy.model_store import ModelStore
 from deploy.settings import load_settings
 from feedback.dataset import Dataset
 from feedback.events import RankingEvent
+from learn import policy_eval, sources
 from learn.data import IGNORE
 from learn.ppo_run import RoundConfig
 from learn.rm_data import is_held_out, is_rm_held_out, prompt_key
@@ -76,3 +79,36 @@ def test_a_round_takes_its_ptx_texts_from_the_reference(tmp_path: Path) -> None:
         "held_out": 2 * len(usable[::PTX_HELD_OUT_EVERY]),
     }
     assert result.after.ptx_loss is not None and result.reference_ptx is not None  # the fluency check has its texts
+
+
+def test_the_fluency_check_reads_the_first_held_out_texts_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert(events(60, later=set()))
+    source = PtxFromReference("v0001", HELD_OUT)
+    train, every, _ = ptx_examples(settings, tiny_tokenizer(), source, 512)
+    monkeypatch.setattr(sources, "PTX_HELD_OUT_MAX", 3)
+    capped_train, held, _ = ptx_examples(settings, tiny_tokenizer(), source, 512)
+    assert len(every) > 3  # the bound bites
+    assert held == every[:3]  # the first ones: a loop that grows keeps the same texts
+    assert capped_train == train  # the others are still not trained on
+
+
+def test_a_round_computes_the_loss_only_of_what_it_does_not_know(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = make_data_dir(tmp_path)
+    settings = load_settings(data_dir=data, learn_threads=1)
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert(events(20, later=set()))
+    computed: list[int] = []
+    evaluate_lm = policy_eval.evaluate_lm
+    monkeypatch.setattr(policy_eval, "evaluate_lm", lambda *a, **k: computed.append(1) or evaluate_lm(*a, **k))
+    config = RoundConfig(iterations=1, prompts_per_iteration=4, max_new_tokens=4)
+    first = ppo_round(settings, config, PPOOptions(ptx_source="reference"), show_progress=False)
+    assert len(computed) == 2  # v0001's, which is the reference's too, and the new version's
+    second = ppo_round(settings, config, PPOOptions(parent=first.version, ptx_source="reference"), show_progress=False)
+    assert len(computed) == 3  # the new version's alone: its parent's and the reference's are known
+    assert second.before.ptx_loss == first.after.ptx_loss
+    assert second.reference_ptx == first.reference_ptx == first.before.ptx_loss
+    assert second.after.ptx_loss != second.before.ptx_loss  # a new version's loss is its own, not read back
