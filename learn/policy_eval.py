@@ -3,15 +3,17 @@ reference, its LM loss on held-out text, its share of empty, looping and cut ans
 how well it agrees with held-out rankings the reward model never saw.
 
 The same prompts and sampling seeds serve every policy evaluated, so two versions' figures differ by the policy
-alone. A version's sampled answers are kept (`AnswerCache`): the version a round replaces was sampled when it was
-made, and only the new reward model's scores of those answers are computed again.
+alone. A version's sampled answers and its held-out LM loss are kept (`Caches`): the version a round replaces was
+sampled and measured when it was made, and only the new reward model's scores of its answers are computed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +33,8 @@ from learn.rm_data import RankedGroup
 from learn.sft import evaluate_lm
 from learn.weights import pad_id
 from learn.winrate import outcome
+
+log = logging.getLogger("rankloop.learner")
 
 
 @dataclass(frozen=True)
@@ -173,10 +177,10 @@ class LossCache:
 
     def _all(self) -> dict[str, float]:
         try:
-            found: dict[str, float] = json.loads(self.path.read_text())
+            found = json.loads(self.path.read_text())
         except (OSError, ValueError):  # none yet, or unreadable: computed again, and written whole
             return {}
-        return found
+        return found if isinstance(found, dict) else {}
 
     def get(self, version: str, key: str) -> float | None:
         return self._all().get(f"{version}/{key}")
@@ -185,15 +189,21 @@ class LossCache:
         if not world().main:
             return
         losses = self._all() | {f"{version}/{key}": loss}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(losses, indent=0))
-        partial.replace(self.path)
+        # Its own partial file: a round from the command line may write beside the daemon's (one update may then
+        # be lost, and is computed again); a cache that cannot be written costs time, never the round.
+        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(losses, indent=0))
+            partial.replace(self.path)
+        except OSError as exc:
+            log.warning("could not keep %s's held-out LM loss in %s (%s)", version, self.path, exc)
 
 
-def loss_key(examples: Sequence[Example], bf16: bool) -> str:
-    """What a held-out LM loss was computed on: the texts, and the precision of the products (bf16 moves it)."""
-    parts = [[[e.input_ids, e.labels] for e in examples], bf16]
+def loss_key(examples: Sequence[Example], device: torch.device, bf16: bool) -> str:
+    """What a held-out LM loss was computed on: the texts, the device and the precision of the products (each moves
+    the figure a little; a version's loss is compared with its parent's and the reference's in one frame)."""
+    parts = [[[e.input_ids, e.labels] for e in examples], device.type, bf16]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -238,7 +248,8 @@ def held_out_lm_loss(
     written if not."""
     if not ptx_held:
         return None
-    key = loss_key(ptx_held, torch.is_autocast_enabled(device_of(model).type))
+    device = device_of(model)
+    key = loss_key(ptx_held, device, torch.is_autocast_enabled(device.type))
     found = known[0].get(known[1], key) if known is not None else None
     if found is not None:
         return found

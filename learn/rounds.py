@@ -327,8 +327,9 @@ def _ppo_round(
     try:  # when this version is the one replaced, its answers and its loss are known
         caches.answers.put(card.version, after_answers)
         if after.ptx_loss is not None:
-            bf16 = torch.is_autocast_enabled(device_of(stored).type)
-            caches.losses.put(card.version, loss_key(data.ptx_held, bf16), after.ptx_loss)
+            device = device_of(stored)
+            key = loss_key(data.ptx_held, device, torch.is_autocast_enabled(device.type))
+            caches.losses.put(card.version, key, after.ptx_loss)
     except OSError as exc:
         log.warning("could not keep %s's evaluation figures (%s): the next round computes them", card.version, exc)
     clock.next("done")
@@ -409,14 +410,15 @@ def _evaluate_parent(
     before_file = inputs.checkpoint.with_suffix(".before.json")
     if resumed and before_file.is_file():
         return PolicyEval(**json.loads(before_file.read_text()))
-    # The policy is still its parent here: the parent's answers (kept from when it was made, if it was).
+    # The policy is still its parent here, unless the round resumed without its parent's figures: its answers and
+    # loss are then the trained policy's, and must not be kept as the parent's.
     before, _ = evaluate_policy(
         data.models,
         data.evaluation_prompts,
         data.ptx_held,
         config.max_new_tokens,
         options.eval_samples,
-        caches=caches,
+        caches=None if resumed else caches,
         version=inputs.parent,
     )
     if world().main:
