@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from deploy.durable import write_text_atomic
 from feedback.ranking import pairs
 from learn import degenerate, layers
 from learn.data import Example
@@ -87,10 +87,7 @@ class AnswerCache:
     def put(self, version: str, answers: Answers) -> None:
         if not world().main:  # several processes sample the same answers; one writes them
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self.folder / f"{version}.json.partial"
-        partial.write_text(json.dumps(asdict(answers)))
-        partial.replace(self.folder / f"{version}.json")
+        write_text_atomic(self.folder / f"{version}.json", json.dumps(asdict(answers)))
 
 
 @torch.no_grad()
@@ -189,21 +186,20 @@ class LossCache:
         if not world().main:
             return
         losses = self._all() | {f"{version}/{key}": loss}
-        # Its own partial file: a round from the command line may write beside the daemon's (one update may then
-        # be lost, and is computed again); a cache that cannot be written costs time, never the round.
-        partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
+        # A round from the command line may write beside the daemon's: one update may then be lost (or the file
+        # read as unreadable), and is computed again; a cache that cannot be written costs time, never the round.
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(losses, indent=0))
-            partial.replace(self.path)
+            write_text_atomic(self.path, json.dumps(losses, indent=0))
         except OSError as exc:
             log.warning("could not keep %s's held-out LM loss in %s (%s)", version, self.path, exc)
 
 
-def loss_key(examples: Sequence[Example], device: torch.device, bf16: bool) -> str:
-    """What a held-out LM loss was computed on: the texts, the device and the precision of the products (each moves
-    the figure a little; a version's loss is compared with its parent's and the reference's in one frame)."""
-    parts = [[[e.input_ids, e.labels] for e in examples], device.type, bf16]
+def loss_key(examples: Sequence[Example], model: Any) -> str:
+    """What a held-out LM loss of `model` is computed on here: the texts, the device and the precision of the
+    products (each moves the figure a little; a version's loss is compared with its parent's and the reference's in
+    one frame)."""
+    device = device_of(model).type
+    parts = [[[e.input_ids, e.labels] for e in examples], device, torch.is_autocast_enabled(device)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -248,8 +244,7 @@ def held_out_lm_loss(
     written if not."""
     if not ptx_held:
         return None
-    device = device_of(model)
-    key = loss_key(ptx_held, device, torch.is_autocast_enabled(device.type))
+    key = loss_key(ptx_held, model)
     found = known[0].get(known[1], key) if known is not None else None
     if found is not None:
         return found

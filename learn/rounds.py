@@ -327,9 +327,7 @@ def _ppo_round(
     try:  # when this version is the one replaced, its answers and its loss are known
         caches.answers.put(card.version, after_answers)
         if after.ptx_loss is not None:
-            device = device_of(stored)
-            key = loss_key(data.ptx_held, device, torch.is_autocast_enabled(device.type))
-            caches.losses.put(card.version, key, after.ptx_loss)
+            caches.losses.put(card.version, loss_key(data.ptx_held, stored), after.ptx_loss)
     except OSError as exc:
         log.warning("could not keep %s's evaluation figures (%s): the next round computes them", card.version, exc)
     clock.next("done")
