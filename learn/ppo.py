@@ -283,6 +283,10 @@ class ValueModel(torch.nn.Module):
         return out
 
 
+# A pre-training batch, right-padded: (input_ids, attention_mask, labels with IGNORE outside the labelled tokens).
+PtxBatch = tuple[Tensor, Tensor, Tensor]
+
+
 # Scores of a batch of rollouts, (B,): given the rollouts, their packing and the policy's lower hidden states.
 RewardFn = Callable[[Rollouts, Packed, Tensor | None], Tensor]
 
@@ -431,17 +435,18 @@ def ppo_step(
     kl_controller: rl_math.AdaptiveKLController | rl_math.FixedKLController,
     optimizer: torch.optim.Optimizer,
     pad_id: int,
-    ptx_batch: tuple[Tensor, Tensor, Tensor] | None = None,
+    ptx: Sequence[PtxBatch] = (),
 ) -> dict[str, float]:
     """One iteration: returns its metrics (reward, KL, beta, entropy, clip fraction, losses, answer length) and
-    where its time went (`score_s`: log-probs, values and rewards; `update_s`: the epochs of mini-batches)."""
+    where its time went (`score_s`: log-probs, values and rewards; `update_s`: the epochs of mini-batches). `ptx`:
+    the pre-training batches, one per optimiser step in turn (`update`)."""
     started = time.perf_counter()
     if len(rollouts.queries) < world().size:
         raise ValueError(f"{len(rollouts.queries)} rollouts for {world().size} processes: each needs one at least")
     packed = pack(rollouts, pad_id).to(device_of(models.policy))
     scored = score(models, rollouts, packed, config, kl_controller.value)
     scored_at = time.perf_counter()
-    figures = update(models, packed, scored, config, optimizer, ptx_batch)
+    figures = update(models, packed, scored, config, optimizer, ptx)
     mask = packed.mask
     kl_per_answer = float(scored.kl_policy.sum(dim=1).mean())
     beta = kl_controller.value
@@ -464,9 +469,12 @@ def update(
     scored: Scored,
     config: PPOConfig,
     optimizer: torch.optim.Optimizer,
-    ptx_batch: tuple[Tensor, Tensor, Tensor] | None,
+    ptx: Sequence[PtxBatch] = (),
 ) -> dict[str, float]:
     """The epochs of clipped policy and value updates (and the ptx term) on a scored batch; mean figures.
+
+    Optimiser step i adds the ptx term of `ptx[i % len(ptx)]`: the caller decides how many distinct pre-training
+    batches an iteration reads and how large each is (learn.ppo_run.RoundConfig).
 
     Of several processes (learn.distributed), each takes the rows it owns of every mini-batch and its share of the
     ptx examples, each loss weighted by its share of the mini-batch's tokens (of the ptx batch's labelled tokens),
@@ -480,26 +488,29 @@ def update(
     # Below the split nothing trains, so its output is computed once; at split 0 that output is the embeddings,
     # which do train (all layers are), so every pass starts from the tokens then.
     frozen = models.split > 0
-    ptx = _ptx_share(models, ptx_batch, frozen) if ptx_batch is not None and config.ptx_coef > 0 else None
+    shares = [_ptx_share(models, batch, frozen) for batch in ptx] if config.ptx_coef > 0 else []
     lengths = packed.lengths.tolist()  # on the host once: each mini-batch's shares are weighed by them
     generator = torch.Generator().manual_seed(config.seed)
     # Mini-batches in a random order, not grouped by length (which pads less): a mini-batch of short answers
     # alone, all with one sign of advantage, steps the policy towards whatever they share rather than towards what
     # tells them from the long ones (on the tiny model, PPO then failed to find the reward's short answers).
+    steps = 0
     for _ in range(config.epochs):
         order = torch.randperm(packed.mask.shape[0], generator=generator).tolist()
         for start in range(0, len(order), config.minibatch):
             rows = order[start : start + config.minibatch]
+            ptx_share = shares[steps % len(shares)] if shares else None
+            steps += 1
             mine = [r for r in rows if processes.owns(r)]
             loss: Tensor | None = None
             if mine:
                 loss = _policy_and_value_loss(models, packed, scored, config, mine, frozen, figures)
                 if not processes.alone:
                     loss = loss * (sum(lengths[r] for r in mine) / max(1.0, sum(lengths[r] for r in rows)))
-            if ptx is not None and ptx.batch is not None:
-                term = ptx_loss(models.policy, ptx.batch, models.split, ptx.below)
+            if ptx_share is not None and ptx_share.batch is not None:
+                term = ptx_loss(models.policy, ptx_share.batch, models.split, ptx_share.below)
                 figures["ptx_loss"].append(term.detach())
-                weighted = config.ptx_coef * term * ptx.weight  # the weight of one process's share is 1
+                weighted = config.ptx_coef * term * ptx_share.weight  # the weight of one process's share is 1
                 loss = weighted if loss is None else loss + weighted
             optimizer.zero_grad(set_to_none=True)
             if loss is not None:
@@ -550,12 +561,12 @@ class PtxShare:
     """This process's examples of the ptx batch (None: it has none), their lower hidden states, and their share of
     the batch's labelled tokens (the weight of their mean loss)."""
 
-    batch: tuple[Tensor, Tensor, Tensor] | None
+    batch: PtxBatch | None
     below: Tensor | None
     weight: float
 
 
-def _ptx_share(models: Models, batch: tuple[Tensor, Tensor, Tensor], frozen: bool) -> PtxShare:
+def _ptx_share(models: Models, batch: PtxBatch, frozen: bool) -> PtxShare:
     processes = world()
     if not processes.alone:
         labelled = (batch[2][:, 1:] != IGNORE).sum(dim=1).tolist()
@@ -570,14 +581,14 @@ def _ptx_share(models: Models, batch: tuple[Tensor, Tensor, Tensor], frozen: boo
     return PtxShare(batch, below, weight)
 
 
-def ptx_lower(policy: Any, split: int, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+def ptx_lower(policy: Any, split: int, batch: PtxBatch) -> Tensor:
     input_ids, attention_mask, _ = batch
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     with torch.no_grad(), adapters_as_wrapped(policy) as inner:
         return layers.lower(layers.backbone_of(inner), split, input_ids, attention_mask, positions)
 
 
-def ptx_loss(policy: Any, batch: tuple[Tensor, Tensor, Tensor], split: int = 0, below: Tensor | None = None) -> Tensor:
+def ptx_loss(policy: Any, batch: PtxBatch, split: int = 0, below: Tensor | None = None) -> Tensor:
     """LM loss (mean over labelled tokens) on a right-padded pre-training batch: (input_ids, attention_mask, labels
     with IGNORE), the LM head on the labelled positions only; `below` as in `answer_logits`."""
     input_ids, attention_mask, labels = batch

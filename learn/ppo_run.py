@@ -17,6 +17,7 @@ iteration number and a resumed round meets the same data as an uninterrupted one
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -33,7 +34,18 @@ from learn.data import Example
 from learn.device import device_of
 from learn.distributed import agreed, world
 from learn.loop import save_atomic, trainable_state
-from learn.ppo import AdapterOff, Models, PPOConfig, RewardFn, Rollouts, ValueModel, backbone, ppo_step, sample
+from learn.ppo import (
+    AdapterOff,
+    Models,
+    PPOConfig,
+    PtxBatch,
+    RewardFn,
+    Rollouts,
+    ValueModel,
+    backbone,
+    ppo_step,
+    sample,
+)
 from learn.prompts import Prompt, Served
 from learn.reward_model import RewardScorer, _parts
 from learn.sft import collate
@@ -68,7 +80,12 @@ class RoundConfig:
     init_kl_coef: float = 0.05  # beta at the start
     kl_target: float | None = 6.0  # per-answer KL the adaptive controller steers to; None: beta stays fixed
     kl_horizon: int = 10_000
-    ptx_batch: int = 4  # pre-training examples per mini-batch (when ptx_coef > 0 and there is ptx data)
+    # The ptx term (when ptx_coef > 0 and there is ptx data): examples per optimiser step, and how many distinct
+    # examples an iteration draws, dealt over its steps in turn (None: every step draws its own). One example a
+    # step, four an iteration: with the reference's answers as ptx texts, four a step (the same four at each of an
+    # iteration's 16 steps) cost as much as the rollouts' own update (BENCHMARKS.md, `ppo_speed`).
+    ptx_batch: int = 1
+    ptx_pool: int | None = 4
     lora: bool = True
     train_layers: int = _default("learn_train_layers")  # upper layers trained (LoRA adapters or weights); 0: all
     rollouts: Literal["served", "sampled"] = _default("learn_rollouts")
@@ -239,12 +256,20 @@ class PPORound:
             [t for s in chosen for t in s.truncated],
         )
 
-    def ptx_batch(self) -> tuple[Tensor, Tensor, Tensor] | None:
+    def ptx_batches(self, steps: int) -> list[PtxBatch]:
+        """This iteration's pre-training batches for `steps` optimiser steps (`update` takes them in turn)."""
         if not self.ptx or self.config.ppo.ptx_coef <= 0:
-            return None
-        rows = torch.randint(len(self.ptx), (self.config.ptx_batch,), generator=self._generator(2)).tolist()
-        batch = {name: t.to(self.device) for name, t in collate([self.ptx[i] for i in rows], self.pad_id).items()}
-        return batch["input_ids"], batch["attention_mask"], batch["labels"]
+            return []
+        size = self.config.ptx_batch
+        pool = self.config.ptx_pool
+        drawn = size * steps if pool is None else max(size, min(pool, size * steps))
+        rows = torch.randint(len(self.ptx), (drawn,), generator=self._generator(2)).tolist()
+        batches = []
+        for start in range(0, drawn - size + 1, size):
+            chosen = [self.ptx[i] for i in rows[start : start + size]]
+            batch = {name: t.to(self.device) for name, t in collate(chosen, self.pad_id).items()}
+            batches.append((batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        return batches
 
     def rollouts(self) -> Rollouts:
         if self.served:
@@ -269,8 +294,10 @@ class PPORound:
         started = time.perf_counter()
         rollouts = self.rollouts()
         generated = time.perf_counter()
+        ppo = self.config.ppo
+        steps = ppo.epochs * math.ceil(len(rollouts.queries) / ppo.minibatch)
         figures = ppo_step(
-            self.models, rollouts, self.config.ppo, self.controller, self.optimizer, self.pad_id, self.ptx_batch()
+            self.models, rollouts, ppo, self.controller, self.optimizer, self.pad_id, self.ptx_batches(steps)
         )
         self.iteration += 1
         total = time.perf_counter() - started

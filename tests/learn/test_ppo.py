@@ -4,17 +4,21 @@ answer, and not without the reward), the ptx term adds its gradient, the split f
 
 import copy
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import torch
 
+import learn.ppo
 from deploy.model_store import ModelStore
 from learn import layers, rl_math
+from learn.data import IGNORE, Example
 from learn.ppo import (
     AdapterOff,
     Models,
     PPOConfig,
+    PtxBatch,
     Rollouts,
     ValueModel,
     answer_logprobs,
@@ -24,7 +28,8 @@ from learn.ppo import (
     sample,
     sequence_reward,
 )
-from learn.ppo_run import PPO_LORA, iteration_rows
+from learn.ppo_run import PPO_LORA, PPORound, RoundConfig, iteration_rows
+from learn.prompts import Prompt
 from learn.weights import load_causal_lm
 
 PAD = 0
@@ -241,7 +246,7 @@ def test_the_ptx_term_adds_its_own_gradient(parts: tuple[Any, Any, ValueModel, A
             rl_math.FixedKLController(0.1),
             optimizer,
             tokenizer.pad_token_id,
-            ptx_batch,
+            [ptx_batch],
         )
         return [p.grad.clone() for p in model.parameters()]
 
@@ -254,6 +259,54 @@ def test_the_ptx_term_adds_its_own_gradient(parts: tuple[Any, Any, ValueModel, A
     ptx_grads = torch.autograd.grad(ptx_loss(model, ptx_batch), list(model.parameters()))
     for a, b, g in zip(without, with_ptx, ptx_grads, strict=True):
         assert torch.allclose(b - a, 0.5 * g, atol=1e-5)
+
+
+def test_each_optimiser_step_takes_the_next_ptx_batch_in_turn(
+    parts: tuple[Any, Any, ValueModel, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    policy, _, _, tokenizer = parts
+    rollouts = sample(policy, queries(4), 6, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    batches = [(t, torch.ones_like(t), t.clone()) for t in (torch.tensor([[first, 17, 42]]) for first in (5, 6, 7))]
+    seen: list[int] = []
+    original = learn.ppo.ptx_loss
+
+    def recorded(model: Any, batch: PtxBatch, *args: Any) -> torch.Tensor:
+        seen.append(int(batch[0][0, 0]))
+        return original(model, batch, *args)
+
+    monkeypatch.setattr(learn.ppo, "ptx_loss", recorded)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
+    config = PPOConfig(epochs=2, minibatch=2, ptx_coef=0.5)  # 2 epochs of 2 mini-batches: 4 optimiser steps
+    figures = ppo_step(
+        models_of(parts, low_half_share(len(tokenizer))),
+        rollouts,
+        config,
+        rl_math.FixedKLController(0.1),
+        optimizer,
+        tokenizer.pad_token_id,
+        batches,
+    )
+    assert seen == [5, 6, 7, 5]
+    assert figures["ptx_loss"] > 0
+
+
+def test_an_iteration_draws_its_ptx_pool_and_deals_it_in_batches(parts: tuple[Any, Any, ValueModel, Any]) -> None:
+    ptx = [Example([n, n + 1, n + 2], [IGNORE, n + 1, n + 2]) for n in range(10, 40)]
+    prompt = Prompt("k", [{"role": "user", "content": "hi"}], [5, 6, 7])
+    models = models_of(parts, low_half_share(len(parts[3])))
+
+    def batches(steps: int, **fields: Any) -> list[PtxBatch]:
+        config = replace(RoundConfig(ppo=PPOConfig(ptx_coef=0.5)), **fields)
+        return PPORound(models, config, [prompt], ptx).ptx_batches(steps)
+
+    pooled = batches(16)  # the defaults: one example a step, four an iteration
+    assert [b[0].shape[0] for b in pooled] == [1, 1, 1, 1]
+    assert [b[0].shape[0] for b in batches(16, ptx_batch=4)] == [4]  # four a step, the same four each step
+    assert len(batches(16, ptx_pool=None)) == 16  # a batch of its own each step
+    assert len(batches(2, ptx_pool=None, ptx_batch=2)) == 2
+    assert len(batches(2)) == 2  # never more drawn than the steps take
+    assert all(int(b[2][0, 0]) == IGNORE for b in pooled)  # the labels travel with their examples
+    assert PPORound(models, RoundConfig(ppo=PPOConfig(ptx_coef=0.0)), [prompt], ptx).ptx_batches(16) == []
 
 
 def test_answer_logprobs_equal_the_full_forwards_at_the_answer_positions(tiny_store: ModelStore) -> None:
