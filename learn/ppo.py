@@ -488,6 +488,8 @@ def update(
     # Below the split nothing trains, so its output is computed once; at split 0 that output is the embeddings,
     # which do train (all layers are), so every pass starts from the tokens then.
     frozen = models.split > 0
+    # Each batch's lower hidden states are computed once, up front, and held for the iteration: as many as there
+    # are batches, one a step at most (a ptx example's beside the 32 rollouts' `scored.below`).
     shares = [_ptx_share(models, batch, frozen) for batch in ptx] if config.ptx_coef > 0 else []
     lengths = packed.lengths.tolist()  # on the host once: each mini-batch's shares are weighed by them
     generator = torch.Generator().manual_seed(config.seed)

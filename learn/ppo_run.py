@@ -11,7 +11,7 @@ generate, and PPO's ratio is taken against the version that wrote them, so its c
 from what users were served. Without such answers (a new prompt file, a version never served) the policy samples
 its own with HF `generate`.
 
-Each iteration's rows, sampling seed and ptx batch are a function of (seed, iteration), so the data cursor is the
+Each iteration's rows, sampling seed and ptx batches are a function of (seed, iteration), so the data cursor is the
 iteration number and a resumed round meets the same data as an uninterrupted one.
 """
 
@@ -81,9 +81,10 @@ class RoundConfig:
     kl_target: float | None = 6.0  # per-answer KL the adaptive controller steers to; None: beta stays fixed
     kl_horizon: int = 10_000
     # The ptx term (when ptx_coef > 0 and there is ptx data): examples per optimiser step, and how many distinct
-    # examples an iteration draws, dealt over its steps in turn (None: every step draws its own). One example a
-    # step, four an iteration: with the reference's answers as ptx texts, four a step (the same four at each of an
-    # iteration's 16 steps) cost as much as the rollouts' own update (BENCHMARKS.md, `ppo_speed`).
+    # examples an iteration draws (rounded down to whole batches), dealt over its steps in turn (None: every step
+    # draws its own). One example a step, four an iteration: with the reference's answers as ptx texts, four a step
+    # (the same four at each of an iteration's 16 steps) cost as much as the rollouts' own update, and one of its
+    # own a step 10% more an iteration than one of four (BENCHMARKS.md, `ptx_cost`).
     ptx_batch: int = 1
     ptx_pool: int | None = 4
     lora: bool = True
@@ -94,6 +95,8 @@ class RoundConfig:
     ppo: PPOConfig = field(default_factory=_ppo_default)
 
     def __post_init__(self) -> None:
+        if self.ptx_batch < 1 or (self.ptx_pool is not None and self.ptx_pool < self.ptx_batch):
+            raise ValueError(f"ptx_batch {self.ptx_batch}, ptx_pool {self.ptx_pool}: want 1 <= ptx_batch <= ptx_pool")
         # One seed for the whole round: the mini-batch order follows the round's seed, whoever set either.
         if self.ppo.seed != self.seed:
             object.__setattr__(self, "ppo", replace(self.ppo, seed=self.seed))
@@ -258,14 +261,18 @@ class PPORound:
 
     def ptx_batches(self, steps: int) -> list[PtxBatch]:
         """This iteration's pre-training batches for `steps` optimiser steps (`update` takes them in turn)."""
-        if not self.ptx or self.config.ppo.ptx_coef <= 0:
+        if not self.ptx or self.config.ppo.ptx_coef <= 0 or steps < 1:
             return []
-        size = self.config.ptx_batch
-        pool = self.config.ptx_pool
-        drawn = size * steps if pool is None else max(size, min(pool, size * steps))
-        rows = torch.randint(len(self.ptx), (drawn,), generator=self._generator(2)).tolist()
+        size, pool = self.config.ptx_batch, self.config.ptx_pool
+        drawn = size * (steps if pool is None else min(pool // size, steps))
+        generator = self._generator(2)
+        # Without repeats where the texts suffice; with, where an iteration reads more than there are.
+        if drawn <= len(self.ptx):
+            rows = torch.randperm(len(self.ptx), generator=generator)[:drawn].tolist()
+        else:
+            rows = torch.randint(len(self.ptx), (drawn,), generator=generator).tolist()
         batches = []
-        for start in range(0, drawn - size + 1, size):
+        for start in range(0, drawn, size):
             chosen = [self.ptx[i] for i in rows[start : start + size]]
             batch = {name: t.to(self.device) for name, t in collate(chosen, self.pad_id).items()}
             batches.append((batch["input_ids"], batch["attention_mask"], batch["labels"]))

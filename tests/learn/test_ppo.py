@@ -291,22 +291,36 @@ def test_each_optimiser_step_takes_the_next_ptx_batch_in_turn(
 
 
 def test_an_iteration_draws_its_ptx_pool_and_deals_it_in_batches(parts: tuple[Any, Any, ValueModel, Any]) -> None:
+    # Thirty texts told apart by their first token, each labelled on its own later tokens.
     ptx = [Example([n, n + 1, n + 2], [IGNORE, n + 1, n + 2]) for n in range(10, 40)]
     prompt = Prompt("k", [{"role": "user", "content": "hi"}], [5, 6, 7])
     models = models_of(parts, low_half_share(len(parts[3])))
 
-    def batches(steps: int, **fields: Any) -> list[PtxBatch]:
-        config = replace(RoundConfig(ppo=PPOConfig(ptx_coef=0.5)), **fields)
-        return PPORound(models, config, [prompt], ptx).ptx_batches(steps)
+    def trainer(**fields: Any) -> PPORound:
+        return PPORound(models, replace(RoundConfig(ppo=PPOConfig(ptx_coef=0.5)), **fields), [prompt], ptx)
 
-    pooled = batches(16)  # the defaults: one example a step, four an iteration
-    assert [b[0].shape[0] for b in pooled] == [1, 1, 1, 1]
-    assert [b[0].shape[0] for b in batches(16, ptx_batch=4)] == [4]  # four a step, the same four each step
-    assert len(batches(16, ptx_pool=None)) == 16  # a batch of its own each step
-    assert len(batches(2, ptx_pool=None, ptx_batch=2)) == 2
-    assert len(batches(2)) == 2  # never more drawn than the steps take
-    assert all(int(b[2][0, 0]) == IGNORE for b in pooled)  # the labels travel with their examples
-    assert PPORound(models, RoundConfig(ppo=PPOConfig(ptx_coef=0.0)), [prompt], ptx).ptx_batches(16) == []
+    def firsts(batches: list[PtxBatch]) -> list[list[int]]:
+        for ids, _, labels in batches:  # each example's labels are its own tokens
+            assert torch.equal(labels[:, 1:], ids[:, 1:]) and (labels[:, 0] == IGNORE).all()
+        return [b[0][:, 0].tolist() for b in batches]
+
+    pooled = firsts(trainer().ptx_batches(16))  # the defaults: one example a step, four an iteration
+    assert [len(b) for b in pooled] == [1, 1, 1, 1] and len({b[0] for b in pooled}) == 4
+    assert firsts(trainer().ptx_batches(16)) == pooled  # a function of the seed and the iteration
+    later = trainer()
+    later.iteration = 1
+    assert firsts(later.ptx_batches(16)) != pooled
+    same_four = firsts(trainer(ptx_batch=4).ptx_batches(16))  # four a step, the same four at every step
+    assert [len(b) for b in same_four] == [4] and len(set(same_four[0])) == 4
+    own = firsts(trainer(ptx_pool=None).ptx_batches(16))  # a batch of its own each step, no text twice
+    assert [len(b) for b in own] == [1] * 16 and len({b[0] for b in own}) == 16
+    assert len(trainer(ptx_pool=None).ptx_batches(40)) == 40  # more steps than texts: texts repeat
+    assert [len(b) for b in firsts(trainer(ptx_batch=2, ptx_pool=5).ptx_batches(16))] == [2, 2]  # whole batches
+    assert len(trainer().ptx_batches(2)) == 2  # never more drawn than the steps take
+    assert trainer().ptx_batches(0) == []
+    assert trainer(ppo=PPOConfig(ptx_coef=0.0)).ptx_batches(16) == []
+    with pytest.raises(ValueError, match="ptx_pool 2"):
+        RoundConfig(ptx_batch=4, ptx_pool=2)
 
 
 def test_answer_logprobs_equal_the_full_forwards_at_the_answer_positions(tiny_store: ModelStore) -> None:
