@@ -2,7 +2,9 @@
 it wrote to a training prompt, whatever its rank, none of a held-out prompt or of a later version, held out by
 comparison."""
 
+import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,37 @@ def test_a_round_computes_the_loss_only_of_what_it_does_not_know(
     assert len(computed) == 3  # the new version's alone: its parent's and the reference's are known
     assert second.before.ptx_loss == first.after.ptx_loss
     assert second.reference_ptx == first.reference_ptx == first.before.ptx_loss
+
+
+class Crash(Exception):
+    """Stands for a learner killed mid-round."""
+
+
+def test_a_round_resumed_without_its_parents_figures_keeps_none_of_what_it_measures(tmp_path: Path) -> None:
+    data = make_data_dir(tmp_path)
+    settings = load_settings(data_dir=data, learn_threads=1)
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert(events(20, later=set()))
+    config = RoundConfig(iterations=2, prompts_per_iteration=4, max_new_tokens=4, lr=1e-2)
+    options = PPOOptions(ptx_source="reference")
+
+    def crash(step: int, total: int, figures: dict[str, float]) -> None:
+        if step == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        ppo_round(settings, config, options, on_step=crash, show_progress=False)
+    # The crashed round's figures of its parent are gone (an older round's checkpoint, or lost files), its
+    # checkpoint of one trained iteration is not.
+    (before,) = data.rglob("*.before.json")
+    before.unlink()
+    shutil.rmtree(data / "evals")
+    result = ppo_round(settings, config, options, show_progress=False)
+    assert result.resumed_at == 1
+    # Its "before" was measured on the policy after one iteration: kept as v0001's, it would be the wrong figures.
+    assert result.before.ptx_loss != result.reference_ptx
+    assert not (data / "evals" / "answers" / "v0001.json").exists()
+    # The caches hold the reference's own loss as v0001's (v0001 is the reference), and the new version's.
+    losses = json.loads((data / "evals" / "lm_loss.json").read_text())
+    assert sorted(losses.values()) == sorted([result.reference_ptx, result.after.ptx_loss])
+    assert {name.split("/")[0] for name in losses} == {"v0001", result.version}
