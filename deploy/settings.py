@@ -237,7 +237,7 @@ class Settings(BaseSettings):
         4,
         ge=1,
         description="PPO iterations per round. Four: rounds that compound; on 2 CPU cores beside a busy server they "
-        "took 7-9 minutes with short ptx texts (16-17 with the reference's answers as ptx texts) and learned more "
+        "took 7-9 minutes with short ptx texts (15-17 with the reference's answers as ptx texts) and learned more "
         "within an hour than six did in rounds of 15-22 (BENCHMARKS.md).",
     )
     learn_seed: int = Field(
