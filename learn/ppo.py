@@ -43,6 +43,10 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     seed: int = 0  # order of the mini-batches
 
+    def steps(self, rollouts: int) -> int:
+        """Optimiser steps `update` takes over an iteration of `rollouts`: every epoch, its mini-batches."""
+        return self.epochs * -(-rollouts // self.minibatch)
+
 
 @dataclass(frozen=True)
 class Rollouts:

@@ -17,7 +17,6 @@ iteration number and a resumed round meets the same data as an uninterrupted one
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -302,10 +301,8 @@ class PPORound:
         rollouts = self.rollouts()
         generated = time.perf_counter()
         ppo = self.config.ppo
-        steps = ppo.epochs * math.ceil(len(rollouts.queries) / ppo.minibatch)
-        figures = ppo_step(
-            self.models, rollouts, ppo, self.controller, self.optimizer, self.pad_id, self.ptx_batches(steps)
-        )
+        ptx = self.ptx_batches(ppo.steps(len(rollouts.queries)))
+        figures = ppo_step(self.models, rollouts, ppo, self.controller, self.optimizer, self.pad_id, ptx)
         self.iteration += 1
         total = time.perf_counter() - started
         tokens = sum(len(r) for r in rollouts.responses)

@@ -287,6 +287,7 @@ def test_each_optimiser_step_takes_the_next_ptx_batch_in_turn(
         batches,
     )
     assert seen == [5, 6, 7, 5]
+    assert config.steps(len(rollouts.queries)) == len(seen) == 4
     assert figures["ptx_loss"] > 0
 
 
