@@ -217,6 +217,12 @@ class Settings(BaseSettings):
     learn_reward: Literal["model", "zero"] = Field(
         "model", description="`zero`: PPO's reward-model score replaced by 0, KL and ptx only (a control)."
     )
+    learn_advantage: Literal["gae", "rloo"] = Field(
+        "gae",
+        description="PPO's advantages: `gae`, per token from a value model (InstructGPT's); `rloo`, each answer's "
+        "return less the mean of the other answers to its prompt (the K answers of a served comparison), no value "
+        "model.",
+    )
     learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
     learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")
     learn_min_rm_accuracy: float = Field(

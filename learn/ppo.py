@@ -1,4 +1,5 @@
-"""One PPO iteration on a batch of rollouts: score, penalise KL to the reference, GAE, clipped updates, ptx.
+"""One PPO iteration on a batch of rollouts: score, penalise KL to the reference, GAE (or RLOO's leave-one-out
+baseline), clipped updates, ptx.
 
 Objective (InstructGPT): E[r(x,y) - beta * log(pi(y|x) / pi_ref(y|x))] + ptx_coef * E_pretrain[log pi(x)]
 (the paper calls the last weight gamma; here gamma is only the per-token discount of GAE).
@@ -42,6 +43,10 @@ class PPOConfig:
     truncation_penalty: float = 0.0  # added to the score of answers the length limit cut off
     max_grad_norm: float = 1.0
     seed: int = 0  # order of the mini-batches
+    # `gae`: per-token advantages from the value model (GAE, whitened over the batch); `rloo`: each answer's
+    # KL-penalised return less its siblings' mean (the other answers to its prompt), the same for all its tokens,
+    # with no value model (`score`).
+    advantage: Literal["gae", "rloo"] = "gae"
 
     def steps(self, rollouts: int) -> int:
         """Optimiser steps `update` takes over an iteration of `rollouts`: every epoch, its mini-batches."""
@@ -391,7 +396,11 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
     rewards, kl = rl_math.kl_penalty_rewards(
         parts["logprobs"], parts["ref"], mask, parts["scores"], beta, truncated, config.truncation_penalty
     )
-    advantages, returns = rl_math.gae(rewards, values, mask, config.gamma, config.lam)
+    if config.advantage == "rloo":
+        advantages, returns = answer_advantages(rollouts, rewards, mask), values
+    else:
+        advantages, returns = rl_math.gae(rewards, values, mask, config.gamma, config.lam)
+        advantages = rl_math.whiten(advantages, mask)
     # On answers another version wrote, E[log pi - log pi_ref] over its samples is not the policy's KL (with the
     # reference as writer it is minus KL(ref || pi), below 0): weighting each token by pi / pi_old makes it one.
     kl_policy = kl * torch.exp(parts["logprobs"] - parts["old"]).clamp(max=10.0) * mask
@@ -403,9 +412,21 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         parts["scores"],
         kl,
         kl_policy,
-        rl_math.whiten(advantages, mask),
+        advantages,
         returns,
     )
+
+
+def answer_advantages(rollouts: Rollouts, rewards: Tensor, mask: Tensor) -> Tensor:
+    """(B, A) RLOO's advantages: each answer's summed per-token rewards (its score less beta times its KL) less the
+    mean of its siblings', on every one of its tokens, divided by their root mean square over the batch (as GAE's
+    are whitened: the learning rate then means the same whatever the reward model's scale). Siblings are the rows
+    with the same prompt: the K answers of a served comparison."""
+    ids: dict[tuple[int, ...], int] = {}
+    groups = torch.tensor([ids.setdefault(tuple(q), len(ids)) for q in rollouts.queries], device=mask.device)
+    per_answer = rl_math.leave_one_out((rewards * mask).sum(dim=1), groups)
+    per_answer = per_answer * torch.rsqrt(per_answer.pow(2).mean() + 1e-8)
+    return per_answer[:, None] * mask
 
 
 def _values_and_scores(models: Models, rollouts: Rollouts, packed: Packed, below: Tensor) -> tuple[Tensor, Tensor]:
@@ -536,7 +557,7 @@ def _policy_and_value_loss(
     frozen: bool,
     figures: dict[str, list[Tensor]],
 ) -> Tensor:
-    """The clipped policy loss plus the weighted value loss of the given rows (means over their tokens)."""
+    """The clipped policy loss plus (GAE's) the weighted value loss of the given rows (means over their tokens)."""
     sub = packed.rows(rows)
     a = sub.mask.shape[1]  # the sub-batch's answer width: per-token tensors are cut to it
     below = scored.below[rows, : sub.width] if frozen else None
@@ -544,21 +565,23 @@ def _policy_and_value_loss(
     policy_out = rl_math.clipped_policy_loss(
         new_logprobs, scored.old_logprobs[rows, :a], scored.advantages[rows, :a], sub.mask, config.clip
     )
-    value_loss, _ = rl_math.clipped_value_loss(
-        models.value(scored.features[rows, :a]) * sub.mask,
-        scored.values[rows, :a],
-        scored.returns[rows, :a],
-        sub.mask,
-        config.value_clip,
-    )
     figures["policy_loss"].append(policy_out.loss.detach())
-    figures["value_loss"].append(value_loss.detach())
     figures["clip_fraction"].append(policy_out.clip_fraction.detach())
     figures["approx_kl"].append(policy_out.approx_kl.detach())
     with torch.no_grad():
         every = torch.ones(1, logits.shape[0], device=logits.device)  # the logits are the answers' already
         figures["entropy"].append(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every))
-    loss: Tensor = policy_out.loss + config.value_coef * value_loss
+    loss: Tensor = policy_out.loss
+    if config.advantage == "gae":  # RLOO's baseline is the siblings' return: no value model to fit
+        value_loss, _ = rl_math.clipped_value_loss(
+            models.value(scored.features[rows, :a]) * sub.mask,
+            scored.values[rows, :a],
+            scored.returns[rows, :a],
+            sub.mask,
+            config.value_clip,
+        )
+        figures["value_loss"].append(value_loss.detach())
+        loss = loss + config.value_coef * value_loss
     return loss
 
 

@@ -61,7 +61,10 @@ def _default(setting: str) -> Any:
 
 def _ppo_default() -> PPOConfig:
     return PPOConfig(
-        ptx_coef=_default("learn_ptx_coef"), epochs=_default("learn_ppo_epochs"), seed=_default("learn_seed")
+        ptx_coef=_default("learn_ptx_coef"),
+        epochs=_default("learn_ppo_epochs"),
+        seed=_default("learn_seed"),
+        advantage=_default("learn_advantage"),
     )
 
 
@@ -112,7 +115,12 @@ class RoundConfig:
             rollouts=settings.learn_rollouts,
             reward=settings.learn_reward,
             seed=settings.learn_seed,
-            ppo=PPOConfig(ptx_coef=settings.learn_ptx_coef, epochs=settings.learn_ppo_epochs, seed=settings.learn_seed),
+            ppo=PPOConfig(
+                ptx_coef=settings.learn_ptx_coef,
+                epochs=settings.learn_ppo_epochs,
+                seed=settings.learn_seed,
+                advantage=settings.learn_advantage,
+            ),
         )
 
     def changed(self, ptx_coef: float | None = None, **fields: Any) -> RoundConfig:

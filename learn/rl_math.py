@@ -227,6 +227,25 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, (advantages + values) * mask
 
 
+def leave_one_out(returns: Tensor, groups: Tensor) -> Tensor:
+    """(B,) each answer's return less the mean return of the other answers to the same prompt (RLOO, Ahmadian et al.
+    2024): the baseline of K answers to one prompt is their siblings', so what a prompt adds to every answer's score
+    (a reward model trained on pairs inside a prompt never calibrates scores across prompts) cancels out.
+
+    returns: (B,) one figure per answer; groups: (B,) the prompt of each answer. An answer without siblings is set
+    against the mean of every other answer in the batch (in a batch of one its advantage is 0)."""
+    count = int(groups.max()) + 1 if groups.numel() else 0
+    sums = torch.zeros(count, dtype=returns.dtype, device=returns.device).index_add_(0, groups, returns)
+    sizes = torch.zeros(count, dtype=returns.dtype, device=returns.device).index_add_(
+        0, groups, torch.ones_like(returns)
+    )
+    siblings = sizes[groups] - 1
+    within = (sums[groups] - returns) / siblings.clamp(min=1)
+    # A batch of one has nothing to compare with: its own return is its baseline.
+    others = (returns.sum() - returns) / (returns.numel() - 1) if returns.numel() > 1 else returns
+    return returns - torch.where(siblings > 0, within, others)
+
+
 # -- losses ---------------------------------------------------------------------------------------------------
 
 

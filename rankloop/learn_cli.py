@@ -257,6 +257,13 @@ def ppo(
             "here (default: RANKLOOP_LEARN_ROLLOUTS)."
         ),
     ] = None,
+    advantage: Annotated[
+        str | None,
+        typer.Option(
+            help="`gae`: per-token advantages from a value model; `rloo`: each answer's return less its siblings' "
+            "mean (default: RANKLOOP_LEARN_ADVANTAGE)."
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Default: RANKLOOP_LEARN_SEED.")] = None,
     fresh: Annotated[bool, typer.Option(help="Discard the checkpoint of an interrupted round.")] = False,
 ) -> None:
@@ -292,6 +299,10 @@ def ppo(
         rollouts=source,
         seed=seed,
     )
+    if advantage is not None:
+        if advantage not in ("gae", "rloo"):
+            raise fail(f"--advantage {advantage}: use `gae` or `rloo`")
+        config = replace(config, ppo=replace(config.ppo, advantage="rloo" if advantage == "rloo" else "gae"))
     if kl_target is not None and kl_target <= 0:
         raise fail(f"--kl-target {kl_target}: give a KL above 0, or --fixed-kl for a fixed beta")
     if fixed_kl:

@@ -5,7 +5,7 @@ answer, and not without the reward), the ptx term adds its gradient, the split f
 import copy
 import random
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -21,6 +21,7 @@ from learn.ppo import (
     PtxBatch,
     Rollouts,
     ValueModel,
+    answer_advantages,
     answer_logprobs,
     pack,
     ppo_step,
@@ -133,6 +134,27 @@ def test_an_answers_rewards_advantages_and_returns_do_not_depend_on_its_prompt_o
                     assert a == pytest.approx(b, abs=1e-12)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_rloo_advantages_by_hand_with_prompts_longer_than_their_answers(side: str) -> None:
+    # Prompt P (9 tokens) answered twice, prompt Q (6 tokens) once: every prompt is longer than its answers.
+    # Scores 3, 1, 5; beta 0.5; log pi - log pi_ref 0.2 a token; answers of 2, 3 and 1 tokens.
+    # Returns: 3 - 0.5 * 0.4 = 2.8; 1 - 0.5 * 0.6 = 0.7; 5 - 0.5 * 0.2 = 4.9.
+    # P's: 2.8 - 0.7 = 2.1 and -2.1; Q alone against the batch's rest: 4.9 - (2.8 + 0.7) / 2 = 3.15.
+    # Root mean square of 2.1, -2.1, 3.15: sqrt((4.41 + 4.41 + 9.9225) / 3) = sqrt(6.2475) = 2.49950.
+    p, q = list(range(10, 19)), list(range(30, 36))
+    rollouts = Rollouts([p, q, p], [[5, 6], [8], [7, 8, 9]], [False, False, False])
+    packed = pack(rollouts, PAD, side)  # type: ignore[arg-type]
+    mask = packed.mask.double()
+    rewards, _ = rl_math.kl_penalty_rewards(
+        0.2 * mask, torch.zeros_like(mask), mask, rl_math_t(3.0, 5.0, 1.0), 0.5, None
+    )
+    got = answer_advantages(rollouts, rewards, mask)
+    rms = (6.2475) ** 0.5
+    # Row order P (2 tokens), Q (1), P (3): each answer's advantage on each of its tokens, 0 after it.
+    expected = [[2.1, 2.1, 0.0], [3.15, 0.0, 0.0], [-2.1, -2.1, -2.1]]
+    assert got.flatten().tolist() == pytest.approx([x / rms for row in expected for x in row])
+
+
 def test_each_iteration_takes_every_item_once_per_pass() -> None:
     rows = [iteration_rows(10, 4, i, seed=3) for i in range(5)]  # 20 draws: passes 0 and 1 over 10 items
     flat = [r for batch in rows for r in batch]
@@ -188,40 +210,52 @@ def test_kl_is_exactly_zero_before_any_update(parts: tuple[Any, Any, ValueModel,
 
 
 def train_on_known_reward(
-    parts: tuple[Any, Any, ValueModel, Any], prompt_len: int, new_tokens: int, zeroed: bool
+    parts: tuple[Any, Any, ValueModel, Any],
+    prompt_len: int,
+    new_tokens: int,
+    zeroed: bool,
+    advantage: Literal["gae", "rloo"] = "gae",
 ) -> list[float]:
     """16 PPO iterations on the low-half reward (or on 0: the signal removed); the low-half share of each
-    iteration's sampled answers, measured whatever the training reward."""
+    iteration's sampled answers, measured whatever the training reward. With `rloo`, 4 prompts of 4 answers each
+    (RLOO's groups) where GAE takes 16 prompts of one."""
     policy, _, value, tokenizer = parts
     share = low_half_share(len(tokenizer), prompt_len)
     trained_on = (lambda s: torch.zeros(len(s))) if zeroed else share
     models = models_of(parts, trained_on)
     optimizer = torch.optim.Adam(list(policy.parameters()) + list(value.head.parameters()), lr=5e-3)
     controller = rl_math.AdaptiveKLController(0.05, target=6.0, horizon=10_000)
-    config, history = PPOConfig(epochs=4, minibatch=8), []
+    config, history = PPOConfig(epochs=4, minibatch=8, advantage=advantage), []
     for step in range(16):
-        rollouts = sample(
-            policy, queries(16, step, prompt_len), new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=step
-        )
+        prompts = queries(16, step, prompt_len) if advantage == "gae" else queries(4, step, prompt_len) * 4
+        rollouts = sample(policy, prompts, new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=step)
         history.append(float(share([q + r for q, r in zip(rollouts.queries, rollouts.responses, strict=True)]).mean()))
         figures = ppo_step(models, rollouts, config, controller, optimizer, tokenizer.pad_token_id)
         assert figures["kl_per_token"] < 4.0
-        assert {"policy_loss", "value_loss", "clip_fraction", "entropy", "approx_kl", "beta"} <= set(figures)
+        assert {"policy_loss", "clip_fraction", "entropy", "approx_kl", "beta"} <= set(figures)
+        assert ("value_loss" in figures) == (advantage == "gae")  # RLOO fits no value model
     return history
 
 
-@pytest.mark.parametrize(("prompt_len", "new_tokens"), [(4, 8), (12, 4)], ids=["short-prompts", "long-prompts"])
+@pytest.mark.parametrize(
+    ("prompt_len", "new_tokens", "advantage"),
+    [(4, 8, "gae"), (12, 4, "gae"), (12, 4, "rloo")],
+    ids=["short-prompts", "long-prompts", "long-prompts-rloo"],
+)
 def test_a_known_reward_rises_while_kl_stays_bounded(
-    parts: tuple[Any, Any, ValueModel, Any], prompt_len: int, new_tokens: int
+    parts: tuple[Any, Any, ValueModel, Any], prompt_len: int, new_tokens: int, advantage: Literal["gae", "rloo"]
 ) -> None:
     # long-prompts: every prompt (12 tokens) is longer than its answer (at most 4): the frame the old code lost.
-    history = train_on_known_reward(parts, prompt_len, new_tokens, zeroed=False)
+    history = train_on_known_reward(parts, prompt_len, new_tokens, zeroed=False, advantage=advantage)
     first, last = sum(history[:2]) / 2, sum(history[-3:]) / 3
     assert last > first + 0.1, [round(h, 3) for h in history]  # from about 0.55 (chance) upwards
 
 
-def test_without_the_reward_the_share_does_not_rise(parts: tuple[Any, Any, ValueModel, Any]) -> None:
-    history = train_on_known_reward(parts, 12, 4, zeroed=True)
+@pytest.mark.parametrize("advantage", ["gae", "rloo"])
+def test_without_the_reward_the_share_does_not_rise(
+    parts: tuple[Any, Any, ValueModel, Any], advantage: Literal["gae", "rloo"]
+) -> None:
+    history = train_on_known_reward(parts, 12, 4, zeroed=True, advantage=advantage)
     first, last = sum(history[:2]) / 2, sum(history[-3:]) / 3
     assert last < first + 0.1, [round(h, 3) for h in history]
 

@@ -14,6 +14,7 @@ from learn.rl_math import (
     gae,
     kl_penalty_rewards,
     kwise_ranking_loss,
+    leave_one_out,
     masked_mean,
     masked_var,
     pack_rankings,
@@ -226,6 +227,21 @@ def test_gae_stops_at_the_end_of_each_answer() -> None:
     # t1: 1 + 0 - 0.5 = 0.5; t0: 0 + 0.5 - 0.5 + 0.5 = 0.5; t2: 0.
     advantages, _ = gae(t(0, 1, 5).unsqueeze(0), t(0.5, 0.5, 9).unsqueeze(0), t(1, 1, 0).unsqueeze(0), 1.0, 1.0)
     assert advantages.tolist()[0] == pytest.approx([0.5, 0.5, 0.0])
+
+
+def test_leave_one_out_sets_each_answer_against_its_siblings_mean() -> None:
+    # Prompt 0: returns 1, 2, 6 -> baselines (2 + 6) / 2 = 4, (1 + 6) / 2 = 3.5, (1 + 2) / 2 = 1.5 -> -3, -1.5, 4.5.
+    # Prompt 1 (rows interleaved with prompt 0's): returns 4, 0 -> baselines 0, 4 -> 4, -4.
+    got = leave_one_out(t(1, 4, 2, 6, 0), i(0, 1, 0, 0, 1))
+    assert got.tolist() == pytest.approx([-3.0, 4.0, -1.5, 4.5, -4.0])
+    # What a prompt adds to all its answers cancels: prompt 1's returns + 100 give the same advantages.
+    assert leave_one_out(t(1, 104, 2, 6, 100), i(0, 1, 0, 0, 1)).tolist() == pytest.approx(got.tolist())
+
+
+def test_an_answer_without_siblings_is_set_against_the_rest_of_the_batch() -> None:
+    # Rows 0, 1 share prompt 0: -1, 1. Row 2 alone: 6 - mean(1, 2) = 4.5. A batch of one: 0.
+    assert leave_one_out(t(1, 2, 6), i(0, 0, 1)).tolist() == pytest.approx([-1.0, 1.0, 4.5])
+    assert leave_one_out(t(3.0), i(0)).tolist() == [0.0]
 
 
 # -- losses -----------------------------------------------------------------------------------------------------
