@@ -1,6 +1,6 @@
-"""Agreement with held-out rankings, on the raw summed log-ratios and detrended (less what length alone predicts),
-of every version PPO trained in loop-demo runs, each against its parent, on the held-out rankings its round judged
-it by (the newest 64 held-out ranked comparisons when its card was written). Figures go to BENCHMARKS.md.
+"""Agreement with held-out rankings, on the raw summed log-ratios, detrended (less what length alone predicts) and
+a token, of every version PPO trained in loop-demo runs, each against its parent, on the held-out rankings its
+round judged it by (the newest 64 held-out ranked comparisons when its card was written). Figures go to BENCHMARKS.md.
 
     .venv/bin/python bench/agreement_bias.py var/demo-concise var/demo-concise-control [--versions v0002,v0003]
 """
@@ -46,7 +46,8 @@ def measure(run: Path, only: set[str] | None) -> list[str]:
         after, before = card.details["eval"]["after"], card.details["eval"]["before"]
         rows.append(
             f"| {run.name} | {version} (from {card.parent}) | {found.pairs} | {recorded:.3f} | {found.rate:.3f} | "
-            f"{found.detrended:.3f} | {before['answer_length']:.0f} → {after['answer_length']:.0f} |"
+            f"{found.detrended:.3f} | {found.per_token:.3f} | {before['answer_length']:.0f} → "
+            f"{after['answer_length']:.0f} |"
         )
         print(rows[-1], f"({time.monotonic() - started:.0f} s)", flush=True)
     return rows
@@ -72,10 +73,11 @@ def main() -> None:
         "its card was written (what its round judged it by, up to rankings that arrived while it was being judged). "
         "Raw: the share of pairs whose preferred answer the policy made more likely than the other, relative to "
         "the parent, by the summed log-ratio; detrended: the same less each answer's length times the mean "
-        "per-token shift.",
+        "per-token shift; per token: on each answer's mean log-ratio a token.",
         "",
-        "| run | version | pairs | agreement when judged | raw now | detrended | answer length (tokens), parent → it |",
-        "|---|---|---|---|---|---|---|",
+        "| run | version | pairs | agreement when judged | raw now | detrended | per token | answer length (tokens), "
+        "parent → it |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     write_section("agreement_bias", "\n".join(lines))

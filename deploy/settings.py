@@ -307,6 +307,11 @@ class Settings(BaseSettings):
     learn_min_agreement: float = Field(
         0.55, ge=0.0, le=1.0, description="Gate: share of held-out ranked pairs the new version must agree with."
     )
+    learn_agreement_by: Literal["per_token", "sum"] = Field(
+        "per_token",
+        description="Gate: agreement with held-out rankings on each answer's log-ratio to the parent a token "
+        "(`per_token`), or summed over the answer (`sum`), which drift alone pushes towards the shorter answer.",
+    )
     learn_min_agreement_pairs: int = Field(
         20, ge=0, description="Gate: held-out ranked pairs that agreement must be measured on."
     )

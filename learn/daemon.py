@@ -78,6 +78,7 @@ def limits(settings: Settings) -> Limits:
         max_kl=settings.learn_max_kl,
         min_agreement=settings.learn_min_agreement,
         min_agreement_pairs=settings.learn_min_agreement_pairs,
+        agreement_by=settings.learn_agreement_by,
     )
 
 
@@ -250,7 +251,8 @@ class Learner:
             "seconds": seconds,
             **(rm.evaluation.figures("rm_") if rm is not None else {}),
         }
-        metrics.observe_round(seconds, {**_brief(result.after), "agreement": result.agreement.rate})
+        agreed = result.agreement.share(self.settings.learn_agreement_by)  # the share the gate read
+        metrics.observe_round(seconds, {**_brief(result.after), "agreement": agreed})
         self.publish("waiting", f"{card.version} {outcome} ({verdict.why})", last_round=summary)
         self.record({**summary, "reward_model": card.details.get("reward_model")})
         return f"{outcome} {card.version}"

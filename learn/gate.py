@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from learn.policy_eval import Agreement, PolicyEval
 from learn.reward_model import Evaluation
@@ -32,6 +33,10 @@ class Limits:
     max_kl: float = 30.0  # per-answer KL to the reference (nats)
     min_agreement: float = 0.55
     min_agreement_pairs: int = 20
+    # Which share of held-out pairs agreement is: `per_token`, on each answer's log-ratio to the parent a token;
+    # `sum`, on the summed log-ratio, which falls with length for a policy that only drifted and so sides with the
+    # shorter answer of a pair whatever the policy learned (BENCHMARKS.md, `agreement_bias`).
+    agreement_by: Literal["per_token", "sum"] = "per_token"
     empty_rise: float = 0.02  # shares may rise by at most this much over the replaced version's
     degenerate_rise: float = 0.05
     truncated_rise: float = 0.2
@@ -104,18 +109,18 @@ def promotion_gate(
             f"only {agreement.pairs} held-out ranked pairs to check it against users (fewer than "
             f"{limits.min_agreement_pairs})",
         )
-    if not agreement.rate >= limits.min_agreement:
+    share = agreement.share(limits.agreement_by)
+    if not share >= limits.min_agreement:
         return Gate(
             False,
-            f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs (below "
-            f"{limits.min_agreement:.0%})",
+            f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs (below {limits.min_agreement:.0%})",
         )
-    low = share_low(agreement.rate, agreement.pairs)
+    low = share_low(share, agreement.pairs)
     if not low > 0.5:  # a coin gives 55% or more of 20 pairs 41% of the time
         return Gate(
             False,
-            f"it agrees with {agreement.rate:.0%} of {agreement.pairs} held-out ranked pairs, not "
-            f"beyond chance (95% low {low:.0%})",
+            f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs, not beyond chance "
+            f"(95% low {low:.0%})",
         )
     # The reward model's word counts against a version only where it is beyond the noise of two small samples'
     # means: 16 answers of spread 3 put a mean anywhere within ±1.5 of its value (95%), so "not higher" refused
@@ -134,7 +139,7 @@ def promotion_gate(
             f"held-out LM loss {after.ptx_loss:.3f} exceeds {limits.max_ptx_ratio}x the reference's {fluency:.3f}",
         )
     why = (
-        f"mean reward {before.reward:.3f} → {after.reward:.3f}, agrees with {agreement.rate:.0%} of "
+        f"mean reward {before.reward:.3f} → {after.reward:.3f}, agrees with {share:.0%} of "
         f"{agreement.pairs} held-out ranked pairs, {after.empty:.0%} empty, KL {after.kl:.1f}"
     )
     return Gate(True, why)

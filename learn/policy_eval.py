@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -266,16 +266,27 @@ class Agreement:
     """How a new policy moved on rankings it never trained on: the share of held-out ranked pairs whose preferred
     answer it made more likely, relative to its parent, than the other (log pi/pi_parent summed over each answer).
     Neither the reward model nor PPO saw these rankings, so a policy that only fooled its reward model does not
-    move them, and a policy that learned what users prefer does. `detrended`: the same share less what each
-    answer's length alone predicts (`detrended()`), recorded beside it, not gated on (BENCHMARKS.md, "Agreement with
-    held-out rankings")."""
+    move them, and a policy that learned what users prefer does. `per_token`: the same share on each answer's
+    log-ratio a token (`per_token()`), which drift alone leaves at half whatever the answers' lengths, the share the
+    gate reads by default; `detrended`: the summed share less what each answer's length alone predicts
+    (`detrended()`), recorded, not gated on (BENCHMARKS.md, `agreement_bias`)."""
 
     rate: float
     pairs: int
     detrended: float = float("nan")
+    per_token: float = float("nan")  # the share on each answer's mean log-ratio a token (`per_token`)
+
+    def share(self, by: Literal["per_token", "sum"]) -> float:
+        """The share the gate reads: on log-ratios a token, or summed over each answer (`rate`)."""
+        return self.per_token if by == "per_token" else self.rate
 
     def figures(self) -> dict[str, float]:
-        return {"agreement": self.rate, "agreement_pairs": float(self.pairs), "agreement_detrended": self.detrended}
+        return {
+            "agreement": self.rate,
+            "agreement_pairs": float(self.pairs),
+            "agreement_detrended": self.detrended,
+            "agreement_per_token": self.per_token,
+        }
 
 
 def detrended(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -323,7 +334,19 @@ def agreement(
         if (g, chosen) in index and (g, rejected) in index
     ]
     lengths = torch.tensor([len(answer) for _, answer in rollouts], dtype=shift.dtype)
-    return Agreement(share_agreeing(shift, judged), len(judged), share_agreeing(detrended(shift, lengths), judged))
+    return Agreement(
+        share_agreeing(shift, judged),
+        len(judged),
+        share_agreeing(detrended(shift, lengths), judged),
+        share_agreeing(per_token(shift, lengths), judged),
+    )
+
+
+def per_token(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each answer's log pi/pi_parent a token: its summed shift over its length. A policy that only drifted makes
+    its parent's answers less likely by about the same amount a token, so the sums fall with length and the means
+    do not; a policy that learned moves the tokens users preferred, in short answers and long ones alike."""
+    return shift / lengths.clamp(min=1)
 
 
 def share_agreeing(shift: torch.Tensor, judged: Sequence[tuple[int, int]]) -> float:

@@ -14,7 +14,7 @@ from deploy.registry import Registry
 from deploy.settings import load_settings
 from learn import degenerate, layers
 from learn.gate import Limits, promotion_gate
-from learn.policy_eval import Agreement, PolicyEval, agreement, detrended
+from learn.policy_eval import Agreement, PolicyEval, agreement, detrended, per_token, share_agreeing
 from learn.ppo import AdapterOff, Packed, PPOConfig, backbone
 from learn.ppo_run import RoundConfig
 from learn.reward_model import RewardScorer
@@ -38,7 +38,12 @@ def ev(
     return PolicyEval(reward, kl, ptx, length, 32, [], empty, degenerate_share, truncated, se)
 
 
-AGREES = Agreement(0.7, 40)
+def agreeing(share: float, pairs: int) -> Agreement:
+    """The same share of held-out pairs whichever way it is read (summed log-ratios or a token)."""
+    return Agreement(share, pairs, per_token=share)
+
+
+AGREES = agreeing(0.7, 40)
 
 
 def test_a_better_version_passes() -> None:
@@ -66,17 +71,29 @@ def test_each_check_refuses_on_its_own_however_high_the_reward(after: PolicyEval
 
 
 def test_the_rankings_users_held_out_must_agree_and_be_enough() -> None:
-    few = promotion_gate(ev(0.1), ev(5.0), Agreement(0.9, 10), Limits())
+    few = promotion_gate(ev(0.1), ev(5.0), agreeing(0.9, 10), Limits())
     assert not few.passed and few.why == "only 10 held-out ranked pairs to check it against users (fewer than 20)"
-    against = promotion_gate(ev(0.1), ev(5.0), Agreement(0.5, 60), Limits())
+    against = promotion_gate(ev(0.1), ev(5.0), agreeing(0.5, 60), Limits())
     assert not against.passed and against.why == "it agrees with 50% of 60 held-out ranked pairs (below 55%)"
-    assert not promotion_gate(ev(0.1), ev(5.0), Agreement(float("nan"), 0), Limits(min_agreement_pairs=0)).passed
+    assert not promotion_gate(ev(0.1), ev(5.0), agreeing(float("nan"), 0), Limits(min_agreement_pairs=0)).passed
     # 60% of 30 pairs: 95% interval 0.6 ± 1.96 * sqrt(0.24 / 30) = 0.6 ± 0.175, so its low end is 42.5%.
-    chance = promotion_gate(ev(0.1), ev(5.0), Agreement(0.6, 30), Limits())
+    chance = promotion_gate(ev(0.1), ev(5.0), agreeing(0.6, 30), Limits())
     assert not chance.passed and chance.why == (
         "it agrees with 60% of 30 held-out ranked pairs, not beyond chance (95% low 42%)"
     )
-    assert promotion_gate(ev(0.1), ev(5.0), Agreement(0.6, 300), Limits()).passed  # ± 0.055: low 54.5%
+    assert promotion_gate(ev(0.1), ev(5.0), agreeing(0.6, 300), Limits()).passed  # ± 0.055: low 54.5%
+
+
+def test_the_gate_reads_agreement_a_token_unless_told_to_read_the_sums() -> None:
+    # A drifting policy's summed log-ratios side with the shorter answer: 70% of 300 pairs where users preferred
+    # shorter answers, 50% a token. Read a token (the default) it is refused; read summed it would pass.
+    drifted = Agreement(0.7, 300, per_token=0.5)
+    verdict = promotion_gate(ev(0.1), ev(5.0), drifted, Limits())
+    assert not verdict.passed and verdict.why == "it agrees with 50% of 300 held-out ranked pairs (below 55%)"
+    assert promotion_gate(ev(0.1), ev(5.0), drifted, Limits(agreement_by="sum")).passed
+    # And the other way: 45% summed where users preferred longer answers, 60% a token: promoted.
+    learned = promotion_gate(ev(0.1), ev(5.0), Agreement(0.45, 300, per_token=0.6), Limits())
+    assert learned.passed and "agrees with 60% of 300 held-out ranked pairs" in learned.why
 
 
 def test_a_lower_reward_counts_against_a_version_only_beyond_its_noise() -> None:
@@ -151,6 +168,7 @@ def test_agreement_counts_the_pairs_the_new_policy_moved_towards_the_users_choic
     found = agreement(policy, parent, groups, pad=0)
     # Pairs: (a: 0 over 1) agrees; (b: 0 over 1) disagrees; (b: 0 over 2): the same answer, no shift: a tie (0.5).
     assert found.pairs == 3 and found.rate == pytest.approx((1 + 0 + 0.5) / 3)
+    assert found.per_token == found.rate  # answers of one length: a token orders them as the sums do
     assert agreement(parent, parent, groups, pad=0).rate == 0.5  # no move at all: every pair a tie
 
 
@@ -161,6 +179,20 @@ def test_detrending_takes_out_what_length_alone_predicts() -> None:
     # A policy that only drifted (the same shift a token everywhere) moved no answer beyond its length.
     drift = -0.5 * torch.tensor([3.0, 10.0, 41.0])
     assert detrended(drift, torch.tensor([3.0, 10.0, 41.0])).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_a_drift_the_same_a_token_agrees_with_half_the_pairs_per_token_whatever_the_lengths() -> None:
+    # Summed log-ratios -3, -6, 2 over answers of 1, 2 and 4 tokens: -3, -3 and 0.5 a token.
+    assert per_token(torch.tensor([-3.0, -6.0, 2.0]), torch.tensor([1.0, 2.0, 4.0])).tolist() == [-3.0, -3.0, 0.5]
+    # Users preferred the longer answer of both pairs (2 over 0, 1 over 0). A policy that only drifted, 0.5 a token
+    # less likely everywhere: the summed shifts side with the shorter answer every time, the per-token ones tie.
+    lengths = torch.tensor([3.0, 10.0, 41.0])
+    drift, judged = -0.5 * lengths, [(2, 0), (1, 0)]
+    assert share_agreeing(drift, judged) == 0.0
+    assert share_agreeing(per_token(drift, lengths), judged) == 0.5
+    # One that made the preferred answers' tokens likelier, by 0.1 a token on top of the drift, agrees per token.
+    learned = drift + torch.tensor([0.0, 0.1 * 10, 0.1 * 41])
+    assert share_agreeing(learned, judged) == 0.0 and share_agreeing(per_token(learned, lengths), judged) == 1.0
 
 
 def test_agreement_runs_the_shared_lower_layers_once_and_finds_the_same_shifts(tiny_store: ModelStore) -> None:
