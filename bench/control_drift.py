@@ -1,10 +1,13 @@
 """What moves a policy when PPO's reward is zeroed: one PPO round from v0001 with the reward-model score replaced
 by 0 (`RANKLOOP_LEARN_REWARD=zero`, as the loop demo's control), under variants of the other terms (the ptx term's
 weight, the KL penalty's), on a copy of a demo run's data (its rankings, served answers and reward models); each
-new version's answer length and its win rate over v0001 under the run's preference. Figures go to BENCHMARKS.md.
+new version's answer length and its win rate over v0001 under the run's preference. With `--keep-score` the same
+rounds with the score kept, to compare variants of learning (`adv=rloo`: RLOO's advantages). Figures go to
+BENCHMARKS.md.
 
     .venv/bin/python bench/control_drift.py var/demo-concise-control [--reward r0002] [--variants ptx=0.5,ptx=0]
         [--set LEARN_PTX_FILE= --set LEARN_PTX_SOURCE=reference]
+    .venv/bin/python bench/control_drift.py var/demo-concise --keep-score --reward r0001 --variants adv=gae,adv=rloo
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from bench.report import machine, write_section  # noqa: E402
 from deploy.model_store import ModelStore  # noqa: E402
 from deploy.settings import load_settings  # noqa: E402
 
-OPTIONS = {"ptx": "--ptx-coef", "kl": "--kl-coef"}  # name=value
+OPTIONS = {"ptx": "--ptx-coef", "kl": "--kl-coef", "adv": "--advantage"}  # name=value
 FLAGS = {"fixed": "--fixed-kl"}  # bare names
 
 
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--reward", default="r0002")
     parser.add_argument("--variants", default="ptx=0.5,ptx=0", help="comma-separated; `ptx=0+kl=0+fixed` combines")
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--keep-score", action="store_true", help="PPO's reward-model score kept (not a control)")
     parser.add_argument(
         "--set",
         action="append",
@@ -84,7 +88,7 @@ def main() -> None:
     env = {
         **os.environ,
         **{f"RANKLOOP_{k}": v for k, v in settings.items()},
-        "RANKLOOP_LEARN_REWARD": "zero",
+        "RANKLOOP_LEARN_REWARD": "model" if args.keep_score else "zero",
         "RANKLOOP_DATA_DIR": str(data),
     }
     rows = []
@@ -93,34 +97,40 @@ def main() -> None:
         card: dict[str, Any] = ModelStore(data / "models").card(version).details
         before, after = card["eval"]["before"], card["eval"]["after"]
         result = judged(env, version, preference, args.samples)
-        rate = result["win_rate"]
+        rate, agreed = result["win_rate"], card["agreement"]
         pairs = rate["wins"] + rate["ties"] + rate["losses"]
         rows.append(
             f"| {variant} | {version} | {before['answer_length']:.0f} → {after['answer_length']:.0f} tokens; "
             f"{result['length_b']:.0f} → {result['length_a']:.0f} characters judged | {after['kl']:.1f} | "
-            f"{card['agreement']['agreement']:.3f} | **{rate['rate']:.1%}** ({rate['low']:.1%}-{rate['high']:.1%}, "
+            f"{agreed['agreement']:.3f} / {agreed.get('agreement_per_token', float('nan')):.3f} | "
+            f"**{rate['rate']:.1%}** ({rate['low']:.1%}-{rate['high']:.1%}, "
             f"{pairs} pairs) | {minutes:.1f} |"
         )
         print(rows[-1], flush=True)
     shutil.rmtree(work, ignore_errors=True)
+    title = "One round from v0001"
+    if not args.keep_score:
+        title = "What moves a policy with its reward zeroed: one round from v0001"
     lines = [
-        f"## What moves a policy with its reward zeroed: one round from v0001 on `{args.run.name}` (issue 16)",
+        f"## {title} on `{args.run.name}` (issue 16)",
         "",
         f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}.",
         "",
-        f"Command: `.venv/bin/python bench/control_drift.py {args.run} --reward {args.reward} --variants "
-        f"{args.variants}{''.join(f' --set {k}={v}' for k, v in changes.items())}`",
+        f"Command: `.venv/bin/python bench/control_drift.py {args.run}{' --keep-score' * args.keep_score} --reward "
+        f"{args.reward} --variants {args.variants}{''.join(f' --set {k}={v}' for k, v in changes.items())}`",
         "",
         f"One PPO round each (default settings, the run's: {', '.join(f'{k}={v}' for k, v in settings.items())}), "
-        f"from v0001 against {args.reward} with its score replaced by 0, on the run's rankings and served answers; "
-        f"judged against v0001 under `{preference}` on held-out prompts, {args.samples} answers each.",
+        f"from v0001 against {args.reward}{'' if args.keep_score else ' with its score replaced by 0'}, on the run's "
+        f"rankings and served answers; judged against v0001 under `{preference}` on held-out prompts, "
+        f"{args.samples} answers each. Agreement with held-out rankings: summed / a token.",
         "",
         "| variant | version | answer length, v0001 → it | KL | agreement | win rate over v0001 (95%) | minutes |",
         "|---|---|---|---|---|---|---|",
         *rows,
     ]
     changed = "".join(f"-{k.lower()}-{v}" for k, v in sorted(changes.items()) if v)
-    write_section(f"control_drift_{args.run.name}{changed.replace('/', '_')}", "\n".join(lines))
+    kind = "round_variants" if args.keep_score else "control_drift"
+    write_section(f"{kind}_{args.run.name}{changed.replace('/', '_')}", "\n".join(lines))
 
 
 if __name__ == "__main__":
