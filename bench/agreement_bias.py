@@ -63,7 +63,7 @@ def main() -> None:
     rows = [row for run in args.runs for row in measure(run, only)]
     command = " ".join(["bench/agreement_bias.py", *map(str, args.runs)] + (["--versions", args.versions] * bool(only)))
     lines = [
-        "## Agreement with held-out rankings: raw and detrended (issue 16)",
+        "## Agreement with held-out rankings: raw, detrended and a token (issue 16)",
         "",
         f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}.",
         "",

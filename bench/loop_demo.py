@@ -298,7 +298,7 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "| round | outcome | reward model held-out accuracy (pairs) | new version: empty / degenerate / cut, "
-        "length (tokens) | agreement (pairs) | minutes: " + ", ".join(PHASES) + " | total | gate |",
+        "length (tokens) | agreement summed / a token (pairs) | minutes: " + ", ".join(PHASES) + " | total | gate |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n, r in enumerate(rounds, start=1):
@@ -312,7 +312,11 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
             if after
             else "-"
         )
-        agreement = f"{r['agreement']:.2f} ({r['agreement_pairs']:.0f})" if "agreement" in r else "-"
+        agreement = (
+            f"{r['agreement']:.2f} / {r.get('agreement_per_token', float('nan')):.2f} ({r['agreement_pairs']:.0f})"
+            if "agreement" in r
+            else "-"
+        )
         phases = ", ".join(f"{seconds.get(p, 0) / 60:.1f}" for p in PHASES)
         accuracy = f"{r.get('rm_accuracy', float('nan')):.3f} ({r.get('rm_pairs', 0):.0f})"
         lines.append(

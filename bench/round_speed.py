@@ -215,7 +215,7 @@ def report(
   {figures["answering_s"]:.1f} s, not part of the round), ranked by `{args.preference}` with noise {NOISE}.
 - Reward model {rm.version}: {rm.train_prompts} prompts trained on, held-out accuracy {rm.evaluation.accuracy:.3f}
   on {rm.evaluation.pairs} pairs ({gate}). PPO: {iterations} iterations on the ranked answers (served rollouts),
-  from v0001 to {result.version}; agreement with held-out rankings {result.agreement.rate:.0%} of
+  from v0001 to {result.version}; agreement with held-out rankings {result.agreement.per_token:.0%} a token of
   {result.agreement.pairs} pairs; held-out mean reward {result.before.reward:.3f} -> {result.after.reward:.3f},
   answer length {result.before.answer_length:.0f} -> {result.after.answer_length:.0f} tokens, KL
   {result.after.kl:.2f}.

@@ -220,8 +220,8 @@ class Settings(BaseSettings):
     learn_advantage: Literal["gae", "rloo"] = Field(
         "gae",
         description="PPO's advantages: `gae`, per token from a value model (InstructGPT's); `rloo`, each answer's "
-        "return less the mean of the other answers to its prompt (the K answers of a served comparison), no value "
-        "model.",
+        "return less the mean of the other answers to its prompt (the K answers of a served comparison; with "
+        "sampled rollouts, 4 sampled to each prompt), no value model.",
     )
     learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
     learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")

@@ -248,6 +248,7 @@ class Learner:
             "before": _brief(result.before),
             "after": _brief(result.after),
             **result.agreement.figures(),
+            "agreement_by": self.settings.learn_agreement_by,
             "seconds": seconds,
             **(rm.evaluation.figures("rm_") if rm is not None else {}),
         }

@@ -110,6 +110,8 @@ def promotion_gate(
             f"{limits.min_agreement_pairs})",
         )
     share = agreement.share(limits.agreement_by)
+    if math.isnan(share):  # pairs were judged, but not this way (a caller that left the share unset)
+        return Gate(False, f"no agreement {limits.agreement_by.replace('_', ' ')} measured on its held-out pairs")
     if not share >= limits.min_agreement:
         return Gate(
             False,

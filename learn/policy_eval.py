@@ -294,8 +294,8 @@ def detrended(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     the answers. Why look at it: a policy that moved makes its parent's own answers less likely by some amount a
     token on average, so the raw sums fall with length, and for a preference that follows length the shorter (or
     longer) answer of a pair looks preferred whatever the policy learned. Measured on `concise` runs it does not
-    tell learning from drift either (a round with its reward zeroed: 0.558; one with it: 0.473), so the gate keeps
-    the raw share."""
+    tell learning from drift either (a round with its reward zeroed: 0.558; one with it: 0.473), so the gate reads
+    the share a token (`per_token`) instead."""
     per_token = shift.sum() / lengths.sum().clamp(min=1)
     return shift - per_token * lengths
 

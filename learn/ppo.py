@@ -352,7 +352,7 @@ SCORE_ROWS = 8  # rows per scoring pass: similar lengths together (Packed.by_len
 @torch.no_grad()
 def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig, beta: float) -> Scored:
     """Every model's view of the batch, computed once before the update, in groups of similar length; then the
-    rewards, GAE and whitened advantages over the whole batch.
+    rewards, GAE and whitened advantages (or RLOO's, `answer_advantages`) over the whole batch.
 
     Of several processes (learn.distributed), each computes the rows it owns; the per-token figures are then summed
     over the processes, so that every process holds the whole batch's, and its rewards, GAE and whitening are the

@@ -89,6 +89,9 @@ class RoundConfig:
     # own a step 10% more an iteration than one of four (BENCHMARKS.md, `ptx_cost`).
     ptx_batch: int = 1
     ptx_pool: int | None = 4
+    # Sampled rollouts with RLOO's advantages: answers sampled to each prompt, its siblings (served comparisons
+    # bring their K).
+    siblings: int = 4
     lora: bool = True
     train_layers: int = _default("learn_train_layers")  # upper layers trained (LoRA adapters or weights); 0: all
     rollouts: Literal["served", "sampled"] = _default("learn_rollouts")
@@ -97,6 +100,8 @@ class RoundConfig:
     ppo: PPOConfig = field(default_factory=_ppo_default)
 
     def __post_init__(self) -> None:
+        if self.siblings < 2:
+            raise ValueError(f"siblings {self.siblings}: RLOO needs 2 answers to a prompt at least")
         if self.ptx_batch < 1 or (self.ptx_pool is not None and self.ptx_pool < self.ptx_batch):
             raise ValueError(f"ptx_batch {self.ptx_batch}, ptx_pool {self.ptx_pool}: want 1 <= ptx_batch <= ptx_pool")
         # One seed for the whole round: the mini-batch order follows the round's seed, whoever set either.
@@ -289,12 +294,14 @@ class PPORound:
         if self.served:
             return self.served_batch()
         m, config = self.models, self.config
+        # RLOO sets each answer against its siblings: without several answers to a prompt it has no baseline.
+        copies = config.siblings if config.ppo.advantage == "rloo" else 1
         # Of several processes, rank 0's samples: the same seed on two GPUs may still draw another token somewhere,
         # and batches of different shapes would not sum.
         return agreed(
             lambda: sample(
                 m.policy,
-                [p.ids for p in self.batch()],
+                [p.ids for p in self.batch() for _ in range(copies)],
                 config.max_new_tokens,
                 int(m.tokenizer.eos_token_id),
                 self.pad_id,

@@ -90,7 +90,13 @@ function versionRow(info, wins) {
     cell(info.parent || ""),
     cell(info.made_by),
     cell(when(info.created)),
-    cell(agreement.agreement_pairs ? `${percent(agreement.agreement)} of ${agreement.agreement_pairs}` : "", "num"),
+    // The share the gate reads (a token); cards written before it have the summed share only.
+    cell(
+      agreement.agreement_pairs
+        ? `${percent(agreement.agreement_per_token ?? agreement.agreement)} of ${agreement.agreement_pairs}`
+        : "",
+      "num",
+    ),
     cell(rewards, "num"),
     cell(number(after.kl, 1), "num"),
     cell(shares, "num"),

@@ -94,6 +94,31 @@ def test_the_gate_reads_agreement_a_token_unless_told_to_read_the_sums() -> None
     # And the other way: 45% summed where users preferred longer answers, 60% a token: promoted.
     learned = promotion_gate(ev(0.1), ev(5.0), Agreement(0.45, 300, per_token=0.6), Limits())
     assert learned.passed and "agrees with 60% of 300 held-out ranked pairs" in learned.why
+    # Pairs judged, but the share a token left unset: refused, saying so.
+    unset = promotion_gate(ev(0.1), ev(5.0), Agreement(0.7, 300), Limits())
+    assert not unset.passed and unset.why == "no agreement per token measured on its held-out pairs"
+
+
+def test_agreement_a_token_divides_by_each_answers_own_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy that drifted by exactly 0.5 a token (its parent's log-probabilities less 0.5 at every answer token):
+    summed, it sides with the shorter answer of each pair; a token, every pair is a tie, whatever the prompts'
+    lengths (a length counted with the prompt, or not at all, would break the ties)."""
+    import learn.policy_eval
+
+    drifted, parent = object(), object()
+
+    def fake_logprobs(model: object, packed: Packed, split: int = 0, below: object = None) -> torch.Tensor:
+        return packed.mask * (-0.5 if model is drifted else 0.0)
+
+    monkeypatch.setattr(learn.policy_eval, "answer_logprobs", fake_logprobs)
+    monkeypatch.setattr(learn.policy_eval, "device_of", lambda model: torch.device("cpu"))
+    long_prompt, short_prompt = list(range(3, 15)), [3, 4]
+    groups = [  # users preferred the longer answer both times: 5 tokens over 2, then 6 over 1
+        RankedGroup("a", [[*long_prompt, 5, 6, 7, 8, 2], [*long_prompt, 9, 2]], [[0], [1]], answer_lens=(5, 2)),
+        RankedGroup("b", [[*short_prompt, 5, 6, 7, 8, 9, 2], [*short_prompt, 2]], [[0], [1]], answer_lens=(6, 1)),
+    ]
+    found = agreement(drifted, parent, groups, pad=0)
+    assert (found.pairs, found.rate, found.per_token) == (2, 0.0, 0.5)
 
 
 def test_a_lower_reward_counts_against_a_version_only_beyond_its_noise() -> None:

@@ -260,6 +260,28 @@ def test_without_the_reward_the_share_does_not_rise(
     assert last < first + 0.1, [round(h, 3) for h in history]
 
 
+def test_score_gives_rloo_advantages_constant_along_each_answer_and_summing_to_zero_per_prompt(
+    parts: tuple[Any, Any, ValueModel, Any],
+) -> None:
+    policy, _, _, tokenizer = parts
+    with torch.no_grad():  # a policy that moved from the reference: the KL term is not zero
+        for weight in policy.parameters():
+            weight.add_(torch.randn_like(weight) * 0.02, alpha=1.0)
+    prompts = queries(2, seed=5, length=12)  # 2 prompts of 12 tokens, 3 answers of at most 4 tokens each
+    rollouts = sample(policy, [p for p in prompts for _ in range(3)], 4, tokenizer.eos_token_id, PAD, seed=1)
+    models = models_of(parts, low_half_share(len(tokenizer), 12))
+    packed = pack(rollouts, PAD)
+    scored = learn.ppo.score(models, rollouts, packed, PPOConfig(advantage="rloo"), beta=0.5)
+    mask = packed.mask
+    assert float(scored.kl.abs().sum()) > 0
+    rewards, _ = rl_math.kl_penalty_rewards(scored.kl, torch.zeros_like(scored.kl), mask, scored.scores, 0.5)
+    assert torch.allclose(scored.advantages, answer_advantages(rollouts, rewards, mask))
+    first = scored.advantages[:, :1]
+    assert torch.allclose(scored.advantages, first * mask)  # one figure on every token of an answer
+    assert torch.allclose(first.view(2, 3).sum(dim=1), torch.zeros(2), atol=1e-6)  # leave-one-out sums to 0
+    assert torch.equal(scored.returns, scored.values)  # no value model is fitted: its loss is 0
+
+
 def test_the_ptx_term_adds_its_own_gradient(parts: tuple[Any, Any, ValueModel, Any]) -> None:
     policy, reference, value, tokenizer = parts
     rollouts = sample(policy, queries(4), 6, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -323,6 +345,20 @@ def test_each_optimiser_step_takes_the_next_ptx_batch_in_turn(
     assert seen == [5, 6, 7, 5]
     assert config.steps(len(rollouts.queries)) == len(seen) == 4
     assert figures["ptx_loss"] > 0
+
+
+def test_sampled_rollouts_give_rloo_its_siblings(parts: tuple[Any, Any, ValueModel, Any]) -> None:
+    prompts = [Prompt(f"p{n}", [{"role": "user", "content": "hi"}], [5, 6, n]) for n in range(10, 13)]
+    models = models_of(parts, low_half_share(len(parts[3])))
+
+    def drawn(advantage: Literal["gae", "rloo"]) -> list[list[int]]:
+        config = RoundConfig(prompts_per_iteration=2, max_new_tokens=3, ppo=PPOConfig(advantage=advantage))
+        return PPORound(models, config, prompts).rollouts().queries
+
+    assert [q[-1] for q in drawn("gae")] == [12, 10]  # one answer to each of the iteration's 2 prompts
+    assert [q[-1] for q in drawn("rloo")] == [12] * 4 + [10] * 4  # four to each: every answer has 3 siblings
+    with pytest.raises(ValueError, match="siblings 1"):
+        RoundConfig(siblings=1)
 
 
 def test_an_iteration_draws_its_ptx_pool_and_deals_it_in_batches(parts: tuple[Any, Any, ValueModel, Any]) -> None:
