@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
-from learn.policy_eval import Agreement, PolicyEval
+from learn.policy_eval import Agreement, AgreementBy, PolicyEval
 from learn.reward_model import Evaluation
 from learn.winrate import Z95, share_low
 
@@ -36,7 +35,7 @@ class Limits:
     # Which share of held-out pairs agreement is: `per_token`, on each answer's log-ratio to the parent a token;
     # `sum`, on the summed log-ratio, which falls with length for a policy that only drifted and so sides with the
     # shorter answer of a pair whatever the policy learned (BENCHMARKS.md, `agreement_bias`).
-    agreement_by: Literal["per_token", "sum"] = "per_token"
+    agreement_by: AgreementBy = "per_token"
     empty_rise: float = 0.02  # shares may rise by at most this much over the replaced version's
     degenerate_rise: float = 0.05
     truncated_rise: float = 0.2

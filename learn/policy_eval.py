@@ -261,6 +261,10 @@ def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:
     return (ratio * packed.mask).sum(dim=1)
 
 
+# Which share of held-out pairs the gate reads: on log-ratios a token, or summed over each answer.
+AgreementBy = Literal["per_token", "sum"]
+
+
 @dataclass(frozen=True)
 class Agreement:
     """How a new policy moved on rankings it never trained on: the share of held-out ranked pairs whose preferred
@@ -276,7 +280,7 @@ class Agreement:
     detrended: float = float("nan")
     per_token: float = float("nan")  # the share on each answer's mean log-ratio a token (`per_token`)
 
-    def share(self, by: Literal["per_token", "sum"]) -> float:
+    def share(self, by: AgreementBy) -> float:
         """The share the gate reads: on log-ratios a token, or summed over each answer (`rate`)."""
         return self.per_token if by == "per_token" else self.rate
 
@@ -296,8 +300,8 @@ def detrended(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     longer) answer of a pair looks preferred whatever the policy learned. Measured on `concise` runs it does not
     tell learning from drift either (a round with its reward zeroed: 0.558; one with it: 0.473), so the gate reads
     the share a token (`per_token`) instead."""
-    per_token = shift.sum() / lengths.sum().clamp(min=1)
-    return shift - per_token * lengths
+    mean_shift = shift.sum() / lengths.sum().clamp(min=1)  # a token, over all the answers
+    return shift - mean_shift * lengths
 
 
 @torch.no_grad()

@@ -128,9 +128,16 @@ class RoundConfig:
             ),
         )
 
-    def changed(self, ptx_coef: float | None = None, **fields: Any) -> RoundConfig:
-        """This configuration with the fields given a value (None: keep), `ptx_coef` going to the PPO part."""
-        ppo = self.ppo if ptx_coef is None else replace(self.ppo, ptx_coef=ptx_coef)
+    def changed(
+        self, ptx_coef: float | None = None, advantage: Literal["gae", "rloo"] | None = None, **fields: Any
+    ) -> RoundConfig:
+        """This configuration with the fields given a value (None: keep), `ptx_coef` and `advantage` going to the
+        PPO part."""
+        ppo = replace(
+            self.ppo,
+            ptx_coef=self.ppo.ptx_coef if ptx_coef is None else ptx_coef,
+            advantage=advantage or self.ppo.advantage,
+        )
         return replace(self, ppo=ppo, **{name: value for name, value in fields.items() if value is not None})
 
 

@@ -236,10 +236,7 @@ def leave_one_out(returns: Tensor, groups: Tensor) -> Tensor:
     against the mean of every other answer in the batch (in a batch of one its advantage is 0)."""
     count = int(groups.max()) + 1 if groups.numel() else 0
     sums = torch.zeros(count, dtype=returns.dtype, device=returns.device).index_add_(0, groups, returns)
-    sizes = torch.zeros(count, dtype=returns.dtype, device=returns.device).index_add_(
-        0, groups, torch.ones_like(returns)
-    )
-    siblings = sizes[groups] - 1
+    siblings = torch.bincount(groups, minlength=count)[groups].to(returns.dtype) - 1
     within = (sums[groups] - returns) / siblings.clamp(min=1)
     # A batch of one has nothing to compare with: its own return is its baseline.
     others = (returns.sum() - returns) / (returns.numel() - 1) if returns.numel() > 1 else returns

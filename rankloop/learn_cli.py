@@ -284,10 +284,13 @@ def ppo(
         if ptx_source not in ("demonstrations", "reference"):
             raise fail(f"--ptx-source {ptx_source}: use `demonstrations` or `reference`")
         ptx_from = "reference" if ptx_source == "reference" else "demonstrations"
+    if advantage not in (None, "gae", "rloo"):
+        raise fail(f"--advantage {advantage}: use `gae` or `rloo`")
     config = RoundConfig.from_settings(settings)
     rate = lr or (config.lr if lora else 1e-5)
     config = config.changed(
         ptx_coef,
+        None if advantage is None else ("rloo" if advantage == "rloo" else "gae"),
         iterations=iterations,
         prompts_per_iteration=prompts_per_iteration,
         max_new_tokens=max_new_tokens,
@@ -299,10 +302,6 @@ def ppo(
         rollouts=source,
         seed=seed,
     )
-    if advantage is not None:
-        if advantage not in ("gae", "rloo"):
-            raise fail(f"--advantage {advantage}: use `gae` or `rloo`")
-        config = replace(config, ppo=replace(config.ppo, advantage="rloo" if advantage == "rloo" else "gae"))
     if kl_target is not None and kl_target <= 0:
         raise fail(f"--kl-target {kl_target}: give a KL above 0, or --fixed-kl for a fixed beta")
     if fixed_kl:
