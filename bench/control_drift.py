@@ -2,8 +2,8 @@
 by 0 (`RANKLOOP_LEARN_REWARD=zero`, as the loop demo's control), under variants of the other terms (the ptx term's
 weight, the KL penalty's), on a copy of a demo run's data (its rankings, served answers and reward models); each
 new version's answer length and its win rate over v0001 under the run's preference. With `--keep-score` the same
-rounds with the score kept, to compare variants of learning (`adv=rloo`: RLOO's advantages). Figures go to
-BENCHMARKS.md.
+rounds with the score kept, to compare variants of learning (`adv=rloo`: RLOO's advantages; `lr=`, `it=`,
+`prompts=`: the learning rate, iterations and served comparisons an iteration). Figures go to BENCHMARKS.md.
 
     .venv/bin/python bench/control_drift.py var/demo-concise-control [--reward r0002] [--variants ptx=0.5,ptx=0]
         [--set LEARN_PTX_FILE= --set LEARN_PTX_SOURCE=reference]
@@ -31,7 +31,14 @@ from bench.report import machine, write_section  # noqa: E402
 from deploy.model_store import ModelStore  # noqa: E402
 from deploy.settings import load_settings  # noqa: E402
 
-OPTIONS = {"ptx": "--ptx-coef", "kl": "--kl-coef", "adv": "--advantage"}  # name=value
+OPTIONS = {  # name=value
+    "ptx": "--ptx-coef",
+    "kl": "--kl-coef",
+    "adv": "--advantage",
+    "lr": "--lr",
+    "it": "--iterations",
+    "prompts": "--prompts-per-iteration",
+}
 FLAGS = {"fixed": "--fixed-kl"}  # bare names
 
 
@@ -102,7 +109,8 @@ def main() -> None:
         rows.append(
             f"| {variant} | {version} | {before['answer_length']:.0f} → {after['answer_length']:.0f} tokens; "
             f"{result['length_b']:.0f} → {result['length_a']:.0f} characters judged | {after['kl']:.1f} | "
-            f"{agreed['agreement']:.3f} / {agreed.get('agreement_per_token', float('nan')):.3f} | "
+            f"{agreed['agreement']:.3f} / {agreed.get('agreement_per_token', float('nan')):.3f} / "
+            f"{agreed.get('agreement_reference', float('nan')):.3f} | "
             f"**{rate['rate']:.1%}** ({rate['low']:.1%}-{rate['high']:.1%}, "
             f"{pairs} pairs) | {minutes:.1f} |"
         )
@@ -122,7 +130,7 @@ def main() -> None:
         f"One PPO round each (default settings, the run's: {', '.join(f'{k}={v}' for k, v in settings.items())}), "
         f"from v0001 against {args.reward}{'' if args.keep_score else ' with its score replaced by 0'}, on the run's "
         f"rankings and served answers; judged against v0001 under `{preference}` on held-out prompts, "
-        f"{args.samples} answers each. Agreement with held-out rankings: summed / a token.",
+        f"{args.samples} answers each. Agreement with held-out rankings: summed / a token / a token since v0001.",
         "",
         "| variant | version | answer length, v0001 → it | KL | agreement | win rate over v0001 (95%) | minutes |",
         "|---|---|---|---|---|---|---|",

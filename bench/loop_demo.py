@@ -298,7 +298,9 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "| round | outcome | reward model held-out accuracy (pairs) | new version: empty / degenerate / cut, "
-        "length (tokens) | agreement summed / a token (pairs) | minutes: " + ", ".join(PHASES) + " | total | gate |",
+        "length (tokens) | agreement summed / a token / a token since v0001 (pairs) | minutes: "
+        + ", ".join(PHASES)
+        + " | total | gate |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n, r in enumerate(rounds, start=1):
@@ -313,7 +315,8 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
             else "-"
         )
         agreement = (
-            f"{r['agreement']:.2f} / {r.get('agreement_per_token', float('nan')):.2f} ({r['agreement_pairs']:.0f})"
+            f"{r['agreement']:.2f} / {r.get('agreement_per_token', float('nan')):.2f} / "
+            f"{r.get('agreement_reference', float('nan')):.2f} ({r['agreement_pairs']:.0f})"
             if "agreement" in r
             else "-"
         )

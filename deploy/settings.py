@@ -307,10 +307,12 @@ class Settings(BaseSettings):
     learn_min_agreement: float = Field(
         0.55, ge=0.0, le=1.0, description="Gate: share of held-out ranked pairs the new version must agree with."
     )
-    learn_agreement_by: Literal["per_token", "sum"] = Field(
+    learn_agreement_by: Literal["per_token", "sum", "reference"] = Field(
         "per_token",
         description="Gate: agreement with held-out rankings on each answer's log-ratio to the parent a token "
-        "(`per_token`), or summed over the answer (`sum`), which drift alone pushes towards the shorter answer.",
+        "(`per_token`), summed over the answer (`sum`), which drift alone pushes towards the shorter answer, or a "
+        "token on the log-ratio to the SFT reference (`reference`: what all rounds so far learned; the step from the "
+        "parent may then only not go back beyond chance).",
     )
     learn_min_agreement_pairs: int = Field(
         20, ge=0, description="Gate: held-out ranked pairs that agreement must be measured on."

@@ -19,6 +19,13 @@ from learn.policy_eval import Agreement, AgreementBy, PolicyEval
 from learn.reward_model import Evaluation
 from learn.winrate import Z95, share_low
 
+# The gate's readings of agreement, in its verdicts' words.
+READINGS: dict[AgreementBy, str] = {
+    "per_token": "per token",
+    "sum": "summed",
+    "reference": "per token since the reference",
+}
+
 
 @dataclass(frozen=True)
 class Gate:
@@ -34,7 +41,9 @@ class Limits:
     min_agreement_pairs: int = 20
     # Which share of held-out pairs agreement is: `per_token`, on each answer's log-ratio to the parent a token;
     # `sum`, on the summed log-ratio, which falls with length for a policy that only drifted and so sides with the
-    # shorter answer of a pair whatever the policy learned (BENCHMARKS.md, `agreement_bias`).
+    # shorter answer of a pair whatever the policy learned (BENCHMARKS.md, `agreement_bias`); `reference`, a token
+    # on the log-ratio to the SFT reference, what every round so far learned together, with the step from the
+    # parent checked only for going back.
     agreement_by: AgreementBy = "per_token"
     empty_rise: float = 0.02  # shares may rise by at most this much over the replaced version's
     degenerate_rise: float = 0.05
@@ -93,6 +102,23 @@ def _shares(before: PolicyEval, after: PolicyEval, limits: Limits) -> Gate | Non
     return None
 
 
+def _went_back(agreement: Agreement, limits: Limits) -> Gate | None:
+    """Read against the reference, a version could undo some of what its parent learned and still agree with most
+    pairs: its own step, a token against the parent, may not go against users' rankings beyond chance. A step that
+    moved little sits near half and passes, so that rounds may add small real steps to big ones."""
+    if limits.agreement_by != "reference":
+        return None
+    step = agreement.per_token
+    high = 1.0 - share_low(1.0 - step, agreement.pairs)
+    if not high >= 0.5:  # NaN (the step not measured) fails too
+        return Gate(
+            False,
+            f"against its parent it agrees with {step:.0%} of {agreement.pairs} held-out ranked pairs a token, "
+            f"below half beyond chance (95% high {high:.0%}): it went back on what users preferred",
+        )
+    return None
+
+
 def promotion_gate(
     before: PolicyEval, after: PolicyEval, agreement: Agreement, limits: Limits, reference_ptx: float | None = None
 ) -> Gate:
@@ -110,19 +136,24 @@ def promotion_gate(
         )
     share = agreement.share(limits.agreement_by)
     if math.isnan(share):  # pairs were judged, but not this way (a caller that left the share unset)
-        return Gate(False, f"no agreement {limits.agreement_by.replace('_', ' ')} measured on its held-out pairs")
+        return Gate(False, f"no agreement {READINGS[limits.agreement_by]} measured on its held-out pairs")
+    since = " since the reference" if limits.agreement_by == "reference" else ""
     if not share >= limits.min_agreement:
         return Gate(
             False,
-            f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs (below {limits.min_agreement:.0%})",
+            f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs{since} (below "
+            f"{limits.min_agreement:.0%})",
         )
     low = share_low(share, agreement.pairs)
     if not low > 0.5:  # a coin gives 55% or more of 20 pairs 41% of the time
         return Gate(
             False,
-            f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs, not beyond chance "
+            f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs{since}, not beyond chance "
             f"(95% low {low:.0%})",
         )
+    back = _went_back(agreement, limits)
+    if back is not None:
+        return back
     # The reward model's word counts against a version only where it is beyond the noise of two small samples'
     # means: 16 answers of spread 3 put a mean anywhere within ±1.5 of its value (95%), so "not higher" refused
     # better versions by chance. Users' held-out rankings (above) are the evidence for; this is a check against.
@@ -141,6 +172,6 @@ def promotion_gate(
         )
     why = (
         f"mean reward {before.reward:.3f} → {after.reward:.3f}, agrees with {share:.0%} of "
-        f"{agreement.pairs} held-out ranked pairs, {after.empty:.0%} empty, KL {after.kl:.1f}"
+        f"{agreement.pairs} held-out ranked pairs{since}, {after.empty:.0%} empty, KL {after.kl:.1f}"
     )
     return Gate(True, why)

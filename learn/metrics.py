@@ -29,8 +29,8 @@ ROUND_SECONDS = Gauge(
     "rankloop_learn_round_seconds", "Seconds the last round spent in each phase.", ["phase"], registry=REGISTRY
 )
 CANDIDATE = {
-    "agreement": "Share of held-out ranked pairs the last new version agreed with (vs its parent), as the gate "
-    "read it (RANKLOOP_LEARN_AGREEMENT_BY).",
+    "agreement": "Share of held-out ranked pairs the last new version agreed with (vs its parent, or vs the SFT "
+    "reference), as the gate read it (RANKLOOP_LEARN_AGREEMENT_BY).",
     "empty": "Share of the last new version's evaluation answers that are empty.",
     "degenerate": "Share of the last new version's evaluation answers that are empty or loop.",
     "truncated": "Share of the last new version's evaluation answers cut by the length limit.",

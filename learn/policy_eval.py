@@ -261,8 +261,9 @@ def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:
     return (ratio * packed.mask).sum(dim=1)
 
 
-# Which share of held-out pairs the gate reads: on log-ratios a token, or summed over each answer.
-AgreementBy = Literal["per_token", "sum"]
+# Which share of held-out pairs the gate reads: on log-ratios to the parent a token, or summed over each answer;
+# or on log-ratios to the SFT reference a token (the steps of every round so far, not the newest alone).
+AgreementBy = Literal["per_token", "sum", "reference"]
 
 
 @dataclass(frozen=True)
@@ -273,16 +274,20 @@ class Agreement:
     move them, and a policy that learned what users prefer does. `per_token`: the same share on each answer's
     log-ratio a token (`per_token()`), which drift alone leaves at half whatever the answers' lengths, the share the
     gate reads by default; `detrended`: the summed share less what each answer's length alone predicts
-    (`detrended()`), recorded, not gated on (BENCHMARKS.md, `agreement_bias`)."""
+    (`detrended()`), recorded, not gated on (BENCHMARKS.md, `agreement_bias`); `reference`: the share a token on
+    log pi/pi_reference, where the reference is the SFT model every round started from, so that it reads what all
+    the rounds so far learned together (a version one small step from its parent sits near half against the parent
+    whatever its ancestors learned)."""
 
     rate: float
     pairs: int
     detrended: float = float("nan")
     per_token: float = float("nan")  # the share on each answer's mean log-ratio a token (`per_token`)
+    reference: float = float("nan")  # the same, on each answer's log-ratio to the SFT reference
 
     def share(self, by: AgreementBy) -> float:
-        """The share the gate reads: on log-ratios a token, or summed over each answer (`rate`)."""
-        return self.per_token if by == "per_token" else self.rate
+        """The share the gate reads: a token against the parent or the reference, or summed (`rate`)."""
+        return {"per_token": self.per_token, "reference": self.reference, "sum": self.rate}[by]
 
     def figures(self) -> dict[str, float]:
         return {
@@ -290,6 +295,7 @@ class Agreement:
             "agreement_pairs": float(self.pairs),
             "agreement_detrended": self.detrended,
             "agreement_per_token": self.per_token,
+            "agreement_reference": self.reference,
         }
 
 
@@ -306,12 +312,19 @@ def detrended(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def agreement(
-    policy: Any, parent: Any, groups: Sequence[RankedGroup], pad: int, batch: int = 8, split: int = 0
+    policy: Any,
+    parent: Any,
+    groups: Sequence[RankedGroup],
+    pad: int,
+    batch: int = 8,
+    split: int = 0,
+    reference: Any = None,
 ) -> Agreement:
-    """`Agreement` of `policy` over `parent` on ranked groups (ties count half; pairs without a preference none).
+    """`Agreement` of `policy` over `parent` (and over `reference`, where given) on ranked groups (ties count half;
+    pairs without a preference none).
 
-    Where the two compute the same layers below `split` (a round trains only the layers above it), those layers
-    run once per batch for both; batches hold answers of similar length, so that little of the work is padding.
+    Where the models compute the same layers below `split` (a round trains only the layers above it), those layers
+    run once per batch for all; batches hold answers of similar length, so that little of the work is padding.
     """
     rollouts: list[tuple[list[int], list[int]]] = []
     index: dict[tuple[int, int], int] = {}
@@ -320,30 +333,45 @@ def agreement(
             if 0 < length < len(sequence):  # the answer whole and some prompt before it
                 index[(g, a)] = len(rollouts)
                 rollouts.append((sequence[:-length], sequence[-length:]))
-    shift = torch.zeros(len(rollouts))
-    if rollouts:
-        packed = pack(Rollouts([q for q, _ in rollouts], [r for _, r in rollouts], [False] * len(rollouts)), pad)
-        shared = split > 0 and layers.same_lower(backbone(policy), backbone(parent), split)
-        cut = split if shared else 0
-        device = device_of(policy)
-        for rows in packed.by_length(batch):
-            sub = packed.rows(rows).to(device)
-            below = lower_of(policy, split, sub) if shared else None
-            ratio = answer_logprobs(policy, sub, cut, below) - answer_logprobs(parent, sub, cut, below)
-            shift[torch.tensor(rows)] = (ratio * sub.mask).sum(dim=1).cpu()  # one row of figures a batch
+    # The first round's parent is the reference: one pass serves both.
+    bases = [parent] if reference is None or reference is parent else [parent, reference]
+    shifts = _shifts(policy, bases, rollouts, pad, batch, split)
     judged = [
         (index[g, chosen], index[g, rejected])
         for g, group in enumerate(groups)
         for chosen, rejected in pairs(group.tiers)
         if (g, chosen) in index and (g, rejected) in index
     ]
-    lengths = torch.tensor([len(answer) for _, answer in rollouts], dtype=shift.dtype)
+    lengths = torch.tensor([len(answer) for _, answer in rollouts], dtype=shifts[0].dtype)
+    shift = shifts[0]
     return Agreement(
         share_agreeing(shift, judged),
         len(judged),
         share_agreeing(detrended(shift, lengths), judged),
         share_agreeing(per_token(shift, lengths), judged),
+        share_agreeing(per_token(shifts[-1], lengths), judged) if reference is not None else float("nan"),
     )
+
+
+def _shifts(
+    policy: Any, bases: list[Any], rollouts: list[tuple[list[int], list[int]]], pad: int, batch: int, split: int
+) -> list[torch.Tensor]:
+    """Each answer's log pi/pi_base summed over its tokens, one (N,) tensor per base model."""
+    shifts = [torch.zeros(len(rollouts)) for _ in bases]
+    if not rollouts:
+        return shifts
+    packed = pack(Rollouts([q for q, _ in rollouts], [r for _, r in rollouts], [False] * len(rollouts)), pad)
+    shared = split > 0 and all(layers.same_lower(backbone(policy), backbone(base), split) for base in bases)
+    cut = split if shared else 0
+    device = device_of(policy)
+    for rows in packed.by_length(batch):
+        sub = packed.rows(rows).to(device)
+        below = lower_of(policy, split, sub) if shared else None
+        mine = answer_logprobs(policy, sub, cut, below)
+        for shift, base in zip(shifts, bases, strict=True):
+            # one row of figures a batch
+            shift[torch.tensor(rows)] = ((mine - answer_logprobs(base, sub, cut, below)) * sub.mask).sum(dim=1).cpu()
+    return shifts
 
 
 def per_token(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -316,7 +316,13 @@ def _ppo_round(
         options.eval_samples,
     )
     judged = judge_on_held_out_rankings(
-        settings, data.models, ModelStore(settings.store_dir).path(inputs.parent), config, stored, inputs.judging
+        settings,
+        data.models,
+        ModelStore(settings.store_dir).path(inputs.parent),
+        config,
+        stored,
+        inputs.judging,
+        inputs.parent == inputs.reference,
     )
     known = (caches.losses, inputs.reference)
     reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held, known)
@@ -484,6 +490,7 @@ def _publish(
             "ptx": {"source": data.ptx_source, "train": len(data.ptx_train), "held_out": len(data.ptx_held)},
             "eval": {"before": before.figures(), "after": after.figures(), "reference_ptx_loss": reference_ptx},
             "agreement": on_rankings.figures(),
+            "agreement_by": settings.learn_agreement_by,  # the share the gate reads
             "metrics": str(metrics),
         },
     )
@@ -512,19 +519,28 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
 
 
 def judge_on_held_out_rankings(
-    settings: Settings, models: Any, parent_folder: Path, config: RoundConfig, stored: Any, held_out: float
+    settings: Settings,
+    models: Any,
+    parent_folder: Path,
+    config: RoundConfig,
+    stored: Any,
+    held_out: float,
+    parent_is_reference: bool,
 ) -> Agreement:
     """`Agreement` of the trained policy, as stored (`stored`), with the reward model's held-out rankings, relative
-    to its parent: the newest JUDGED_GROUPS of them at the time of judging, those that arrived while the round ran
-    included. Neither the reward model nor PPO ever saw a held-out prompt, and the rankings of the round's own
-    time are the most of them: the first round of a young loop has few older ones (54 pairs in the first round of
-    a 60-minute run, while about 24 held-out prompts, some 140 pairs, arrived during it)."""
+    to its parent and to the SFT reference: the newest JUDGED_GROUPS of them at the time of judging, those that
+    arrived while the round ran included. Neither the reward model nor PPO ever saw a held-out prompt, and the
+    rankings of the round's own time are the most of them: the first round of a young loop has few older ones (54
+    pairs in the first round of a 60-minute run, while about 24 held-out prompts, some 140 pairs, arrived during
+    it)."""
     groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024)
     _, held = split(groups, held_out)
     parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
     if parent is None:
         parent, _ = load_causal_lm(parent_folder, device=device_of(models.policy))
-    return agreement(stored, parent, held[-JUDGED_GROUPS:], pad_id(models.tokenizer), split=models.split)
+    reference = parent if parent_is_reference else models.reference
+    tokens = pad_id(models.tokenizer)
+    return agreement(stored, parent, held[-JUDGED_GROUPS:], tokens, split=models.split, reference=reference)
 
 
 def register(settings: Settings, card: Card) -> bool:

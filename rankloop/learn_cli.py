@@ -328,7 +328,8 @@ def ppo(
         f"{after.reward:.3f}, KL {after.kl:.2f}, answer length {before.answer_length:.1f} → "
         f"{after.answer_length:.1f}, empty {before.empty:.0%} → {after.empty:.0%}; agrees with "
         f"{result.agreement.per_token:.0%} of {result.agreement.pairs} held-out ranked pairs by log-ratio a token "
-        f"({result.agreement.rate:.0%} summed over each answer)"
+        f"({result.agreement.rate:.0%} summed over each answer; {result.agreement.reference:.0%} a token since the "
+        "SFT reference)"
     )
     from learn.distributed import world
 

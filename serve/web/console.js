@@ -74,6 +74,9 @@ function winRates(history) {
   return byVersion;
 }
 
+// The card's figure for each reading of agreement the gate can be set to (RANKLOOP_LEARN_AGREEMENT_BY).
+const GATE_READS = { per_token: "agreement_per_token", sum: "agreement", reference: "agreement_reference" };
+
 function versionRow(info, wins) {
   const details = info.card.details || {};
   const evaluation = details.eval || {};
@@ -90,10 +93,10 @@ function versionRow(info, wins) {
     cell(info.parent || ""),
     cell(info.made_by),
     cell(when(info.created)),
-    // The share the gate reads (a token); cards written before it have the summed share only.
+    // The share the gate read (its card says which); older cards have the one a token, or the summed one only.
     cell(
       agreement.agreement_pairs
-        ? `${percent(agreement.agreement_per_token ?? agreement.agreement)} of ${agreement.agreement_pairs}`
+        ? `${percent(agreement[GATE_READS[details.agreement_by]] ?? agreement.agreement_per_token ?? agreement.agreement)} of ${agreement.agreement_pairs}`
         : "",
       "num",
     ),

@@ -42,7 +42,16 @@ def test_rankings_through_the_api_become_a_ready_version(ranked: tuple[Path, red
     # the rankings it did not train on.
     served = int(info.card["rollouts"].split()[0])
     assert 0 < served < PROMPTS and info.card["rollouts"].endswith("ranked comparisons v0001 wrote")
-    assert set(info.card["agreement"]) == {"agreement", "agreement_pairs", "agreement_detrended", "agreement_per_token"}
+    assert set(info.card["agreement"]) == {
+        "agreement",
+        "agreement_pairs",
+        "agreement_detrended",
+        "agreement_per_token",
+        "agreement_reference",
+    }
+    # The first round's parent is the reference: the two readings are one.
+    figures = info.card["agreement"]
+    assert figures["agreement_reference"] == figures["agreement_per_token"] and info.card["agreement_by"] == "per_token"
     rm_card = json.loads((data / "reward_models" / "r0001" / "card.json").read_text())
     assert rm_card["details"]["prompts"] + rm_card["details"]["held_out_prompts"] == PROMPTS
 

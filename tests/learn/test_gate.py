@@ -121,6 +121,62 @@ def test_agreement_a_token_divides_by_each_answers_own_length(monkeypatch: pytes
     assert (found.pairs, found.rate, found.per_token) == (2, 0.0, 0.5)
 
 
+def test_read_against_the_reference_a_small_step_on_top_of_learned_ones_passes_and_a_step_back_does_not() -> None:
+    # v0004 of the 12-06 RLOO hour: 50% a token against its parent v0003, but what v0002..v0004 learned together
+    # agrees with 60% of 300 pairs. Read against the parent it is held back; against the reference it passes.
+    small_step = Agreement(0.6, 300, per_token=0.5, reference=0.6)
+    assert not promotion_gate(ev(0.1), ev(5.0), small_step, Limits()).passed
+    verdict = promotion_gate(ev(0.1), ev(5.0), small_step, Limits(agreement_by="reference"))
+    assert verdict.passed and "agrees with 60% of 300 held-out ranked pairs since the reference" in verdict.why
+    # A step back: 40% of 300 against its parent (95% high 40% + 1.96 * sqrt(0.24 / 300) = 45.5%), though the
+    # ancestors' steps still hold 60% against the reference.
+    by_reference = Limits(agreement_by="reference")
+    back = promotion_gate(ev(0.1), ev(5.0), Agreement(0.6, 300, per_token=0.4, reference=0.6), by_reference)
+    assert not back.passed and back.why == (
+        "against its parent it agrees with 40% of 300 held-out ranked pairs a token, below half beyond chance "
+        "(95% high 46%): it went back on what users preferred"
+    )
+    # 47% of 300 (95% high 52.6%) is within chance of a step that moved nothing: it passes.
+    within = Agreement(0.6, 300, per_token=0.47, reference=0.6)
+    assert promotion_gate(ev(0.1), ev(5.0), within, by_reference).passed
+    # Drift since the reference agrees with half: refused, saying against what.
+    drifted = promotion_gate(ev(0.1), ev(5.0), Agreement(0.7, 300, per_token=0.6, reference=0.5), by_reference)
+    assert drifted.why == "it agrees with 50% of 300 held-out ranked pairs since the reference (below 55%)"
+    unset = promotion_gate(ev(0.1), ev(5.0), Agreement(0.7, 300, per_token=0.6), by_reference)
+    assert unset.why == "no agreement per token since the reference measured on its held-out pairs"
+
+
+def test_agreement_against_the_reference_reads_what_the_parent_learned_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reference: 0 at every token. Parent: +0.5 at each token 5 (users' preferred answers hold them). Policy: the
+    parent less 0.25 at every answer token (a drift). Against the parent every pair ties a token (-0.25 each);
+    against the reference the preferred answers rose. Prompts longer and shorter than their answers."""
+    import learn.policy_eval
+
+    policy, parent, reference = object(), object(), object()
+    calls: list[object] = []
+
+    def fake_logprobs(model: object, packed: Packed, split: int = 0, below: object = None) -> torch.Tensor:
+        calls.append(model)
+        learned = 0.5 * (packed.answer_ids == 5).float() if model is not reference else 0.0
+        return packed.mask * (learned - (0.25 if model is policy else 0.0))
+
+    monkeypatch.setattr(learn.policy_eval, "answer_logprobs", fake_logprobs)
+    monkeypatch.setattr(learn.policy_eval, "device_of", lambda model: torch.device("cpu"))
+    long_prompt, short_prompt = list(range(6, 18)), [6, 7]
+    groups = [  # the preferred answer first: 2 of 4 tokens are 5; then 1 of 6
+        RankedGroup("a", [[*long_prompt, 5, 5, 8, 2], [*long_prompt, 9, 2]], [[0], [1]], answer_lens=(4, 2)),
+        RankedGroup("b", [[*short_prompt, 9, 9, 9, 5, 9, 2], [*short_prompt, 8, 2]], [[0], [1]], answer_lens=(6, 2)),
+        RankedGroup("c", [[*short_prompt, 8, 2], [*short_prompt, 5, 2]], [[1], [0]], answer_lens=(2, 2)),
+    ]
+    found = agreement(policy, parent, groups, pad=0, reference=reference)
+    assert (found.pairs, found.per_token, found.reference) == (3, 0.5, 1.0)
+    assert len(calls) == 3  # one batch, three models
+    # The first round's parent is the reference: one pass serves both readings.
+    calls.clear()
+    first = agreement(policy, parent, groups, pad=0, reference=parent)
+    assert first.reference == first.per_token == 0.5 and len(calls) == 2
+
+
 def test_a_lower_reward_counts_against_a_version_only_beyond_its_noise() -> None:
     # Standard errors 0.2 and 0.2: 1.96 * hypot(0.2, 0.2) = 0.554 either way of the current version's 0.5.
     assert promotion_gate(ev(0.5, se=0.2), ev(0.3, se=0.2), AGREES, Limits()).passed
@@ -243,9 +299,11 @@ def test_agreement_runs_the_shared_lower_layers_once_and_finds_the_same_shifts(t
         )
         for i, p in enumerate(prompts)
     ]
-    whole = agreement(stored, parent, groups, pad=0, batch=2)
-    split = agreement(stored, parent, groups, pad=0, batch=2, split=1)
+    # The reference: the parent's weights again, as a second model (a round's first, with adapters off).
+    whole = agreement(stored, parent, groups, pad=0, batch=2, reference=AdapterOff(policy))
+    split = agreement(stored, parent, groups, pad=0, batch=2, split=1, reference=AdapterOff(policy))
     assert split == whole and whole.pairs == 12 and whole.rate not in (0.5, 1.0, 0.0)
+    assert whole.reference == whole.per_token
 
 
 # -- a reward model that loves empty answers ----------------------------------------------------------------------
