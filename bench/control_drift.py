@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--variants", default="ptx=0.5,ptx=0", help="comma-separated; `ptx=0+kl=0+fixed` combines")
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--keep-score", action="store_true", help="PPO's reward-model score kept (not a control)")
+    parser.add_argument("--section", default="", help="BENCHMARKS.md section to write (default: named by the run)")
     parser.add_argument(
         "--set",
         action="append",
@@ -125,7 +126,8 @@ def main() -> None:
         f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}.",
         "",
         f"Command: `.venv/bin/python bench/control_drift.py {args.run}{' --keep-score' * args.keep_score} --reward "
-        f"{args.reward} --variants {args.variants}{''.join(f' --set {k}={v}' for k, v in changes.items())}`",
+        f"{args.reward} --variants {args.variants}{''.join(f' --set {k}={v}' for k, v in changes.items())}"
+        f"{f' --section {args.section}' if args.section else ''}`",
         "",
         f"One PPO round each (default settings, the run's: {', '.join(f'{k}={v}' for k, v in settings.items())}), "
         f"from v0001 against {args.reward}{'' if args.keep_score else ' with its score replaced by 0'}, on the run's "
@@ -138,7 +140,7 @@ def main() -> None:
     ]
     changed = "".join(f"-{k.lower()}-{v}" for k, v in sorted(changes.items()) if v)
     kind = "round_variants" if args.keep_score else "control_drift"
-    write_section(f"{kind}_{args.run.name}{changed.replace('/', '_')}", "\n".join(lines))
+    write_section(args.section or f"{kind}_{args.run.name}{changed.replace('/', '_')}", "\n".join(lines))
 
 
 if __name__ == "__main__":
