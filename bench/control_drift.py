@@ -132,7 +132,8 @@ def main() -> None:
         f"One PPO round each (default settings, the run's: {', '.join(f'{k}={v}' for k, v in settings.items())}), "
         f"from v0001 against {args.reward}{'' if args.keep_score else ' with its score replaced by 0'}, on the run's "
         f"rankings and served answers; judged against v0001 under `{preference}` on held-out prompts, "
-        f"{args.samples} answers each. Agreement with held-out rankings: summed / a token / a token since v0001.",
+        f"{args.samples} answers each. Agreement with held-out rankings: summed / a token / a token since v0001 (the "
+        "same as a token here: every round starts from v0001).",
         "",
         "| variant | version | answer length, v0001 → it | KL | agreement | win rate over v0001 (95%) | minutes |",
         "|---|---|---|---|---|---|---|",

@@ -312,7 +312,7 @@ class Settings(BaseSettings):
         description="Gate: agreement with held-out rankings on each answer's log-ratio to the parent a token "
         "(`per_token`), summed over the answer (`sum`), which drift alone pushes towards the shorter answer, or a "
         "token on the log-ratio to the SFT reference (`reference`: what all rounds so far learned; the step from the "
-        "parent may then only not go back beyond chance).",
+        "parent must then not go back beyond chance).",
     )
     learn_min_agreement_pairs: int = Field(
         20, ge=0, description="Gate: held-out ranked pairs that agreement must be measured on."

@@ -6,7 +6,8 @@ The second must not rest on the reward model PPO just optimised against: a polic
 scores the result high. So the version must also (1) not answer empty, loop or get cut more often than the
 version it replaces, nor collapse its answers' length, whatever any model says (learn.degenerate); (2) stay within
 a KL budget of the SFT reference; (3) agree with held-out rankings that neither the reward model nor PPO saw
-(learn.policy_eval.Agreement), beyond chance; (4) not score lower on the reward model beyond the noise of its
+(learn.policy_eval.Agreement), beyond chance (read against the SFT reference, its own step from the parent
+may also not go back beyond chance); (4) not score lower on the reward model beyond the noise of its
 evaluation; and (5) stay as fluent on held-out text as the reference.
 """
 

@@ -368,14 +368,14 @@ def _shifts(
         sub = packed.rows(rows).to(device)
         below = lower_of(policy, split, sub) if shared else None
         mine = answer_logprobs(policy, sub, cut, below)
-        for shift, base in zip(shifts, bases, strict=True):
-            # one row of figures a batch
+        for shift, base in zip(shifts, bases, strict=True):  # one row of figures a batch and base
             shift[torch.tensor(rows)] = ((mine - answer_logprobs(base, sub, cut, below)) * sub.mask).sum(dim=1).cpu()
     return shifts
 
 
 def per_token(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Each answer's log pi/pi_parent a token: its summed shift over its length. A policy that only drifted makes
+    """Each answer's log pi/pi_base a token (the base: the parent, or the reference): its summed shift over its
+    length. A policy that only drifted makes
     its parent's answers less likely by about the same amount a token, so the sums fall with length and the means
     do not; a policy that learned moves the tokens users preferred, in short answers and long ones alike."""
     return shift / lengths.clamp(min=1)

@@ -78,7 +78,7 @@ function winRates(history) {
 const GATE_READS = { per_token: "agreement_per_token", sum: "agreement", reference: "agreement_reference" };
 
 function versionRow(info, wins) {
-  const details = info.card.details || {};
+  const details = info.card || {}; // the registry keeps a card's details as `card`
   const evaluation = details.eval || {};
   const before = evaluation.before || {};
   const after = evaluation.after || {};

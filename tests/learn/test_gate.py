@@ -299,7 +299,7 @@ def test_agreement_runs_the_shared_lower_layers_once_and_finds_the_same_shifts(t
         )
         for i, p in enumerate(prompts)
     ]
-    # The reference: the parent's weights again, as a second model (a round's first, with adapters off).
+    # The reference: the parent's weights again, as a second model (not the parent object, so both are run).
     whole = agreement(stored, parent, groups, pad=0, batch=2, reference=AdapterOff(policy))
     split = agreement(stored, parent, groups, pad=0, batch=2, split=1, reference=AdapterOff(policy))
     assert split == whole and whole.pairs == 12 and whole.rate not in (0.5, 1.0, 0.0)

@@ -47,6 +47,20 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
     return {**browser_type_launch_args, "executable_path": found}
 
 
+# What a round writes in a version's card, as far as the console shows it; its gate read agreement since the
+# reference (60%), not against its parent (50%) nor summed (70%).
+TRAINED = {
+    "eval": {"before": {"reward": 0.5}, "after": {"reward": 1.25, "kl": 3.0, "empty": 0.0, "degenerate": 0.05}},
+    "agreement": {
+        "agreement": 0.7,
+        "agreement_pairs": 300.0,
+        "agreement_per_token": 0.5,
+        "agreement_reference": 0.6,
+    },
+    "agreement_by": "reference",
+}
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) -> Iterator[tuple[str, Path]]:
     """A server (fake engine, the tiny versions v0001-v0003 and v0004, another copy of v0001; the admin API on) and
@@ -54,7 +68,10 @@ def site(tmp_path_factory: pytest.TempPathFactory, redis_server: EmbeddedRedis) 
     root = tmp_path_factory.mktemp("site")
     fresh(redis_server.url)
     store = tiny_versions_store(root)
-    store.publish(Card("v0004", "v0001", "sft"), lambda f: shutil.copytree(store.path("v0002"), f, dirs_exist_ok=True))
+    store.publish(
+        Card("v0004", "v0001", "sft", details=TRAINED),
+        lambda f: shutil.copytree(store.path("v0002"), f, dirs_exist_ok=True),
+    )
     settings = {"admin_token": TOKEN, "web_show_versions": "true", **LIMITS}
     with server_process(store.root.parent, redis_server.url, "fake", **settings) as url:
         yield url, store.root.parent

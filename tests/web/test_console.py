@@ -67,6 +67,12 @@ def test_a_promotion_from_the_console_reaches_the_chat_page(
     expect(page.locator("#current")).to_have_text("v0001")
     expect(page.locator("#signin")).to_be_hidden()
     expect(page.locator("#versions tbody tr")).to_have_count(4)
+    # A trained version's figures, as its card holds them: the share the gate read, rewards, KL, shares.
+    trained = page.locator("#versions tbody tr[data-version=v0004] td")
+    expect(trained.nth(5)).to_have_text("60.0% of 300")
+    expect(trained.nth(6)).to_have_text("0.50 → 1.25")
+    expect(trained.nth(7)).to_have_text("3.0")
+    expect(trained.nth(8)).to_have_text("0.0% / 5.0%")
     expect(page.locator("#feedback")).to_contain_text("stream length")
     expect(page.locator("#learner")).to_contain_text("iteration 2/6 from v0001 with r0001")
     expect(page.locator("#learner")).to_contain_text("v0005 ready")
