@@ -25,6 +25,20 @@ from redis.asyncio import Redis as AsyncRedis
 
 from deploy.redis_server import as_text
 
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float made None, through dicts and lists. Why: a card's figures hold NaN
+    where nothing was measured (agreement on no held-out pairs), JSON has no NaN, and the admin API's responses
+    refuse one, so a single such card would take the operator console's whole version list down."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 PREFIX = "rankloop:registry:"
 VERSIONS, CURRENT, EPOCH, EVENTS, CANARY = (
     PREFIX + name for name in ("versions", "current", "epoch", "events", "canary")
@@ -146,7 +160,7 @@ class Registry:
             "parent": parent or "",
             "made_by": made_by,
             "created": repr(created),
-            "card": json.dumps(card),
+            "card": json.dumps(finite(card)),
             "error": "",
         }
         number = int("".join(c for c in version if c.isdigit()) or 0)

@@ -41,6 +41,14 @@ def test_sync_registers_the_store_and_its_current_version(registry: Registry, st
     assert (event.epoch, event.action, event.version, event.previous) == (1, "init", "v0001", None)
 
 
+def test_a_card_figure_that_is_not_a_number_is_kept_as_null(registry: Registry) -> None:
+    # A round judged on no held-out pairs has NaN agreement; JSON has no NaN and the admin API refuses one.
+    card = {"agreement": {"agreement": float("nan"), "agreement_pairs": 0.0}, "eval": [float("inf"), 1.5]}
+    assert registry.register("v0001", None, "import", 1.0, card)
+    shown = registry.show("v0001").card
+    assert shown == {"agreement": {"agreement": None, "agreement_pairs": 0.0}, "eval": [None, 1.5]}
+
+
 def test_promote_then_rollback(registry: Registry, store: ModelStore) -> None:
     sync_store(registry, store)
     assert promote(registry, store, "v0002", "ann", "better on evals") == 2
