@@ -34,14 +34,16 @@ def measure(run: Path, only: set[str] | None) -> list[str]:
     settings = load_settings(data_dir=run)
     store = ModelStore(settings.store_dir)
     rows = []
-    reference, _ = load_causal_lm(store.path(store.reference() or "v0001"))
+    first = store.reference() or "v0001"
+    reference, _ = load_causal_lm(store.path(first))
     for version in store.versions():
         card = store.card(version)
         if card.made_by != "ppo" or card.parent is None or (only and version not in only):
             continue
         started = time.monotonic()
         policy, tokenizer = load_causal_lm(store.path(version))
-        parent, _ = load_causal_lm(store.path(card.parent))
+        # A first round's parent is the reference itself: one copy, and agreement() then makes one pass for both.
+        parent = reference if card.parent == first else load_causal_lm(store.path(card.parent))[0]
         until = f"{int(card.created * 1000)}-999999"  # the rankings there were when the round judged it
         _, held = split(load_groups(FEEDBACK, settings, tokenizer, 1024, until=until), settings.learn_rm_held_out)
         judged = held[-JUDGED_GROUPS:]

@@ -16,6 +16,7 @@ Replicas follow the events stream rather than pub/sub (which loses what is sent 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ def finite(value: Any) -> Any:
     where nothing was measured (agreement on no held-out pairs), JSON has no NaN, and the admin API's responses
     refuse one, so a single such card would take the operator console's whole version list down."""
     if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -361,23 +361,25 @@ def _shifts(
     if not rollouts:
         return shifts
     packed = pack(Rollouts([q for q, _ in rollouts], [r for _, r in rollouts], [False] * len(rollouts)), pad)
-    shared = split > 0 and all(layers.same_lower(backbone(policy), backbone(base), split) for base in bases)
-    cut = split if shared else 0
+    # Each base that computes the policy's own lower layers starts from their output; one that does not (a reference
+    # after a full fine-tuning round) runs whole, without costing the others the shortcut.
+    shared = [split > 0 and layers.same_lower(backbone(policy), backbone(base), split) for base in bases]
     device = device_of(policy)
     for rows in packed.by_length(batch):
-        sub = packed.rows(rows).to(device)
-        below = lower_of(policy, split, sub) if shared else None
-        mine = answer_logprobs(policy, sub, cut, below)
-        for shift, base in zip(shifts, bases, strict=True):  # one row of figures a batch and base
-            shift[torch.tensor(rows)] = ((mine - answer_logprobs(base, sub, cut, below)) * sub.mask).sum(dim=1).cpu()
+        sub, at = packed.rows(rows).to(device), torch.tensor(rows)
+        below = lower_of(policy, split, sub) if any(shared) else None
+        mine = answer_logprobs(policy, sub, split if any(shared) else 0, below)
+        for shift, base, same in zip(shifts, bases, shared, strict=True):  # one row of figures a batch and base
+            theirs = answer_logprobs(base, sub, split, below) if same else answer_logprobs(base, sub)
+            shift[at] = ((mine - theirs) * sub.mask).sum(dim=1).cpu()
     return shifts
 
 
 def per_token(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Each answer's log pi/pi_base a token (the base: the parent, or the reference): its summed shift over its
-    length. A policy that only drifted makes
-    its parent's answers less likely by about the same amount a token, so the sums fall with length and the means
-    do not; a policy that learned moves the tokens users preferred, in short answers and long ones alike."""
+    length. A policy that only drifted makes its parent's answers less likely by about the same amount a token, so
+    the sums fall with length and the means do not; a policy that learned moves the tokens users preferred, in
+    short answers and long ones alike."""
     return shift / lengths.clamp(min=1)
 
 

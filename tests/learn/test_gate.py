@@ -304,6 +304,12 @@ def test_agreement_runs_the_shared_lower_layers_once_and_finds_the_same_shifts(t
     split = agreement(stored, parent, groups, pad=0, batch=2, split=1, reference=AdapterOff(policy))
     assert split == whole and whole.pairs == 12 and whole.rate not in (0.5, 1.0, 0.0)
     assert whole.reference == whole.per_token
+    # A reference whose lower layers differ (the store's v0001, not re-drawn) runs whole; the parent keeps the split.
+    other, _ = load_causal_lm(tiny_store.path("v0001"))
+    assert not layers.same_lower(backbone(stored), backbone(other), 1)
+    mixed = agreement(stored, parent, groups, pad=0, batch=2, split=1, reference=other)
+    assert mixed == agreement(stored, parent, groups, pad=0, batch=2, reference=other)
+    assert mixed.per_token == whole.per_token and mixed.reference != whole.reference
 
 
 # -- a reward model that loves empty answers ----------------------------------------------------------------------
