@@ -223,6 +223,14 @@ class Settings(BaseSettings):
         "return less the mean of the other answers to its prompt (the K answers of a served comparison; with "
         "sampled rollouts, 4 sampled to each prompt), no value model.",
     )
+    learn_clip_centre: Literal["served", "iteration"] = Field(
+        "iteration",
+        description="Where PPO's clip is centred on served answers: `iteration`, the policy at the start of each "
+        "iteration, the answers weighted by its probability over the writer's (decoupled PPO, Hilton et al. 2021); "
+        "`served`, the version that wrote them, so that no sampled token's probability moves past 1 ± 0.2 times the "
+        "writer's in a whole round (one round from v0001 on `concise` rankings: 78.3% over v0001 against 60.8-63.7%, "
+        "BENCHMARKS.md).",
+    )
     learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
     learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")
     learn_min_rm_accuracy: float = Field(

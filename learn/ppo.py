@@ -47,6 +47,10 @@ class PPOConfig:
     # KL-penalised return less its siblings' mean (the other answers to its prompt), the same for all its tokens,
     # with no value model (`score`).
     advantage: Literal["gae", "rloo"] = "gae"
+    # Where the clip is centred on answers another version wrote: `served`, that version (the update never moves a
+    # token's probability past 1 ± clip of the writer's, however many iterations); `iteration`, the policy at the
+    # start of each iteration, the answers weighted by its probability over the writer's (decoupled PPO).
+    clip_centre: Literal["served", "iteration"] = "iteration"
 
     def steps(self, rollouts: int) -> int:
         """Optimiser steps `update` takes over an iteration of `rollouts`: every epoch, its mini-batches."""
@@ -337,6 +341,7 @@ class Scored:
 
     below: Tensor  # (B, L, H) the policy's lower hidden states (sequence frame), reused by every update pass
     old_logprobs: Tensor  # under the policy that sampled the answers: the ratio's denominator
+    proximal_logprobs: Tensor  # under the policy at the start of the iteration (decoupled PPO's clip centre)
     features: Tensor  # (B, A, H) the value head's inputs
     values: Tensor
     scores: Tensor  # (B,) reward-model scores
@@ -407,6 +412,7 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
     return Scored(
         parts["below"],
         parts["old"],
+        parts["logprobs"],
         parts["features"],
         values,
         parts["scores"],
@@ -562,8 +568,12 @@ def _policy_and_value_loss(
     a = sub.mask.shape[1]  # the sub-batch's answer width: per-token tensors are cut to it
     below = scored.below[rows, : sub.width] if frozen else None
     new_logprobs, logits = logprobs_and_logits(models.policy, sub, models.split, below)
+    centre, weights = scored.old_logprobs[rows, :a], None
+    if config.clip_centre == "iteration":
+        proximal = scored.proximal_logprobs[rows, :a]
+        centre, weights = proximal, rl_math.proximal_weights(proximal, scored.old_logprobs[rows, :a], sub.mask)
     policy_out = rl_math.clipped_policy_loss(
-        new_logprobs, scored.old_logprobs[rows, :a], scored.advantages[rows, :a], sub.mask, config.clip
+        new_logprobs, centre, scored.advantages[rows, :a], sub.mask, config.clip, weights
     )
     figures["policy_loss"].append(policy_out.loss.detach())
     figures["clip_fraction"].append(policy_out.clip_fraction.detach())

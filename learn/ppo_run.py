@@ -65,6 +65,7 @@ def _ppo_default() -> PPOConfig:
         epochs=_default("learn_ppo_epochs"),
         seed=_default("learn_seed"),
         advantage=_default("learn_advantage"),
+        clip_centre=_default("learn_clip_centre"),
     )
 
 
@@ -125,18 +126,24 @@ class RoundConfig:
                 epochs=settings.learn_ppo_epochs,
                 seed=settings.learn_seed,
                 advantage=settings.learn_advantage,
+                clip_centre=settings.learn_clip_centre,
             ),
         )
 
     def changed(
-        self, ptx_coef: float | None = None, advantage: Literal["gae", "rloo"] | None = None, **fields: Any
+        self,
+        ptx_coef: float | None = None,
+        advantage: Literal["gae", "rloo"] | None = None,
+        clip_centre: Literal["served", "iteration"] | None = None,
+        **fields: Any,
     ) -> RoundConfig:
-        """This configuration with the fields given a value (None: keep), `ptx_coef` and `advantage` going to the
-        PPO part."""
+        """This configuration with the fields given a value (None: keep), `ptx_coef`, `advantage` and `clip_centre`
+        going to the PPO part."""
         ppo = replace(
             self.ppo,
             ptx_coef=self.ppo.ptx_coef if ptx_coef is None else ptx_coef,
             advantage=advantage or self.ppo.advantage,
+            clip_centre=clip_centre or self.ppo.clip_centre,
         )
         return replace(self, ppo=ppo, **{name: value for name, value in fields.items() if value is not None})
 

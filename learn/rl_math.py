@@ -254,21 +254,41 @@ class PolicyLoss:
 
 
 def clipped_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip: float,
+    weights: Tensor | None = None,
 ) -> PolicyLoss:
-    """PPO's clipped surrogate (Schulman et al. 2017): mean over answer tokens of max(-A * ratio, -A * clip(ratio,
-    1 - clip, 1 + clip)), ratio = pi(y_t) / pi_old(y_t) from log-probabilities; all (B, A), answer frame.
+    """PPO's clipped surrogate (Schulman et al. 2017): mean over answer tokens of w * max(-A * ratio, -A *
+    clip(ratio, 1 - clip, 1 + clip)), ratio = pi(y_t) / pi_old(y_t) from log-probabilities; all (B, A), answer frame.
 
-    `old_logprobs` are the policy's that sampled the tokens (for answers users ranked: the served version's), so the
-    clip bounds how far the update moves from the policy that wrote them."""
+    `old_logprobs` are where the clip is centred: the policy's that sampled the tokens (for answers users ranked:
+    the served version's), so that the clip bounds how far the update moves from the policy that wrote them; or, in
+    decoupled PPO, the policy's at the start of the iteration, with `weights` (w, no gradient; 1 when None) the
+    importance weights from the writer to it (`proximal_weights`)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    chosen = torch.maximum(unclipped, clipped)
+    loss = masked_mean(chosen if weights is None else weights.detach() * chosen, mask)
     clip_fraction = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio**2, mask)
     return PolicyLoss(loss, clip_fraction, approx_kl)
+
+
+# Importance weights above this are cut (Espeholt et al. 2018 truncate theirs at 1; twice lets a token the policy
+# has come to prefer count for more, as decoupled PPO's untruncated weights would, but bounds one sample's say).
+WEIGHT_CAP = 2.0
+
+
+def proximal_weights(proximal: Tensor, behaviour: Tensor, mask: Tensor, cap: float = WEIGHT_CAP) -> Tensor:
+    """(B, A) decoupled PPO's importance weights (Hilton et al. 2021), min(pi_prox(y_t) / pi_behav(y_t), cap):
+    answers the behaviour policy wrote count as samples of the proximal one (the policy at the start of the
+    iteration), about which the clip is then centred; 0 outside the mask. Answer frame, log-probabilities in."""
+    return torch.exp((proximal - behaviour) * mask).clamp(max=cap) * mask
 
 
 def clipped_value_loss(

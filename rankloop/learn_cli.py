@@ -264,6 +264,13 @@ def ppo(
             "mean (default: RANKLOOP_LEARN_ADVANTAGE)."
         ),
     ] = None,
+    clip_centre: Annotated[
+        str | None,
+        typer.Option(
+            help="`served`: PPO's clip centred on the version that wrote the answers; `iteration`: on the policy at "
+            "the start of each iteration, decoupled PPO (default: RANKLOOP_LEARN_CLIP_CENTRE)."
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Default: RANKLOOP_LEARN_SEED.")] = None,
     fresh: Annotated[bool, typer.Option(help="Discard the checkpoint of an interrupted round.")] = False,
 ) -> None:
@@ -286,11 +293,14 @@ def ppo(
         ptx_from = "reference" if ptx_source == "reference" else "demonstrations"
     if advantage not in (None, "gae", "rloo"):
         raise fail(f"--advantage {advantage}: use `gae` or `rloo`")
+    if clip_centre not in (None, "served", "iteration"):
+        raise fail(f"--clip-centre {clip_centre}: use `served` or `iteration`")
     config = RoundConfig.from_settings(settings)
     rate = lr or (config.lr if lora else 1e-5)
     config = config.changed(
         ptx_coef,
         None if advantage is None else ("rloo" if advantage == "rloo" else "gae"),
+        None if clip_centre is None else ("iteration" if clip_centre == "iteration" else "served"),
         iterations=iterations,
         prompts_per_iteration=prompts_per_iteration,
         max_new_tokens=max_new_tokens,

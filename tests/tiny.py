@@ -40,8 +40,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_llama_folder(folder: Path, with_chat_template: bool = True) -> Path:
-    """Save a random 2-layer llama (hidden 64) and the tiny tokenizer as a Hugging Face folder."""
+def tiny_llama_folder(folder: Path, with_chat_template: bool = True, seed: int = 0) -> Path:
+    """Save a random 2-layer llama (hidden 64), its weights drawn from `seed` (the same model in every run: a
+    learning test must not pass or fail by the draw), and the tiny tokenizer as a Hugging Face folder."""
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
@@ -58,7 +60,9 @@ def tiny_llama_folder(folder: Path, with_chat_template: bool = True) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -19,6 +19,7 @@ from learn.rl_math import (
     masked_var,
     pack_rankings,
     pairwise_accuracy,
+    proximal_weights,
     ranking_pairs,
     sequence_scores,
     token_logprobs,
@@ -258,6 +259,46 @@ def test_clipped_policy_loss() -> None:
     assert out.clip_fraction.item() == pytest.approx(2 / 3)
     # approx KL: 0.5 * mean(log(1.5)^2, log(0.5)^2, log(0.5)^2) = 0.5 * (0.1644 + 0.4805 + 0.4805) / 3 = 0.1875.
     assert out.approx_kl.item() == pytest.approx(0.1875, abs=1e-4)
+
+
+def test_proximal_weights_are_cut_at_the_cap_and_zero_on_padding() -> None:
+    # pi_prox / pi_behav: e^(log 1.5) = 1.5; e^(log 3) = 3 -> cap 2; e^(log 0.25) = 0.25; padding -> 0.
+    behaviour = torch.zeros(1, 4, dtype=torch.float64)
+    proximal = t(math.log(1.5), math.log(3.0), math.log(0.25), 5.0).unsqueeze(0)
+    weights = proximal_weights(proximal, behaviour, t(1, 1, 1, 0).unsqueeze(0))
+    assert weights.tolist()[0] == pytest.approx([1.5, 2.0, 0.25, 0.0])
+
+
+def test_decoupled_clip_is_centred_on_the_proximal_policy() -> None:
+    # The served version wrote two tokens, A = +1 each; the policy has since come to 1.5x and 0.5x their
+    # probabilities (proximal), and the update is now at 1.6x and 0.5x. Centred on the writer (plain PPO), the
+    # first is past the clip: max(-1.6, -1.2) = -1.2, no gradient; the second max(-0.5, -0.8) = -0.5.
+    # Loss (-1.2 - 0.5) / 2 = -0.85, d loss / d logprob_0 = 0.
+    # Decoupled: ratios to the proximal 1.6/1.5 = 1.0667 and 1; weights 1.5 and 0.5.
+    # Token 0: 1.5 * max(-1.0667, -1.0667) = -1.6; token 1: 0.5 * -1 = -0.5. Loss (-1.6 - 0.5) / 2 = -1.05, and
+    # d loss / d logprob_0 = -1.5 * 1.0667 / 2 = -0.8: the first token still gets pushed up.
+    behaviour = torch.zeros(1, 2, dtype=torch.float64)
+    proximal = t(math.log(1.5), math.log(0.5)).unsqueeze(0)
+    advantages, mask = t(1.0, 1.0).unsqueeze(0), torch.ones(1, 2, dtype=torch.float64)
+    plain_new = t(math.log(1.6), math.log(0.5)).unsqueeze(0).requires_grad_()
+    plain = clipped_policy_loss(plain_new, behaviour, advantages, mask, clip=0.2)
+    plain.loss.backward()  # type: ignore[no-untyped-call]
+    assert plain.loss.item() == pytest.approx(-0.85)
+    assert plain_new.grad is not None and plain_new.grad[0, 0].item() == 0.0
+    new = t(math.log(1.6), math.log(0.5)).unsqueeze(0).requires_grad_()
+    weights = proximal_weights(proximal, behaviour, mask)
+    decoupled = clipped_policy_loss(new, proximal, advantages, mask, clip=0.2, weights=weights)
+    decoupled.loss.backward()  # type: ignore[no-untyped-call]
+    assert decoupled.loss.item() == pytest.approx(-1.05)
+    assert new.grad is not None and new.grad[0, 0].item() == pytest.approx(-0.8)
+    assert decoupled.clip_fraction.item() == 0.0
+    # Where the policy has not moved since the served version (the first iteration), the two are one loss.
+    same = clipped_policy_loss(
+        new.detach(), behaviour, advantages, mask, 0.2, proximal_weights(behaviour, behaviour, mask)
+    )
+    assert same.loss.item() == pytest.approx(
+        clipped_policy_loss(new.detach(), behaviour, advantages, mask, 0.2).loss.item()
+    )
 
 
 def test_clipped_value_loss() -> None:
