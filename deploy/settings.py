@@ -227,9 +227,9 @@ class Settings(BaseSettings):
         "iteration",
         description="Where PPO's clip is centred on served answers: `iteration`, the policy at the start of each "
         "iteration, the answers weighted by its probability over the writer's (decoupled PPO, Hilton et al. 2021); "
-        "`served`, the version that wrote them, so that no sampled token's probability moves past 1 ± 0.2 times the "
-        "writer's in a whole round (one round from v0001 on `concise` rankings: 78.3% over v0001 against 60.8-63.7%, "
-        "BENCHMARKS.md).",
+        "`served`, the version that wrote them, so that for a whole round no gradient pushes a sampled token past "
+        "1 ± 0.2 times the writer's probability (one round from v0001 on `concise` rankings: 78.3% over v0001 with "
+        "GAE, 72.5% with RLOO, against 60.8% with RLOO centred on the writer, BENCHMARKS.md).",
     )
     learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
     learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")

@@ -47,9 +47,10 @@ class PPOConfig:
     # KL-penalised return less its siblings' mean (the other answers to its prompt), the same for all its tokens,
     # with no value model (`score`).
     advantage: Literal["gae", "rloo"] = "gae"
-    # Where the clip is centred on answers another version wrote: `served`, that version (the update never moves a
-    # token's probability past 1 ± clip of the writer's, however many iterations); `iteration`, the policy at the
-    # start of each iteration, the answers weighted by its probability over the writer's (decoupled PPO).
+    # Where the clip is centred on answers another version wrote: `served`, that version (no gradient pushes a sampled
+    # token further once its probability is past 1 ± clip of the writer's, however many iterations); `iteration`,
+    # the policy at the start of each iteration, the answers weighted by its probability over the writer's
+    # (decoupled PPO).
     clip_centre: Literal["served", "iteration"] = "iteration"
 
     def steps(self, rollouts: int) -> int:
@@ -317,7 +318,7 @@ def sequence_reward(score: Callable[[list[list[int]]], Tensor]) -> RewardFn:
 @dataclass
 class Models:
     """What a PPO step runs. `behaviour` wrote the rollouts when they were not sampled from `policy` just now (the
-    version users were served: the ratio and its clip are taken against it). Below layer `split` the policy is
+    version users were served: the importance weights run from it). Below layer `split` the policy is
     frozen; `lower_shared` names the other models whose lower layers are the policy's, so that one `lower_of` per
     batch serves them too."""
 
@@ -340,7 +341,7 @@ class Scored:
     """One iteration's batch, scored before the update; per-token tensors (B, A) in the answer frame."""
 
     below: Tensor  # (B, L, H) the policy's lower hidden states (sequence frame), reused by every update pass
-    old_logprobs: Tensor  # under the policy that sampled the answers: the ratio's denominator
+    old_logprobs: Tensor  # the writer's: the clip's centre (`served`), the weights' denominator (`iteration`)
     proximal_logprobs: Tensor  # under the policy at the start of the iteration (decoupled PPO's clip centre)
     features: Tensor  # (B, A, H) the value head's inputs
     values: Tensor

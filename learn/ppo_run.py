@@ -7,9 +7,11 @@ model's, the normalisation offset as its bias). Below the trained layers every m
 weights there shares one forward pass per batch (learn.layers).
 
 Rollouts: by default the answers users ranked, as the served version wrote them (`Served`): they cost nothing to
-generate, and PPO's ratio is taken against the version that wrote them, so its clip bounds how far a round moves
-from what users were served. Without such answers (a new prompt file, a version never served) the policy samples
-its own with HF `generate`.
+generate. PPO weights each of their tokens by the policy's probability over the version that wrote it, as of the
+start of each iteration, and centres its clip there (decoupled PPO; `PPOConfig.clip_centre`): centred on the
+writer instead, the clip takes away the gradient that pushes a sampled token past 1 ± clip of the served version's
+probability for the whole round, however many iterations it runs. Without such answers (a new prompt file, a
+version never served) the policy samples its own with HF `generate`.
 
 Each iteration's rows, sampling seed and ptx batches are a function of (seed, iteration), so the data cursor is the
 iteration number and a resumed round meets the same data as an uninterrupted one.

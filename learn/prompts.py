@@ -34,7 +34,7 @@ class Prompt:
 @dataclass(frozen=True)
 class Served:
     """The K answers a served version wrote to one prompt, from a comparison users ranked: rollouts that cost
-    nothing to generate (PPO takes its ratio against the version that wrote them, `policy_version`)."""
+    nothing to generate (PPO weights them from the version that wrote them, `policy_version`)."""
 
     comparison_id: str
     key: str  # learn.rm_data.prompt_key of the messages
@@ -110,8 +110,8 @@ def _plain(sampling: dict[str, Any]) -> bool:
 def served_from_events(events: Iterable[RankingEvent], max_prompt_len: int) -> list[Served]:
     """Each ranked comparison once (several users may rank one), split by the version that wrote each answer (a
     canary's comparison holds two), prompts longer than `max_prompt_len` left out, and
-    those sampled at another temperature or top_p than 1, with penalties or constrained to JSON: PPO's ratio is
-    taken against the version's plain distribution, of which such answers are not samples (their ratios would be
+    those sampled at another temperature or top_p than 1, with penalties or constrained to JSON: PPO's weights are
+    taken from the version's plain distribution, of which such answers are not samples (their ratios would be
     biased)."""
     seen: set[str] = set()
     served = []

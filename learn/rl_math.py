@@ -250,7 +250,7 @@ def leave_one_out(returns: Tensor, groups: Tensor) -> Tensor:
 class PolicyLoss:
     loss: Tensor
     clip_fraction: Tensor  # share of tokens where the clipped term was the one used
-    approx_kl: Tensor  # mean of 0.5 * (log ratio)^2 against the policy that sampled
+    approx_kl: Tensor  # mean of 0.5 * (log ratio)^2 against the clip's centre
 
 
 def clipped_policy_loss(

@@ -93,7 +93,6 @@ KILLED_PPO = tuple(str(KILLED_ITERATIONS) if i == 2 else part for i, part in enu
 
 
 def test_a_reward_model_round_on_two_processes_is_the_one_process_round(tmp_path: Path) -> None:
-    torch.manual_seed(0)  # the tiny llama's draw: every run of the test meets the same model
     source = tiny_llama_folder(tmp_path / "src")
     roots = {}
     for processes in (1, 2):

@@ -285,8 +285,9 @@ def train_on_served_answers(
 def test_served_answers_teach_a_known_reward_when_the_clip_follows_the_policy(
     parts: tuple[Any, Any, ValueModel, Any],
 ) -> None:
-    # Centred on the version that wrote the answers, the clip lets no sampled token's probability pass 1.2 times
-    # the writer's: the share stalls near what that allows (about 0.65 from 0.6), however many iterations. Centred
+    # Centred on the version that wrote the answers, the clip takes away the gradient that would push a sampled
+    # token past 1.2 times the writer's probability: the share stalls near what that allows (about 0.65 from 0.6),
+    # however many iterations. Centred
     # on each iteration's start it rises on (0.86-0.95 on six draws of the tiny model's weights, against 0.59-0.67).
     fresh = copy.deepcopy(parts)
     capped = train_on_served_answers(parts, "served", zeroed=False)
@@ -500,7 +501,43 @@ def test_scoring_in_groups_of_similar_length_equals_one_pass(
     grouped = learn.ppo.score(models, rollouts, packed, PPOConfig(), 0.1)
     monkeypatch.setattr(learn.ppo, "SCORE_ROWS", 1000)
     whole = learn.ppo.score(models, rollouts, packed, PPOConfig(), 0.1)
-    for name in ("old_logprobs", "values", "scores", "kl", "advantages", "returns", "features"):
+    for name in ("old_logprobs", "proximal_logprobs", "values", "scores", "kl", "advantages", "returns", "features"):
         assert torch.allclose(getattr(grouped, name), getattr(whole, name), atol=1e-5), name
     real = packed.attention_mask.bool()  # past a row's end the groups hold zeros, one pass the pad tokens' states
     assert torch.allclose(grouped.below[real], whole.below[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("centre", ["served", "iteration"])
+def test_the_update_centres_and_weights_its_clip_as_configured(
+    parts: tuple[Any, Any, ValueModel, Any], centre: Literal["served", "iteration"]
+) -> None:
+    # The policy has moved away from the version that wrote the answers (the reference here), so the writer's,
+    # the proximal and the current log-probabilities all differ; prompts (9 tokens) longer than the answers (6).
+    from collections import defaultdict
+
+    policy, reference, _, tokenizer = parts
+    rollouts = sample(reference, queries(4, length=9) * 2, 6, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    with torch.no_grad():
+        for weight in policy.parameters():
+            weight.add_(0.05 * torch.randn_like(weight))
+    models = replace(models_of(parts, low_half_share(len(tokenizer), 9)), behaviour=reference)
+    packed = pack(rollouts, tokenizer.pad_token_id)
+    config = PPOConfig(advantage="rloo", clip_centre=centre)
+    scored = learn.ppo.score(models, rollouts, packed, config, 0.1)
+    # The proximal log-probabilities as an iteration's earlier steps would leave them: the update's own loss then
+    # tells which centre and weights it used.
+    proximal = scored.proximal_logprobs + 0.3 * packed.mask
+    scored = replace(scored, proximal_logprobs=proximal)
+    rows = list(range(len(rollouts.queries)))
+    figures: dict[str, list[torch.Tensor]] = defaultdict(list)
+    learn.ppo._policy_and_value_loss(models, packed, scored, config, rows, False, figures)
+    new = answer_logprobs(policy, packed).detach()
+    old, advantages, mask = scored.old_logprobs, scored.advantages, packed.mask
+    weighted = rl_math.clipped_policy_loss(
+        new, proximal, advantages, mask, 0.2, rl_math.proximal_weights(proximal, old, mask)
+    ).loss
+    served = rl_math.clipped_policy_loss(new, old, advantages, mask, 0.2).loss
+    expected, other = (weighted, served) if centre == "iteration" else (served, weighted)
+    assert figures["policy_loss"][0].item() == pytest.approx(expected.item(), abs=1e-6)
+    unweighted = rl_math.clipped_policy_loss(new, proximal, advantages, mask, 0.2).loss
+    assert abs(expected.item() - other.item()) > 1e-3 and abs(weighted.item() - unweighted.item()) > 1e-3
