@@ -88,9 +88,9 @@ def test_learns_a_separable_preference_to_full_held_out_accuracy(tiny_store: Mod
 def test_a_pooled_readout_learns_a_marker_said_anywhere_in_the_answer(
     tiny_store: ModelStore, shuffled: bool, readout: str
 ) -> None:
-    # mean: 31 of the 36 held-out pairs on this seed, lme: 36 (a random 2-layer model; SmolLM2's curves are in
-    # BENCHMARKS.md); with the rankings shuffled among a prompt's answers there is nothing to learn and it stays
-    # well under the trained figure (9 and 19 of 36).
+    # A random 2-layer model (SmolLM2's curves are in BENCHMARKS.md). Over six draws of its weights, mean: 0.81-0.97
+    # of the 36 held-out pairs, lme: 0.94-1.0; with the rankings shuffled among a prompt's answers there is nothing
+    # to learn and it stays well under the trained figure (0.33-0.58). The test's draw (seed 0): 0.83 and 1.0.
     torch.manual_seed(0)
     model, tokenizer = load_reward_model(tiny_store.path("v0001"), readout=readout)
     groups = separable_groups(60, anywhere=True)
@@ -106,7 +106,7 @@ def test_a_pooled_readout_learns_a_marker_said_anywhere_in_the_answer(
         show_progress=False,
     )
     assert evaluation.pairs == 36
-    assert (evaluation.accuracy < 0.7) if shuffled else (evaluation.accuracy >= 0.85)
+    assert (evaluation.accuracy < 0.65) if shuffled else (evaluation.accuracy >= 0.78)
 
 
 def test_kwise_batch_gives_the_loss_and_gradients_of_explicit_pairs(tiny_store: ModelStore) -> None:
