@@ -409,7 +409,7 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         advantages = rl_math.whiten(advantages, mask)
     # On answers another version wrote, E[log pi - log pi_ref] over its samples is not the policy's KL (with the
     # reference as writer it is minus KL(ref || pi), below 0): weighting each token by pi / pi_old makes it one.
-    kl_policy = kl * torch.exp(parts["logprobs"] - parts["old"]).clamp(max=10.0) * mask
+    kl_policy = kl * rl_math.proximal_weights(parts["logprobs"], parts["old"], mask, cap=10.0)
     return Scored(
         parts["below"],
         parts["old"],
@@ -569,10 +569,11 @@ def _policy_and_value_loss(
     a = sub.mask.shape[1]  # the sub-batch's answer width: per-token tensors are cut to it
     below = scored.below[rows, : sub.width] if frozen else None
     new_logprobs, logits = logprobs_and_logits(models.policy, sub, models.split, below)
-    centre, weights = scored.old_logprobs[rows, :a], None
+    writer = scored.old_logprobs[rows, :a]
+    centre, weights = writer, None
     if config.clip_centre == "iteration":
-        proximal = scored.proximal_logprobs[rows, :a]
-        centre, weights = proximal, rl_math.proximal_weights(proximal, scored.old_logprobs[rows, :a], sub.mask)
+        centre = scored.proximal_logprobs[rows, :a]
+        weights = rl_math.proximal_weights(centre, writer, sub.mask)
     policy_out = rl_math.clipped_policy_loss(
         new_logprobs, centre, scored.advantages[rows, :a], sub.mask, config.clip, weights
     )

@@ -287,8 +287,8 @@ def test_served_answers_teach_a_known_reward_when_the_clip_follows_the_policy(
 ) -> None:
     # Centred on the version that wrote the answers, the clip takes away the gradient that would push a sampled
     # token past 1.2 times the writer's probability: the share stalls near what that allows (about 0.65 from 0.6),
-    # however many iterations. Centred
-    # on each iteration's start it rises on (0.86-0.95 on six draws of the tiny model's weights, against 0.59-0.67).
+    # however many iterations. Centred on each iteration's start it rises on (0.86-0.95 on six draws of the tiny
+    # model's weights, against 0.59-0.67).
     fresh = copy.deepcopy(parts)
     capped = train_on_served_answers(parts, "served", zeroed=False)
     followed = train_on_served_answers(fresh, "iteration", zeroed=False)
