@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
 import time
 
 import uvicorn
@@ -97,7 +98,18 @@ async def _warm_up(engine: Engine) -> None:
     log.info("engine warmed up in %.1f s", time.monotonic() - started)
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The HTTP socket, bound before anything slow: a port already taken fails in a second rather than after the
+    engine has loaded, and no process started meanwhile (vLLM's own workers pick free ports too) can take it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise SystemExit(f"cannot listen on {host}:{port} ({exc.strerror}): set RANKLOOP_PORT to a free port") from exc
+
+
 async def _serve(settings: Settings) -> None:
+    listener = bind_listener(settings.host, settings.port)
     store = ModelStore(settings.store_dir)
     version, epoch, why = _starting_version(settings, store)
     base, adapter = serving_plan(store, version, settings.engine != "hf" and settings.adapters_served)
@@ -121,7 +133,7 @@ async def _serve(settings: Settings) -> None:
     config = uvicorn_config(app, settings.host, settings.port, settings.access_log)
     try:
         log.info("policy %s (epoch %d) ready; listening on http://%s:%d", version, epoch, settings.host, settings.port)
-        await uvicorn.Server(config).serve()
+        await uvicorn.Server(config).serve(sockets=[listener])
     finally:
         if follower is not None:
             follower.cancel()
