@@ -23,6 +23,7 @@ PPO_FIGURES = {
     "kl_per_answer": "KL to the reference per answer",
     "ptx_loss": "ptx loss",
     "answer_length": "answer length (tokens)",
+    "advantage_scale": "advantages' spread before whitening",
 }
 
 

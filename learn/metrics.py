@@ -15,6 +15,8 @@ PPO_FIGURES = {
     "entropy": "Mean policy entropy over answer tokens.",
     "clip_fraction": "Share of answer tokens whose policy ratio was clipped.",
     "value_loss": "Clipped value loss.",
+    "advantage_scale": "Spread of the advantages before whitening (RLOO: their root mean square); near 0 the "
+    "reward says next to nothing, and the steps PPO still takes are noise made full-sized.",
     "ptx_loss": "LM loss of the pre-training term.",
     "answer_length": "Mean rollout answer length in tokens.",
     "generate_tokens_per_s": "Rollout generation speed.",

@@ -350,6 +350,10 @@ class Scored:
     kl_policy: Tensor  # the same weighted by pi / pi_old: an estimate of the policy's own KL to the reference
     advantages: Tensor
     returns: Tensor
+    # What the advantages were divided by (their spread over the batch before whitening, or RLOO's root mean
+    # square): near 0 where the rewards carry next to no signal, as with the score replaced by 0, where whitening
+    # still turns what is left (the KL penalty, the value model's noise) into steps of full size.
+    advantage_scale: float = 1.0
 
 
 SCORE_ROWS = 8  # rows per scoring pass: similar lengths together (Packed.by_length)
@@ -403,9 +407,10 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         parts["logprobs"], parts["ref"], mask, parts["scores"], beta, truncated, config.truncation_penalty
     )
     if config.advantage == "rloo":
-        advantages, returns = answer_advantages(rollouts, rewards, mask), values
+        (advantages, scale), returns = answer_advantages(rollouts, rewards, mask), values
     else:
         advantages, returns = rl_math.gae(rewards, values, mask, config.gamma, config.lam)
+        scale = float(rl_math.masked_var(advantages, mask).sqrt())
         advantages = rl_math.whiten(advantages, mask)
     # On answers another version wrote, E[log pi - log pi_ref] over its samples is not the policy's KL (with the
     # reference as writer it is minus KL(ref || pi), below 0): weighting each token by pi / pi_old makes it one.
@@ -421,19 +426,21 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         kl_policy,
         advantages,
         returns,
+        scale,
     )
 
 
-def answer_advantages(rollouts: Rollouts, rewards: Tensor, mask: Tensor) -> Tensor:
+def answer_advantages(rollouts: Rollouts, rewards: Tensor, mask: Tensor) -> tuple[Tensor, float]:
     """(B, A) RLOO's advantages: each answer's summed per-token rewards (its score less beta times its KL) less the
     mean of its siblings', on every one of its tokens, divided by their root mean square over the batch (as GAE's
     are whitened: the learning rate then means the same whatever the reward model's scale). Siblings are the rows
-    with the same prompt: the K answers of a served comparison."""
+    with the same prompt: the K answers of a served comparison. Also returns that root mean square."""
     ids: dict[tuple[int, ...], int] = {}
     groups = torch.tensor([ids.setdefault(tuple(q), len(ids)) for q in rollouts.queries], device=mask.device)
     per_answer = rl_math.leave_one_out((rewards * mask).sum(dim=1), groups)
-    per_answer = per_answer * torch.rsqrt(per_answer.pow(2).mean() + 1e-8)
-    return per_answer[:, None] * mask
+    scale = per_answer.pow(2).mean().sqrt()
+    per_answer = per_answer * torch.rsqrt(scale.pow(2) + 1e-8)
+    return per_answer[:, None] * mask, float(scale)
 
 
 def _values_and_scores(models: Models, rollouts: Rollouts, packed: Packed, below: Tensor) -> tuple[Tensor, Tensor]:
@@ -488,6 +495,7 @@ def ppo_step(
         "kl_per_token": float(rl_math.masked_mean(scored.kl_policy, mask)),
         "kl_per_answer": kl_per_answer,
         "beta": beta,
+        "advantage_scale": scored.advantage_scale,
         "answer_length": float(packed.lengths.float().mean()),
         "score_s": scored_at - started,
         "update_s": time.perf_counter() - scored_at,

@@ -148,8 +148,9 @@ def test_rloo_advantages_by_hand_with_prompts_longer_than_their_answers(side: st
     rewards, _ = rl_math.kl_penalty_rewards(
         0.2 * mask, torch.zeros_like(mask), mask, rl_math_t(3.0, 5.0, 1.0), 0.5, None
     )
-    got = answer_advantages(rollouts, rewards, mask)
+    got, scale = answer_advantages(rollouts, rewards, mask)
     rms = (6.2475) ** 0.5
+    assert scale == pytest.approx(rms)
     # Row order P (2 tokens), Q (1), P (3): each answer's advantage on each of its tokens, 0 after it.
     expected = [[2.1, 2.1, 0.0], [3.15, 0.0, 0.0], [-2.1, -2.1, -2.1]]
     assert got.flatten().tolist() == pytest.approx([x / rms for row in expected for x in row])
@@ -303,6 +304,36 @@ def test_served_answers_without_the_reward_teach_nothing(parts: tuple[Any, Any, 
     assert last < first + 0.1, [round(h, 3) for h in history]
 
 
+def test_the_advantage_scale_shows_a_reward_that_says_nothing(parts: tuple[Any, Any, ValueModel, Any]) -> None:
+    # Whitening divides GAE's advantages by their spread over the batch, `advantage_scale`. With the score replaced
+    # by 0 only the KL penalty is left (0.05, the loop's starting beta, times the log-ratio to the reference a
+    # token), and whitening still makes unit-sized advantages of it; the scale before whitening tells the two apart.
+    policy, _, value, tokenizer = parts
+    with torch.no_grad():  # a policy that moved from the reference: the KL term is not zero
+        for weight in policy.parameters():
+            weight.add_(torch.randn_like(weight) * 0.02, alpha=1.0)
+        for weight in value.head.parameters():  # the control's value head starts at 0 (learn.ppo_run.value_model)
+            weight.zero_()
+    rollouts = sample(policy, queries(8, seed=2, length=12), 4, tokenizer.eos_token_id, PAD, seed=3)
+    packed = pack(rollouts, PAD)
+    scales = {}
+    for name, reward in (("scored", low_half_share(len(tokenizer), 12)), ("zero", lambda s: torch.zeros(len(s)))):
+        scored = learn.ppo.score(models_of(parts, reward), rollouts, packed, PPOConfig(), beta=0.05)
+        spread = rl_math.masked_var(rl_math.gae(*gae_inputs(scored, packed, 0.05), 1.0, 0.95)[0], packed.mask)
+        assert scored.advantage_scale == pytest.approx(float(spread.sqrt()), rel=1e-5)
+        assert float(rl_math.masked_var(scored.advantages, packed.mask)) == pytest.approx(1.0, rel=1e-4)
+        scales[name] = scored.advantage_scale
+    assert scales["zero"] < scales["scored"] / 5, scales
+
+
+def gae_inputs(
+    scored: learn.ppo.Scored, packed: learn.ppo.Packed, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rewards, values, mask) as `score` gives them to GAE, from what it kept."""
+    rewards, _ = rl_math.kl_penalty_rewards(scored.kl, torch.zeros_like(scored.kl), packed.mask, scored.scores, beta)
+    return rewards, scored.values, packed.mask
+
+
 def test_score_gives_rloo_advantages_constant_along_each_answer_and_summing_to_zero_per_prompt(
     parts: tuple[Any, Any, ValueModel, Any],
 ) -> None:
@@ -318,7 +349,8 @@ def test_score_gives_rloo_advantages_constant_along_each_answer_and_summing_to_z
     mask = packed.mask
     assert float(scored.kl.abs().sum()) > 0
     rewards, _ = rl_math.kl_penalty_rewards(scored.kl, torch.zeros_like(scored.kl), mask, scored.scores, 0.5)
-    assert torch.allclose(scored.advantages, answer_advantages(rollouts, rewards, mask))
+    advantages, scale = answer_advantages(rollouts, rewards, mask)
+    assert torch.allclose(scored.advantages, advantages) and scored.advantage_scale == pytest.approx(scale)
     first = scored.advantages[:, :1]
     assert torch.allclose(scored.advantages, first * mask)  # one figure on every token of an answer
     assert torch.allclose(first.view(2, 3).sum(dim=1), torch.zeros(2), atol=1e-6)  # leave-one-out sums to 0
