@@ -438,9 +438,9 @@ def answer_advantages(rollouts: Rollouts, rewards: Tensor, mask: Tensor) -> tupl
     ids: dict[tuple[int, ...], int] = {}
     groups = torch.tensor([ids.setdefault(tuple(q), len(ids)) for q in rollouts.queries], device=mask.device)
     per_answer = rl_math.leave_one_out((rewards * mask).sum(dim=1), groups)
-    scale = per_answer.pow(2).mean().sqrt()
-    per_answer = per_answer * torch.rsqrt(scale.pow(2) + 1e-8)
-    return per_answer[:, None] * mask, float(scale)
+    mean_square = per_answer.pow(2).mean()
+    per_answer = per_answer * torch.rsqrt(mean_square + 1e-8)
+    return per_answer[:, None] * mask, float(mean_square.sqrt())
 
 
 def _values_and_scores(models: Models, rollouts: Rollouts, packed: Packed, below: Tensor) -> tuple[Tensor, Tensor]:
