@@ -97,13 +97,15 @@ class ComputeClock:
 
 def reward_folder(policy: Path, root: Path) -> Path:
     """A reward model on the policy's backbone (a random head: speed does not depend on what it learned)."""
-    from learn.reward_model import load_reward_model, save_reward_model
+    from learn.reward_model import Norm, load_reward_model, save_reward_model
 
     rewards = ModelStore(root, prefix="r")
     if not rewards.versions():
         torch.manual_seed(0)
         model, tokenizer = load_reward_model(policy)
-        save_reward_model(model, tokenizer, rewards, Card(version="r0001", parent="v0001", made_by="bench"), 0.0, "")
+        save_reward_model(
+            model, tokenizer, rewards, Card(version="r0001", parent="v0001", made_by="bench"), Norm(0.0, 0.0, "")
+        )
     return rewards.path("r0001")
 
 

@@ -231,6 +231,13 @@ class Settings(BaseSettings):
         "1 ± 0.2 times the writer's probability (one round from v0001 on `concise` rankings: 78.3% over v0001 with "
         "GAE, 72.5% with RLOO, against 60.8% with RLOO centred on the writer, BENCHMARKS.md).",
     )
+    learn_advantage_floor: float = Field(
+        0.2,
+        ge=0.0,
+        description="The least PPO divides its advantages by, as a share of the reward model's score spread over the "
+        "reference's answers. Whitening alone makes steps of full size from any reward, even one that says nothing "
+        "(with the score replaced by 0, a version drifted to 67% under `concise`, BENCHMARKS.md); 0 whitens alone.",
+    )
     learn_enabled: bool = Field(True, description="`rankloop up` starts the learner daemon.")
     learn_min_rankings: int = Field(64, ge=1, description="New rankings that start a learning round.")
     learn_min_rm_accuracy: float = Field(

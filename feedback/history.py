@@ -24,6 +24,7 @@ PPO_FIGURES = {
     "ptx_loss": "ptx loss",
     "answer_length": "answer length (tokens)",
     "advantage_scale": "advantages' spread before whitening",
+    "advantage_floor": "the least they are divided by",
 }
 
 

@@ -17,6 +17,8 @@ PPO_FIGURES = {
     "value_loss": "Clipped value loss.",
     "advantage_scale": "Spread of the advantages before whitening (RLOO: their root mean square); near 0 the "
     "reward says next to nothing, and the steps PPO still takes are noise made full-sized.",
+    "advantage_floor": "The least the advantages are divided by (a share of the reward model's score spread); "
+    "where advantage_scale is below it, the steps shrink with the signal.",
     "ptx_loss": "LM loss of the pre-training term.",
     "answer_length": "Mean rollout answer length in tokens.",
     "generate_tokens_per_s": "Rollout generation speed.",

@@ -52,6 +52,10 @@ class PPOConfig:
     # the policy at the start of each iteration, the answers weighted by its probability over the writer's
     # (decoupled PPO).
     clip_centre: Literal["served", "iteration"] = "iteration"
+    # The least the advantages are divided by, as a share of the reward model's score spread (learn.reward_model.Norm):
+    # whitening alone scales any batch to unit variance, so a reward that says nothing (a flat reward model, the score
+    # replaced by 0) would still move the policy as far as one that ranks; 0 whitens as before.
+    advantage_floor: float = 0.0
 
     def steps(self, rollouts: int) -> int:
         """Optimiser steps `update` takes over an iteration of `rollouts`: every epoch, its mini-batches."""
@@ -354,6 +358,7 @@ class Scored:
     # square): near 0 where the rewards carry next to no signal, as with the score replaced by 0, where whitening
     # still turns what is left (the KL penalty, the value model's noise) into steps of full size.
     advantage_scale: float = 1.0
+    advantage_floor: float = 0.0  # the least they were divided by (PPOConfig.advantage_floor times the spread)
 
 
 SCORE_ROWS = 8  # rows per scoring pass: similar lengths together (Packed.by_length)
@@ -406,12 +411,13 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
     rewards, kl = rl_math.kl_penalty_rewards(
         parts["logprobs"], parts["ref"], mask, parts["scores"], beta, truncated, config.truncation_penalty
     )
+    floor = config.advantage_floor * reward_spread(models)
     if config.advantage == "rloo":
-        (advantages, scale), returns = answer_advantages(rollouts, rewards, mask), values
+        (advantages, scale), returns = answer_advantages(rollouts, rewards, mask, floor), values
     else:
         advantages, returns = rl_math.gae(rewards, values, mask, config.gamma, config.lam)
         scale = float(rl_math.masked_var(advantages, mask).sqrt())
-        advantages = rl_math.whiten(advantages, mask)
+        advantages = rl_math.whiten(advantages, mask, min_std=floor)
     # On answers another version wrote, E[log pi - log pi_ref] over its samples is not the policy's KL (with the
     # reference as writer it is minus KL(ref || pi), below 0): weighting each token by pi / pi_old makes it one.
     kl_policy = kl * rl_math.proximal_weights(parts["logprobs"], parts["old"], mask, cap=10.0)
@@ -427,19 +433,28 @@ def score(models: Models, rollouts: Rollouts, packed: Packed, config: PPOConfig,
         advantages,
         returns,
         scale,
+        floor,
     )
 
 
-def answer_advantages(rollouts: Rollouts, rewards: Tensor, mask: Tensor) -> tuple[Tensor, float]:
+def reward_spread(models: Models) -> float:
+    """The spread of the reward model's scores (learn.reward_model.Norm), also in a control round whose score is 0;
+    0 where the round has no saved reward model (no floor)."""
+    norm = getattr(models.scorer, "norm", None)
+    return float(norm.spread) if norm is not None else 0.0
+
+
+def answer_advantages(rollouts: Rollouts, rewards: Tensor, mask: Tensor, floor: float = 0.0) -> tuple[Tensor, float]:
     """(B, A) RLOO's advantages: each answer's summed per-token rewards (its score less beta times its KL) less the
     mean of its siblings', on every one of its tokens, divided by their root mean square over the batch (as GAE's
-    are whitened: the learning rate then means the same whatever the reward model's scale). Siblings are the rows
-    with the same prompt: the K answers of a served comparison. Also returns that root mean square."""
+    are whitened: the learning rate then means the same whatever the reward model's scale), or by `floor` where
+    that is larger. Siblings are the rows with the same prompt: the K answers of a served comparison. Also returns
+    that root mean square."""
     ids: dict[tuple[int, ...], int] = {}
     groups = torch.tensor([ids.setdefault(tuple(q), len(ids)) for q in rollouts.queries], device=mask.device)
     per_answer = rl_math.leave_one_out((rewards * mask).sum(dim=1), groups)
     mean_square = per_answer.pow(2).mean()
-    per_answer = per_answer * torch.rsqrt(mean_square + 1e-8)
+    per_answer = per_answer * torch.rsqrt(mean_square.clamp(min=floor**2) + 1e-8)
     return per_answer[:, None] * mask, float(mean_square.sqrt())
 
 
@@ -496,6 +511,7 @@ def ppo_step(
         "kl_per_answer": kl_per_answer,
         "beta": beta,
         "advantage_scale": scored.advantage_scale,
+        "advantage_floor": scored.advantage_floor,
         "answer_length": float(packed.lengths.float().mean()),
         "score_s": scored_at - started,
         "update_s": time.perf_counter() - scored_at,

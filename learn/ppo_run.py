@@ -68,6 +68,7 @@ def _ppo_default() -> PPOConfig:
         seed=_default("learn_seed"),
         advantage=_default("learn_advantage"),
         clip_centre=_default("learn_clip_centre"),
+        advantage_floor=_default("learn_advantage_floor"),
     )
 
 
@@ -129,6 +130,7 @@ class RoundConfig:
                 seed=settings.learn_seed,
                 advantage=settings.learn_advantage,
                 clip_centre=settings.learn_clip_centre,
+                advantage_floor=settings.learn_advantage_floor,
             ),
         )
 

@@ -269,21 +269,21 @@ def held_out_accuracy(
 
 
 @torch.no_grad()
-def reference_offset(
+def reference_norm(
     model: Any,
     groups: Sequence[RankedGroup],
     pad_id: int,
     reference: str | None,
     batch: int = 16,
     lowers: Sequence[Sequence[Tensor]] | None = None,
-) -> tuple[float, str]:
-    """Mean raw score of the reference policy's answers (all answers when none of them are the reference's).
-    `lowers`: as `train_reward_model` takes them, one list per group."""
+) -> Norm:
+    """The mean raw score of the reference policy's answers (all answers when none of them are the reference's),
+    and their spread. `lowers`: as `train_reward_model` takes them, one list per group."""
     own = [i for i, g in enumerate(groups) if reference is not None and g.policy_version == reference]
     chosen, basis = (own, "reference answers") if own else (list(range(len(groups))), "all answers")
     sequences = [a for i in chosen for a in groups[i].answers]
     if not sequences:
-        return 0.0, "none"
+        return Norm(0.0, 0.0, "none")
     below = None if lowers is None else [h for i in chosen for h in lowers[i]]
     split = frozen_below(model) if below is not None else 0
     lens = answer_lens_of([groups[i] for i in chosen], readout_of(model))
@@ -300,11 +300,30 @@ def reference_offset(
             for i in range(0, len(sequences), batch)
         ]
     )
-    return float(scores.mean()), basis
+    return Norm(float(scores.mean()), float(scores.std()) if scores.numel() > 1 else 0.0, basis)
 
 
-def write_norm(folder: Path, offset: float, basis: str) -> None:
-    (folder / NORM_FILE).write_text(json.dumps({"offset": offset, "basis": basis}))
+@dataclass(frozen=True)
+class Norm:
+    """What a saved reward model's scores are read against: `offset`, subtracted from every score (the reference's
+    answers then score 0 on average); `spread`, the standard deviation of those answers' scores, the size of a
+    difference the model makes (PPO's advantages are never divided by less than a share of it,
+    learn.ppo.PPOConfig.advantage_floor); `basis`, which answers both were measured on."""
+
+    offset: float
+    spread: float
+    basis: str
+
+
+def write_norm(folder: Path, norm: Norm) -> None:
+    (folder / NORM_FILE).write_text(json.dumps(vars(norm)))
+
+
+def read_norm(folder: Path) -> Norm:
+    """The folder's norm; a model saved before spreads were kept reads spread 0 (no floor), none at all offset 0."""
+    norm = folder / NORM_FILE
+    found = json.loads(norm.read_text()) if norm.is_file() else {}
+    return Norm(float(found.get("offset", 0.0)), float(found.get("spread", 0.0)), str(found.get("basis", "none")))
 
 
 class RewardScorer:
@@ -314,14 +333,10 @@ class RewardScorer:
     def __init__(self, folder: Path, train_layers: int = 0, device: torch.device | str = "cpu") -> None:
         self.model, self.tokenizer = load_reward_model(folder, device=device)
         self.model.eval()
-        self.offset = self.read_offset(folder)
+        self.norm = read_norm(folder)
+        self.offset = self.norm.offset
         self.split = layers.split_point(layers.backbone_of(self.model), train_layers)
         self.shares_lower = False  # whether the policy's lower hidden states are this model's too (learn.ppo_run)
-
-    @staticmethod
-    def read_offset(folder: Path) -> float:
-        norm = folder / NORM_FILE
-        return float(json.loads(norm.read_text())["offset"]) if norm.is_file() else 0.0
 
     @torch.no_grad()
     def sequences(self, sequences: Sequence[list[int]], answer_lens: Sequence[int] | None = None) -> Tensor:
@@ -429,14 +444,14 @@ def frozen_below(model: Any) -> int:
     return layers.layer_count(backbone)
 
 
-def save_reward_model(model: Any, tokenizer: Any, store: ModelStore, card: Card, offset: float, basis: str) -> Path:
-    """Write the model (LoRA merged in, in its training precision so scores round-trip exactly) and its offset."""
+def save_reward_model(model: Any, tokenizer: Any, store: ModelStore, card: Card, norm: Norm) -> Path:
+    """Write the model (LoRA merged in, in its training precision so scores round-trip exactly) and its norm."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
 
     def fill(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        write_norm(folder, offset, basis)
+        write_norm(folder, norm)
 
     return store.publish(card, fill)

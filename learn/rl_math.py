@@ -140,10 +140,11 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Scale `values` to unit variance over the mask (and zero mean unless `shift_mean` is False)."""
+def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, min_std: float = 0.0) -> Tensor:
+    """Scale `values` to unit variance over the mask (and zero mean unless `shift_mean` is False); `min_std`: never
+    divide by a standard deviation below it (values that barely vary then stay small)."""
     mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + eps)
+    whitened = (values - mean) * torch.rsqrt(var.clamp(min=min_std**2) + eps)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask

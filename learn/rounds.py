@@ -106,7 +106,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         group_lowers,
         load_reward_model,
         readout_of,
-        reference_offset,
+        reference_norm,
         save_reward_model,
         train_reward_model,
     )
@@ -166,7 +166,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         result, evaluation = train_reward_model(
             model, tokenizer, train, held, config, log, show_progress=show_progress, lowers=lowers
         )
-        offset, basis = reference_offset(model, train, pad, policies.reference(), lowers=lowers)
+        norm = reference_norm(model, train, pad, policies.reference(), lowers=lowers)
     last_event = max((g.event_id for g in new if g.event_id), key=event_order, default=after)
     card = run_card(
         version,
@@ -182,15 +182,16 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
         lora=options.lora,
         metrics=str(metrics),
         eval=vars(evaluation),
-        offset=offset,
-        offset_basis=basis,
+        offset=norm.offset,
+        offset_basis=norm.basis,
+        score_spread=norm.spread,
         last_event_id=last_event,
         bf16=options.bf16,
         device=options.device,
         train_layers=options.train_layers,
         readout=readout_of(model),
     )
-    written_by_main(lambda: save_reward_model(model, tokenizer, rewards, card, offset, basis))
+    written_by_main(lambda: save_reward_model(model, tokenizer, rewards, card, norm))
     return RMResult(version, evaluation, len(train), card, time.perf_counter() - started)
 
 

@@ -212,7 +212,8 @@ def rm(
     say(
         f"wrote {result.version} from {result.card.parent}: {result.train_prompts} prompts trained on; "
         f"held-out accuracy {evaluation.accuracy:.3f} over {evaluation.groups} prompts, loss "
-        f"{evaluation.loss:.3f}; offset {details['offset']:.3f} ({details['offset_basis']})"
+        f"{evaluation.loss:.3f}; offset {details['offset']:.3f}, spread {details['score_spread']:.3f} "
+        f"({details['offset_basis']})"
     )
 
 

@@ -60,7 +60,7 @@ def test_lm_loss_matches_on_gpu(tmp_path: Path) -> None:
 
 def _round_folders(tmp_path: Path) -> tuple[Path, Path]:
     """The tiny llama as policy and reference, and a reward model on its backbone (random head, offset 0.25)."""
-    from learn.reward_model import write_norm
+    from learn.reward_model import Norm, write_norm
 
     folder = tiny_llama_folder(tmp_path / "tiny")
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def _round_folders(tmp_path: Path) -> tuple[Path, Path]:
     reward = tmp_path / "reward"
     model.save_pretrained(reward)
     tokenizer.save_pretrained(reward)
-    write_norm(reward, 0.25, "test")
+    write_norm(reward, Norm(0.25, 0.0, "test"))
     return folder, reward
 
 

@@ -5,6 +5,7 @@ answer, and not without the reward), the ptx term adds its gradient, the split f
 import copy
 import random
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import pytest
@@ -31,6 +32,7 @@ from learn.ppo import (
 )
 from learn.ppo_run import PPO_LORA, PPORound, RoundConfig, iteration_rows
 from learn.prompts import Prompt
+from learn.reward_model import Norm
 from learn.weights import load_causal_lm
 
 PAD = 0
@@ -154,6 +156,11 @@ def test_rloo_advantages_by_hand_with_prompts_longer_than_their_answers(side: st
     # Row order P (2 tokens), Q (1), P (3): each answer's advantage on each of its tokens, 0 after it.
     expected = [[2.1, 2.1, 0.0], [3.15, 0.0, 0.0], [-2.1, -2.1, -2.1]]
     assert got.flatten().tolist() == pytest.approx([x / rms for row in expected for x in row])
+    # A floor below the root mean square changes nothing; one above it (5) divides instead.
+    assert torch.allclose(answer_advantages(rollouts, rewards, mask, floor=2.0)[0], got)
+    floored, same_scale = answer_advantages(rollouts, rewards, mask, floor=5.0)
+    assert same_scale == pytest.approx(rms)
+    assert floored.flatten().tolist() == pytest.approx([x / 5.0 for row in expected for x in row])
 
 
 def test_each_iteration_takes_every_item_once_per_pass() -> None:
@@ -324,6 +331,30 @@ def test_the_advantage_scale_shows_a_reward_that_says_nothing(parts: tuple[Any, 
         assert float(rl_math.masked_var(scored.advantages, packed.mask)) == pytest.approx(1.0, rel=1e-4)
         scales[name] = scored.advantage_scale
     assert scales["zero"] < scales["scored"] / 5, scales
+
+
+def test_a_floor_keeps_the_steps_of_a_reward_that_says_nothing_small(parts: tuple[Any, Any, ValueModel, Any]) -> None:
+    # The floor sits between the two scales of the test above: the scored batch is still whitened to unit variance,
+    # the zero one is divided by the floor, its advantages' spread then advantage_scale / floor, well below 1.
+    policy, _, value, tokenizer = parts
+    with torch.no_grad():
+        for weight in policy.parameters():
+            weight.add_(torch.randn_like(weight) * 0.02, alpha=1.0)
+        for weight in value.head.parameters():
+            weight.zero_()
+    rollouts = sample(policy, queries(8, seed=2, length=12), 4, tokenizer.eos_token_id, PAD, seed=3)
+    packed = pack(rollouts, PAD)
+    config = PPOConfig(advantage_floor=0.2)  # of a spread of 0.5: never divide by less than 0.1
+    spreads = {}
+    for name, reward in (("scored", low_half_share(len(tokenizer), 12)), ("zero", lambda s: torch.zeros(len(s)))):
+        models = replace(models_of(parts, reward), scorer=SimpleNamespace(norm=Norm(0.0, 0.5, "test")))
+        scored = learn.ppo.score(models, rollouts, packed, config, beta=0.05)
+        assert scored.advantage_floor == pytest.approx(0.1)
+        spreads[name] = float(rl_math.masked_var(scored.advantages, packed.mask).sqrt())
+        expected = 1.0 if scored.advantage_scale > 0.1 else scored.advantage_scale / 0.1
+        assert spreads[name] == pytest.approx(expected, rel=1e-3), name
+    assert spreads["scored"] == pytest.approx(1.0, rel=1e-3)
+    assert spreads["zero"] < 0.3, spreads
 
 
 def gae_inputs(

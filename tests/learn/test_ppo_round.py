@@ -24,7 +24,7 @@ from learn.data import DataError
 from learn.ppo import Rollouts, pack
 from learn.ppo_run import CheckpointMismatch, RoundConfig, value_model
 from learn.prompts import messages_of, prompts_from_file, served_from_events
-from learn.reward_model import RewardScorer, load_reward_model, save_reward_model
+from learn.reward_model import Norm, RewardScorer, load_reward_model, save_reward_model
 from learn.rm_data import group_from_event, is_held_out, is_rm_held_out, prompt_key
 from learn.rounds import PPOOptions, ppo_round
 from tests.learn.events import ranking_event
@@ -48,8 +48,7 @@ def make_data_dir(root: Path, offset: float = 0.25, policy: Path | None = None) 
         tokenizer,
         rewards,
         Card(version="r0001", parent="v0001", made_by="reward_model", details={"held_out": RM_HELD_OUT}),
-        offset,
-        "test",
+        Norm(offset, 0.0, "test"),
     )
     prompts = root / "prompts.jsonl"
     rows = [json.dumps({"prompt": f"write a short poem about the sea {i}"}) for i in range(30)]

@@ -15,12 +15,13 @@ from feedback.dataset import Dataset
 from learn.loop import LoopConfig
 from learn.ppo import Rollouts, pack
 from learn.reward_model import (
+    Norm,
     RewardScorer,
     group_loss,
     load_reward_model,
     read,
     readout_of,
-    reference_offset,
+    reference_norm,
     save_reward_model,
     score_ids,
     train_reward_model,
@@ -144,17 +145,21 @@ def test_save_and_load_round_trip_scores_exactly_with_the_offset(tiny_store: Mod
         model, tokenizer, groups, [], LoopConfig(batch_size=4, lr=1e-3), MetricsLog(None), show_progress=False
     )
     pad = int(tokenizer.pad_token_id)
-    offset, basis = reference_offset(model, groups, pad, "v0001")
-    assert basis == "reference answers"
+    norm = reference_norm(model, groups, pad, "v0001")
+    assert norm.basis == "reference answers"
     rewards = ModelStore(tmp_path / "rewards", prefix="r")
-    folder = save_reward_model(model, tokenizer, rewards, Card("r0001", "v0001", "reward_model"), offset, basis)
+    folder = save_reward_model(model, tokenizer, rewards, Card("r0001", "v0001", "reward_model"), norm)
     sequences = [a for g in groups for a in g.answers]
     with torch.no_grad():
         before = score_ids(model, sequences, pad)
     scorer = RewardScorer(folder)
     after = scorer.sequences(sequences)
-    assert torch.equal(after, before - offset)
+    assert torch.equal(after, before - norm.offset)
     assert float(after.mean()) == pytest.approx(0.0, abs=1e-5)  # the reference's answers average 0
+    # Every answer here is the reference's: the spread is their scores' standard deviation, kept with the model.
+    assert norm.spread == pytest.approx(float(before.std()), rel=1e-5)
+    assert norm.spread > 0
+    assert scorer.norm == norm
     assert rewards.versions() == ["r0001"]
 
 
@@ -166,7 +171,9 @@ def test_a_mean_readout_is_kept_with_the_model_and_read_the_same_from_a_packed_b
     torch.nn.init.normal_(model.score.weight)  # a head far from zero, so that the readouts differ
     pad = int(tokenizer.pad_token_id)
     rewards = ModelStore(tmp_path / "rewards", prefix="r")
-    folder = save_reward_model(model, tokenizer, rewards, Card("r0001", "v0001", "reward_model"), 0.5, "test")
+    folder = save_reward_model(
+        model, tokenizer, rewards, Card("r0001", "v0001", "reward_model"), Norm(0.5, 1.0, "test")
+    )
     scorer = RewardScorer(folder)
     assert readout_of(scorer.model) == "mean"
     assert readout_of(load_reward_model(tiny_store.path("v0001"))[0]) == "last"  # a policy: none set
@@ -194,7 +201,9 @@ def test_an_lme_readout_pools_the_answer_alone_from_ids_and_from_a_packed_batch(
     torch.nn.init.normal_(model.score.weight)
     pad = int(tokenizer.pad_token_id)
     rewards = ModelStore(tmp_path / "rewards", prefix="r")
-    folder = save_reward_model(model, tokenizer, rewards, Card("r0001", "v0001", "reward_model"), 0.5, "test")
+    folder = save_reward_model(
+        model, tokenizer, rewards, Card("r0001", "v0001", "reward_model"), Norm(0.5, 1.0, "test")
+    )
     scorer = RewardScorer(folder)
     assert readout_of(scorer.model) == "lme"
     # A prompt longer than its answer and one shorter: log-mean-exp of the head over the answer's tokens only.
@@ -226,7 +235,7 @@ def test_training_and_the_offset_pool_each_answer_where_ppo_does(tiny_store: Mod
     with torch.no_grad():
         answers_only = score_ids(model, sequences, pad, answer_lens=lens)
         _, _, scores = group_loss(model, groups, pad)
-        offset, _ = reference_offset(model, groups, pad, "v0001")
+        offset = reference_norm(model, groups, pad, "v0001").offset
     assert torch.allclose(scores, answers_only, atol=1e-5)
     assert offset == pytest.approx(float(answers_only.mean()), abs=1e-5)
     assert not torch.allclose(answers_only, score_ids(model, sequences, pad), atol=1e-3)  # prompts pooled too
@@ -265,6 +274,7 @@ def test_learn_rm_trains_from_the_dataset_then_continues_on_new_rankings(
     assert card.parent == "v0001" and card.details["last_event_id"] == "1029-0"
     assert card.details["prompts"] + card.details["held_out_prompts"] == 30
     assert card.details["offset_basis"] == "reference answers"
+    assert card.details["score_spread"] > 0  # kept with the model too (reward_norm.json), for PPO's advantage floor
     lines = [json.loads(line) for line in Path(card.details["metrics"]).read_text().splitlines()]
     assert "eval_accuracy" in lines[-1] and "accuracy" in lines[0]
 

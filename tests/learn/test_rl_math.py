@@ -120,6 +120,14 @@ def test_whiten() -> None:
     assert out.tolist() == pytest.approx([-1.1618950, -0.3872983, 0.3872983, 1.1618950], abs=1e-6)
 
 
+def test_whiten_divides_by_no_less_than_its_floor() -> None:
+    # Answers (rows) right- and left-padded: the real values are 1, 3 and 5, mean 3, unbiased variance (4 + 0 + 4) / 2
+    # = 4, std 2. A floor of 1 is below it: (-1, 0, 1). A floor of 4 is above: (-0.5, 0, 0.5), a step half as large.
+    values, mask = t([1.0, 3.0, 99.0], [-7.0, 5.0, 0.0]), t([1.0, 1.0, 0.0], [0.0, 1.0, 0.0])
+    assert whiten(values, mask, min_std=1.0).flatten().tolist() == pytest.approx([-1, 0, 0, 0, 1, 0], abs=1e-6)
+    assert whiten(values, mask, min_std=4.0).flatten().tolist() == pytest.approx([-0.5, 0, 0, 0, 0.5, 0], abs=1e-6)
+
+
 # -- rewards and advantages -------------------------------------------------------------------------------------
 
 
