@@ -195,27 +195,34 @@ def canary_comparisons(server: AdapterServer) -> None:
             positions.add(tuple(i for i, w in enumerate(writers) if w == "v0002"))
     Canaries(registry.redis).stop("test")
     assert len(positions) > 1  # the candidate's answers are not always in the same places
-    likelier_under_their_writers(store, texts)
+    on_their_writers_paths(store, texts)
 
 
-def likelier_under_their_writers(store: ModelStore, texts: list[tuple[str, str, bool, str]]) -> None:
-    """Each (prompt, answer, ended, label) is likelier under the labelled version than under the other (transformers,
-    fp32). Sampled at temperature 0.001, an answer is its writer's argmax path token by token; comparing its exact
-    text with the one-answer greedy text would fail where two samples in one batch part at a bf16 near-tie."""
+def on_their_writers_paths(store: ModelStore, texts: list[tuple[str, str, bool, str]]) -> None:
+    """Each (prompt, answer, ended, label) follows the labelled version's greedy path (transformers, fp32) at least as
+    closely as the other's, and all but at most 2 of its tokens are that version's argmax. Sampled at temperature
+    0.001, an answer is its writer's argmax path token by token, but bf16 in vLLM against fp32 here may flip a token
+    at a near-tie. Likelihoods would not do: the other version may give its sibling's path a higher probability
+    than the sibling does (it did, on another CPU). Over all the answers the other version misses more tokens, so
+    that the check tells the two apart."""
     from learn.weights import load_causal_lm
 
     models = {version: load_causal_lm(store.path(version)) for version in ("v0001", "v0002")}
+    own_total = other_total = 0
     for prompt, answer, ended, label in texts:
-        scores = {
-            version: log_likelihood(model, tokenizer, prompt, answer, ended)
+        misses = {
+            version: off_greedy_path(model, tokenizer, prompt, answer, ended)
             for version, (model, tokenizer) in models.items()
         }
-        assert max(scores, key=lambda v: scores[v]) == label, (prompt, answer, label, scores)
+        other = next(v for v in misses if v != label)
+        assert misses[label] <= min(2, misses[other]), (prompt, answer, label, misses)
+        own_total, other_total = own_total + misses[label], other_total + misses[other]
+    assert other_total > own_total, (own_total, other_total)
 
 
-def log_likelihood(model: Any, tokenizer: Any, prompt: str, answer: str, ended: bool) -> float:
-    """log p(answer | prompt), with the end of the answer where the writer ended it (an answer that stops where
-    the other version goes on is told apart by that token)."""
+def off_greedy_path(model: Any, tokenizer: Any, prompt: str, answer: str, ended: bool) -> int:
+    """How many of the answer's tokens (and its end, where the writer ended it) are not the model's most likely next
+    token after the prompt and the answer's tokens before them."""
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
@@ -226,4 +233,4 @@ def log_likelihood(model: Any, tokenizer: Any, prompt: str, answer: str, ended: 
     ids = torch.cat([context, reply], dim=1)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, context.shape[1] - 1 : -1].float()
-    return float(torch.log_softmax(logits, -1).gather(1, reply[0, :, None]).sum())
+    return int((logits.argmax(-1) != reply[0]).sum())

@@ -96,9 +96,13 @@ def test_rounds_keep_their_versions_as_adapters_on_the_first_base(tmp_path: Path
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     stored = AutoModelForCausalLM.from_pretrained(store.path("v0003"), dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(store.path("v0001"), dtype=torch.float32)
-    assert (logits(base, ids) - logits(stored, ids)).abs().max() > 0.5  # the rounds moved it (by 1.18)
+    moved = float((logits(base, ids) - logits(stored, ids)).abs().max())
+    assert moved > 0.5  # the rounds moved it (by 0.99-1.18 on two CPUs)
     served = PeftModel.from_pretrained(base, store.path("v0003") / "adapter")
-    assert torch.allclose(logits(served, ids), logits(stored, ids), atol=0.02)  # bf16 roundings apart (0.004)
+    # v0003's stored weights went through bf16 twice (v0002's, then its own), the adapter on the fp32 base not at
+    # all: they were 0.004 apart on one CPU, 0.035 on another. A tenth of the move still tells the adapter of both
+    # rounds from none (a whole move apart) and from one round's alone.
+    assert float((logits(served, ids) - logits(stored, ids)).abs().max()) < 0.1 * moved
     narrow = load_settings(data_dir=data, learn_threads=1, max_adapter_rank=16)
     ppo_round(narrow, config, PPOOptions(parent="v0002"), show_progress=False)
     assert "adapter" not in store.card("v0004").details and not (store.path("v0004") / "adapter").exists()
