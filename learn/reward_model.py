@@ -268,6 +268,18 @@ def held_out_accuracy(
     )
 
 
+@dataclass(frozen=True)
+class Norm:
+    """What a saved reward model's scores are read against: `offset`, subtracted from every score (the reference's
+    answers then score 0 on average); `spread`, the standard deviation of those answers' scores, the size of a
+    difference the model makes (PPO's advantages are never divided by less than a share of it,
+    learn.ppo.PPOConfig.advantage_floor); `basis`, which answers both were measured on."""
+
+    offset: float
+    spread: float
+    basis: str
+
+
 @torch.no_grad()
 def reference_norm(
     model: Any,
@@ -303,18 +315,6 @@ def reference_norm(
     return Norm(float(scores.mean()), float(scores.std()) if scores.numel() > 1 else 0.0, basis)
 
 
-@dataclass(frozen=True)
-class Norm:
-    """What a saved reward model's scores are read against: `offset`, subtracted from every score (the reference's
-    answers then score 0 on average); `spread`, the standard deviation of those answers' scores, the size of a
-    difference the model makes (PPO's advantages are never divided by less than a share of it,
-    learn.ppo.PPOConfig.advantage_floor); `basis`, which answers both were measured on."""
-
-    offset: float
-    spread: float
-    basis: str
-
-
 def write_norm(folder: Path, norm: Norm) -> None:
     (folder / NORM_FILE).write_text(json.dumps(vars(norm)))
 
@@ -334,9 +334,12 @@ class RewardScorer:
         self.model, self.tokenizer = load_reward_model(folder, device=device)
         self.model.eval()
         self.norm = read_norm(folder)
-        self.offset = self.norm.offset
         self.split = layers.split_point(layers.backbone_of(self.model), train_layers)
         self.shares_lower = False  # whether the policy's lower hidden states are this model's too (learn.ppo_run)
+
+    @property
+    def offset(self) -> float:
+        return self.norm.offset
 
     @torch.no_grad()
     def sequences(self, sequences: Sequence[list[int]], answer_lens: Sequence[int] | None = None) -> Tensor:

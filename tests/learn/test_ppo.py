@@ -311,18 +311,25 @@ def test_served_answers_without_the_reward_teach_nothing(parts: tuple[Any, Any, 
     assert last < first + 0.1, [round(h, 3) for h in history]
 
 
+def drifted_batch(parts: tuple[Any, Any, ValueModel, Any]) -> tuple[Rollouts, learn.ppo.Packed]:
+    """Answers of at most 4 tokens to 8 prompts of 12, from a policy that moved from the reference (the KL term is
+    not zero), with the value head at 0 as the control's starts (learn.ppo_run.value_model)."""
+    policy, _, value, tokenizer = parts
+    with torch.no_grad():
+        for weight in policy.parameters():
+            weight.add_(torch.randn_like(weight) * 0.02, alpha=1.0)
+        for weight in value.head.parameters():
+            weight.zero_()
+    rollouts = sample(policy, queries(8, seed=2, length=12), 4, tokenizer.eos_token_id, PAD, seed=3)
+    return rollouts, pack(rollouts, PAD)
+
+
 def test_the_advantage_scale_shows_a_reward_that_says_nothing(parts: tuple[Any, Any, ValueModel, Any]) -> None:
     # Whitening divides GAE's advantages by their spread over the batch, `advantage_scale`. With the score replaced
     # by 0 only the KL penalty is left (0.05, the loop's starting beta, times the log-ratio to the reference a
     # token), and whitening still makes unit-sized advantages of it; the scale before whitening tells the two apart.
-    policy, _, value, tokenizer = parts
-    with torch.no_grad():  # a policy that moved from the reference: the KL term is not zero
-        for weight in policy.parameters():
-            weight.add_(torch.randn_like(weight) * 0.02, alpha=1.0)
-        for weight in value.head.parameters():  # the control's value head starts at 0 (learn.ppo_run.value_model)
-            weight.zero_()
-    rollouts = sample(policy, queries(8, seed=2, length=12), 4, tokenizer.eos_token_id, PAD, seed=3)
-    packed = pack(rollouts, PAD)
+    tokenizer = parts[3]
+    rollouts, packed = drifted_batch(parts)
     scales = {}
     for name, reward in (("scored", low_half_share(len(tokenizer), 12)), ("zero", lambda s: torch.zeros(len(s)))):
         scored = learn.ppo.score(models_of(parts, reward), rollouts, packed, PPOConfig(), beta=0.05)
@@ -336,14 +343,8 @@ def test_the_advantage_scale_shows_a_reward_that_says_nothing(parts: tuple[Any, 
 def test_a_floor_keeps_the_steps_of_a_reward_that_says_nothing_small(parts: tuple[Any, Any, ValueModel, Any]) -> None:
     # The floor sits between the two scales of the test above: the scored batch is still whitened to unit variance,
     # the zero one is divided by the floor, its advantages' spread then advantage_scale / floor, well below 1.
-    policy, _, value, tokenizer = parts
-    with torch.no_grad():
-        for weight in policy.parameters():
-            weight.add_(torch.randn_like(weight) * 0.02, alpha=1.0)
-        for weight in value.head.parameters():
-            weight.zero_()
-    rollouts = sample(policy, queries(8, seed=2, length=12), 4, tokenizer.eos_token_id, PAD, seed=3)
-    packed = pack(rollouts, PAD)
+    tokenizer = parts[3]
+    rollouts, packed = drifted_batch(parts)
     config = PPOConfig(advantage_floor=0.2)  # of a spread of 0.5: never divide by less than 0.1
     spreads = {}
     for name, reward in (("scored", low_half_share(len(tokenizer), 12)), ("zero", lambda s: torch.zeros(len(s)))):
