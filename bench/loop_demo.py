@@ -288,7 +288,7 @@ def outcome(name: str, when: str, current: str, result: dict[str, Any] | None, f
     return lines + rounds_table(figures.get("rounds", []))
 
 
-PHASES = ("reward_model", "load", "evaluate_before", "iterations", "evaluate_after", "publish")
+PHASES = ("reward_model", "load", "evaluate_before", "iterations", "evaluate_after", "judge", "publish")
 
 
 def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:

@@ -221,7 +221,7 @@ class PPOResult:
     reference_ptx: float | None  # the SFT reference's held-out LM loss, the fluency bar
     card: Card
     resumed_at: int
-    seconds: dict[str, float]  # where the round's time went: load, evaluate_before, iterations, evaluate_after, ...
+    seconds: dict[str, float]  # where the round's time went, by phase: load, evaluate_before, iterations, judge, ...
 
 
 def ppo_round(
@@ -316,6 +316,9 @@ def _ppo_round(
         config.max_new_tokens,
         options.eval_samples,
     )
+    # Timed apart from the sampling and LM loss before it: the two grow with different settings (answers' length
+    # limit and the evaluation's prompts, against the held-out rankings' count and length).
+    clock.next("judge", "judging the new version on held-out rankings")
     judged = judge_on_held_out_rankings(
         settings,
         data.models,
