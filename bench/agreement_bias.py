@@ -28,6 +28,7 @@ from learn.rm_data import split  # noqa: E402
 from learn.rounds import JUDGED_GROUPS  # noqa: E402
 from learn.sources import FEEDBACK, load_groups  # noqa: E402
 from learn.weights import load_causal_lm, pad_id  # noqa: E402
+from learn.winrate import share_low  # noqa: E402
 
 
 def measure(run: Path, only: set[str] | None) -> list[str]:
@@ -54,8 +55,9 @@ def measure(run: Path, only: set[str] | None) -> list[str]:
         after, before = card.details["eval"]["after"], card.details["eval"]["before"]
         rows.append(
             f"| {run.name} | {version} (from {card.parent}) | {found.pairs} | {recorded:.3f} | {found.rate:.3f} | "
-            f"{found.detrended:.3f} | {found.per_token:.3f} | {found.reference:.3f} | {before['answer_length']:.0f} → "
-            f"{after['answer_length']:.0f} |"
+            f"{found.detrended:.3f} | {found.per_token:.3f} | {share_low(found.per_token, found.pairs):.3f} | "
+            f"{found.groups} | {found.interval('per_token')[0]:.3f} | {found.reference:.3f} | "
+            f"{before['answer_length']:.0f} → {after['answer_length']:.0f} |"
         )
         print(rows[-1], f"({time.monotonic() - started:.0f} s)", flush=True)
     return rows
@@ -70,9 +72,13 @@ def main() -> None:
     torch.set_num_threads(2)
     only = set(args.versions.split(",")) - {""} or None
     rows = [row for run in args.runs for row in measure(run, only)]
-    command = " ".join(["bench/agreement_bias.py", *map(str, args.runs)] + (["--versions", args.versions] * bool(only)))
+    command = " ".join(
+        ["bench/agreement_bias.py", *map(str, args.runs)]
+        + (["--versions", args.versions] * bool(only))
+        + (["--section", args.section] * (args.section != "agreement_bias"))
+    )
     lines = [
-        "## Agreement with held-out rankings: raw, detrended and a token (issue 16)",
+        "## Agreement with held-out rankings: raw, detrended, a token, and its interval by rankings (issue 16)",
         "",
         f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine()}.",
         "",
@@ -83,11 +89,14 @@ def main() -> None:
         "Raw: the share of pairs whose preferred answer the policy made more likely than the other, relative to "
         "the parent, by the summed log-ratio; detrended: the same less each answer's length times the mean "
         "per-token shift; per token: on each answer's mean log-ratio a token; against v0001: the same a token, "
-        "relative to the SFT reference instead of the parent.",
+        "relative to the SFT reference instead of the parent. The 95% low ends of the share a token: with the "
+        "pairs taken as independent, and by the spread of the rankings they come from (learn.winrate.grouped_interval, "
+        "what the gate reads).",
         "",
-        "| run | version | pairs | agreement when judged | raw now | detrended | per token | a token against v0001 | "
-        "answer length (tokens), parent → it |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | version | pairs | agreement when judged | raw now | detrended | per token | its 95% low, pairs "
+        "independent | rankings | its 95% low by rankings | a token against v0001 | answer length (tokens), parent → "
+        "it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     write_section(args.section, "\n".join(lines))

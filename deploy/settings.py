@@ -329,6 +329,12 @@ class Settings(BaseSettings):
         "token on the log-ratio to the SFT reference (`reference`: what all rounds so far learned; the step from the "
         "parent must then not go back beyond chance).",
     )
+    learn_agreement_interval: Literal["rankings", "pairs"] = Field(
+        "pairs",
+        description="Gate: what agreement's 95% interval counts as independent, the rankings the held-out pairs come "
+        "from (`rankings`: the C(K,2) pairs of one ranking share its answers and move together) or the pairs "
+        "(`pairs`, narrower than the data support).",
+    )
     learn_min_agreement_pairs: int = Field(
         20, ge=0, description="Gate: held-out ranked pairs that agreement must be measured on."
     )

@@ -79,6 +79,7 @@ def limits(settings: Settings) -> Limits:
         min_agreement=settings.learn_min_agreement,
         min_agreement_pairs=settings.learn_min_agreement_pairs,
         agreement_by=settings.learn_agreement_by,
+        agreement_interval=settings.learn_agreement_interval,
     )
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from learn.policy_eval import Agreement, AgreementBy, PolicyEval
+from learn.policy_eval import Agreement, AgreementBy, IntervalOf, PolicyEval
 from learn.reward_model import Evaluation
-from learn.winrate import Z95, share_low
+from learn.winrate import Z95
 
 # The gate's readings of agreement, in its verdicts' words.
 READINGS: dict[AgreementBy, str] = {
@@ -46,6 +46,9 @@ class Limits:
     # on the log-ratio to the SFT reference, what every round so far learned together, with the step from the
     # parent checked only for going back.
     agreement_by: AgreementBy = "per_token"
+    # Beyond chance by the spread of the rankings the pairs come from, or (`pairs`) with the pairs taken as
+    # independent, which a ranking's pairs are not (learn.winrate.grouped_interval).
+    agreement_interval: IntervalOf = "pairs"
     empty_rise: float = 0.02  # shares may rise by at most this much over the replaced version's
     degenerate_rise: float = 0.05
     truncated_rise: float = 0.2
@@ -103,6 +106,11 @@ def _shares(before: PolicyEval, after: PolicyEval, limits: Limits) -> Gate | Non
     return None
 
 
+def _of_rankings(agreement: Agreement, limits: Limits) -> str:
+    by_rankings = limits.agreement_interval == "rankings" and limits.agreement_by in agreement.intervals
+    return f", by their {agreement.groups} rankings" if by_rankings else ""
+
+
 def _went_back(agreement: Agreement, limits: Limits) -> Gate | None:
     """Read against the reference, a version could undo some of what its parent learned and still agree with most
     pairs: its own step, a token against the parent, may not go against users' rankings beyond chance. A step that
@@ -110,12 +118,13 @@ def _went_back(agreement: Agreement, limits: Limits) -> Gate | None:
     if limits.agreement_by != "reference":
         return None
     step = agreement.per_token
-    high = 1.0 - share_low(1.0 - step, agreement.pairs)
+    _, high = agreement.interval("per_token", limits.agreement_interval)
     if not high >= 0.5:  # NaN (the step not measured) fails too
         return Gate(
             False,
             f"against its parent it agrees with {step:.0%} of {agreement.pairs} held-out ranked pairs a token, "
-            f"below half beyond chance (95% high {high:.0%}): it went back on what users preferred",
+            f"below half beyond chance (95% high {high:.0%}{_of_rankings(agreement, limits)}): it went back on what "
+            "users preferred",
         )
     return None
 
@@ -145,12 +154,12 @@ def promotion_gate(
             f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs{since} (below "
             f"{limits.min_agreement:.0%})",
         )
-    low = share_low(share, agreement.pairs)
-    if not low > 0.5:  # a coin gives 55% or more of 20 pairs 41% of the time
+    low, _ = agreement.interval(limits.agreement_by, limits.agreement_interval)
+    if not low > 0.5:  # a coin gives 55% or more of 20 pairs 41% of the time; NaN (under 2 rankings) fails too
         return Gate(
             False,
             f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs{since}, not beyond chance "
-            f"(95% low {low:.0%})",
+            f"(95% low {low:.0%}{_of_rankings(agreement, limits)})",
         )
     back = _went_back(agreement, limits)
     if back is not None:

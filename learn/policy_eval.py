@@ -15,7 +15,7 @@ import logging
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +32,7 @@ from learn.prompts import Prompt
 from learn.rm_data import RankedGroup
 from learn.sft import evaluate_lm
 from learn.weights import pad_id
-from learn.winrate import outcome
+from learn.winrate import grouped_interval, outcome, share_low
 
 log = logging.getLogger("rankloop.learner")
 
@@ -264,6 +264,8 @@ def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:
 # Which share of held-out pairs the gate reads: on log-ratios to the parent a token, or summed over each answer;
 # or on log-ratios to the SFT reference a token (the steps of every round so far, not the newest alone).
 AgreementBy = Literal["per_token", "sum", "reference"]
+# What an agreement's interval counts as independent: the rankings its pairs come from, or the pairs themselves.
+IntervalOf = Literal["rankings", "pairs"]
 
 
 @dataclass(frozen=True)
@@ -284,19 +286,31 @@ class Agreement:
     detrended: float = float("nan")
     per_token: float = float("nan")  # the share on each answer's mean log-ratio a token (`per_token`)
     reference: float = float("nan")  # the same, on each answer's log-ratio to the SFT reference
+    groups: int = 0  # the rankings the pairs come from
+    # Each share's 95% interval by its rankings (learn.winrate.grouped_interval), where they were known.
+    intervals: dict[AgreementBy, tuple[float, float]] = field(default_factory=dict)
 
     def share(self, by: AgreementBy) -> float:
         """The share the gate reads: a token against the parent or the reference, or summed (`rate`)."""
         return {"per_token": self.per_token, "reference": self.reference, "sum": self.rate}[by]
 
+    def interval(self, by: AgreementBy, of: IntervalOf = "rankings") -> tuple[float, float]:
+        """The share's 95% interval: by the rankings its pairs came from (where they are known), or with the pairs
+        taken as independent (narrower than it should be: the pairs of one ranking move together)."""
+        if of == "rankings" and by in self.intervals:
+            return self.intervals[by]
+        share = self.share(by)
+        return share_low(share, self.pairs), 1.0 - share_low(1.0 - share, self.pairs)
+
     def figures(self) -> dict[str, float]:
         return {
             "agreement": self.rate,
             "agreement_pairs": float(self.pairs),
+            "agreement_groups": float(self.groups),
             "agreement_detrended": self.detrended,
             "agreement_per_token": self.per_token,
             "agreement_reference": self.reference,
-        }
+        } | {f"agreement_{by}_low": low for by, (low, _) in self.intervals.items()}
 
 
 def detrended(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -336,20 +350,27 @@ def agreement(
     # The first round's parent is the reference: one pass serves both.
     bases = [parent] if reference is None or reference is parent else [parent, reference]
     shifts = _shifts(policy, bases, rollouts, pad, batch, split)
-    judged = [
-        (index[g, chosen], index[g, rejected])
+    by_group = [
+        [
+            (index[g, chosen], index[g, rejected])
+            for chosen, rejected in pairs(group.tiers)
+            if (g, chosen) in index and (g, rejected) in index
+        ]
         for g, group in enumerate(groups)
-        for chosen, rejected in pairs(group.tiers)
-        if (g, chosen) in index and (g, rejected) in index
     ]
+    judged = [pair for group in by_group for pair in group]
     lengths = torch.tensor([len(answer) for _, answer in rollouts], dtype=shifts[0].dtype)
-    shift = shifts[0]
+    readings: dict[AgreementBy, torch.Tensor] = {"sum": shifts[0], "per_token": per_token(shifts[0], lengths)}
+    if reference is not None:
+        readings["reference"] = per_token(shifts[-1], lengths)
     return Agreement(
-        share_agreeing(shift, judged),
+        share_agreeing(readings["sum"], judged),
         len(judged),
-        share_agreeing(detrended(shift, lengths), judged),
-        share_agreeing(per_token(shift, lengths), judged),
-        share_agreeing(per_token(shifts[-1], lengths), judged) if reference is not None else float("nan"),
+        share_agreeing(detrended(shifts[0], lengths), judged),
+        share_agreeing(readings["per_token"], judged),
+        share_agreeing(readings["reference"], judged) if reference is not None else float("nan"),
+        sum(1 for group in by_group if group),
+        {by: grouped_interval([outcomes(shift, group) for group in by_group]) for by, shift in readings.items()},
     )
 
 
@@ -383,7 +404,12 @@ def per_token(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return shift / lengths.clamp(min=1)
 
 
+def outcomes(shift: torch.Tensor, judged: Sequence[tuple[int, int]]) -> list[float]:
+    """Per (preferred, other) answer pair: 1 where `shift` moved the preferred one further, 0.5 for a tie, else 0."""
+    return [outcome(float(shift[chosen]), float(shift[other])) for chosen, other in judged]
+
+
 def share_agreeing(shift: torch.Tensor, judged: Sequence[tuple[int, int]]) -> float:
     """The share of (preferred, other) answer pairs whose preferred one `shift` moved further (ties count half)."""
-    outcomes = [outcome(float(shift[chosen]), float(shift[other])) for chosen, other in judged]
-    return sum(outcomes) / len(outcomes) if outcomes else float("nan")
+    found = outcomes(shift, judged)
+    return sum(found) / len(found) if found else float("nan")

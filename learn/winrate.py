@@ -48,6 +48,24 @@ def win_rate(outcomes: Sequence[float], z: float = Z95) -> WinRate:
     return WinRate(mean, max(0.0, mean - half), min(1.0, mean + half), wins, ties, n - wins - ties)
 
 
+def grouped_interval(groups: Sequence[Sequence[float]], z: float = Z95) -> tuple[float, float]:
+    """(low, high) of the pooled share of outcomes that come in groups, by the groups' spread (the cluster-robust
+    variance of a ratio estimate): var = G/(G-1) * sum_g (a_g - p*n_g)^2 / N^2, with a_g the outcomes' sum and n_g
+    their count in group g, N = sum n_g and p = sum a_g / N. NaN for fewer than two groups with outcomes.
+
+    Why not `share_low`: the C(K,2) pairs of one ranking share its K answers, so a policy that moved one answer
+    far moves K-1 pairs together; counted as independent, 90 pairs from 15 rankings looked like 90 coin tosses and
+    a policy that only drifted passed at 63% (BENCHMARKS.md, the `concise` control with the advantage floor)."""
+    counted = [(sum(g), len(g)) for g in groups if g]
+    n = sum(size for _, size in counted)
+    if len(counted) < 2:
+        return float("nan"), float("nan")
+    share = sum(total for total, _ in counted) / n
+    spread = sum((total - share * size) ** 2 for total, size in counted)
+    half = z * math.sqrt(len(counted) / (len(counted) - 1) * spread) / n
+    return share - half, share + half
+
+
 def share_low(rate: float, n: int, z: float = Z95) -> float:
     """Lower end of the normal-approximation interval of a share `rate` of `n` yes/no outcomes (NaN for n = 0)."""
     if n <= 0:

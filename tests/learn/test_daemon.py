@@ -48,10 +48,16 @@ def test_rankings_through_the_api_become_a_ready_version(ranked: tuple[Path, red
         "agreement_detrended",
         "agreement_per_token",
         "agreement_reference",
+        "agreement_groups",
+        "agreement_sum_low",
+        "agreement_per_token_low",
+        "agreement_reference_low",
     }
     # The first round's parent is the reference: the two readings are one.
     figures = info.card["agreement"]
     assert figures["agreement_pairs"] > 0 and figures["agreement_reference"] == figures["agreement_per_token"]
+    # Each held-out ranking gives one to C(K,2) pairs.
+    assert 0 < figures["agreement_groups"] <= figures["agreement_pairs"]
     assert info.card["agreement_by"] == "per_token"
     rm_card = json.loads((data / "reward_models" / "r0001" / "card.json").read_text())
     assert rm_card["details"]["prompts"] + rm_card["details"]["held_out_prompts"] == PROMPTS

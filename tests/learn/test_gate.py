@@ -3,6 +3,8 @@ held-out rankings and fluency each refuse a version on their own; and a reward m
 gets PPO to answer empty, and that version is not promoted."""
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from learn.reward_model import RewardScorer
 from learn.rm_data import RankedGroup
 from learn.rounds import PPOOptions, ppo_round
 from learn.weights import LoraOptions, as_stored, load_causal_lm
+from learn.winrate import Z95
 from tests.learn.test_ppo_round import make_data_dir
 from tests.tiny import tiny_teachable_folder
 
@@ -84,6 +87,27 @@ def test_the_rankings_users_held_out_must_agree_and_be_enough() -> None:
     assert promotion_gate(ev(0.1), ev(5.0), agreeing(0.6, 300), Limits()).passed  # ± 0.055: low 54.5%
 
 
+def test_beyond_chance_is_judged_by_the_rankings_not_by_their_pairs() -> None:
+    # 63% of 90 pairs taken as independent: low end 0.63 - 1.96 * sqrt(0.63 * 0.37 / 90) = 53.0%, beyond chance.
+    # The same pairs come from 15 rankings whose shares spread: by them the low end is 45% (learn.winrate), and
+    # the version is refused, saying how it was judged.
+    by_rankings = Agreement(0.63, 90, per_token=0.63, groups=15, intervals={"per_token": (0.45, 0.81)})
+    rankings = Limits(agreement_interval="rankings")
+    pooled = promotion_gate(ev(0.1), ev(5.0), by_rankings, Limits(agreement_interval="pairs"))
+    assert pooled.passed, pooled.why
+    verdict = promotion_gate(ev(0.1), ev(5.0), by_rankings, rankings)
+    assert not verdict.passed and verdict.why == (
+        "it agrees with 63% of 90 held-out ranked pairs, not beyond chance (95% low 45%, by their 15 rankings)"
+    )
+    # Too few rankings to measure a spread (NaN) is not beyond chance either.
+    one = Agreement(0.9, 30, per_token=0.9, groups=1, intervals={"per_token": (float("nan"), float("nan"))})
+    assert not promotion_gate(ev(0.1), ev(5.0), one, replace(rankings, min_agreement_pairs=6)).passed
+    # Rankings that agree alike pass on their own interval; a share whose rankings are not known, on its pairs'.
+    alike = Agreement(0.63, 90, per_token=0.63, groups=15, intervals={"per_token": (0.56, 0.70)})
+    assert promotion_gate(ev(0.1), ev(5.0), alike, rankings).passed
+    assert promotion_gate(ev(0.1), ev(5.0), agreeing(0.63, 90), rankings).passed
+
+
 def test_the_gate_reads_agreement_a_token_unless_told_to_read_the_sums() -> None:
     # A drifting policy's summed log-ratios side with the shorter answer: 70% of 300 pairs where users preferred
     # shorter answers, 50% a token. Read a token (the default) it is refused; read summed it would pass.
@@ -119,6 +143,36 @@ def test_agreement_a_token_divides_by_each_answers_own_length(monkeypatch: pytes
     ]
     found = agreement(drifted, parent, groups, pad=0)
     assert (found.pairs, found.rate, found.per_token) == (2, 0.0, 0.5)
+
+
+def test_agreement_keeps_which_ranking_each_pair_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two rankings of three answers (three pairs each). The policy raises token 5 by 1 a token over its parent.
+    Ranking "a" preferred the answers with more 5s (3 of 3 pairs agree), ranking "b" the ones with fewer (0 of 3).
+    Pooled 3 of 6 = 0.5; by the rankings: residuals 3 - 1.5 and 0 - 1.5, squares 4.5, times 2/1 = 9, sqrt 3, over
+    6 pairs: a standard error of 0.5, so 0.5 ± 1.96 * 0.5, where six independent pairs would give ± 0.40."""
+    import learn.policy_eval
+
+    policy, parent = object(), object()
+
+    def fake_logprobs(model: object, packed: Packed, split: int = 0, below: object = None) -> torch.Tensor:
+        return packed.mask * (packed.answer_ids == 5).float() * (1.0 if model is policy else 0.0)
+
+    monkeypatch.setattr(learn.policy_eval, "answer_logprobs", fake_logprobs)
+    monkeypatch.setattr(learn.policy_eval, "device_of", lambda model: torch.device("cpu"))
+    prompt = list(range(6, 16))  # longer than every answer
+    answers = [[5, 5, 2], [5, 8, 2], [8, 8, 2]]  # 2/3, 1/3 and 0 a token
+    groups = [
+        RankedGroup("a", [[*prompt, *a] for a in answers], [[0], [1], [2]], answer_lens=(3, 3, 3)),
+        RankedGroup("b", [[*prompt, *a] for a in answers], [[2], [1], [0]], answer_lens=(3, 3, 3)),
+    ]
+    found = agreement(policy, parent, groups, pad=0)
+    assert (found.pairs, found.groups, found.per_token) == (6, 2, 0.5)
+    low, high = found.interval("per_token")
+    assert (low, high) == (pytest.approx(0.5 - Z95 * 0.5), pytest.approx(0.5 + Z95 * 0.5))
+    assert found.figures()["agreement_per_token_low"] == pytest.approx(0.5 - Z95 * 0.5)
+    # Without the rankings known (an Agreement built from shares alone) the pairs count as independent.
+    alone = Agreement(0.5, 6, per_token=0.5).interval("per_token")
+    assert alone == (pytest.approx(0.5 - Z95 * math.sqrt(0.25 / 6)), pytest.approx(0.5 + Z95 * math.sqrt(0.25 / 6)))
 
 
 def test_read_against_the_reference_a_small_step_on_top_of_learned_ones_passes_and_a_step_back_does_not() -> None:

@@ -1,8 +1,10 @@
 """The win-rate estimator on constructed outcomes, intervals worked out by hand."""
 
+import math
+
 import pytest
 
-from learn.winrate import outcome, win_rate
+from learn.winrate import Z95, grouped_interval, outcome, share_low, win_rate
 
 
 def test_outcomes_of_paired_scores() -> None:
@@ -34,3 +36,28 @@ def test_all_ties_is_exactly_even() -> None:
 def test_no_outcomes_is_an_error() -> None:
     with pytest.raises(ValueError, match="no outcomes"):
         win_rate([])
+
+
+def test_an_interval_by_groups_worked_by_hand() -> None:
+    # Three rankings' pairs: 5 of 6 agree, 1 of 6, 3 of 3. Pooled: 9 of 15 = 0.6.
+    # Residuals a_g - p*n_g: 5 - 3.6 = 1.4, 1 - 3.6 = -2.6, 3 - 1.8 = 1.2; squares sum to 10.16;
+    # times G/(G-1) = 3/2: 15.24; over N^2 = 225: 0.0677333; the standard error sqrt of it: 0.260256.
+    groups = [[1, 1, 1, 0, 1, 1], [0, 0, 1, 0, 0, 0], [1, 1, 1]]
+    low, high = grouped_interval(groups)
+    se = math.sqrt(1.5 * 10.16) / 15
+    assert se == pytest.approx(0.260256, abs=1e-6)
+    assert (low, high) == (pytest.approx(0.6 - Z95 * se), pytest.approx(0.6 + Z95 * se))
+    # The same 15 outcomes taken as independent claim far more: a low end of 0.352 against 0.090.
+    assert share_low(0.6, 15) == pytest.approx(0.6 - Z95 * math.sqrt(0.24 / 15))
+    assert low == pytest.approx(0.0899, abs=1e-4) and share_low(0.6, 15) > low + 0.25
+
+
+def test_groups_that_agree_alike_give_a_narrow_interval() -> None:
+    # Every ranking 2 of 3: no spread between groups, so no width, where pairs taken one by one would give some.
+    low, high = grouped_interval([[1, 1, 0]] * 10)
+    assert low == pytest.approx(2 / 3) and high == pytest.approx(2 / 3)
+
+
+def test_fewer_than_two_groups_tell_nothing() -> None:
+    assert all(math.isnan(x) for x in grouped_interval([[1, 1, 1, 1, 1, 0]]))
+    assert all(math.isnan(x) for x in grouped_interval([[], [1, 0]]))
