@@ -56,7 +56,7 @@ def measure(run: Path, only: set[str] | None) -> list[str]:
         rows.append(
             f"| {run.name} | {version} (from {card.parent}) | {found.pairs} | {recorded:.3f} | {found.rate:.3f} | "
             f"{found.detrended:.3f} | {found.per_token:.3f} | {share_low(found.per_token, found.pairs):.3f} | "
-            f"{found.groups} | {found.interval('per_token')[0]:.3f} | {found.reference:.3f} | "
+            f"{found.groups} | {found.interval('per_token', 'rankings')[0]:.3f} | {found.reference:.3f} | "
             f"{before['answer_length']:.0f} → {after['answer_length']:.0f} |"
         )
         print(rows[-1], f"({time.monotonic() - started:.0f} s)", flush=True)

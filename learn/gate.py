@@ -107,8 +107,8 @@ def _shares(before: PolicyEval, after: PolicyEval, limits: Limits) -> Gate | Non
 
 
 def _of_rankings(agreement: Agreement, limits: Limits) -> str:
-    by_rankings = limits.agreement_interval == "rankings" and limits.agreement_by in agreement.intervals
-    return f", by their {agreement.groups} rankings" if by_rankings else ""
+    """How the interval in a verdict was measured, where it was by the rankings."""
+    return f", by their {agreement.groups} rankings" if limits.agreement_interval == "rankings" else ""
 
 
 def _went_back(agreement: Agreement, limits: Limits) -> Gate | None:
@@ -153,6 +153,12 @@ def promotion_gate(
             False,
             f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs{since} (below "
             f"{limits.min_agreement:.0%})",
+        )
+    if limits.agreement_interval == "rankings" and agreement.groups < 2:
+        return Gate(
+            False,
+            f"its {agreement.pairs} held-out ranked pairs come from {agreement.groups} ranking(s), too few to "
+            "measure how much they vary",
         )
     low, _ = agreement.interval(limits.agreement_by, limits.agreement_interval)
     if not low > 0.5:  # a coin gives 55% or more of 20 pairs 41% of the time; NaN (under 2 rankings) fails too

@@ -294,11 +294,12 @@ class Agreement:
         """The share the gate reads: a token against the parent or the reference, or summed (`rate`)."""
         return {"per_token": self.per_token, "reference": self.reference, "sum": self.rate}[by]
 
-    def interval(self, by: AgreementBy, of: IntervalOf = "rankings") -> tuple[float, float]:
-        """The share's 95% interval: by the rankings its pairs came from (where they are known), or with the pairs
-        taken as independent (narrower than it should be: the pairs of one ranking move together)."""
-        if of == "rankings" and by in self.intervals:
-            return self.intervals[by]
+    def interval(self, by: AgreementBy, of: IntervalOf) -> tuple[float, float]:
+        """The share's 95% interval: by the rankings its pairs came from (NaN where they are not known: nothing is
+        then beyond chance), or with the pairs taken as independent (narrower than the data support: the pairs of
+        one ranking move together)."""
+        if of == "rankings":
+            return self.intervals.get(by, (float("nan"), float("nan")))
         share = self.share(by)
         return share_low(share, self.pairs), 1.0 - share_low(1.0 - share, self.pairs)
 

@@ -316,7 +316,9 @@ def _ppo_round(
         config.max_new_tokens,
         options.eval_samples,
     )
-    # Timed apart from the sampling and LM loss before it: the two grow with different settings (answers' length
+    known = (caches.losses, inputs.reference)
+    reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held, known)
+    # Timed apart from the sampling and LM losses before it: the two grow with different settings (answers' length
     # limit and the evaluation's prompts, against the held-out rankings' count and length).
     clock.next("judge", "judging the new version on held-out rankings")
     judged = judge_on_held_out_rankings(
@@ -328,8 +330,6 @@ def _ppo_round(
         inputs.judging,
         inputs.parent == inputs.reference,
     )
-    known = (caches.losses, inputs.reference)
-    reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held, known)
     clock.next("publish", "writing the new version")
     card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
     # After the version is published and its checkpoint gone (a failure here must not resume into a second version):

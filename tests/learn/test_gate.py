@@ -102,10 +102,13 @@ def test_beyond_chance_is_judged_by_the_rankings_not_by_their_pairs() -> None:
     # Too few rankings to measure a spread (NaN) is not beyond chance either.
     one = Agreement(0.9, 30, per_token=0.9, groups=1, intervals={"per_token": (float("nan"), float("nan"))})
     assert not promotion_gate(ev(0.1), ev(5.0), one, replace(rankings, min_agreement_pairs=6)).passed
-    # Rankings that agree alike pass on their own interval; a share whose rankings are not known, on its pairs'.
+    # Rankings that agree alike pass on their own interval; a share whose rankings are not known does not pass.
     alike = Agreement(0.63, 90, per_token=0.63, groups=15, intervals={"per_token": (0.56, 0.70)})
     assert promotion_gate(ev(0.1), ev(5.0), alike, rankings).passed
-    assert promotion_gate(ev(0.1), ev(5.0), agreeing(0.63, 90), rankings).passed
+    unknown = promotion_gate(ev(0.1), ev(5.0), agreeing(0.63, 90), rankings)
+    assert not unknown.passed and unknown.why == (
+        "its 90 held-out ranked pairs come from 0 ranking(s), too few to measure how much they vary"
+    )
 
 
 def test_the_gate_reads_agreement_a_token_unless_told_to_read_the_sums() -> None:
@@ -146,10 +149,11 @@ def test_agreement_a_token_divides_by_each_answers_own_length(monkeypatch: pytes
 
 
 def test_agreement_keeps_which_ranking_each_pair_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two rankings of three answers (three pairs each). The policy raises token 5 by 1 a token over its parent.
-    Ranking "a" preferred the answers with more 5s (3 of 3 pairs agree), ranking "b" the ones with fewer (0 of 3).
-    Pooled 3 of 6 = 0.5; by the rankings: residuals 3 - 1.5 and 0 - 1.5, squares 4.5, times 2/1 = 9, sqrt 3, over
-    6 pairs: a standard error of 0.5, so 0.5 ± 1.96 * 0.5, where six independent pairs would give ± 0.40."""
+    """Four rankings of three answers (three pairs each). The policy raises token 5 by 1 a token over its parent.
+    Rankings "a", "c" and "d" preferred the answers with more 5s (3 of 3 pairs agree), "b" the ones with fewer (0 of
+    3). Pooled 9 of 12 = 0.75; by the rankings: residuals 0.75 three times and -2.25, squares 6.75, times 4/3 = 9,
+    sqrt 3, over 12 pairs: a standard error of 0.25, so a low end of 0.75 - 1.96 * 0.25 = 0.26 (the high end
+    clipped to 1), where twelve independent pairs would give 0.75 - 1.96 * 0.125 = 0.505."""
     import learn.policy_eval
 
     policy, parent = object(), object()
@@ -161,18 +165,20 @@ def test_agreement_keeps_which_ranking_each_pair_came_from(monkeypatch: pytest.M
     monkeypatch.setattr(learn.policy_eval, "device_of", lambda model: torch.device("cpu"))
     prompt = list(range(6, 16))  # longer than every answer
     answers = [[5, 5, 2], [5, 8, 2], [8, 8, 2]]  # 2/3, 1/3 and 0 a token
+    liked, disliked = [[0], [1], [2]], [[2], [1], [0]]
     groups = [
-        RankedGroup("a", [[*prompt, *a] for a in answers], [[0], [1], [2]], answer_lens=(3, 3, 3)),
-        RankedGroup("b", [[*prompt, *a] for a in answers], [[2], [1], [0]], answer_lens=(3, 3, 3)),
+        RankedGroup(key, [[*prompt, *a] for a in answers], tiers, answer_lens=(3, 3, 3))
+        for key, tiers in (("a", liked), ("b", disliked), ("c", liked), ("d", liked))
     ]
     found = agreement(policy, parent, groups, pad=0)
-    assert (found.pairs, found.groups, found.per_token) == (6, 2, 0.5)
-    low, high = found.interval("per_token")
-    assert (low, high) == (pytest.approx(0.5 - Z95 * 0.5), pytest.approx(0.5 + Z95 * 0.5))
-    assert found.figures()["agreement_per_token_low"] == pytest.approx(0.5 - Z95 * 0.5)
-    # Without the rankings known (an Agreement built from shares alone) the pairs count as independent.
-    alone = Agreement(0.5, 6, per_token=0.5).interval("per_token")
-    assert alone == (pytest.approx(0.5 - Z95 * math.sqrt(0.25 / 6)), pytest.approx(0.5 + Z95 * math.sqrt(0.25 / 6)))
+    assert (found.pairs, found.groups, found.per_token) == (12, 4, 0.75)
+    low, high = found.interval("per_token", "rankings")
+    assert (low, high) == (pytest.approx(0.75 - Z95 * 0.25), 1.0)
+    assert found.figures()["agreement_per_token_low"] == pytest.approx(0.75 - Z95 * 0.25)
+    pairs_low, _ = found.interval("per_token", "pairs")
+    assert pairs_low == pytest.approx(0.75 - Z95 * math.sqrt(0.75 * 0.25 / 12))
+    # Read by rankings where none were kept (an Agreement built from shares alone): nothing to be sure of.
+    assert all(math.isnan(x) for x in Agreement(0.5, 6, per_token=0.5).interval("per_token", "rankings"))
 
 
 def test_read_against_the_reference_a_small_step_on_top_of_learned_ones_passes_and_a_step_back_does_not() -> None:

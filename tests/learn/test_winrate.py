@@ -46,16 +46,22 @@ def test_an_interval_by_groups_worked_by_hand() -> None:
     low, high = grouped_interval(groups)
     se = math.sqrt(1.5 * 10.16) / 15
     assert se == pytest.approx(0.260256, abs=1e-6)
-    assert (low, high) == (pytest.approx(0.6 - Z95 * se), pytest.approx(0.6 + Z95 * se))
+    assert (low, high) == (pytest.approx(0.6 - Z95 * se), 1.0)  # 0.6 + 0.51, clipped
     # The same 15 outcomes taken as independent claim far more: a low end of 0.352 against 0.090.
     assert share_low(0.6, 15) == pytest.approx(0.6 - Z95 * math.sqrt(0.24 / 15))
     assert low == pytest.approx(0.0899, abs=1e-4) and share_low(0.6, 15) > low + 0.25
 
 
-def test_groups_that_agree_alike_give_a_narrow_interval() -> None:
-    # Every ranking 2 of 3: no spread between groups, so no width, where pairs taken one by one would give some.
+def test_groups_that_agree_alike_are_no_surer_than_their_pairs() -> None:
+    # Every ranking 2 of 3: no spread between groups, which 10 rankings do not make certain. The width is then the
+    # 30 outcomes' own: 2/3 ± 1.96 * sqrt((2/9) / 30).
     low, high = grouped_interval([[1, 1, 0]] * 10)
-    assert low == pytest.approx(2 / 3) and high == pytest.approx(2 / 3)
+    assert (low, high) == (pytest.approx(share_low(2 / 3, 30)), pytest.approx(1 - share_low(1 / 3, 30)))
+
+
+def test_the_interval_stays_within_zero_and_one() -> None:
+    # Two rankings, all agree in one and none in the other: 0.5 ± 1.96 * 0.5 reaches past both ends.
+    assert grouped_interval([[1, 1, 1], [0, 0, 0]]) == (0.0, 1.0)
 
 
 def test_fewer_than_two_groups_tell_nothing() -> None:
