@@ -28,7 +28,6 @@ from learn.rm_data import split  # noqa: E402
 from learn.rounds import JUDGED_GROUPS  # noqa: E402
 from learn.sources import FEEDBACK, load_groups  # noqa: E402
 from learn.weights import load_causal_lm, pad_id  # noqa: E402
-from learn.winrate import share_low  # noqa: E402
 
 
 def measure(run: Path, only: set[str] | None) -> list[str]:
@@ -55,7 +54,7 @@ def measure(run: Path, only: set[str] | None) -> list[str]:
         after, before = card.details["eval"]["after"], card.details["eval"]["before"]
         rows.append(
             f"| {run.name} | {version} (from {card.parent}) | {found.pairs} | {recorded:.3f} | {found.rate:.3f} | "
-            f"{found.detrended:.3f} | {found.per_token:.3f} | {share_low(found.per_token, found.pairs):.3f} | "
+            f"{found.detrended:.3f} | {found.per_token:.3f} | {found.interval('per_token', 'pairs')[0]:.3f} | "
             f"{found.groups} | {found.interval('per_token', 'rankings')[0]:.3f} | {found.reference:.3f} | "
             f"{before['answer_length']:.0f} → {after['answer_length']:.0f} |"
         )
