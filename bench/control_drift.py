@@ -4,7 +4,7 @@ weight, the KL penalty's), on a copy of a demo run's data (its rankings, served 
 new version's answer length and its win rate over v0001 under the run's preference. With `--keep-score` the same
 rounds with the score kept, to compare variants of learning (`adv=rloo`: RLOO's advantages; `lr=`, `it=`,
 `prompts=`: the learning rate, iterations and served comparisons an iteration; `clip=iteration`: decoupled
-PPO's clip). Figures go to BENCHMARKS.md.
+PPO's clip; `ptxloss=lm` or `ptxloss=reference_kl`: the ptx term's loss). Figures go to BENCHMARKS.md.
 
     .venv/bin/python bench/control_drift.py var/demo-concise-control [--reward r0002] [--variants ptx=0.5,ptx=0]
         [--set LEARN_PTX_FILE= --set LEARN_PTX_SOURCE=reference]
@@ -40,6 +40,7 @@ OPTIONS = {  # name=value
     "it": "--iterations",
     "prompts": "--prompts-per-iteration",
     "clip": "--clip-centre",
+    "ptxloss": "--ptx-loss",
 }
 FLAGS = {"fixed": "--fixed-kl"}  # bare names
 

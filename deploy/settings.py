@@ -299,6 +299,12 @@ class Settings(BaseSettings):
         "answer the SFT reference wrote to users' ranked prompts, whatever its rank.",
     )
     learn_ptx_coef: float = Field(0.5, ge=0.0, description="Weight of the pre-training term in PPO.")
+    learn_ptx_loss: Literal["lm", "reference_kl"] | None = Field(
+        None,
+        description="PPO's pre-training loss: `lm`, the LM loss of its texts; `reference_kl`, the KL to the SFT "
+        "reference's next-token distribution on them. Unset: `reference_kl` on the reference's own answers "
+        "(LEARN_PTX_SOURCE=reference, no file), whose LM loss it is without the sampled token's noise; `lm` else.",
+    )
     learn_auto_promote: bool = Field(
         False, description="Promote a new version by itself when it passes the evaluation gate."
     )

@@ -19,7 +19,7 @@ PPO_FIGURES = {
     "reward says next to nothing, and the steps PPO still takes are noise made full-sized.",
     "advantage_floor": "The least the advantages are divided by (a share of the reward model's score spread); "
     "where advantage_scale is below it, the steps shrink with the signal.",
-    "ptx_loss": "LM loss of the pre-training term.",
+    "ptx_loss": "The pre-training term: the LM loss of its texts, or their KL to the reference (LEARN_PTX_LOSS).",
     "answer_length": "Mean rollout answer length in tokens.",
     "generate_tokens_per_s": "Rollout generation speed.",
 }

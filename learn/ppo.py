@@ -56,6 +56,10 @@ class PPOConfig:
     # whitening alone scales any batch to unit variance, so a reward that says nothing (a flat reward model, the score
     # replaced by 0) would still move the policy as far as one that ranks; 0 whitens as before.
     advantage_floor: float = 0.0
+    # The ptx term's loss: `lm`, the LM loss of its texts' tokens; `reference_kl`, KL(ref || pi) of each next token
+    # on them (rl_math.reference_kl), for texts the reference wrote itself, whose LM loss it is in expectation.
+    # None: `reference_kl` on the reference's own answers, `lm` on other texts (learn.ppo_run.RoundConfig.for_ptx).
+    ptx_loss: Literal["lm", "reference_kl"] | None = None
 
     def steps(self, rollouts: int) -> int:
         """Optimiser steps `update` takes over an iteration of `rollouts`: every epoch, its mini-batches."""
@@ -546,7 +550,8 @@ def update(
     frozen = models.split > 0
     # Each batch's lower hidden states are computed once, up front, and held for the iteration: as many as there
     # are batches, one a step at most (a ptx example's beside the 32 rollouts' `scored.below`).
-    shares = [_ptx_share(models, batch, frozen) for batch in ptx] if config.ptx_coef > 0 else []
+    distil = config.ptx_loss == "reference_kl"
+    shares = [_ptx_share(models, batch, frozen, distil) for batch in ptx] if config.ptx_coef > 0 else []
     lengths = packed.lengths.tolist()  # on the host once: each mini-batch's shares are weighed by them
     generator = torch.Generator().manual_seed(config.seed)
     # Mini-batches in a random order, not grouped by length (which pads less): a mini-batch of short answers
@@ -566,7 +571,7 @@ def update(
                 if not processes.alone:
                     loss = loss * (sum(lengths[r] for r in mine) / max(1.0, sum(lengths[r] for r in rows)))
             if ptx_share is not None and ptx_share.batch is not None:
-                term = ptx_loss(models.policy, ptx_share.batch, models.split, ptx_share.below)
+                term = _ptx_term(models.policy, ptx_share, models.split)
                 figures["ptx_loss"].append(term.detach())
                 weighted = config.ptx_coef * term * ptx_share.weight  # the weight of one process's share is 1
                 loss = weighted if loss is None else loss + weighted
@@ -623,15 +628,17 @@ def _policy_and_value_loss(
 
 @dataclass(frozen=True)
 class PtxShare:
-    """This process's examples of the ptx batch (None: it has none), their lower hidden states, and their share of
-    the batch's labelled tokens (the weight of their mean loss)."""
+    """This process's examples of the ptx batch (None: it has none), their lower hidden states, their share of the
+    batch's labelled tokens (the weight of their mean loss), and with the `reference_kl` loss the reference's (N, V)
+    next-token log-probabilities at the labelled positions, computed once for the iteration's steps."""
 
     batch: PtxBatch | None
     below: Tensor | None
     weight: float
+    reference: Tensor | None = None
 
 
-def _ptx_share(models: Models, batch: PtxBatch, frozen: bool) -> PtxShare:
+def _ptx_share(models: Models, batch: PtxBatch, frozen: bool, distil: bool = False) -> PtxShare:
     processes = world()
     if not processes.alone:
         labelled = (batch[2][:, 1:] != IGNORE).sum(dim=1).tolist()
@@ -643,7 +650,21 @@ def _ptx_share(models: Models, batch: PtxBatch, frozen: bool) -> PtxShare:
     else:
         weight = 1.0
     below = ptx_lower(models.policy, models.split, batch) if frozen else None
-    return PtxShare(batch, below, weight)
+    reference = None
+    if distil:
+        with torch.no_grad(), adapters_as_wrapped(models.reference) as inner:
+            shared = None if below is None else models.below_for("reference", below)
+            logits = ptx_logits(inner, batch, models.split, shared)[0]
+            reference = torch.log_softmax(logits, dim=-1)
+    return PtxShare(batch, below, weight, reference)
+
+
+def _ptx_term(policy: Any, share: PtxShare, split: int) -> Tensor:
+    """The ptx term of one share: KL to the reference where its log-probabilities are known, else the LM loss."""
+    assert share.batch is not None
+    if share.reference is None:
+        return ptx_loss(policy, share.batch, split, share.below)
+    return rl_math.reference_kl(ptx_logits(policy, share.batch, split, share.below)[0], share.reference)
 
 
 def ptx_lower(policy: Any, split: int, batch: PtxBatch) -> Tensor:
@@ -653,20 +674,26 @@ def ptx_lower(policy: Any, split: int, batch: PtxBatch) -> Tensor:
         return layers.lower(layers.backbone_of(inner), split, input_ids, attention_mask, positions)
 
 
-def ptx_loss(policy: Any, batch: PtxBatch, split: int = 0, below: Tensor | None = None) -> Tensor:
-    """LM loss (mean over labelled tokens) on a right-padded pre-training batch: (input_ids, attention_mask, labels
-    with IGNORE), the LM head on the labelled positions only; `below` as in `answer_logits`."""
+def ptx_logits(model: Any, batch: PtxBatch, split: int = 0, below: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """((N, V) fp32 next-token logits at the N labelled tokens of a right-padded pre-training batch, (N,) those
+    tokens); batch: (input_ids, attention_mask, labels with IGNORE). The LM head runs on the labelled positions only;
+    `below` as in `answer_logits`."""
     input_ids, attention_mask, labels = batch
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    if _postprocessed_logits(policy):
-        logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE)
-    backbone, head = causal_parts(policy)
-    hidden = layers.final_hidden(backbone, split, input_ids, attention_mask, positions, below)[:, :-1]
     targets = labels[:, 1:]
     labelled = targets != IGNORE
-    logits = head(hidden[labelled]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[labelled])
+    if _postprocessed_logits(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return logits[labelled].float(), targets[labelled]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    backbone, head = causal_parts(model)
+    hidden = layers.final_hidden(backbone, split, input_ids, attention_mask, positions, below)[:, :-1]
+    return head(hidden[labelled]).float(), targets[labelled]
+
+
+def ptx_loss(policy: Any, batch: PtxBatch, split: int = 0, below: Tensor | None = None) -> Tensor:
+    """LM loss (mean over labelled tokens) on a right-padded pre-training batch (`ptx_logits`)."""
+    logits, targets = ptx_logits(policy, batch, split, below)
+    return torch.nn.functional.cross_entropy(logits, targets)
 
 
 def sample(

@@ -69,6 +69,7 @@ def _ppo_default() -> PPOConfig:
         advantage=_default("learn_advantage"),
         clip_centre=_default("learn_clip_centre"),
         advantage_floor=_default("learn_advantage_floor"),
+        ptx_loss=_default("learn_ptx_loss"),
     )
 
 
@@ -131,8 +132,16 @@ class RoundConfig:
                 advantage=settings.learn_advantage,
                 clip_centre=settings.learn_clip_centre,
                 advantage_floor=settings.learn_advantage_floor,
+                ptx_loss=settings.learn_ptx_loss,
             ),
         )
+
+    def for_ptx(self, from_reference: bool) -> RoundConfig:
+        """This configuration with its ptx loss chosen where it was left unset: the KL to the reference on texts
+        the reference wrote, the LM loss on others."""
+        if self.ppo.ptx_loss is not None:
+            return self
+        return replace(self, ppo=replace(self.ppo, ptx_loss="reference_kl" if from_reference else "lm"))
 
     def changed(
         self,

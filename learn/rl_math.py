@@ -311,6 +311,19 @@ def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(entropy, mask)
 
 
+def reference_kl(logits: Tensor, reference_logprobs: Tensor) -> Tensor:
+    """Mean over N positions of KL(ref || pi) between next-token distributions: the policy's logits (N, V), the
+    reference's log-probabilities (N, V); fp32.
+
+    On texts the reference sampled, this is the LM loss's expectation over each next token, less the reference's
+    entropy (a constant): the same pull towards the reference, without the noise of the one token sampled, so that
+    its gradient is exactly 0 wherever the policy is the reference. Fitting the sampled tokens themselves over
+    several epochs instead moves a policy that no reward moves (BENCHMARKS.md, the control hours)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    reference = reference_logprobs.float()
+    return (reference.exp() * (reference - logp)).sum(dim=-1).mean()
+
+
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """log p(token) under `logits`: logits (..., V) predicting `tokens` (...); computed in fp32."""
     return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -288,6 +288,7 @@ def _ppo_round(
 ) -> PPOResult:
     inputs = _resolve(settings, options)
     data = _load(settings, config, options, inputs)
+    config = config.for_ptx(ptx_from_reference(options))
     trainer = PPORound(data.models, config, data.train, data.ptx_train, data.served)
     meta = {
         "parent": inputs.parent,
@@ -400,15 +401,18 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
     if not train and not served:
         raise StoreError("no prompts to train on: rank some answers first, or pass --prompts FILE")
     ptx = options.ptx_file or (
-        PtxFromReference(inputs.reference, (options.held_out, inputs.judging))
-        if options.ptx_source == "reference"
-        else None
+        PtxFromReference(inputs.reference, (options.held_out, inputs.judging)) if ptx_from_reference(options) else None
     )
     ptx_train, ptx_held, ptx_source = ptx_examples(
         settings, models.tokenizer, ptx, 512, inputs.until, max_prompt_len=options.max_prompt_len
     )
     evaluation_prompts, eval_on = evaluation_set(models.tokenizer, held, options)
     return RoundData(models, train, held, served, ptx_train, ptx_held, ptx_source, evaluation_prompts, eval_on)
+
+
+def ptx_from_reference(options: PPOOptions) -> bool:
+    """Whether the ptx texts are the reference's own answers (no file given, source `reference`)."""
+    return options.ptx_file is None and options.ptx_source == "reference"
 
 
 def _evaluate_parent(

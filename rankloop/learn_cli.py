@@ -242,6 +242,13 @@ def ppo(
     ptx_coef: Annotated[
         float | None, typer.Option(min=0.0, help="Weight of the pre-training term (default: settings).")
     ] = None,
+    ptx_loss: Annotated[
+        str | None,
+        typer.Option(
+            help="`lm`: the LM loss of the pre-training texts; `reference_kl`: the KL to the SFT reference on them "
+            "(default: RANKLOOP_LEARN_PTX_LOSS; unset, `reference_kl` on the reference's own answers)."
+        ),
+    ] = None,
     kl_coef: Annotated[float | None, typer.Option(min=0.0, help="Initial KL penalty (beta; default 0.05).")] = None,
     kl_target: Annotated[
         float | None, typer.Option(min=0.0, help="Per-answer KL the adaptive controller steers to (default 6).")
@@ -292,6 +299,8 @@ def ppo(
         if ptx_source not in ("demonstrations", "reference"):
             raise fail(f"--ptx-source {ptx_source}: use `demonstrations` or `reference`")
         ptx_from = "reference" if ptx_source == "reference" else "demonstrations"
+    if ptx_loss not in (None, "lm", "reference_kl"):
+        raise fail(f"--ptx-loss {ptx_loss}: use `lm` or `reference_kl`")
     if advantage not in (None, "gae", "rloo"):
         raise fail(f"--advantage {advantage}: use `gae` or `rloo`")
     if clip_centre not in (None, "served", "iteration"):
@@ -317,6 +326,8 @@ def ppo(
         raise fail(f"--kl-target {kl_target}: give a KL above 0, or --fixed-kl for a fixed beta")
     if fixed_kl:
         config = replace(config, kl_target=None)
+    if ptx_loss is not None:
+        config = replace(config, ppo=replace(config.ppo, ptx_loss="lm" if ptx_loss == "lm" else "reference_kl"))
     options = PPOOptions(
         parent=base,
         reward=reward,

@@ -13,6 +13,7 @@ import torch
 
 import learn.ppo
 from deploy.model_store import ModelStore
+from deploy.settings import load_settings
 from learn import layers, rl_math
 from learn.data import IGNORE, Example
 from learn.ppo import (
@@ -422,6 +423,61 @@ def test_the_ptx_term_adds_its_own_gradient(parts: tuple[Any, Any, ValueModel, A
     ptx_grads = torch.autograd.grad(ptx_loss(model, ptx_batch), list(model.parameters()))
     for a, b, g in zip(without, with_ptx, ptx_grads, strict=True):
         assert torch.allclose(b - a, 0.5 * g, atol=1e-5)
+
+
+def test_the_reference_kl_ptx_term_pulls_only_a_policy_that_left_the_reference(
+    parts: tuple[Any, Any, ValueModel, Any],
+) -> None:
+    policy, reference, value, tokenizer = parts
+    rollouts = sample(policy, queries(4), 6, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    # Two texts, right-padded, the first tokens unlabelled (a prompt): the KL is read at 4 + 1 positions.
+    text = torch.tensor([[5, 17, 42, 99, 7], [8, 9, 10, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[IGNORE, 17, 42, 99, 7], [IGNORE, IGNORE, 10, IGNORE, IGNORE]])
+    ptx_batch = (text, attention, labels)
+    one_update = PPOConfig(epochs=1, minibatch=4, max_grad_norm=1e9, ptx_loss="reference_kl")
+
+    def grads(model: Any, coef: float) -> list[torch.Tensor]:
+        model = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the step leaves .grad and the weights
+        models = Models(
+            model, reference, copy.deepcopy(value), sequence_reward(lambda s: torch.zeros(len(s))), tokenizer
+        )
+        ppo_step(
+            models,
+            rollouts,
+            replace(one_update, ptx_coef=coef),
+            rl_math.FixedKLController(0.1),
+            optimizer,
+            tokenizer.pad_token_id,
+            [ptx_batch],
+        )
+        return [p.grad.clone() for p in model.parameters()]
+
+    # The policy is the reference: the term adds nothing (the LM loss on the same texts would).
+    for a, b in zip(grads(policy, 0.0), grads(policy, 0.5), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
+    moved = copy.deepcopy(policy)
+    with torch.no_grad():
+        moved.lm_head.weight.add_(0.05 * torch.randn_like(moved.lm_head.weight))
+    # Written out here: KL(ref || pi) of the whole models' next-token distributions at the 5 labelled positions.
+    where = labels[:, 1:] != IGNORE
+    ref = torch.log_softmax(reference(input_ids=text, attention_mask=attention).logits[:, :-1][where], dim=-1)
+    logits = moved(input_ids=text, attention_mask=attention).logits[:, :-1][where]
+    expected = (ref.exp() * (ref - torch.log_softmax(logits, dim=-1))).sum(dim=-1).mean()
+    assert where.sum() == 5 and expected.item() > 1e-4
+    kl_grads = torch.autograd.grad(expected, list(moved.parameters()), allow_unused=True)
+    for a, b, g in zip(grads(moved, 0.0), grads(moved, 0.5), kl_grads, strict=True):
+        assert torch.allclose(b - a, 0.5 * (torch.zeros_like(a) if g is None else g), atol=1e-5)
+
+
+def test_the_ptx_loss_left_unset_follows_its_texts() -> None:
+    unset = RoundConfig()
+    assert unset.ppo.ptx_loss is None
+    assert unset.for_ptx(from_reference=True).ppo.ptx_loss == "reference_kl"
+    assert unset.for_ptx(from_reference=False).ppo.ptx_loss == "lm"
+    chosen = RoundConfig.from_settings(load_settings(learn_ptx_loss="lm"))
+    assert chosen.for_ptx(from_reference=True).ppo.ptx_loss == "lm"  # an operator's choice stands
 
 
 def test_each_optimiser_step_takes_the_next_ptx_batch_in_turn(

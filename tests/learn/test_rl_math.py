@@ -21,6 +21,7 @@ from learn.rl_math import (
     pairwise_accuracy,
     proximal_weights,
     ranking_pairs,
+    reference_kl,
     sequence_scores,
     token_logprobs,
     whiten,
@@ -339,3 +340,22 @@ def test_adaptive_kl_controller_moves_beta_with_clipped_error() -> None:
 def test_fixed_kl_controller_stays() -> None:
     controller = FixedKLController(0.05)
     assert controller.update(100.0, 256) == 0.05
+
+
+def test_reference_kl_by_hand_and_its_gradient_is_zero_at_the_reference() -> None:
+    reference = torch.log(t(0.5, 0.5, 0.9, 0.1).view(2, 2))
+    policy = torch.log(t(0.75, 0.25, 0.9, 0.1).view(2, 2))
+    # Row 1: 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.5 (-0.405465) + 0.5 (0.693147) = 0.143841; row 2: 0. Mean 0.071921.
+    assert reference_kl(policy, reference).item() == pytest.approx(0.0719205, abs=1e-6)
+    # Where the policy is the reference, no gradient: the LM loss of one sampled token (token 0 here) has one.
+    at_reference = reference.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(reference_kl(at_reference, reference), at_reference)
+    assert gradient.abs().max().item() < 1e-7
+    (sampled,) = torch.autograd.grad(-token_logprobs(at_reference, i(0, 0)).mean(), at_reference)
+    assert sampled.abs().max().item() > 0.01
+    # That LM loss's expectation over the reference's next token is reference_kl's gradient plus nothing: E[grad] = 0.
+    expected = sum(
+        p * torch.autograd.grad(-token_logprobs(at_reference, i(a, b)).mean(), at_reference)[0]
+        for a, b, p in ((0, 0, 0.45), (0, 1, 0.05), (1, 0, 0.45), (1, 1, 0.05))
+    )
+    assert torch.allclose(expected, torch.zeros_like(at_reference), atol=1e-7)
