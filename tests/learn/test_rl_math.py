@@ -353,7 +353,7 @@ def test_reference_kl_by_hand_and_its_gradient_is_zero_at_the_reference() -> Non
     assert gradient.abs().max().item() < 1e-7
     (sampled,) = torch.autograd.grad(-token_logprobs(at_reference, i(0, 0)).mean(), at_reference)
     assert sampled.abs().max().item() > 0.01
-    # That LM loss's expectation over the reference's next token is reference_kl's gradient plus nothing: E[grad] = 0.
+    # The identity reference_kl rests on: averaged over the reference's next tokens, that gradient is 0 too.
     expected = sum(
         p * torch.autograd.grad(-token_logprobs(at_reference, i(a, b)).mean(), at_reference)[0]
         for a, b, p in ((0, 0, 0.45), (0, 1, 0.05), (1, 0, 0.45), (1, 1, 0.05))
