@@ -661,3 +661,37 @@ def test_the_update_centres_and_weights_its_clip_as_configured(
     assert figures["policy_loss"][0].item() == pytest.approx(expected.item(), abs=1e-6)
     unweighted = rl_math.clipped_policy_loss(new, proximal, advantages, mask, 0.2).loss
     assert abs(expected.item() - other.item()) > 1e-3 and abs(weighted.item() - unweighted.item()) > 1e-3
+
+
+def test_the_reference_kl_of_a_lora_round_reads_the_reference_with_adapters_off_above_a_shared_split(
+    tiny_store: ModelStore,
+) -> None:
+    import learn.ppo
+
+    # A round's default models: LoRA on the upper layer, the reference its adapters switched off, lower layers shared.
+    lora, tokenizer = load_causal_lm(tiny_store.path("v0001"), PPO_LORA, train_layers=1)
+    plain, _ = load_causal_lm(tiny_store.path("v0001"))
+    with torch.no_grad():
+        for p in lora.parameters():  # adapters that do something, so that the reference differs from the policy
+            if p.requires_grad:
+                p.add_(0.05)
+    split = layers.split_point(layers.backbone_of(lora), 1)
+    value = ValueModel(copy.deepcopy(plain.model), plain.config.hidden_size)
+    models = Models(
+        lora, AdapterOff(lora), value, sequence_reward(lambda s: torch.zeros(len(s))), tokenizer, split=split
+    )
+    models = replace(models, lower_shared=frozenset({"reference"}))
+    text = torch.tensor([[5, 17, 42, 99, 7], [8, 9, 10, 0, 0]])
+    attention = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[IGNORE, IGNORE, 42, 99, 7], [IGNORE, 9, 10, IGNORE, IGNORE]])
+    share = learn.ppo._ptx_share(models, (text, attention, labels), frozen=True, distil=True)
+    # Written out on whole forwards: the plain model is the reference, the LoRA model the policy.
+    where = labels[:, 1:] != IGNORE
+    with torch.no_grad():
+        ref = torch.log_softmax(plain(input_ids=text, attention_mask=attention).logits[:, :-1][where], dim=-1)
+        pi = torch.log_softmax(lora(input_ids=text, attention_mask=attention).logits[:, :-1][where], dim=-1)
+        assert share.reference is not None and torch.allclose(share.reference, ref, atol=1e-5)
+        expected = (ref.exp() * (ref - pi)).sum(dim=-1).mean()
+        assert expected.item() > 1e-4
+        got = learn.ppo._ptx_term(lora, share, split)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
