@@ -148,15 +148,17 @@ class RoundConfig:
         ptx_coef: float | None = None,
         advantage: Literal["gae", "rloo"] | None = None,
         clip_centre: Literal["served", "iteration"] | None = None,
+        ptx_loss: Literal["lm", "reference_kl"] | None = None,
         **fields: Any,
     ) -> RoundConfig:
-        """This configuration with the fields given a value (None: keep), `ptx_coef`, `advantage` and `clip_centre`
-        going to the PPO part."""
+        """This configuration with the fields given a value (None: keep), `ptx_coef`, `advantage`, `clip_centre` and
+        `ptx_loss` going to the PPO part."""
         ppo = replace(
             self.ppo,
             ptx_coef=self.ppo.ptx_coef if ptx_coef is None else ptx_coef,
             advantage=advantage or self.ppo.advantage,
             clip_centre=clip_centre or self.ppo.clip_centre,
+            ptx_loss=ptx_loss or self.ppo.ptx_loss,
         )
         return replace(self, ppo=ppo, **{name: value for name, value in fields.items() if value is not None})
 

@@ -311,6 +311,7 @@ def ppo(
         ptx_coef,
         None if advantage is None else ("rloo" if advantage == "rloo" else "gae"),
         None if clip_centre is None else ("iteration" if clip_centre == "iteration" else "served"),
+        None if ptx_loss is None else ("lm" if ptx_loss == "lm" else "reference_kl"),
         iterations=iterations,
         prompts_per_iteration=prompts_per_iteration,
         max_new_tokens=max_new_tokens,
@@ -326,8 +327,6 @@ def ppo(
         raise fail(f"--kl-target {kl_target}: give a KL above 0, or --fixed-kl for a fixed beta")
     if fixed_kl:
         config = replace(config, kl_target=None)
-    if ptx_loss is not None:
-        config = replace(config, ppo=replace(config.ppo, ptx_loss="lm" if ptx_loss == "lm" else "reference_kl"))
     options = PPOOptions(
         parent=base,
         reward=reward,

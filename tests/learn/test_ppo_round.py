@@ -278,6 +278,7 @@ def test_the_daemons_round_follows_the_operators_settings(tmp_path: Path, monkey
     assert (changed.iterations, changed.ppo.ptx_coef, changed.ppo.epochs) == (5, 0.5, 3)
     assert (changed.seed, changed.ppo.seed, changed.kl_target) == (3, 3, 2.0)
     assert (changed.ppo.advantage, config.changed(advantage="rloo").ppo.advantage) == ("gae", "rloo")
+    assert (changed.ppo.ptx_loss, config.changed(ptx_loss="lm").ppo.ptx_loss) == (None, "lm")
 
 
 def test_the_daemons_reward_model_round_follows_the_operators_settings(tmp_path: Path) -> None:
