@@ -298,9 +298,8 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         "| round | outcome | reward model held-out accuracy (pairs) | new version: empty / degenerate / cut, "
-        "length (tokens) | agreement summed / a token / a token since v0001 (pairs) | minutes: "
-        + ", ".join(PHASES)
-        + " | total | gate |",
+        "length (tokens), KL to its parent / to v0001 | agreement summed / a token / a token since v0001 (pairs) "
+        "| minutes: " + ", ".join(PHASES) + " | total | gate |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for n, r in enumerate(rounds, start=1):
@@ -309,7 +308,7 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
         shares = (
             (
                 f"{after['empty']:.0%} / {after['degenerate']:.0%} / {after['truncated']:.0%}, "
-                f"{after['answer_length']:.0f}"
+                f"{after['answer_length']:.0f}, {after.get('parent_kl', float('nan')):.1f} / {after['kl']:.1f}"
             )
             if after
             else "-"

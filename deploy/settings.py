@@ -325,6 +325,12 @@ class Settings(BaseSettings):
         1.1, gt=0.0, description="Gate: held-out LM loss at most this times the SFT reference's."
     )
     learn_max_kl: float = Field(30.0, gt=0.0, description="Gate: per-answer KL to the SFT reference at most this.")
+    learn_min_step_kl: float = Field(
+        0.5,
+        ge=0.0,
+        description="Gate: per-answer KL of a new version to its parent, on its own answers, at least this: one that "
+        "hardly moved is its parent again (0: no floor).",
+    )
     learn_min_agreement: float = Field(
         0.55, ge=0.0, le=1.0, description="Gate: share of held-out ranked pairs the new version must agree with."
     )

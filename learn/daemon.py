@@ -76,6 +76,7 @@ def limits(settings: Settings) -> Limits:
     return Limits(
         max_ptx_ratio=settings.learn_max_ptx_ratio,
         max_kl=settings.learn_max_kl,
+        min_step_kl=settings.learn_min_step_kl,
         min_agreement=settings.learn_min_agreement,
         min_agreement_pairs=settings.learn_min_agreement_pairs,
         agreement_by=settings.learn_agreement_by,
@@ -292,6 +293,7 @@ def _brief(evaluation: PolicyEval) -> dict[str, Any]:
     return {
         "reward": evaluation.reward,
         "kl": evaluation.kl,
+        "parent_kl": evaluation.parent_kl,
         "ptx_loss": evaluation.ptx_loss,
         "answer_length": evaluation.answer_length,
         "empty": evaluation.empty,

@@ -39,6 +39,7 @@ CANDIDATE = {
     "degenerate": "Share of the last new version's evaluation answers that are empty or loop.",
     "truncated": "Share of the last new version's evaluation answers cut by the length limit.",
     "kl": "The last new version's per-answer KL to the SFT reference.",
+    "parent_kl": "The last new version's per-answer KL to its parent (how far its round moved it).",
 }
 CANDIDATE_GAUGES = {
     name: Gauge(f"rankloop_learn_candidate_{name}", doc, registry=REGISTRY) for name, doc in CANDIDATE.items()

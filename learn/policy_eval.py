@@ -49,6 +49,9 @@ class PolicyEval:
     degenerate: float = 0.0  # share that are empty or loop (learn.degenerate)
     truncated: float = 0.0  # share cut by the length limit
     reward_se: float = 0.0  # standard error of `reward` (sample sd over sqrt(answers)): how far noise moves it
+    # A round's new version: its mean per-answer KL to the parent it was trained from, on these answers (`step_kl`);
+    # NaN where not measured (the version a round replaces).
+    parent_kl: float = float("nan")
 
     def figures(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,6 +262,20 @@ def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:
     packed = pack(rollouts, pad).to(device_of(models.policy))
     ratio = answer_logprobs(models.policy, packed) - answer_logprobs(models.reference, packed)
     return (ratio * packed.mask).sum(dim=1)
+
+
+@torch.no_grad()
+def step_kl(policy: Any, parent: Any, answers: Answers, pad: int, split: int = 0, batch: int = 8) -> float:
+    """How far a round moved the policy from its parent, whatever it moved it towards: the mean over the policy's
+    own sampled answers of log pi - log pi_parent summed over each answer (an estimate of KL(pi || parent) an
+    answer). The gate reads it to tell a version that changed from its parent written again: where the policy
+    hardly moved, the signs of its log-ratios on held-out rankings are noise, and pairs of one ranking share them.
+    Empty answers have no token to read and are left out; NaN where every answer is empty."""
+    rollouts = [(query, answer) for query, answer in zip(answers.queries, answers.responses, strict=True) if answer]
+    if not rollouts:
+        return float("nan")
+    (shift,) = _shifts(policy, [parent], rollouts, pad, batch, split)
+    return float(shift.mean())
 
 
 # Which share of held-out pairs the gate reads: on log-ratios to the parent a token, or summed over each answer;

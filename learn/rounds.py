@@ -29,6 +29,7 @@ from learn.policy_eval import (
     evaluate_policy,
     held_out_lm_loss,
     loss_key,
+    step_kl,
 )
 from learn.ppo import AdapterOff, Models
 from learn.ppo_run import PPORound, RoundConfig, checkpoint_meta, load_models
@@ -322,15 +323,12 @@ def _ppo_round(
     # Timed apart from the sampling and LM losses before it: the two grow with different settings (answers' length
     # limit and the evaluation's prompts, against the held-out rankings' count and length).
     clock.next("judge", "judging the new version on held-out rankings")
+    parent = parent_model(data.models, config, ModelStore(settings.store_dir).path(inputs.parent))
     judged = judge_on_held_out_rankings(
-        settings,
-        data.models,
-        ModelStore(settings.store_dir).path(inputs.parent),
-        config,
-        stored,
-        inputs.judging,
-        inputs.parent == inputs.reference,
+        settings, data.models, parent, stored, inputs.judging, inputs.parent == inputs.reference
     )
+    step = step_kl(stored, parent, after_answers, pad_id(data.models.tokenizer), data.models.split)
+    after = replace(after, parent_kl=step)
     clock.next("publish", "writing the new version")
     card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
     # After the version is published and its checkpoint gone (a failure here must not resume into a second version):
@@ -526,14 +524,17 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
     return shipped[: options.eval_prompts], f"held-out prompts of {DEFAULT_PROMPTS.name}"
 
 
+def parent_model(models: Any, config: RoundConfig, parent_folder: Path) -> Any:
+    """The version a round started from, as the round's models hold it (with LoRA, the policy with its adapters
+    off; else the behaviour policy, where the rollouts were its served answers), or loaded from the store."""
+    parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
+    if parent is None:
+        parent, _ = load_causal_lm(parent_folder, device=device_of(models.policy))
+    return parent
+
+
 def judge_on_held_out_rankings(
-    settings: Settings,
-    models: Any,
-    parent_folder: Path,
-    config: RoundConfig,
-    stored: Any,
-    held_out: float,
-    parent_is_reference: bool,
+    settings: Settings, models: Any, parent: Any, stored: Any, held_out: float, parent_is_reference: bool
 ) -> Agreement:
     """`Agreement` of the trained policy, as stored (`stored`), with the reward model's held-out rankings, relative
     to its parent and to the SFT reference: the newest JUDGED_GROUPS of them at the time of judging, those that
@@ -543,9 +544,6 @@ def judge_on_held_out_rankings(
     it)."""
     groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024)
     _, held = split(groups, held_out)
-    parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
-    if parent is None:
-        parent, _ = load_causal_lm(parent_folder, device=device_of(models.policy))
     reference = parent if parent_is_reference else models.reference
     tokens = pad_id(models.tokenizer)
     return agreement(stored, parent, held[-JUDGED_GROUPS:], tokens, split=models.split, reference=reference)

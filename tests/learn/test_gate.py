@@ -16,7 +16,16 @@ from deploy.registry import Registry
 from deploy.settings import load_settings
 from learn import degenerate, layers
 from learn.gate import Limits, promotion_gate
-from learn.policy_eval import Agreement, PolicyEval, agreement, detrended, per_token, share_agreeing
+from learn.policy_eval import (
+    Agreement,
+    Answers,
+    PolicyEval,
+    agreement,
+    detrended,
+    per_token,
+    share_agreeing,
+    step_kl,
+)
 from learn.ppo import AdapterOff, Packed, PPOConfig, backbone
 from learn.ppo_run import RoundConfig
 from learn.reward_model import RewardScorer
@@ -37,8 +46,9 @@ def ev(
     truncated: float = 0.2,
     kl: float = 3.0,
     se: float = 0.0,
+    parent_kl: float = 3.0,
 ) -> PolicyEval:
-    return PolicyEval(reward, kl, ptx, length, 32, [], empty, degenerate_share, truncated, se)
+    return PolicyEval(reward, kl, ptx, length, 32, [], empty, degenerate_share, truncated, se, parent_kl)
 
 
 def agreeing(share: float, pairs: int) -> Agreement:
@@ -63,6 +73,10 @@ def test_a_better_version_passes() -> None:
         (ev(5.0, truncated=0.5), "50% of its answers are cut by the length limit (the current version: 20%)"),
         (ev(5.0, length=12.0), "its answers collapsed to 12.0 tokens on average (the current version: 40.0)"),
         (ev(5.0, kl=31.0), "KL to the reference 31.0 exceeds the budget of 30"),
+        (
+            ev(5.0, parent_kl=0.1),
+            "it hardly moved from its parent (KL 0.10 nats an answer, below 0.5): nothing new to serve",
+        ),
         (ev(0.05), "mean reward 0.050 is below the current version's 0.100 beyond its noise (±0.000)"),
         (ev(5.0, ptx=2.3), "held-out LM loss 2.300 exceeds 1.1x the reference's 2.000"),
     ],
@@ -266,7 +280,21 @@ def test_shares_are_capped_over_rounds_not_only_per_round() -> None:
     assert not promotion_gate(ev(0.1, degenerate_share=0.2), ev(0.3, degenerate_share=0.22), AGREES, Limits()).passed
 
 
-@pytest.mark.parametrize("field", ["reward", "kl", "ptx", "length", "empty", "degenerate_share", "truncated"])
+def test_a_version_that_hardly_moved_is_refused_however_well_it_agrees() -> None:
+    """A round whose score said nothing (the control, KL 0.10 to its parent) agreed with 61% of 142 held-out pairs
+    and was promoted: the signs of tiny log-ratios are noise. The floor refuses it; an operator may lower it."""
+    many = agreeing(0.61, 142)  # low end 53%: beyond chance with the pairs taken as independent
+    verdict = promotion_gate(ev(0.1), ev(0.3, parent_kl=0.1), many, Limits())
+    assert not verdict.passed and verdict.why.startswith("it hardly moved from its parent (KL 0.10")
+    assert promotion_gate(ev(0.1), ev(0.3, parent_kl=0.5), many, Limits()).passed  # at the floor: moved
+    assert promotion_gate(ev(0.1), ev(0.3, parent_kl=0.1), many, Limits(min_step_kl=0.0)).passed
+    # No step measured (every answer empty, or a caller that never measured it): refused, even with no floor.
+    assert not promotion_gate(ev(0.1), ev(0.3, parent_kl=float("nan")), many, Limits(min_step_kl=0.0)).passed
+
+
+@pytest.mark.parametrize(
+    "field", ["reward", "kl", "ptx", "length", "empty", "degenerate_share", "truncated", "parent_kl"]
+)
 def test_a_figure_that_is_not_a_number_fails_the_gate(field: str) -> None:
     assert not promotion_gate(
         ev(0.1), ev(**{"reward": 0.3, field: float("nan")}), AGREES, Limits(), reference_ptx=2.0
@@ -311,6 +339,30 @@ def test_agreement_counts_the_pairs_the_new_policy_moved_towards_the_users_choic
     assert found.pairs == 3 and found.rate == pytest.approx((1 + 0 + 0.5) / 3)
     assert found.per_token == found.rate  # answers of one length: a token orders them as the sums do
     assert agreement(parent, parent, groups, pad=0).rate == 0.5  # no move at all: every pair a tie
+
+
+def test_the_step_from_the_parent_is_the_mean_kl_of_the_policys_own_answers(tiny_store: ModelStore) -> None:
+    parent, _ = load_causal_lm(tiny_store.path("v0001"))
+    policy, _ = load_causal_lm(tiny_store.path("v0001"))
+    bias = torch.zeros(policy.config.vocab_size)
+    bias[30] = 3.0
+    original = policy.lm_head.forward
+    policy.lm_head.forward = lambda hidden: original(hidden) + bias  # type: ignore[method-assign]
+    # A prompt longer than its answer and one shorter; an empty answer, which has no token to read, left out.
+    queries, responses = [list(range(5, 15)), [5]], [[30, 2], [30, 31, 40, 2]]
+    answers = Answers("k", [*queries, [6, 7]], [*responses, []], [False] * 3, ["a", "b", ""], [0.0] * 3)
+    assert step_kl(parent, parent, answers, pad=0, batch=2) == 0.0
+    # By the bias alone, at each answer position: log pi(t) - log parent(t) = bias[t] - log(1 + p30 (e^3 - 1)),
+    # p30 the parent's probability of token 30 there (read off one whole forward of the parent).
+    expected = []
+    for query, response in zip(queries, responses, strict=True):
+        with torch.no_grad():
+            logits = parent(torch.tensor([query + response])).logits[0, len(query) - 1 : -1]
+        p30 = torch.softmax(logits.float(), dim=-1)[:, 30]
+        expected.append(float(bias[response].sum() - torch.log1p(p30 * (math.e**3 - 1)).sum()))
+    assert step_kl(policy, parent, answers, pad=0, batch=2) == pytest.approx(sum(expected) / 2, rel=1e-5)
+    only_empty = Answers("k", [[6, 7]], [[]], [False], [""], [0.0])
+    assert math.isnan(step_kl(policy, parent, only_empty, pad=0))
 
 
 def test_detrending_takes_out_what_length_alone_predicts() -> None:

@@ -223,6 +223,10 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
     # and q16 are the reward model's held-out prompts (a fifth), and q12 and q16 arrived while the round was
     # stopped: all three pairs judged the round.
     assert resumed.agreement.pairs == 3 and card.details["agreement"]["agreement_pairs"] == 3
+    # From the reference, the step from the parent is the KL to the reference, read on the same answers by the
+    # judgement's pass (the parent model, batches by length) as by the evaluation's (the reference, as sampled).
+    assert resumed.after.parent_kl == pytest.approx(resumed.after.kl, rel=1e-4, abs=1e-5)
+    assert card.details["eval"]["after"]["parent_kl"] == resumed.after.parent_kl != 0.0
     following = ppo_round(settings, config, PPOOptions(parent="v0001"), show_progress=False)
     card = ModelStore(data / "models").card(following.version)
     assert following.resumed_at == 0
