@@ -31,7 +31,7 @@ from deploy.canary import Canaries
 from deploy.learner_status import STATUS_KEY
 from deploy.model_store import ModelStore
 from deploy.promotion import promote
-from deploy.registry import Registry
+from deploy.registry import Registry, finite
 from deploy.settings import Settings
 from learn import canary_rule, metrics
 from learn.device import cap_memory, learn_device, out_of_memory
@@ -98,7 +98,7 @@ class Learner:
     def record(self, summary: dict[str, Any]) -> None:
         """Every round's summary, one JSON line each in data_dir/runs/rounds.jsonl: the history an operator plots."""
         with MetricsLog(self.settings.data_dir / "runs" / "rounds.jsonl") as log:
-            log.write(0, **summary)
+            log.write(0, **finite(summary))  # JSON without NaN (a figure not measured: null), as the status
 
     def publish(self, phase: str, detail: str, **extra: Any) -> None:
         if not world().main:
@@ -112,7 +112,9 @@ class Learner:
             log.warning("status not published (%s): %s: %s", exc, phase, detail)
 
     def _publish(self, phase: str, detail: str, **extra: Any) -> None:
-        status = {"phase": phase, "detail": detail, "updated": time.time(), **extra}
+        # Figures not measured (the replaced version's step from its parent, agreement on no pairs) are NaN, which
+        # JSON has not: the operator console's reading of this status would fail on one.
+        status = finite({"phase": phase, "detail": detail, "updated": time.time(), **extra})
         previous = self.redis.get(STATUS_KEY)
         if previous and "last_round" not in extra:
             last = json.loads(previous).get("last_round")

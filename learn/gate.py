@@ -118,8 +118,9 @@ def _of_rankings(agreement: Agreement, limits: Limits) -> str:
 
 def _went_back(agreement: Agreement, limits: Limits) -> Gate | None:
     """Read against the reference, a version could undo some of what its parent learned and still agree with most
-    pairs: its own step, a token against the parent, may not go against users' rankings beyond chance. A step that
-    moved little sits near half and passes, so that rounds may add small real steps to big ones."""
+    pairs: its own step, a token against the parent, may not go against users' rankings beyond chance. A small step
+    (above the floor of `Limits.min_step_kl`) sits near half and passes, so that rounds may add small real steps to
+    big ones."""
     if limits.agreement_by != "reference":
         return None
     step = agreement.per_token
@@ -143,7 +144,8 @@ def promotion_gate(
         return degenerate
     if not after.kl <= limits.max_kl:
         return Gate(False, f"KL to the reference {after.kl:.1f} exceeds the budget of {limits.max_kl:g}")
-    if not after.parent_kl >= limits.min_step_kl:  # NaN (the step not measured) fails too
+    # NaN (the step not measured) fails too; a floor of 0 is none (a step a little below 0 is noise about 0).
+    if limits.min_step_kl > 0 and not after.parent_kl >= limits.min_step_kl:
         return Gate(
             False,
             f"it hardly moved from its parent (KL {after.parent_kl:.2f} nats an answer, below "

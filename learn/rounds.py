@@ -329,6 +329,7 @@ def _ppo_round(
     )
     step = step_kl(stored, parent, after_answers, pad_id(data.models.tokenizer), data.models.split)
     after = replace(after, parent_kl=step)
+    del parent  # where it was loaded for the judgement, a whole model: not held through the writing
     clock.next("publish", "writing the new version")
     card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
     # After the version is published and its checkpoint gone (a failure here must not resume into a second version):

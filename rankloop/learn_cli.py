@@ -346,7 +346,8 @@ def ppo(
     resumed = f" (resumed at iteration {result.resumed_at})" if result.resumed_at else ""
     say(
         f"wrote {result.version} from {result.parent}{resumed}: held-out mean reward {before.reward:.3f} → "
-        f"{after.reward:.3f}, KL {after.kl:.2f}, answer length {before.answer_length:.1f} → "
+        f"{after.reward:.3f}, KL {after.kl:.2f} to the reference and {after.parent_kl:.2f} to {result.parent}, "
+        f"answer length {before.answer_length:.1f} → "
         f"{after.answer_length:.1f}, empty {before.empty:.0%} → {after.empty:.0%}; agrees with "
         f"{result.agreement.per_token:.0%} of {result.agreement.pairs} held-out ranked pairs by log-ratio a token "
         f"({result.agreement.rate:.0%} summed over each answer; {result.agreement.reference:.0%} a token since the "

@@ -2,6 +2,7 @@
 supported shape, and a round SIGKILLed mid-way and run again ends exactly where an uninterrupted one does."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -227,6 +228,9 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
     # judgement's pass (the parent model, batches by length) as by the evaluation's (the reference, as sampled).
     assert resumed.after.parent_kl == pytest.approx(resumed.after.kl, rel=1e-4, abs=1e-5)
     assert card.details["eval"]["after"]["parent_kl"] == resumed.after.parent_kl != 0.0
+    # From a parent that is not the reference, the step is read against the parent: not the KL to the reference.
+    onward = ppo_round(settings, config, PPOOptions(parent=resumed.version), show_progress=False)
+    assert math.isfinite(onward.after.parent_kl) and onward.after.parent_kl != pytest.approx(onward.after.kl, rel=0.01)
     following = ppo_round(settings, config, PPOOptions(parent="v0001"), show_progress=False)
     card = ModelStore(data / "models").card(following.version)
     assert following.resumed_at == 0
