@@ -86,7 +86,12 @@ def sync_store(registry: Registry, store: ModelStore) -> list[str]:
     if kept is None:
         return added
     if current is None and kept_epoch == 0:
-        registry.switch(kept, None, "init", "rankloop", "first start: the model store's current")
+        try:
+            registry.switch(kept, None, "init", "rankloop", "first start: the model store's current")
+        except Conflict:
+            # Replicas started together on an empty registry: another one made the store's current current
+            # between our read and this switch. It is what this one was about to do; starting must not fail on it.
+            log.info("the registry's first version was set by another process")
     elif epoch < kept_epoch or current is None:
         restored = registry.restore(
             kept, kept_epoch, "rankloop", f"the registry had lost {kept} (epoch {kept_epoch}); kept in the store"

@@ -41,6 +41,19 @@ def test_sync_registers_the_store_and_its_current_version(registry: Registry, st
     assert (event.epoch, event.action, event.version, event.previous) == (1, "init", "v0001", None)
 
 
+def test_servers_started_together_on_an_empty_registry_both_start(
+    registry: Registry, store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas both read "no current version"; the second one's first switch then conflicts, and used to stop
+    its server at start-up."""
+    sync_store(registry, store)  # the first replica: v0001 current at epoch 1
+    monkeypatch.setattr(registry, "current", lambda: (None, 0))  # the second read before the first switched
+    assert sync_store(registry, store) == []
+    monkeypatch.undo()
+    assert registry.current() == ("v0001", 1)
+    assert len(registry.events()) == 1  # one start, not two
+
+
 def test_a_card_figure_that_is_not_a_number_is_kept_as_null(registry: Registry) -> None:
     # A round judged on no held-out pairs has NaN agreement; JSON has no NaN and the admin API refuses one.
     card = {"agreement": {"agreement": float("nan"), "agreement_pairs": 0.0}, "eval": [float("inf"), 1.5]}
