@@ -291,6 +291,11 @@ def outcome(name: str, when: str, current: str, result: dict[str, Any] | None, f
 PHASES = ("reward_model", "load", "evaluate_before", "iterations", "evaluate_after", "judge", "publish")
 
 
+def num(value: float | None) -> float:
+    """A figure of rounds.jsonl, where one not measured is null (NaN before): NaN either way, which formats."""
+    return float("nan") if value is None else value
+
+
 def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
     """One row per learning round: its outcome, what the gate said, its answers' shares and where its time went."""
     if not rounds:
@@ -307,20 +312,20 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
         after = r.get("after")
         shares = (
             (
-                f"{after['empty']:.0%} / {after['degenerate']:.0%} / {after['truncated']:.0%}, "
-                f"{after['answer_length']:.0f}, {after.get('parent_kl', float('nan')):.1f} / {after['kl']:.1f}"
+                f"{num(after['empty']):.0%} / {num(after['degenerate']):.0%} / {num(after['truncated']):.0%}, "
+                f"{num(after['answer_length']):.0f}, {num(after.get('parent_kl')):.1f} / {num(after['kl']):.1f}"
             )
             if after
             else "-"
         )
         agreement = (
-            f"{r['agreement']:.2f} / {r.get('agreement_per_token', float('nan')):.2f} / "
-            f"{r.get('agreement_reference', float('nan')):.2f} ({r['agreement_pairs']:.0f})"
+            f"{num(r['agreement']):.2f} / {num(r.get('agreement_per_token')):.2f} / "
+            f"{num(r.get('agreement_reference')):.2f} ({num(r['agreement_pairs']):.0f})"
             if "agreement" in r
             else "-"
         )
         phases = ", ".join(f"{seconds.get(p, 0) / 60:.1f}" for p in PHASES)
-        accuracy = f"{r.get('rm_accuracy', float('nan')):.3f} ({r.get('rm_pairs', 0):.0f})"
+        accuracy = f"{num(r.get('rm_accuracy')):.3f} ({num(r.get('rm_pairs', 0)):.0f})"
         lines.append(
             f"| {n}: {r.get('version', r.get('reward_model'))} | {r['outcome']} | {accuracy} | {shares} | "
             f"{agreement} | {phases} | {sum(seconds.values()) / 60:.1f} | {r.get('gate', '')} |"

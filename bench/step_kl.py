@@ -3,14 +3,13 @@ version's own evaluation answers (kept in the run's evals/answers), what the pro
 (`learn.policy_eval.step_kl`); beside it the KL to v0001 the round recorded, and the gate's verdict on the round's
 recorded figures then (without the step floor) and now (with it). Figures go to BENCHMARKS.md.
 
-    .venv/bin/python bench/step_kl.py var/demo-concise var/demo-concise-control [--section step_kl]
+    .venv/bin/python bench/step_kl.py var/demo-concise var/demo-enthusiastic [--section step_kl]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import replace
@@ -45,13 +44,18 @@ def recorded_agreement(figures: dict[str, float]) -> Agreement:
 
 
 def verdicts(details: dict[str, Any], step: float, run: Path) -> tuple[str, str]:
-    """The gate on the round's recorded figures, without the step floor and with it (the run's other limits)."""
+    """The gate on the round's recorded figures, without the step floor and with it: the limits of the settings
+    this bench runs with (the demo's are the defaults), its agreement with the pairs taken as independent (cards
+    keep the low ends by rankings only)."""
+    if "agreement" not in details:
+        return "not judged", "not judged"
     evaluation = details["eval"]
     before = PolicyEval(**evaluation["before"])
     after = replace(PolicyEval(**evaluation["after"]), parent_kl=step)
     found, gate = recorded_agreement(details.get("agreement", {})), limits(load_settings(data_dir=run))
-    then = promotion_gate(before, after, found, replace(gate, min_step_kl=-math.inf), evaluation["reference_ptx_loss"])
-    now = promotion_gate(before, after, found, gate, evaluation["reference_ptx_loss"])
+    reference_ptx = evaluation.get("reference_ptx_loss")
+    then = promotion_gate(before, after, found, replace(gate, min_step_kl=0.0), reference_ptx)
+    now = promotion_gate(before, after, found, gate, reference_ptx)
     return ("passed" if then.passed else "refused"), ("passed" if now.passed else f"refused: {now.why}")
 
 
@@ -62,7 +66,7 @@ def measure(run: Path) -> list[str]:
     for version in store.versions():
         card = store.card(version)
         path = run / "evals" / "answers" / f"{version}.json"  # the round's evaluation answers (AnswerCache)
-        if card.made_by != "ppo" or card.parent is None or not path.is_file():
+        if card.made_by != "ppo" or card.parent is None or "eval" not in card.details or not path.is_file():
             continue
         kept = Answers(**json.loads(path.read_text()))
         started = time.monotonic()

@@ -91,7 +91,11 @@ def sync_store(registry: Registry, store: ModelStore) -> list[str]:
         except Conflict:
             # Replicas started together on an empty registry: another one made the store's current current
             # between our read and this switch. It is what this one was about to do; starting must not fail on it.
-            log.info("the registry's first version was set by another process")
+            found, _ = registry.current()
+            if found != kept:  # someone else's choice (an operator's promotion): it stands, and servable() reads it
+                log.warning(
+                    "the registry's first version is %s, set by another process, not the store's %s", found, kept
+                )
     elif epoch < kept_epoch or current is None:
         restored = registry.restore(
             kept, kept_epoch, "rankloop", f"the registry had lost {kept} (epoch {kept_epoch}); kept in the store"

@@ -112,15 +112,16 @@ class Learner:
             log.warning("status not published (%s): %s: %s", exc, phase, detail)
 
     def _publish(self, phase: str, detail: str, **extra: Any) -> None:
-        # Figures not measured (the replaced version's step from its parent, agreement on no pairs) are NaN, which
-        # JSON has not: the operator console's reading of this status would fail on one.
-        status = finite({"phase": phase, "detail": detail, "updated": time.time(), **extra})
+        status = {"phase": phase, "detail": detail, "updated": time.time(), **extra}
         previous = self.redis.get(STATUS_KEY)
         if previous and "last_round" not in extra:
             last = json.loads(previous).get("last_round")
             if last is not None:
                 status["last_round"] = last
-        self.redis.set(STATUS_KEY, json.dumps(status))
+        # Figures not measured (the replaced version's step from its parent, agreement on no pairs) are NaN, which
+        # JSON has not: the operator console's reading of this status would fail on one (a status an older learner
+        # wrote, carried over, included).
+        self.redis.set(STATUS_KEY, json.dumps(finite(status), allow_nan=False))
         log.info("%s: %s", phase, detail)
 
     def tick(self) -> str:

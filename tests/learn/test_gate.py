@@ -281,7 +281,7 @@ def test_shares_are_capped_over_rounds_not_only_per_round() -> None:
 
 
 def test_a_version_that_hardly_moved_is_refused_however_well_it_agrees() -> None:
-    """A round whose score said nothing (the control, KL 0.10 to its parent) agreed with 61% of 142 held-out pairs
+    """A round whose score said nothing (the control, KL 0.09 to its parent) agreed with 61% of 142 held-out pairs
     and was promoted: the signs of tiny log-ratios are noise. The floor refuses it; an operator may lower it."""
     many = agreeing(0.61, 142)  # low end 53%: beyond chance with the pairs taken as independent
     verdict = promotion_gate(ev(0.1), ev(0.3, parent_kl=0.1), many, Limits())
