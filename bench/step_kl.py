@@ -24,7 +24,7 @@ from deploy.model_store import ModelStore  # noqa: E402
 from deploy.settings import load_settings  # noqa: E402
 from learn import layers  # noqa: E402
 from learn.daemon import limits  # noqa: E402
-from learn.gate import promotion_gate  # noqa: E402
+from learn.gate import Limits, promotion_gate  # noqa: E402
 from learn.policy_eval import Agreement, Answers, PolicyEval, step_kl  # noqa: E402
 from learn.ppo import backbone  # noqa: E402
 from learn.weights import load_causal_lm, pad_id  # noqa: E402
@@ -43,7 +43,7 @@ def recorded_agreement(figures: dict[str, float]) -> Agreement:
     )
 
 
-def verdicts(details: dict[str, Any], step: float, run: Path) -> tuple[str, str]:
+def verdicts(details: dict[str, Any], step: float, gate: Limits) -> tuple[str, str]:
     """The gate on the round's recorded figures, without the step floor and with it: the limits of the settings
     this bench runs with (the demo's are the defaults), its agreement with the pairs taken as independent (cards
     keep the low ends by rankings only)."""
@@ -52,7 +52,7 @@ def verdicts(details: dict[str, Any], step: float, run: Path) -> tuple[str, str]
     evaluation = details["eval"]
     before = PolicyEval(**evaluation["before"])
     after = replace(PolicyEval(**evaluation["after"]), parent_kl=step)
-    found, gate = recorded_agreement(details.get("agreement", {})), limits(load_settings(data_dir=run))
+    found = recorded_agreement(details.get("agreement", {}))
     reference_ptx = evaluation.get("reference_ptx_loss")
     then = promotion_gate(before, after, found, replace(gate, min_step_kl=0.0), reference_ptx)
     now = promotion_gate(before, after, found, gate, reference_ptx)
@@ -61,7 +61,7 @@ def verdicts(details: dict[str, Any], step: float, run: Path) -> tuple[str, str]
 
 def measure(run: Path) -> list[str]:
     settings = load_settings(data_dir=run)
-    store = ModelStore(settings.store_dir)
+    store, gate = ModelStore(settings.store_dir), limits(settings)
     rows = []
     for version in store.versions():
         card = store.card(version)
@@ -72,11 +72,10 @@ def measure(run: Path) -> list[str]:
         started = time.monotonic()
         policy, tokenizer = load_causal_lm(store.path(version))
         parent, _ = load_causal_lm(store.path(card.parent))
+        # Rounds train the upper layers only; step_kl runs the lower ones once where the two share them.
         cut = layers.split_point(backbone(policy), settings.learn_train_layers)
-        if not layers.same_lower(backbone(policy), backbone(parent), cut):
-            cut = 0
         step = step_kl(policy, parent, kept, pad_id(tokenizer), split=cut)
-        then, now = verdicts(card.details, step, run)
+        then, now = verdicts(card.details, step, gate)
         after = card.details["eval"]["after"]
         rows.append(
             f"| {run.name} | {version} (from {card.parent}) | {len(kept.responses)} | **{step:.2f}** | "

@@ -323,10 +323,9 @@ def _ppo_round(
     # Timed apart from the sampling and LM losses before it: the two grow with different settings (answers' length
     # limit and the evaluation's prompts, against the held-out rankings' count and length).
     clock.next("judge", "judging the new version on held-out rankings")
-    parent = parent_model(data.models, config, ModelStore(settings.store_dir).path(inputs.parent))
-    judged = judge_on_held_out_rankings(
-        settings, data.models, parent, stored, inputs.judging, inputs.parent == inputs.reference
-    )
+    from_reference = inputs.parent == inputs.reference
+    parent = parent_model(data.models, config, ModelStore(settings.store_dir).path(inputs.parent), from_reference)
+    judged = judge_on_held_out_rankings(settings, data.models, parent, stored, inputs.judging, from_reference)
     step = step_kl(stored, parent, after_answers, pad_id(data.models.tokenizer), data.models.split)
     after = replace(after, parent_kl=step)
     del parent  # where it was loaded for the judgement, a whole model: not held through the writing
@@ -525,10 +524,13 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
     return shipped[: options.eval_prompts], f"held-out prompts of {DEFAULT_PROMPTS.name}"
 
 
-def parent_model(models: Any, config: RoundConfig, parent_folder: Path) -> Any:
+def parent_model(models: Any, config: RoundConfig, parent_folder: Path, is_reference: bool) -> Any:
     """The version a round started from, as the round's models hold it (with LoRA, the policy with its adapters
-    off; else the behaviour policy, where the rollouts were its served answers), or loaded from the store."""
+    off; else the behaviour policy, where the rollouts were its served answers; else the reference, where it is
+    the parent), or loaded from the store."""
     parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
+    if parent is None and is_reference:  # sampled rollouts from the reference: its weights are already here
+        parent = models.reference
     if parent is None:
         parent, _ = load_causal_lm(parent_folder, device=device_of(models.policy))
     return parent
