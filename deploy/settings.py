@@ -202,6 +202,12 @@ class Settings(BaseSettings):
     learn_rm_train_layers: int = Field(
         2, ge=0, description="Upper layers the reward model trains (their weights and its head); 0: all."
     )
+    learn_lower_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Memory the learner keeps the frozen lower layers' hidden states of ranked answers in, from one "
+        "pass and round to the next (learn.lower_cache); 0: computed every time.",
+    )
     learn_rm_readout: Literal["last", "mean", "lme"] = Field(
         "lme",
         description="How a new reward model reads its score (a continued one keeps its own): `lme`, the log-mean-exp "

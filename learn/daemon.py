@@ -40,7 +40,7 @@ from learn.gate import Limits, promotion_gate, rm_gate
 from learn.policy_eval import PolicyEval
 from learn.ppo_run import CheckpointMismatch, RoundConfig, checkpoint_meta
 from learn.precision import use_bf16
-from learn.rounds import PPOOptions, PPOResult, RMOptions, RMResult, ppo_round, rm_round
+from learn.rounds import PPOOptions, PPOResult, RMOptions, RMResult, answers_ahead, ppo_round, rm_round
 from learn.sources import count_rankings
 from learn.trainlog import MetricsLog
 
@@ -72,6 +72,19 @@ def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
     )
 
 
+def ppo_options(settings: Settings, parent: str, reward: str | None) -> PPOOptions:
+    device, bf16 = compute(settings)
+    return PPOOptions(
+        parent=parent,
+        reward=reward,
+        prompt_file=settings.learn_prompt_file,
+        ptx_file=settings.learn_ptx_file,
+        ptx_source=settings.learn_ptx_source,
+        bf16=bf16,
+        device=device,
+    )
+
+
 def limits(settings: Settings) -> Limits:
     return Limits(
         max_ptx_ratio=settings.learn_max_ptx_ratio,
@@ -91,6 +104,7 @@ class Learner:
         self.store = ModelStore(settings.store_dir)
         self.rewards = ModelStore(settings.reward_store_dir, prefix="r")
         self.rm: RMResult | None = None  # the reward-model round before the PPO round in flight, for its summary
+        self.sampled_ahead: set[str] = set()  # served versions whose evaluation answers were seen to, while waiting
         for store in (self.store, self.rewards) if world().main else ():  # their writer: what a dead one left goes
             for name in store.sweep():
                 log.warning("removed %s/%s, a version a stopped writer never finished", store.root, name)
@@ -150,7 +164,10 @@ class Learner:
         new = agreed(lambda: count_rankings(self.settings, after))
         needed = self.settings.learn_min_rankings
         if new < needed:
-            self.publish("waiting", f"{new} of {needed} new rankings needed for a round", new_rankings=new)
+            waiting = f"{new} of {needed} new rankings needed for a round"
+            self.publish("waiting", waiting, new_rankings=new)
+            if self._sample_ahead():
+                self.publish("waiting", waiting, new_rankings=new)
             return "waiting"
         cap = self.settings.learn_rm_max_rankings
         taken = f"the newest {cap} of {new}" if new > cap else str(new)
@@ -179,6 +196,26 @@ class Learner:
         current = agreed(lambda: self.registry.current()[0] or self.store.current())
         return self._ppo(str(current), rm.version)
 
+    def _sample_ahead(self) -> bool:
+        """Once per served version, while the learner waits for rankings: its evaluation answers, which the round
+        that replaces it would otherwise sample first (minutes on a CPU). True where it sampled them now."""
+        if not world().main:  # the others wait for rank 0 at the next tick's first agreement
+            return False
+        current = self.registry.current()[0] or self.store.current()
+        if current is None or current in self.sampled_ahead:
+            return False
+        self.sampled_ahead.add(current)
+
+        def starting() -> None:
+            self.publish("waiting", f"sampling {current}'s evaluation answers ahead of the next round")
+
+        try:
+            options, config = ppo_options(self.settings, current, None), RoundConfig.from_settings(self.settings)
+            return answers_ahead(self.settings, options, config, starting)
+        except Exception as exc:  # a head start: where it fails, the round samples them itself
+            log.warning("could not sample %s's evaluation answers ahead of the round: %s", current, exc)
+            return False
+
     def _ppo(self, parent: str, reward: str) -> str:
         def phase(saying: str) -> None:
             self.publish("ppo", f"{saying} (from {parent} with {reward})")
@@ -197,17 +234,7 @@ class Learner:
             )
 
         self.publish("ppo", f"starting from {parent} with {reward}", iteration=0, iterations=config.iterations)
-        settings = self.settings
-        device, bf16 = compute(settings)
-        options = PPOOptions(
-            parent=parent,
-            reward=reward,
-            prompt_file=settings.learn_prompt_file,
-            ptx_file=settings.learn_ptx_file,
-            ptx_source=settings.learn_ptx_source,
-            bf16=bf16,
-            device=device,
-        )
+        options = ppo_options(self.settings, parent, reward)
         result = ppo_round(
             self.settings, config, options, on_step=step, show_progress=self.show_progress, on_phase=phase
         )

@@ -60,6 +60,17 @@ def lower(backbone: Any, split: int, input_ids: Tensor, attention_mask: Tensor, 
     return out
 
 
+def middle(
+    backbone: Any, start: int, stop: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor
+) -> Tensor:
+    """(B, L, H) hidden states after layers [start, stop) from those after layers [0, start) (`lower`'s output)."""
+    with _cut(backbone, start, stop, norm=False):
+        out: Tensor = backbone(
+            inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+    return out
+
+
 def upper(backbone: Any, split: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
     """(B, L, H) final hidden states (normed) from the output of `lower`: layers [split, n), then the norm."""
     with _cut(backbone, split, None, norm=True):

@@ -17,7 +17,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -35,6 +35,20 @@ from learn.weights import pad_id
 from learn.winrate import grouped_interval, outcome, share_low
 
 log = logging.getLogger("rankloop.learner")
+EVAL_SEED = 1234  # every version's evaluation answers are sampled from the same seeds
+
+
+class Sampling(Protocol):
+    """What sampling evaluation answers runs: a round's `Models`, or a served version and the reference alone."""
+
+    @property
+    def policy(self) -> Any: ...
+
+    @property
+    def reference(self) -> Any: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -95,11 +109,11 @@ class AnswerCache:
 
 @torch.no_grad()
 def sample_answers(
-    models: Models,
+    models: Sampling,
     prompts: Sequence[Prompt],
     max_new_tokens: int,
     per_prompt: int = 2,
-    seed: int = 1234,
+    seed: int = EVAL_SEED,
     batch: int = 16,
 ) -> Answers:
     """`per_prompt` answers to each prompt from the policy (fixed seeds), and their KL to the reference."""
@@ -224,7 +238,7 @@ def evaluate_policy(
     ptx_held: Sequence[Example],
     max_new_tokens: int,
     per_prompt: int = 2,
-    seed: int = 1234,
+    seed: int = EVAL_SEED,
     caches: Caches | None = None,
     version: str | None = None,
 ) -> tuple[PolicyEval, Answers]:
@@ -257,7 +271,7 @@ def held_out_lm_loss(
     return loss
 
 
-def answer_kl(models: Models, rollouts: Rollouts, pad: int) -> torch.Tensor:
+def answer_kl(models: Sampling, rollouts: Rollouts, pad: int) -> torch.Tensor:
     """(B,) KL of each answer to the reference: the sum of the per-token log-ratio over the answer."""
     packed = pack(rollouts, pad).to(device_of(models.policy))
     ratio = answer_logprobs(models.policy, packed) - answer_logprobs(models.reference, packed)

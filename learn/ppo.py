@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from learn import layers, rl_math
+from learn import layers, lower_cache, rl_math
 from learn.data import IGNORE, by_length
 from learn.device import device_of
 from learn.distributed import sum_gradients, total, world
@@ -226,7 +226,7 @@ def _postprocessed_logits(model: Any) -> bool:
 def lower_of(model: Any, split: int, packed: Packed) -> Tensor:
     """(B, L, H) the model's hidden states below layer `split` for this batch (frozen: no gradient)."""
     with torch.no_grad(), adapters_as_wrapped(model) as inner:
-        return layers.lower(
+        return lower_cache.lower(
             layers.backbone_of(inner), split, packed.input_ids, packed.attention_mask, packed.position_ids
         )
 
@@ -671,7 +671,7 @@ def ptx_lower(policy: Any, split: int, batch: PtxBatch) -> Tensor:
     input_ids, attention_mask, _ = batch
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     with torch.no_grad(), adapters_as_wrapped(policy) as inner:
-        return layers.lower(layers.backbone_of(inner), split, input_ids, attention_mask, positions)
+        return lower_cache.lower(layers.backbone_of(inner), split, input_ids, attention_mask, positions)
 
 
 def ptx_logits(model: Any, batch: PtxBatch, split: int = 0, below: Tensor | None = None) -> tuple[Tensor, Tensor]:

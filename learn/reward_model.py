@@ -23,7 +23,7 @@ from torch import Tensor
 
 from deploy.model_store import Card, ModelStore
 from feedback.ranking import pairs
-from learn import layers
+from learn import layers, lower_cache
 from learn.data import by_length, right_pad
 from learn.loop import LoopConfig, LoopResult, StepHook, run_loop
 from learn.rl_math import (
@@ -195,7 +195,7 @@ def compute_lowers(
         rows = order[start : start + batch]
         ids, mask = (t.to(device) for t in right_pad([sequences[i] for i in rows], pad_id))
         positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
-        hidden = layers.lower(backbone, split, ids, mask, positions)
+        hidden = lower_cache.lower(backbone, split, ids, mask, positions)
         for n, i in enumerate(rows):
             out[i] = hidden[n, : len(sequences[i])].clone()
     return [out[i] for i in range(len(sequences))]
@@ -407,8 +407,11 @@ def train_reward_model(
     result = run_loop(
         model, len(train), step, config, log, "reward model", checkpoint, show_progress, on_step, units=prompts
     )
+    # The held-out rankings' lower states are mostly the last round's (learn.lower_cache): only the trained layers run.
     evaluation = (
-        held_out_accuracy(model, held_out, pad) if held_out else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
+        held_out_accuracy(model, held_out, pad, split=split, lowers=group_lowers(model, held_out, pad))
+        if held_out
+        else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
     )
     log.write(result.steps, **evaluation.figures())
     return result, evaluation

@@ -17,18 +17,23 @@ import torch
 from deploy.model_store import Card, ModelStore, StoreError
 from deploy.settings import Settings
 from feedback.dataset import event_order
+from learn import lower_cache
 from learn.data import Example
 from learn.device import device_of
 from learn.distributed import agreed, same_start, world, written_by_main
 from learn.loop import LoopConfig
 from learn.policy_eval import (
+    EVAL_SEED,
     Agreement,
     Caches,
     PolicyEval,
+    Sampling,
     agreement,
+    answers_key,
     evaluate_policy,
     held_out_lm_loss,
     loss_key,
+    sample_answers,
     step_kl,
 )
 from learn.ppo import AdapterOff, Models
@@ -48,7 +53,16 @@ from learn.sources import (
     served_comparisons,
 )
 from learn.trainlog import MetricsLog, step_progress
-from learn.weights import LoraOptions, as_stored, load_causal_lm, pad_id, run_card, save_policy, version_adapter
+from learn.weights import (
+    LoraOptions,
+    as_stored,
+    load_causal_lm,
+    load_tokenizer,
+    pad_id,
+    run_card,
+    save_policy,
+    version_adapter,
+)
 
 log = logging.getLogger("rankloop.learner")
 StepHook = Callable[[int, int, dict[str, float]], None]  # (iteration, of, figures)
@@ -59,6 +73,14 @@ PhaseHook = Callable[[str], None]  # what a round starts doing now, in a few wor
 JUDGED_GROUPS = 64
 LEGACY_HELD_OUT = 0.1  # the share of reward models whose cards predate the setting
 DEFAULT_HELD_OUT = 0.2  # settings.learn_rm_held_out's default
+
+
+def keep_lowers(settings: Settings) -> None:
+    """The process's cache of lower-layer states, to the settings' budget, kept at PPO's and the reward model's
+    splits."""
+    lower_cache.CACHE.configure(
+        settings.learn_lower_cache_mb * 2**20, (settings.learn_train_layers, settings.learn_rm_train_layers)
+    )
 
 
 @dataclass(frozen=True)
@@ -103,6 +125,7 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
     """Train (or continue) the reward model on the new rankings (the newest `max_train` of them); evaluate it on
     the newest JUDGED_GROUPS held-out prompts, old and new."""
     started = time.perf_counter()
+    keep_lowers(settings)
     from learn.reward_model import (
         group_lowers,
         load_reward_model,
@@ -287,6 +310,7 @@ def _ppo_round(
     show_progress: bool,
     clock: Clock,
 ) -> PPOResult:
+    keep_lowers(settings)
     inputs = _resolve(settings, options)
     data = _load(settings, config, options, inputs)
     config = config.for_ptx(ptx_from_reference(options))
@@ -522,6 +546,48 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
         prompts_from_file(DEFAULT_PROMPTS, tokenizer, options.max_prompt_len), key_of, options.held_out
     )
     return shipped[: options.eval_prompts], f"held-out prompts of {DEFAULT_PROMPTS.name}"
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """A served version and the reference, as sampling its evaluation answers needs them (`Sampling`)."""
+
+    policy: Any
+    reference: Any
+    tokenizer: Any
+
+
+def answers_ahead(
+    settings: Settings, options: PPOOptions, config: RoundConfig, starting: Callable[[], None] | None = None
+) -> bool:
+    """The served version's (`options.parent`) answers to the evaluation prompts the next round would take, sampled
+    now and kept (learn.policy_eval.AnswerCache): the round that replaces it then only scores them. For a learner
+    with time on its hands (waiting for rankings); False where they were kept already. `starting` is called when
+    the sampling starts."""
+    store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
+    version, reference = options.parent or store.current(), store.reference()
+    if version is None or reference is None:
+        return False
+    latest = next(reversed(rewards.versions()), None)
+    judging = held_out_of(rewards, latest) if latest is not None else settings.learn_rm_held_out
+    tokenizer = load_tokenizer(store.path(version))
+    held_out = (options.held_out, judging)
+    _, held = round_prompts(
+        settings, tokenizer, options.prompt_file, held_out, options.max_prompt_len, last_event_id(settings)
+    )
+    prompts, _ = evaluation_set(tokenizer, held, options)
+    caches = Caches.under(settings.data_dir / "evals")
+    if caches.answers.get(version, answers_key(prompts, config.max_new_tokens, options.eval_samples, EVAL_SEED)):
+        return False
+    if starting is not None:
+        starting()
+    with autocast(options.bf16, options.device):
+        policy, _ = load_causal_lm(store.path(version), device=options.device)
+        base = policy if version == reference else load_causal_lm(store.path(reference), device=options.device)[0]
+        served: Sampling = ServedVersion(policy, base, tokenizer)
+        answers = sample_answers(served, prompts, config.max_new_tokens, options.eval_samples, EVAL_SEED)
+    caches.answers.put(version, answers)
+    return True
 
 
 def parent_model(models: Any, config: RoundConfig, parent_folder: Path, is_reference: bool) -> Any:

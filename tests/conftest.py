@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -44,6 +45,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_report_header(config: pytest.Config) -> str:
     executable = config.getoption("--redis-server") or redis_executable()
     return f"redis-server: {executable} ({server_version(executable)})"
+
+
+@pytest.fixture(autouse=True)
+def fresh_lower_cache() -> Iterator[None]:
+    """A test that runs a round turns the process's lower-layer cache on (learn.rounds.keep_lowers): the next test
+    starts without it, and without the states it kept."""
+    yield
+    cache = sys.modules.get("learn.lower_cache")
+    if cache is not None:
+        cache.CACHE.configure(0, ())
+        cache.CACHE.clear()
 
 
 @pytest.fixture

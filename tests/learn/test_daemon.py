@@ -3,7 +3,9 @@
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 import torch
 from typer.testing import CliRunner
@@ -105,3 +107,28 @@ def test_no_ppo_round_on_a_reward_model_judged_on_too_few_pairs(ranked: tuple[Pa
     assert [info.version for info in Registry(client).versions()] == ["v0001"]
     assert not (data / "checkpoints" / "ppo.ckpt").exists()
     assert learner.tick() == "waiting"  # the rankings went into r0001: the next round waits for new ones
+
+
+def test_a_waiting_learner_samples_the_served_versions_answers_once(
+    ranked: tuple[Path, redis.Redis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from learn import daemon
+
+    data, client = ranked
+    settings = load_settings(learn_min_rankings=PROMPTS + 1, learn_max_new_tokens=8, learn_threads=1)
+    sampled: list[str | None] = []
+    real = daemon.answers_ahead
+
+    def counted(settings: Any, options: Any, config: Any, starting: Any) -> bool:
+        sampled.append(options.parent)
+        return real(settings, options, config, starting)
+
+    monkeypatch.setattr(daemon, "answers_ahead", counted)
+    learner = Learner(settings, client)
+    assert learner.tick() == "waiting"
+    assert learner.tick() == "waiting"
+    assert sampled == ["v0001"]  # once for the served version, not at every look at the data
+    kept = json.loads((data / "evals" / "answers" / "v0001.json").read_text())
+    # One answer to each of the users' prompts held out for evaluation (those of 4 of the 40), as the round takes.
+    assert len(kept["texts"]) == 4
+    assert read_status(client)["detail"] == f"{PROMPTS} of {PROMPTS + 1} new rankings needed for a round"  # type: ignore[index]
