@@ -50,6 +50,9 @@ class Sampling(Protocol):
     @property
     def tokenizer(self) -> Any: ...
 
+    @property
+    def split(self) -> int: ...  # the policy's first trained layer: the reference computes the same ones below
+
 
 @dataclass(frozen=True)
 class PolicyEval:
@@ -272,10 +275,12 @@ def held_out_lm_loss(
 
 
 def answer_kl(models: Sampling, rollouts: Rollouts, pad: int) -> torch.Tensor:
-    """(B,) KL of each answer to the reference: the sum of the per-token log-ratio over the answer."""
-    packed = pack(rollouts, pad).to(device_of(models.policy))
-    ratio = answer_logprobs(models.policy, packed) - answer_logprobs(models.reference, packed)
-    return (ratio * packed.mask).sum(dim=1)
+    """(B,) KL of each answer to the reference: the sum of the per-token log-ratio over the answer. Below
+    `models.split` the two compute the same layers (every version made here): those run once, for both."""
+    if models.policy is models.reference:
+        return torch.zeros(len(rollouts.responses))
+    pairs = list(zip(rollouts.queries, rollouts.responses, strict=True))
+    return _shifts(models.policy, [models.reference], pairs, pad, batch=len(pairs), split=models.split)[0]
 
 
 @torch.no_grad()

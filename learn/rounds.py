@@ -555,6 +555,7 @@ class ServedVersion:
     policy: Any
     reference: Any
     tokenizer: Any
+    split: int = 0
 
 
 def answers_ahead(
