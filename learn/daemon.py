@@ -198,23 +198,30 @@ class Learner:
 
     def _sample_ahead(self) -> bool:
         """Once per served version, while the learner waits for rankings: its evaluation answers, which the round
-        that replaces it would otherwise sample first (minutes on a CPU). True where it sampled them now."""
+        that replaces it would otherwise sample first (minutes on a CPU); again at a later wait while the prompts
+        they answer may still change. True where it started sampling (and said so in the status)."""
         if not world().main:  # the others wait for rank 0 at the next tick's first agreement
             return False
-        current = self.registry.current()[0] or self.store.current()
-        if current is None or current in self.sampled_ahead:
-            return False
-        self.sampled_ahead.add(current)
+        started = False
 
         def starting() -> None:
+            nonlocal started
+            started = True
             self.publish("waiting", f"sampling {current}'s evaluation answers ahead of the next round")
 
+        current = None
         try:
+            current = self.registry.current()[0] or self.store.current()
+            if current is None or current in self.sampled_ahead:
+                return False
             options, config = ppo_options(self.settings, current, None), RoundConfig.from_settings(self.settings)
-            return answers_ahead(self.settings, options, config, starting)
-        except Exception as exc:  # a head start: where it fails, the round samples them itself
+            if answers_ahead(self.settings, options, config, starting) != "unsettled":
+                self.sampled_ahead.add(current)
+        except Exception as exc:  # a head start (Redis away included): where it fails, the round samples them itself
             log.warning("could not sample %s's evaluation answers ahead of the round: %s", current, exc)
-            return False
+            if current is not None:
+                self.sampled_ahead.add(current)
+        return started
 
     def _ppo(self, parent: str, reward: str) -> str:
         def phase(saying: str) -> None:
@@ -309,6 +316,9 @@ def failure(exc: BaseException, settings: Settings) -> str:
     if out_of_memory(exc):
         import torch
 
+        from learn import lower_cache
+
+        lower_cache.CACHE.clear()  # kept states on the GPU would make the next round run out again
         torch.cuda.empty_cache()
         return (
             f"the round ran out of GPU memory on {settings.learn_device} ({str(exc).splitlines()[0]}); the server "

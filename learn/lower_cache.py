@@ -9,8 +9,9 @@ the reward model's, `configure`), so that a later pass runs only the layers abov
 An entry is keyed by a fingerprint of the weights below its split (their content, not their Python identity: a
 version loaded again from the store finds its entries), the sequence's tokens and first position, the device and
 the precision of the products. Padding is not part of the key: a row's causal attention never sees the padding
-after it, nor, masked, the padding before it, so its hidden states are the same in any batch (to the last bits of
-a float). The least recently used entries go once the cache holds more than its budget.
+after it, nor, masked, the padding before it, so its hidden states are the same in any batch (up to the rounding
+of kernels that block a batch differently). The least recently used entries go once the cache holds more than its
+budget; a round that runs out of GPU memory empties it (learn.daemon.failure).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def precision_of(device: torch.device) -> tuple[Any, ...]:
     """The products' precision on `device` (autocast on or off, and to what): it moves the hidden states a little."""
     kind = device.type
     if torch.is_autocast_enabled(kind):
-        return (kind, str(torch.get_autocast_dtype(kind)))
-    return (kind, "off")
+        return (str(device), str(torch.get_autocast_dtype(kind)))
+    return (str(device), "off")
 
 
 class Fingerprints:
@@ -78,7 +79,7 @@ class Fingerprints:
             return found[2]
         with torch.no_grad():
             stats = torch.stack([p.sum(dtype=torch.float64), p.abs().sum(dtype=torch.float64)]).cpu()
-        packed = repr((tuple(p.shape), stats.tolist())).encode()
+        packed = repr((tuple(p.shape), str(p.dtype), stats.tolist())).encode()
         key = id(p)
 
         def forget(dead: weakref.ref[Tensor]) -> None:  # the tensor is gone: its entry too, unless its id is reused
@@ -120,8 +121,10 @@ class LowerCache:
     def lower(
         self, backbone: Any, split: int, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor
     ) -> Tensor:
-        """`layers.lower`, from what is kept where it can: (B, L, H), zeros at padded positions."""
-        rows = [row_of(input_ids[i], attention_mask[i], position_ids[i]) for i in range(input_ids.shape[0])]
+        """`layers.lower`, from what is kept where it can: (B, L, H); where it computes from what is kept, zeros at
+        padded positions (the mask hides them). Callers run without gradients below the split."""
+        ids, mask, positions = (t.cpu() for t in (input_ids, attention_mask, position_ids))  # one copy a batch
+        rows = [row_of(ids[i], mask[i], positions[i]) for i in range(ids.shape[0])]
         trains_below = any(p.requires_grad for p in layers.lower_parameters(backbone, split))
         if self.max_bytes <= 0 or split <= 0 or None in rows or (trains_below and torch.is_grad_enabled()):
             return layers.lower(backbone, split, input_ids, attention_mask, position_ids)

@@ -242,14 +242,18 @@ def held_out_accuracy(
     lowers: Sequence[Sequence[Tensor]] | None = None,
 ) -> Evaluation:
     """Pairwise accuracy (over all pairs), mean K-wise loss (over prompts), and the scores' mean and std.
-    `lowers`: each group's answers' lower hidden states (as `train_reward_model` takes them)."""
+    `lowers`: each group's answers' lower hidden states (as `train_reward_model` takes them); without them, at a
+    `split` the model is frozen below, a chunk's are computed (or read, learn.lower_cache) as it is scored."""
     model.eval()
     correct = total = 0.0
     losses: list[float] = []
     all_scores: list[Tensor] = []
     for start in range(0, len(groups), batch):
         chunk = groups[start : start + batch]
-        below = None if lowers is None else [h for g in lowers[start : start + batch] for h in g]
+        chunk_lowers = (
+            lowers[start : start + batch] if lowers is not None else _chunk_lowers(model, chunk, pad_id, split)
+        )
+        below = None if chunk_lowers is None else [h for g in chunk_lowers for h in g]
         loss, accuracy, scores = group_loss(model, chunk, pad_id, split=split if below else 0, lowers=below)
         n_pairs = sum(len(pairs(g.tiers)) for g in chunk)
         if n_pairs:
@@ -266,6 +270,15 @@ def held_out_accuracy(
         len(groups),
         int(total),
     )
+
+
+def _chunk_lowers(
+    model: Any, groups: Sequence[RankedGroup], pad_id: int, split: int
+) -> Sequence[Sequence[Tensor]] | None:
+    """The groups' lower states where the model is frozen below `split` (and `split` is that layer), else None."""
+    if not split or frozen_below(model) != split:
+        return None
+    return group_lowers(model, groups, pad_id)
 
 
 @dataclass(frozen=True)
@@ -409,7 +422,7 @@ def train_reward_model(
     )
     # The held-out rankings' lower states are mostly the last round's (learn.lower_cache): only the trained layers run.
     evaluation = (
-        held_out_accuracy(model, held_out, pad, split=split, lowers=group_lowers(model, held_out, pad))
+        held_out_accuracy(model, held_out, pad, split=split)
         if held_out
         else Evaluation(float("nan"), float("nan"), 0.0, 0.0, 0)
     )

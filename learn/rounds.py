@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -21,6 +21,7 @@ from learn import lower_cache
 from learn.data import Example
 from learn.device import device_of
 from learn.distributed import agreed, same_start, world, written_by_main
+from learn.layers import split_point
 from learn.loop import LoopConfig
 from learn.policy_eval import (
     EVAL_SEED,
@@ -36,7 +37,7 @@ from learn.policy_eval import (
     sample_answers,
     step_kl,
 )
-from learn.ppo import AdapterOff, Models
+from learn.ppo import AdapterOff, Models, backbone
 from learn.ppo_run import PPORound, RoundConfig, checkpoint_meta, load_models
 from learn.precision import autocast
 from learn.prompts import DEFAULT_PROMPTS, Prompt, Served, key_of, prompts_from_file, split_prompts
@@ -549,7 +550,7 @@ def evaluation_set(tokenizer: Any, held: list[Prompt], options: PPOOptions) -> t
 
 
 @dataclass(frozen=True)
-class ServedVersion:
+class VersionToSample:
     """A served version and the reference, as sampling its evaluation answers needs them (`Sampling`)."""
 
     policy: Any
@@ -558,37 +559,45 @@ class ServedVersion:
     split: int = 0
 
 
+Ahead = Literal["sampled", "kept", "unsettled"]
+
+
 def answers_ahead(
     settings: Settings, options: PPOOptions, config: RoundConfig, starting: Callable[[], None] | None = None
-) -> bool:
+) -> Ahead:
     """The served version's (`options.parent`) answers to the evaluation prompts the next round would take, sampled
     now and kept (learn.policy_eval.AnswerCache): the round that replaces it then only scores them. For a learner
-    with time on its hands (waiting for rankings); False where they were kept already. `starting` is called when
-    the sampling starts."""
-    store, rewards = ModelStore(settings.store_dir), ModelStore(settings.reward_store_dir, prefix="r")
+    with time on its hands (waiting for rankings). `kept`: they were already; `unsettled`: the prompts the next
+    round takes may still change, and nothing was sampled. `starting` is called when the sampling starts."""
+    store = ModelStore(settings.store_dir)
     version, reference = options.parent or store.current(), store.reference()
     if version is None or reference is None:
-        return False
-    latest = next(reversed(rewards.versions()), None)
-    judging = held_out_of(rewards, latest) if latest is not None else settings.learn_rm_held_out
-    tokenizer = load_tokenizer(store.path(version))
-    held_out = (options.held_out, judging)
-    _, held = round_prompts(
-        settings, tokenizer, options.prompt_file, held_out, options.max_prompt_len, last_event_id(settings)
-    )
+        return "unsettled"
+    tokenizer, until = load_tokenizer(store.path(version)), last_event_id(settings)
+    # The evaluation takes the first `eval_prompts` of users' held-out prompts, oldest first, then the prompt
+    # file's; with none at all, the shipped set's. Until users have asked that many, their next held-out prompt
+    # changes the set, unless there is no file and they have asked none (simulated users never ask one).
+    shares = (options.held_out, 0.0)  # the reward model's share leaves out train prompts only
+    _, users = round_prompts(settings, tokenizer, None, shares, options.max_prompt_len, until)
+    if len(users) < options.eval_prompts and (users or options.prompt_file is not None):
+        return "unsettled"
+    held = users
+    if options.prompt_file is not None:
+        held = round_prompts(settings, tokenizer, options.prompt_file, shares, options.max_prompt_len, until)[1]
     prompts, _ = evaluation_set(tokenizer, held, options)
     caches = Caches.under(settings.data_dir / "evals")
     if caches.answers.get(version, answers_key(prompts, config.max_new_tokens, options.eval_samples, EVAL_SEED)):
-        return False
+        return "kept"
     if starting is not None:
         starting()
     with autocast(options.bf16, options.device):
         policy, _ = load_causal_lm(store.path(version), device=options.device)
         base = policy if version == reference else load_causal_lm(store.path(reference), device=options.device)[0]
-        served: Sampling = ServedVersion(policy, base, tokenizer)
-        answers = sample_answers(served, prompts, config.max_new_tokens, options.eval_samples, EVAL_SEED)
+        split = split_point(backbone(policy), config.train_layers)
+        sampled: Sampling = VersionToSample(policy, base, tokenizer, split)
+        answers = sample_answers(sampled, prompts, config.max_new_tokens, options.eval_samples, EVAL_SEED)
     caches.answers.put(version, answers)
-    return True
+    return "sampled"
 
 
 def parent_model(models: Any, config: RoundConfig, parent_folder: Path, is_reference: bool) -> Any:

@@ -2,6 +2,7 @@
 `ready` policy version out, with its evaluation on the card and its progress in `rankloop learn status`."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,23 +113,29 @@ def test_no_ppo_round_on_a_reward_model_judged_on_too_few_pairs(ranked: tuple[Pa
 def test_a_waiting_learner_samples_the_served_versions_answers_once(
     ranked: tuple[Path, redis.Redis], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from learn import daemon
+    from learn import daemon, rounds
 
     data, client = ranked
     settings = load_settings(learn_min_rankings=PROMPTS + 1, learn_max_new_tokens=8, learn_threads=1)
-    sampled: list[str | None] = []
-    real = daemon.answers_ahead
+    looked: list[str] = []
+    real = rounds.answers_ahead
 
-    def counted(settings: Any, options: Any, config: Any, starting: Any) -> bool:
-        sampled.append(options.parent)
-        return real(settings, options, config, starting)
+    def counted(settings: Any, options: Any, config: Any, starting: Any) -> str:
+        looked.append(real(settings, options, config, starting))
+        return looked[-1]
 
-    monkeypatch.setattr(daemon, "answers_ahead", counted)
+    monkeypatch.setattr("learn.daemon.answers_ahead", counted)
     learner = Learner(settings, client)
-    assert learner.tick() == "waiting"
-    assert learner.tick() == "waiting"
-    assert sampled == ["v0001"]  # once for the served version, not at every look at the data
+    waiting = f"{PROMPTS} of {PROMPTS + 1} new rankings needed for a round"
+    # 4 of the 40 prompts are held out for evaluation, of the 16 it takes: the next held-out one would change it.
+    assert learner.tick() == learner.tick() == "waiting"
+    assert looked == ["unsettled", "unsettled"] and not (data / "evals" / "answers").exists()
+    assert read_status(client)["detail"] == waiting  # type: ignore[index]
+
+    real_options = daemon.ppo_options
+    monkeypatch.setattr(daemon, "ppo_options", lambda *a: replace(real_options(*a), eval_prompts=4))
+    assert learner.tick() == learner.tick() == "waiting"
+    assert looked[2:] == ["sampled"]  # once for the served version, not at every look at the data
     kept = json.loads((data / "evals" / "answers" / "v0001.json").read_text())
-    # One answer to each of the users' prompts held out for evaluation (those of 4 of the 40), as the round takes.
-    assert len(kept["texts"]) == 4
-    assert read_status(client)["detail"] == f"{PROMPTS} of {PROMPTS + 1} new rankings needed for a round"  # type: ignore[index]
+    assert len(kept["texts"]) == 4  # one answer to each held-out prompt: the next round reads them
+    assert read_status(client)["detail"] == waiting  # type: ignore[index]

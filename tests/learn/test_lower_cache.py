@@ -169,3 +169,17 @@ def test_off_trained_below_or_a_row_with_holes_is_a_plain_pass(backbone: Any) ->
     backbone.layers[0].requires_grad_(True)  # a full fine-tuning pass: gradients must reach the lower layers
     out = cache.lower(backbone, 2, ids, mask, positions)
     assert out.requires_grad and not cache.entries
+
+
+def test_other_positions_or_precision_are_other_entries(backbone: Any) -> None:
+    cache = LowerCache(2**20)
+    ids, mask, positions = batch(SEQUENCES)
+    cache.lower(backbone, 2, ids, mask, positions)
+    # The same tokens further on: other entries (rotary positions would give the same states; absolute ones not).
+    cache.lower(backbone, 2, ids, mask, positions + 5 * mask)
+    assert (cache.hits, len(cache.entries)) == (0, 6)
+    cache.lower(backbone, 2, ids, mask, positions)
+    assert cache.hits == 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache.lower(backbone, 2, ids, mask, positions)
+    assert cache.hits == 3 and not any(state.requires_grad for state in cache.entries.values())

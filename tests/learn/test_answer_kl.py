@@ -1,0 +1,38 @@
+"""An evaluation's KL to the reference, with the layers both compute run once, is the plain two-pass figure."""
+
+import copy
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from learn.policy_eval import answer_kl
+from learn.ppo import Rollouts, answer_logprobs, pack
+from learn.rounds import VersionToSample
+
+
+def test_kl_with_shared_lower_layers_equals_two_whole_passes() -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    reference = LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+    policy = copy.deepcopy(reference)
+    with torch.no_grad():  # a round trained the upper two layers only
+        policy.model.layers[3].mlp.down_proj.weight.add_(0.2)
+        policy.model.layers[2].self_attn.o_proj.weight.mul_(1.5)
+    # Prompts longer and shorter than their answers, and one answer of a single token.
+    rollouts = Rollouts([[5, 9, 12, 7, 3], [4, 4], [11, 2, 6]], [[8, 21], [30, 31, 32, 33], [7]], [False] * 3)
+    with torch.no_grad():
+        packed = pack(rollouts, 0)
+        plain = ((answer_logprobs(policy, packed) - answer_logprobs(reference, packed)) * packed.mask).sum(dim=1)
+        shared = answer_kl(VersionToSample(policy, reference, None, split=2), rollouts, 0)
+    assert plain.abs().min() > 1e-3  # the two differ on every answer
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+    assert answer_kl(VersionToSample(policy, policy, None), rollouts, 0).tolist() == [0.0, 0.0, 0.0]
