@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tokenizers import ByteLevelBPETokenizer
 from transformers import PreTrainedTokenizerFast
@@ -150,3 +151,24 @@ def publish_adapter_version(store: ModelStore, version: str, base: str = "v0001"
         save_adapter(zero, folder / ADAPTER_FOLDER, base)
 
     store.publish(Card(version, base, "ppo", details={"adapter": {"base": base, "rank": rank}}), fill)
+
+
+def small_llama(layers: int = 4, seed: int = 0) -> Any:
+    """A random llama built in memory (hidden 32, a 64-token vocabulary, pad id 0), the same for a seed, in eval
+    mode: for tests of the layers' arithmetic, where the tokenizer does not matter."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]

@@ -3,26 +3,15 @@
 import copy
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from learn.policy_eval import answer_kl
 from learn.ppo import Rollouts, answer_logprobs, pack
 from learn.rounds import VersionToSample
+from tests.tiny import small_llama
 
 
 def test_kl_with_shared_lower_layers_equals_two_whole_passes() -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    reference = LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+    reference = small_llama(layers=4)
     policy = copy.deepcopy(reference)
     with torch.no_grad():  # a round trained the upper two layers only
         policy.model.layers[3].mlp.down_proj.weight.add_(0.2)

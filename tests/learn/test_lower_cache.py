@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from learn import layers
 from learn.lower_cache import LowerCache
+from tests.tiny import small_llama
 
 PAD = 0
 SEQUENCES = [[5, 9, 12, 7, 3, 8, 21], [4, 4, 30], [11, 2, 6, 6, 19]]
@@ -19,18 +19,7 @@ SEQUENCES = [[5, 9, 12, 7, 3, 8, 21], [4, 4, 30], [11, 2, 6, 6, 19]]
 @pytest.fixture
 def backbone() -> Any:
     """A 4-layer llama (hidden 32), the same in every run."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-    )
-    model = LlamaForCausalLM(config).eval()  # type: ignore[no-untyped-call]
+    model = small_llama(layers=4)
     model.requires_grad_(False)
     return layers.backbone_of(model)
 
