@@ -64,16 +64,24 @@ def middle(
     backbone: Any, start: int, stop: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor
 ) -> Tensor:
     """(B, L, H) hidden states after layers [start, stop) from those after layers [0, start) (`lower`'s output)."""
-    with _cut(backbone, start, stop, norm=False):
-        out: Tensor = backbone(
-            inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-    return out
+    return _from_hidden(backbone, start, stop, False, hidden, attention_mask, position_ids)
 
 
 def upper(backbone: Any, split: int, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
     """(B, L, H) final hidden states (normed) from the output of `lower`: layers [split, n), then the norm."""
-    with _cut(backbone, split, None, norm=True):
+    return _from_hidden(backbone, split, None, True, hidden, attention_mask, position_ids)
+
+
+def _from_hidden(
+    backbone: Any,
+    start: int,
+    stop: int | None,
+    norm: bool,
+    hidden: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+) -> Tensor:
+    with _cut(backbone, start, stop, norm=norm):
         out: Tensor = backbone(
             inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state

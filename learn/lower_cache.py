@@ -123,10 +123,11 @@ class LowerCache:
     ) -> Tensor:
         """`layers.lower`, from what is kept where it can: (B, L, H); where it computes from what is kept, zeros at
         padded positions (the mask hides them). Callers run without gradients below the split."""
+        if self.max_bytes <= 0 or split <= 0 or (torch.is_grad_enabled() and _trains_below(backbone, split)):
+            return layers.lower(backbone, split, input_ids, attention_mask, position_ids)
         ids, mask, positions = (t.cpu() for t in (input_ids, attention_mask, position_ids))  # one copy a batch
         rows = [row_of(ids[i], mask[i], positions[i]) for i in range(ids.shape[0])]
-        trains_below = any(p.requires_grad for p in layers.lower_parameters(backbone, split))
-        if self.max_bytes <= 0 or split <= 0 or None in rows or (trains_below and torch.is_grad_enabled()):
+        if None in rows:
             return layers.lower(backbone, split, input_ids, attention_mask, position_ids)
         self.splits.add(split)
         stops = self._stops(backbone, split)
@@ -203,6 +204,10 @@ class LowerCache:
         while self.entries and self.bytes > self.max_bytes:
             _, state = self.entries.popitem(last=False)
             self.bytes -= state.numel() * state.element_size()
+
+
+def _trains_below(backbone: Any, split: int) -> bool:
+    return any(p.requires_grad for p in layers.lower_parameters(backbone, split))
 
 
 def _padded(states: list[Tensor | None], rows: list[Row | None], width: int) -> Tensor:
