@@ -11,6 +11,11 @@ held-out accuracy, the new version's agreement with held-out rankings and its me
 the seconds: the cache may move them only in the last bits of a float.
 
     .venv/bin/python bench/round_replay.py var/demo-concise [--rounds 2] [--threads 1] [--cache-mb 1024]
+
+With `--baseline REV` it compares the code of commit REV (checked out beside the repository, run with this
+repository's environment) with the working tree's instead, both with the cache on.
+
+    .venv/bin/python bench/round_replay.py var/demo-concise --rounds 1 --baseline 51da71d
 """
 
 from __future__ import annotations
@@ -92,7 +97,13 @@ def replay(run: Path, rounds: int) -> list[dict[str, Any]]:
     return figures
 
 
-def one_setting(run: Path, rounds: int, threads: int, cache_mb: int) -> list[dict[str, Any]]:
+def checkout(rev: str, work: Path) -> Path:
+    """The repository's files at commit `rev`, in `work` (a detached worktree, removed by the caller)."""
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(work), rev], check=True)
+    return work
+
+
+def one_setting(run: Path, rounds: int, threads: int, cache_mb: int, code: Path = REPO) -> list[dict[str, Any]]:
     settings = json.loads((run / "demo.json").read_text()).get("settings", {})
     with tempfile.TemporaryDirectory(prefix="round-replay-") as work:
         env = {
@@ -103,20 +114,20 @@ def one_setting(run: Path, rounds: int, threads: int, cache_mb: int) -> list[dic
             "RANKLOOP_LEARN_LOWER_CACHE_MB": str(cache_mb),
             "OMP_NUM_THREADS": str(threads),
         }
-        argv = [sys.executable, __file__, str(run), "--rounds", str(rounds), "--child"]
+        argv = [sys.executable, str(code / "bench" / "round_replay.py"), str(run), "--rounds", str(rounds), "--child"]
         out = subprocess.run(argv, env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
     result: list[dict[str, Any]] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
-def table(off: list[dict[str, Any]], on: list[dict[str, Any]], cache_mb: int) -> str:
+def table(off: list[dict[str, Any]], on: list[dict[str, Any]], names: tuple[str, str]) -> str:
     lines = [
         f"| round | cache | {' | '.join(PHASES)} | whole round, minutes | reward model's accuracy | agreement | "
         "mean reward after |",
         "|---|---|" + "---|" * (len(PHASES) + 4),
     ]
     for k, (a, b) in enumerate(zip(off, on, strict=True), start=1):
-        for name, row in (("off", a), (f"{cache_mb} MiB", b)):
+        for name, row in zip(names, (a, b), strict=True):
             cells = " | ".join(f"{row['seconds'][p]:.0f}" for p in PHASES)
             whole = sum(row["seconds"].values()) / 60
             lines.append(
@@ -124,7 +135,8 @@ def table(off: list[dict[str, Any]], on: list[dict[str, Any]], cache_mb: int) ->
                 f"{row['agreement']:.3f} ({row['pairs']} pairs) | {row['reward']:.3f} |"
             )
         ratio = sum(a["seconds"].values()) / max(1e-9, sum(b["seconds"].values()))
-        lines.append(f"| {k} | off / on | " + " | ".join("" for _ in PHASES) + f" | **{ratio:.2f}x** | | | |")
+        blanks = " | ".join("" for _ in PHASES)
+        lines.append(f"| {k} | {names[0]} / {names[1]} | {blanks} | **{ratio:.2f}x** | | | |")
     return "\n".join(lines)
 
 
@@ -134,27 +146,64 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-mb", type=int, default=1024)
+    parser.add_argument("--baseline", help="a commit to compare the working tree with (both with the cache on)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(replay(args.run, args.rounds)))
         return
-    from datetime import date
+    if args.baseline:
+        compare_code(args)
+    else:
+        compare_cache(args)
 
+
+def compare_cache(args: argparse.Namespace) -> None:
     off = one_setting(args.run, args.rounds, args.threads, 0)
     print(json.dumps(off), flush=True)
     on = one_setting(args.run, args.rounds, args.threads, args.cache_mb)
     print(json.dumps(on), flush=True)
     command = f".venv/bin/python bench/round_replay.py {args.run} --rounds {args.rounds} --threads {args.threads}"
     body = (
-        f"## A demo's rounds replayed with the lower-layer cache off and on (issue 16)\n\n"
-        f"Date: {date.today()}; machine: {machine()}; {args.threads} learner thread(s), nothing else running.\n\n"
-        f"Command: `{command}`\n\n"
-        f"The first {args.rounds} rounds of `{args.run.name}` (reward model, then PPO from v0001 with its "
-        "evaluations and judgement), each on the users' data its round read in the run; seconds per phase.\n\n"
-        + table(off, on, args.cache_mb)
+        "## A demo's rounds replayed with the lower-layer cache off and on (issue 16)\n\n"
+        + header(args, command)
+        + table(off, on, ("off", f"{args.cache_mb} MiB"))
     )
     write_section(f"round_replay_{args.run.name}", body)
+
+
+def compare_code(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="round-replay-code-") as work:
+        code = checkout(args.baseline, Path(work) / "code")
+        try:
+            before = one_setting(args.run, args.rounds, args.threads, args.cache_mb, code)
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(code)], check=False)
+    print(json.dumps(before), flush=True)
+    now = one_setting(args.run, args.rounds, args.threads, args.cache_mb)
+    print(json.dumps(now), flush=True)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    command = (
+        f".venv/bin/python bench/round_replay.py {args.run} --rounds {args.rounds} --threads {args.threads} "
+        f"--baseline {args.baseline}"
+    )
+    body = (
+        f"## A demo's rounds replayed: {args.baseline} against {head.stdout.strip()} (issue 16)\n\n"
+        + header(args, command)
+        + table(before, now, (args.baseline, head.stdout.strip()))
+    )
+    write_section(f"round_replay_{args.run.name}_code", body)
+
+
+def header(args: argparse.Namespace, command: str) -> str:
+    from datetime import date
+
+    return (
+        f"Date: {date.today()}; machine: {machine()}; {args.threads} learner thread(s), nothing else running.\n\n"
+        f"Command: `{command}`\n\n"
+        f"The first {args.rounds} round(s) of `{args.run.name}` (reward model, then PPO from v0001 with its "
+        "evaluations and judgement), each on the users' data its round read in the run; seconds per phase.\n\n"
+    )
 
 
 if __name__ == "__main__":

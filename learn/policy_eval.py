@@ -27,10 +27,21 @@ from learn import degenerate, layers
 from learn.data import Example
 from learn.device import device_of
 from learn.distributed import world
-from learn.ppo import Models, Rollouts, answer_logprobs, backbone, lower_of, pack, sample
+from learn.ppo import (
+    Models,
+    Rollouts,
+    adapters_as_wrapped,
+    answer_logprobs,
+    backbone,
+    lower_of,
+    pack,
+    ptx_logits,
+    ptx_lower,
+    sample,
+)
 from learn.prompts import Prompt
 from learn.rm_data import RankedGroup
-from learn.sft import evaluate_lm
+from learn.sft import collate
 from learn.weights import pad_id
 from learn.winrate import grouped_interval, outcome, share_low
 
@@ -253,25 +264,51 @@ def evaluate_policy(
     if caches is not None and version is not None and found is None:
         caches.answers.put(version, answers)
     known = (caches.losses, version) if caches is not None and version is not None else None
-    ptx_loss = held_out_lm_loss(models.policy, models.tokenizer, ptx_held, known)
+    ptx_loss = held_out_lm_loss(models.policy, models.tokenizer, ptx_held, known, models.split)
     return measure(models, prompts, answers, ptx_loss), answers
 
 
 def held_out_lm_loss(
-    model: Any, tokenizer: Any, ptx_held: Sequence[Example], known: tuple[LossCache, str] | None = None
+    model: Any,
+    tokenizer: Any,
+    ptx_held: Sequence[Example],
+    known: tuple[LossCache, str] | None = None,
+    split: int = 0,
 ) -> float | None:
-    """The model's LM loss on `ptx_held`; `known`: (the cache, the model's version), where it is read if there and
-    written if not."""
+    """The model's LM loss on `ptx_held` (`lm_loss_of`); `known`: (the cache, the model's version), where it is read
+    if there and written if not."""
     if not ptx_held:
         return None
     key = loss_key(ptx_held, model)
     found = known[0].get(known[1], key) if known is not None else None
     if found is not None:
         return found
-    loss = evaluate_lm(model, tokenizer, ptx_held)
+    loss = lm_loss_of(model, ptx_held, pad_id(tokenizer), split)
     if known is not None:
         known[0].put(known[1], key, loss)
     return loss
+
+
+@torch.no_grad()
+def lm_loss_of(model: Any, examples: Sequence[Example], pad: int, split: int = 0, batch: int = 8) -> float:
+    """Mean loss per labelled token over `examples` (learn.sft.evaluate_lm's figure), computed for less: in batches
+    of similar length, the LM head on the labelled tokens alone (a held-out text's prompt is most of it and is not
+    scored), and below `split` from learn.lower_cache. Every version made here computes the reference's layers below
+    its split, so a round's new version reads them where the reference's loss (or its parent's) computed them, and
+    runs its trained layers alone."""
+    model.eval()
+    device = device_of(model)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, tokens = 0.0, 0
+    for start in range(0, len(order), batch):
+        found = collate([examples[i] for i in order[start : start + batch]], pad)
+        ids = (found["input_ids"].to(device), found["attention_mask"].to(device), found["labels"].to(device))
+        below = ptx_lower(model, split, ids) if split > 0 else None
+        with adapters_as_wrapped(model) as inner:
+            logits, targets = ptx_logits(inner, ids, split, below)
+        total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        tokens += targets.numel()
+    return total / max(1, tokens)
 
 
 def answer_kl(models: Sampling, rollouts: Rollouts, pad: int) -> torch.Tensor:

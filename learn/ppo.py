@@ -252,18 +252,21 @@ def answer_logits(model: Any, packed: Packed, split: int = 0, below: Tensor | No
         return logits
 
 
-def logprobs_and_logits(
+def logprobs_and_entropy(
     model: Any, packed: Packed, split: int = 0, below: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """((B, A) log-probability of each answer token, zero outside the answers; (N, V) the answer positions' logits)."""
+    """((B, A) log-probability of each answer token, zero outside the answers; (N,) the entropy of the next-token
+    distribution at each answer position, without gradient, in `Packed.select` order)."""
     logits = answer_logits(model, packed, split, below)
-    picked = rl_math.token_logprobs(logits, packed.answer_ids[packed.mask.bool()].to(logits.device))
-    return packed.scatter(picked), logits
+    tokens = packed.answer_ids[packed.mask.bool()].to(logits.device)
+    picked, entropy = rl_math.token_logprobs_and_entropy(logits, tokens)
+    return packed.scatter(picked), entropy
 
 
 def answer_logprobs(model: Any, packed: Packed, split: int = 0, below: Tensor | None = None) -> Tensor:
     """(B, A) log-probabilities of each answer token under `model` (fp32), zero outside the answers."""
-    return logprobs_and_logits(model, packed, split, below)[0]
+    logits = answer_logits(model, packed, split, below)
+    return packed.scatter(rl_math.token_logprobs(logits, packed.answer_ids[packed.mask.bool()].to(logits.device)))
 
 
 class ValueModel(torch.nn.Module):
@@ -597,7 +600,7 @@ def _policy_and_value_loss(
     sub = packed.rows(rows)
     a = sub.mask.shape[1]  # the sub-batch's answer width: per-token tensors are cut to it
     below = scored.below[rows, : sub.width] if frozen else None
-    new_logprobs, logits = logprobs_and_logits(models.policy, sub, models.split, below)
+    new_logprobs, entropy = logprobs_and_entropy(models.policy, sub, models.split, below)
     writer = scored.old_logprobs[rows, :a]
     centre, weights = writer, None
     if config.clip_centre == "iteration":
@@ -609,9 +612,7 @@ def _policy_and_value_loss(
     figures["policy_loss"].append(policy_out.loss.detach())
     figures["clip_fraction"].append(policy_out.clip_fraction.detach())
     figures["approx_kl"].append(policy_out.approx_kl.detach())
-    with torch.no_grad():
-        every = torch.ones(1, logits.shape[0], device=logits.device)  # the logits are the answers' already
-        figures["entropy"].append(rl_math.entropy_from_logits(logits.detach().unsqueeze(0), every))
+    figures["entropy"].append(entropy.mean())
     loss: Tensor = policy_out.loss
     if config.advantage == "gae":  # RLOO's baseline is the siblings' return: no value model to fit
         value_loss, _ = rl_math.clipped_value_loss(

@@ -304,13 +304,6 @@ def clipped_value_loss(
     return loss, masked_mean((clipped_error > unclipped_error).float(), mask)
 
 
-def entropy_from_logits(logits: Tensor, mask: Tensor) -> Tensor:
-    """Mean entropy of the next-token distributions at the masked positions; logits (B, A, V), mask (B, A)."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(dim=-1)
-    return masked_mean(entropy, mask)
-
-
 def reference_kl(logits: Tensor, reference_logprobs: Tensor) -> Tensor:
     """Mean over N positions of KL(ref || pi) between next-token distributions: the policy's logits (N, V), the
     reference's log-probabilities (N, V); fp32.
@@ -327,6 +320,16 @@ def reference_kl(logits: Tensor, reference_logprobs: Tensor) -> Tensor:
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """log p(token) under `logits`: logits (..., V) predicting `tokens` (...); computed in fp32."""
     return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(`token_logprobs`, the entropy of each next-token distribution, without gradient): both from one
+    log-softmax over the vocabulary, the costly part of each on a CPU (a pass over N x V floats)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    with torch.no_grad():
+        seen = logp.detach()
+        entropy = -(seen.exp() * seen).sum(dim=-1)
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1), entropy
 
 
 # -- KL controllers -------------------------------------------------------------------------------------------

@@ -344,7 +344,9 @@ def _ppo_round(
         options.eval_samples,
     )
     known = (caches.losses, inputs.reference)
-    reference_ptx = held_out_lm_loss(data.models.reference, data.models.tokenizer, data.ptx_held, known)
+    reference_ptx = held_out_lm_loss(
+        data.models.reference, data.models.tokenizer, data.ptx_held, known, data.models.split
+    )
     # Timed apart from the sampling and LM losses before it: the two grow with different settings (answers' length
     # limit and the evaluation's prompts, against the held-out rankings' count and length).
     clock.next("judge", "judging the new version on held-out rankings")

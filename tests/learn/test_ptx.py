@@ -104,8 +104,8 @@ def test_a_round_computes_the_loss_only_of_what_it_does_not_know(
     with Dataset(settings.dataset_path) as dataset:
         dataset.insert(events(20, later=set()))
     computed: list[int] = []
-    evaluate_lm = policy_eval.evaluate_lm
-    monkeypatch.setattr(policy_eval, "evaluate_lm", lambda *a, **k: computed.append(1) or evaluate_lm(*a, **k))
+    lm_loss_of = policy_eval.lm_loss_of
+    monkeypatch.setattr(policy_eval, "lm_loss_of", lambda *a, **k: computed.append(1) or lm_loss_of(*a, **k))
     config = RoundConfig(iterations=1, prompts_per_iteration=4, max_new_tokens=4)
     first = ppo_round(settings, config, PPOOptions(ptx_source="reference"), show_progress=False)
     assert len(computed) == 2  # v0001's, which is the reference's too, and the new version's

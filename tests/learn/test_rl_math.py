@@ -10,7 +10,6 @@ from learn.rl_math import (
     FixedKLController,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
     gae,
     kl_penalty_rewards,
     kwise_ranking_loss,
@@ -24,6 +23,7 @@ from learn.rl_math import (
     reference_kl,
     sequence_scores,
     token_logprobs,
+    token_logprobs_and_entropy,
     whiten,
 )
 
@@ -319,8 +319,19 @@ def test_clipped_value_loss() -> None:
 
 def test_entropy_and_token_logprobs_of_a_uniform_distribution() -> None:
     logits = torch.zeros(1, 2, 4)  # uniform over 4 tokens: entropy log 4 = 1.3862944, log p = -log 4
-    assert entropy_from_logits(logits, torch.ones(1, 2)).item() == pytest.approx(1.3862944, abs=1e-6)
+    picked, entropy = token_logprobs_and_entropy(logits[0], i(3, 0))
+    assert entropy.tolist() == pytest.approx([1.3862944] * 2, abs=1e-6)
+    assert picked.tolist() == pytest.approx([-1.3862944] * 2, abs=1e-6)
     assert token_logprobs(logits, i(3, 0).view(1, 2)).tolist()[0] == pytest.approx([-1.3862944] * 2, abs=1e-6)
+
+
+def test_logprobs_and_entropy_of_a_skewed_distribution_from_one_softmax() -> None:
+    # p = (1/4, 3/4): entropy 1/4 ln 4 + 3/4 ln(4/3) = 0.3465736 + 0.2157616 = 0.5623351; ln 3/4 = -0.2876821
+    logits = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    picked, entropy = token_logprobs_and_entropy(logits, i(1))
+    assert picked.item() == pytest.approx(-0.2876821, abs=1e-6)
+    assert entropy.item() == pytest.approx(0.5623351, abs=1e-6)
+    assert picked.requires_grad and not entropy.requires_grad  # a figure to read, not a term of the loss
 
 
 # -- KL controllers ---------------------------------------------------------------------------------------------
