@@ -72,7 +72,7 @@ class Fingerprints:
         # so they cannot be the keys of a WeakKeyDictionary).
         self._sums: dict[int, tuple[weakref.ref[Tensor], int, bytes]] = {}
 
-    def _stats(self, p: Tensor) -> bytes:
+    def of_tensor(self, p: Tensor) -> bytes:
         version = p._version
         found = self._sums.get(id(p))
         if found is not None and found[0]() is p and found[1] == version:
@@ -92,7 +92,7 @@ class Fingerprints:
     def of(self, backbone: Any, split: int) -> str:
         digest = hashlib.sha256(f"{type(backbone).__name__}/{split}".encode())
         for p in layers.lower_parameters(backbone, split):
-            digest.update(self._stats(p))
+            digest.update(self.of_tensor(p))
         return digest.hexdigest()
 
 

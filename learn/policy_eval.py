@@ -27,6 +27,7 @@ from learn import degenerate, layers
 from learn.data import Example
 from learn.device import device_of
 from learn.distributed import world
+from learn.kept_logprobs import KEPT, key_of
 from learn.ppo import (
     Models,
     Rollouts,
@@ -451,23 +452,45 @@ def agreement(
 def _shifts(
     policy: Any, bases: list[Any], rollouts: list[tuple[list[int], list[int]]], pad: int, batch: int, split: int
 ) -> list[torch.Tensor]:
-    """Each answer's log pi/pi_base summed over its tokens, one (N,) tensor per base model."""
+    """Each answer's log pi/pi_base summed over its tokens, one (N,) tensor per base model. Each base that computes
+    the policy's own lower layers starts from their output (learn.lower_cache holds it from the policy's pass); one
+    that does not (a reference after a full fine-tuning round) runs whole."""
     shifts = [torch.zeros(len(rollouts)) for _ in bases]
     if not rollouts:
         return shifts
-    packed = pack(Rollouts([q for q, _ in rollouts], [r for _, r in rollouts], [False] * len(rollouts)), pad)
-    # Each base that computes the policy's own lower layers starts from their output; one that does not (a reference
-    # after a full fine-tuning round) runs whole, without costing the others the shortcut.
-    shared = [split > 0 and layers.same_lower(backbone(policy), backbone(base), split) for base in bases]
-    device = device_of(policy)
-    for rows in packed.by_length(batch):
-        sub, at = packed.rows(rows).to(device), torch.tensor(rows)
-        below = lower_of(policy, split, sub) if any(shared) else None
-        mine = answer_logprobs(policy, sub, split if any(shared) else 0, below)
-        for shift, base, same in zip(shifts, bases, shared, strict=True):  # one row of figures a batch and base
-            theirs = answer_logprobs(base, sub, split, below) if same else answer_logprobs(base, sub)
-            shift[at] = ((mine - theirs) * sub.mask).sum(dim=1).cpu()
+    mine = _logprobs(policy, rollouts, pad, batch, split)
+    for shift, base in zip(shifts, bases, strict=True):
+        same = split > 0 and layers.same_lower(backbone(policy), backbone(base), split)
+        theirs = _logprobs(base, rollouts, pad, batch, split if same else 0)
+        for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            shift[i] = (a - b).sum()
     return shifts
+
+
+def _logprobs(
+    model: Any, rollouts: list[tuple[list[int], list[int]]], pad: int, batch: int, split: int
+) -> list[torch.Tensor]:
+    """Each answer's (n,) per-token log-probabilities under `model`: those a frozen model computed before read from
+    learn.kept_logprobs, the others computed in batches of similar length (from the layers below `split` the lower
+    cache holds, where split > 0) and kept where the model is frozen."""
+    device, fingerprint = device_of(model), KEPT.print_of(model)
+    keys = [key_of(fingerprint, device, q, r) if fingerprint is not None else None for q, r in rollouts]
+    found = [KEPT.get(key) if key is not None else None for key in keys]
+    missing = [i for i, logprobs in enumerate(found) if logprobs is None]
+    if not missing:
+        return [logprobs for logprobs in found if logprobs is not None]
+    chosen = [rollouts[i] for i in missing]
+    packed = pack(Rollouts([q for q, _ in chosen], [r for _, r in chosen], [False] * len(chosen)), pad)
+    for rows in packed.by_length(batch):
+        sub = packed.rows(rows).to(device)
+        below = lower_of(model, split, sub) if split > 0 else None
+        computed = answer_logprobs(model, sub, split, below).cpu()
+        for j, r in enumerate(rows):
+            i, key = missing[r], keys[missing[r]]
+            found[i] = answer = computed[j, : len(rollouts[i][1])]
+            if key is not None:
+                KEPT.put(key, answer)
+    return [logprobs for logprobs in found if logprobs is not None]
 
 
 def per_token(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -50,12 +50,15 @@ def pytest_report_header(config: pytest.Config) -> str:
 @pytest.fixture(autouse=True)
 def fresh_lower_cache() -> Iterator[None]:
     """A test that runs a round turns the process's lower-layer cache on (learn.rounds.keep_lowers): the next test
-    starts without it, and without the states it kept."""
+    starts without it, and without the states it kept, or the log-probabilities kept (learn.kept_logprobs)."""
     yield
     cache = sys.modules.get("learn.lower_cache")
     if cache is not None:
         cache.CACHE.configure(0, ())
         cache.CACHE.clear()
+    kept = sys.modules.get("learn.kept_logprobs")
+    if kept is not None:
+        kept.KEPT.clear()
 
 
 @pytest.fixture
