@@ -105,9 +105,10 @@ class Learner:
         self.rewards = ModelStore(settings.reward_store_dir, prefix="r")
         self.rm: RMResult | None = None  # the reward-model round before the PPO round in flight, for its summary
         self.sampled_ahead: set[str] = set()  # served versions whose evaluation answers were seen to, while waiting
-        # The last look that found the evaluation's prompts unsettled: (version, options, rankings counted then).
-        # Only a new ranking can settle them, so the next look waits for one instead of reading every event again.
-        self.unsettled_at: tuple[str, PPOOptions, int] | None = None
+        # The last look that found the evaluation's prompts unsettled: (version, options, the event the rankings were
+        # counted after, their count). Only a new ranking can settle them, so the next look waits for one instead of
+        # reading every event again.
+        self.unsettled_at: tuple[str, PPOOptions, str | None, int] | None = None
         for store in (self.store, self.rewards) if world().main else ():  # their writer: what a dead one left goes
             for name in store.sweep():
                 log.warning("removed %s/%s, a version a stopped writer never finished", store.root, name)
@@ -169,7 +170,7 @@ class Learner:
         if new < needed:
             waiting = f"{new} of {needed} new rankings needed for a round"
             self.publish("waiting", waiting, new_rankings=new)
-            if self._sample_ahead(new):
+            if self._sample_ahead(after, new):
                 self.publish("waiting", waiting, new_rankings=new)
             return "waiting"
         cap = self.settings.learn_rm_max_rankings
@@ -199,11 +200,11 @@ class Learner:
         current = agreed(lambda: self.registry.current()[0] or self.store.current())
         return self._ppo(str(current), rm.version)
 
-    def _sample_ahead(self, rankings: int) -> bool:
+    def _sample_ahead(self, after: str | None, rankings: int) -> bool:
         """Once per served version, while the learner waits for rankings: its evaluation answers, which the round
         that replaces it would otherwise sample first (minutes on a CPU); again at a later wait, once `rankings`
-        (the new rankings counted) has grown, while the prompts they answer may still change. True where it
-        started sampling (and said so in the status)."""
+        (those counted after the event `after`) has changed, while the prompts they answer may still change. True
+        where it started sampling (and said so in the status)."""
         if not world().main:  # the others wait for rank 0 at the next tick's first agreement
             return False
         started = False
@@ -219,10 +220,10 @@ class Learner:
             if current is None or current in self.sampled_ahead:
                 return False
             options, config = ppo_options(self.settings, current, None), RoundConfig.from_settings(self.settings)
-            if self.unsettled_at == (current, options, rankings):
+            if self.unsettled_at == (current, options, after, rankings):
                 return False
             if answers_ahead(self.settings, options, config, starting) == "unsettled":
-                self.unsettled_at = (current, options, rankings)
+                self.unsettled_at = (current, options, after, rankings)
             else:
                 self.sampled_ahead.add(current)
         except Exception as exc:  # a head start (Redis away included): where it fails, the round samples them itself

@@ -63,22 +63,32 @@ def precision_of(device: torch.device) -> tuple[Any, ...]:
 
 
 class Fingerprints:
-    """A content hash of the weights below each split of a backbone. Each tensor's sum and sum of magnitudes (in
-    float64) is computed once per version of the tensor (PyTorch counts in-place changes), and held only while the
-    tensor lives: a model loaded later in the same memory is hashed anew."""
+    """A content hash of the weights below each split of a backbone (or of a whole model's, learn.kept_logprobs).
+    Each tensor's figures (`of_tensor`) are computed once per version of the tensor, and held only while the tensor
+    lives: a model loaded later in the same memory is hashed anew."""
 
     def __init__(self) -> None:
         # By id, with a weak reference that says whether the id is still that tensor's (tensors compare by value,
         # so they cannot be the keys of a WeakKeyDictionary).
-        self._sums: dict[int, tuple[weakref.ref[Tensor], int, bytes]] = {}
+        self._sums: dict[int, tuple[weakref.ref[Tensor], tuple[Any, ...], bytes]] = {}
 
     def of_tensor(self, p: Tensor) -> bytes:
-        version = p._version
+        """The tensor's shape, dtype, sum, sum of magnitudes and a strided sum (which moves where values swap
+        places), in float64. Kept until the tensor changes: in place (its version), or by a new storage
+        or dtype put under it (`.data =`, `Module.to`), which leave the version as it was."""
+        version = (p._version, p.data_ptr(), p.dtype)
         found = self._sums.get(id(p))
         if found is not None and found[0]() is p and found[1] == version:
             return found[2]
         with torch.no_grad():
-            stats = torch.stack([p.sum(dtype=torch.float64), p.abs().sum(dtype=torch.float64)]).cpu()
+            flat = p.detach().reshape(-1)
+            stats = torch.stack(
+                [
+                    flat.sum(dtype=torch.float64),
+                    flat.abs().sum(dtype=torch.float64),
+                    flat[::61].sum(dtype=torch.float64),
+                ]
+            ).cpu()
         packed = repr((tuple(p.shape), str(p.dtype), stats.tolist())).encode()
         key = id(p)
 

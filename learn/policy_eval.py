@@ -27,7 +27,7 @@ from learn import degenerate, layers
 from learn.data import Example
 from learn.device import device_of
 from learn.distributed import world
-from learn.kept_logprobs import KEPT, key_of
+from learn.kept_logprobs import KEPT, Key, key_of
 from learn.ppo import (
     Models,
     Rollouts,
@@ -452,45 +452,63 @@ def agreement(
 def _shifts(
     policy: Any, bases: list[Any], rollouts: list[tuple[list[int], list[int]]], pad: int, batch: int, split: int
 ) -> list[torch.Tensor]:
-    """Each answer's log pi/pi_base summed over its tokens, one (N,) tensor per base model. Each base that computes
-    the policy's own lower layers starts from their output (learn.lower_cache holds it from the policy's pass); one
-    that does not (a reference after a full fine-tuning round) runs whole."""
-    shifts = [torch.zeros(len(rollouts)) for _ in bases]
-    if not rollouts:
-        return shifts
-    mine = _logprobs(policy, rollouts, pad, batch, split)
-    for shift, base in zip(shifts, bases, strict=True):
-        same = split > 0 and layers.same_lower(backbone(policy), backbone(base), split)
-        theirs = _logprobs(base, rollouts, pad, batch, split if same else 0)
-        for i, (a, b) in enumerate(zip(mine, theirs, strict=True)):
-            shift[i] = (a - b).sum()
-    return shifts
+    """Each answer's log pi/pi_base summed over its tokens, one (N,) tensor per base model.
+
+    A frozen model's log-probabilities of an answer it read before are taken from learn.kept_logprobs; the others
+    are computed in batches of similar length. Below `split` the layers run once per batch, for the policy and
+    every base that computes the same ones (a base that does not, a reference after a full fine-tuning round, runs
+    whole); each model then runs its upper layers on the rows it lacks."""
+    models = [policy, *bases]
+    kept = [_kept(model, rollouts) for model in models]
+    todo = [i for i in range(len(rollouts)) if any(found[i] is None for _, found in kept)]
+    if todo:
+        _compute(models, kept, [rollouts[i] for i in todo], todo, pad, batch, split)
+    mine = kept[0][1]
+    return [
+        torch.tensor([float((a - b).sum()) for a, b in zip(mine, theirs, strict=True)], dtype=torch.float32)
+        for _, theirs in kept[1:]
+    ]
 
 
-def _logprobs(
-    model: Any, rollouts: list[tuple[list[int], list[int]]], pad: int, batch: int, split: int
-) -> list[torch.Tensor]:
-    """Each answer's (n,) per-token log-probabilities under `model`: those a frozen model computed before read from
-    learn.kept_logprobs, the others computed in batches of similar length (from the layers below `split` the lower
-    cache holds, where split > 0) and kept where the model is frozen."""
-    device, fingerprint = device_of(model), KEPT.print_of(model)
-    keys = [key_of(fingerprint, device, q, r) if fingerprint is not None else None for q, r in rollouts]
-    found = [KEPT.get(key) if key is not None else None for key in keys]
-    missing = [i for i, logprobs in enumerate(found) if logprobs is None]
-    if not missing:
-        return [logprobs for logprobs in found if logprobs is not None]
-    chosen = [rollouts[i] for i in missing]
+def _compute(
+    models: list[Any],
+    kept: list[tuple[list[Key | None], list[Any]]],
+    chosen: list[tuple[list[int], list[int]]],
+    todo: list[int],
+    pad: int,
+    batch: int,
+    split: int,
+) -> None:
+    """Fill in `kept` (each model's keys and log-probabilities) at the answers `chosen` (at positions `todo`) that
+    some model lacks; the first model is the policy, whose lower layers the others may share."""
+    policy = models[0]
+    shared = [split > 0 and layers.same_lower(backbone(policy), backbone(m), split) for m in models]
     packed = pack(Rollouts([q for q, _ in chosen], [r for _, r in chosen], [False] * len(chosen)), pad)
     for rows in packed.by_length(batch):
-        sub = packed.rows(rows).to(device)
-        below = lower_of(model, split, sub) if split > 0 else None
-        computed = answer_logprobs(model, sub, split, below).cpu()
-        for j, r in enumerate(rows):
-            i, key = missing[r], keys[missing[r]]
-            found[i] = answer = computed[j, : len(rollouts[i][1])]
-            if key is not None:
-                KEPT.put(key, answer)
-    return [logprobs for logprobs in found if logprobs is not None]
+        sub = packed.rows(rows).to(device_of(policy))
+        lacking = [[j for j, r in enumerate(rows) if found[todo[r]] is None] for _, found in kept]
+        below = lower_of(policy, split, sub) if any(s and n for s, n in zip(shared, lacking, strict=True)) else None
+        for model, same, need, (keys, found) in zip(models, shared, lacking, kept, strict=True):
+            if not need:
+                continue
+            part = sub if len(need) == len(rows) else sub.rows(need)
+            start = below[need, : part.width] if same and below is not None else None
+            computed = answer_logprobs(model, part, split if start is not None else 0, start).cpu()
+            for k, j in enumerate(need):
+                i = todo[rows[j]]
+                found[i] = answer = computed[k, : len(chosen[rows[j]][1])]
+                key = keys[i]
+                if key is not None:
+                    KEPT.put(key, answer)
+
+
+def _kept(model: Any, rollouts: list[tuple[list[int], list[int]]]) -> tuple[list[Key | None], list[Any]]:
+    """Each answer's key in learn.kept_logprobs (None where the model is not frozen) and what is kept of it."""
+    fingerprint = KEPT.print_of(model)
+    if fingerprint is None:
+        return [None] * len(rollouts), [None] * len(rollouts)
+    keys: list[Key | None] = [key_of(fingerprint, device_of(model), q, r) for q, r in rollouts]
+    return keys, [KEPT.get(key) if key is not None else None for key in keys]
 
 
 def per_token(shift: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

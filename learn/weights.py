@@ -80,7 +80,8 @@ def as_stored(model: Any) -> Any:
     if hasattr(copy, "merge_and_unload"):
         copy = copy.merge_and_unload()
     dtype = next(copy.parameters()).dtype
-    return copy.to(torch.bfloat16).to(dtype).eval()
+    # Frozen, as a stored version is: what is read of it is then kept (learn.kept_logprobs) whatever trained it.
+    return copy.to(torch.bfloat16).to(dtype).eval().requires_grad_(False)
 
 
 def save_policy(

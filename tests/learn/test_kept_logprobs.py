@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
@@ -102,3 +103,52 @@ def test_only_frozen_weights_are_kept() -> None:
     assert [tuple(p.shape) for p in off] == [tuple(p.shape) for p in base]  # the base's weights, in its order
     print_of_base = KEPT.print_of(frozen(copy.deepcopy(model)))
     assert KEPT.print_of(AdapterOff(lora)) == print_of_base  # the same function, the same entries
+
+
+def test_an_empty_answer_shifts_by_nothing() -> None:
+    parent = frozen(small_llama(layers=4))
+    version = trained_above(parent, 1.5)
+    found = [([5, 9, 12], []), ([4, 4], [30, 31, 2])]
+    (shift,) = _shifts(version, [parent], found, PAD, batch=4, split=2)
+    assert shift[0].item() == 0.0 and abs(shift[1].item()) > 1e-4
+
+
+def test_a_kept_model_changed_in_place_is_read_anew() -> None:
+    parent = frozen(small_llama(layers=4))
+    version = trained_above(parent, 1.5)
+    KEPT.clear()
+    _shifts(version, [parent], rollouts(), PAD, batch=4, split=2)
+    with torch.no_grad():
+        parent.model.layers[3].mlp.up_proj.weight.add_(0.1)  # no longer the model those entries were read from
+    (shift,) = _shifts(version, [parent], rollouts(), PAD, batch=4, split=2)
+    assert KEPT.hits == 6  # the version's, unchanged; the parent's computed again
+    torch.testing.assert_close(shift, plain_shift(version, parent), atol=1e-5, rtol=1e-4)
+
+
+def test_the_lower_layers_run_once_a_batch_for_the_policy_and_its_bases(monkeypatch: pytest.MonkeyPatch) -> None:
+    import learn.policy_eval
+
+    parent = frozen(small_llama(layers=4))
+    version = trained_above(parent, 1.5)
+    calls: list[int] = []
+    real = learn.policy_eval.lower_of
+
+    def counted(model: Any, split: int, packed: Any) -> torch.Tensor:
+        calls.append(packed.input_ids.shape[0])
+        return real(model, split, packed)
+
+    monkeypatch.setattr(learn.policy_eval, "lower_of", counted)
+    KEPT.clear()
+    _shifts(version, [parent, parent], rollouts(), PAD, batch=8, split=2)
+    assert calls == [6]  # one batch of the 6 answers, with the lower cache off: once for the three models
+    _shifts(trained_above(parent, 0.5), [parent], rollouts(), PAD, batch=8, split=2)
+    assert calls == [6, 6]  # a new version: its rows need the lower states; the parent's are kept
+
+
+def test_weights_replaced_under_a_parameter_are_a_new_model() -> None:
+    """`.data =` (as `Module.to` does) leaves a parameter's version count as it was: the fingerprint still moves."""
+    model = frozen(small_llama(layers=4))
+    before = KEPT.print_of(model)
+    weight = model.model.layers[3].mlp.up_proj.weight
+    weight.data = weight.data + 0.1
+    assert KEPT.print_of(model) != before
