@@ -120,9 +120,9 @@ def one_setting(run: Path, rounds: int, threads: int, cache_mb: int, code: Path 
     return result
 
 
-def table(off: list[dict[str, Any]], on: list[dict[str, Any]], names: tuple[str, str]) -> str:
+def table(off: list[dict[str, Any]], on: list[dict[str, Any]], names: tuple[str, str], column: str = "cache") -> str:
     lines = [
-        f"| round | cache | {' | '.join(PHASES)} | whole round, minutes | reward model's accuracy | agreement | "
+        f"| round | {column} | {' | '.join(PHASES)} | whole round, minutes | reward model's accuracy | agreement | "
         "mean reward after |",
         "|---|---|" + "---|" * (len(PHASES) + 4),
     ]
@@ -190,7 +190,7 @@ def compare_code(args: argparse.Namespace) -> None:
     body = (
         f"## A demo's rounds replayed: {args.baseline} against {head.stdout.strip()} (issue 16)\n\n"
         + header(args, command)
-        + table(before, now, (args.baseline, head.stdout.strip()))
+        + table(before, now, (args.baseline, head.stdout.strip()), "code")
     )
     write_section(f"round_replay_{args.run.name}_code", body)
 
@@ -202,7 +202,8 @@ def header(args: argparse.Namespace, command: str) -> str:
         f"Date: {date.today()}; machine: {machine()}; {args.threads} learner thread(s), nothing else running.\n\n"
         f"Command: `{command}`\n\n"
         f"The first {args.rounds} round(s) of `{args.run.name}` (reward model, then PPO from v0001 with its "
-        "evaluations and judgement), each on the users' data its round read in the run; seconds per phase.\n\n"
+        "evaluations and judgement), each on the users' data its round read in the run; seconds per phase"
+        f"{'' if not args.baseline else f', the lower-layer cache on ({args.cache_mb} MiB) in both'}.\n\n"
     )
 
 
