@@ -292,11 +292,11 @@ def held_out_lm_loss(
 
 @torch.no_grad()
 def lm_loss_of(model: Any, examples: Sequence[Example], pad: int, split: int = 0, batch: int = 8) -> float:
-    """Mean loss per labelled token over `examples` (learn.sft.evaluate_lm's figure), computed for less: in batches
-    of similar length, the LM head on the labelled tokens alone (a held-out text's prompt is most of it and is not
-    scored), and below `split` from learn.lower_cache. Every version made here computes the reference's layers below
-    its split, so a round's new version reads them where the reference's loss (or its parent's) computed them, and
-    runs its trained layers alone."""
+    """Mean loss per labelled token over `examples`, held-out text or answers (learn.sft.lm_loss over them all),
+    computed for less: in batches of similar length, the LM head on the labelled tokens alone (a held-out text's
+    prompt is most of it and is not scored), and below `split` from learn.lower_cache. Every version made here
+    computes the reference's layers below its split, so a round's new version reads them where the reference's
+    loss (or its parent's) computed them, and runs its trained layers alone."""
     model.eval()
     device = device_of(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -507,7 +507,8 @@ def _kept(model: Any, rollouts: list[tuple[list[int], list[int]]]) -> tuple[list
     fingerprint = KEPT.print_of(model)
     if fingerprint is None:
         return [None] * len(rollouts), [None] * len(rollouts)
-    keys: list[Key | None] = [key_of(fingerprint, device_of(model), q, r) for q, r in rollouts]
+    device = device_of(model)
+    keys: list[Key | None] = [key_of(fingerprint, device, q, r) for q, r in rollouts]
     return keys, [KEPT.get(key) if key is not None else None for key in keys]
 
 

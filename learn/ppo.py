@@ -258,15 +258,19 @@ def logprobs_and_entropy(
     """((B, A) log-probability of each answer token, zero outside the answers; (N,) the entropy of the next-token
     distribution at each answer position, without gradient, in `Packed.select` order)."""
     logits = answer_logits(model, packed, split, below)
-    tokens = packed.answer_ids[packed.mask.bool()].to(logits.device)
-    picked, entropy = rl_math.token_logprobs_and_entropy(logits, tokens)
+    picked, entropy = rl_math.token_logprobs_and_entropy(logits, _answer_tokens(packed, logits.device))
     return packed.scatter(picked), entropy
 
 
 def answer_logprobs(model: Any, packed: Packed, split: int = 0, below: Tensor | None = None) -> Tensor:
     """(B, A) log-probabilities of each answer token under `model` (fp32), zero outside the answers."""
     logits = answer_logits(model, packed, split, below)
-    return packed.scatter(rl_math.token_logprobs(logits, packed.answer_ids[packed.mask.bool()].to(logits.device)))
+    return packed.scatter(rl_math.token_logprobs(logits, _answer_tokens(packed, logits.device)))
+
+
+def _answer_tokens(packed: Packed, device: torch.device) -> Tensor:
+    """(N,) the answer tokens, in `Packed.select` order: what the answer positions' logits predict."""
+    return packed.answer_ids[packed.mask.bool()].to(device)
 
 
 class ValueModel(torch.nn.Module):

@@ -1,8 +1,9 @@
 """Supervised fine-tuning on demonstrations, and continued pre-training on plain text: one code path.
 
 The difference between the two is only in the labels (learn.data): SFT trains on answer tokens, pre-training on
-every token. The language-model loss here is also PPO's pre-training (ptx) term and the fluency measure of the
-evaluation; learn.weights loads the model and stores the result as a new policy version.
+every token. The language-model loss here is also the figure of PPO's pre-training (ptx) term and of the
+evaluation's fluency check (learn.policy_eval.lm_loss_of, which computes it for less); learn.weights loads the
+model and stores the result as a new policy version.
 """
 
 from __future__ import annotations
@@ -64,16 +65,3 @@ def train_lm(
         return sum(sum(1 for label in examples[i].labels[1:] if label != IGNORE) for i in indices)
 
     return run_loop(model, len(examples), step, config, log, description, checkpoint, show_progress, units=tokens)
-
-
-@torch.no_grad()
-def evaluate_lm(model: Any, tokenizer: Any, examples: Sequence[Example], batch_size: int = 8) -> float:
-    """Mean loss per labelled token over `examples` (held-out text or answers)."""
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id(tokenizer))
-        n = int((batch["labels"][:, 1:] != IGNORE).sum())
-        total += float(lm_loss(model, batch)) * n
-        tokens += n
-    return total / max(1, tokens)

@@ -1,16 +1,16 @@
-"""The held-out LM loss a round computes (learn.policy_eval.lm_loss_of): the figure of learn.sft.evaluate_lm,
-whatever the split, the batches' order and the lower-layer cache."""
+"""The held-out LM loss a round computes (learn.policy_eval.lm_loss_of): the figure of one whole pass over every
+text (learn.sft.lm_loss), whatever the split, the batches' order and the lower-layer cache."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 
 from learn import lower_cache
 from learn.data import IGNORE, Example
 from learn.policy_eval import lm_loss_of
-from learn.sft import evaluate_lm
+from learn.sft import collate, lm_loss
 from tests.tiny import small_llama
 
 PAD = 0
@@ -28,9 +28,15 @@ def examples() -> list[Example]:
     return found
 
 
-def test_the_loss_is_evaluate_lms_at_every_split() -> None:
+def whole_pass(model: Any, held: list[Example]) -> float:
+    """The mean loss over every labelled token, all texts in one right-padded batch through the whole model."""
+    with torch.no_grad():
+        return float(lm_loss(model, collate(held, PAD)))
+
+
+def test_the_loss_is_a_whole_passes_at_every_split() -> None:
     model, held = small_llama(layers=4), examples()
-    expected = evaluate_lm(model, SimpleNamespace(pad_token_id=PAD), held)
+    expected = whole_pass(model, held)
     for split in (0, 2, 3):
         assert abs(lm_loss_of(model, held, PAD, split) - expected) < 1e-5
 
@@ -48,6 +54,6 @@ def test_a_version_that_shares_the_lower_layers_runs_only_its_own() -> None:
     loss = lm_loss_of(version, held, PAD, split=2)
     assert lower_cache.CACHE.misses == misses  # every text's lower states were the reference's
     assert lower_cache.CACHE.hits >= len(held)
-    expected = evaluate_lm(version, SimpleNamespace(pad_token_id=PAD), held)
+    expected = whole_pass(version, held)
     assert abs(loss - expected) < 1e-5
     assert abs(loss - lm_loss_of(reference, held, PAD, split=2)) > 0.01  # the upper layers' change is in it

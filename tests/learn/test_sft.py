@@ -20,9 +20,10 @@ from learn.data import (
     encode_text,
 )
 from learn.loop import LoopConfig
-from learn.sft import evaluate_lm, train_lm
+from learn.policy_eval import lm_loss_of
+from learn.sft import train_lm
 from learn.trainlog import MetricsLog
-from learn.weights import LoraOptions, as_stored, load_causal_lm, save_policy
+from learn.weights import LoraOptions, as_stored, load_causal_lm, pad_id, save_policy
 from rankloop.cli import app
 from tests.tiny import tiny_tokenizer
 
@@ -72,12 +73,12 @@ def test_sft_lowers_the_loss(tiny_store: ModelStore, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(tiny_store.path("v0001"))
     examples = _examples(tokenizer)
-    before = evaluate_lm(model, tokenizer, examples)
+    before = lm_loss_of(model, examples, pad_id(tokenizer))
     with MetricsLog(tmp_path / "m.jsonl") as log:
         result = train_lm(
             model, tokenizer, examples, LoopConfig(epochs=15, batch_size=4, lr=3e-3), log, "sft", show_progress=False
         )
-    after = evaluate_lm(model, tokenizer, examples)
+    after = lm_loss_of(model, examples, pad_id(tokenizer))
     assert result.steps == 30
     assert after < 0.5 * before, (before, after)
     lines = rows_of(tmp_path / "m.jsonl")
