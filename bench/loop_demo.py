@@ -326,8 +326,9 @@ def rounds_table(rounds: list[dict[str, Any]]) -> list[str]:
         )
         phases = ", ".join(f"{seconds.get(p, 0) / 60:.1f}" for p in PHASES)
         accuracy = f"{num(r.get('rm_accuracy')):.3f} ({num(r.get('rm_pairs', 0)):.0f})"
+        made = f"{r['version']} from {r['parent']}" if "parent" in r else r.get("version", r.get("reward_model"))
         lines.append(
-            f"| {n}: {r.get('version', r.get('reward_model'))} | {r['outcome']} | {accuracy} | {shares} | "
+            f"| {n}: {made} | {r['outcome']} | {accuracy} | {shares} | "
             f"{agreement} | {phases} | {sum(seconds.values()) / 60:.1f} | {r.get('gate', '')} |"
         )
     return lines

@@ -223,7 +223,8 @@ def main() -> None:
             ppo=PPOConfig(ptx_coef=0.0, epochs=2, minibatch=8),
         )  # type: ignore[arg-type]
         torch.manual_seed(0)
-        models = load_models(policy_dir, policy_dir, reward, config, way.rollouts == "served", device)
+        writer = policy_dir if way.rollouts == "served" else None
+        models = load_models(policy_dir, policy_dir, reward, config, writer, device)
         if not prompts:
             prompts = prompts_from_file(args.prompt_file, models.tokenizer, 256)[
                 : args.prompts * (args.iterations + args.warmup)

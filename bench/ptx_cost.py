@@ -90,7 +90,7 @@ def main() -> None:
             ppo=PPOConfig(ptx_coef=way.coef, epochs=2, minibatch=4, ptx_loss="lm"),
         )
         torch.manual_seed(0)
-        models = load_models(policy_dir, policy_dir, reward, config, True, device)
+        models = load_models(policy_dir, policy_dir, reward, config, policy_dir, device)
         if not served:
             prompts = prompts_from_file(args.prompt_file, models.tokenizer, 256)[: args.prompts * rounds]
             served = served_answers(policy_dir, prompts, args, models)

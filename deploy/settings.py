@@ -314,6 +314,14 @@ class Settings(BaseSettings):
     learn_auto_promote: bool = Field(
         False, description="Promote a new version by itself when it passes the evaluation gate."
     )
+    learn_build_on: Literal["served", "undecided"] = Field(
+        "served",
+        description="What a learning round starts from: `served`, the version users are served; `undecided`, the "
+        "newest version the learner made on top of it that the gate refused for want of evidence alone (every check "
+        "passed but agreement beyond chance, its share of held-out pairs at least half), so that a round's learning "
+        "is kept while users' held-out rankings are too few to tell. Such a chain is judged against the served "
+        "version, so each round adds its step to the evidence; a version refused for cause ends it.",
+    )
     promote_on: Literal["reward", "canary"] = Field(
         "reward",
         description="What promotes a version that passed the gate: `reward`, the gate itself (with "

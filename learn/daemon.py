@@ -72,10 +72,11 @@ def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
     )
 
 
-def ppo_options(settings: Settings, parent: str, reward: str | None) -> PPOOptions:
+def ppo_options(settings: Settings, parent: str, reward: str | None, replaces: str | None = None) -> PPOOptions:
     device, bf16 = compute(settings)
     return PPOOptions(
         parent=parent,
+        replaces=replaces,
         reward=reward,
         prompt_file=settings.learn_prompt_file,
         ptx_file=settings.learn_ptx_file,
@@ -109,6 +110,9 @@ class Learner:
         # counted after, their count). Only a new ranking can settle them, so the next look waits for one instead of
         # reading every event again.
         self.unsettled_at: tuple[str, PPOOptions, str | None, int] | None = None
+        # (version, the served version it was built on): the newest version of this learner's own that the gate
+        # could not decide, which the next round builds on while that version is still served (learn_build_on).
+        self.building_on: tuple[str, str] | None = None
         for store in (self.store, self.rewards) if world().main else ():  # their writer: what a dead one left goes
             for name in store.sweep():
                 log.warning("removed %s/%s, a version a stopped writer never finished", store.root, name)
@@ -154,7 +158,8 @@ class Learner:
         pending = agreed(lambda: checkpoint_meta(checkpoint))
         if pending is not None:
             try:
-                return self._ppo(str(pending["parent"]), str(pending["reward"]))
+                replaces = pending.get("replaces")
+                return self._ppo(str(pending["parent"]), str(pending["reward"]), replaces and str(replaces))
             except CheckpointMismatch as exc:
                 # A round this daemon cannot continue (another command's, or settings changed since): set it
                 # aside rather than fail on it at every poll and never learn again.
@@ -197,8 +202,17 @@ class Learner:
             )
             metrics.ROUNDS.labels("rm_below_gate").inc()
             return "reward model below the gate"
-        current = agreed(lambda: self.registry.current()[0] or self.store.current())
-        return self._ppo(str(current), rm.version)
+        current = str(agreed(lambda: self.registry.current()[0] or self.store.current()))
+        return self._ppo(self.start_from(current), rm.version, current)
+
+    def start_from(self, served: str) -> str:
+        """The parent of the next round: the served version, or the undecided version this learner built on it
+        (learn_build_on), unless users are served another version by now."""
+        if self.settings.learn_build_on == "undecided" and self.building_on is not None:
+            version, on = self.building_on
+            if on == served:
+                return version
+        return served
 
     def _sample_ahead(self, after: str | None, rankings: int) -> bool:
         """Once per served version, while the learner waits for rankings: its evaluation answers, which the round
@@ -232,7 +246,7 @@ class Learner:
                 self.sampled_ahead.add(current)
         return started
 
-    def _ppo(self, parent: str, reward: str) -> str:
+    def _ppo(self, parent: str, reward: str, replaces: str | None = None) -> str:
         def phase(saying: str) -> None:
             self.publish("ppo", f"{saying} (from {parent} with {reward})")
 
@@ -250,7 +264,7 @@ class Learner:
             )
 
         self.publish("ppo", f"starting from {parent} with {reward}", iteration=0, iterations=config.iterations)
-        options = ppo_options(self.settings, parent, reward)
+        options = ppo_options(self.settings, parent, reward, replaces)
         result = ppo_round(
             self.settings, config, options, on_step=step, show_progress=self.show_progress, on_phase=phase
         )
@@ -280,18 +294,25 @@ class Learner:
                 card.version,
                 "learner",
                 f"auto-promoted: {verdict.why}",
-                expected=result.parent,
+                expected=result.replaces,
             )
             outcome = "promoted"
+        why = verdict.why
+        self.building_on = None
+        if outcome == "ready" and verdict.undecided and self.settings.learn_build_on == "undecided":
+            self.building_on = (card.version, result.replaces)
+            why += "; the next round builds on it"
         metrics.ROUNDS.labels(outcome).inc()
         rm, self.rm = self.rm, None
         seconds = {"reward_model": rm.seconds, **result.seconds} if rm is not None else dict(result.seconds)
         summary = {
             "version": card.version,
             "parent": result.parent,
+            "replaces": result.replaces,
             "outcome": outcome,
-            "gate": verdict.why,
+            "gate": why,
             "passed": verdict.passed,
+            "undecided": verdict.undecided,
             **({"no_canary": refused} if refused else {}),
             "before": _brief(result.before),
             "after": _brief(result.after),
@@ -302,7 +323,7 @@ class Learner:
         }
         agreed = result.agreement.share(self.settings.learn_agreement_by)  # the share the gate read
         metrics.observe_round(seconds, {**_brief(result.after), "agreement": agreed})
-        self.publish("waiting", f"{card.version} {outcome} ({verdict.why})", last_round=summary)
+        self.publish("waiting", f"{card.version} {outcome} ({why})", last_round=summary)
         self.record({**summary, "reward_model": card.details.get("reward_model")})
         return f"{outcome} {card.version}"
 

@@ -33,6 +33,10 @@ READINGS: dict[AgreementBy, str] = {
 class Gate:
     passed: bool
     why: str
+    # Refused for want of evidence alone: every check passed but agreement's test of chance (too few held-out pairs,
+    # or a share above half that is not beyond chance), and the share leans towards users. The learner may build its
+    # next round on such a version (`RANKLOOP_LEARN_BUILD_ON=undecided`) rather than throw its round away.
+    undecided: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,22 +140,8 @@ def _went_back(agreement: Agreement, limits: Limits) -> Gate | None:
     return None
 
 
-def promotion_gate(
-    before: PolicyEval, after: PolicyEval, agreement: Agreement, limits: Limits, reference_ptx: float | None = None
-) -> Gate:
-    """May `after` replace `before` (the version users are served)? The first check that fails says why."""
-    degenerate = _shares(before, after, limits)
-    if degenerate is not None:
-        return degenerate
-    if not after.kl <= limits.max_kl:
-        return Gate(False, f"KL to the reference {after.kl:.1f} exceeds the budget of {limits.max_kl:g}")
-    # NaN (the step not measured) fails too; a floor of 0 is none (a step a little below 0 is noise about 0).
-    if limits.min_step_kl > 0 and not after.parent_kl >= limits.min_step_kl:
-        return Gate(
-            False,
-            f"it hardly moved from its parent (KL {after.parent_kl:.2f} nats an answer, below "
-            f"{limits.min_step_kl:g}): nothing new to serve",
-        )
+def _evidence(agreement: Agreement, limits: Limits) -> Gate | None:
+    """Agreement with held-out rankings beyond chance: a refusal that says why, or None where it is."""
     if agreement.pairs < limits.min_agreement_pairs:
         return Gate(
             False,
@@ -181,9 +171,13 @@ def promotion_gate(
             f"it agrees with {share:.0%} of {agreement.pairs} held-out ranked pairs{since}, not beyond chance "
             f"(95% low {low:.0%}{_of_rankings(agreement, limits)})",
         )
-    back = _went_back(agreement, limits)
-    if back is not None:
-        return back
+    return None
+
+
+def _reward_and_fluency(
+    before: PolicyEval, after: PolicyEval, limits: Limits, reference_ptx: float | None
+) -> Gate | None:
+    """The reward model's word against a version, and its fluency on held-out text: a refusal, or None."""
     # The reward model's word counts against a version only where it is beyond the noise of two small samples'
     # means: 16 answers of spread 3 put a mean anywhere within ±1.5 of its value (95%), so "not higher" refused
     # better versions by chance. Users' held-out rankings (above) are the evidence for; this is a check against.
@@ -200,6 +194,35 @@ def promotion_gate(
             False,
             f"held-out LM loss {after.ptx_loss:.3f} exceeds {limits.max_ptx_ratio}x the reference's {fluency:.3f}",
         )
+    return None
+
+
+def promotion_gate(
+    before: PolicyEval, after: PolicyEval, agreement: Agreement, limits: Limits, reference_ptx: float | None = None
+) -> Gate:
+    """May `after` replace `before` (the version users are served)? The first check that fails says why."""
+    degenerate = _shares(before, after, limits)
+    if degenerate is not None:
+        return degenerate
+    if not after.kl <= limits.max_kl:
+        return Gate(False, f"KL to the reference {after.kl:.1f} exceeds the budget of {limits.max_kl:g}")
+    # NaN (the step not measured) fails too; a floor of 0 is none (a step a little below 0 is noise about 0).
+    if limits.min_step_kl > 0 and not after.parent_kl >= limits.min_step_kl:
+        return Gate(
+            False,
+            f"it hardly moved from its parent (KL {after.parent_kl:.2f} nats an answer, below "
+            f"{limits.min_step_kl:g}): nothing new to serve",
+        )
+    evidence = _evidence(agreement, limits)
+    others = _went_back(agreement, limits) or _reward_and_fluency(before, after, limits, reference_ptx)
+    if evidence is not None:
+        # Refused for want of evidence; undecided where nothing else refuses it and users' pairs lean its way.
+        leans = agreement.share(limits.agreement_by) >= 0.5  # NaN (no pairs) does not lean
+        return Gate(False, evidence.why, undecided=others is None and leans)
+    if others is not None:
+        return others
+    share = agreement.share(limits.agreement_by)
+    since = " since the reference" if limits.agreement_by == "reference" else ""
     why = (
         f"mean reward {before.reward:.3f} → {after.reward:.3f}, agrees with {share:.0%} of "
         f"{agreement.pairs} held-out ranked pairs{since}, {after.empty:.0%} empty, KL {after.kl:.1f}"

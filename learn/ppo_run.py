@@ -190,11 +190,12 @@ def load_models(
     reference_folder: Path,
     reward_folder: Path,
     config: RoundConfig,
-    served: bool,
+    writer_folder: Path | None,
     device: torch.device | str = "cpu",
 ) -> Models:
-    """The round's models, on `device`; `served`: the rollouts are answers the parent wrote, so it is kept as the
-    behaviour policy (with LoRA, the policy with its adapters off)."""
+    """The round's models, on `device`; `writer_folder`: the rollouts are answers the version stored there wrote
+    (the parent, or the served version where a round builds on a version never served), so it is kept as the
+    behaviour policy (the parent, with LoRA: the policy with its adapters off; the reference: its model)."""
     options = PPO_LORA if config.lora else None
     policy, tokenizer = load_causal_lm(policy_folder, options, config.train_layers, device)
     same = policy_folder.resolve() == reference_folder.resolve()
@@ -203,11 +204,14 @@ def load_models(
     else:
         reference, _ = load_causal_lm(reference_folder, device=device)
         reference.requires_grad_(False)
-    behaviour: Any = None  # the parent, which wrote the served answers
-    if served and same:
+    behaviour: Any = None  # the version that wrote the served answers
+    writer = writer_folder.resolve() if writer_folder is not None else None
+    if writer is not None and writer == reference_folder.resolve():
         behaviour = reference  # the same weights: one pass serves both
-    elif served:
+    elif writer is not None and writer == policy_folder.resolve():
         behaviour = AdapterOff(policy) if config.lora else _frozen(policy_folder, device)
+    elif writer is not None:
+        behaviour = _frozen(writer, device)
     policy.eval()  # no dropout anywhere; gradients still flow
     split = layers.split_point(backbone(policy), config.train_layers)
     scorer = RewardScorer(reward_folder, config.train_layers, device)

@@ -223,6 +223,10 @@ def rm_round(settings: Settings, options: RMOptions, show_progress: bool = True)
 @dataclass(frozen=True)
 class PPOOptions:
     parent: str | None = None  # policy version to start from (default: the current one)
+    # The version the new one would replace, which wrote the served rollouts and is judged against: `parent`
+    # (default), or the served version where the round builds on a version users were never served (a chain the
+    # gate could not decide yet, settings.learn_build_on).
+    replaces: str | None = None
     reward: str | None = None  # reward model rNNNN (default: the latest)
     prompt_file: Path | None = None
     ptx_file: Path | None = None
@@ -240,6 +244,7 @@ class PPOOptions:
 class PPOResult:
     version: str
     parent: str
+    replaces: str  # the version judged against (the parent, or the served version a chain builds on)
     before: PolicyEval
     after: PolicyEval
     agreement: Agreement
@@ -288,6 +293,7 @@ class RoundInputs:
     until: str | None  # a resumed round reads up to the same event as when it started
     checkpoint: Path
     judging: float  # the reward model's held-out share: those prompts' rankings judge the round, PPO never sees them
+    replaces: str  # the version judged against, which wrote the served rollouts (PPOOptions.replaces)
 
 
 @dataclass(frozen=True)
@@ -318,6 +324,7 @@ def _ppo_round(
     trainer = PPORound(data.models, config, data.train, data.ptx_train, data.served)
     meta = {
         "parent": inputs.parent,
+        "replaces": inputs.replaces,
         "reference": inputs.reference,
         "reward": inputs.reward,
         "config": json.dumps(asdict(config)),
@@ -328,8 +335,9 @@ def _ppo_round(
     }
     resumed = trainer.resume(inputs.checkpoint, meta)
     caches = Caches.under(settings.data_dir / "evals")
-    clock.next("evaluate_before", f"evaluating {inputs.parent}")
-    before = _evaluate_parent(data, config, options, inputs, caches, resumed)
+    clock.next("evaluate_before", f"evaluating {inputs.replaces}")
+    store = ModelStore(settings.store_dir)
+    before = _evaluate_replaced(data, config, options, inputs, caches, resumed, store.path(inputs.replaces))
     metrics = settings.data_dir / "runs" / f"{inputs.parent}-ppo-{inputs.reward}.jsonl"
     start = trainer.iteration
     clock.next("iterations")
@@ -350,12 +358,20 @@ def _ppo_round(
     # Timed apart from the sampling and LM losses before it: the two grow with different settings (answers' length
     # limit and the evaluation's prompts, against the held-out rankings' count and length).
     clock.next("judge", "judging the new version on held-out rankings")
-    from_reference = inputs.parent == inputs.reference
-    parent = parent_model(data.models, config, ModelStore(settings.store_dir).path(inputs.parent), from_reference)
-    judged = judge_on_held_out_rankings(settings, data.models, parent, stored, inputs.judging, from_reference)
+    from_reference = inputs.replaces == inputs.reference
+    replaced = replaced_model(data.models, config, store.path(inputs.replaces), inputs)
+    judged = judge_on_held_out_rankings(settings, data.models, replaced, stored, inputs.judging, from_reference)
+    del replaced  # where it was loaded, a whole model: not held through the writing
+    parent = parent_model(
+        data.models,
+        config,
+        store.path(inputs.parent),
+        inputs.parent == inputs.reference,
+        wrote_rollouts=inputs.replaces == inputs.parent,
+    )
     step = step_kl(stored, parent, after_answers, pad_id(data.models.tokenizer), data.models.split)
     after = replace(after, parent_kl=step)
-    del parent  # where it was loaded for the judgement, a whole model: not held through the writing
+    del parent
     clock.next("publish", "writing the new version")
     card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
     # After the version is published and its checkpoint gone (a failure here must not resume into a second version):
@@ -367,7 +383,9 @@ def _ppo_round(
     except OSError as exc:
         log.warning("could not keep %s's evaluation figures (%s): the next round computes them", card.version, exc)
     clock.next("done")
-    return PPOResult(card.version, inputs.parent, before, after, judged, reference_ptx, card, start, clock.seconds)
+    return PPOResult(
+        card.version, inputs.parent, inputs.replaces, before, after, judged, reference_ptx, card, start, clock.seconds
+    )
 
 
 def _resolve(settings: Settings, options: PPOOptions) -> RoundInputs:
@@ -383,7 +401,8 @@ def _resolve(settings: Settings, options: PPOOptions) -> RoundInputs:
     if options.fresh:
         checkpoint.unlink(missing_ok=True)
     until = agreed(lambda: _until(settings, checkpoint, parent, reward))
-    return RoundInputs(parent, reference, reward, until, checkpoint, held_out_of(rewards, reward))
+    replaces = options.replaces or parent
+    return RoundInputs(parent, reference, reward, until, checkpoint, held_out_of(rewards, reward), replaces)
 
 
 def _until(settings: Settings, checkpoint: Path, parent: str, reward: str) -> str | None:
@@ -402,7 +421,7 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
     served = []
     if config.rollouts == "served":
         served = served_comparisons(
-            settings, inputs.parent, (options.held_out, inputs.judging), options.max_prompt_len, inputs.until
+            settings, inputs.replaces, (options.held_out, inputs.judging), options.max_prompt_len, inputs.until
         )
     torch.manual_seed(config.seed)  # the adapters' random initialisation, so that a round is repeatable
     models = load_models(
@@ -410,7 +429,7 @@ def _load(settings: Settings, config: RoundConfig, options: PPOOptions, inputs: 
         store.path(inputs.reference),
         rewards.path(inputs.reward),
         config,
-        bool(served),
+        store.path(inputs.replaces) if served else None,
         options.device,
     )
     same_start(models.policy)
@@ -440,23 +459,34 @@ def ptx_from_reference(options: PPOOptions) -> bool:
     return options.ptx_file is None and options.ptx_source == "reference"
 
 
-def _evaluate_parent(
-    data: RoundData, config: RoundConfig, options: PPOOptions, inputs: RoundInputs, caches: Caches, resumed: bool
+def _evaluate_replaced(
+    data: RoundData,
+    config: RoundConfig,
+    options: PPOOptions,
+    inputs: RoundInputs,
+    caches: Caches,
+    resumed: bool,
+    folder: Path,
 ) -> PolicyEval:
-    """The parent's evaluation: kept beside the checkpoint, so that a resumed round does not redo it."""
+    """The evaluation of the version the new one would replace (`inputs.replaces`, stored in `folder`): kept beside
+    the checkpoint, so that a resumed round does not redo it."""
     before_file = inputs.checkpoint.with_suffix(".before.json")
     if resumed and before_file.is_file():
         return PolicyEval(**json.loads(before_file.read_text()))
-    # The policy is still its parent here, unless the round resumed without its parent's figures: its answers and
-    # loss are then the trained policy's, and must not be kept as the parent's.
+    if inputs.replaces == inputs.parent:
+        # The policy is still its parent here, unless the round resumed without its parent's figures: its answers
+        # and loss are then the trained policy's, and must not be kept as the parent's.
+        models, keep = data.models, not resumed
+    else:  # a chain: the served version, whatever the policy has become
+        models, keep = replace(data.models, policy=replaced_model(data.models, config, folder, inputs)), True
     before, _ = evaluate_policy(
-        data.models,
+        models,
         data.evaluation_prompts,
         data.ptx_held,
         config.max_new_tokens,
         options.eval_samples,
-        caches=None if resumed else caches,
-        version=inputs.parent,
+        caches=caches if keep else None,
+        version=inputs.replaces,
     )
     if world().main:
         before_file.parent.mkdir(parents=True, exist_ok=True)
@@ -517,7 +547,8 @@ def _publish(
             "config": asdict(config),
             "train_prompts": len(data.train),
             "held_out_prompts": len(data.held),
-            "rollouts": f"{len(data.served)} ranked comparisons {inputs.parent} wrote" if data.served else "sampled",
+            "replaces": inputs.replaces,
+            "rollouts": f"{len(data.served)} ranked comparisons {inputs.replaces} wrote" if data.served else "sampled",
             "eval_on": data.eval_on,
             "eval_prompts": len(data.evaluation_prompts),
             "ptx": {"source": data.ptx_source, "train": len(data.ptx_train), "held_out": len(data.ptx_held)},
@@ -602,11 +633,13 @@ def answers_ahead(
     return "sampled"
 
 
-def parent_model(models: Any, config: RoundConfig, parent_folder: Path, is_reference: bool) -> Any:
+def parent_model(
+    models: Any, config: RoundConfig, parent_folder: Path, is_reference: bool, wrote_rollouts: bool = True
+) -> Any:
     """The version a round started from, as the round's models hold it (with LoRA, the policy with its adapters
-    off; else the behaviour policy, where the rollouts were its served answers; else the reference, where it is
-    the parent), or loaded from the store."""
-    parent: Any = AdapterOff(models.policy) if config.lora else models.behaviour
+    off; else the behaviour policy, where the rollouts were its served answers (`wrote_rollouts`: not in a chain,
+    where the served version wrote them); else the reference, where it is the parent), or loaded from the store."""
+    parent: Any = AdapterOff(models.policy) if config.lora else (models.behaviour if wrote_rollouts else None)
     if parent is None and is_reference:  # sampled rollouts from the reference: its weights are already here
         parent = models.reference
     if parent is None:
@@ -614,15 +647,29 @@ def parent_model(models: Any, config: RoundConfig, parent_folder: Path, is_refer
     return parent
 
 
+def replaced_model(models: Any, config: RoundConfig, folder: Path, inputs: RoundInputs) -> Any:
+    """The version a round's new one would replace (`inputs.replaces`, stored in `folder`): its parent as
+    `parent_model` holds it, or, in a chain, the served version: the reference, the writer of the served rollouts
+    (`models.behaviour`), or loaded from the store."""
+    if inputs.replaces == inputs.parent:
+        return parent_model(models, config, folder, inputs.parent == inputs.reference)
+    if inputs.replaces == inputs.reference:
+        return models.reference
+    if models.behaviour is not None:
+        return models.behaviour
+    model, _ = load_causal_lm(folder, device=device_of(models.policy))
+    return model.requires_grad_(False).eval()
+
+
 def judge_on_held_out_rankings(
     settings: Settings, models: Any, parent: Any, stored: Any, held_out: float, parent_is_reference: bool
 ) -> Agreement:
     """`Agreement` of the trained policy, as stored (`stored`), with the reward model's held-out rankings, relative
-    to its parent and to the SFT reference: the newest JUDGED_GROUPS of them at the time of judging, those that
-    arrived while the round ran included. Neither the reward model nor PPO ever saw a held-out prompt, and the
-    rankings of the round's own time are the most of them: the first round of a young loop has few older ones (54
-    pairs in the first round of a 60-minute run, while about 24 held-out prompts, some 140 pairs, arrived during
-    it)."""
+    to `parent` (the version it would replace: its parent, or the served version a chain builds on) and to the SFT
+    reference: the newest JUDGED_GROUPS of them at the time of judging, those that arrived while the round ran
+    included. Neither the reward model nor PPO ever saw a held-out prompt, and the rankings of the round's own time
+    are the most of them: the first round of a young loop has few older ones (54 pairs in the first round of a
+    60-minute run, while about 24 held-out prompts, some 140 pairs, arrived during it)."""
     groups = load_groups(FEEDBACK, settings, models.tokenizer, 1024)
     _, held = split(groups, held_out)
     reference = parent if parent_is_reference else models.reference

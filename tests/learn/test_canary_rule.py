@@ -77,7 +77,7 @@ def test_users_who_prefer_the_current_version_get_the_candidate_rejected(sync_re
 def result_for(version: str, store: ModelStore, parent: str = "v0001") -> PPOResult:
     """A round's result that passes the gate, as if the round had made `version` from `parent`."""
     card = store.card(version)
-    return PPOResult(version, parent, ev(0.1), ev(0.3, 2.1), AGREES, 2.0, card, 0, {})
+    return PPOResult(version, parent, parent, ev(0.1), ev(0.3, 2.1), AGREES, 2.0, card, 0, {})
 
 
 def test_the_learner_sends_a_version_that_passed_the_gate_to_a_canary(sync_redis: Redis, settings: Settings) -> None:

@@ -90,7 +90,7 @@ def _one_iteration(folder: Path, reward: Path, device: str) -> tuple[dict[str, f
     )
     served = [Served(f"c{n}", f"k{n}", p, a, t, "v0001") for n, (p, a, t) in enumerate(SERVED)]
     torch.manual_seed(0)  # the adapters' initialisation, on the CPU before they move: the same on both devices
-    models = load_models(folder, folder, reward, config, served=True, device=device)
+    models = load_models(folder, folder, reward, config, writer_folder=folder, device=device)
     trainer = PPORound(models, config, [], PTX, served)
     figures = trainer.step()
     trained = {n: p.detach().cpu() for n, p in models.policy.named_parameters() if p.requires_grad}

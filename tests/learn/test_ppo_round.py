@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from deploy.model_store import Card, ModelStore
 from deploy.settings import load_settings
 from feedback.dataset import Dataset
 from feedback.events import RankingEvent
+from learn import rounds
 from learn.data import DataError
 from learn.ppo import Rollouts, pack
 from learn.ppo_run import CheckpointMismatch, RoundConfig, value_model
@@ -28,6 +30,7 @@ from learn.prompts import messages_of, prompts_from_file, served_from_events
 from learn.reward_model import Norm, RewardScorer, load_reward_model, save_reward_model
 from learn.rm_data import group_from_event, is_held_out, is_rm_held_out, prompt_key
 from learn.rounds import PPOOptions, ppo_round
+from learn.weights import load_causal_lm
 from tests.learn.events import ranking_event
 from tests.tiny import tiny_llama_folder, tiny_tokenizer
 
@@ -236,6 +239,51 @@ def test_a_resumed_round_trains_on_the_prompts_it_started_with(tmp_path: Path) -
     assert following.resumed_at == 0
     assert card.details["train_prompts"] + card.details["held_out_prompts"] == usable(20)
     assert usable(20) < 20  # one of them is held out for the reward model: left out of PPO's training prompts
+
+
+def test_a_round_built_on_a_version_never_served_is_judged_against_the_served_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chain (settings.learn_build_on): the round trains v0002 further, which users were never served. Its
+    rollouts are the comparisons v0001 (served) wrote, its `before` is v0001's evaluation and its agreement with
+    held-out rankings is read against v0001, as the version it would replace; its step is read against v0002."""
+    data = make_data_dir(tmp_path)
+    settings, rng = load_settings(data_dir=data, learn_threads=1), random.Random(0)
+    with Dataset(settings.dataset_path) as dataset:
+        dataset.insert([ranking_event(i, rng) for i in range(40)])
+    config = RoundConfig(iterations=1, prompts_per_iteration=4, max_new_tokens=4)
+    first = ppo_round(settings, config, PPOOptions(), show_progress=False)
+    judged_against: list[torch.nn.Module] = []
+    judge = rounds.judge_on_held_out_rankings
+
+    def spy(settings: Any, models: Any, parent: Any, *rest: Any) -> Any:
+        judged_against.append(parent)
+        return judge(settings, models, parent, *rest)
+
+    monkeypatch.setattr(rounds, "judge_on_held_out_rankings", spy)
+    chained = ppo_round(settings, config, PPOOptions(parent=first.version, replaces="v0001"), show_progress=False)
+    store = ModelStore(data / "models")
+    card = store.card(chained.version)
+    assert (card.parent, card.details["replaces"], chained.replaces) == (first.version, "v0001", "v0001")
+    assert (
+        card.details["rollouts"] == store.card(first.version).details["rollouts"]
+    )  # "N ranked comparisons v0001 wrote"
+    assert card.details["rollouts"].endswith("v0001 wrote")
+    # The version it would replace, as the first round measured it (the same answers, reward model and texts).
+    assert chained.before == first.before
+    # Judged against v0001's weights, not v0002's.
+    probe = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        seen = judged_against[0](input_ids=probe).logits
+        served = load_causal_lm(store.path("v0001"))[0](input_ids=probe).logits
+        parent = load_causal_lm(store.path(first.version))[0](input_ids=probe).logits
+    assert torch.allclose(seen, served, atol=1e-5) and not torch.allclose(seen, parent, atol=1e-3)
+    # Against the reference (v0001) the two readings of agreement are then one.
+    assert chained.agreement.per_token == chained.agreement.reference
+    # The step is from its parent: not the KL to v0001.
+    assert math.isfinite(chained.after.parent_kl) and chained.after.parent_kl != pytest.approx(
+        chained.after.kl, rel=0.01
+    )
 
 
 def usable(n: int) -> int:
