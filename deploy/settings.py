@@ -317,10 +317,11 @@ class Settings(BaseSettings):
     learn_build_on: Literal["served", "undecided"] = Field(
         "served",
         description="What a learning round starts from: `served`, the version users are served; `undecided`, the "
-        "newest version the learner made on top of it that the gate refused for want of evidence alone (every check "
-        "passed but agreement beyond chance, its share of held-out pairs at least half), so that a round's learning "
-        "is kept while users' held-out rankings are too few to tell. Such a chain is judged against the served "
-        "version, so each round adds its step to the evidence; a version refused for cause ends it.",
+        "newest version the learner made on top of it that the gate refused for want of evidence alone (every other "
+        "check passed, its share of held-out pairs above half, and more pairs could still get it through), so that a "
+        "round's learning is kept while users' held-out rankings cannot tell yet. Such a chain is judged against the "
+        "served version, its steps together; a refusal for cause, a promotion, another served version or a third "
+        "undecided version ends it.",
     )
     promote_on: Literal["reward", "canary"] = Field(
         "reward",

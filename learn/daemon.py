@@ -72,6 +72,13 @@ def rm_options(settings: Settings, resume_from: str | None) -> RMOptions:
     )
 
 
+# The most versions a chain of undecided rounds holds on one served version. Each of its judgements reads much the
+# same newest held-out rankings, so every further look is another chance for chance alone to pass a version that
+# learned nothing: one look passes it 2.5% of the time (the 95% interval's low end above half), three at most
+# 1 - 0.975^3 = 7.3% (less, as they share their pairs); a chain without end would, in time, pass one surely.
+MAX_CHAIN = 3
+
+
 def ppo_options(settings: Settings, parent: str, reward: str | None, replaces: str | None = None) -> PPOOptions:
     device, bf16 = compute(settings)
     return PPOOptions(
@@ -110,9 +117,10 @@ class Learner:
         # counted after, their count). Only a new ranking can settle them, so the next look waits for one instead of
         # reading every event again.
         self.unsettled_at: tuple[str, PPOOptions, str | None, int] | None = None
-        # (version, the served version it was built on): the newest version of this learner's own that the gate
-        # could not decide, which the next round builds on while that version is still served (learn_build_on).
-        self.building_on: tuple[str, str] | None = None
+        # (version, the served version it was built on, how many versions the chain holds): the newest version of
+        # this learner's own that the gate could not decide, which the next round builds on while the version under
+        # it is still served (learn_build_on). Kept in memory: a restarted learner starts from the served version.
+        self.building_on: tuple[str, str, int] | None = None
         for store in (self.store, self.rewards) if world().main else ():  # their writer: what a dead one left goes
             for name in store.sweep():
                 log.warning("removed %s/%s, a version a stopped writer never finished", store.root, name)
@@ -203,16 +211,20 @@ class Learner:
             metrics.ROUNDS.labels("rm_below_gate").inc()
             return "reward model below the gate"
         current = str(agreed(lambda: self.registry.current()[0] or self.store.current()))
-        return self._ppo(self.start_from(current), rm.version, current)
+        # Every process must train the same parent: only rank 0 knows the chain (its gate's verdicts).
+        return self._ppo(agreed(lambda: self.start_from(current)), rm.version, current)
 
     def start_from(self, served: str) -> str:
         """The parent of the next round: the served version, or the undecided version this learner built on it
-        (learn_build_on), unless users are served another version by now."""
-        if self.settings.learn_build_on == "undecided" and self.building_on is not None:
-            version, on = self.building_on
-            if on == served:
-                return version
-        return served
+        (learn_build_on). Users served another version by now, or that version no longer `ready` (an operator
+        rejected it): the chain ends. (`_finish` ends it at MAX_CHAIN versions.)"""
+        if self.settings.learn_build_on != "undecided" or self.building_on is None:
+            return served
+        version, on, _ = self.building_on
+        if on != served or self.registry.show(version).state != "ready":
+            self.building_on = None
+            return served
+        return version
 
     def _sample_ahead(self, after: str | None, rankings: int) -> bool:
         """Once per served version, while the learner waits for rankings: its evaluation answers, which the round
@@ -298,10 +310,14 @@ class Learner:
             )
             outcome = "promoted"
         why = verdict.why
+        chain = self.building_on[2] if self.building_on is not None and result.parent != result.replaces else 0
         self.building_on = None
         if outcome == "ready" and verdict.undecided and self.settings.learn_build_on == "undecided":
-            self.building_on = (card.version, result.replaces)
-            why += "; the next round builds on it"
+            if chain + 1 < MAX_CHAIN:
+                self.building_on = (card.version, result.replaces, chain + 1)
+                why += "; the next round builds on it"
+            else:
+                why += f"; {MAX_CHAIN} versions were built on {result.replaces}: the next round starts from it again"
         metrics.ROUNDS.labels(outcome).inc()
         rm, self.rm = self.rm, None
         seconds = {"reward_model": rm.seconds, **result.seconds} if rm is not None else dict(result.seconds)

@@ -6,10 +6,12 @@ The second must not rest on the reward model PPO just optimised against: a polic
 scores the result high. So the version must also (1) not answer empty, loop or get cut more often than the
 version it replaces, nor collapse its answers' length, whatever any model says (learn.degenerate); (2) stay within
 a KL budget of the SFT reference, and have moved from its parent at all (a version that did not is its parent
-again, whatever a test of chance says of it); (3) agree with held-out rankings that neither the reward model nor PPO saw
-(learn.policy_eval.Agreement), beyond chance (read against the SFT reference, its own step from the parent
-may also not go back beyond chance); (4) not score lower on the reward model beyond the noise of its
-evaluation; and (5) stay as fluent on held-out text as the reference.
+again, whatever a test of chance says of it); (3) agree with held-out rankings that neither the reward model nor PPO
+saw (learn.policy_eval.Agreement), beyond chance, relative to the version it would replace (its parent, or the served
+version a chain of rounds built on; read against the SFT reference, its own step may also not go back beyond
+chance); (4) not score lower on the reward model beyond the noise of its evaluation; and (5) stay as fluent on
+held-out text as the reference. A version refused for want of evidence alone is `undecided`: the learner may build
+on it (learn.daemon).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ READINGS: dict[AgreementBy, str] = {
 class Gate:
     passed: bool
     why: str
-    # Refused for want of evidence alone: every check passed but agreement's test of chance (too few held-out pairs,
-    # or a share above half that is not beyond chance), and the share leans towards users. The learner may build its
-    # next round on such a version (`RANKLOOP_LEARN_BUILD_ON=undecided`) rather than throw its round away.
+    # Refused for want of evidence alone: every other check passed, its share of held-out pairs is above half, and
+    # more pairs could still pass it (too few pairs or rankings to judge, or a 95% interval that reaches the bar).
+    # The learner may build its next round on such a version (`RANKLOOP_LEARN_BUILD_ON=undecided`) rather than throw
+    # its round away.
     undecided: bool = False
 
 
@@ -50,7 +53,8 @@ class Limits:
     min_step_kl: float = 0.5
     min_agreement: float = 0.55
     min_agreement_pairs: int = 20
-    # Which share of held-out pairs agreement is: `per_token`, on each answer's log-ratio to the parent a token;
+    # Which share of held-out pairs agreement is: `per_token`, on each answer's log-ratio a token to the version it
+    # would replace (its parent, or the served version a chain of rounds built on);
     # `sum`, on the summed log-ratio, which falls with length for a policy that only drifted and so sides with the
     # shorter answer of a pair whatever the policy learned (BENCHMARKS.md, `agreement_bias`); `reference`, a token
     # on the log-ratio to the SFT reference, what every round so far learned together, with the step from the
@@ -122,10 +126,10 @@ def _of_rankings(agreement: Agreement, limits: Limits) -> str:
 
 
 def _went_back(agreement: Agreement, limits: Limits) -> Gate | None:
-    """Read against the reference, a version could undo some of what its parent learned and still agree with most
-    pairs: its own step, a token against the parent, may not go against users' rankings beyond chance. A small step
-    (above the floor of `Limits.min_step_kl`) sits near half and passes, so that rounds may add small real steps to
-    big ones."""
+    """Read against the reference, a version could undo some of what the version it would replace learned and still
+    agree with most pairs: its own step, a token against that version (its parent, or the served version of a
+    chain), may not go against users' rankings beyond chance. A small step (above the floor of
+    `Limits.min_step_kl`) sits near half and passes, so that rounds may add small real steps to big ones."""
     if limits.agreement_by != "reference":
         return None
     step = agreement.per_token
@@ -174,6 +178,19 @@ def _evidence(agreement: Agreement, limits: Limits) -> Gate | None:
     return None
 
 
+def _could_pass(agreement: Agreement, limits: Limits) -> bool:
+    """Whether more held-out pairs could still get a version its agreement refused through: users' pairs lean its
+    way, and there are too few to judge, or the share's 95% interval still reaches the bar (53% of 2000 pairs does
+    not reach 55%: more pairs would only confirm the refusal)."""
+    share = agreement.share(limits.agreement_by)
+    if not share > 0.5:  # NaN (no pairs) does not lean either
+        return False
+    if agreement.pairs < limits.min_agreement_pairs:
+        return True
+    _, high = agreement.interval(limits.agreement_by, limits.agreement_interval)
+    return not high < limits.min_agreement  # NaN: too few rankings to measure a spread yet
+
+
 def _reward_and_fluency(
     before: PolicyEval, after: PolicyEval, limits: Limits, reference_ptx: float | None
 ) -> Gate | None:
@@ -215,10 +232,8 @@ def promotion_gate(
         )
     evidence = _evidence(agreement, limits)
     others = _went_back(agreement, limits) or _reward_and_fluency(before, after, limits, reference_ptx)
-    if evidence is not None:
-        # Refused for want of evidence; undecided where nothing else refuses it and users' pairs lean its way.
-        leans = agreement.share(limits.agreement_by) >= 0.5  # NaN (no pairs) does not lean
-        return Gate(False, evidence.why, undecided=others is None and leans)
+    if evidence is not None:  # refused for want of evidence; undecided where nothing else refuses it
+        return Gate(False, evidence.why, undecided=others is None and _could_pass(agreement, limits))
     if others is not None:
         return others
     share = agreement.share(limits.agreement_by)

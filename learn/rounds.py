@@ -324,7 +324,6 @@ def _ppo_round(
     trainer = PPORound(data.models, config, data.train, data.ptx_train, data.served)
     meta = {
         "parent": inputs.parent,
-        "replaces": inputs.replaces,
         "reference": inputs.reference,
         "reward": inputs.reward,
         "config": json.dumps(asdict(config)),
@@ -333,6 +332,8 @@ def _ppo_round(
         "ptx": len(data.ptx_train),
         "until": inputs.until,
     }
+    if inputs.replaces != inputs.parent:  # a chain's round; the others' checkpoints read as they always did
+        meta["replaces"] = inputs.replaces
     resumed = trainer.resume(inputs.checkpoint, meta)
     caches = Caches.under(settings.data_dir / "evals")
     clock.next("evaluate_before", f"evaluating {inputs.replaces}")
@@ -361,17 +362,16 @@ def _ppo_round(
     from_reference = inputs.replaces == inputs.reference
     replaced = replaced_model(data.models, config, store.path(inputs.replaces), inputs)
     judged = judge_on_held_out_rankings(settings, data.models, replaced, stored, inputs.judging, from_reference)
-    del replaced  # where it was loaded, a whole model: not held through the writing
-    parent = parent_model(
-        data.models,
-        config,
-        store.path(inputs.parent),
-        inputs.parent == inputs.reference,
-        wrote_rollouts=inputs.replaces == inputs.parent,
-    )
+    if inputs.replaces == inputs.parent:
+        parent = replaced
+    else:  # a chain: the step is from the parent, which wrote no rollouts
+        parent = parent_model(
+            data.models, config, store.path(inputs.parent), inputs.parent == inputs.reference, wrote_rollouts=False
+        )
+    del replaced
     step = step_kl(stored, parent, after_answers, pad_id(data.models.tokenizer), data.models.split)
     after = replace(after, parent_kl=step)
-    del parent
+    del parent  # where it was loaded for the judgement, a whole model: not held through the writing
     clock.next("publish", "writing the new version")
     card = _publish(settings, config, options, inputs, data, stored, (before, after, judged, reference_ptx), metrics)
     # After the version is published and its checkpoint gone (a failure here must not resume into a second version):

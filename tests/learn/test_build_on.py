@@ -1,6 +1,7 @@
 """`RANKLOOP_LEARN_BUILD_ON=undecided` on a real Redis server: a version the gate refused for want of evidence alone
 is what the next round trains further, while the version it was built on is still served; a promotion, a refusal
-for cause or another served version ends the chain, and a chain's version that passes replaces the served one."""
+for cause, another served version, a version no longer `ready` or a third undecided version ends the chain, and a
+chain's version that passes replaces the served one."""
 
 from pathlib import Path
 
@@ -71,6 +72,32 @@ def test_a_refusal_for_cause_ends_the_chain(sync_redis: Redis, settings: Setting
     assert learner.start_from("v0001") == "v0002"
     against = agreeing(0.45, 30)  # users' pairs lean against it: refused, and not built on
     assert learner._finish(result("v0002", "v0001", "v0001", against, store)) == "ready v0002"
+    assert learner.start_from("v0001") == "v0001"
+
+
+def test_a_chain_holds_at_most_three_undecided_versions_and_none_an_operator_rejected(
+    sync_redis: Redis, settings: Settings
+) -> None:
+    registry, store = Registry(sync_redis), ModelStore(settings.store_dir)
+    for version, parent in (("v0004", "v0002"), ("v0005", "v0004")):
+        store.publish(Card(version, parent, "ppo"), lambda f, p=parent: copy(store.path(p), f))
+    sync_store(registry, store)
+    learner = Learner(settings, sync_redis)
+    assert learner._finish(result("v0002", "v0001", "v0001", UNDECIDED, store)) == "ready v0002"
+    assert learner._finish(result("v0004", "v0002", "v0001", UNDECIDED, store)) == "ready v0004"
+    assert learner.start_from("v0001") == "v0004"
+    # The third undecided version on v0001: each judgement looked again at much the same held-out pairs.
+    assert learner._finish(result("v0005", "v0004", "v0001", UNDECIDED, store)) == "ready v0005"
+    assert learner.start_from("v0001") == "v0001"
+    status = read_status(sync_redis)
+    assert status is not None and status["detail"].endswith(
+        "; 3 versions were built on v0001: the next round starts from it again)"
+    )
+    # The version the chain would build on is no longer `ready` (its folder failed a check, or a canary rejected
+    # it): the next round starts from the served one.
+    learner._finish(result("v0002", "v0001", "v0001", UNDECIDED, store))
+    assert learner.start_from("v0001") == "v0002"
+    registry.mark_failed("v0002", "its weights failed their check")
     assert learner.start_from("v0001") == "v0001"
 
 

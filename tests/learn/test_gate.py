@@ -102,13 +102,17 @@ def test_the_rankings_users_held_out_must_agree_and_be_enough() -> None:
 
 
 def test_a_version_refused_for_want_of_evidence_alone_is_undecided() -> None:
-    # 60% of 30 pairs (low 42%) and 90% of 10 pairs (fewer than 20): users lean its way, nothing else refuses it.
-    for leaning in (agreeing(0.6, 30), agreeing(0.9, 10), agreeing(0.5, 60)):
+    # 60% of 30 pairs (low 42%), 90% of 10 pairs (fewer than 20) and 53% of 60 (below 55%, 95% high 66%): users
+    # lean its way, more pairs could get it through, and nothing else refuses it.
+    for leaning in (agreeing(0.6, 30), agreeing(0.9, 10), agreeing(0.53, 60)):
         verdict = promotion_gate(ev(0.1), ev(5.0), leaning, Limits(), reference_ptx=2.0)
         assert not verdict.passed and verdict.undecided, verdict.why
-    # Against users (49%), no pairs at all, or for cause besides the evidence: refused, and not undecided.
+    # Against users (49%), a coin's half, no pairs at all, short of the bar beyond doubt (52% of 2000 pairs: 95% high
+    # 0.52 + 1.96 * sqrt(0.2496 / 2000) = 54.2%), or for cause besides the evidence: refused, and not undecided.
     refused = [
         promotion_gate(ev(0.1), ev(5.0), agreeing(0.49, 60), Limits()),
+        promotion_gate(ev(0.1), ev(5.0), agreeing(0.5, 60), Limits()),
+        promotion_gate(ev(0.1), ev(5.0), agreeing(0.52, 2000), Limits()),
         promotion_gate(ev(0.1), ev(5.0), agreeing(float("nan"), 0), Limits()),
         promotion_gate(ev(0.1), ev(0.05), agreeing(0.6, 30), Limits()),  # the reward fell beyond its noise
         promotion_gate(ev(0.1), ev(5.0, ptx=2.3), agreeing(0.6, 30), Limits(), reference_ptx=2.0),  # less fluent
@@ -118,7 +122,7 @@ def test_a_version_refused_for_want_of_evidence_alone_is_undecided() -> None:
     for verdict in refused:
         assert not verdict.passed and not verdict.undecided, verdict.why
     # The reason given is still the first that fails, the evidence before the reward's word.
-    assert refused[2].why == "it agrees with 60% of 30 held-out ranked pairs, not beyond chance (95% low 42%)"
+    assert refused[4].why == "it agrees with 60% of 30 held-out ranked pairs, not beyond chance (95% low 42%)"
     # Read since the reference, a step that went back on users beyond chance is not undecided either.
     back = Agreement(0.5, 60, per_token=0.3, reference=0.6, intervals={})
     verdict = promotion_gate(ev(0.1), ev(5.0), back, Limits(agreement_by="reference"))
