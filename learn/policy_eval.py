@@ -335,8 +335,9 @@ def step_kl(policy: Any, parent: Any, answers: Answers, pad: int, split: int = 0
     return float(shift.mean())
 
 
-# Which share of held-out pairs the gate reads: on log-ratios to the parent a token, or summed over each answer;
-# or on log-ratios to the SFT reference a token (the steps of every round so far, not the newest alone).
+# Which share of held-out pairs the gate reads: on log-ratios a token to the version a new one would replace (its
+# parent, or the served version a chain of rounds built on), or summed over each answer; or on log-ratios to the SFT
+# reference a token (the steps of every round so far, not the newest alone).
 AgreementBy = Literal["per_token", "sum", "reference"]
 # What an agreement's interval counts as independent: the rankings its pairs come from, or the pairs themselves.
 IntervalOf = Literal["rankings", "pairs"]
@@ -345,7 +346,8 @@ IntervalOf = Literal["rankings", "pairs"]
 @dataclass(frozen=True)
 class Agreement:
     """How a new policy moved on rankings it never trained on: the share of held-out ranked pairs whose preferred
-    answer it made more likely, relative to its parent, than the other (log pi/pi_parent summed over each answer).
+    answer it made more likely, relative to its parent (in a chain of rounds: the served version it would replace),
+    than the other (log pi/pi_parent summed over each answer).
     Neither the reward model nor PPO saw these rankings, so a policy that only fooled its reward model does not
     move them, and a policy that learned what users prefer does. `per_token`: the same share on each answer's
     log-ratio a token (`per_token()`), which drift alone leaves at half whatever the answers' lengths, the share the
