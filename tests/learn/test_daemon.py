@@ -140,3 +140,41 @@ def test_a_waiting_learner_samples_the_served_versions_answers_once(
     kept = json.loads((data / "evals" / "answers" / "v0001.json").read_text())
     assert len(kept["texts"]) == 4  # one answer to each held-out prompt: the next round reads them
     assert read_status(client)["detail"] == waiting  # type: ignore[index]
+
+
+def test_a_round_the_gate_could_not_decide_is_built_on_by_the_next(
+    ranked: tuple[Path, redis.Redis], server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RANKLOOP_LEARN_BUILD_ON=undecided through the daemon's ticks: the second round trains v0002 further on the
+    comparisons v0001 (still served) wrote, and is judged against v0001."""
+    from learn import daemon
+    from learn.gate import Gate
+    from tests.learn.served import rank_answers
+
+    _, client = ranked
+    # The tiny random model's agreement is a coin's: the gate's verdict is scripted, want of evidence alone.
+    monkeypatch.setattr(daemon, "promotion_gate", lambda *a: Gate(False, "not beyond chance", undecided=True))
+    settings = load_settings(
+        learn_min_rankings=PROMPTS // 2,
+        learn_min_rm_accuracy=0.0,
+        learn_min_rm_heldout_pairs=0,
+        learn_ppo_iterations=1,
+        learn_prompts_per_iteration=4,
+        learn_max_new_tokens=8,
+        learn_threads=1,
+        learn_auto_promote=True,
+        learn_build_on="undecided",
+    )
+    learner = Learner(settings, client)
+    assert learner.tick() == "ready v0002"
+    rank_answers(server[0], PROMPTS // 2)
+    consumed = CliRunner().invoke(app, ["feedback", "consume", "--once"])
+    assert consumed.exit_code == 0, consumed.output
+    assert learner.tick() == "ready v0003"
+    info = Registry(client).show("v0003")
+    assert info.parent == "v0002" and info.card["replaces"] == "v0001"
+    assert info.card["rollouts"].endswith("ranked comparisons v0001 wrote")
+    assert Registry(client).current()[0] == "v0001"
+    status = read_status(client)
+    assert status is not None and status["last_round"]["replaces"] == "v0001"
+    assert status["detail"] == "v0003 ready (not beyond chance; the next round builds on it)"
